@@ -1,0 +1,159 @@
+"""Small floating-point formats: sign + e exponent bits + m mantissa bits.
+
+A format ``eXmY`` has bias 2^(e-1) - 1, subnormals (exponent field 0), and no Inf/NaN codes: every one of its
+2^(1+e+m) codes is a finite number, as for the FP6/FP4 elements of the OCP Microscaling spec. Its largest value is
+2^(2^e - 1 - bias) * (2 - 2^-m).
+
+Code layout (b = 1 + e + m bits, stored in the low bits of a uint8):  ``s | e bits | m bits``, sign on top.
+Positive codes 0 .. 2^(b-1) - 1 are in increasing order of value, so the magnitude of a code is its index into the
+sorted table of non-negative values; encoding is a search in that table.
+
+Rounding is to nearest, ties to even: on a tie the code whose lowest bit is 0 wins (for m >= 1 that is the even
+mantissa, as in IEEE 754; for m = 0 formats it is the even exponent field). Values beyond max_value saturate to
++-max_value. NaN or Inf input raises ValueError. -0.0 encodes to the negative zero code, which decodes to -0.0.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import torch
+
+# Names that mean a format, beyond the eXmY spelling.
+ALIASES = {"fp6": "e3m2", "fp5": "e2m2", "fp4": "e2m1"}
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class FPFormat:
+    """A 1 + exp_bits + man_bits floating-point format with subnormals and no Inf/NaN."""
+
+    exp_bits: int
+    man_bits: int
+
+    def __post_init__(self):
+        if not isinstance(self.exp_bits, int) or not isinstance(self.man_bits, int):
+            raise TypeError(f"exp_bits and man_bits must be ints, got {self.exp_bits!r}, {self.man_bits!r}")
+        if self.exp_bits < 1 or self.man_bits < 0 or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(
+                f"unsupported format e{self.exp_bits}m{self.man_bits}: need exp_bits >= 1, man_bits >= 0 and "
+                f"{MIN_BITS} <= 1 + exp_bits + man_bits <= {MAX_BITS}"
+            )
+
+    @classmethod
+    def parse(cls, name: "str | FPFormat") -> "FPFormat":
+        """``FPFormat.parse("e3m2")``; also "fp6" (= e3m2), "fp5" (= e2m2), "fp4" (= e2m1), case-insensitive."""
+        if isinstance(name, FPFormat):
+            return name
+        if not isinstance(name, str):
+            raise TypeError(f"format name must be a str or FPFormat, got {type(name).__name__}")
+        key = ALIASES.get(name.strip().lower(), name.strip().lower())
+        match = re.fullmatch(r"e(\d)m(\d)", key)
+        if match is None:
+            raise ValueError(
+                f"unknown format {name!r}: use eXmY with 2 <= 1+X+Y <= 8 and X >= 1 (e3m2, e2m3, e2m2, e3m1, "
+                f"e2m1, e4m3, ...) or one of {', '.join(sorted(ALIASES))}"
+            )
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    @property
+    def name(self) -> str:
+        return f"e{self.exp_bits}m{self.man_bits}"
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exp_bits + self.man_bits
+
+    @property
+    def bias(self) -> int:
+        return 2 ** (self.exp_bits - 1) - 1
+
+    @property
+    def max_value(self) -> float:
+        return 2.0 ** (2**self.exp_bits - 1 - self.bias) * (2.0 - 2.0**-self.man_bits)
+
+    @property
+    def min_normal(self) -> float:
+        return 2.0 ** (1 - self.bias)
+
+    @property
+    def min_subnormal(self) -> float:
+        return 2.0 ** (1 - self.bias - self.man_bits)
+
+    @property
+    def num_codes(self) -> int:
+        return 2**self.bits
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def code_value(code: int, fmt: FPFormat) -> float:
+    """The exact value of one code, from the definition (used to build tables and by tests)."""
+    sign = -1.0 if code >> (fmt.bits - 1) & 1 else 1.0
+    exp_field = (code >> fmt.man_bits) & (2**fmt.exp_bits - 1)
+    mantissa = code & (2**fmt.man_bits - 1)
+    if exp_field == 0:
+        return sign * fmt.min_subnormal * mantissa
+    return sign * 2.0 ** (exp_field - fmt.bias) * (1.0 + mantissa / 2**fmt.man_bits)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_table(fmt: FPFormat) -> tuple[float, ...]:
+    return tuple(code_value(c, fmt) for c in range(fmt.num_codes))
+
+
+def value_table(fmt: "str | FPFormat", dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """All 2^bits code values, indexed by code."""
+    fmt = FPFormat.parse(fmt)
+    return torch.tensor(_value_table(fmt), dtype=dtype, device=device)
+
+
+def _check_finite(x: torch.Tensor, what: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{what} has {int(bad.sum())} NaN/Inf value(s), the first at index {first}: {x[first].item()}"
+        )
+
+
+def encode(x: torch.Tensor, fmt: "str | FPFormat" = "e3m2") -> torch.Tensor:
+    """Round a float tensor to the nearest code of ``fmt`` (ties to even, saturating); returns uint8 codes.
+
+    x: any shape, float16/bfloat16/float32/float64. Raises ValueError on NaN/Inf, TypeError on non-float input.
+    """
+    fmt = FPFormat.parse(fmt)
+    if not torch.is_floating_point(x):
+        raise TypeError(f"encode needs a floating-point tensor, got {x.dtype}")
+    _check_finite(x, "encode input")
+    # float32 holds fp16/bf16/fp32 inputs and every midpoint exactly; float64 inputs stay float64 so that no
+    # double rounding can move a tie.
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mag = x.to(work).abs()
+    positives = value_table(fmt, work, x.device)[: fmt.num_codes // 2]
+    midpoints = (positives[1:] + positives[:-1]) / 2
+    # index = number of midpoints <= mag: the nearest code, with ties sent up ...
+    index = torch.bucketize(mag, midpoints, right=True)
+    # ... and a tie sent back down when the lower neighbour is the even code.
+    lower = (index - 1).clamp(min=0)
+    tie = (index > 0) & (mag == midpoints[lower.clamp(max=len(midpoints) - 1)]) & (index % 2 == 1)
+    index = torch.where(tie, lower, index)
+    sign = torch.signbit(x).to(torch.int64) << (fmt.bits - 1)
+    return (index | sign).to(torch.uint8)
+
+
+def decode(codes: torch.Tensor, fmt: "str | FPFormat" = "e3m2") -> torch.Tensor:
+    """Exact values of ``codes`` (uint8 or any integer dtype, values < 2^bits) as float32."""
+    fmt = FPFormat.parse(fmt)
+    if torch.is_floating_point(codes) or codes.dtype == torch.bool:
+        raise TypeError(f"decode needs integer codes, got {codes.dtype}")
+    index = codes.to(torch.int64)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= fmt.num_codes):
+        raise ValueError(
+            f"codes out of range for {fmt.name}: found {int(index.min())}..{int(index.max())}, "
+            f"valid 0..{fmt.num_codes - 1}"
+        )
+    return value_table(fmt, torch.float32, codes.device)[index]

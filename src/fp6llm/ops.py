@@ -1,0 +1,64 @@
+"""``fpx_linear``: y = x @ dequantize(W).T + bias, as a torch custom op.
+
+The op ``fp6llm::fpx_linear`` has a PyTorch reference implementation (any device) and, on CUDA, the Triton
+kernels of kernels/ (registered by kernels/fpx_gemm.py when Triton is importable). A fake implementation gives
+torch.compile the output's shape and dtype without running anything.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .formats import FPFormat
+from .quantize import QuantizedWeight
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size) -> QuantizedWeight:
+    return QuantizedWeight(tuple(planes), scales, FPFormat(exp_bits, man_bits), (n, k), group_size or None)
+
+
+def linear_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch: float32 x @ dequantize(W).T (+ bias), cast to x's dtype."""
+    out = x.float() @ qw.dequantize(torch.float32).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("fp6llm::fpx_linear", mutates_args=())
+def fpx_linear_op(x: torch.Tensor, planes: list[torch.Tensor], scales: torch.Tensor, bias: Optional[torch.Tensor],
+                  exp_bits: int, man_bits: int, n: int, k: int, group_size: int) -> torch.Tensor:
+    """Reference implementation; group_size 0 means per-output-channel scales."""
+    return linear_reference(x, _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size), bias)
+
+
+@fpx_linear_op.register_fake
+def _(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size):
+    return x.new_empty(*x.shape[:-1], n)
+
+
+def check_linear_args(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor]) -> None:
+    """The user-facing checks of fpx_linear: raise TypeError/ValueError naming the offending argument."""
+    if not isinstance(qw, QuantizedWeight):
+        raise TypeError(f"weight must be a QuantizedWeight, got {type(qw).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be a float16/bfloat16/float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 1 or x.shape[-1] != qw.in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}; its last dimension must be in_features={qw.in_features}")
+    if x.device != qw.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {qw.device}")
+    if bias is not None and (bias.shape != (qw.out_features,) or bias.device != x.device):
+        raise ValueError(f"bias must have shape ({qw.out_features},) on {x.device}, got {tuple(bias.shape)} "
+                         f"on {bias.device}")
+
+
+def fpx_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x @ qw.dequantize().T (+ bias) for x [..., K] of float16/bfloat16/float32; y [..., N] in x's dtype."""
+    check_linear_args(x, qw, bias)
+    n, k = qw.shape
+    return fpx_linear_op(x, list(qw.planes), qw.scales, bias, qw.fmt.exp_bits, qw.fmt.man_bits, n, k,
+                         qw.group_size or 0)

@@ -1,0 +1,135 @@
+"""Weight-only quantization: scales + pre-packed bit planes (QuantizedWeight)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import FPFormat, decode, encode
+from .packing import LAYOUT_VERSION, pack, padded_k, plane_widths, unpack
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FP16_MIN_NORMAL = torch.finfo(torch.float16).tiny
+FP16_MAX = torch.finfo(torch.float16).max
+ROWS_PER_CHUNK = 4096  # rows encoded at a time: bounds the temporaries of a large weight
+
+
+@dataclass
+class QuantizedWeight:
+    """A weight [N, K] as per-row (or per-group) scales and bit planes of ``fmt`` codes.
+
+    planes: tuple of int32 [N, padded_k(K) * w / 32], layout of packing.py (docs/layout.md).
+    scales: [N] (per output channel) or [N, K / group_size], float32 or float16; weight ~= decode(code) * scale.
+    """
+
+    planes: tuple
+    scales: torch.Tensor
+    fmt: FPFormat
+    shape: tuple
+    group_size: "int | None" = None
+    layout_version: int = LAYOUT_VERSION
+
+    def __post_init__(self):
+        self.planes = tuple(self.planes)
+        self.shape = tuple(int(s) for s in self.shape)
+        n, k = self.shape
+        widths = plane_widths(self.fmt.bits)
+        if len(self.planes) != len(widths):
+            raise ValueError(f"{self.fmt.name} needs {len(widths)} planes, got {len(self.planes)}")
+        for width, plane in zip(widths, self.planes):
+            expected = (n, padded_k(k) * width // 32)
+            if plane.dtype != torch.int32 or tuple(plane.shape) != expected:
+                raise ValueError(
+                    f"{width}-bit plane of a {n}x{k} {self.fmt.name} weight must be int32 {expected}, "
+                    f"got {plane.dtype} {tuple(plane.shape)}"
+                )
+        expected = (n,) if self.group_size is None else (n, k // self.group_size)
+        if tuple(self.scales.shape) != expected or self.scales.dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"scales must be float32/float16 {expected}, got {self.scales.dtype} "
+                             f"{tuple(self.scales.shape)}")
+        if self.layout_version != LAYOUT_VERSION:
+            raise ValueError(f"packed layout version {self.layout_version} is not the supported {LAYOUT_VERSION}")
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.scales.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed planes + scales (what the weight costs in memory)."""
+        return sum(p.numel() * p.element_size() for p in self.planes) + self.scales.numel() * self.scales.element_size()
+
+    def codes(self) -> torch.Tensor:
+        """uint8 codes [N, K]."""
+        return unpack(self.planes, self.fmt.bits, self.in_features)
+
+    def expanded_scales(self) -> torch.Tensor:
+        """float32 scale of every weight element's column: [N, 1] or [N, K]."""
+        scales = self.scales.float()
+        if self.group_size is None:
+            return scales[:, None]
+        return scales.repeat_interleave(self.group_size, dim=1)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as [N, K] of ``dtype``: decode(code) * scale, computed in float32."""
+        return (decode(self.codes(), self.fmt) * self.expanded_scales()).to(dtype)
+
+    def to(self, device) -> "QuantizedWeight":
+        return QuantizedWeight(tuple(p.to(device) for p in self.planes), self.scales.to(device), self.fmt,
+                               self.shape, self.group_size, self.layout_version)
+
+
+def _choose_scales(absmax: torch.Tensor, fmt: FPFormat, grouped: bool) -> torch.Tensor:
+    """absmax / max_value, never zero; float16 for group scales when every one fits, else float32.
+
+    A scale rounded to float16 is rounded up, so absmax / scale never exceeds max_value (no saturation error).
+    """
+    scales = absmax / fmt.max_value
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    if not grouped or float(scales.min()) < FP16_MIN_NORMAL or float(scales.max()) > FP16_MAX / 2:
+        return scales
+    half = scales.to(torch.float16)
+    return torch.where(half.float() < scales, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
+
+
+def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat" = "e3m2", group_size: "int | None" = None
+                    ) -> QuantizedWeight:
+    """Quantize a weight [N, K] (out_features, in_features) of float32/float16/bfloat16.
+
+    Per-output-channel scales by default (each row's absmax maps to fmt.max_value); with ``group_size`` one scale
+    per group of that many input columns. Raises ValueError for a non-2-D weight, a group size that does not divide
+    K, or NaN/Inf (naming the first bad row); TypeError for a non-float weight.
+    """
+    fmt = FPFormat.parse(fmt)
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be a float32/float16/bfloat16 tensor, got "
+                        f"{getattr(w, 'dtype', type(w).__name__)}")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if group_size is not None:
+        if not isinstance(group_size, int) or group_size <= 0 or k % group_size:
+            raise ValueError(f"group_size {group_size!r} must be a positive int dividing in_features K={k}")
+    bad_rows = (~torch.isfinite(w)).any(dim=1)
+    if bool(bad_rows.any()):
+        row = int(torch.nonzero(bad_rows)[0])
+        raise ValueError(f"weight has NaN/Inf in {int(bad_rows.sum())} row(s), the first is row {row}")
+
+    groups = w.float().view(n, -1, group_size or k)
+    scales = _choose_scales(groups.abs().amax(dim=2), fmt, group_size is not None)
+    codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    for start in range(0, n, ROWS_PER_CHUNK):
+        rows = slice(start, start + ROWS_PER_CHUNK)
+        codes[rows] = encode(groups[rows] / scales[rows, :, None].float(), fmt).view(-1, k)
+    if group_size is None:
+        scales = scales[:, 0]
+    return QuantizedWeight(pack(codes, fmt.bits), scales.contiguous(), fmt, (n, k), group_size)
