@@ -1,8 +1,9 @@
 """``fpx_linear``: y = x @ dequantize(W).T + bias, as a torch custom op.
 
 The op ``fp6llm::fpx_linear`` has a PyTorch reference implementation (any device) and, on CUDA, the Triton
-kernels of kernels/ (registered by kernels/fpx_gemm.py when Triton is importable). A fake implementation gives
-torch.compile the output's shape and dtype without running anything.
+kernel of kernels/fpx_gemm.py (when Triton is importable) for the cases it handles; other CUDA cases de-quantize
+to x's dtype and call torch.matmul. A fake implementation gives torch.compile the output's shape and dtype
+without running anything.
 """
 
 from __future__ import annotations
@@ -34,6 +35,24 @@ def fpx_linear_op(x: torch.Tensor, planes: list[torch.Tensor], scales: torch.Ten
                   exp_bits: int, man_bits: int, n: int, k: int, group_size: int) -> torch.Tensor:
     """Reference implementation; group_size 0 means per-output-channel scales."""
     return linear_reference(x, _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size), bias)
+
+
+try:
+    from .kernels.fpx_gemm import fpx_gemm, kernel_supports
+except ImportError:  # no Triton: the reference serves every device
+    fpx_gemm = None
+
+if fpx_gemm is not None:
+    @fpx_linear_op.register_kernel("cuda")
+    def _(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size):
+        fmt = FPFormat(exp_bits, man_bits)
+        if not kernel_supports(fmt, group_size or None, x.dtype) or x.numel() == 0:
+            weight = _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size).dequantize(x.dtype)
+            return torch.nn.functional.linear(x, weight, bias)
+        rows = x.reshape(-1, k)
+        if rows.stride(1) != 1:
+            rows = rows.contiguous()
+        return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(*x.shape[:-1], n)
 
 
 @fpx_linear_op.register_fake

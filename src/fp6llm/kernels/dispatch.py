@@ -1,0 +1,107 @@
+"""Which kernel configuration runs a given (M, N, K, format, dtype, GPU): a measured table, not run-time autotuning.
+
+The table (kernels/configs/<gpu>.json, written by bench/tune.py on the device) maps an M bucket and a weight
+shape to the fastest configuration measured; shapes it has not seen use the nearest entry of the same M bucket
+with the same N*K order of magnitude, and GPUs it has not seen use the rules in ``heuristic_config``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..formats import FPFormat
+
+MIN_GROUP_BLOCK_K = 64  # group scales need BLOCK_K | group_size, and BLOCK_K >= 64
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    use_dot: bool = True
+
+    def __post_init__(self):
+        if not self.use_dot and self.block_m != 1:
+            raise ValueError("the reduction (non-dot) path computes one row: block_m must be 1")
+        if self.use_dot and min(self.block_m, self.block_n, self.block_k) < 16:
+            raise ValueError(f"tl.dot needs blocks >= 16, got {self}")
+        if self.block_k < MIN_GROUP_BLOCK_K or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k must be a power of two >= {MIN_GROUP_BLOCK_K}, got {self.block_k}")
+
+
+def m_bucket(m: int) -> int:
+    """The smallest bucket >= m (the last one for anything larger)."""
+    return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
+
+
+def device_key(device) -> str:
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    return name.lower().replace("nvidia ", "").replace(" ", "-")
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(key: str) -> dict:
+    path = CONFIG_DIR / f"{key}.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())["configs"]
+
+
+def _num_sms(device) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def heuristic_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
+    """Rules for a GPU with no measured table: small M streams weights with split-K, large M tiles for wgmma."""
+    if m <= 16:
+        block_n, block_k = 64, 256
+        tiles = math.ceil(n / block_n)
+        k_blocks = math.ceil(k / block_k)
+        split_k = max(1, min(k_blocks, round(num_sms / tiles))) if tiles < num_sms else 1
+        return KernelConfig(16, block_n, block_k, split_k, num_warps=4, num_stages=4)
+    if m <= 64:
+        return KernelConfig(m_bucket(m), 128, 128, 1, num_warps=4, num_stages=4)
+    return KernelConfig(128, 128, 64, 1, num_warps=8, num_stages=4)
+
+
+def _fit_group(config: KernelConfig, group_size: "int | None") -> KernelConfig:
+    """Shrink BLOCK_K until it divides the group size."""
+    if group_size is None or group_size % config.block_k == 0:
+        return config
+    block_k = math.gcd(config.block_k, group_size)
+    return KernelConfig(config.block_m, config.block_n, block_k, config.split_k, config.num_warps,
+                        config.num_stages, config.use_dot)
+
+
+def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, group_size: "int | None",
+                  device) -> KernelConfig:
+    """The configuration for this case: measured table entry when there is one, else heuristic_config."""
+    table = _load_table(device_key(device))
+    bucket = str(m_bucket(m))
+    candidates = table.get(bucket, {})
+    if candidates:
+        # nearest measured shape by log-distance of N and K
+        best = min(candidates, key=lambda shape: sum(abs(math.log(int(a) / b)) for a, b in
+                                                    zip(shape.split("x"), (n, k))))
+        config = KernelConfig(**candidates[best])
+    else:
+        config = heuristic_config(m, n, k, _num_sms(device))
+    return _fit_group(config, group_size)
+
+
+def config_to_dict(config: KernelConfig) -> dict:
+    return asdict(config)
