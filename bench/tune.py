@@ -1,0 +1,105 @@
+"""Regenerate the measured dispatch table (src/fp6llm/kernels/configs/<gpu>.json) on the GPU at hand.
+
+    python bench/tune.py [--shapes all] [--ms 1,2,...] [--out DIR]
+
+For each LLaMA layer shape and each M bucket it times every candidate configuration (bench/timing.py, fewer
+replays than bench/kernel.py) on e3m2 / fp16 and keeps the fastest. It also prints, per compiled variant, the
+registers, spills and whether the PTX uses wgmma (Hopper's warpgroup MMA) or mma.sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import MS, SHAPES, check, fpx_calls, random_weight  # noqa: E402
+from timing import time_calls  # noqa: E402
+
+from fp6llm.formats import FPFormat  # noqa: E402
+from fp6llm.kernels import fpx_gemm as gemm_module  # noqa: E402
+from fp6llm.kernels.dispatch import CONFIG_DIR, KernelConfig, device_key, m_bucket  # noqa: E402
+
+
+def candidates(m: int):
+    if m == 1:
+        for bn, bk, warps, stages in ((32, 256, 4, 4), (64, 256, 4, 3), (16, 512, 4, 4), (64, 128, 4, 4)):
+            for split in (1, 2, 4):
+                yield KernelConfig(1, bn, bk, split, warps, stages, use_dot=False)
+    if m <= 16:
+        for bn, bk, warps, stages in ((32, 256, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (64, 128, 4, 4),
+                                      (128, 128, 4, 3), (128, 256, 8, 3), (64, 512, 4, 3)):
+            for split in (1, 2, 4):
+                yield KernelConfig(16, bn, bk, split, warps, stages)
+    elif m <= 64:
+        for bn, bk, warps, stages in ((64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 4), (64, 256, 4, 3),
+                                      (128, 128, 8, 3)):
+            for split in (1, 2):
+                yield KernelConfig(m, bn, bk, split, warps, stages)
+    else:
+        for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                          (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 64, 128, 4, 4)):
+            if bm <= max(64, m):
+                yield KernelConfig(bm, bn, bk, 1, warps, stages)
+
+
+def compiled_report():
+    """Registers, spills and MMA flavour of every compiled fpx_gemm_kernel variant."""
+    lines = []
+    caches = getattr(gemm_module.fpx_gemm_kernel, "device_caches", {})
+    for cache in caches.values():
+        kernels = cache[0] if isinstance(cache, tuple) else cache
+        for key, kernel in kernels.items():
+            ptx = kernel.asm.get("ptx", "")
+            consts = {k: v for k, v in getattr(kernel, "src", None).constants.items()} \
+                if hasattr(getattr(kernel, "src", None), "constants") else {}
+            lines.append(f"regs={kernel.n_regs} spills={kernel.n_spills} wgmma={'wgmma' in ptx} "
+                         f"mma.sync={'mma.sync' in ptx} shared={kernel.metadata.shared} {consts}")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="all")
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--out", default=str(CONFIG_DIR))
+    args = parser.parse_args(argv)
+    fmt = FPFormat.parse("e3m2")
+    table = {}
+    for m in (int(v) for v in args.ms.split(",")):
+        for name, (n, k) in SHAPES.items():
+            if args.shapes != "all" and not name.startswith(args.shapes):
+                continue
+            qw = random_weight(n, k, fmt, "cuda")
+            results = []
+            for config in candidates(m):
+                try:
+                    check(qw, m, torch.float16, config)
+                    calls, _ = fpx_calls(qw, m, torch.float16, config)
+                    results.append((time_calls(calls, replays=5), config))
+                    del calls
+                except Exception as err:  # a config the compiler rejects (shared memory, registers) is skipped
+                    print(f"  skip {config}: {type(err).__name__}: {str(err)[:120]}", flush=True)
+            results.sort(key=lambda r: r[0])
+            best_t, best = results[0]
+            table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = best.__dict__
+            top = ", ".join(f"{t * 1e6:.1f}us {c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}"
+                            f"st{c.num_stages}{'' if c.use_dot else 'r'}" for t, c in results[:4])
+            print(f"M={m:<5} {name:9} {top}", flush=True)
+            del qw
+            torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{device_key('cuda')}.json"
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "format": "e3m2", "dtype": "float16",
+                                "configs": table}, indent=1))
+    print(f"wrote {path}")
+    print("\n".join(compiled_report()))
+
+
+if __name__ == "__main__":
+    main()
