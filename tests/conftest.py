@@ -1,0 +1,40 @@
+"""Shared test setup: Triton's interpreter on CPU, this checkout's sources first, fresh random data per test.
+
+Tests draw fresh random data on every run. The ``gen`` fixture hands out a torch.Generator seeded from a new random
+seed and prints it, so a failing test shows the seed in its captured output; ``FP6LLM_TEST_SEED=<seed>`` replays it.
+"""
+
+import os
+import random
+import sys
+from pathlib import Path
+
+# Before anything imports triton: kernels run in Triton's interpreter on machines without a GPU.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Test the sources of the checkout this file is in, whichever checkout the installed fp6llm points at (CI runs in
+# a fresh clone); subprocesses (the CLI) inherit the same path.
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join([SRC, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Bounded example counts keep the property tests fast on 2 cores; no deadline, since a first call may compile.
+settings.register_profile("fp6llm", max_examples=100, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fp6llm"))
+
+
+def pytest_report_header(config):
+    return f"fp6llm sources: {SRC}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator with a fresh seed each run, printed so that a failure can be replayed."""
+    seed = int(os.environ.get("FP6LLM_TEST_SEED", random.SystemRandom().randrange(2**63)))
+    print(f"torch generator seed {seed} (replay with FP6LLM_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
