@@ -44,6 +44,15 @@ class FPxLinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(quantize_weight(linear.weight.detach(), fmt, group_size), bias)
 
+    def _apply(self, fn, recurse=True):
+        # A dtype cast of the model (model.half(), model.to(torch.bfloat16)) casts floating-point buffers; the
+        # scales are part of the quantized weight and keep their dtype (bfloat16 scales are not even valid).
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)  # the original values, not a round trip through fn's dtype
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return fpx_linear(x, self.weight, bias)
@@ -66,6 +75,9 @@ def quantize_model(model: nn.Module, fmt: "str | FPFormat" = "e3m2", group_size:
     Returns the model. Each layer is quantized on the device where its weight lives.
     """
     fmt = FPFormat.parse(fmt)
+    if isinstance(model, nn.Linear):
+        raise TypeError("quantize_model swaps the layers inside a model and cannot replace the model itself, an "
+                        "nn.Linear: use FPxLinear.from_linear(layer)")
     if isinstance(skip, str):
         skip = (skip,)
     targets = [(name, module) for name, module in model.named_modules()
