@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Install fp6llm (editable, from this checkout) and everything its tests need, for users and CI.
+#
+#   bash scripts/install.sh            # PYTHON=python3.12 bash scripts/install.sh for another interpreter
+#
+# - torch: installed (torch==2.13.0) only when `import torch` fails. Where torch imports it is never replaced: GPU
+#   machines ship their own build and may have no network.
+# - triton: installed (triton==3.6.0) only on Linux x86_64 when `import triton` fails.
+# - the other requirements of pyproject.toml ([project] dependencies and the `test` extra) that are missing or too
+#   old are installed by name, then fp6llm itself with --no-deps, so pip never resolves torch or triton again.
+# Idempotent: when everything is there it only checks (no network, a few seconds).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_REQUIREMENT="torch==2.13.0"
+TRITON_REQUIREMENT="triton==3.6.0"
+
+log() { echo "install.sh: $*" >&2; }
+pip_install() { "$PYTHON" -m pip install --disable-pip-version-check "$@"; }
+importable() { "$PYTHON" -c "import $1" >/dev/null 2>&1; }
+
+if importable torch; then
+    log "torch $("$PYTHON" -c 'import torch; print(torch.__version__)') is installed; leaving it as it is"
+else
+    log "installing $TORCH_REQUIREMENT"
+    pip_install "$TORCH_REQUIREMENT"
+fi
+if [[ "$(uname -s)" == Linux && "$(uname -m)" == x86_64 ]] && ! importable triton; then
+    log "installing $TRITON_REQUIREMENT"
+    pip_install "$TRITON_REQUIREMENT"
+fi
+
+# One line per requirement of pyproject.toml (dependencies + the test extra) that is not installed at a satisfying
+# version, torch and triton aside (handled above); a single "?" when this Python cannot read the requirements.
+missing=$("$PYTHON" - <<'EOF'
+import importlib.metadata as metadata
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the copy vendored by pip
+    try:
+        from pip._vendor import tomli as tomllib
+    except ImportError:
+        tomllib = None
+try:
+    from packaging.requirements import Requirement
+except ImportError:
+    try:
+        from pip._vendor.packaging.requirements import Requirement
+    except ImportError:
+        Requirement = None
+
+if tomllib is None or Requirement is None:
+    print("?")
+    raise SystemExit
+with open("pyproject.toml", "rb") as file:
+    project = tomllib.load(file)["project"]
+for line in project["dependencies"] + project["optional-dependencies"]["test"]:
+    requirement = Requirement(line)
+    if requirement.name in ("torch", "triton") or (requirement.marker and not requirement.marker.evaluate()):
+        continue
+    try:
+        installed = metadata.version(requirement.name)
+    except metadata.PackageNotFoundError:
+        print(line)
+        continue
+    if not requirement.specifier.contains(installed, prereleases=True):
+        print(line)
+EOF
+)
+
+# fp6llm is installed from this checkout when its package resolves to ./src/fp6llm (found without importing it).
+installed_here() {
+    "$PYTHON" - <<'EOF'
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec("fp6llm")
+here = pathlib.Path("src/fp6llm").resolve()
+sys.exit(0 if spec and spec.origin and pathlib.Path(spec.origin).resolve().parent == here else 1)
+EOF
+}
+
+if [[ "$missing" == "?" ]]; then
+    log "cannot read pyproject.toml's requirements with $PYTHON; letting pip resolve them"
+    pip_install -e ".[test]"
+    exit 0
+fi
+if [[ -n "$missing" ]]; then
+    mapfile -t requirements <<<"$missing"
+    log "installing ${requirements[*]}"
+    pip_install "${requirements[@]}"
+fi
+if installed_here; then
+    log "fp6llm is installed from $(pwd); nothing else to do"
+else
+    log "installing fp6llm from $(pwd) (editable, --no-deps)"
+    # No build isolation when a recent setuptools is here: no download of the build backend (offline machines).
+    if "$PYTHON" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null
+    then
+        pip_install --no-deps --no-build-isolation -e .
+    else
+        pip_install --no-deps -e .
+    fi
+fi
