@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import MS, SHAPES, check, fpx_calls, random_weight  # noqa: E402
+from kernel import MS, SHAPES, check, dense_calls, fpx_calls, random_weight  # noqa: E402
 from timing import time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
@@ -31,8 +31,8 @@ def candidates(m: int):
             for split in (1, 2, 4):
                 yield KernelConfig(1, bn, bk, split, warps, stages, use_dot=False)
     if m <= 16:
-        for bn, bk, warps, stages in ((32, 256, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (64, 128, 4, 4),
-                                      (128, 128, 4, 3), (128, 256, 8, 3), (64, 512, 4, 3)):
+        for bn, bk, warps, stages in ((32, 256, 4, 4), (64, 256, 4, 3), (64, 128, 4, 4), (64, 128, 4, 6),
+                                      (128, 128, 4, 3), (128, 128, 8, 4), (64, 64, 4, 6), (32, 128, 4, 6)):
             for split in (1, 2, 4):
                 yield KernelConfig(16, bn, bk, split, warps, stages)
     elif m <= 64:
@@ -40,7 +40,10 @@ def candidates(m: int):
                                       (128, 128, 8, 3)):
             for split in (1, 2):
                 yield KernelConfig(m, bn, bk, split, warps, stages)
-    else:
+    if m >= 64:
+        yield KernelConfig(64, 64, 128, dequant_first=True)
+        yield KernelConfig(64, 32, 256, dequant_first=True)
+    if m > 64:
         for bm, bn, bk, warps, stages in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
                                           (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 64, 128, 4, 4)):
             if bm <= max(64, m):
@@ -88,8 +91,12 @@ def main(argv=None):
             best_t, best = results[0]
             table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = best.__dict__
             top = ", ".join(f"{t * 1e6:.1f}us {c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}"
-                            f"st{c.num_stages}{'' if c.use_dot else 'r'}" for t, c in results[:4])
-            print(f"M={m:<5} {name:9} {top}", flush=True)
+                            f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}"
+                            for t, c in results[:4])
+            dense, _ = dense_calls(n, k, m, torch.float16, "cuda")
+            t_dense = time_calls(dense, replays=5)
+            del dense
+            print(f"M={m:<5} {name:9} cuBLAS {t_dense * 1e6:.1f}us ({t_dense / best_t:.2f}x) | {top}", flush=True)
             del qw
             torch.cuda.empty_cache()
     out = Path(args.out)

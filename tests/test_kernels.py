@@ -153,3 +153,21 @@ def test_torch_compile_fullgraph_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.allclose(static_out, layer(fresh), rtol=1e-3, atol=1e-3)
+
+
+@runs_kernel
+@pytest.mark.parametrize("group_size", [None, 64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_first_path(group_size, dtype):
+    run_case("e3m2", 9, 40, 192, dtype, KernelConfig(64, 32, 128, dequant_first=True), group_size=group_size,
+             with_bias=True)
+    run_case("e2m1", 9, 40, 256, dtype, KernelConfig(64, 16, 64, dequant_first=True), group_size=group_size)
+
+
+@runs_kernel
+@pytest.mark.parametrize("fmt", ["e3m2", "e2m2", "e4m3"])
+def test_dequantize_planes_matches_reference(fmt):
+    from fp6llm.kernels.fpx_gemm import dequantize_planes
+    qw = quantize_weight(torch.randn(33, 200), fmt, None).to(DEVICE)
+    out = dequantize_planes(qw.planes, qw.scales, qw.fmt, 33, 200, None, torch.float32)
+    assert torch.equal(out.cpu(), qw.dequantize(torch.float32).cpu())  # exact: code * scale in float32

@@ -31,6 +31,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     use_dot: bool = True
+    dequant_first: bool = False  # large M: de-quantize the whole weight once (block_n x block_k tiles), then cuBLAS
 
     def __post_init__(self):
         if not self.use_dot and self.block_m != 1:
@@ -84,7 +85,7 @@ def _fit_group(config: KernelConfig, group_size: "int | None") -> KernelConfig:
         return config
     block_k = math.gcd(config.block_k, group_size)
     return KernelConfig(config.block_m, config.block_n, block_k, config.split_k, config.num_warps,
-                        config.num_stages, config.use_dot)
+                        config.num_stages, config.use_dot, config.dequant_first)
 
 
 def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, group_size: "int | None",

@@ -19,6 +19,7 @@ workspace (a per-tile arrival counter, reset by that last program, so no extra l
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -159,8 +160,33 @@ def _epilogue(acc, bias_ptr, out_ptr, stride_om, offs_m, offs_n, m_mask, n_mask,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def dequantize_kernel(
+    p0_ptr, p1_ptr, p2_ptr, scale_ptr, out_ptr, N, K, s0, s1, s2, stride_scale_n, scale_factor,
+    MAN_BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+    SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """out [N, K] = decode(codes) * scale in out's dtype: the large-M path feeds it to cuBLAS."""
+    pid_n = tl.program_id(0)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    k_padded = tl.cdiv(K, PLANE_K_ALIGN) * PLANE_K_ALIGN
+    w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, s0, s1, s2, offs_n, n_mask, k0, k_padded, MAN_BITS,
+                      W0, W1, W2, SH0, SH1, SH2, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
+    if GROUP_SIZE > 0:
+        scale = tl.load(scale_ptr + offs_n * stride_scale_n + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
+    else:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+    w = w * (scale.to(tl.float32) * scale_factor)[:, None]
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & (offs_k[None, :] < K))
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Launch wrapper
+# Launch wrappers
 
 
 class _SplitKScratch:
@@ -191,6 +217,31 @@ def kernel_supports(fmt: FPFormat, group_size: "int | None", x_dtype: torch.dtyp
             and (group_size is None or group_size % MIN_GROUP_BLOCK_K == 0))
 
 
+def _plane_args(planes, fmt: FPFormat):
+    """Three plane tensors (unused ones repeat plane 0), their widths (0 = absent) and code-bit shifts."""
+    widths, shifts = plane_widths(fmt.bits), plane_shifts(fmt.bits)
+    missing = 3 - len(planes)
+    return list(planes) + [planes[0]] * missing, list(widths) + [0] * missing, list(shifts) + [0] * missing
+
+
+def dequantize_planes(planes, scales: torch.Tensor, fmt: FPFormat, n: int, k: int, group_size: "int | None",
+                      dtype: torch.dtype, config: "KernelConfig | None" = None) -> torch.Tensor:
+    """The weight [N, K] in ``dtype`` (float16/bfloat16/float32), de-quantized on the GPU in one pass."""
+    block_n, block_k = (64, 128) if config is None else (config.block_n, config.block_k)
+    if group_size:
+        block_k = math.gcd(block_k, group_size)
+    padded, w, sh = _plane_args(planes, fmt)
+    out = torch.empty(n, k, dtype=dtype, device=scales.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    dequantize_kernel[grid](
+        padded[0], padded[1], padded[2], scales, out, n, k, padded[0].stride(0), padded[1].stride(0),
+        padded[2].stride(0), scales.stride(0), 2.0 ** (FP16_EXP_BIAS - fmt.bias),
+        MAN_BITS=fmt.man_bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0], SH1=sh[1], SH2=sh[2],
+        GROUP_SIZE=group_size or 0, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+    )
+    return out
+
+
 def fpx_gemm(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
              group_size: "int | None", config: "KernelConfig | None" = None) -> torch.Tensor:
     """out [M, N] = x [M, K] @ W.T (+ bias) in x's dtype. x float16/bfloat16 with unit column stride.
@@ -205,10 +256,10 @@ def fpx_gemm(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat,
     m = x.shape[0]
     if config is None:
         config = choose_config(m, n, k, fmt, x.dtype, group_size, x.device)
-    widths, shifts = plane_widths(fmt.bits), plane_shifts(fmt.bits)
-    padded = list(planes) + [planes[0]] * (3 - len(planes))
-    w = list(widths) + [0] * (3 - len(widths))
-    sh = list(shifts) + [0] * (3 - len(shifts))
+    if config.dequant_first:
+        weight = dequantize_planes(planes, scales, fmt, n, k, group_size, x.dtype, config)
+        return torch.nn.functional.linear(x, weight, bias)
+    padded, w, sh = _plane_args(planes, fmt)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     ws, counts = SCRATCH.get(x.device, tiles * config.split_k * config.block_m * config.block_n, tiles) \
