@@ -7,7 +7,8 @@
 #   machines ship their own build and may have no network.
 # - triton: installed (triton==3.6.0) only on Linux x86_64 when `import triton` fails.
 # - the other requirements of pyproject.toml ([project] dependencies and the `test` extra) that are missing or too
-#   old are installed by name, then fp6llm itself with --no-deps, so pip never resolves torch or triton again.
+#   old are installed by name (with numpy<2.4 for Triton's interpreter, see below), then fp6llm itself with
+#   --no-deps, so pip never resolves torch or triton again.
 # Idempotent: when everything is there it only checks (no network, a few seconds).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,6 +36,7 @@ fi
 # version, torch and triton aside (handled above); a single "?" when this Python cannot read the requirements.
 missing=$("$PYTHON" - <<'EOF'
 import importlib.metadata as metadata
+import sys
 
 try:
     import tomllib
@@ -67,6 +69,18 @@ for line in project["dependencies"] + project["optional-dependencies"]["test"]:
         continue
     if not requirement.specifier.contains(installed, prereleases=True):
         print(line)
+
+# Triton 3.6's interpreter (TRITON_INTERPRET=1, how the kernel tests run on CPU) turns 1-element arrays into ints,
+# which numpy 2.4 refuses. numpy arrives with transformers: keep a new install below 2.4, leave an existing one.
+NUMPY = Requirement("numpy<2.4")
+try:
+    numpy_version = metadata.version("numpy")
+except metadata.PackageNotFoundError:
+    print(NUMPY)
+else:
+    if not NUMPY.specifier.contains(numpy_version):
+        print(f"install.sh: warning: numpy {numpy_version} breaks Triton's interpreter; kernel tests on CPU need "
+              f"{NUMPY}", file=sys.stderr)
 EOF
 )
 
