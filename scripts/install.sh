@@ -8,7 +8,7 @@
 # - triton: installed (triton==3.6.0) only on Linux x86_64 when `import triton` fails.
 # - the other requirements of pyproject.toml ([project] dependencies and the `test` extra) that are missing or too
 #   old are installed by name (with numpy<2.4 for Triton's interpreter, see below), then fp6llm itself with
-#   --no-deps, so pip never resolves torch or triton again.
+#   --no-deps, so pip never resolves torch or triton again. An fp6llm installed from another checkout is kept.
 # Idempotent: when everything is there it only checks (no network, a few seconds).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -84,13 +84,12 @@ else:
 EOF
 )
 
-# fp6llm is installed from this checkout when its package resolves to ./src/fp6llm (found without importing it).
-installed_here() {
+# The folder that `import fp6llm` finds the package in (found without importing it), or nothing.
+installed_from() {
     "$PYTHON" - <<'EOF'
-import importlib.util, pathlib, sys
+import importlib.util, pathlib
 spec = importlib.util.find_spec("fp6llm")
-here = pathlib.Path("src/fp6llm").resolve()
-sys.exit(0 if spec and spec.origin and pathlib.Path(spec.origin).resolve().parent == here else 1)
+print(pathlib.Path(spec.origin).resolve().parent.parent if spec and spec.origin else "")
 EOF
 }
 
@@ -104,10 +103,16 @@ if [[ -n "$missing" ]]; then
     log "installing ${requirements[*]}"
     pip_install "${requirements[@]}"
 fi
-if installed_here; then
-    log "fp6llm is installed from $(pwd); nothing else to do"
+installed=$(installed_from)
+if [[ "$installed" == "$(pwd -P)/src" ]]; then
+    log "fp6llm is installed from $(pwd -P); nothing else to do"
+elif [[ -n "$installed" ]]; then
+    # Another checkout's install (CI runs in a fresh clone on a developer's machine) is left alone: this checkout's
+    # tests import ./src first (tests/conftest.py), the CLI included.
+    log "fp6llm is installed from $installed, another checkout: kept (tests use ./src); to switch to this one:"
+    log "    $PYTHON -m pip install --no-deps -e ."
 else
-    log "installing fp6llm from $(pwd) (editable, --no-deps)"
+    log "installing fp6llm from $(pwd -P) (editable, --no-deps)"
     # No build isolation when a recent setuptools is here: no download of the build backend (offline machines).
     if "$PYTHON" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null
     then
