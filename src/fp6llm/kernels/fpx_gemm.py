@@ -34,7 +34,9 @@ FP16_MAN_BITS = 10
 FP16_EXP_BIAS = 15
 MAX_KERNEL_EXP_BITS = 4  # FP16 exponent field 0..15 stays finite; 5+ bits would reach FP16's Inf/NaN codes
 PLANE_K_ALIGN = tl.constexpr(K_ALIGN)
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # planes' rows are padded to this many columns
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+# Inline PTX does not run in the interpreter; FP6LLM_PORTABLE_SPLIT=1 compares the portable form on a GPU.
+SPLIT_WITH_PTX = tl.constexpr(not INTERPRETER and os.environ.get("FP6LLM_PORTABLE_SPLIT") != "1")  # planes' rows are padded to this many columns
 
 
 @triton.jit
@@ -74,8 +76,12 @@ def _dequant_tile(p0_ptr, p1_ptr, p2_ptr, s0, s1, s2, offs_n, n_mask, k0, k_padd
     if W2 > 0:
         f2 = _plane_pairs(p2_ptr, s2, offs_n, n_mask, k0, k_padded, W2, BLOCK_N, BLOCK_K, EVEN_K)
         bits |= f2 << (SH2 + CODE_BIT0)
-    lo = (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    if SPLIT_WITH_PTX:  # the register already is an fp16x2 pair: name its halves, no instructions
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [bits],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        lo = (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
 
 
