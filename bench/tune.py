@@ -38,9 +38,14 @@ def candidates(m: int):
             yield KernelConfig(m, bn, bk, split, warps, stages)
     if m >= 64:
         yield KernelConfig(64, 64, 128, dequant_first=True)
+        yield KernelConfig(64, 64, 128, 4, 4, 4)
     if m > 64:
-        for bm, bn, bk, warps, stages in ((128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)):
-            yield KernelConfig(bm, bn, bk, 1, warps, stages)
+        # a weight of 8192 channels has only 64 tiles of 128: split K (or narrow tiles) to fill 132 SMs
+        for bm, bn, bk, warps, stages, split in ((64, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 2),
+                                                 (128, 64, 128, 8, 3, 1), (128, 64, 128, 8, 3, 2),
+                                                 (128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 3, 2),
+                                                 (256, 128, 64, 8, 3, 1)):
+            yield KernelConfig(bm, bn, bk, split, warps, stages)
 
 
 def compiled_report():
@@ -63,9 +68,11 @@ def main(argv=None):
     parser.add_argument("--shapes", default="all")
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--out", default=str(CONFIG_DIR))
+    parser.add_argument("--merge", action="store_true", help="keep the table's other M buckets")
     args = parser.parse_args(argv)
     fmt = FPFormat.parse("e3m2")
-    table = {}
+    path = Path(args.out) / f"{device_key('cuda')}.json"
+    table = json.loads(path.read_text())["configs"] if args.merge and path.exists() else {}
     for m in (int(v) for v in args.ms.split(",")):
         for name, (n, k) in SHAPES.items():
             if args.shapes != "all" and not name.startswith(args.shapes):
@@ -82,7 +89,7 @@ def main(argv=None):
                     print(f"  skip {config}: {type(err).__name__}: {str(err)[:120]}", flush=True)
             results.sort(key=lambda r: r[0])
             best_t, best = results[0]
-            table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = best.__dict__
+            table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = dict(best.__dict__, us=round(best_t * 1e6, 1))
             top = ", ".join(f"{t * 1e6:.1f}us {c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}"
                             f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}"
                             for t, c in results[:4])
@@ -92,9 +99,7 @@ def main(argv=None):
             print(f"M={m:<5} {name:9} cuBLAS {t_dense * 1e6:.1f}us ({t_dense / best_t:.2f}x) | {top}", flush=True)
             del qw
             torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{device_key('cuda')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "format": "e3m2", "dtype": "float16",
                                 "configs": table}, indent=1))
     print(f"wrote {path}")

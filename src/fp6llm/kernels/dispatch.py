@@ -98,7 +98,7 @@ def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, gro
         # nearest measured shape by log-distance of N and K
         best = min(candidates, key=lambda shape: sum(abs(math.log(int(a) / b)) for a, b in
                                                     zip(shape.split("x"), (n, k))))
-        config = KernelConfig(**candidates[best])
+        config = KernelConfig(**{key: value for key, value in candidates[best].items() if key != "us"})
     else:
         config = heuristic_config(m, n, k, _num_sms(device))
     return _fit_group(config, group_size)
