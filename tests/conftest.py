@@ -28,6 +28,15 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, print_bl
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fp6llm"))
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Readable test ids: float16, not dtype0; e3m2, not fmt0."""
+    if isinstance(val, torch.dtype):
+        return str(val).removeprefix("torch.")
+    if type(val).__name__ == "FPFormat":
+        return str(val)
+    return None
+
+
 def pytest_report_header(config):
     return f"fp6llm sources: {SRC}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
 

@@ -14,10 +14,6 @@ WEIGHT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FLOAT32_SLACK = 2.0**-21  # relative: the float32 division by the scale and the float32 product of decode
 
 
-def dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def random_weight(n: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """Gaussian rows of magnitudes 1e-3 .. 10, with some elements 1e-3 of their row: they land in the subnormal
     range of the format after scaling."""
@@ -50,7 +46,7 @@ def assert_within_half_a_quantum(qw: QuantizedWeight, w: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("group_size", [None, 32, 64, 128], ids=lambda g: f"group{g}" if g else "per-channel")
-@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
 @pytest.mark.parametrize("fmt", MAIN_FORMATS)
 def test_error_within_half_a_quantum(fmt, dtype, group_size, gen):
     w = random_weight(24, 256, dtype, gen)
@@ -72,7 +68,7 @@ def test_per_channel_scale_maps_the_row_absmax_to_max_value(fmt, gen):
     assert torch.equal(decode(qw.codes(), fmt).abs().amax(dim=1), torch.full((16,), FPFormat.parse(fmt).max_value))
 
 
-@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
 def test_group_scales_are_float16_when_they_fit(dtype, gen):
     w = torch.randn(8, 256, generator=gen).to(dtype)
     qw = quantize_weight(w, "e3m2", group_size=64)
@@ -94,7 +90,7 @@ def test_group_scales_stay_float32_when_one_does_not_fit_float16(magnitude, gen)
 
 
 @pytest.mark.parametrize("group_size", [None, 64])
-@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
 def test_all_zero_rows_and_groups(dtype, group_size, gen):
     w = torch.randn(6, 128, generator=gen).to(dtype)
     w[2] = 0
@@ -108,7 +104,7 @@ def test_all_zero_rows_and_groups(dtype, group_size, gen):
     assert_within_half_a_quantum(qw, w)
 
 
-@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES)
 def test_scales_are_never_zero_or_inf(dtype, gen):
     finfo = torch.finfo(dtype)
     w = torch.randn(4, 64, generator=gen)
