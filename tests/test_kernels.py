@@ -47,6 +47,7 @@ PATHS = [
     KernelConfig(16, 32, 64, 1),
     KernelConfig(16, 32, 64, 4),
     KernelConfig(32, 16, 128, 2),
+    KernelConfig(16, 32, 64, 2, swap_ab=True),
 ]
 
 

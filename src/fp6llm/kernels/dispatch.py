@@ -32,6 +32,7 @@ class KernelConfig:
     num_stages: int = 3
     use_dot: bool = True
     dequant_first: bool = False  # large M: de-quantize the whole weight once (block_n x block_k tiles), then cuBLAS
+    swap_ab: bool = False  # compute out.T = W @ x.T (the weight as the MMA's A operand)
 
     def __post_init__(self):
         if not self.use_dot and self.block_m != 1:
@@ -85,7 +86,7 @@ def _fit_group(config: KernelConfig, group_size: "int | None") -> KernelConfig:
         return config
     block_k = math.gcd(config.block_k, group_size)
     return KernelConfig(config.block_m, config.block_n, block_k, config.split_k, config.num_warps,
-                        config.num_stages, config.use_dot, config.dequant_first)
+                        config.num_stages, config.use_dot, config.dequant_first, config.swap_ab)
 
 
 def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, group_size: "int | None",

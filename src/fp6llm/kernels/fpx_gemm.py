@@ -95,7 +95,8 @@ def fpx_gemm_kernel(
     SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, SWAP_AB: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """One program: rows [BLOCK_M], channels [BLOCK_N], its 1/SPLIT_K share of K (in BLOCK_K steps)."""
     pid = tl.program_id(0)
@@ -116,8 +117,11 @@ def fpx_gemm_kernel(
     kb_start = pid_k * per_split
     kb_end = tl.minimum(kb_start + per_split, k_blocks)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(kb_start, kb_end):
+    if SWAP_AB:  # out.T = W @ x.T: the de-quantized weight is the A operand (wgmma reads A from registers)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in tl.range(kb_start, kb_end, warp_specialize=WARP_SPECIALIZE):
         k0 = kb * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None]
@@ -127,16 +131,24 @@ def fpx_gemm_kernel(
         w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, s0, s1, s2, offs_n, n_mask, k0, k_padded, MAN_BITS,
                           W0, W1, W2, SH0, SH1, SH2, BLOCK_N, BLOCK_K, EVEN_K).to(x.dtype)
         if DOT_FP32:  # Triton 3.6's interpreter gets bf16 tl.dot wrong; fp32 operands hold bf16 values exactly
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if SWAP_AB:
+            part = tl.dot(w, tl.trans(x))
         elif USE_DOT:
             part = tl.dot(x, tl.trans(w))
         else:  # BLOCK_M == 1: a dot of one row is a multiply and a reduction over K
             part = tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
         if GROUP_SIZE > 0:  # BLOCK_K divides GROUP_SIZE: one scale per channel for this K block
             group_scale = tl.load(scale_ptr + offs_n * stride_scale_n + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
-            acc += part * group_scale.to(tl.float32)[None, :]
+            if SWAP_AB:
+                acc += part * group_scale.to(tl.float32)[:, None]
+            else:
+                acc += part * group_scale.to(tl.float32)[None, :]
         else:
             acc += part
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     if GROUP_SIZE > 0:
         acc = acc * scale_factor
@@ -281,7 +293,8 @@ def fpx_gemm(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat,
         GROUP_SIZE=group_size or 0, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         USE_DOT=config.use_dot, EVEN_K=k % config.block_k == 0,
-        DOT_FP32=config.use_dot and x.dtype == torch.bfloat16 and INTERPRETER,
+        DOT_FP32=config.use_dot and x.dtype == torch.bfloat16 and INTERPRETER, SWAP_AB=config.swap_ab,
+        WARP_SPECIALIZE=os.environ.get("FP6LLM_WARP_SPECIALIZE") == "1",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
