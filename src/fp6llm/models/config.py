@@ -1,0 +1,166 @@
+"""ModelConfig: the shape of a decoder as data, from a Hugging Face config.json or by name (NAMED_CONFIGS)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+ARCHS = ("llama", "opt")
+ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")
+ROPE_TYPES = ("default", "linear", "llama3")
+OPT_POSITION_OFFSET = 2  # OPT's learned position table starts 2 rows in (a relic of fairseq's padding index)
+
+
+@dataclass
+class ModelConfig:
+    """Everything the model files need to build a decoder; no training-only fields.
+
+    arch "llama" covers Llama 2/3, Mistral and Qwen2 (RMSNorm, RoPE, GQA, SwiGLU); "opt" covers OPT (LayerNorm,
+    learned positions, ReLU MLP, biases everywhere).
+    """
+
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    intermediate_size: int
+    n_kv_heads: Optional[int] = None  # None: n_heads (no GQA)
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    activation: str = "silu"
+    tie_word_embeddings: bool = False
+    # RoPE (llama)
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or "linear"
+    sliding_window: Optional[int] = None  # Mistral: a query sees only the last sliding_window keys
+    # biases (llama family: Qwen2 has q/k/v biases; OPT has them all)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # OPT
+    do_layer_norm_before: bool = True  # False: post-LN (OPT-350m)
+    final_layer_norm: bool = True
+    word_embed_proj_dim: Optional[int] = None  # None: dim; else project_in / project_out around the layers
+    position_offset: int = 0
+    # token ids the engine stops on (from config.json / generation_config.json when loading)
+    eos_token_ids: tuple = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; supported: {', '.join(ARCHS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {self.activation!r}; supported: {', '.join(ACTIVATIONS)}")
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.word_embed_proj_dim = self.word_embed_proj_dim or self.dim
+        self.eos_token_ids = tuple(self.eos_token_ids)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelConfig":
+        if name not in NAMED_CONFIGS:
+            raise ValueError(f"unknown model name {name!r}; named configs: {', '.join(NAMED_CONFIGS)}")
+        return cls(**NAMED_CONFIGS[name])
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        """Inverse of ``dataclasses.asdict`` (as stored in fp6llm.json); unknown keys are a ValueError."""
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """From a Hugging Face config.json (as a dict): model_type llama, mistral, qwen2 or opt.
+
+        Accepts both spellings of RoPE settings: transformers 4.x (rope_theta + rope_scaling with "type" or
+        "rope_type") and 5.x (rope_parameters). Raises ValueError for another model_type (naming it) or for a
+        feature the model files do not implement (naming it).
+        """
+        model_type = hf.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: "
+                             f"{', '.join(HF_MODEL_TYPES)}")
+        eos = hf.get("eos_token_id")
+        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
+        common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                      n_heads=hf["num_attention_heads"], max_position_embeddings=hf["max_position_embeddings"],
+                      eos_token_ids=eos)
+        if model_type == "opt":
+            return cls(**common, **_opt_fields(hf))
+        return cls(**common, **_llama_fields(hf, model_type))
+
+
+def _rope_fields(hf: dict) -> dict:
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling {rope_type!r} in config.json; supported: {', '.join(ROPE_TYPES)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"partial_rotary_factor={params['partial_rotary_factor']} is not supported")
+    scaling = None if rope_type == "default" else {"rope_type": rope_type, **params}
+    return dict(rope_theta=float(theta), rope_scaling=scaling)
+
+
+def _llama_fields(hf: dict, model_type: str) -> dict:
+    if model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise ValueError("Qwen2 with use_sliding_window=true is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported for {model_type} (only silu)")
+    attention_bias = bool(hf.get("attention_bias", False))
+    return dict(
+        arch="llama", n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"),
+        intermediate_size=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), activation="silu",
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), **_rope_fields(hf),
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias")))
+
+
+def _opt_fields(hf: dict) -> dict:
+    if not hf.get("layer_norm_elementwise_affine", True):
+        raise ValueError("OPT with layer_norm_elementwise_affine=false is not supported")
+    activation = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh"}.get(hf.get("activation_function", "relu"))
+    if activation is None:
+        raise ValueError(f"OPT activation_function {hf['activation_function']!r} is not supported")
+    bias = bool(hf.get("enable_bias", True))
+    return dict(
+        arch="opt", intermediate_size=hf["ffn_dim"], activation=activation, norm_eps=1e-5,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)), qkv_bias=bias, o_bias=bias, mlp_bias=bias,
+        do_layer_norm_before=bool(hf.get("do_layer_norm_before", True)),
+        final_layer_norm=bool(hf.get("do_layer_norm_before", True)) and not hf.get("_remove_final_layer_norm", False),
+        word_embed_proj_dim=hf.get("word_embed_proj_dim"), position_offset=OPT_POSITION_OFFSET)
+
+
+HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt")
+
+_LLAMA2 = dict(arch="llama", vocab_size=32000, max_position_embeddings=4096, eos_token_ids=(2,))
+_OPT = dict(arch="opt", vocab_size=50272, max_position_embeddings=2048, activation="relu", tie_word_embeddings=True,
+            qkv_bias=True, o_bias=True, mlp_bias=True, position_offset=OPT_POSITION_OFFSET, eos_token_ids=(2,))
+
+# Real sizes for --random (the weights are random; the shapes and the bytes are the real models').
+NAMED_CONFIGS = {
+    "llama-2-7b": dict(_LLAMA2, dim=4096, n_layers=32, n_heads=32, intermediate_size=11008),
+    "llama-2-13b": dict(_LLAMA2, dim=5120, n_layers=40, n_heads=40, intermediate_size=13824),
+    "llama-2-70b": dict(_LLAMA2, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
+    "llama-3-8b": dict(arch="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       intermediate_size=14336, rope_theta=500000.0, max_position_embeddings=8192,
+                       eos_token_ids=(128001, 128009)),
+    "opt-30b": dict(_OPT, dim=7168, n_layers=48, n_heads=56, intermediate_size=28672),
+    # Tiny shapes for tests and demos: a second or so on a CPU.
+    "tiny-llama": dict(arch="llama", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       intermediate_size=128, max_position_embeddings=512, eos_token_ids=(2,)),
+    "tiny-opt": dict(_OPT, vocab_size=512, dim=64, n_layers=2, n_heads=4, intermediate_size=128,
+                     max_position_embeddings=512),
+}

@@ -1,0 +1,299 @@
+"""Building models with real weights, one module at a time: from Hugging Face safetensors, from fp6llm's packed
+checkpoints, or random. The model is first built on the meta device (no memory); then each module gets its tensors
+on the target device and each Linear is quantized as soon as its weight exists, so neither host nor device ever
+holds more than the quantized model plus one weight in its checkpoint dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats import FPFormat
+from ..nn import FPxLinear
+from ..packing import LAYOUT_VERSION, padded_k, plane_widths
+from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
+from . import llama, opt
+from .config import ModelConfig
+
+MODEL_CLASSES = {"llama": llama.Transformer, "opt": opt.Transformer}
+UNQUANTIZED = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PACKED_META = "fp6llm.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Where our module names sit in a Hugging Face checkpoint (lm_head is at the top level in every one).
+HF_PREFIXES = {"llama": ("model.",), "opt": ("model.decoder.", "decoder.")}
+RANDOM_STD = 0.02
+SKIP = "lm_head"  # the one Linear that stays unquantized
+
+
+def build_model(config: ModelConfig, device=None) -> nn.Module:
+    """The decoder of ``config.arch``, with freshly initialized weights on ``device`` ("meta": no memory)."""
+    with torch.device(device or "cpu"):
+        return MODEL_CLASSES[config.arch](config)
+
+
+def resolve_format(fmt, dtype: Optional[torch.dtype], device, group_size: Optional[int] = None):
+    """(FPFormat or None for unquantized, activation dtype, torch.device) from the user's choices.
+
+    fmt "fp16" / "bf16" / "fp32" keeps plain nn.Linear weights of that dtype (dtype must agree if given). Otherwise
+    dtype defaults to float16 on CUDA and float32 elsewhere.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(fmt, str) and fmt.lower() in UNQUANTIZED:
+        weight_dtype = UNQUANTIZED[fmt.lower()]
+        if dtype is not None and dtype != weight_dtype:
+            raise ValueError(f"format {fmt!r} keeps {weight_dtype} weights but dtype={dtype} was asked for")
+        if group_size is not None:
+            raise ValueError(f"group_size={group_size} needs a quantized format, not {fmt!r}")
+        return None, weight_dtype, device
+    return FPFormat.parse(fmt), dtype or (torch.float16 if device.type == "cuda" else torch.float32), device
+
+
+def format_name(fmt: Optional[FPFormat], dtype: torch.dtype) -> str:
+    return fmt.name if fmt is not None else {v: k for k, v in UNQUANTIZED.items()}[dtype]
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a directory's model.safetensors, or of the shards its model.safetensors.index.json lists.
+
+    Raises FileNotFoundError for a missing file (naming it), ValueError for an unreadable (e.g. truncated) one or
+    for a directory with only pickle checkpoints (.bin), which are never loaded.
+    """
+
+    def __init__(self, model_dir: Union[str, Path]):
+        self.dir = Path(model_dir)
+        self._files = ExitStack()
+        self._handles = {}
+        if (self.dir / INDEX_FILE).is_file():
+            self.weight_map = json.loads((self.dir / INDEX_FILE).read_text())["weight_map"]
+            for file in sorted(set(self.weight_map.values())):
+                if not (self.dir / file).is_file():
+                    raise FileNotFoundError(f"shard {self.dir / file} listed in {INDEX_FILE} is missing")
+        elif (self.dir / SINGLE_FILE).is_file():
+            self.weight_map = {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}
+        elif any(self.dir.glob("*.bin")) or any(self.dir.glob("*.pt")) or any(self.dir.glob("*.pth")):
+            raise ValueError(f"{self.dir} holds only pickle checkpoints (pytorch_model.bin); fp6llm loads "
+                             f"safetensors only: convert it (e.g. save_pretrained(safe_serialization=True))")
+        else:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.dir}")
+        self.bytes_read = 0
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            try:
+                self._handles[file] = self._files.enter_context(safe_open(str(self.dir / file), framework="pt"))
+            except (SafetensorError, OSError) as err:
+                raise ValueError(f"cannot read {self.dir / file} (truncated or not safetensors?): {err}") from None
+        return self._handles[file]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def read(self, name: str, shape, dtypes=FLOAT_DTYPES + (torch.float64,), device="cpu") -> torch.Tensor:
+        """Tensor ``name`` on ``device``; ValueError if it is missing, of another shape, or not of ``dtypes``."""
+        if name not in self.weight_map:
+            raise ValueError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
+        file = self._open(self.weight_map[name])
+        if name not in file.keys():
+            raise ValueError(f"tensor {name!r} is missing from {self.dir / self.weight_map[name]}")
+        got = tuple(file.get_slice(name).get_shape())
+        if got != tuple(shape):
+            raise ValueError(f"tensor {name!r} in {self.dir / self.weight_map[name]} has shape {got}, "
+                             f"expected {tuple(shape)}")
+        tensor = file.get_tensor(name)
+        if tensor.dtype not in dtypes:
+            raise ValueError(f"tensor {name!r} in {self.dir / self.weight_map[name]} is {tensor.dtype}, expected "
+                             f"{' or '.join(str(d) for d in dtypes)}")
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor.to(device)
+
+    def close(self) -> None:
+        self._files.close()
+
+
+class Source:
+    """Where a meta module's real tensors come from; ``module(name, meta_module)`` returns the real module.
+
+    Subclasses say where one tensor comes from (``tensor``); a Linear other than lm_head is quantized to ``fmt``
+    (FPxLinear) unless fmt is None. dtype None keeps the tensors' own dtype.
+    """
+
+    def __init__(self, fmt: Optional[FPFormat], group_size: Optional[int], dtype: Optional[torch.dtype], device):
+        self.fmt, self.group_size, self.dtype, self.device = fmt, group_size, dtype, device
+
+    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def module(self, name: str, module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Linear) and self.fmt is not None and name != SKIP:
+            return self.linear(name, module)
+        for pname, meta in list(module.named_parameters(recurse=False)):
+            value = self.tensor(f"{name}.{pname}", meta)
+            setattr(module, pname, nn.Parameter(value.to(self.dtype or value.dtype), requires_grad=False))
+        return module
+
+    def linear(self, name: str, module: nn.Linear) -> FPxLinear:
+        weight = self.tensor(f"{name}.weight", module.weight)
+        weight = weight if weight.dtype in FLOAT_DTYPES else weight.float()
+        bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias)
+        bias = None if bias is None else bias.to(self.dtype or bias.dtype)
+        return FPxLinear(quantize_weight(weight, self.fmt, self.group_size), bias)
+
+
+class HFSource(Source):
+    """Tensors of a Hugging Face checkpoint, by the names of the architecture's prefixes."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, arch: str, *args):
+        super().__init__(*args)
+        self.checkpoint, self.prefixes = checkpoint, HF_PREFIXES[arch]
+
+    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        candidates = [name] if name.startswith(SKIP + ".") else [p + name for p in self.prefixes]
+        hf_name = next((c for c in candidates if c in self.checkpoint), candidates[0])
+        return self.checkpoint.read(hf_name, like.shape, device=self.device)
+
+
+class PackedSource(Source):
+    """Tensors of an fp6llm packed checkpoint: FPxLinear buffers (planeI, scales, bias) by our module names."""
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, *args):
+        super().__init__(*args)
+        self.checkpoint = checkpoint
+
+    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        return self.checkpoint.read(name, like.shape, device=self.device)
+
+    def linear(self, name: str, module: nn.Linear) -> FPxLinear:
+        n, k = module.weight.shape
+        planes = tuple(self.checkpoint.read(f"{name}.plane{i}", (n, padded_k(k) * width // 32), (torch.int32,),
+                                            self.device) for i, width in enumerate(plane_widths(self.fmt.bits)))
+        scale_shape = (n,) if self.group_size is None else (n, k // self.group_size)
+        scales = self.checkpoint.read(f"{name}.scales", scale_shape, (torch.float32, torch.float16), self.device)
+        bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias).to(self.dtype)
+        return FPxLinear(QuantizedWeight(planes, scales, self.fmt, (n, k), self.group_size), bias)
+
+
+class RandomSource(Source):
+    """Random weights (normal, std 0.02) made on the device; norm weights 1, biases 0."""
+
+    def __init__(self, seed: int, *args):
+        super().__init__(*args)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        if like.dim() == 1:  # a norm's weight or a bias
+            return (torch.ones if name.endswith(".weight") else torch.zeros)(like.shape, dtype=self.dtype,
+                                                                              device=self.device)
+        return torch.randn(like.shape, generator=self.generator, dtype=self.dtype, device=self.device) * RANDOM_STD
+
+
+def _tensor_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that own parameters, in order; a tied lm_head is left out (it shares embed_tokens')."""
+    tied = model.config.tie_word_embeddings
+    return [(name, module) for name, module in model.named_modules()
+            if next(module.parameters(recurse=False), None) is not None and not (tied and name == SKIP)]
+
+
+def stream_modules(model: nn.Module, source: Source, progress: bool = True, desc: str = "load"
+                   ) -> Iterator[tuple[str, nn.Module]]:
+    """(name, real module) for each module of a meta ``model`` that owns parameters, made one at a time."""
+    for name, module in tqdm(_tensor_modules(model), desc=desc, unit="module", disable=not progress):
+        yield name, source.module(name, module)
+
+
+def materialize(model: nn.Module, source: Source, progress: bool = True, desc: str = "load") -> nn.Module:
+    """Replace every module of a meta ``model`` by its real one from ``source``, in place; returns the model."""
+    for name, real in stream_modules(model, source, progress, desc):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, real)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def read_hf_config(model_dir: Union[str, Path]) -> ModelConfig:
+    """ModelConfig of a Hugging Face model directory (config.json; eos ids from generation_config.json if any)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {model_dir}")
+    hf = json.loads((model_dir / "config.json").read_text())
+    generation = model_dir / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        hf["eos_token_id"] = eos if eos is not None else hf.get("eos_token_id")
+    return ModelConfig.from_hf(hf)
+
+
+def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None, group_size: Optional[int] = None,
+            device=None, dtype: Optional[torch.dtype] = None, progress: bool = True) -> nn.Module:
+    """Load a model directory: Hugging Face safetensors (quantized to ``fmt`` while loading, default e3m2), or an
+    fp6llm packed checkpoint (a directory with fp6llm.json: loaded as packed, see load_packed).
+
+    fmt: an FPFormat name ("e3m2", "fp6", ...) or "fp16" / "bf16" / "fp32" for unquantized weights. dtype: the
+    activations' (and norms', embeddings', lm_head's) dtype, default float16 on CUDA, float32 on CPU. Returns the
+    model in eval mode on ``device``; call ``setup_caches`` before running it.
+    Raises FileNotFoundError (config.json, shards), ValueError (unsupported model, missing / misshapen tensors).
+    """
+    model_dir = Path(model_dir)
+    if (model_dir / PACKED_META).is_file():
+        return load_packed(model_dir, fmt, group_size, device, dtype, progress)
+    config = read_hf_config(model_dir)
+    fmt, dtype, device = resolve_format("e3m2" if fmt is None else fmt, dtype, device, group_size)
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    try:
+        source = HFSource(checkpoint, config.arch, fmt, group_size, dtype, device)
+        return materialize(build_model(config, "meta"), source, progress, f"load {format_name(fmt, dtype)}")
+    finally:
+        checkpoint.close()
+
+
+load_model = load_hf  # the one entry point for any model directory
+
+
+def read_packed_meta(model_dir: Union[str, Path]) -> dict:
+    """fp6llm.json of a packed checkpoint; ValueError if its layout version is not this fp6llm's."""
+    meta = json.loads((Path(model_dir) / PACKED_META).read_text())
+    if meta.get("layout_version") != LAYOUT_VERSION:
+        raise ValueError(f"{model_dir} was packed with layout version {meta.get('layout_version')}; this fp6llm "
+                         f"reads layout version {LAYOUT_VERSION}: re-run fp6llm quantize on the source model")
+    return meta
+
+
+def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None,
+                group_size: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
+                progress: bool = True) -> nn.Module:
+    """Load an fp6llm packed checkpoint (planes + scales as written by save_packed / quantize_checkpoint), with no
+    re-quantization. fmt / group_size, if given, must match the checkpoint's (ValueError otherwise)."""
+    meta = read_packed_meta(model_dir)
+    packed_fmt = meta["format"]
+    if fmt is not None and format_name(*resolve_format(fmt, None, "cpu")[:2]) != packed_fmt:
+        raise ValueError(f"{model_dir} is packed as {packed_fmt}, not the requested {fmt}")
+    if group_size is not None and group_size != meta.get("group_size"):
+        raise ValueError(f"{model_dir} is packed with group_size={meta.get('group_size')}, not {group_size}")
+    config = ModelConfig.from_dict(meta["config"])
+    fmt, dtype, device = resolve_format(packed_fmt, dtype, device)
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    try:
+        source = PackedSource(checkpoint, fmt, meta.get("group_size"), dtype, device)
+        return materialize(build_model(config, "meta"), source, progress, f"load packed {packed_fmt}")
+    finally:
+        checkpoint.close()
+
+
+def build_random(name_or_config: Union[str, ModelConfig], fmt: Union[str, FPFormat] = "e3m2", device=None,
+                 dtype: Optional[torch.dtype] = None, seed: int = 0, group_size: Optional[int] = None,
+                 progress: bool = True) -> nn.Module:
+    """A model of a named (NAMED_CONFIGS) or given config with random weights (std 0.02), made on ``device`` one
+    layer at a time and quantized as it goes: a llama-2-70b in FP6 never needs its FP16 size anywhere."""
+    config = name_or_config if isinstance(name_or_config, ModelConfig) else ModelConfig.from_name(name_or_config)
+    fmt, dtype, device = resolve_format(fmt, dtype, device, group_size)
+    source = RandomSource(seed, fmt, group_size, dtype, device)
+    return materialize(build_model(config, "meta"), source, progress, f"random {format_name(fmt, dtype)}")

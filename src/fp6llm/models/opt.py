@@ -1,0 +1,110 @@
+"""OPT: LayerNorm (pre-LN, or post-LN for OPT-350m), learned positions (offset 2), ReLU MLP, biases everywhere.
+
+Module names follow Hugging Face's decoder (embed_tokens, embed_positions, layers.i.self_attn.q_proj, ...,
+layers.i.fc1, final_layer_norm, lm_head) without the "model.decoder." prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import KVCache, attend, causal_mask
+from .config import ModelConfig
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+               "silu": F.silu}
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.arch != "opt":
+            raise ValueError(f"opt.Transformer needs arch 'opt', got {config.arch!r}")
+        self.config = config
+        projected = config.word_embed_proj_dim != config.dim
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.word_embed_proj_dim)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + config.position_offset, config.dim)
+        self.project_in = nn.Linear(config.word_embed_proj_dim, config.dim, bias=False) if projected else None
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_layer_norm = nn.LayerNorm(config.dim, config.norm_eps) if config.final_layer_norm else None
+        self.project_out = nn.Linear(config.dim, config.word_embed_proj_dim, bias=False) if projected else None
+        self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.max_batch_size = self.max_seq_len = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None,
+                     device=None) -> None:
+        """Allocate each layer's KV cache [max_batch_size, n_heads, max_seq_len, head_dim]; dtype and device
+        default to the token embedding's. Raises ValueError past the learned position table."""
+        c = self.config
+        if max_seq_len > c.max_position_embeddings:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds OPT's {c.max_position_embeddings} learned positions")
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = device or self.embed_tokens.weight.device
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+        self.register_buffer("key_pos", torch.arange(max_seq_len, device=device), persistent=False)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None) -> Tensor:
+        """tokens, input_pos: int64 [B, T] -> float32 logits [B, T, vocab] ([B, K, vocab] with logits_at [B, K])."""
+        if self.max_seq_len == 0:
+            raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
+        x = self.embed_tokens(tokens)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(input_pos + self.config.position_offset)
+        mask = causal_mask(input_pos, self.key_pos)
+        for layer in self.layers:
+            x = layer(x, input_pos, mask)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return self.lm_head(x).float()
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.pre_norm = config.do_layer_norm_before
+        self.activation = ACTIVATIONS[config.activation]
+        self.self_attn = Attention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.dim, config.norm_eps)
+        self.fc1 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
+        self.fc2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
+        self.final_layer_norm = nn.LayerNorm(config.dim, config.norm_eps)
+
+    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
+        x = self._residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, input_pos, mask))
+        return self._residual(x, self.final_layer_norm, lambda h: self.fc2(self.activation(self.fc1(h))))
+
+    def _residual(self, x: Tensor, norm: nn.LayerNorm, f) -> Tensor:
+        """x + f(norm(x)) for pre-LN, norm(x + f(x)) for post-LN."""
+        return x + f(norm(x)) if self.pre_norm else norm(x + f(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        inner = config.n_heads * config.head_dim
+        self.q_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
+        self.out_proj = nn.Linear(inner, config.dim, bias=config.o_bias)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        k, v = self.kv_cache.update(input_pos, k, v)
+        return self.out_proj(attend(q, k, v, mask))
