@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import copies_needed, copy_bandwidth, describe_device, time_calls  # noqa: E402
+from timing import copies_needed, copy_bandwidth, describe_device, read_bandwidth, time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
 from fp6llm.kernels.dispatch import choose_config, device_key  # noqa: E402
@@ -109,7 +109,9 @@ def geomean(values):
 
 def markdown(rows, meta) -> str:
     lines = [f"# Kernel benchmark: {meta['device']['name']}, {meta['date']}", "",
-             f"Copy bandwidth measured in this run: {meta['copy_bandwidth_tbs']:.2f} TB/s (read + write). "
+             f"Bandwidth measured in this run: device-to-device copy {meta['copy_bandwidth_tbs']:.2f} TB/s "
+             f"(read + write), reduction read {meta['read_bandwidth_tbs']:.2f} TB/s; the floor uses "
+             f"{meta['floor_bandwidth_tbs']:.2f} TB/s. "
              "Times: median of 15 CUDA-graph replays of >= 16 back-to-back calls rotating over >= 256 MiB of "
              "operand copies. cuBLAS = torch.matmul with the same dtype, measured twice (both shown). "
              "floor = fraction of the bandwidth floor (bytes moved / copy bandwidth / time).", "",
@@ -118,7 +120,8 @@ def markdown(rows, meta) -> str:
     for r in rows:
         c = r["config"]
         cfg = f"{c['block_m']}x{c['block_n']}x{c['block_k']} s{c['split_k']} w{c['num_warps']} st{c['num_stages']}" \
-              + ("" if c["use_dot"] else " red")
+              + ("" if c["use_dot"] else " red") + (" dequant+cuBLAS" if c["dequant_first"] else "") \
+              + (" swapAB" if c["swap_ab"] else "")
         lines.append(f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['format']} | {r['dtype']} | "
                      f"{r['fpx_us']:.1f} | {r['cublas_us'][0]:.1f} / {r['cublas_us'][-1]:.1f} | {r['speedup']:.2f}x | "
                      f"{r['fpx_floor']:.0%} | {r['cublas_floor']:.0%} | {r['tflops']:.0f} | {cfg} |")
@@ -155,8 +158,9 @@ def main(argv=None):
         fmt, dtype = ("e3m2", "bf16") if what == "bf16" else (what, "fp16")
         cases += [(name, fmt, DTYPES[dtype], int(m)) for name in shapes for m in extra_ms.split(",")]
 
-    bandwidth = copy_bandwidth()
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
+    bandwidth = max(copy_bw, read_bw)  # the floor uses the faster of the two measured streams
+    print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s, read bandwidth {read_bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     for name, fmt, dtype, m in cases:
         n, k = shapes[name]
@@ -167,7 +171,8 @@ def main(argv=None):
               f"floor {row['fpx_floor']:.0%}", flush=True)
 
     meta = {"device": describe_device(), "date": datetime.date.today().isoformat(),
-            "copy_bandwidth_tbs": bandwidth / 1e12}
+            "copy_bandwidth_tbs": copy_bw / 1e12, "read_bandwidth_tbs": read_bw / 1e12,
+            "floor_bandwidth_tbs": bandwidth / 1e12}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"kernel-{device_key('cuda')}-{meta['date']}"

@@ -57,6 +57,15 @@ def copy_bandwidth(device="cuda", nbytes: int = 2 * 2**30) -> float:
     return 2 * nbytes / seconds
 
 
+def read_bandwidth(device="cuda", nbytes: int = 2 * 2**30) -> float:
+    """Bytes/s of a large reduction (read-only traffic, as a weight-streaming kernel does)."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    seconds = time_calls([lambda: src.sum(dtype=torch.float32)], replays=10, min_calls=4)
+    del src
+    torch.cuda.empty_cache()
+    return nbytes / seconds
+
+
 def describe_device(device="cuda") -> dict:
     props = torch.cuda.get_device_properties(device)
     return {"name": props.name, "sms": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),

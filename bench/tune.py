@@ -26,26 +26,26 @@ from fp6llm.kernels.dispatch import CONFIG_DIR, KernelConfig, device_key, m_buck
 
 
 def candidates(m: int):
-    """Configurations worth timing for this M (pruned by the sweeps recorded in docs/kernel-notes.md)."""
+    """Configurations worth timing for this M (pruned by the sweeps kept in docs/: tune-*.log, sweep-*.log)."""
     if m <= 16:
-        for bn, bk, warps, stages, split in ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (64, 128, 4, 4, 4),
-                                             (64, 128, 4, 5, 2), (64, 128, 4, 5, 4), (32, 128, 4, 4, 2),
-                                             (128, 128, 8, 4, 2)):
-            yield KernelConfig(16, bn, bk, split, warps, stages)
+        for bn, bk, warps, stages, split, swap in (
+                (64, 128, 4, 4, 1, False), (64, 128, 4, 4, 2, False), (64, 128, 4, 4, 4, False),
+                (64, 128, 4, 5, 4, False), (32, 128, 4, 4, 2, False),
+                (64, 128, 4, 4, 2, True), (64, 128, 4, 4, 4, True), (128, 128, 4, 4, 2, True)):
+            yield KernelConfig(16, bn, bk, split, warps, stages, swap_ab=swap)
     elif m <= 64:
-        for bn, bk, warps, stages, split in ((64, 128, 4, 4, 1), (64, 128, 4, 4, 2), (128, 128, 4, 4, 1),
-                                             (64, 256, 4, 3, 1)):
-            yield KernelConfig(m, bn, bk, split, warps, stages)
-    if m >= 64:
+        for bn, bk, warps, stages, split, swap in (
+                (64, 128, 4, 4, 2, False), (128, 128, 4, 4, 1, True), (128, 128, 4, 4, 2, True),
+                (64, 128, 4, 4, 2, True), (128, 128, 8, 3, 1, True)):
+            yield KernelConfig(m, bn, bk, split, warps, stages, swap_ab=swap)
+    else:
         yield KernelConfig(64, 64, 128, dequant_first=True)
-        yield KernelConfig(64, 64, 128, 4, 4, 4)
-    if m > 64:
         # a weight of 8192 channels has only 64 tiles of 128: split K (or narrow tiles) to fill 132 SMs
-        for bm, bn, bk, warps, stages, split in ((64, 64, 128, 4, 4, 1), (64, 64, 128, 4, 4, 2),
-                                                 (128, 64, 128, 8, 3, 1), (128, 64, 128, 8, 3, 2),
-                                                 (128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 3, 2),
-                                                 (256, 128, 64, 8, 3, 1)):
-            yield KernelConfig(bm, bn, bk, split, warps, stages)
+        for bm, bn, bk, warps, stages, split in ((128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 3, 2),
+                                                 (128, 128, 64, 8, 4, 2), (128, 256, 64, 8, 3, 1),
+                                                 (256, 128, 64, 8, 3, 1), (64, 128, 128, 4, 4, 2)):
+            if bm <= m:
+                yield KernelConfig(bm, bn, bk, split, warps, stages, swap_ab=True)
 
 
 def compiled_report():
@@ -91,7 +91,7 @@ def main(argv=None):
             best_t, best = results[0]
             table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = dict(best.__dict__, us=round(best_t * 1e6, 1))
             top = ", ".join(f"{t * 1e6:.1f}us {c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}"
-                            f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}"
+                            f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}{'S' if c.swap_ab else ''}"
                             for t, c in results[:4])
             dense, _ = dense_calls(n, k, m, torch.float16, "cuda")
             t_dense = time_calls(dense, replays=5)

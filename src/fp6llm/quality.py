@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .formats import FPFormat
 from .nn import FPxLinear, quantize_model
@@ -219,31 +220,31 @@ def embedding_fidelity(formats: Iterable["str | FPFormat"] = DEFAULT_FORMATS,
 
     formats: format names or FPFormats; group_sizes: None (per-output-channel scales) or ints dividing 384 and
     1536; sentences: default ``stdlib_docstrings()``; encoder: default ``load_encoder()`` (float32, CPU).
-    Returns one FidelityRow per (format, group size), formats outermost. Raises ValueError for an unknown format,
-    a bad group size or fewer than 2 sentences; ModuleNotFoundError when the encoder package is missing.
+    Returns one FidelityRow per (format, group size), formats outermost; ``progress`` shows a bar over them.
+    Raises ValueError for an unknown format, a bad group size or batch size, or fewer than 2 sentences;
+    ModuleNotFoundError when the encoder package is missing.
     """
     formats = [FPFormat.parse(f) for f in formats]
-    group_sizes = list(group_sizes)
+    configs = [(fmt, group_size) for fmt in formats for group_size in group_sizes]
     sentences = stdlib_docstrings() if sentences is None else list(sentences)
     if len(sentences) < 2:
         raise ValueError(f"embedding_fidelity needs at least 2 sentences, got {len(sentences)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     encoder = load_encoder() if encoder is None else encoder
     reference = embed(encoder, sentences, batch_size)
     reference_pairs = pairwise_similarities(reference)
     rows = []
-    for fmt in formats:
-        for group_size in group_sizes:
-            start = time.perf_counter()
-            model = quantize_model(copy.deepcopy(encoder.model), fmt, group_size, skip=ENCODER_SKIP,
-                                   progress=progress)
-            errors = list(layer_weight_errors(encoder.model, model).values())
-            embeddings = embed(Encoder(model, encoder.tokenizer, encoder.max_tokens), sentences, batch_size)
-            cosines = (embeddings * reference).sum(dim=-1)
-            rows.append(FidelityRow(
-                format=fmt.name, bits=fmt.bits, group_size=group_size,
-                cosine_mean=float(cosines.mean()), cosine_min=float(cosines.min()),
-                spearman=spearman(pairwise_similarities(embeddings), reference_pairs),
-                weight_error_mean=sum(errors) / len(errors), weight_error_max=max(errors), layers=len(errors),
-                sentences=len(sentences), seconds=time.perf_counter() - start))
-            del model
+    for fmt, group_size in tqdm(configs, desc="eval-embeddings", unit="config", disable=not progress):
+        start = time.perf_counter()
+        model = quantize_model(copy.deepcopy(encoder.model), fmt, group_size, skip=ENCODER_SKIP, progress=False)
+        errors = list(layer_weight_errors(encoder.model, model).values())
+        embeddings = embed(Encoder(model, encoder.tokenizer, encoder.max_tokens), sentences, batch_size)
+        cosines = (embeddings * reference).sum(dim=-1)
+        rows.append(FidelityRow(
+            format=fmt.name, bits=fmt.bits, group_size=group_size,
+            cosine_mean=float(cosines.mean()), cosine_min=float(cosines.min()),
+            spearman=spearman(pairwise_similarities(embeddings), reference_pairs),
+            weight_error_mean=sum(errors) / len(errors), weight_error_max=max(errors), layers=len(errors),
+            sentences=len(sentences), seconds=time.perf_counter() - start))
     return rows

@@ -96,7 +96,6 @@ def fpx_gemm_kernel(
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, SWAP_AB: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     """One program: rows [BLOCK_M], channels [BLOCK_N], its 1/SPLIT_K share of K (in BLOCK_K steps)."""
     pid = tl.program_id(0)
@@ -121,7 +120,7 @@ def fpx_gemm_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in tl.range(kb_start, kb_end, warp_specialize=WARP_SPECIALIZE):
+    for kb in range(kb_start, kb_end):
         k0 = kb * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = m_mask[:, None]
@@ -294,7 +293,6 @@ def fpx_gemm(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         USE_DOT=config.use_dot, EVEN_K=k % config.block_k == 0,
         DOT_FP32=config.use_dot and x.dtype == torch.bfloat16 and INTERPRETER, SWAP_AB=config.swap_ab,
-        WARP_SPECIALIZE=os.environ.get("FP6LLM_WARP_SPECIALIZE") == "1",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

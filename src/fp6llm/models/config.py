@@ -105,7 +105,8 @@ class ModelConfig:
 def _rope_fields(hf: dict) -> dict:
     params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"  # 4.x wrote "type"
+    params.pop("type", None)
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported rope scaling {rope_type!r} in config.json; supported: {', '.join(ROPE_TYPES)}")
     if params.get("partial_rotary_factor", 1.0) != 1.0:

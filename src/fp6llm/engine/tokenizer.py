@@ -1,0 +1,117 @@
+"""Tokenizers for the engine: a checkpoint's own (transformers or tokenizers, offline), or bytes for random models.
+
+Every tokenizer here has ``encode(text) -> list[int]`` (with the model's BOS when it uses one), ``decode(ids) -> str``
+(special tokens left out) and ``eos_token_ids`` (a frozenset: generation stops on any of them). ``TextStream`` turns
+a growing list of ids into text deltas for streaming.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+BYTE_OFFSET = 3  # ids 0, 1, 2 are PAD, BOS, EOS; byte b is id b + BYTE_OFFSET
+BYTE_VOCAB = BYTE_OFFSET + 256
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..258 after PAD=0, BOS=1, EOS=2: works for any model with vocab_size >= 259.
+
+    Ids past 258 (a random model draws from its whole vocabulary) wrap around onto the bytes when decoded, so that
+    every id shows as something; invalid UTF-8 decodes to U+FFFD.
+    """
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __init__(self, vocab_size: int = BYTE_VOCAB):
+        if vocab_size < BYTE_VOCAB:
+            raise ValueError(f"the byte tokenizer needs vocab_size >= {BYTE_VOCAB}, the model has {vocab_size}")
+        self.vocab_size = vocab_size
+        self.eos_token_ids = frozenset([self.eos_token_id])
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos_token_id] + [byte + BYTE_OFFSET for byte in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        data = bytes((i - BYTE_OFFSET) % 256 for i in ids if i >= BYTE_OFFSET)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A transformers tokenizer or a bare tokenizers.Tokenizer, behind the engine's three names."""
+
+    def __init__(self, tokenizer, eos_token_ids: Iterable[int]):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self._bare = not hasattr(tokenizer, "batch_decode")  # tokenizers.Tokenizer rather than transformers'
+
+    def encode(self, text: str) -> list[int]:
+        if self._bare:
+            return self.tokenizer.encode(text).ids
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(model_dir: "str | Path") -> HFTokenizer:
+    """The tokenizer saved with a checkpoint, read offline.
+
+    Tries transformers.AutoTokenizer (local_files_only) and falls back to tokenizers' tokenizer.json. eos_token_ids
+    holds the tokenizer's own EOS (the engine adds the model config's, e.g. LLaMA 3's second one). Raises
+    FileNotFoundError when the directory holds no tokenizer files.
+    """
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer in {model_dir} (looked for {', '.join(TOKENIZER_FILES)}); copy the "
+                                f"tokenizer files of the original checkpoint there")
+    try:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        return HFTokenizer(tokenizer, [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id])
+    except Exception:  # transformers missing, or a tokenizer it cannot build offline: try tokenizer.json
+        pass
+    if not (model_dir / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"cannot load the tokenizer of {model_dir}: transformers failed and there is no "
+                                f"tokenizer.json")
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    config = model_dir / "tokenizer_config.json"
+    eos_token = json.loads(config.read_text()).get("eos_token") if config.is_file() else None
+    if isinstance(eos_token, dict):  # older files: {"content": "</s>", ...}
+        eos_token = eos_token.get("content")
+    eos_id = tokenizer.token_to_id(eos_token) if isinstance(eos_token, str) else None
+    return HFTokenizer(tokenizer, [] if eos_id is None else [eos_id])
+
+
+class TextStream:
+    """Text deltas of a growing id list, decoded in context so that spaces and multi-byte characters come out right.
+
+    ``push(ids)`` takes the ids generated so far and returns the text they add (possibly ""): a delta is held back
+    while it ends in an incomplete UTF-8 sequence (U+FFFD). Each push decodes only the last few ids.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        # Start the decoding context at the prompt's last ids: a leading space of the first new token is kept.
+        context = prompt_ids[-4:]
+        self.ids = list(context)
+        self.prefix_offset, self.read_offset = 0, len(context)
+
+    def push(self, new_ids: list[int]) -> str:
+        self.ids.extend(new_ids)
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(text) <= len(prefix_text) or text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix_text):]
+
+    def flush(self) -> str:
+        """The text held back so far (an incomplete character included): call once, at the end."""
+        prefix_text = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix_text):]

@@ -1,0 +1,156 @@
+"""fp6llm packed checkpoints: safetensors shards of FPxLinear buffers ("<module>.plane0", "<module>.plane1",
+"<module>.scales", "<module>.bias") and the unquantized tensors (norms, embeddings, lm_head) under our module names,
+plus fp6llm.json (format, group size, layout version, source, fp6llm version, the ModelConfig) and the source's
+tokenizer files. load_hf / load_packed read them back with no re-quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import __version__
+from ..formats import FPFormat
+from ..nn import FPxLinear
+from ..packing import LAYOUT_VERSION
+from .config import ModelConfig
+from .loader import (INDEX_FILE, PACKED_META, SINGLE_FILE, HFSource, SafetensorsCheckpoint, build_model, format_name,
+                     read_hf_config, resolve_format, stream_modules)
+
+MAX_SHARD_BYTES = 2 * 10**9
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "config.json")
+
+
+class ShardWriter:
+    """Collects tensors and writes a safetensors shard whenever the next tensor would pass max_shard_bytes.
+
+    ``close`` names the shards as Hugging Face does (model-00001-of-00003.safetensors + model.safetensors.index.json,
+    or a single model.safetensors) and returns (tensors written, bytes written, number of shards).
+    """
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
+        self.pending, self.pending_bytes, self.shards, self.weight_map, self.total_bytes = {}, 0, [], {}, 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.detach().to("cpu").contiguous()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"shard-{len(self.shards) + 1:05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> tuple[int, int, int]:
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
+                                                  for i in range(1, count + 1)]
+        for (path, tensors), name in zip(self.shards, names):
+            path.replace(self.out_dir / name)
+            self.weight_map.update(dict.fromkeys(tensors, name))
+        index = self.out_dir / INDEX_FILE
+        if count == 1:
+            index.unlink(missing_ok=True)  # a stale index would be read before model.safetensors
+        else:
+            index.write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
+                                         "weight_map": self.weight_map}, indent=2))
+        return len(self.weight_map), self.total_bytes, count
+
+
+def copy_tokenizer_files(src_dir: Union[str, Path], out_dir: Union[str, Path]) -> list[str]:
+    """Copy the tokenizer / generation / config files that exist in src_dir; returns their names."""
+    copied = [name for name in TOKENIZER_FILES if (Path(src_dir) / name).is_file()]
+    for name in copied:
+        shutil.copy2(Path(src_dir) / name, Path(out_dir) / name)
+    return copied
+
+
+def _write_meta(out_dir: Path, fmt: str, group_size: Optional[int], config: ModelConfig, source) -> None:
+    meta = {"format": fmt, "group_size": group_size, "layout_version": LAYOUT_VERSION,
+            "source": None if source is None else str(source), "fp6llm_version": __version__,
+            "config": config.to_dict()}
+    (out_dir / PACKED_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _model_format(model: nn.Module) -> tuple[str, Optional[int]]:
+    """(format name, group size) of a model's FPxLinear layers, or its weight dtype's name if none is quantized."""
+    kinds = {(m.fmt.name, m.group_size) for m in model.modules() if isinstance(m, FPxLinear)}
+    if len(kinds) > 1:
+        raise ValueError(f"a packed checkpoint holds one format and group size; the model mixes {sorted(kinds)}")
+    if kinds:
+        return kinds.pop()
+    return format_name(None, model.lm_head.weight.dtype), None
+
+
+def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, Path, None] = None,
+                max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Write a model (from load_hf or build_random) as a packed checkpoint in out_dir.
+
+    source: the directory it came from, recorded in fp6llm.json and whose tokenizer files are copied. Returns a
+    summary dict (tensors, bytes_out, shards). Raises ValueError for a model that mixes formats.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fmt, group_size = _model_format(model)
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    for name, tensor in model.state_dict().items():
+        if not (model.config.tie_word_embeddings and name == "lm_head.weight"):
+            writer.add(name, tensor)
+    tensors, bytes_out, shards = writer.close()
+    if source is not None:
+        copy_tokenizer_files(source, out_dir)
+    _write_meta(out_dir, fmt, group_size, model.config, source)
+    return {"tensors": tensors, "bytes_out": bytes_out, "shards": shards}
+
+
+def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fmt: Union[str, FPFormat] = "e3m2",
+                        group_size: Optional[int] = None, device="cpu", max_shard_bytes: int = MAX_SHARD_BYTES,
+                        progress: bool = True) -> dict:
+    """Quantize a Hugging Face safetensors model directory into a packed checkpoint, streaming: one module's
+    tensors are read, quantized (on ``device``) and queued for the current shard at a time, so memory holds at most
+    one shard plus one weight. Unquantized tensors keep the source dtype.
+
+    Returns {"tensors", "bytes_in", "bytes_out", "shards", "seconds", "format", "group_size"}. Raises what load_hf
+    raises for a bad source, and ValueError if src_dir is already packed or out_dir is src_dir.
+    """
+    start = time.perf_counter()
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if (src_dir / PACKED_META).is_file():
+        raise ValueError(f"{src_dir} is already an fp6llm packed checkpoint")
+    if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
+        raise ValueError(f"the output directory must differ from the source ({src_dir})")
+    config = read_hf_config(src_dir)
+    fmt, dtype, device = resolve_format(fmt, None, device, group_size)
+    checkpoint = SafetensorsCheckpoint(src_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    try:
+        # dtype None keeps the source's dtype for what is not quantized (fmt "fp16" etc. converts it)
+        source = HFSource(checkpoint, config.arch, fmt, group_size, None if fmt else dtype, device)
+        for name, module in stream_modules(build_model(config, "meta"), source, progress, "quantize"):
+            for key, tensor in module.state_dict(prefix=f"{name}.").items():
+                writer.add(key, tensor)
+    finally:
+        checkpoint.close()
+    tensors, bytes_out, shards = writer.close()
+    copy_tokenizer_files(src_dir, out_dir)
+    name = format_name(fmt, dtype)
+    _write_meta(out_dir, name, group_size, config, src_dir.resolve())
+    return {"tensors": tensors, "bytes_in": checkpoint.bytes_read, "bytes_out": bytes_out, "shards": shards,
+            "seconds": time.perf_counter() - start, "format": name, "group_size": group_size}
