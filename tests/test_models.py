@@ -20,10 +20,10 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attentio
 
 # name -> (transformers config class, model class, config kwargs): one case per feature the loader must map.
 HF_CASES = {
-    "llama3": ("LlamaConfig", "LlamaForCausalLM",
-               dict(SMALL, intermediate_size=128, num_key_value_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
-    "llama-bias-tied": ("LlamaConfig", "LlamaForCausalLM",
-                        dict(SMALL, intermediate_size=96, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, intermediate_size=128, num_key_value_heads=2,
+                                                       rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "llama-bias-tied": ("LlamaConfig", "LlamaForCausalLM", dict(SMALL, intermediate_size=96, attention_bias=True,
+                                                                mlp_bias=True, tie_word_embeddings=True)),
     "mistral-window": ("MistralConfig", "MistralForCausalLM",
                        dict(SMALL, intermediate_size=128, num_key_value_heads=1, head_dim=32, sliding_window=8)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(SMALL, intermediate_size=128, num_key_value_heads=2)),
@@ -41,7 +41,7 @@ def save_hf_model(case: str, path, seed: int = 0, **save_kwargs):
     config = getattr(transformers, config_cls)(**kwargs, attn_implementation="eager")
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # transformers initializes biases and norms to constants; make them random too
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 1:
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(path, safe_serialization=True, **save_kwargs)
@@ -159,7 +159,24 @@ def test_from_hf_errors():
 
 
 def test_from_hf_reads_transformers_4_rope_spelling():
+    old_style = {**LLAMA3_ROPE, "rope_type": None, "type": "llama3"}
     config = ModelConfig.from_hf(dict(model_type="llama", vocab_size=8, hidden_size=8, num_hidden_layers=1,
                                       num_attention_heads=2, intermediate_size=8, max_position_embeddings=8,
-                                      rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "rope_type": None, "type": "llama3"}))
+                                      rope_theta=500000.0, rope_scaling=old_style))
     assert config.rope_theta == 500000.0 and config.rope_scaling["rope_type"] == "llama3"
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_decode_matches_eager():
+    """torch.compile(fullgraph=True) of a T=1 decode step: no graph breaks, same logits as eager."""
+    model = build_random("tiny-llama", fmt="e3m2", device="cpu", seed=2, progress=False)
+    tokens, pos = torch.randint(0, VOCAB, (2, 6)), positions(2, 6)
+    step_tokens, step_pos = torch.randint(0, VOCAB, (2, 1)), torch.tensor([[6], [3]])
+    model.setup_caches(2, 16)
+    model(tokens, pos)
+    eager = model(step_tokens, step_pos)
+    model.setup_caches(2, 16)
+    model(tokens, pos)
+    compiled = torch.compile(model, fullgraph=True)(step_tokens, step_pos)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

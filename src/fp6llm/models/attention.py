@@ -34,24 +34,49 @@ class KVCache(nn.Module):
         return k_all, v_all
 
 
-def causal_mask(input_pos: Tensor, key_pos: Tensor, sliding_window: Optional[int] = None) -> Tensor:
-    """bool [B, 1, T, S], True where key position key_pos[s] may be seen from query position input_pos[b, t]."""
+def setup_kv_caches(model: nn.Module, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype],
+                    device) -> torch.device:
+    """Give each of model.layers a KVCache in its self_attn (dtype and device default to the token embedding's),
+    and the model its key positions; returns the device."""
+    dtype = dtype or model.embed_tokens.weight.dtype
+    device = device or model.embed_tokens.weight.device
+    c = model.config
+    for layer in model.layers:
+        layer.self_attn.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+    model.register_buffer("key_pos", torch.arange(max_seq_len, device=device), persistent=False)
+    model.max_batch_size, model.max_seq_len = max_batch_size, max_seq_len
+    return device
+
+
+def select_tokens(x: Tensor, logits_at: Optional[Tensor]) -> Tensor:
+    """x [B, T, C] at the token indices logits_at [B, K] -> [B, K, C]; all of x when logits_at is None."""
+    return x if logits_at is None else x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def causal_mask(input_pos: Tensor, key_pos: Tensor, sliding_window: Optional[int] = None, groups: int = 1
+                ) -> Tensor:
+    """bool [B, 1, groups * T, S], True where key position key_pos[s] may be seen from query position
+    input_pos[b, t]; repeated ``groups`` times along T for attend's stacked query heads (made once per forward,
+    shared by every layer)."""
     query_pos = input_pos[:, None, :, None]
     mask = key_pos <= query_pos
     if sliding_window is not None:
         mask = mask & (key_pos > query_pos - sliding_window)
-    return mask
+    return mask.repeat(1, 1, groups, 1)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Scaled dot-product attention with grouped KV heads: q [B, H, T, D], k/v [B, Hkv, S, D] -> [B, T, H * D].
+    """Scaled dot-product attention with grouped KV heads: q [B, H, T, D], k/v [B, Hkv, S, D], mask from
+    causal_mask(..., groups=H / Hkv) -> [B, T, H * D].
 
     Query head h reads KV head h // (H / Hkv). Instead of repeating K and V for every query head (a copy of the
     whole cache per layer), the G = H / Hkv query heads of a group are stacked along the sequence axis:
-    q [B, Hkv, G * T, D] against k/v [B, Hkv, S, D], with the mask repeated G times along T.
+    q [B, Hkv, G * T, D] against k/v [B, Hkv, S, D], with the mask repeated G times along T. At decode (T = 1)
+    that mask is tiny; at prefill it costs B * G * T * S bytes once per forward, about what one layer's K/V
+    repeat would.
     """
     b, h, t, d = q.shape
     groups = h // k.shape[1]
     q = q.reshape(b, k.shape[1], groups * t, d)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.repeat(1, 1, groups, 1))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.view(b, h, t, d).transpose(1, 2).reshape(b, t, h * d)

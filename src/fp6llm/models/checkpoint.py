@@ -61,7 +61,7 @@ class ShardWriter:
         count = len(self.shards)
         names = [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
                                                   for i in range(1, count + 1)]
-        for (path, tensors), name in zip(self.shards, names):
+        for (path, tensors), name in zip(self.shards, names, strict=True):
             path.replace(self.out_dir / name)
             self.weight_map.update(dict.fromkeys(tensors, name))
         index = self.out_dir / INDEX_FILE

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, attend, causal_mask
+from .attention import KVCache, attend, causal_mask, select_tokens, setup_kv_caches
 from .config import ModelConfig
 
 
@@ -37,17 +37,11 @@ class Transformer(nn.Module):
 
         dtype and device default to the token embedding's.
         """
-        dtype = dtype or self.embed_tokens.weight.dtype
-        device = device or self.embed_tokens.weight.device
-        c = self.config
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
+        device = setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device)
         angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32),
-                             rope_frequencies(c, device))
+                             rope_frequencies(self.config, device))
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.register_buffer("key_pos", torch.arange(max_seq_len, device=device), persistent=False)
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
     def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None) -> Tensor:
         """tokens, input_pos: int64 [B, T] (B <= max_batch_size, positions < max_seq_len) -> float32 logits.
@@ -59,12 +53,11 @@ class Transformer(nn.Module):
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
         x = self.embed_tokens(tokens)
         rope = (self.rope_cos[input_pos][:, :, None].to(x.dtype), self.rope_sin[input_pos][:, :, None].to(x.dtype))
-        mask = causal_mask(input_pos, self.key_pos, self.config.sliding_window)
+        mask = causal_mask(input_pos, self.key_pos, self.config.sliding_window,
+                           self.config.n_heads // self.config.n_kv_heads)
         for layer in self.layers:
             x = layer(x, input_pos, rope, mask)
-        if logits_at is not None:
-            x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))
-        return self.lm_head(self.norm(x)).float()
+        return self.lm_head(self.norm(select_tokens(x, logits_at))).float()
 
 
 class Block(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, attend, causal_mask
+from .attention import KVCache, attend, causal_mask, select_tokens, setup_kv_caches
 from .config import ModelConfig
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -41,15 +41,10 @@ class Transformer(nn.Module):
                      device=None) -> None:
         """Allocate each layer's KV cache [max_batch_size, n_heads, max_seq_len, head_dim]; dtype and device
         default to the token embedding's. Raises ValueError past the learned position table."""
-        c = self.config
-        if max_seq_len > c.max_position_embeddings:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds OPT's {c.max_position_embeddings} learned positions")
-        dtype = dtype or self.embed_tokens.weight.dtype
-        device = device or self.embed_tokens.weight.device
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, dtype, device)
-        self.register_buffer("key_pos", torch.arange(max_seq_len, device=device), persistent=False)
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        positions = self.config.max_position_embeddings
+        if max_seq_len > positions:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds OPT's {positions} learned positions")
+        setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None) -> Tensor:
         """tokens, input_pos: int64 [B, T] -> float32 logits [B, T, vocab] ([B, K, vocab] with logits_at [B, K])."""
@@ -62,8 +57,7 @@ class Transformer(nn.Module):
         mask = causal_mask(input_pos, self.key_pos)
         for layer in self.layers:
             x = layer(x, input_pos, mask)
-        if logits_at is not None:
-            x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))
+        x = select_tokens(x, logits_at)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:
