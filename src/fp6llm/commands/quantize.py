@@ -27,5 +27,9 @@ def _quantize(args) -> None:
                                   int(args.max_shard_gb * 1e9), progress=not args.quiet)
     grouping = "per-channel" if summary["group_size"] is None else f"group_size={summary['group_size']}"
     print(f"{args.out_dir}: {summary['format']} {grouping}, {summary['tensors']} tensors in {summary['shards']} "
-          f"shard(s), {summary['bytes_in'] / 2**30:.2f} GiB in -> {summary['bytes_out'] / 2**30:.2f} GiB out "
+          f"shard(s), {_size(summary['bytes_in'])} in -> {_size(summary['bytes_out'])} out "
           f"({summary['bytes_out'] / max(summary['bytes_in'], 1):.3f}x), {summary['seconds']:.1f} s")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"

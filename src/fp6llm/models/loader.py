@@ -274,8 +274,10 @@ def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = N
     re-quantization. fmt / group_size, if given, must match the checkpoint's (ValueError otherwise)."""
     meta = read_packed_meta(model_dir)
     packed_fmt = meta["format"]
-    if fmt is not None and format_name(*resolve_format(fmt, None, "cpu")[:2]) != packed_fmt:
-        raise ValueError(f"{model_dir} is packed as {packed_fmt}, not the requested {fmt}")
+    if fmt is not None:
+        requested, weight_dtype, _ = resolve_format(fmt, None, "cpu")
+        if format_name(requested, weight_dtype) != packed_fmt:
+            raise ValueError(f"{model_dir} is packed as {packed_fmt}, not the requested {fmt}")
     if group_size is not None and group_size != meta.get("group_size"):
         raise ValueError(f"{model_dir} is packed with group_size={meta.get('group_size')}, not {group_size}")
     config = ModelConfig.from_dict(meta["config"])
