@@ -127,7 +127,7 @@ def load_encoder(path: "str | Path | None" = None) -> Encoder:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+        model = AutoModel.from_pretrained(path, local_files_only=True).float()
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     finally:
         if bars_were_on:
