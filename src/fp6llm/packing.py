@@ -19,6 +19,7 @@ import torch
 
 LAYOUT_VERSION = 1
 WORD_BITS = 32
+ROWS_PER_CHUNK = 2048  # pack this many rows at a time (bounds int64 temporaries on large weights)
 K_ALIGN = 64  # every plane's row is a whole number of words, and kernels read K in tiles of >= 64 columns
 
 # Width of each plane, top bits first, for each code width.
@@ -56,14 +57,17 @@ def pack(codes: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     n, k = codes.shape
     if codes.numel() and int(codes.max()) >= 2**bits:
         raise ValueError(f"codes do not fit in {bits} bits (max code {int(codes.max())})")
-    full = torch.zeros(n, padded_k(k), dtype=torch.int64, device=codes.device)
-    full[:, :k] = codes
-    planes = []
-    for width, shift in zip(plane_widths(bits), plane_shifts(bits)):
-        fields = (full >> shift) & (2**width - 1)
-        words = (fields.view(n, -1, WORD_BITS // width) << _field_offsets(width, codes.device)).sum(-1)
-        # two's-complement view of the 32-bit word
-        planes.append(torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+    planes = [torch.empty(n, padded_k(k) * width // WORD_BITS, dtype=torch.int32, device=codes.device)
+              for width in plane_widths(bits)]
+    for start in range(0, n, ROWS_PER_CHUNK):  # int64 temporaries for a chunk of rows, not the whole weight
+        rows = codes[start:start + ROWS_PER_CHUNK]
+        full = torch.zeros(rows.shape[0], padded_k(k), dtype=torch.int64, device=codes.device)
+        full[:, :k] = rows
+        for plane, width, shift in zip(planes, plane_widths(bits), plane_shifts(bits)):
+            fields = (full >> shift) & (2**width - 1)
+            words = (fields.view(rows.shape[0], -1, WORD_BITS // width) << _field_offsets(width, codes.device)).sum(-1)
+            # two's-complement view of the 32-bit word
+            plane[start:start + ROWS_PER_CHUNK] = torch.where(words >= 2**31, words - 2**32, words)
     return tuple(planes)
 
 

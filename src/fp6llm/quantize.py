@@ -31,6 +31,7 @@ class QuantizedWeight:
     layout_version: int = LAYOUT_VERSION
 
     def __post_init__(self):
+        self.fmt = FPFormat.parse(self.fmt)
         self.planes = tuple(self.planes)
         self.shape = tuple(int(s) for s in self.shape)
         n, k = self.shape

@@ -68,16 +68,22 @@ def _num_sms(device) -> int:
 
 
 def heuristic_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
-    """Rules for a GPU with no measured table: small M streams weights with split-K, large M tiles for wgmma."""
+    """Rules for a GPU with no measured table, distilled from the H100 table (docs/kernel-notes.md).
+
+    Small M streams weights in 64 x 128 tiles with split-K to fill the SMs; mid M swaps A and B so the weight is
+    the MMA's A operand; very large M de-quantizes once and calls cuBLAS.
+    """
     if m <= 16:
-        block_n, block_k = 64, 256
-        tiles = math.ceil(n / block_n)
-        k_blocks = math.ceil(k / block_k)
-        split_k = max(1, min(k_blocks, round(num_sms / tiles))) if tiles < num_sms else 1
-        return KernelConfig(16, block_n, block_k, split_k, num_warps=4, num_stages=4)
+        tiles = math.ceil(n / 64)
+        split_k = 4 if tiles * 2 < num_sms else 2 if tiles < 2 * num_sms else 1
+        return KernelConfig(16, 64, 128, split_k, num_warps=4, num_stages=4)
     if m <= 64:
-        return KernelConfig(m_bucket(m), 128, 128, 1, num_warps=4, num_stages=4)
-    return KernelConfig(128, 128, 64, 1, num_warps=8, num_stages=4)
+        return KernelConfig(m_bucket(m), 128, 128, 2, num_warps=4, num_stages=4, swap_ab=True)
+    if m <= 1024:
+        block_m = 128 if m <= 128 else 256
+        return KernelConfig(block_m, 128, 64 if block_m == 256 else 128, 1, num_warps=8, num_stages=3,
+                            swap_ab=True)
+    return KernelConfig(64, 64, 128, dequant_first=True)
 
 
 def _fit_group(config: KernelConfig, group_size: "int | None") -> KernelConfig:
