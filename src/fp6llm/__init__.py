@@ -8,7 +8,17 @@ from .quantize import QuantizedWeight, quantize_weight
 
 __version__ = "0.1.0"
 
+
+def load(path_or_random, fmt=None, group_size=None, device=None, dtype=None, **engine_options):
+    """A ready text generator: ``fp6llm.load("random:tiny-llama").generate("Hello")``. See fp6llm.engine.load.
+
+    Imported on first call, so that ``import fp6llm`` stays light.
+    """
+    from .engine import load as load_engine
+    return load_engine(path_or_random, fmt, group_size, device, dtype, **engine_options)
+
+
 __all__ = [
     "FPFormat", "encode", "decode", "pack", "unpack", "LAYOUT_VERSION", "QuantizedWeight", "quantize_weight",
-    "fpx_linear", "FPxLinear", "quantize_model", "__version__",
+    "fpx_linear", "FPxLinear", "quantize_model", "load", "__version__",
 ]

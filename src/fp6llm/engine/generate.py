@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -35,7 +36,7 @@ DEFAULT_MAX_SEQ_LEN = 2048  # the cache's positions when none are asked for (and
 PREFILL_TOKENS_PER_FORWARD = 16384  # prompts are prefilled in groups of rows of about this many tokens
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: usable in sets and as a dict key
 class Request:
     """One prompt's generation. The engine fills in slot, generator, output_ids and finish_reason.
 
@@ -106,6 +107,20 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def check_length(prompt_tokens: int, max_new_tokens: int, cache_positions: int, model_positions: int,
+                 what: str = "the prompt") -> None:
+    """ValueError naming the numbers unless prompt_tokens (>= 1) + max_new_tokens (>= 1) <= cache_positions."""
+    if prompt_tokens < 1:
+        raise ValueError(f"{what} is empty: it needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_tokens + max_new_tokens > cache_positions:
+        limit = (f"the model's max_position_embeddings {model_positions}" if cache_positions == model_positions else
+                 f"the KV cache's {cache_positions} positions (max_seq_len; the model allows up to {model_positions})")
+        raise ValueError(f"{what} has {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
+                         f"{prompt_tokens + max_new_tokens}, more than {limit}")
+
+
 class DecodeGraph:
     """The decode forward of rows 0..rows-1 captured as a CUDA graph over static token/position buffers."""
 
@@ -131,7 +146,8 @@ class Engine:
 
     model: a decoder of fp6llm.models (``setup_caches``, ``forward(tokens, input_pos, logits_at)``, ``config``).
     tokenizer: encode / decode / eos_token_ids (engine.tokenizer); None will do for requests of token ids.
-    max_seq_len defaults to min(max_position_embeddings, 2048). cuda_graph: capture decode steps on CUDA (off: eager everywhere).
+    max_seq_len defaults to min(max_position_embeddings, 2048). cuda_graph: capture decode steps on CUDA (False:
+    eager everywhere). One Engine per model at a time: a new one replaces the model's caches.
     Raises ValueError for a max_seq_len beyond the model's max_position_embeddings or a batch size < 1.
     """
 
@@ -173,16 +189,7 @@ class Engine:
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt") -> None:
         """ValueError (with the numbers) unless a prompt of this many tokens plus max_new_tokens fits the cache."""
-        if prompt_tokens < 1:
-            raise ValueError(f"{what} is empty: it needs at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if prompt_tokens + max_new_tokens > self.max_seq_len:
-            limit = self.model.config.max_position_embeddings
-            raise ValueError(
-                f"{what} has {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
-                f"{prompt_tokens + max_new_tokens}, more than the KV cache's {self.max_seq_len} positions "
-                f"(max_seq_len; the model allows up to {limit})")
+        check_length(prompt_tokens, max_new_tokens, self.max_seq_len, self.model.config.max_position_embeddings, what)
 
     def request(self, prompt: Union[str, Sequence[int]], max_new_tokens: int,
                 sampling: SamplingParams = SamplingParams(), what: str = "the prompt") -> Request:
@@ -210,8 +217,13 @@ class Engine:
         synchronize(self.device)
         start = time.perf_counter()
         events = []
-        for group in self._prefill_groups(sorted(requests, key=lambda r: r.slot)):
-            events += self._prefill(group)
+        try:
+            for group in self._prefill_groups(sorted(requests, key=lambda r: r.slot)):
+                events += self._prefill(group)
+        except BaseException:  # out of memory, interrupted: the slots are not left half-filled
+            for request in requests:
+                self.abort(request)
+            raise
         synchronize(self.device)
         self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prefill_tokens += sum(len(r.prompt_ids) for r in requests)
@@ -232,6 +244,13 @@ class Engine:
         self.stats.step_seconds.append(time.perf_counter() - start)  # _accept's tolist() synchronized
         self.stats.decode_tokens += len(active)
         return events
+
+    def close(self) -> None:
+        """Free the KV cache and the CUDA graphs (the model stays usable: a new Engine sets up new caches)."""
+        for request in self.active:
+            self.abort(request)
+        self._graphs.clear()
+        drop_caches(self.model)
 
     def abort(self, request: Request) -> None:
         """Stop a running request and free its slot."""
@@ -258,24 +277,31 @@ class Engine:
         return self._run(pending)
 
     def _run(self, pending: list) -> Iterator[Delta]:
-        """Schedule the requests through the slots (refilling them as requests finish), yielding their Deltas."""
-        index = {id(r): i for i, r in enumerate(pending)}
-        texts = {id(r): TextStream(self.tokenizer, r.prompt_ids) for r in pending}
+        """Schedule the requests through the slots (refilling them as requests finish), yielding their Deltas.
+
+        Other requests in the slots (a server's) are stepped along but not reported.
+        """
+        index = {r: i for i, r in enumerate(pending)}
+        texts = {r: TextStream(self.tokenizer, r.prompt_ids) for r in pending}
+        running: list = []
         pending.reverse()
         try:
-            while pending or self.active:
+            while pending or running:
                 batch = [pending.pop() for _ in range(min(self.free_slots, len(pending)))]
+                running += batch
                 events = (self.add(batch) if batch else []) + self.step()
                 for request, token in events:
+                    if request not in index:
+                        continue
                     new = [] if token is None else [token]
-                    text = texts[id(request)].push(new)
+                    text = texts[request].push(new)
                     if request.finished:
-                        text += texts[id(request)].flush()
-                    yield Delta(index[id(request)], new, text, request.finish_reason)
-        finally:  # a consumer that stops early leaves no request behind in the slots
-            for request in self.active:
-                if id(request) in index:
-                    self.abort(request)
+                        text += texts[request].flush()
+                        running.remove(request)
+                    yield Delta(index[request], new, text, request.finish_reason)
+        finally:  # a consumer that stops early leaves no request of its own behind in the slots
+            for request in running:
+                self.abort(request)
 
     def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
@@ -335,10 +361,17 @@ class Engine:
             tokens[r.slot], positions[r.slot] = r.output_ids[-1], r.last_position
         self.tokens[:rows, 0].copy_(torch.tensor(tokens))  # one host-to-device copy each, not one per row
         self.positions[:rows, 0].copy_(torch.tensor(positions))
+        if self.use_cuda_graph and rows not in self._graphs:
+            try:
+                self._graphs[rows] = DecodeGraph(self.model, self.tokens[:rows], self.positions[:rows],
+                                                 self._graph_pool)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # an op that cannot be captured: slower, still right
+                warnings.warn(f"capturing the decode step as a CUDA graph failed, decoding eagerly: {err}")
+                self.use_cuda_graph = False
         if not self.use_cuda_graph:
             return self.model(self.tokens[:rows], self.positions[:rows])
-        if rows not in self._graphs:
-            self._graphs[rows] = DecodeGraph(self.model, self.tokens[:rows], self.positions[:rows], self._graph_pool)
         return self._graphs[rows]()
 
     def _accept(self, requests: list, tokens: torch.Tensor) -> list:
@@ -374,6 +407,14 @@ def cache_rows(model: nn.Module, start: int, stop: int):
     finally:
         for cache, (k, v) in zip(caches, full):
             cache.k_cache, cache.v_cache = k, v
+
+
+def drop_caches(model: nn.Module) -> None:
+    """Remove every KVCache from ``model`` (their memory is freed once nothing else holds them)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, KVCache):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, None)
 
 
 def _print_delta(delta: Delta) -> None:

@@ -15,14 +15,17 @@ import torch
 from torch import nn
 
 from ..models import NAMED_CONFIGS, ModelConfig, build_random, load_hf
-from ..models.loader import (PACKED_META, SKIP, build_model, read_hf_config, read_packed_meta, resolve_format)
+from ..models.loader import (PACKED_META, SKIP, UNQUANTIZED, build_model, read_hf_config, read_packed_meta,
+                             resolve_format)
 from ..packing import padded_k
 from .generate import DEFAULT_MAX_SEQ_LEN, Engine
-from .tokenizer import ByteTokenizer, load_tokenizer
+from .tokenizer import TOKENIZER_FILES, ByteTokenizer, load_tokenizer
 
 RANDOM_PREFIX = "random:"
+DEFAULT_FORMAT = "e3m2"
 SCALE_BYTES = 4  # float32 per-channel scales (group scales are float16 or float32; the estimate takes the larger)
 GB = 1e9
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class DoesNotFit(MemoryError):
@@ -45,8 +48,7 @@ class ModelSource:
             return cls.random(text[len(RANDOM_PREFIX):])
         path = Path(text).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"model directory {path} does not exist (for random weights use "
-                                    f"random:NAME, NAME one of {', '.join(NAMED_CONFIGS)})")
+            raise FileNotFoundError(f"model directory {path} does not exist")
         if not path.is_dir():
             raise NotADirectoryError(f"model path {path} is not a directory")
         return cls(path=path)
@@ -61,21 +63,44 @@ class ModelSource:
     def name(self) -> str:
         return f"{RANDOM_PREFIX}{self.random_name}" if self.random_name else str(self.path)
 
+    def packed_meta(self) -> Optional[dict]:
+        """fp6llm.json of a packed checkpoint; None for a Hugging Face directory or random weights."""
+        packed = self.path is not None and (self.path / PACKED_META).is_file()
+        return read_packed_meta(self.path) if packed else None
+
+    def weight_format(self, fmt: Optional[str], group_size: Optional[int]) -> tuple:
+        """(format, group size) the loaded model will have: a packed checkpoint's own, else fmt (default e3m2).
+
+        Raises ValueError for an unknown format or one that a packed checkpoint does not hold.
+        """
+        meta = self.packed_meta()
+        if meta is None:
+            return check_format(fmt or DEFAULT_FORMAT), group_size
+        if fmt is not None and check_format(fmt).lower() != meta["format"]:
+            raise ValueError(f"{self.path} is packed as {meta['format']}, not the requested {fmt}")
+        return meta["format"], meta.get("group_size")
+
     def config(self) -> ModelConfig:
         if self.random_name:
             return ModelConfig.from_name(self.random_name)
-        if (self.path / PACKED_META).is_file():
-            return ModelConfig.from_dict(read_packed_meta(self.path)["config"])
-        return read_hf_config(self.path)
+        meta = self.packed_meta()
+        return read_hf_config(self.path) if meta is None else ModelConfig.from_dict(meta["config"])
 
     def tokenizer(self, config: ModelConfig):
-        """The checkpoint's tokenizer; bytes for random weights."""
-        return ByteTokenizer(config.vocab_size) if self.random_name else load_tokenizer(self.path)
+        """The checkpoint's tokenizer; bytes for random weights (also when packed from random weights, which
+        recorded no source and copied no tokenizer)."""
+        meta = self.packed_meta()
+        from_random = meta is not None and meta.get("source") is None and not any(
+            (self.path / name).is_file() for name in TOKENIZER_FILES)
+        if self.random_name or from_random:
+            return ByteTokenizer(config.vocab_size)
+        return load_tokenizer(self.path)
 
-    def load_model(self, fmt: str = "e3m2", group_size: Optional[int] = None, device=None,
+    def load_model(self, fmt: Optional[str] = None, group_size: Optional[int] = None, device=None,
                    dtype: Optional[torch.dtype] = None, seed: int = 0, progress: bool = True) -> nn.Module:
+        """The model in ``fmt`` (see weight_format) on ``device``."""
         if self.random_name:
-            return build_random(self.random_name, fmt, device, dtype, seed, group_size, progress)
+            return build_random(self.random_name, fmt or DEFAULT_FORMAT, device, dtype, seed, group_size, progress)
         return load_hf(self.path, fmt, group_size, device, dtype, progress)
 
 
@@ -111,36 +136,53 @@ def kv_cache_bytes(config: ModelConfig, batch_size: int, seq_len: int, dtype: to
     return 2 * config.n_layers * batch_size * config.n_kv_heads * seq_len * config.head_dim * dtype.itemsize
 
 
-def check_fits(config: ModelConfig, fmt: str, group_size: Optional[int], device, dtype: Optional[torch.dtype],
-               batch_size: int, seq_len: int) -> None:
-    """On CUDA, raise DoesNotFit unless weights + KV cache fit the free memory (torch.cuda.mem_get_info)."""
-    _, dtype, device = resolve_format(fmt, dtype, device, group_size)
+def quantized_group_size(fmt: str, group_size: Optional[int]) -> Optional[int]:
+    """group_size for a quantized format; None for unquantized weights (fp16 / bf16 / fp32), which have none."""
+    return None if fmt.lower() in UNQUANTIZED else group_size
+
+
+def require_memory(device, needs: dict, what: str) -> None:
+    """On CUDA, raise DoesNotFit unless the bytes of ``needs`` ({part: bytes}) are free (torch.cuda.mem_get_info)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         return
-    weights = weight_bytes(config, fmt, dtype, group_size)
-    cache = kv_cache_bytes(config, batch_size, seq_len, dtype)
     free, total = torch.cuda.mem_get_info(device)
-    if weights + cache > free:
-        raise DoesNotFit(f"the model in {fmt} needs about {(weights + cache) / GB:.1f} GB ({weights / GB:.1f} GB "
-                         f"weights + {cache / GB:.1f} GB KV cache for {batch_size} x {seq_len} positions) but "
-                         f"{torch.cuda.get_device_name(device)} has {free / GB:.1f} GB free of {total / GB:.1f} GB")
+    needed = sum(needs.values())
+    if needed > free:
+        parts = " + ".join(f"{size / GB:.1f} GB {part}" for part, size in needs.items())
+        raise DoesNotFit(f"{what} needs about {needed / GB:.1f} GB ({parts}) but {torch.cuda.get_device_name(device)} "
+                         f"has {free / GB:.1f} GB free of {total / GB:.1f} GB")
 
 
-def load(path_or_random: Union[str, Path], fmt: str = "e3m2", group_size: Optional[int] = None, device=None,
-         dtype: Optional[torch.dtype] = None, max_batch_size: int = 8, max_seq_len: Optional[int] = None,
+def check_fits(config: ModelConfig, fmt: str, group_size: Optional[int], device, dtype: Optional[torch.dtype],
+               batch_size: int, seq_len: int) -> None:
+    """On CUDA, raise DoesNotFit unless weights + KV cache fit the free memory; call before loading."""
+    _, dtype, device = resolve_format(fmt, dtype, device, group_size)
+    require_memory(device, {"weights": weight_bytes(config, fmt, dtype, group_size),
+                            f"KV cache of {batch_size} x {seq_len} positions":
+                                kv_cache_bytes(config, batch_size, seq_len, dtype)}, f"the model in {fmt}")
+
+
+def load(path_or_random: Union[str, Path], fmt: Optional[str] = None, group_size: Optional[int] = None,
+         device=None, dtype: Optional[torch.dtype] = None, max_batch_size: int = 8, max_seq_len: Optional[int] = None,
          cuda_graph: bool = True, progress: bool = True) -> Engine:
     """A ready Engine (``.generate(prompts, ...)``) for a model directory or "random:NAME".
 
     path_or_random: a Hugging Face checkpoint directory (quantized while loading), an fp6llm packed checkpoint
     (fp6llm.json), or "random:NAME" with NAME in fp6llm.models.NAMED_CONFIGS (random weights, byte tokenizer).
-    fmt: "e3m2" (FP6), any eXmY, or "fp16" / "bf16" / "fp32" for unquantized weights. device: default CUDA when
-    available. dtype: activations, default float16 on CUDA and float32 elsewhere. max_batch_size x max_seq_len:
-    the KV cache (max_seq_len defaults to min(max_position_embeddings, 2048)).
+    fmt: "e3m2" (FP6, the default; a packed checkpoint's own format), any eXmY, or "fp16" / "bf16" / "fp32" for
+    unquantized weights. device: default CUDA when available. dtype: activations, default float16 on CUDA and
+    float32 elsewhere; a torch.dtype or its name. max_batch_size x max_seq_len: the KV cache (max_seq_len defaults
+    to min(max_position_embeddings, 2048)).
     Raises ValueError (unknown name or format), FileNotFoundError (no such directory, config or tokenizer),
     DoesNotFit (a MemoryError: weights + cache beyond the free GPU memory, both numbers said).
     """
+    if isinstance(dtype, str):  # "float16", "bfloat16", "float32"
+        dtype = DTYPES.get(dtype.removeprefix("torch."))
+        if dtype is None:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or a torch.dtype")
     source = ModelSource.parse(path_or_random)
-    check_format(fmt)
+    fmt, group_size = source.weight_format(fmt, group_size)
     config = source.config()
     tokenizer = source.tokenizer(config)
     seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)

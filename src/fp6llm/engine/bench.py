@@ -1,0 +1,214 @@
+"""End-to-end throughput per format and batch size: prefill and decode through the Engine, against the copy floor.
+
+One process measures everything it compares: the device's copy bandwidth, then each format's model (built, measured
+at every batch size, freed before the next). A decode step's floor is the time to read the bytes it must read once
+at copy bandwidth: the weights (less the embedding tables, of which a step reads B rows) plus the KV cache entries
+of every row's context. ``floor`` in a row is floor time / measured step time: 1.0 would be bandwidth-bound perfection.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.loader import resolve_format
+from .generate import Engine, Request, Stats, drop_caches, synchronize
+from .load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, quantized_group_size, require_memory
+from .sampling import SamplingParams
+
+WARMUP_STEPS = 3
+UNQUANTIZED_ON_CPU = {"fp16": "fp32", "bf16": "fp32"}  # half-precision matmuls on a CPU measure nothing useful
+
+
+@dataclass
+class BenchRow:
+    format: str
+    batch: int
+    prefill_tokens_per_s: Optional[float] = None
+    decode_tokens_per_s: Optional[float] = None
+    ms_per_step: Optional[float] = None
+    weight_gb: Optional[float] = None
+    peak_gb: Optional[float] = None
+    floor_fraction: Optional[float] = None
+    note: str = ""
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of ``repeats`` copies."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    free_memory(device)
+    return 2 * nbytes / statistics.median(times)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _unique_bytes(tensors) -> int:
+    """Bytes of the tensors, each counted once (a tied weight appears twice among a model's parameters)."""
+    unique = {id(t): t for t in tensors}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer. Call before setup_caches (the KV cache is not weights)."""
+    return _unique_bytes([*model.parameters(), *model.buffers()])
+
+
+def streamed_weight_bytes(model: nn.Module) -> int:
+    """Bytes a decode step reads in full: model_bytes less the embedding tables (a step reads one row per token),
+    unless lm_head shares one (then lm_head reads it all). Call before setup_caches."""
+    lm_head = getattr(model, "lm_head", None)
+    head_weight = None if lm_head is None else lm_head.weight
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not head_weight}
+    return _unique_bytes(t for t in [*model.parameters(), *model.buffers()] if id(t) not in lookups)
+
+
+def bench_batch(model: nn.Module, batch: int, prompt_len: int, gen_len: int, cuda_graph: bool,
+                bandwidth: float, streamed_bytes: int, seed: int = 0) -> dict:
+    """Prefill + decode of ``batch`` random prompts of prompt_len tokens, gen_len new tokens each (no EOS stop).
+
+    Returns the measurements of one BenchRow (without format, batch, weight_gb).
+    """
+    config = model.config
+    engine = Engine(model, None, batch, prompt_len + gen_len, cuda_graph)
+    device = engine.device
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=generator).tolist()
+
+    def run(new_tokens: int) -> Engine:
+        engine.stats = Stats()
+        engine.add([Request(ids, new_tokens, SamplingParams()) for ids in prompts])
+        while engine.active:
+            engine.step()
+        return engine
+
+    try:
+        run(WARMUP_STEPS + 1)  # compiles kernels, captures the decode graph
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        stats = run(gen_len).stats
+        peak = torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None
+    finally:
+        engine.close()
+        free_memory(device)  # back to the device, so that the next batch's memory check sees it free
+    # Decode step j = 1 .. gen_len - 1 of a row reads the K/V of positions 0 .. prompt_len + j - 1.
+    mean_context = prompt_len + gen_len / 2
+    kv_read = kv_cache_bytes(config, batch, 1, engine.dtype) * mean_context
+    floor_s = (streamed_bytes + kv_read) / bandwidth
+    return dict(prefill_tokens_per_s=stats.prefill_tokens_per_s, decode_tokens_per_s=stats.decode_tokens_per_s,
+                ms_per_step=stats.ms_per_step, peak_gb=peak, floor_fraction=floor_s * 1e3 / stats.ms_per_step)
+
+
+def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int, gen_len: int, device=None,
+              group_size: Optional[int] = None, cuda_graph: bool = True, progress: bool = True) -> dict:
+    """Every format x batch size, one model at a time. Returns {"setup": {...}, "rows": [BenchRow dicts]}.
+
+    A format whose weights (or a batch whose KV cache) would not fit the free GPU memory, or that runs out of it,
+    gets a row that says "does not fit" and the run goes on.
+    """
+    config = source.config()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
+    rows = []
+    for name in formats:
+        fmt = UNQUANTIZED_ON_CPU.get(name, name) if device.type == "cpu" else name
+        label = name if fmt == name else f"{name} (as {fmt})"
+        model, fmt_group_size = None, quantized_group_size(fmt, group_size)
+        try:
+            check_fits(config, fmt, fmt_group_size, device, None, 1, prompt_len + gen_len)
+            model = source.load_model(fmt, fmt_group_size, device, progress=progress)
+            weights, streamed = model_bytes(model), streamed_weight_bytes(model)
+            dtype = resolve_format(fmt, None, device)[1]
+            for batch in tqdm(batches, desc=f"bench {label}", unit="batch", disable=not progress):
+                row = BenchRow(label, batch, weight_gb=weights / GB)
+                try:
+                    cache = kv_cache_bytes(config, batch, prompt_len + gen_len, dtype)
+                    require_memory(device, {"KV cache": cache}, f"batch {batch}")
+                    for key, value in bench_batch(model, batch, prompt_len, gen_len, cuda_graph, bandwidth,
+                                                  streamed).items():
+                        setattr(row, key, value)
+                except (DoesNotFit, torch.cuda.OutOfMemoryError) as err:
+                    row.note = does_not_fit(err)
+                    drop_caches(model)
+                    free_memory(device)
+                rows.append(row)
+        except (DoesNotFit, torch.cuda.OutOfMemoryError) as err:
+            rows.append(BenchRow(label, 0, note=does_not_fit(err)))
+        finally:
+            del model
+            free_memory(device)
+    setup = {"date": datetime.date.today().isoformat(), "device": device_name(device), "model": source.name,
+             "prompt_len": prompt_len, "gen_len": gen_len, "group_size": group_size, "cuda_graph": cuda_graph
+             and device.type == "cuda", "copy_bandwidth_gb_s": bandwidth / GB, "torch": torch.__version__,
+             "cuda": torch.version.cuda, "machine": platform.machine()}
+    return {"setup": setup, "rows": [asdict(row) for row in rows]}
+
+
+def does_not_fit(err: Exception) -> str:
+    """The note of a row that ran out of memory: our estimate's numbers, or what CUDA said."""
+    return "does not fit: " + str(err).splitlines()[0]
+
+
+def _cell(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(result: dict) -> str:
+    """The rows as a Markdown table, the setup above it."""
+    s = result["setup"]
+    lines = [f"# End-to-end benchmark: {s['model']} on {s['device']}, {s['date']}", "",
+             f"prompt {s['prompt_len']} tokens, {s['gen_len']} new tokens per row (greedy, no EOS stop); decode "
+             f"steps {'as CUDA graphs' if s['cuda_graph'] else 'eager'}; copy bandwidth "
+             f"{s['copy_bandwidth_gb_s']:.1f} GB/s (read + write); floor = (weights + KV read per step) / copy "
+             f"bandwidth / measured step time; torch {s['torch']}", "",
+             "| format | batch | prefill tok/s | decode tok/s | ms/step | weight GB | peak GB | floor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r["note"]:
+            lines.append(f"| {r['format']} | {r['batch'] or '-'} | {r['note']} | | | {_cell(r['weight_gb'], '.2f')} "
+                         f"| | |")
+            continue
+        lines.append(f"| {r['format']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
+                     f"{r['decode_tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | {r['weight_gb']:.2f} | "
+                     f"{_cell(r['peak_gb'], '.2f')} | {r['floor_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
+def write_results(result: dict, out_dir) -> tuple:
+    """bench results as e2e-<device>-<date>.md and .json in out_dir; returns both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = "".join(c if c.isalnum() else "-" for c in result["setup"]["device"].lower()).strip("-")
+    stem = out_dir / f"e2e-{device}-{result['setup']['date']}"
+    md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
+    md.write_text(format_table(result) + "\n")
+    js.write_text(json.dumps(result, indent=1) + "\n")
+    return md, js

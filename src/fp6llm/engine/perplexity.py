@@ -1,0 +1,110 @@
+"""Perplexity of each format on a text, and how often its argmax token agrees with the unquantized reference's.
+
+The text is cut into non-overlapping windows of ``ctx`` tokens; each window is scored from its own start (its first
+token predicts nothing), so a window's predictions see 1 .. ctx - 1 tokens of context. The reference (fp16 on CUDA,
+float32 on a CPU, where half-precision matmuls are slow and not what a GPU computes) runs first; every format's
+argmax is compared with the reference's at the same positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .bench import UNQUANTIZED_ON_CPU, free_memory, model_bytes
+from .generate import drop_caches
+from .load import GB, ModelSource, check_fits, check_format, quantized_group_size
+
+REFERENCE = "fp16"
+
+
+@dataclass
+class EvalRow:
+    format: str
+    weight_gb: float
+    perplexity: float
+    nll: float
+    argmax_agreement: float
+    tokens: int
+
+
+def windows(ids: list, ctx: int, max_tokens: Optional[int] = None) -> torch.Tensor:
+    """int64 [n, ctx]: the first max_tokens ids (all by default) in whole windows. ValueError if not one fits."""
+    ids = ids[:max_tokens] if max_tokens else ids
+    count = len(ids) // ctx
+    if ctx < 2 or count == 0:
+        raise ValueError(f"the text has {len(ids)} tokens{' (after --max-tokens)' if max_tokens else ''}: not "
+                         f"enough for one window of ctx={ctx} tokens (ctx must be >= 2)")
+    return torch.tensor(ids[:count * ctx]).view(count, ctx)
+
+
+@torch.inference_mode()
+def score(model, tokens: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "score") -> tuple:
+    """(summed negative log-likelihood, argmax predictions int64 [n, ctx - 1]) of the windows ``tokens`` [n, ctx]."""
+    device = next(p for p in model.parameters() if p.is_floating_point()).device
+    n, ctx = tokens.shape
+    model.setup_caches(min(batch_size, n), ctx, device=device)
+    nll, predictions = 0.0, []
+    try:
+        for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
+            rows = tokens[start:start + batch_size].to(device)
+            positions = torch.arange(ctx, device=device).expand(rows.shape[0], -1)
+            logits = model(rows, positions)[:, :-1]
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
+                                   reduction="sum").item()
+            predictions.append(logits.argmax(dim=-1).cpu())
+    finally:
+        drop_caches(model)
+    return nll, torch.cat(predictions)
+
+
+def run_eval(source: ModelSource, formats: list, text: str, ctx: int = 512, max_tokens: Optional[int] = None,
+             device=None, group_size: Optional[int] = None, batch_size: int = 4, progress: bool = True) -> dict:
+    """{"setup": {...}, "rows": [EvalRow dicts]}: the reference first, then each other format of ``formats``."""
+    for name in formats:
+        check_format(name)
+    config = source.config()
+    if ctx > config.max_position_embeddings:
+        raise ValueError(f"ctx {ctx} is beyond the model's max_position_embeddings {config.max_position_embeddings}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokens = windows(source.tokenizer(config).encode(text), ctx, max_tokens)
+    reference = UNQUANTIZED_ON_CPU.get(REFERENCE, REFERENCE) if device.type == "cpu" else REFERENCE
+    order = [REFERENCE] + [name for name in formats if name != REFERENCE]
+    rows, reference_argmax = [], None
+    for name in order:
+        fmt = reference if name == REFERENCE else name
+        label = name if fmt == name else f"{name} (as {fmt})"
+        fmt_group_size = quantized_group_size(fmt, group_size)
+        check_fits(config, fmt, fmt_group_size, device, None, batch_size, ctx)
+        model = source.load_model(fmt, fmt_group_size, device, progress=progress)
+        try:
+            weights = model_bytes(model)
+            nll, argmax = score(model, tokens, batch_size, progress, f"eval {label}")
+        finally:
+            del model
+            free_memory(device)
+        if reference_argmax is None:
+            reference_argmax = argmax
+        count = argmax.numel()
+        rows.append(EvalRow(label, weights / GB, math.exp(nll / count), nll / count,
+                            (argmax == reference_argmax).float().mean().item(), count))
+    setup = {"model": source.name, "device": str(device), "ctx": ctx, "windows": tokens.shape[0],
+             "predicted_tokens": tokens.shape[0] * (ctx - 1), "reference": reference, "group_size": group_size}
+    return {"setup": setup, "rows": [asdict(row) for row in rows]}
+
+
+def format_table(result: dict) -> str:
+    s = result["setup"]
+    reference = s["reference"] + (" (fp16 runs in float32 on a CPU)" if s["reference"] != REFERENCE else "")
+    lines = [f"{s['model']} on {s['device']}: {s['windows']} windows of {s['ctx']} tokens, {s['predicted_tokens']} "
+             f"predictions; reference {reference}",
+             f"{'format':16} {'weight GB':>9} {'perplexity':>11} {'nll/token':>10} {'argmax = ref':>12}"]
+    for r in result["rows"]:
+        lines.append(f"{r['format']:16} {r['weight_gb']:9.3f} {r['perplexity']:11.4f} {r['nll']:10.5f} "
+                     f"{r['argmax_agreement']:12.4f}")
+    return "\n".join(lines)
