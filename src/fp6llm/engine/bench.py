@@ -157,6 +157,7 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
                         setattr(row, key, value)
                 except (DoesNotFit, torch.cuda.OutOfMemoryError) as err:
                     row.note = does_not_fit(err)
+                if row.note:  # here, not in the except block: its traceback would keep the tensors alive
                     drop_caches(model)
                     free_memory(device)
                 rows.append(row)
