@@ -9,7 +9,7 @@ from .quantize import QuantizedWeight, quantize_weight
 __version__ = "0.1.0"
 
 
-def load(path_or_random, fmt=None, group_size=None, device=None, dtype=None, **engine_options):
+def load(path_or_random=None, fmt=None, group_size=None, device=None, dtype=None, **engine_options):
     """A ready text generator: ``fp6llm.load("random:tiny-llama").generate("Hello")``. See fp6llm.engine.load.
 
     Imported on first call, so that ``import fp6llm`` stays light.

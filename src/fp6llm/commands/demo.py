@@ -1,4 +1,8 @@
-"""`fp6llm demo`: the main job on an embedded default, no downloads."""
+"""`fp6llm demo`: the main job on the embedded default model, no downloads.
+
+Two parts: every format on one random layer (bytes, weight error, output error of fpx_linear), then text from
+the embedded FP6 model (a small Llama trained on the stdlib's source), streamed as it is generated.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,11 @@ import torch
 from ..cli import command
 
 
-@command("demo", "quantize a random layer to every format and run fpx_linear (no downloads)")
+@command("demo", "every format on a random layer, then text from the embedded FP6 model (no downloads)")
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=1024, help="N = K of the random weight (default 1024)")
+    parser.add_argument("--prompt", default="def parse_args(argv):\n", help="prompt for the embedded model")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--formats", default="e3m2,e2m3,e2m2,e3m1,e2m1", help="comma-separated format names")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.set_defaults(run=_demo)
@@ -42,3 +48,11 @@ def _demo(args) -> None:
         yerr = ((y.double() - ref).norm() / ref.norm()).item()
         print(f"{fmt.name:8} {fmt.bits:4d} {qw.nbytes / 2**20:8.2f} {qw.nbytes / fp16_bytes:8.3f} {werr:15.5f} "
               f"{yerr:15.5f} {ms:8.2f}")
+
+    from ..engine import load
+    engine = load(None, device=args.device, progress=False)
+    print(f"\nembedded model (FP6 e3m2, {args.device}), greedy, prompt {args.prompt!r}:\n")
+    print(args.prompt, end="", flush=True)
+    engine.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+                    stream=lambda delta: print(delta.text, end="", flush=True))
+    print(f"\n\n{engine.stats.summary()}")

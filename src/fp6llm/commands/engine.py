@@ -11,8 +11,9 @@ CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in range(32) if chr(c) not in "\n\t
 
 
 def _model_arguments(parser: argparse.ArgumentParser, formats: bool = False) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint or an fp6llm packed checkpoint")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint or an fp6llm packed checkpoint "
+                                                       "(default: the embedded stdlib-lm-e3m2)")
     source.add_argument("--random", metavar="NAME", help="random weights of a named shape (llama-2-7b, tiny-llama, "
                                                          "...); a byte tokenizer, no downloads")
     if formats:
@@ -27,7 +28,7 @@ def _model_arguments(parser: argparse.ArgumentParser, formats: bool = False) -> 
 
 def _source(args):
     from ..engine.load import ModelSource
-    return ModelSource.random(args.random) if args.random else ModelSource.parse(args.model)
+    return ModelSource.random(args.random) if args.random else ModelSource.parse(args.model)  # None: default
 
 
 def _format_list(text: str) -> list:

@@ -22,6 +22,8 @@ from .generate import DEFAULT_MAX_SEQ_LEN, Engine
 from .tokenizer import TOKENIZER_FILES, ByteTokenizer, load_tokenizer
 
 RANDOM_PREFIX = "random:"
+# The embedded default model: a small Llama trained on the stdlib's source, pre-packed in FP6 (data/*/README.md).
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "stdlib-lm-e3m2"
 DEFAULT_FORMAT = "e3m2"
 SCALE_BYTES = 4  # float32 per-channel scales (group scales are float16 or float32; the estimate takes the larger)
 GB = 1e9
@@ -40,10 +42,11 @@ class ModelSource:
     random_name: Optional[str] = None
 
     @classmethod
-    def parse(cls, path_or_random: Union[str, Path]) -> "ModelSource":
-        """"random:NAME" or a directory. Raises ValueError for an unknown NAME (listing the names),
-        FileNotFoundError / NotADirectoryError for a path that is not a directory."""
-        text = str(path_or_random)
+    def parse(cls, path_or_random: Union[str, Path, None] = None) -> "ModelSource":
+        """"random:NAME", a directory, or None for the embedded default model (DEFAULT_MODEL). Raises ValueError
+        for an unknown NAME (listing the names), FileNotFoundError / NotADirectoryError for a path that is not a
+        directory."""
+        text = str(DEFAULT_MODEL if path_or_random is None else path_or_random)
         if text.startswith(RANDOM_PREFIX):
             return cls.random(text[len(RANDOM_PREFIX):])
         path = Path(text).expanduser()
@@ -163,7 +166,7 @@ def check_fits(config: ModelConfig, fmt: str, group_size: Optional[int], device,
                                 kv_cache_bytes(config, batch_size, seq_len, dtype)}, f"the model in {fmt}")
 
 
-def load(path_or_random: Union[str, Path], fmt: Optional[str] = None, group_size: Optional[int] = None,
+def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = None, group_size: Optional[int] = None,
          device=None, dtype: Optional[torch.dtype] = None, max_batch_size: int = 8, max_seq_len: Optional[int] = None,
          cuda_graph: bool = True, progress: bool = True) -> Engine:
     """A ready Engine (``.generate(prompts, ...)``) for a model directory or "random:NAME".
