@@ -135,6 +135,8 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--out", default="bench/results", help="directory for the results (default bench/results)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps on CUDA too")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (one compilation "
+                                                               "per batch size; minutes on large models)")
     parser.set_defaults(run=_bench)
 
 
@@ -150,7 +152,7 @@ def _bench(args) -> None:
         raise ValueError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} = "
                          f"{args.prompt_len + args.gen_len} is beyond the model's max_position_embeddings {limit}")
     result = bench.run_bench(source, formats, batches, args.prompt_len, args.gen_len, args.device, args.group_size,
-                             cuda_graph=not args.no_cuda_graph)
+                             cuda_graph=not args.no_cuda_graph, compile=args.compile)
     print(bench.format_table(result))
     for path in bench.write_results(result, args.out):
         print(f"wrote {path}")

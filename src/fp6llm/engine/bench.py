@@ -92,13 +92,13 @@ def streamed_weight_bytes(model: nn.Module) -> int:
 
 
 def bench_batch(model: nn.Module, batch: int, prompt_len: int, gen_len: int, cuda_graph: bool,
-                bandwidth: float, streamed_bytes: int, seed: int = 0) -> dict:
+                bandwidth: float, streamed_bytes: int, seed: int = 0, compile: bool = False) -> dict:
     """Prefill + decode of ``batch`` random prompts of prompt_len tokens, gen_len new tokens each (no EOS stop).
 
     Returns the measurements of one BenchRow (without format, batch, weight_gb).
     """
     config = model.config
-    engine = Engine(model, None, batch, prompt_len + gen_len, cuda_graph)
+    engine = Engine(model, None, batch, prompt_len + gen_len, cuda_graph, compile)
     device = engine.device
     generator = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=generator).tolist()
@@ -128,7 +128,8 @@ def bench_batch(model: nn.Module, batch: int, prompt_len: int, gen_len: int, cud
 
 
 def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int, gen_len: int, device=None,
-              group_size: Optional[int] = None, cuda_graph: bool = True, progress: bool = True) -> dict:
+              group_size: Optional[int] = None, cuda_graph: bool = True, progress: bool = True,
+              compile: bool = False) -> dict:
     """Every format x batch size, one model at a time. Returns {"setup": {...}, "rows": [BenchRow dicts]}.
 
     A format whose weights (or a batch whose KV cache) would not fit the free GPU memory, or that runs out of it,
@@ -153,7 +154,7 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
                     cache = kv_cache_bytes(config, batch, prompt_len + gen_len, dtype)
                     require_memory(device, {"KV cache": cache}, f"batch {batch}")
                     for key, value in bench_batch(model, batch, prompt_len, gen_len, cuda_graph, bandwidth,
-                                                  streamed).items():
+                                                  streamed, compile=compile).items():
                         setattr(row, key, value)
                 except (DoesNotFit, torch.cuda.OutOfMemoryError) as err:
                     row.note = does_not_fit(err)
@@ -168,7 +169,8 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
             free_memory(device)
     setup = {"date": datetime.date.today().isoformat(), "device": device_name(device), "model": source.name,
              "prompt_len": prompt_len, "gen_len": gen_len, "group_size": group_size, "cuda_graph": cuda_graph
-             and device.type == "cuda", "copy_bandwidth_gb_s": bandwidth / GB, "torch": torch.__version__,
+             and device.type == "cuda", "compile": compile, "copy_bandwidth_gb_s": bandwidth / GB,
+             "torch": torch.__version__,
              "cuda": torch.version.cuda, "machine": platform.machine()}
     return {"setup": setup, "rows": [asdict(row) for row in rows]}
 
@@ -187,7 +189,8 @@ def format_table(result: dict) -> str:
     s = result["setup"]
     lines = [f"# End-to-end benchmark: {s['model']} on {s['device']}, {s['date']}", "",
              f"prompt {s['prompt_len']} tokens, {s['gen_len']} new tokens per row (greedy, no EOS stop); decode "
-             f"steps {'as CUDA graphs' if s['cuda_graph'] else 'eager'}; copy bandwidth "
+             f"steps {'as CUDA graphs' if s['cuda_graph'] else 'eager'}"
+             f"{' of torch.compile-d forwards' if s.get('compile') else ''}; copy bandwidth "
              f"{s['copy_bandwidth_gb_s']:.1f} GB/s (read + write); floor = (weights + KV read per step) / copy "
              f"bandwidth / measured step time; torch {s['torch']}", "",
              "| format | batch | prefill tok/s | decode tok/s | ms/step | weight GB | peak GB | floor |",

@@ -147,12 +147,13 @@ class Engine:
     model: a decoder of fp6llm.models (``setup_caches``, ``forward(tokens, input_pos, logits_at)``, ``config``).
     tokenizer: encode / decode / eos_token_ids (engine.tokenizer); None will do for requests of token ids.
     max_seq_len defaults to min(max_position_embeddings, 2048). cuda_graph: capture decode steps on CUDA (False:
-    eager everywhere). One Engine per model at a time: a new one replaces the model's caches.
+    eager everywhere). compile: run decode steps through torch.compile (fuses the norms, rotary embedding,
+    activations and residual adds around the fpx_linear custom op; one compilation per batch-row count). One Engine per model at a time: a new one replaces the model's caches.
     Raises ValueError for a max_seq_len beyond the model's max_position_embeddings or a batch size < 1.
     """
 
     def __init__(self, model: nn.Module, tokenizer, max_batch_size: int = 8, max_seq_len: Optional[int] = None,
-                 cuda_graph: bool = True):
+                 cuda_graph: bool = True, compile: bool = False):
         limit = model.config.max_position_embeddings
         max_seq_len = max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN)
         if not 1 <= max_seq_len <= limit:
@@ -173,6 +174,7 @@ class Engine:
         self.tokens = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch_size, 1, dtype=torch.long, device=self.device)
         self.use_cuda_graph = cuda_graph and self.device.type == "cuda"
+        self.decode_model = torch.compile(model, fullgraph=True, dynamic=False) if compile else model
         self._graphs: dict = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
         self.stats = Stats()
@@ -363,7 +365,7 @@ class Engine:
         self.positions[:rows, 0].copy_(torch.tensor(positions))
         if self.use_cuda_graph and rows not in self._graphs:
             try:
-                self._graphs[rows] = DecodeGraph(self.model, self.tokens[:rows], self.positions[:rows],
+                self._graphs[rows] = DecodeGraph(self.decode_model, self.tokens[:rows], self.positions[:rows],
                                                  self._graph_pool)
             except torch.cuda.OutOfMemoryError:
                 raise
@@ -371,7 +373,7 @@ class Engine:
                 warnings.warn(f"capturing the decode step as a CUDA graph failed, decoding eagerly: {err}")
                 self.use_cuda_graph = False
         if not self.use_cuda_graph:
-            return self.model(self.tokens[:rows], self.positions[:rows])
+            return self.decode_model(self.tokens[:rows], self.positions[:rows])
         return self._graphs[rows]()
 
     def _accept(self, requests: list, tokens: torch.Tensor) -> list:
