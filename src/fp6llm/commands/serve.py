@@ -1,0 +1,76 @@
+"""`fp6llm serve`: the OpenAI-compatible HTTP server (fp6llm.server) under uvicorn.
+
+Needs the ``serve`` extra (fastapi, uvicorn, prometheus-client); without it the command says so in one line. The
+imports happen inside the command, so that ``import fp6llm`` and the other commands never import fastapi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..cli import command
+from .engine import _model_arguments, _source
+
+GRACEFUL_SHUTDOWN_S = 5  # on SIGINT / SIGTERM, running requests get this long to finish, then they are cancelled
+API_KEY_ENV = "FP6LLM_API_KEY"
+
+
+@command("serve", "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming) that batches "
+                  "concurrent requests")
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    _model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together: KV cache rows "
+                                                                  "(default 32)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="positions per request, prompt + generated "
+                                                                        "(default min(max_position_embeddings, 2048))")
+    parser.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a slot beyond the "
+                                                                    "running ones (default 4 x --max-batch); more get "
+                                                                    "503")
+    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (default: "
+                                                        f"${API_KEY_ENV} if set, else no key)")
+    parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: random:NAME "
+                                                                  "or the model directory's name)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(run=_serve)
+
+
+def _serve(args) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        print(f"fp6llm serve: error: {err.name or err} is not installed; install the server's dependencies with "
+              f"pip install 'fp6llm[serve]'", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from ..engine import load
+    from ..server.app import create_app
+    from ..server.scheduler import warm_up
+
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    source = _source(args)  # --model DIR, --random NAME, or neither: the embedded default model
+    engine = load(source.name, args.format, args.group_size, args.device, max_batch_size=args.max_batch,
+                  max_seq_len=args.max_model_len, cuda_graph=not args.no_cuda_graph)
+    warm_up(engine)
+    name = args.served_model_name or (source.name if source.random_name else source.path.name)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    logging.getLogger("fp6llm.server").info(
+        "serving %s on %s: %d slots x %d positions, queue %s, API key %s", name, engine.device, args.max_batch,
+        engine.max_seq_len, args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
+        "required" if api_key else "not required")
+    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue)
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                  timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()

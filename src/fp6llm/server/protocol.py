@@ -1,0 +1,206 @@
+"""The OpenAI API's request and response bodies, as pydantic models, and its error shape.
+
+Requests are validated strictly (a string is not a number, 1.0 is not an int): a wrong type is a 400, as at OpenAI.
+Fields of the OpenAI API that this server does not use (penalties, logit_bias, user, tools, ...) are accepted and
+ignored; the few whose non-default values would change the answer (n, logprobs, echo, best_of, suffix) are refused by
+``unsupported``. ``top_k`` and ``ignore_eos`` (generate max_tokens tokens whatever comes: benchmarks) are extensions,
+as in vLLM, sent by the openai client through ``extra_body``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing, many would slow every token's check
+SEED_RANGE = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: HTTP ``status`` and {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Optional[str] = None, headers: Optional[dict] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """What completions and chat completions share."""
+
+    model: Optional[str] = None  # None: the served model
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)
+    seed: Optional[int] = Field(None, ge=-SEED_RANGE, lt=SEED_RANGE)
+    stop: Union[str, list[str], None] = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    def stop_strings(self) -> list:
+        """The stop strings as a list (empty strings dropped)."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ApiError(400, f"stop has {len(stops)} strings, at most {MAX_STOP_STRINGS} are allowed", param="stop")
+        return [s for s in stops if s]
+
+    def unsupported(self) -> Optional[tuple]:
+        """(field, message) of the first field set to a value this server cannot honour, else None."""
+        if self.n != 1:
+            return "n", f"only n=1 is supported, got n={self.n}"
+        return None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int]]  # text, a list of one text, or token ids
+    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False
+    logprobs: Optional[int] = None
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def unsupported(self) -> Optional[tuple]:
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.logprobs is not None:
+            return "logprobs", "logprobs are not supported"
+        if self.best_of not in (None, 1):
+            return "best_of", f"only best_of=1 is supported, got {self.best_of}"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        return super().unsupported()
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)  # None: the rest of the context
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name; wins over max_tokens
+    logprobs: bool = False
+
+    def unsupported(self) -> Optional[tuple]:
+        if self.logprobs:
+            return "logprobs", "logprobs are not supported"
+        return super().unsupported()
+
+
+# ---- responses ------------------------------------------------------------------------------------------------------
+
+FinishReason = Optional[Literal["stop", "length"]]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class _Response(BaseModel):
+    id: str
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class CompletionResponse(_Response):
+    """A whole completion, and (object "text_completion" too) each chunk of a streamed one."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """A chunk's piece of the assistant message: the role in the first chunk, then content; {} in the last."""
+
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+    @model_serializer
+    def _set_fields_only(self) -> dict:
+        return {name: value for name, value in (("role", self.role), ("content", self.content)) if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fp6llm"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

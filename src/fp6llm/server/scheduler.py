@@ -1,0 +1,280 @@
+"""The engine loop: one thread owns the Engine (model, KV cache, device) and runs every request through its slots.
+
+HTTP handlers run on the asyncio event loop; they ``submit`` a request and read its text from the Job's asyncio
+queue. The engine thread admits waiting jobs into free slots (``Engine.add``: prefill beside the running ones),
+steps the whole batch (``Engine.step``), and hands each job its new text (``loop.call_soon_threadsafe``). So
+requests that arrive while others decode join the running batch as soon as a slot frees: continuous batching.
+
+Cancelling (a client that went away) only marks the job; the engine thread aborts it between steps, since the
+Engine is not thread-safe. Stop strings are matched here, on the decoded text: the text that could be the start of
+a stop string is held back until it is clear that it is not, so a streamed reply never shows part of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..engine import Engine, Request, TextStream
+from .metrics import Metrics
+
+log = logging.getLogger("fp6llm.server")
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the waiting queue is at its bound."""
+
+
+class ShuttingDown(Exception):
+    """The engine loop has stopped: no new requests."""
+
+
+class StopStrings:
+    """The text of a completion up to its first stop string, released piece by piece without showing part of one.
+
+    ``feed(text)`` returns (text safe to show, whether a stop string was reached); the stop string itself and what
+    follows it are dropped. ``flush()`` releases what is held back, at the end.
+    """
+
+    def __init__(self, stops: list):
+        self.stops = [s for s in stops if s]
+        self.held = ""  # the end of the text so far that is the start of a stop string
+
+    def feed(self, text: str) -> tuple:
+        if not self.stops:
+            return text, False
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            safe, self.held = self.held[:min(found)], ""
+            return safe, True
+        keep = max(self._prefix_at_end(s) for s in self.stops)
+        safe, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return safe, False
+
+    def _prefix_at_end(self, stop: str) -> int:
+        """Length of the longest proper prefix of ``stop`` that the held text ends with."""
+        for length in range(min(len(stop) - 1, len(self.held)), 0, -1):
+            if self.held.endswith(stop[:length]):
+                return length
+        return 0
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the engine loop, seen from both threads.
+
+    ``outputs`` (read on the event loop) receives (text, finish_reason) pairs; finish_reason is None until the last
+    one: "stop" (EOS or a stop string), "length" (max_tokens), or "abort" (cancelled, shut down, or an engine error,
+    then ``error`` says which).
+    """
+
+    id: str
+    request: Request
+    stops: StopStrings
+    text: TextStream
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.request.output_ids)
+
+    @property
+    def time_to_first_token(self) -> Optional[float]:
+        return None if self.first_token_at is None else self.first_token_at - self.arrived
+
+    def emit(self, text: str, finish_reason: Optional[str] = None) -> None:
+        """Hand text to the event loop (from the engine thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (text, finish_reason))
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
+
+
+class Scheduler:
+    """The engine thread and its queue of waiting jobs (at most ``max_batch + max_queue`` jobs in flight)."""
+
+    def __init__(self, engine: Engine, max_queue: int, metrics: Optional[Metrics] = None):
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: collections.deque = collections.deque()  # submitted, not yet in a slot
+        self._cancelled: list = []
+        self._in_flight = 0  # submitted and not finished (waiting + running)
+        self._stopping = False
+        self._running: dict = {}  # Request -> Job; engine thread only
+        self._thread: Optional[threading.Thread] = None
+
+    # ---- event loop side ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fp6llm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish every job with "abort" (error "the server is shutting down") and end the engine thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)  # a step in progress finishes first; a daemon thread never blocks exit
+
+    def submit(self, request: Request, stops: list = (), prefix: str = "cmpl") -> Job:
+        """Queue a checked Request (``Engine.request``) for the engine; call on the event loop.
+
+        Raises QueueFull when max_batch + max_queue jobs are in flight, ShuttingDown once stopped.
+        """
+        job = Job(f"{prefix}-{secrets.token_hex(12)}", request, StopStrings(list(stops)),
+                  TextStream(self.engine.tokenizer, request.prompt_ids), asyncio.get_running_loop())
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
+            bound = self.engine.max_batch_size + self.max_queue
+            if self._in_flight >= bound:
+                raise QueueFull(f"the server is at capacity ({bound} requests in flight: {self.engine.max_batch_size} "
+                                f"in the batch, {self.max_queue} waiting); retry later")
+            self._in_flight += 1
+            self._waiting.append(job)
+            self._wake.notify()
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(job.prompt_tokens)
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Free the job's slot (or its place in the queue) soon; harmless once it has finished."""
+        if job.finish_reason is None:
+            with self._lock:
+                self._cancelled.append(job)
+                self._wake.notify()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (and takes requests)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # ---- engine thread ------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._cancelled or self._running):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                cancelled, self._cancelled = self._cancelled, []
+                for job in cancelled:
+                    if job in self._waiting:
+                        self._waiting.remove(job)
+            for job in cancelled:
+                self.engine.abort(job.request)
+                self._finish(job, "abort", "cancelled")
+            with self._lock:
+                admitted = [self._waiting.popleft() for _ in range(min(self.engine.free_slots, len(self._waiting)))]
+            try:
+                events = self._add(admitted) + self._step()
+            except Exception as err:  # an engine failure fails the requests in the batch, not the server
+                log.exception("engine step failed; failing %d requests", len(self._running))
+                for job in list(self._running.values()):
+                    self.engine.abort(job.request)
+                    self._finish(job, "abort", f"the engine failed: {type(err).__name__}: {err}")
+                continue
+            for request, token in events:
+                job = self._running.get(request)
+                if job is not None:
+                    self._deliver(job, token)
+            if self.metrics:
+                self.metrics.set_load(len(self._waiting), len(self._running))
+        with self._lock:
+            left = list(self._waiting) + list(self._running.values())
+            self._waiting.clear()
+        for job in left:
+            self.engine.abort(job.request)
+            self._finish(job, "abort", "the server is shutting down")
+
+    def _add(self, jobs: list) -> list:
+        if not jobs:
+            return []
+        for job in jobs:
+            self._running[job.request] = job
+        return self.engine.add([job.request for job in jobs])
+
+    def _step(self) -> list:
+        if self.metrics and self._running:
+            self.metrics.decode_batch.observe(len(self._running))
+        return self.engine.step()
+
+    def _deliver(self, job: Job, token: Optional[int]) -> None:
+        """The job's new token (None: it stopped) as text; stop strings checked; a finished job leaves."""
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+        request = job.request
+        text = job.text.push([] if token is None else [token])
+        if request.finished:
+            text += job.text.flush()
+        text, stopped = job.stops.feed(text)
+        if stopped:
+            self.engine.abort(request)  # frees the slot of a request the engine would go on with
+            self._finish(job, "stop", text=text)
+        elif request.finished:
+            self._finish(job, request.finish_reason, text=text + job.stops.flush())
+        elif text:
+            job.emit(text)
+
+    def _finish(self, job: Job, reason: str, error: Optional[str] = None, text: str = "") -> None:
+        if job.finish_reason is not None:
+            return
+        job.finish_reason, job.error, job.finished_at = reason, error, time.perf_counter()
+        self._running.pop(job.request, None)
+        with self._lock:
+            self._in_flight -= 1
+        job.emit(text, reason)
+        seconds = job.finished_at - job.arrived
+        ttft = job.time_to_first_token
+        if self.metrics:
+            self.metrics.generated_tokens.inc(job.completion_tokens)
+            self.metrics.request_seconds.observe(seconds)
+            if ttft is not None:
+                self.metrics.time_to_first_token.observe(ttft)
+        log.info("%s: %d prompt tokens, %d generated in %.3f s (%.1f tok/s), time to first token %s, finish %s%s",
+                 job.id, job.prompt_tokens, job.completion_tokens, seconds, job.completion_tokens / seconds,
+                 "-" if ttft is None else f"{1e3 * ttft:.1f} ms", reason, f" ({error})" if error else "")
+
+
+def warm_up(engine: Engine) -> None:
+    """On CUDA, run the decode step once at every batch size (1, 2, 3, ... slots), so that the first requests do
+    not wait while it is captured (a CUDA graph per power-of-two size) and its kernels compile. Leaves every slot
+    free. (The Engine has no warm-up of its own; on a CPU there is nothing to warm.)"""
+    if engine.device.type != "cuda":
+        return
+    requests = []
+    try:
+        for _ in range(engine.max_batch_size):
+            request = Request([0], engine.max_seq_len - 1)  # token 0, no stop ids: it stays in its slot
+            engine.add([request])
+            requests.append(request)
+            engine.step()
+    finally:
+        for request in requests:
+            engine.abort(request)
