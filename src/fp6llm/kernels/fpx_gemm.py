@@ -33,29 +33,51 @@ from .dispatch import MIN_GROUP_BLOCK_K, KernelConfig, choose_config
 FP16_MAN_BITS = 10
 FP16_EXP_BIAS = 15
 MAX_KERNEL_EXP_BITS = 4  # FP16 exponent field 0..15 stays finite; 5+ bits would reach FP16's Inf/NaN codes
-PLANE_K_ALIGN = tl.constexpr(K_ALIGN)
+PLANE_K_ALIGN = tl.constexpr(K_ALIGN)  # planes' rows are padded to this many columns
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # Naming the halves with inline PTX (FP6LLM_PTX_SPLIT=1) measured 0-8% slower on the H100 than the portable
 # shift/truncate form (2026-11-25, docs/kernel-notes.md), so the portable form is the default; PTX never runs
 # in the interpreter.
-SPLIT_WITH_PTX = tl.constexpr(not INTERPRETER and os.environ.get("FP6LLM_PTX_SPLIT") == "1")  # planes' rows are padded to this many columns
+SPLIT_WITH_PTX = tl.constexpr(not INTERPRETER and os.environ.get("FP6LLM_PTX_SPLIT") == "1")
+# How a plane field reaches its FP16 bit position: 0 = shift the slot down, then shift into place (two shifts per
+# field); 1 = one rotate per field (portable form, which LLVM can turn into a funnel shift); 2 = one rotate as
+# inline PTX shf.l.wrap (GPU only). FP6LLM_PLACE selects it for A/B measurements.
+PLACE_MODE = tl.constexpr(0 if INTERPRETER and os.environ.get("FP6LLM_PLACE", "1") == "2"
+                          else int(os.environ.get("FP6LLM_PLACE", "1")))
 
 
 @triton.jit
-def _plane_pairs(plane_ptr, row_stride, offs_n, n_mask, k0, k_padded, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """int32 [BLOCK_N, BLOCK_K // 2]: fields of columns (k0 + 2i, k0 + 2i + 1) in the low / high 16-bit halves."""
-    WORDS: tl.constexpr = BLOCK_K * WIDTH // 32
-    SLOTS: tl.constexpr = 16 // WIDTH
-    FIELD_MASK: tl.constexpr = ((1 << WIDTH) - 1) * 0x10001
-    offs_w = k0 * WIDTH // 32 + tl.arange(0, WORDS)
+def _load_words(plane_ptr, row_stride, offs_n, n_mask, k0, k_padded, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr):
+    """int32 [BLOCK_N, BLOCK_K * WIDTH / 32]: this tile's words of one plane."""
+    offs_w = k0 * WIDTH // 32 + tl.arange(0, BLOCK_K * WIDTH // 32)
     mask = n_mask[:, None]
     if not EVEN_K:  # the last K block may run past the row's padded end
         mask = mask & (offs_w[None, :] < k_padded * WIDTH // 32)
-    words = tl.load(plane_ptr + offs_n[:, None] * row_stride + offs_w[None, :], mask=mask, other=0)
-    shifts = tl.arange(0, SLOTS) * WIDTH
-    fields = (words[:, :, None] >> shifts[None, None, :]) & FIELD_MASK
-    return tl.reshape(fields, (BLOCK_N, BLOCK_K // 2))
+    return tl.load(plane_ptr + offs_n[:, None] * row_stride + offs_w[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _place(words, WIDTH: tl.constexpr, FIELD_LSB: tl.constexpr, FIELD_BITS: tl.constexpr, TARGET: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 [BLOCK_N, BLOCK_K // 2]: bits FIELD_LSB .. +FIELD_BITS of the fields of columns (k0 + 2i, k0 + 2i + 1)
+    moved to bit TARGET of the low / high 16-bit half, every other bit zero."""
+    SLOTS: tl.constexpr = 16 // WIDTH
+    PAIR_MASK: tl.constexpr = (((1 << FIELD_BITS) - 1) << TARGET) * 0x10001 - (1 << 32 if TARGET + FIELD_BITS > 15
+                                                                              else 0)
+    offsets = tl.arange(0, SLOTS) * WIDTH + FIELD_LSB  # where slot s's field bits sit in each half
+    x = words.to(tl.uint32, bitcast=True)[:, :, None]
+    if PLACE_MODE == 0:  # down to bit 0, then up to TARGET
+        placed = ((x >> offsets[None, None, :]) << TARGET).to(tl.int32, bitcast=True)
+    else:  # one rotate: the low half's field lands at TARGET, the high half's at 16 + TARGET
+        rotate = ((TARGET - offsets) & 31)[None, None, :]
+        if PLACE_MODE == 2:
+            placed = tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, $2;", "=r,r,r",
+                                               [x, rotate.to(tl.uint32) + tl.zeros_like(x)], dtype=tl.uint32,
+                                               is_pure=True, pack=1).to(tl.int32, bitcast=True)
+        else:
+            placed = ((x << rotate) | (x >> ((32 - rotate) & 31))).to(tl.int32, bitcast=True)
+    return tl.reshape(placed & PAIR_MASK, (BLOCK_N, BLOCK_K // 2))
 
 
 @triton.jit
@@ -65,19 +87,19 @@ def _dequant_tile(p0_ptr, p1_ptr, p2_ptr, s0, s1, s2, offs_n, n_mask, k0, k_padd
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """FP16 [BLOCK_N, BLOCK_K] tile = value(code) * 2^(bias - 15), from up to three planes (width 0 = absent).
 
-    Plane p holds code bits SHp .. SHp + Wp - 1; plane 0 holds the sign in its top bit.
+    Plane p holds code bits SHp .. SHp + Wp - 1; plane 0 holds the sign in its top bit. The sign goes to FP16
+    bit 15, code bit 0 to FP16 bit 10 - MAN_BITS, two weights per 32-bit operation.
     """
     CODE_BIT0: tl.constexpr = 10 - MAN_BITS  # FP16 bit where the code's bit 0 lands
-    SIGN_PAIR: tl.constexpr = -0x7FFF8000  # 0x80008000 as a signed 32-bit constant: bits 15 and 31
-    f0 = _plane_pairs(p0_ptr, s0, offs_n, n_mask, k0, k_padded, W0, BLOCK_N, BLOCK_K, EVEN_K)
-    bits = (f0 << (15 - (W0 - 1))) & SIGN_PAIR
-    bits |= (f0 & (((1 << (W0 - 1)) - 1) * 0x10001)) << (SH0 + CODE_BIT0)
+    w0 = _load_words(p0_ptr, s0, offs_n, n_mask, k0, k_padded, W0, BLOCK_K, EVEN_K)
+    bits = _place(w0, W0, W0 - 1, 1, 15, BLOCK_N, BLOCK_K)
+    bits |= _place(w0, W0, 0, W0 - 1, SH0 + CODE_BIT0, BLOCK_N, BLOCK_K)
     if W1 > 0:
-        f1 = _plane_pairs(p1_ptr, s1, offs_n, n_mask, k0, k_padded, W1, BLOCK_N, BLOCK_K, EVEN_K)
-        bits |= f1 << (SH1 + CODE_BIT0)
+        w1 = _load_words(p1_ptr, s1, offs_n, n_mask, k0, k_padded, W1, BLOCK_K, EVEN_K)
+        bits |= _place(w1, W1, 0, W1, SH1 + CODE_BIT0, BLOCK_N, BLOCK_K)
     if W2 > 0:
-        f2 = _plane_pairs(p2_ptr, s2, offs_n, n_mask, k0, k_padded, W2, BLOCK_N, BLOCK_K, EVEN_K)
-        bits |= f2 << (SH2 + CODE_BIT0)
+        w2 = _load_words(p2_ptr, s2, offs_n, n_mask, k0, k_padded, W2, BLOCK_K, EVEN_K)
+        bits |= _place(w2, W2, 0, W2, SH2 + CODE_BIT0, BLOCK_N, BLOCK_K)
     if SPLIT_WITH_PTX:  # the register already is an fp16x2 pair: name its halves, no instructions
         lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [bits],
                                            dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
