@@ -167,6 +167,18 @@ def test_seeded_sampling_repeats_and_stop_strings_cut_the_text(server, gen):
     assert "".join(c["text"] for c in chunks) == expected and chunks[-1]["finish_reason"] == "stop"
 
 
+def test_continuous_usage_stats_stream_a_chunk_per_token(server, gen):
+    body = {"prompt": random_text(gen), "max_tokens": 20, "ignore_eos": True, "temperature": 0, "stream": True,
+            "stream_options": {"continuous_usage_stats": True, "include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert [c["usage"]["completion_tokens"] for c in chunks[:-2]] == list(range(1, 21))  # then finish, usage
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-1]["choices"] == []
+    plain = complete(server.url, body["prompt"], max_tokens=20, ignore_eos=True)["choices"][0]["text"]
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == plain
+
+
 # ---- batching -------------------------------------------------------------------------------------------------------
 
 def test_32_concurrent_streams_each_equal_the_prompt_alone(server, gen):

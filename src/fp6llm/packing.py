@@ -42,6 +42,22 @@ def padded_k(k: int) -> int:
     return -(-k // K_ALIGN) * K_ALIGN
 
 
+def plane_words(width: int, k: int, start: int, stop: int) -> slice:
+    """The words of a width-``width`` plane of a K=k weight that hold columns start..stop-1.
+
+    A column range is whole words of every plane when start and stop are multiples of K_ALIGN (stop may also be k:
+    the last range takes the zero padding along). Then the planes' words in this range are exactly what packing
+    the codes of those columns alone gives. Raises ValueError for a range that is not.
+    """
+    if not 0 <= start < stop <= k:
+        raise ValueError(f"column range {start}..{stop - 1} is not inside 0..{k - 1}")
+    for edge in (start, stop):
+        if edge % K_ALIGN and edge != k:
+            raise ValueError(f"column {edge} of a {k}-column weight is not a multiple of {K_ALIGN}: a packed weight "
+                             f"splits along K only at multiples of {K_ALIGN} columns")
+    return slice(start * width // WORD_BITS, padded_k(stop) * width // WORD_BITS)
+
+
 def _field_offsets(width: int, device) -> torch.Tensor:
     """Bit offset of each of a word's 32/width columns, in column order."""
     column = torch.arange(WORD_BITS // width, device=device)

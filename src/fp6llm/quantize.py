@@ -102,13 +102,16 @@ def _choose_scales(absmax: torch.Tensor, fmt: FPFormat, grouped: bool) -> torch.
     return torch.where(half.float() < scales, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
 
 
-def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat" = "e3m2", group_size: "int | None" = None
-                    ) -> QuantizedWeight:
+def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat" = "e3m2", group_size: "int | None" = None,
+                    absmax: "torch.Tensor | None" = None) -> QuantizedWeight:
     """Quantize a weight [N, K] (out_features, in_features) of float32/float16/bfloat16.
 
     Per-output-channel scales by default (each row's absmax maps to fmt.max_value); with ``group_size`` one scale
-    per group of that many input columns. Raises ValueError for a non-2-D weight, a group size that does not divide
-    K, or NaN/Inf (naming the first bad row); TypeError for a non-float weight.
+    per group of that many input columns. ``absmax`` [N] (per-channel scales only): each row's largest |value| to
+    scale by instead of w's own, so that w, a column slice of a larger weight (a tensor-parallel shard), gets the
+    codes and scales of that weight's columns. Raises ValueError for a non-2-D weight, a group size that does not
+    divide K, an absmax of another shape or with group_size, or NaN/Inf (naming the first bad row); TypeError for
+    a non-float weight.
     """
     fmt = FPFormat.parse(fmt)
     if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
@@ -120,13 +123,17 @@ def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat" = "e3m2", group_size:
     if group_size is not None:
         if not isinstance(group_size, int) or group_size <= 0 or k % group_size:
             raise ValueError(f"group_size {group_size!r} must be a positive int dividing in_features K={k}")
+    if absmax is not None and (group_size is not None or tuple(absmax.shape) != (n,)):
+        raise ValueError(f"absmax must be [{n}] with per-channel scales (no group_size), got shape "
+                         f"{tuple(absmax.shape)} and group_size {group_size}")
     bad_rows = (~torch.isfinite(w)).any(dim=1)
     if bool(bad_rows.any()):
         row = int(torch.nonzero(bad_rows)[0])
         raise ValueError(f"weight has NaN/Inf in {int(bad_rows.sum())} row(s), the first is row {row}")
 
     groups = w.float().view(n, -1, group_size or k)
-    scales = _choose_scales(groups.abs().amax(dim=2), fmt, group_size is not None)
+    absmax = groups.abs().amax(dim=2) if absmax is None else absmax.float().view(n, 1)
+    scales = _choose_scales(absmax, fmt, group_size is not None)
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
     for start in range(0, n, ROWS_PER_CHUNK):
         rows = slice(start, start + ROWS_PER_CHUNK)

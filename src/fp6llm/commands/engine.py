@@ -26,6 +26,16 @@ def _model_arguments(parser: argparse.ArgumentParser, formats: bool = False) -> 
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
+def _tp_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor-parallel degree: N GPUs each hold 1/N of every block; launch with torchrun "
+                             "--nproc-per-node N -m fp6llm ... --tp N (default 1: one process, no torch.distributed)")
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print for ranks other than 0, which say nothing."""
+
+
 def _source(args):
     from ..engine.load import ModelSource
     return ModelSource.random(args.random) if args.random else ModelSource.parse(args.model)  # None: default
@@ -68,6 +78,7 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="prompt i samples with seed + i")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (KV cache rows)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
+    _tp_argument(parser)
     parser.set_defaults(run=_generate)
 
 
@@ -84,7 +95,17 @@ def _read_prompts(args) -> list:
 
 
 def _generate(args) -> None:
+    from ..tp import process_group
+
+    with process_group(args.tp, args.device) as (tp, device):
+        _generate_on(args, tp, device)
+
+
+def _generate_on(args, tp, device) -> None:
+    """generate as tensor-parallel rank tp (None: alone) on device; rank 0 prints."""
     import torch
+
+    from ..tp import shared_seed
 
     from ..engine import DoesNotFit, Engine, SamplingParams
     from ..engine.generate import check_length
@@ -105,23 +126,27 @@ def _generate(args) -> None:
                      f"prompt {i}" if len(prompts) > 1 else "the prompt")
     seq_len = max(lengths) + args.max_new_tokens
     batch = min(args.batch_size, len(prompts))
-    check_fits(config, fmt, group_size, args.device, None, batch, seq_len)
+    check_fits(config, fmt, group_size, device, None, batch, seq_len, tp)
+    rank0 = tp is None or tp.rank == 0
+    say = print if rank0 else _quiet
+    # Every rank must sample the same tokens: one seed for all of them.
+    seed = args.seed if tp is None or args.temperature == 0 else shared_seed(tp, args.seed)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed)
+                  top_p=args.top_p, seed=seed)
     try:
-        engine = Engine(source.load_model(fmt, group_size, args.device), tokenizer, batch, seq_len,
-                        cuda_graph=not args.no_cuda_graph)
+        engine = Engine(source.load_model(fmt, group_size, device, progress=rank0, tp=tp), tokenizer, batch,
+                        seq_len, cuda_graph=not args.no_cuda_graph)
         if len(prompts) == 1:
-            print(printable(prompts[0]), end="", flush=True)
-            engine.generate(prompts, **kwargs, stream=lambda d: print(printable(d.text), end="", flush=True))
-            print()
+            say(printable(prompts[0]), end="", flush=True)
+            engine.generate(prompts, **kwargs, stream=lambda d: say(printable(d.text), end="", flush=True))
+            say()
         else:
             for i, completion in enumerate(engine.generate(prompts, **kwargs)):
-                print(f"--- {i}: {printable(prompts[i])}{printable(completion)}")
+                say(f"--- {i}: {printable(prompts[i])}{printable(completion)}")
     except torch.cuda.OutOfMemoryError as err:  # beyond the estimate: activations, fragmentation
         raise DoesNotFit(f"out of GPU memory with batch {batch} x {seq_len} positions (try a smaller "
                          f"--batch-size or --max-new-tokens): {str(err).splitlines()[0]}") from None
-    print(engine.stats.summary())
+    say(engine.stats.summary())
 
 
 # ---- bench ----------------------------------------------------------------------------------------------------------
@@ -137,11 +162,13 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps on CUDA too")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (one compilation "
                                                                "per batch size; minutes on large models)")
+    _tp_argument(parser)
     parser.set_defaults(run=_bench)
 
 
 def _bench(args) -> None:
     from ..engine import bench
+    from ..tp import process_group
 
     formats, batches = _format_list(args.formats), _int_list(args.batch, "--batch")
     if args.prompt_len < 1 or args.gen_len < 2:
@@ -151,8 +178,12 @@ def _bench(args) -> None:
     if args.prompt_len + args.gen_len > limit:
         raise ValueError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} = "
                          f"{args.prompt_len + args.gen_len} is beyond the model's max_position_embeddings {limit}")
-    result = bench.run_bench(source, formats, batches, args.prompt_len, args.gen_len, args.device, args.group_size,
-                             cuda_graph=not args.no_cuda_graph, compile=args.compile)
+    with process_group(args.tp, args.device) as (tp, device):
+        result = bench.run_bench(source, formats, batches, args.prompt_len, args.gen_len, device, args.group_size,
+                                 cuda_graph=not args.no_cuda_graph, compile=args.compile,
+                                 progress=tp is None or tp.rank == 0, tp=tp)
+    if tp is not None and tp.rank != 0:
+        return
     print(bench.format_table(result))
     for path in bench.write_results(result, args.out):
         print(f"wrote {path}")

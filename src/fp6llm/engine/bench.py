@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.loader import resolve_format
+from ..tp import TensorParallel
 from .generate import Engine, Request, Stats, drop_caches, synchronize
 from .load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, quantized_group_size, require_memory
 from .sampling import SamplingParams
@@ -129,8 +130,11 @@ def bench_batch(model: nn.Module, batch: int, prompt_len: int, gen_len: int, cud
 
 def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int, gen_len: int, device=None,
               group_size: Optional[int] = None, cuda_graph: bool = True, progress: bool = True,
-              compile: bool = False) -> dict:
+              compile: bool = False, tp: Optional[TensorParallel] = None) -> dict:
     """Every format x batch size, one model at a time. Returns {"setup": {...}, "rows": [BenchRow dicts]}.
+
+    tp: run as that tensor-parallel rank (every rank calls run_bench alike); its rows are per GPU: weights, peak
+    memory and the floor count the rank's bytes (its slices, the replicated rest, its KV heads).
 
     A format whose weights (or a batch whose KV cache) would not fit the free GPU memory, or that runs out of it,
     gets a row that says "does not fit" and the run goes on.
@@ -144,14 +148,14 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
         label = name if fmt == name else f"{name} (as {fmt})"
         model, fmt_group_size = None, quantized_group_size(fmt, group_size)
         try:
-            check_fits(config, fmt, fmt_group_size, device, None, 1, prompt_len + gen_len)
-            model = source.load_model(fmt, fmt_group_size, device, progress=progress)
+            check_fits(config, fmt, fmt_group_size, device, None, 1, prompt_len + gen_len, tp)
+            model = source.load_model(fmt, fmt_group_size, device, progress=progress, tp=tp)
             weights, streamed = model_bytes(model), streamed_weight_bytes(model)
             dtype = resolve_format(fmt, None, device)[1]
             for batch in tqdm(batches, desc=f"bench {label}", unit="batch", disable=not progress):
                 row = BenchRow(label, batch, weight_gb=weights / GB)
                 try:
-                    cache = kv_cache_bytes(config, batch, prompt_len + gen_len, dtype)
+                    cache = kv_cache_bytes(model.config, batch, prompt_len + gen_len, dtype)  # the rank's heads
                     require_memory(device, {"KV cache": cache}, f"batch {batch}")
                     for key, value in bench_batch(model, batch, prompt_len, gen_len, cuda_graph, bandwidth,
                                                   streamed, compile=compile).items():
@@ -162,6 +166,8 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
                     drop_caches(model)
                     free_memory(device)
                 rows.append(row)
+                if progress:  # each row as it is measured: a run cut short still leaves its finished rows
+                    tqdm.write(f"row {json.dumps(asdict(row))}")
         except (DoesNotFit, torch.cuda.OutOfMemoryError) as err:
             rows.append(BenchRow(label, 0, note=does_not_fit(err)))
         finally:
@@ -171,7 +177,7 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
              "prompt_len": prompt_len, "gen_len": gen_len, "group_size": group_size, "cuda_graph": cuda_graph
              and device.type == "cuda", "compile": compile, "copy_bandwidth_gb_s": bandwidth / GB,
              "torch": torch.__version__,
-             "cuda": torch.version.cuda, "machine": platform.machine()}
+             "cuda": torch.version.cuda, "machine": platform.machine(), "tensor_parallel": tp.world_size if tp else 1}
     return {"setup": setup, "rows": [asdict(row) for row in rows]}
 
 
@@ -193,6 +199,8 @@ def format_table(result: dict) -> str:
              f"{' of torch.compile-d forwards' if s.get('compile') else ''}; copy bandwidth "
              f"{s['copy_bandwidth_gb_s']:.1f} GB/s (read + write); floor = (weights + KV read per step) / copy "
              f"bandwidth / measured step time; torch {s['torch']}", "",
+             *([f"tensor parallel over {s['tensor_parallel']} ranks, one GPU each: weight GB, peak GB and floor are "
+                f"per GPU", ""] if s.get("tensor_parallel", 1) > 1 else []),
              "| format | batch | prefill tok/s | decode tok/s | ms/step | weight GB | peak GB | floor |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

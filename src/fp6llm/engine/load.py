@@ -18,6 +18,7 @@ from ..models import NAMED_CONFIGS, ModelConfig, build_random, load_hf
 from ..models.loader import (PACKED_META, SKIP, UNQUANTIZED, build_model, read_hf_config, read_packed_meta,
                              resolve_format)
 from ..packing import padded_k
+from ..tp import TensorParallel, apply_tensor_parallel, local_config
 from .generate import DEFAULT_MAX_SEQ_LEN, Engine
 from .tokenizer import TOKENIZER_FILES, ByteTokenizer, load_tokenizer
 
@@ -100,11 +101,13 @@ class ModelSource:
         return load_tokenizer(self.path)
 
     def load_model(self, fmt: Optional[str] = None, group_size: Optional[int] = None, device=None,
-                   dtype: Optional[torch.dtype] = None, seed: int = 0, progress: bool = True) -> nn.Module:
-        """The model in ``fmt`` (see weight_format) on ``device``."""
+                   dtype: Optional[torch.dtype] = None, seed: int = 0, progress: bool = True,
+                   tp: Optional[TensorParallel] = None) -> nn.Module:
+        """The model in ``fmt`` (see weight_format) on ``device``; tp: only that tensor-parallel rank's part."""
         if self.random_name:
-            return build_random(self.random_name, fmt or DEFAULT_FORMAT, device, dtype, seed, group_size, progress)
-        return load_hf(self.path, fmt, group_size, device, dtype, progress)
+            return build_random(self.random_name, fmt or DEFAULT_FORMAT, device, dtype, seed, group_size, progress,
+                                tp)
+        return load_hf(self.path, fmt, group_size, device, dtype, progress, tp)
 
 
 def check_format(fmt: str) -> str:
@@ -117,10 +120,13 @@ def check_format(fmt: str) -> str:
 
 
 def weight_bytes(config: ModelConfig, fmt: str, dtype: Optional[torch.dtype] = None,
-                 group_size: Optional[int] = None) -> int:
-    """Bytes of the model's weights in ``fmt`` ("fp16", "e3m2", ...), counted on a meta-device model."""
+                 group_size: Optional[int] = None, tp: Optional[TensorParallel] = None) -> int:
+    """Bytes of the model's weights in ``fmt`` ("fp16", "e3m2", ...), counted on a meta-device model; tp: of that
+    tensor-parallel rank's part (ValueError as tp.plan when the degree cannot split the model)."""
     quantized, dtype, _ = resolve_format(fmt, dtype, "cpu", group_size)
     model = build_model(config, "meta")
+    if tp is not None:
+        apply_tensor_parallel(model, tp.rank, tp.world_size)
     quantized_weights = set() if quantized is None else {
         id(module.weight) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != SKIP}
     total = 0
@@ -158,12 +164,14 @@ def require_memory(device, needs: dict, what: str) -> None:
 
 
 def check_fits(config: ModelConfig, fmt: str, group_size: Optional[int], device, dtype: Optional[torch.dtype],
-               batch_size: int, seq_len: int) -> None:
-    """On CUDA, raise DoesNotFit unless weights + KV cache fit the free memory; call before loading."""
+               batch_size: int, seq_len: int, tp: Optional[TensorParallel] = None) -> None:
+    """On CUDA, raise DoesNotFit unless weights + KV cache (tp: of that tensor-parallel rank) fit the free memory;
+    call before loading."""
     _, dtype, device = resolve_format(fmt, dtype, device, group_size)
-    require_memory(device, {"weights": weight_bytes(config, fmt, dtype, group_size),
+    rank_config = config if tp is None else local_config(config, tp)
+    require_memory(device, {"weights": weight_bytes(config, fmt, dtype, group_size, tp),
                             f"KV cache of {batch_size} x {seq_len} positions":
-                                kv_cache_bytes(config, batch_size, seq_len, dtype)}, f"the model in {fmt}")
+                                kv_cache_bytes(rank_config, batch_size, seq_len, dtype)}, f"the model in {fmt}")
 
 
 def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = None, group_size: Optional[int] = None,

@@ -20,6 +20,7 @@ from ..formats import FPFormat
 from ..nn import FPxLinear
 from ..packing import LAYOUT_VERSION, padded_k, plane_widths
 from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
+from ..tp import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from . import llama, opt
 from .config import ModelConfig
 
@@ -32,6 +33,7 @@ INDEX_FILE = "model.safetensors.index.json"
 HF_PREFIXES = {"llama": ("model.",), "opt": ("model.decoder.", "decoder.")}
 RANDOM_STD = 0.02
 SKIP = "lm_head"  # the one Linear that stays unquantized
+ABSMAX_CHUNK_BYTES = 2**26  # rows read at a time to find the whole rows' absmax of a row-parallel slice
 
 
 def build_model(config: ModelConfig, device=None) -> nn.Module:
@@ -97,8 +99,10 @@ class SafetensorsCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def read(self, name: str, shape, dtypes=FLOAT_DTYPES + (torch.float64,), device="cpu") -> torch.Tensor:
-        """Tensor ``name`` on ``device``; ValueError if it is missing, of another shape, or not of ``dtypes``."""
+    def read(self, name: str, shape, dtypes=FLOAT_DTYPES + (torch.float64,), device="cpu",
+             index: Optional[tuple] = None) -> torch.Tensor:
+        """Tensor ``name`` (only its part ``index``, a tuple of slices, when given: nothing else is read) on
+        ``device``; ValueError if it is missing, of another shape, or not of ``dtypes``."""
         if name not in self.weight_map:
             raise ValueError(f"tensor {name!r} is missing from the checkpoint in {self.dir}")
         file = self._open(self.weight_map[name])
@@ -108,7 +112,7 @@ class SafetensorsCheckpoint:
         if got != tuple(shape):
             raise ValueError(f"tensor {name!r} in {self.dir / self.weight_map[name]} has shape {got}, "
                              f"expected {tuple(shape)}")
-        tensor = file.get_tensor(name)
+        tensor = file.get_tensor(name) if index is None else file.get_slice(name)[index]
         if tensor.dtype not in dtypes:
             raise ValueError(f"tensor {name!r} in {self.dir / self.weight_map[name]} is {tensor.dtype}, expected "
                              f"{' or '.join(str(d) for d in dtypes)}")
@@ -122,30 +126,52 @@ class SafetensorsCheckpoint:
 class Source:
     """Where a meta module's real tensors come from; ``module(name, meta_module)`` returns the real module.
 
-    Subclasses say where one tensor comes from (``tensor``); a Linear other than lm_head is quantized to ``fmt``
-    (FPxLinear) unless fmt is None. dtype None keeps the tensors' own dtype.
+    Subclasses say where one tensor comes from (``tensor``, or only its part ``index``); a Linear other than lm_head
+    is quantized to ``fmt`` (FPxLinear) unless fmt is None. dtype None keeps the tensors' own dtype. shards
+    ({module name: tp.Split}, from tp.plan): those Linears get only a tensor-parallel rank's slice.
     """
 
-    def __init__(self, fmt: Optional[FPFormat], group_size: Optional[int], dtype: Optional[torch.dtype], device):
+    def __init__(self, fmt: Optional[FPFormat], group_size: Optional[int], dtype: Optional[torch.dtype], device,
+                 shards: Optional[dict] = None):
         self.fmt, self.group_size, self.dtype, self.device = fmt, group_size, dtype, device
+        self.shards = shards or {}
 
-    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
         raise NotImplementedError
 
     def module(self, name: str, module: nn.Module) -> nn.Module:
+        split = self.shards.get(name)
         if isinstance(module, nn.Linear) and self.fmt is not None and name != SKIP:
             return self.linear(name, module)
+        real = module
+        if split is not None:  # a Linear of the slice's shape, whose tensors come next
+            n, k = split.shape(module.out_features, module.in_features)
+            real = nn.Linear(k, n, bias=module.bias is not None, device="meta")
         for pname, meta in list(module.named_parameters(recurse=False)):
-            value = self.tensor(f"{name}.{pname}", meta)
-            setattr(module, pname, nn.Parameter(value.to(self.dtype or value.dtype), requires_grad=False))
-        return module
+            index = None if split is None else split.weight_index if pname == "weight" else split.bias_index
+            value = self.tensor(f"{name}.{pname}", meta, index)
+            setattr(real, pname, nn.Parameter(value.to(self.dtype or value.dtype), requires_grad=False))
+        return real
+
+    def weight(self, name: str, like: torch.Tensor, split) -> tuple:
+        """(a Linear's weight, or its ``split`` slice; each row's absmax over the whole weight when the slice is a
+        column range to quantize with per-channel scales, else None). Here the whole weight is made, then sliced."""
+        weight = self.tensor(name, like)
+        if split is None:
+            return weight, None
+        absmax = weight.abs().amax(dim=1) if split.dim == INPUT and self.group_size is None else None
+        return weight[split.weight_index].clone(), absmax
 
     def linear(self, name: str, module: nn.Linear) -> FPxLinear:
-        weight = self.tensor(f"{name}.weight", module.weight)
+        split = self.shards.get(name)
+        if split is not None:
+            check_split(name, split, module.in_features, self.group_size)
+        weight, absmax = self.weight(f"{name}.weight", module.weight, split)
         weight = weight if weight.dtype in FLOAT_DTYPES else weight.float()
-        bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias)
+        bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias,
+                                                             None if split is None else split.bias_index)
         bias = None if bias is None else bias.to(self.dtype or bias.dtype)
-        return FPxLinear(quantize_weight(weight, self.fmt, self.group_size), bias)
+        return FPxLinear(quantize_weight(weight, self.fmt, self.group_size, absmax), bias)
 
 
 class HFSource(Source):
@@ -155,10 +181,21 @@ class HFSource(Source):
         super().__init__(*args)
         self.checkpoint, self.prefixes = checkpoint, HF_PREFIXES[arch]
 
-    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
         candidates = [name] if name.startswith(SKIP + ".") else [p + name for p in self.prefixes]
         hf_name = next((c for c in candidates if c in self.checkpoint), candidates[0])
-        return self.checkpoint.read(hf_name, like.shape, device=self.device)
+        return self.checkpoint.read(hf_name, like.shape, device=self.device, index=index)
+
+    def weight(self, name: str, like: torch.Tensor, split) -> tuple:
+        """Reads only the slice; the whole rows' absmax (a column slice with per-channel scales) a few MiB of rows
+        at a time, so memory holds about the slice."""
+        if split is None or split.dim != INPUT or self.group_size is not None:
+            return self.tensor(name, like, None if split is None else split.weight_index), None
+        n, k = like.shape
+        rows = max(1, ABSMAX_CHUNK_BYTES // (k * like.element_size()))
+        absmax = torch.cat([self.tensor(name, like, (slice(start, start + rows),)).abs().amax(dim=1)
+                            for start in range(0, n, rows)])
+        return self.tensor(name, like, split.weight_index), absmax
 
 
 class PackedSource(Source):
@@ -168,17 +205,25 @@ class PackedSource(Source):
         super().__init__(*args)
         self.checkpoint = checkpoint
 
-    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        return self.checkpoint.read(name, like.shape, device=self.device)
+    def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
+        return self.checkpoint.read(name, like.shape, device=self.device, index=index)
 
     def linear(self, name: str, module: nn.Linear) -> FPxLinear:
+        """The planes and scales (a tensor-parallel split: only the slice of them that tp.shard_quantized keeps)."""
         n, k = module.weight.shape
+        split = self.shards.get(name)
+        if split is not None:
+            check_split(name, split, k, self.group_size, packed=True)
         planes = tuple(self.checkpoint.read(f"{name}.plane{i}", (n, padded_k(k) * width // 32), (torch.int32,),
-                                            self.device) for i, width in enumerate(plane_widths(self.fmt.bits)))
+                                            self.device, None if split is None else plane_index(split, width, k))
+                       for i, width in enumerate(plane_widths(self.fmt.bits)))
         scale_shape = (n,) if self.group_size is None else (n, k // self.group_size)
-        scales = self.checkpoint.read(f"{name}.scales", scale_shape, (torch.float32, torch.float16), self.device)
-        bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias).to(self.dtype)
-        return FPxLinear(QuantizedWeight(planes, scales, self.fmt, (n, k), self.group_size), bias)
+        scales = self.checkpoint.read(f"{name}.scales", scale_shape, (torch.float32, torch.float16), self.device,
+                                      None if split is None else scale_index(split, self.group_size))
+        bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias,
+                                                             None if split is None else split.bias_index)
+        shape = (n, k) if split is None else split.shape(n, k)
+        return FPxLinear(QuantizedWeight(planes, scales, self.fmt, shape, self.group_size), bias)
 
 
 class RandomSource(Source):
@@ -188,11 +233,14 @@ class RandomSource(Source):
         super().__init__(*args)
         self.generator = torch.Generator(self.device).manual_seed(seed)
 
-    def tensor(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
+        """Whole tensors are made and sliced, so that every tensor-parallel degree has the same weights."""
         if like.dim() == 1:  # a norm's weight or a bias
-            return (torch.ones if name.endswith(".weight") else torch.zeros)(like.shape, dtype=self.dtype,
-                                                                              device=self.device)
-        return torch.randn(like.shape, generator=self.generator, dtype=self.dtype, device=self.device) * RANDOM_STD
+            value = (torch.ones if name.endswith(".weight") else torch.zeros)(like.shape, dtype=self.dtype,
+                                                                               device=self.device)
+        else:
+            value = torch.randn(like.shape, generator=self.generator, dtype=self.dtype, device=self.device) * RANDOM_STD
+        return value if index is None else value[index].clone()
 
 
 def _tensor_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -209,13 +257,24 @@ def stream_modules(model: nn.Module, source: Source, progress: bool = True, desc
         yield name, source.module(name, module)
 
 
-def materialize(model: nn.Module, source: Source, progress: bool = True, desc: str = "load") -> nn.Module:
-    """Replace every module of a meta ``model`` by its real one from ``source``, in place; returns the model."""
+def materialize(model: nn.Module, source: Source, progress: bool = True, desc: str = "load",
+                tp: Optional[TensorParallel] = None) -> nn.Module:
+    """Replace every module of a meta ``model`` by its real one from ``source``, in place; returns the model.
+
+    tp: make only that tensor-parallel rank's part (tp.plan's slices, then tp.parallelize). Raises ValueError
+    naming the first layer that cannot be split at its degree.
+    """
+    parallel = tp is not None and tp.world_size > 1
+    if parallel:
+        source.shards = plan(model, tp)
+        desc = f"{desc} (rank {tp.rank} of {tp.world_size})"
     for name, real in stream_modules(model, source, progress, desc):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, real)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    if parallel:
+        parallelize(model, tp)
     return model.eval()
 
 
@@ -233,24 +292,26 @@ def read_hf_config(model_dir: Union[str, Path]) -> ModelConfig:
 
 
 def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None, group_size: Optional[int] = None,
-            device=None, dtype: Optional[torch.dtype] = None, progress: bool = True) -> nn.Module:
+            device=None, dtype: Optional[torch.dtype] = None, progress: bool = True,
+            tp: Optional[TensorParallel] = None) -> nn.Module:
     """Load a model directory: Hugging Face safetensors (quantized to ``fmt`` while loading, default e3m2), or an
     fp6llm packed checkpoint (a directory with fp6llm.json: loaded as packed, see load_packed).
 
     fmt: an FPFormat name ("e3m2", "fp6", ...) or "fp16" / "bf16" / "fp32" for unquantized weights. dtype: the
-    activations' (and norms', embeddings', lm_head's) dtype, default float16 on CUDA, float32 on CPU. Returns the
-    model in eval mode on ``device``; call ``setup_caches`` before running it.
+    activations' (and norms', embeddings', lm_head's) dtype, default float16 on CUDA, float32 on CPU. tp: load only
+    that tensor-parallel rank's slices (fp6llm.tp; each rank quantizes its own). Returns the model in eval mode on
+    ``device``; call ``setup_caches`` before running it.
     Raises FileNotFoundError (config.json, shards), ValueError (unsupported model, missing / misshapen tensors).
     """
     model_dir = Path(model_dir)
     if (model_dir / PACKED_META).is_file():
-        return load_packed(model_dir, fmt, group_size, device, dtype, progress)
+        return load_packed(model_dir, fmt, group_size, device, dtype, progress, tp)
     config = read_hf_config(model_dir)
     fmt, dtype, device = resolve_format("e3m2" if fmt is None else fmt, dtype, device, group_size)
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:
         source = HFSource(checkpoint, config.arch, fmt, group_size, dtype, device)
-        return materialize(build_model(config, "meta"), source, progress, f"load {format_name(fmt, dtype)}")
+        return materialize(build_model(config, "meta"), source, progress, f"load {format_name(fmt, dtype)}", tp)
     finally:
         checkpoint.close()
 
@@ -269,9 +330,10 @@ def read_packed_meta(model_dir: Union[str, Path]) -> dict:
 
 def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None,
                 group_size: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
-                progress: bool = True) -> nn.Module:
+                progress: bool = True, tp: Optional[TensorParallel] = None) -> nn.Module:
     """Load an fp6llm packed checkpoint (planes + scales as written by save_packed / quantize_checkpoint), with no
-    re-quantization. fmt / group_size, if given, must match the checkpoint's (ValueError otherwise)."""
+    re-quantization. fmt / group_size, if given, must match the checkpoint's (ValueError otherwise). tp: read only
+    that tensor-parallel rank's slices of the planes and scales (fp6llm.tp)."""
     meta = read_packed_meta(model_dir)
     packed_fmt = meta["format"]
     if fmt is not None:
@@ -285,17 +347,19 @@ def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = N
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:
         source = PackedSource(checkpoint, fmt, meta.get("group_size"), dtype, device)
-        return materialize(build_model(config, "meta"), source, progress, f"load packed {packed_fmt}")
+        return materialize(build_model(config, "meta"), source, progress, f"load packed {packed_fmt}", tp)
     finally:
         checkpoint.close()
 
 
 def build_random(name_or_config: Union[str, ModelConfig], fmt: Union[str, FPFormat] = "e3m2", device=None,
                  dtype: Optional[torch.dtype] = None, seed: int = 0, group_size: Optional[int] = None,
-                 progress: bool = True) -> nn.Module:
+                 progress: bool = True, tp: Optional[TensorParallel] = None) -> nn.Module:
     """A model of a named (NAMED_CONFIGS) or given config with random weights (std 0.02), made on ``device`` one
-    layer at a time and quantized as it goes: a llama-2-70b in FP6 never needs its FP16 size anywhere."""
+    layer at a time and quantized as it goes: a llama-2-70b in FP6 never needs its FP16 size anywhere. tp: keep
+    only that tensor-parallel rank's slices (each weight is made whole, then sliced: the same weights at any
+    degree)."""
     config = name_or_config if isinstance(name_or_config, ModelConfig) else ModelConfig.from_name(name_or_config)
     fmt, dtype, device = resolve_format(fmt, dtype, device, group_size)
     source = RandomSource(seed, fmt, group_size, dtype, device)
-    return materialize(build_model(config, "meta"), source, progress, f"random {format_name(fmt, dtype)}")
+    return materialize(build_model(config, "meta"), source, progress, f"random {format_name(fmt, dtype)}", tp)

@@ -131,17 +131,19 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         except ValueError as err:
             param = "max_tokens" if len(prompt_ids) < engine.max_seq_len else fmt.prompt_field
             raise ApiError(400, str(err).replace("max_new_tokens", "max_tokens"), param=param) from None
+        options = body.stream_options
+        every_token = bool(body.stream and options and options.continuous_usage_stats)
         try:
-            job = scheduler.submit(engine_request, stops, fmt.id_prefix)
+            job = scheduler.submit(engine_request, stops, fmt.id_prefix, every_token)
         except QueueFull as err:
             raise ApiError(503, str(err), type="server_error", code="queue_full", headers={"Retry-After": "1"})
         except ShuttingDown as err:
             raise ApiError(503, str(err), type="server_error", code="shutting_down")
         fmt.id = job.id
         watcher = asyncio.create_task(cancel_on_disconnect(request, scheduler, job))
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         if body.stream:
-            events = stream_events(job, fmt, include_usage, scheduler, watcher, lambda status: count(request, status))
+            events = stream_events(job, fmt, bool(options and options.include_usage), every_token, scheduler, watcher,
+                                   lambda status: count(request, status))
             return StreamingResponse(events,
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
@@ -232,8 +234,8 @@ class CompletionFormat:
     def first_chunks(self) -> list:
         return []
 
-    def chunk(self, text: str, finish_reason: Optional[str] = None) -> BaseModel:
-        return self._make(choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
+    def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None) -> BaseModel:
+        return self._make(choices=[CompletionChoice(text=text, finish_reason=finish_reason)], usage=usage)
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._make(choices=[], usage=usage)
@@ -253,9 +255,9 @@ class ChatFormat(CompletionFormat):
     def first_chunks(self) -> list:
         return [self._make(choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
 
-    def chunk(self, text: str, finish_reason: Optional[str] = None) -> BaseModel:
+    def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None) -> BaseModel:
         delta = ChatDelta(content=text) if finish_reason is None else ChatDelta()
-        return self._make(choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)])
+        return self._make(choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)], usage=usage)
 
     def response(self, text: str, finish_reason: str, usage: Usage) -> BaseModel:
         return ChatCompletionResponse(id=self.id, model=self.model, created=self.created, usage=usage, choices=[
@@ -275,7 +277,7 @@ async def collect(job: Job) -> tuple:
     """(whole text, finish reason) of a job."""
     parts = []
     while True:
-        text, reason = await job.outputs.get()
+        text, reason, _ = await job.outputs.get()
         parts.append(text)
         if reason is not None:
             return "".join(parts), reason
@@ -290,25 +292,27 @@ def job_error(job: Job, watcher: asyncio.Task) -> ApiError:
     return ApiError(500, job.error or "the request was aborted", type="server_error")
 
 
-async def stream_events(job: Job, fmt: CompletionFormat, include_usage: bool, scheduler: Scheduler,
-                        watcher: asyncio.Task, count):
-    """Server-sent events of a job: chunks as the text comes, the usage chunk if asked for, then [DONE]."""
+async def stream_events(job: Job, fmt: CompletionFormat, include_usage: bool, every_token: bool,
+                        scheduler: Scheduler, watcher: asyncio.Task, count):
+    """Server-sent events of a job: chunks as the text comes (every_token: a chunk per token, with the usage so
+    far), the usage chunk if asked for, then [DONE]."""
     status = CLIENT_GONE
     try:
         for chunk in fmt.first_chunks():
             yield sse(chunk)
         while True:
-            text, reason = await job.outputs.get()
+            text, reason, tokens = await job.outputs.get()
+            usage = Usage.of(job.prompt_tokens, tokens) if every_token else None
             if reason == "abort":
                 error = job_error(job, watcher)
                 status = error.status
                 if status != CLIENT_GONE:
                     yield f"data: {json.dumps(error.body())}\n\n"
                 break
-            if text:
-                yield sse(fmt.chunk(text))
+            if text or (every_token and reason is None):
+                yield sse(fmt.chunk(text, usage=usage))
             if reason is not None:
-                yield sse(fmt.chunk("", reason))
+                yield sse(fmt.chunk("", reason, usage))
                 if include_usage:
                     yield sse(fmt.usage_chunk(Usage.of(job.prompt_tokens, job.completion_tokens)))
                 status = 200

@@ -36,7 +36,8 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage and no choices
+    continuous_usage_stats: bool = False  # usage in every chunk, and a chunk for every token (vLLM's extension)
 
 
 class _Sampling(_Strict):

@@ -74,9 +74,10 @@ class StopStrings:
 class Job:
     """One request on its way through the engine loop, seen from both threads.
 
-    ``outputs`` (read on the event loop) receives (text, finish_reason) pairs; finish_reason is None until the last
-    one: "stop" (EOS or a stop string), "length" (max_tokens), or "abort" (cancelled, shut down, or an engine error,
-    then ``error`` says which).
+    ``outputs`` (read on the event loop) receives (text, finish_reason, tokens generated so far) for each token
+    that adds text, or for every token with ``every_token``; finish_reason is None until the last one: "stop" (EOS or
+    a stop string), "length" (max_tokens), or "abort" (cancelled, shut down, or an engine error, then ``error`` says
+    which).
     """
 
     id: str
@@ -84,6 +85,7 @@ class Job:
     stops: StopStrings
     text: TextStream
     loop: asyncio.AbstractEventLoop
+    every_token: bool = False
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: Optional[float] = None
@@ -106,7 +108,7 @@ class Job:
     def emit(self, text: str, finish_reason: Optional[str] = None) -> None:
         """Hand text to the event loop (from the engine thread)."""
         try:
-            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (text, finish_reason))
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (text, finish_reason, self.completion_tokens))
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             pass
 
@@ -141,13 +143,14 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)  # a step in progress finishes first; a daemon thread never blocks exit
 
-    def submit(self, request: Request, stops: list = (), prefix: str = "cmpl") -> Job:
+    def submit(self, request: Request, stops: list = (), prefix: str = "cmpl", every_token: bool = False) -> Job:
         """Queue a checked Request (``Engine.request``) for the engine; call on the event loop.
 
-        Raises QueueFull when max_batch + max_queue jobs are in flight, ShuttingDown once stopped.
+        every_token: an output for every token, even one whose text is held back (a partial character, the start of
+        a stop string). Raises QueueFull when max_batch + max_queue jobs are in flight, ShuttingDown once stopped.
         """
         job = Job(f"{prefix}-{secrets.token_hex(12)}", request, StopStrings(list(stops)),
-                  TextStream(self.engine.tokenizer, request.prompt_ids), asyncio.get_running_loop())
+                  TextStream(self.engine.tokenizer, request.prompt_ids), asyncio.get_running_loop(), every_token)
         with self._lock:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -193,17 +196,14 @@ class Scheduler:
             with self._lock:
                 admitted = [self._waiting.popleft() for _ in range(min(self.engine.free_slots, len(self._waiting)))]
             try:
-                events = self._add(admitted) + self._step()
+                self._deliver_all(self._add(admitted))  # first tokens go out before the batch's decode step
+                self._deliver_all(self._step())
             except Exception as err:  # an engine failure fails the requests in the batch, not the server
                 log.exception("engine step failed; failing %d requests", len(self._running))
                 for job in list(self._running.values()):
                     self.engine.abort(job.request)
                     self._finish(job, "abort", f"the engine failed: {type(err).__name__}: {err}")
                 continue
-            for request, token in events:
-                job = self._running.get(request)
-                if job is not None:
-                    self._deliver(job, token)
             if self.metrics:
                 self.metrics.set_load(len(self._waiting), len(self._running))
         with self._lock:
@@ -225,6 +225,12 @@ class Scheduler:
             self.metrics.decode_batch.observe(len(self._running))
         return self.engine.step()
 
+    def _deliver_all(self, events: list) -> None:
+        for request, token in events:
+            job = self._running.get(request)
+            if job is not None:
+                self._deliver(job, token)
+
     def _deliver(self, job: Job, token: Optional[int]) -> None:
         """The job's new token (None: it stopped) as text; stop strings checked; a finished job leaves."""
         if job.first_token_at is None:
@@ -239,7 +245,7 @@ class Scheduler:
             self._finish(job, "stop", text=text)
         elif request.finished:
             self._finish(job, request.finish_reason, text=text + job.stops.flush())
-        elif text:
+        elif text or job.every_token:
             job.emit(text)
 
     def _finish(self, job: Job, reason: str, error: Optional[str] = None, text: str = "") -> None:
