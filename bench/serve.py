@@ -27,6 +27,7 @@ import platform
 import random
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -68,32 +69,37 @@ class Row:
 
 # ---- the server -----------------------------------------------------------------------------------------------------
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 class Server:
     """`python -m fp6llm serve ...` in a subprocess, its output in a log file; a context manager."""
 
     def __init__(self, args: list, log_path: Path):
         self.log_path = log_path
-        self.process = subprocess.Popen([sys.executable, "-m", "fp6llm", "serve", "--port", "0",
-                                         "--log-level", "warning", *args],
+        self.host, self.port = "127.0.0.1", free_port()
+        self.process = subprocess.Popen([sys.executable, "-m", "fp6llm", "serve", "--host", self.host, "--port",
+                                         str(self.port), "--log-level", "warning", *args],
                                         stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
-        self.host, self.port = "127.0.0.1", None
 
     def wait_ready(self) -> None:
-        """Wait for the port (uvicorn reports it) and /health; RuntimeError with the log's tail if it dies."""
+        """Wait for /health to answer 200; RuntimeError with the log's tail if the server dies or never answers.
+        (At --log-level warning uvicorn does not print its address, so the port is chosen here, not by uvicorn.)"""
         deadline = time.monotonic() + STARTUP_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited ({self.process.returncode}): {self.log_tail()}")
-            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", self.log_path.read_text(errors="replace"))
-            if found:
-                self.port = int(found[1])
-                try:
-                    connection = http.client.HTTPConnection(self.host, self.port, timeout=5)
-                    connection.request("GET", "/health")
-                    if connection.getresponse().status == 200:
-                        return
-                except OSError:
-                    pass
+            try:
+                connection = http.client.HTTPConnection(self.host, self.port, timeout=5)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
             time.sleep(0.5)
         raise RuntimeError(f"the server did not start within {STARTUP_S} s: {self.log_tail()}")
 

@@ -7,7 +7,7 @@
 #   machines ship their own build and may have no network.
 # - triton: installed (triton==3.6.0) only on Linux x86_64 when `import triton` fails.
 # - the other requirements of pyproject.toml ([project] dependencies and the `test` extra) that are missing or too
-#   old are installed by name (with numpy<2.4 for Triton's interpreter, see below), then fp6llm itself with
+#   old are installed by name (with numpy<2.4 for Triton's interpreter, replacing a newer numpy; see below), then fp6llm itself with
 #   --no-deps, so pip never resolves torch or triton again. An fp6llm installed from another checkout is kept.
 # Idempotent: when everything is there it only checks (no network, a few seconds).
 set -euo pipefail
@@ -71,7 +71,10 @@ for line in project["dependencies"] + project["optional-dependencies"]["test"]:
         print(line)
 
 # Triton 3.6's interpreter (TRITON_INTERPRET=1, how the kernel tests run on CPU) turns 1-element arrays into ints,
-# which numpy 2.4 refuses. numpy arrives with transformers: keep a new install below 2.4, leave an existing one.
+# which numpy 2.4 refuses. numpy arrives with transformers: install it below 2.4, and replace a newer one that is
+# already there (FP6LLM_KEEP_NUMPY=1 keeps it; then the kernel tests fail in the interpreter).
+import os
+
 NUMPY = Requirement("numpy<2.4")
 try:
     numpy_version = metadata.version("numpy")
@@ -79,8 +82,11 @@ except metadata.PackageNotFoundError:
     print(NUMPY)
 else:
     if not NUMPY.specifier.contains(numpy_version):
-        print(f"install.sh: warning: numpy {numpy_version} breaks Triton's interpreter; kernel tests on CPU need "
-              f"{NUMPY}", file=sys.stderr)
+        keep = os.environ.get("FP6LLM_KEEP_NUMPY") == "1"
+        print(f"install.sh: numpy {numpy_version} breaks Triton's interpreter (the kernel tests on CPU need {NUMPY}): "
+              f"{'kept, as FP6LLM_KEEP_NUMPY=1 asks' if keep else 'replacing it'}", file=sys.stderr)
+        if not keep:
+            print(NUMPY)
 EOF
 )
 

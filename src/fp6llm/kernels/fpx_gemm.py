@@ -40,10 +40,14 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # in the interpreter.
 SPLIT_WITH_PTX = tl.constexpr(not INTERPRETER and os.environ.get("FP6LLM_PTX_SPLIT") == "1")
 # How a plane field reaches its FP16 bit position: 0 = shift the slot down, then shift into place (two shifts per
-# field); 1 = one rotate per field (portable form, which LLVM can turn into a funnel shift); 2 = one rotate as
-# inline PTX shf.l.wrap (GPU only). FP6LLM_PLACE selects it for A/B measurements.
-PLACE_MODE = tl.constexpr(0 if INTERPRETER and os.environ.get("FP6LLM_PLACE", "1") == "2"
-                          else int(os.environ.get("FP6LLM_PLACE", "1")))
+# field); 1 = one rotate per field in portable Triton (shift, shift, or); 2 = one rotate as inline PTX shf.l.wrap.
+# Measured on an H200 (2026-11-30, bench/results/place-ab-h200-2026-11-30.md; llama-2-70b shapes, M = 1/8/64):
+# 2 is fastest (M = 1: 0.85-0.90x the time of 1 and 0.94-0.95x of 0), so 2 is the default on the GPU. The
+# interpreter runs no PTX: there 2 runs the same rotate as 1. FP6LLM_PLACE=0/1 selects the others for A/B runs.
+_PLACE_REQUEST = os.environ.get("FP6LLM_PLACE", "2")
+if _PLACE_REQUEST not in ("0", "1", "2"):
+    raise ValueError(f"FP6LLM_PLACE={_PLACE_REQUEST!r}: expected 0 (two shifts), 1 (portable rotate) or 2 (PTX rotate)")
+PLACE_MODE = tl.constexpr(1 if INTERPRETER and _PLACE_REQUEST == "2" else int(_PLACE_REQUEST))
 
 
 @triton.jit
