@@ -137,11 +137,16 @@ class _Response(BaseModel):
     model: str
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """What every kind of choice has: its index (n = 1: always 0), no logprobs, and why it ended (None until then)."""
+
     index: int = 0
-    text: str
     logprobs: None = None
     finish_reason: FinishReason = None
+
+
+class CompletionChoice(_Choice):
+    text: str
 
 
 class CompletionResponse(_Response):
@@ -157,11 +162,8 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int = 0
+class ChatChoice(_Choice):
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: FinishReason = None
 
 
 class ChatCompletionResponse(_Response):
@@ -181,11 +183,8 @@ class ChatDelta(BaseModel):
         return {name: value for name, value in (("role", self.role), ("content", self.content)) if value is not None}
 
 
-class ChatChunkChoice(BaseModel):
-    index: int = 0
+class ChatChunkChoice(_Choice):
     delta: ChatDelta
-    logprobs: None = None
-    finish_reason: FinishReason = None
 
 
 class ChatCompletionChunk(_Response):
