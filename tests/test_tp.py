@@ -9,6 +9,7 @@ size ~0.1 here); greedy tokens must be identical.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -319,3 +320,91 @@ def test_cli_generate_under_torchrun_prints_what_one_process_does():
     text, summary = alone.stdout.splitlines()
     lines = torchrun.stdout.splitlines()  # rank 0 only: the text and the summary once
     assert len(lines) == 2 and lines[0] == text and lines[1].startswith("prefill 3 tokens"), torchrun.stdout
+
+
+def _post(port: int, fields: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(fields).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _children(pid: int) -> list:
+    """Pids of the processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        children.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return children
+
+
+def _environment(pid: int) -> dict:
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        return dict(item.split("=", 1) for item in environ.read().decode(errors="replace").split("\0") if "=" in item)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
+def test_serve_under_torchrun_answers_as_one_process_and_stops_cleanly(tmp_path):
+    pytest.importorskip("fastapi")
+    import threading
+
+    import fp6llm
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                 "--master-port", str(free_port()), "-m", "fp6llm", "serve", "--random", "tiny-llama",
+                                 "--device", "cpu", "--port", str(port), "--max-batch", "4", "--tp", "2"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        prompts = ["hello world", "def f(x):", "import os", "tensor parallel"]
+        engine = fp6llm.load("random:tiny-llama", device="cpu", max_batch_size=4, progress=False)
+        alone = engine.generate(prompts, max_new_tokens=8)
+        sampled_alone = engine.generate([prompts[0]], max_new_tokens=8, temperature=0.8, seed=7)[0]
+        for _ in range(240):  # up to 60 s to load and start
+            try:
+                _post(port, {"model": "random:tiny-llama", "prompt": "x", "max_tokens": 1})
+                break
+            except OSError:
+                assert torchrun.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                threading.Event().wait(0.25)
+        texts = [None] * len(prompts)
+
+        def ask(i: int) -> None:  # concurrent: the ranks decode them as one batch
+            texts[i] = _post(port, {"model": "random:tiny-llama", "prompt": prompts[i], "max_tokens": 8,
+                                    "temperature": 0})
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert [t["choices"][0]["text"] for t in texts] == alone
+        # A stop string ends a request early: rank 0 aborts it in its engine, and so must rank 1, or the next
+        # requests would find the ranks' slots out of step.
+        stop = next(alone[1][i:i + 2] for i in range(2, 6) if "\ufffd" not in alone[1][i:i + 2])
+        stopped = _post(port, {"model": "random:tiny-llama", "prompt": prompts[1], "max_tokens": 8, "temperature": 0,
+                               "stop": [stop]})
+        assert stopped["choices"][0]["finish_reason"] == "stop"
+        assert stopped["choices"][0]["text"] == alone[1][:alone[1].index(stop)]
+        again = _post(port, {"model": "random:tiny-llama", "prompt": prompts[2], "max_tokens": 8, "temperature": 0})
+        assert again["choices"][0]["text"] == alone[2]
+        sampled = _post(port, {"model": "random:tiny-llama", "prompt": prompts[0], "max_tokens": 8,
+                               "temperature": 0.8, "seed": 7})
+        assert sampled["choices"][0]["text"] == sampled_alone
+        workers = _children(torchrun.pid)
+        rank0 = [pid for pid in workers if _environment(pid).get("RANK") == "0"]
+        assert len(workers) == 2 and len(rank0) == 1, workers
+        os.kill(rank0[0], signal.SIGTERM)  # rank 0 shuts down, releases rank 1, and both leave together
+        assert torchrun.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if torchrun.poll() is None:
+            torchrun.kill()
+            torchrun.wait()

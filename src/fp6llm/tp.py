@@ -25,7 +25,7 @@ same float slice (per-channel scales stay the whole row's: quantize_weight's ``a
     model = load_hf(path, tp=TensorParallel(rank, world_size))     # or read only the rank's slices (models/loader.py)
 
 Launch with torchrun, one process per GPU (``process_group``): ``torchrun --nproc-per-node 2 -m fp6llm generate ...
---tp 2``.
+--tp 2`` (also bench, and serve: rank 0 serves HTTP and the others repeat its engine calls, engine/mirror.py).
 """
 
 from __future__ import annotations

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from ..cli import command
-from .engine import _model_arguments, _source
+from .engine import _model_arguments, _source, _tp_argument
 
 GRACEFUL_SHUTDOWN_S = 5  # on SIGINT / SIGTERM, running requests get this long to finish, then they are cancelled
 API_KEY_ENV = "FP6LLM_API_KEY"
@@ -37,6 +38,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
                                                                   "or the model directory's name)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _tp_argument(parser)  # under torchrun: rank 0 serves HTTP, the other ranks follow its engine calls
     parser.set_defaults(run=_serve)
 
 
@@ -50,9 +52,7 @@ def _serve(args) -> None:
               f"pip install 'fp6llm[serve]'", file=sys.stderr)
         raise SystemExit(2) from None
 
-    from ..engine import load
-    from ..server.app import create_app
-    from ..server.scheduler import warm_up
+    from ..tp import process_group
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
@@ -61,16 +61,47 @@ def _serve(args) -> None:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with process_group(args.tp, args.device) as (tp, device):
+        _serve_on(args, tp, device, uvicorn)
+
+
+def _serve_on(args, tp, device, uvicorn) -> None:
+    """Load the engine (tp: this rank's slice) and serve it; under tensor parallelism rank 0 serves through a
+    MirroredEngine and the other ranks follow it until it stops."""
+    from ..engine import load
+    from ..engine.mirror import MirroredEngine, control_group, follow
+    from ..server.app import create_app
+    from ..server.scheduler import warm_up
+
     source = _source(args)  # --model DIR, --random NAME, or neither: the embedded default model
-    engine = load(source.name, args.format, args.group_size, args.device, max_batch_size=args.max_batch,
-                  max_seq_len=args.max_model_len, cuda_graph=not args.no_cuda_graph)
-    warm_up(engine)
-    name = args.served_model_name or (source.name if source.random_name else source.path.name)
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    logging.getLogger("fp6llm.server").info(
-        "serving %s on %s: %d slots x %d positions, queue %s, API key %s", name, engine.device, args.max_batch,
-        engine.max_seq_len, args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
-        "required" if api_key else "not required")
-    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue)
-    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                  timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
+    rank0 = tp is None or tp.rank == 0
+    engine = load(source.name, args.format, args.group_size, device, max_batch_size=args.max_batch,
+                  max_seq_len=args.max_model_len, cuda_graph=not args.no_cuda_graph, progress=rank0, tp=tp)
+    group = control_group() if tp is not None else None
+    if not rank0:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches every rank: only rank 0 stops, then says so
+        follow(engine, group)
+        return
+    served = engine if tp is None else MirroredEngine(engine, group)
+    if tp is not None:
+        # uvicorn shuts down gracefully on SIGINT / SIGTERM, then raises the signal again under the handler that was
+        # there before it: here a no-op, so that rank 0 goes on to release the followers and leave the group with
+        # them (the default handler would kill it first, and torchrun would then kill the others).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: None)
+    try:
+        warm_up(served)
+        name = args.served_model_name or (source.name if source.random_name else source.path.name)
+        api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        logging.getLogger("fp6llm.server").info(
+            "serving %s on %s%s: %d slots x %d positions, queue %s, API key %s", name, engine.device,
+            f" and {tp.world_size - 1} more tensor-parallel rank(s)" if tp else "", args.max_batch,
+            engine.max_seq_len, args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
+            "required" if api_key else "not required")
+        app = create_app(served, name, api_key=api_key, max_queue=args.max_queue,
+                         on_shutdown=None if tp is None else served.stop)
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                      timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
+    finally:
+        if tp is not None:
+            served.stop()  # the followers return, and every rank leaves the process group together

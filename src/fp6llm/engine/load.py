@@ -176,7 +176,7 @@ def check_fits(config: ModelConfig, fmt: str, group_size: Optional[int], device,
 
 def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = None, group_size: Optional[int] = None,
          device=None, dtype: Optional[torch.dtype] = None, max_batch_size: int = 8, max_seq_len: Optional[int] = None,
-         cuda_graph: bool = True, progress: bool = True) -> Engine:
+         cuda_graph: bool = True, progress: bool = True, tp: Optional[TensorParallel] = None) -> Engine:
     """A ready Engine (``.generate(prompts, ...)``) for a model directory or "random:NAME".
 
     path_or_random: a Hugging Face checkpoint directory (quantized while loading), an fp6llm packed checkpoint
@@ -184,7 +184,8 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
     fmt: "e3m2" (FP6, the default; a packed checkpoint's own format), any eXmY, or "fp16" / "bf16" / "fp32" for
     unquantized weights. device: default CUDA when available. dtype: activations, default float16 on CUDA and
     float32 elsewhere; a torch.dtype or its name. max_batch_size x max_seq_len: the KV cache (max_seq_len defaults
-    to min(max_position_embeddings, 2048)).
+    to min(max_position_embeddings, 2048)). tp: this process's tensor-parallel rank (fp6llm.tp.process_group): the
+    engine runs that rank's slice of the model, and every rank must make the same engine calls (engine.mirror).
     Raises ValueError (unknown name or format), FileNotFoundError (no such directory, config or tokenizer),
     DoesNotFit (a MemoryError: weights + cache beyond the free GPU memory, both numbers said).
     """
@@ -197,6 +198,6 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
     config = source.config()
     tokenizer = source.tokenizer(config)
     seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    check_fits(config, fmt, group_size, device, dtype, max_batch_size, seq_len)
-    model = source.load_model(fmt, group_size, device, dtype, progress=progress)
+    check_fits(config, fmt, group_size, device, dtype, max_batch_size, seq_len, tp)
+    model = source.load_model(fmt, group_size, device, dtype, progress=progress, tp=tp)
     return Engine(model, tokenizer, max_batch_size, max_seq_len, cuda_graph)
