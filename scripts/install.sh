@@ -7,8 +7,9 @@
 #   machines ship their own build and may have no network.
 # - triton: installed (triton==3.6.0) only on Linux x86_64 when `import triton` fails.
 # - the other requirements of pyproject.toml ([project] dependencies and the `test` extra) that are missing or too
-#   old are installed by name (with numpy<2.4 for Triton's interpreter, replacing a newer numpy; see below), then fp6llm itself with
-#   --no-deps, so pip never resolves torch or triton again. An fp6llm installed from another checkout is kept.
+#   old are installed by name (with numpy<2.4 for Triton's interpreter, replacing a newer numpy; see below), then
+#   fp6llm itself with --no-deps, so pip never resolves torch or triton again. An fp6llm installed from another
+#   checkout is kept.
 # Idempotent: when everything is there it only checks (no network, a few seconds).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -98,8 +98,7 @@ def _serve_on(args, tp, device, uvicorn) -> None:
             f" and {tp.world_size - 1} more tensor-parallel rank(s)" if tp else "", args.max_batch,
             engine.max_seq_len, args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
             "required" if api_key else "not required")
-        app = create_app(served, name, api_key=api_key, max_queue=args.max_queue,
-                         on_shutdown=None if tp is None else served.stop)
+        app = create_app(served, name, api_key=api_key, max_queue=args.max_queue)
         uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                       timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
     finally:

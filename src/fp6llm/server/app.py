@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
-from typing import Callable, Optional
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,14 +39,11 @@ CLIENT_GONE = 499  # nginx's status for a request whose client closed the connec
 
 
 def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, max_queue: Optional[int] = None,
-               max_body_bytes: int = MAX_BODY_BYTES, created: int = 0,
-               on_shutdown: Optional[Callable[[], None]] = None) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, created: int = 0) -> FastAPI:
     """An app serving ``engine`` as model ``model_name``; its lifespan starts and stops the engine thread.
 
     max_queue: requests that may wait for a slot beyond the engine's max_batch_size ones that run (default
     4 x max_batch_size); more get 503. created: the model's creation time for /v1/models (Unix seconds).
-    on_shutdown: called (in a worker thread) once the engine thread has stopped, e.g. to release the other
-    tensor-parallel ranks (MirroredEngine.stop).
     """
     metrics = Metrics(engine.max_batch_size)
     scheduler = Scheduler(engine, QUEUE_PER_SLOT * engine.max_batch_size if max_queue is None else max_queue, metrics)
@@ -56,8 +53,6 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         scheduler.start()
         yield
         await asyncio.to_thread(scheduler.stop)
-        if on_shutdown is not None:
-            await asyncio.to_thread(on_shutdown)
 
     app = FastAPI(title="fp6llm", summary="OpenAI-compatible API for FPx-quantized LLMs", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
