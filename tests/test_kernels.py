@@ -7,6 +7,8 @@ dtype, 2^-11 and 2^-8 relative, dominates; accumulation is float32).
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -172,3 +174,11 @@ def test_dequantize_planes_matches_reference(fmt):
     qw = quantize_weight(torch.randn(33, 200), fmt, None).to(DEVICE)
     out = dequantize_planes(qw.planes, qw.scales, qw.fmt, 33, 200, None, torch.float32)
     assert torch.equal(out.cpu(), qw.dequantize(torch.float32).cpu())  # exact: code * scale in float32
+
+
+def test_an_unknown_placement_mode_is_refused_with_the_choices():
+    env = dict(os.environ, FP6LLM_PLACE="3")
+    result = subprocess.run([sys.executable, "-c", "import fp6llm.kernels.fpx_gemm"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode != 0
+    assert "FP6LLM_PLACE='3': expected 0 (two shifts), 1 (portable rotate) or 2 (PTX rotate)" in result.stderr
