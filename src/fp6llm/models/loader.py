@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..formats import FPFormat
 from ..nn import FPxLinear
-from ..packing import LAYOUT_VERSION, padded_k, plane_widths
+from ..packing import LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_widths, unpack_v1
 from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
 from ..tp import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from . import llama, opt
@@ -201,9 +201,10 @@ class HFSource(Source):
 class PackedSource(Source):
     """Tensors of an fp6llm packed checkpoint: FPxLinear buffers (planeI, scales, bias) by our module names."""
 
-    def __init__(self, checkpoint: SafetensorsCheckpoint, *args):
+    def __init__(self, checkpoint: SafetensorsCheckpoint, *args, layout_version: int = LAYOUT_VERSION):
         super().__init__(*args)
         self.checkpoint = checkpoint
+        self.layout_version = layout_version
 
     def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
         return self.checkpoint.read(name, like.shape, device=self.device, index=index)
@@ -214,9 +215,12 @@ class PackedSource(Source):
         split = self.shards.get(name)
         if split is not None:
             check_split(name, split, k, self.group_size, packed=True)
-        planes = tuple(self.checkpoint.read(f"{name}.plane{i}", (n, padded_k(k) * width // 32), (torch.int32,),
-                                            self.device, None if split is None else plane_index(split, width, k))
-                       for i, width in enumerate(plane_widths(self.fmt.bits)))
+        if self.layout_version == 1:
+            planes = self._repack_v1(name, n, k, split)
+        else:
+            planes = tuple(self.checkpoint.read(f"{name}.plane{i}", plane_shape(n, k, width), (torch.int32,),
+                                                self.device, None if split is None else plane_index(split, width, k, n))
+                           for i, width in enumerate(plane_widths(self.fmt.bits)))
         scale_shape = (n,) if self.group_size is None else (n, k // self.group_size)
         scales = self.checkpoint.read(f"{name}.scales", scale_shape, (torch.float32, torch.float16), self.device,
                                       None if split is None else scale_index(split, self.group_size))
@@ -224,6 +228,18 @@ class PackedSource(Source):
                                                              None if split is None else split.bias_index)
         shape = (n, k) if split is None else split.shape(n, k)
         return FPxLinear(QuantizedWeight(planes, scales, self.fmt, shape, self.group_size), bias)
+
+
+    def _repack_v1(self, name: str, n: int, k: int, split) -> tuple:
+        """Planes of a layout-1 checkpoint, read whole, unpacked to codes, cut to the split and packed as layout 2."""
+        widths = plane_widths(self.fmt.bits)
+        v1_words = -(-k // 64) * 64 // 32
+        planes = tuple(self.checkpoint.read(f"{name}.plane{i}", (n, v1_words * width), (torch.int32,))
+                       for i, width in enumerate(widths))
+        codes = unpack_v1(planes, self.fmt.bits, k)
+        if split is not None:
+            codes = codes[split.weight_index]
+        return tuple(plane.to(self.device) for plane in pack(codes, self.fmt))
 
 
 class RandomSource(Source):
@@ -320,11 +336,13 @@ load_model = load_hf  # the one entry point for any model directory
 
 
 def read_packed_meta(model_dir: Union[str, Path]) -> dict:
-    """fp6llm.json of a packed checkpoint; ValueError if its layout version is not this fp6llm's."""
+    """fp6llm.json of a packed checkpoint; ValueError if its layout version is not one this fp6llm reads (version 1
+    checkpoints are repacked to version 2 at load)."""
     meta = json.loads((Path(model_dir) / PACKED_META).read_text())
-    if meta.get("layout_version") != LAYOUT_VERSION:
-        raise ValueError(f"{model_dir} was packed with layout version {meta.get('layout_version')}; this fp6llm "
-                         f"reads layout version {LAYOUT_VERSION}: re-run fp6llm quantize on the source model")
+    if meta.get("layout_version") not in SUPPORTED_LAYOUT_VERSIONS:
+        raise ValueError(f"{model_dir} was packed with layout version {meta.get('layout_version')!r}; this fp6llm "
+                         f"reads layout versions {', '.join(map(str, SUPPORTED_LAYOUT_VERSIONS))}: re-run fp6llm "
+                         f"quantize on the source model")
     return meta
 
 
@@ -346,7 +364,8 @@ def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = N
     fmt, dtype, device = resolve_format(packed_fmt, dtype, device)
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:
-        source = PackedSource(checkpoint, fmt, meta.get("group_size"), dtype, device)
+        source = PackedSource(checkpoint, fmt, meta.get("group_size"), dtype, device,
+                              layout_version=meta["layout_version"])
         return materialize(build_model(config, "meta"), source, progress, f"load packed {packed_fmt}", tp)
     finally:
         checkpoint.close()
