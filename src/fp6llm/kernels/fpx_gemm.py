@@ -35,6 +35,7 @@ FP16_EXP_BIAS = 15
 MAX_KERNEL_EXP_BITS = 4  # FP16 exponent field 0..15 stays finite; 5+ bits would reach FP16's Inf/NaN codes
 MAX_PLANES = 3
 MAX_EXTRACTS = 2  # per plane: one rotate + mask per slot when its fields move together, else one per field
+ROTATION_STRIDE = tl.constexpr(MAX_EXTRACTS)  # the rotation table is [plane][slot (16)][extract]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # Rotates run as one PTX funnel shift (shf.l.wrap) on the GPU: 0.85x the time of the portable shl/shr/or and 0.95x of
 # two plain shifts on H200 70B shapes (2026-11-30, docs/kernel-notes.md). The interpreter runs no PTX: there the
@@ -80,10 +81,10 @@ def _plane_pairs(plane_ptr, rot_ptr, offs_n, n_mask, kt0, k_tiles,
     x = words.to(tl.uint32, bitcast=True)[:, :, None]
     sub = tl.arange(0, HALF_SLOTS)
     slot = 2 * sub[None, :] + rl[:, None]  # [BLOCK_N, HALF_SLOTS]
-    rot = tl.load(rot_ptr + (PLANE * 16 + slot) * MAX_EXTRACTS)[:, None, :]
+    rot = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE)[:, None, :]
     pairs = _rotl(x, rot).to(tl.int32, bitcast=True) & MASK0  # masks are int32 (a sign bit makes them negative)
     if NX > 1:
-        rot1 = tl.load(rot_ptr + (PLANE * 16 + slot) * MAX_EXTRACTS + 1)[:, None, :]
+        rot1 = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE + 1)[:, None, :]
         pairs |= _rotl(x, rot1).to(tl.int32, bitcast=True) & MASK1
     return tl.reshape(pairs, (BLOCK_N, BLOCK_K // 2))
 
