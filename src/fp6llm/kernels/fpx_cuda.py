@@ -202,15 +202,23 @@ def supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool
             and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
 
 
-def choose_split(n: int, k: int, num_sms: int) -> int:
-    """Split-K degree: spread ceil(N / 64) row blocks x split CTAs evenly over the SMs (the largest per-SM share of
-    K tiles, plus a small cost per extra split for the partial sums), each CTA keeping >= 4 K tiles."""
+CTAS_PER_SM = 6  # resident 4-warp CTAs per SM at ~80 registers: the loads in flight that the bandwidth needs
+
+
+def choose_split(n: int, k: int, m: int, num_sms: int) -> int:
+    """Split-K degree: enough CTAs (ceil(N / 64) row blocks x split) to keep CTAS_PER_SM resident on every SM, spread
+    evenly. Cost, in units of one CTA's K tile (64 x 128 weights, 6 KiB of FP6): the largest per-SM share of K tiles
+    plus each CTA's partial sums (64 x M float32 written and read back, M / 12 of a tile), over the fraction of the
+    wanted CTAs it has; every CTA keeps >= 4 K tiles. (Measured on an H200, 2026-12-01: 128 CTAs of 4 warps on
+    8192 x 8192 streamed at 25 % of the floor.)"""
     row_blocks = -(-n // ROWS_PER_CTA)
     k_tiles = k // TILE_K
     best, best_cost = 1, float("inf")
     for split in range(1, max(1, k_tiles // 4) + 1):
-        per_cta = -(-k_tiles // split)
-        cost = math.ceil(row_blocks * split / num_sms) * per_cta + 0.5 * (split - 1)
+        ctas = row_blocks * split
+        partials = m / 12 if split > 1 else 0.0
+        per_sm_tiles = math.ceil(ctas / num_sms) * (-(-k_tiles // split) + partials)
+        cost = per_sm_tiles / min(1.0, ctas / (num_sms * CTAS_PER_SM))
         if cost < best_cost:
             best, best_cost = split, cost
     return best
@@ -245,13 +253,13 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports)."""
     m = x.shape[0]
     if split is None:
-        split = choose_split(n, k, torch.cuda.get_device_properties(x.device).multi_processor_count)
+        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count)
     row_blocks = -(-n // ROWS_PER_CTA)
     k_tiles = k // TILE_K
     kps = -(-k_tiles // split)
     split = -(-k_tiles // kps)  # no empty CTAs
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, counts = WORKSPACE.reserve(x.device, split * row_blocks * ROWS_PER_CTA * MAX_M, row_blocks) \
+    ws, counts = WORKSPACE.reserve(x.device, split * row_blocks * ROWS_PER_CTA * m, row_blocks) \
         if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     kernel = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, x.device)

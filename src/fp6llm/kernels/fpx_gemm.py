@@ -53,44 +53,48 @@ def _rotl(x, r):
 
 
 @triton.jit
-def _plane_pairs(plane_ptr, rot_ptr, offs_n, n_mask, kt0, k_tiles,
+def _plane_pairs(plane_ptr, rot_ptr, n0, N, kt0, k_tiles,
                  PLANE: tl.constexpr, W: tl.constexpr, NX: tl.constexpr, MASK0: tl.constexpr, MASK1: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """int32 [BLOCK_N, BLOCK_K // 2]: one plane's bits of each weight pair (k, k + 1) of the tile, already at their
-    FP16 positions (layout version 2, packing.py): rows offs_n, K tiles kt0 .. kt0 + BLOCK_K / 128 - 1.
+    """int32 [BLOCK_N, BLOCK_K // 2]: one plane's bits of each weight pair (k, k + 1) of the block, already at their
+    FP16 positions (layout version 2, packing.py): rows n0 .. n0 + BLOCK_N - 1 (n0 a multiple of 16), K tiles
+    kt0 .. kt0 + BLOCK_K / 128 - 1.
 
-    Row n reads, per 128-column tile, the 2 W words of each of the 4 lanes 4 (n % 8) + t that hold its pairs; each
-    word gives this row's 16 / W / 2 slots (slot = 2 sub + (n % 16) // 8), each one rotate + mask per extract.
+    The block's words are read as they lie (each 16-row tile's K tiles are one contiguous run: wide loads), decoded in
+    lane order (lane 4 g + t, word j, slot s: pair q = j * S + s), then permuted to (row, pair) order:
+    q = 4 ks + 2 rh + rl is row 8 rl + g, columns 32 t + 4 ks + 2 rh + (0, 1).
     """
     KT: tl.constexpr = BLOCK_K // 128
+    BN16: tl.constexpr = BLOCK_N // 16
     WORDS: tl.constexpr = 2 * W  # per lane per tile
     GROUP: tl.constexpr = 4 if WORDS > 4 else WORDS  # a lane's words are stored in groups of this many
-    HALF_SLOTS: tl.constexpr = 8 // W  # slots per word that belong to one row (the other half: row + 8)
-    g = offs_n % 8
-    rl = (offs_n % 16) // 8
-    row_off = (offs_n // 16) * k_tiles * (64 * W) + 4 * g * GROUP
-    c = tl.arange(0, KT * 4 * WORDS)
-    kt = c // (4 * WORDS)
-    t = (c // WORDS) % 4
-    j = c % WORDS
-    col_off = (kt0 + kt) * (64 * W) + (j // GROUP) * (32 * GROUP) + t * GROUP + j % GROUP
-    mask = n_mask[:, None]
+    SLOTS: tl.constexpr = 16 // W
+    TILE_WORDS: tl.constexpr = 64 * W
+    row_tiles = n0 // 16 + tl.arange(0, BN16)
+    tile_mask = row_tiles * 16 < N
+    i = tl.arange(0, KT * TILE_WORDS)
+    mask = tile_mask[:, None]
     if not EVEN_K:  # the last K block may run past the padded K
-        mask = mask & ((kt0 + kt) < k_tiles)[None, :]
-    words = tl.load(plane_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0)
-    x = words.to(tl.uint32, bitcast=True)[:, :, None]
-    sub = tl.arange(0, HALF_SLOTS)
-    slot = 2 * sub[None, :] + rl[:, None]  # [BLOCK_N, HALF_SLOTS]
-    rot = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE)[:, None, :]
+        mask = mask & ((kt0 + i // TILE_WORDS) < k_tiles)[None, :]
+    words = tl.load(plane_ptr + (row_tiles * k_tiles + kt0)[:, None] * TILE_WORDS + i[None, :], mask=mask, other=0)
+    # [BN16, KT, WORDS / GROUP, 32 lanes, GROUP] -> lane-major [BN16, KT, 32, WORDS]
+    words = tl.reshape(words, (BN16, KT, WORDS // GROUP, 32, GROUP))
+    words = tl.reshape(tl.permute(words, (0, 1, 3, 2, 4)), (BN16, KT, 32, WORDS))
+    x = words.to(tl.uint32, bitcast=True)[:, :, :, :, None]
+    slot = tl.arange(0, SLOTS)
+    rot = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE)[None, None, None, None, :]
     pairs = _rotl(x, rot).to(tl.int32, bitcast=True) & MASK0  # masks are int32 (a sign bit makes them negative)
     if NX > 1:
-        rot1 = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE + 1)[:, None, :]
+        rot1 = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE + 1)[None, None, None, None, :]
         pairs |= _rotl(x, rot1).to(tl.int32, bitcast=True) & MASK1
+    # q = j * SLOTS + s = 4 ks + 2 rh + rl; lane = 4 g + t  ->  [BN16, rl, g, KT, t, ks, rh]
+    pairs = tl.reshape(pairs, (BN16, KT, 8, 4, 8, 2, 2))
+    pairs = tl.permute(pairs, (0, 6, 2, 1, 3, 4, 5))
     return tl.reshape(pairs, (BLOCK_N, BLOCK_K // 2))
 
 
 @triton.jit
-def _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, offs_n, n_mask, kt0, k_tiles,
+def _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, n0, N, kt0, k_tiles,
                   W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                   NX0: tl.constexpr, NX1: tl.constexpr, NX2: tl.constexpr,
                   M00: tl.constexpr, M01: tl.constexpr, M10: tl.constexpr, M11: tl.constexpr,
@@ -98,12 +102,12 @@ def _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, offs_n, n_mask, kt0, k_tiles,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """FP16 [BLOCK_N, BLOCK_K] tile = value(code) * 2^(bias - 15), from up to three planes (width 0 = absent):
     the OR of the planes' placed bits is each pair's fp16x2 register (two weights per 32-bit operation)."""
-    bits = _plane_pairs(p0_ptr, rot_ptr, offs_n, n_mask, kt0, k_tiles, 0, W0, NX0, M00, M01, BLOCK_N, BLOCK_K, EVEN_K)
+    bits = _plane_pairs(p0_ptr, rot_ptr, n0, N, kt0, k_tiles, 0, W0, NX0, M00, M01, BLOCK_N, BLOCK_K, EVEN_K)
     if W1 > 0:
-        bits |= _plane_pairs(p1_ptr, rot_ptr, offs_n, n_mask, kt0, k_tiles, 1, W1, NX1, M10, M11, BLOCK_N, BLOCK_K,
+        bits |= _plane_pairs(p1_ptr, rot_ptr, n0, N, kt0, k_tiles, 1, W1, NX1, M10, M11, BLOCK_N, BLOCK_K,
                              EVEN_K)
     if W2 > 0:
-        bits |= _plane_pairs(p2_ptr, rot_ptr, offs_n, n_mask, kt0, k_tiles, 2, W2, NX2, M20, M21, BLOCK_N, BLOCK_K,
+        bits |= _plane_pairs(p2_ptr, rot_ptr, n0, N, kt0, k_tiles, 2, W2, NX2, M20, M21, BLOCK_N, BLOCK_K,
                              EVEN_K)
     lo = (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
@@ -150,7 +154,7 @@ def fpx_gemm_kernel(
         if not EVEN_K:
             x_mask = x_mask & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-        w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, offs_n, n_mask, k0 // 128, k_tiles, W0, W1, W2,
+        w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // 128, k_tiles, W0, W1, W2,
                           NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K)
         if GROUP_SIZE > 0 and GROUP_SIZE < BLOCK_K:  # several groups per block: scale the weights themselves
             groups = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + k0 // GROUP_SIZE
@@ -222,7 +226,7 @@ def dequantize_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, offs_n, n_mask, k0 // 128, tl.cdiv(K, 128), W0, W1, W2,
+    w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // 128, tl.cdiv(K, 128), W0, W1, W2,
                       NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
     if GROUP_SIZE > 0:  # a scale per element's group (BLOCK_K need not divide the group size, nor the reverse)
         scale = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + offs_k[None, :] // GROUP_SIZE,

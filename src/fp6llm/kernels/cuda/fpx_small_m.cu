@@ -191,14 +191,16 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
             }
         return;
     }
-    // Split-K: publish this CTA's partial [64 rows x 16 x-rows], count arrivals, the last one reduces.
+    // Split-K: publish this CTA's partial [64 rows x M], count arrivals, the last one reduces.
     const int n_pad = gridDim.x * 64;
-    float* part = ws + (long)blockIdx.y * n_pad * 16;
+    float* part = ws + (long)blockIdx.y * n_pad * M;
 #pragma unroll
     for (int b = 0; b < N_BLOCKS_M; ++b)
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            part[(long)(n0 + 8 * (i / 2)) * 16 + 8 * b + 2 * t + i % 2] = acc[b][i];
+        for (int i = 0; i < 4; ++i) {
+            const int m = 8 * b + 2 * t + i % 2;
+            if (m < M) part[(long)(n0 + 8 * (i / 2)) * M + m] = acc[b][i];
+        }
     __threadfence();
     __syncthreads();
     __shared__ int arrived;
@@ -211,9 +213,10 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+            if (m >= M) continue;
             float v = 0.f;
-            for (int s = 0; s < gridDim.y; ++s) v += __ldcg(ws + ((long)s * n_pad + n) * 16 + m);
-            if (n < N && m < M) {
+            for (int s = 0; s < gridDim.y; ++s) v += __ldcg(ws + ((long)s * n_pad + n) * M + m);
+            if (n < N) {
                 v *= scales[n] * scale_factor;
 #if HAS_BIAS
                 v += act_to_float(bias[n]);
