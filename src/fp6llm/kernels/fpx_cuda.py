@@ -238,7 +238,7 @@ class SplitWorkspace:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"the split-K workspace must grow to {ws_elems} floats during a CUDA-graph capture; "
                                f"run the layer once at this batch size before capturing")
-        ws = torch.empty(max(ws_elems, 1 << 20, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        ws = torch.empty(max(ws_elems, 1 << 22, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
         counts = torch.zeros(max(counters, 4096, 0 if counts is None else counts.numel()), dtype=torch.int32,
                              device=device)
         self.buffers[device] = (ws, counts)
