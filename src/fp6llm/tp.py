@@ -5,6 +5,10 @@ Each of ``world_size`` ranks keeps a slice of every projection of every block:
     column-parallel (a range of output channels):  q_proj, k_proj, v_proj, gate_proj, up_proj (OPT: fc1)
     row-parallel (a range of input channels):      o_proj, down_proj (OPT: out_proj, fc2)
 
+The fused projections (fused.py: qkv_proj, gate_up_proj) are column-parallel by parts: the plan slices each part
+by its own rule (q by query heads, k and v by KV heads, gate and up by intermediate rows) and names the slices by
+the parts' names, and the rank's fused weight is the stack of its parts' slices (q heads | k heads | v heads).
+
 so a rank's attention runs on its own query heads (and the KV heads they read) and its MLP on its own hidden units.
 A row-parallel layer's partial outputs are summed over the ranks by one all-reduce, then its bias is added once: two
 all-reduces per block. Everything else (embeddings, norms, lm_head, OPT's project_in / project_out) is replicated,
@@ -42,6 +46,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+from . import fused
 from .nn import FPxLinear
 from .packing import plane_widths, plane_words
 from .quantize import QuantizedWeight
@@ -138,14 +143,21 @@ def local_config(config, tp: TensorParallel):
 
 
 def plan(model: nn.Module, tp: TensorParallel) -> dict:
-    """{module name: Split} for every projection of ``model`` that is sliced (LAYOUT); works on a meta model.
+    """{module name: Split} for every projection of ``model`` that is sliced (LAYOUT); works on a meta model. A fused
+    projection's slices are its parts', under the parts' names (fused.layout: "layers.0.self_attn.q_proj", ...).
 
     Raises ValueError naming the first layer that cannot be split at this degree (its size, the degree).
     """
-    splits = {}
+    layouts, names = fused.layout(model), []
     for name, module in model.named_modules():
+        if name in layouts:
+            names += [part for part, _, _ in layouts[name]]
+        elif isinstance(module, (nn.Linear, FPxLinear)):
+            names.append(name)
+    splits = {}
+    for name in names:
         role = LAYOUT.get(name.rpartition(".")[2])
-        if role is None or not isinstance(module, (nn.Linear, FPxLinear)):
+        if role is None:
             continue
         dim, kind = role
         try:
@@ -211,6 +223,17 @@ def shard_quantized(qw: QuantizedWeight, split: Split) -> QuantizedWeight:
     return QuantizedWeight(planes, scales, qw.fmt, split.shape(n, k), qw.group_size, qw.layout_version)
 
 
+def shard_fused(module: nn.Module, layout: tuple, splits: dict) -> nn.Module:
+    """The rank's part of a fused projection (fused.layout's ``layout``): each part's slice of rows (``splits``, by
+    part name), stacked."""
+    pieces = []
+    for part, offset, _ in layout:
+        split = splits[part]
+        pieces.append(shard_linear(part, module, Split(OUTPUT, offset + split.start, offset + split.stop,
+                                                       split.degree)))
+    return fused.concat_linears(pieces)
+
+
 def shard_linear(name: str, module: nn.Module, split: Split) -> nn.Module:
     """A new nn.Linear / FPxLinear of the rank's part of ``module`` (weight and bias). Raises ValueError as
     check_split does."""
@@ -258,7 +281,7 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     an all-reduce (RowParallel). Returns the model, with ``model.tensor_parallel = tp``."""
     model.config = local_config(model.config, tp)
     for module in model.modules():
-        if hasattr(module, "q_proj") and hasattr(module, "n_heads"):  # an attention block
+        if hasattr(module, "qkv_proj") and hasattr(module, "n_heads"):  # an attention block
             module.n_heads = model.config.n_heads
             if hasattr(module, "n_kv_heads"):
                 module.n_kv_heads = model.config.n_kv_heads
@@ -284,9 +307,13 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world_size: int, group=No
         raise ValueError(f"the model is already tensor-parallel ({model.tensor_parallel})")
     if world_size == 1:
         return model
-    for name, split in plan(model, tp).items():
+    splits, layouts = plan(model, tp), fused.layout(model)
+    for name in [name for name, m in model.named_modules() if name in splits or name in layouts]:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, shard_linear(name, model.get_submodule(name), split))
+        module = model.get_submodule(name)
+        sharded = shard_fused(module, layouts[name], splits) if name in layouts else shard_linear(name, module,
+                                                                                                  splits[name])
+        setattr(model.get_submodule(parent), child, sharded)
     return parallelize(model, tp)
 
 

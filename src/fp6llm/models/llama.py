@@ -77,17 +77,17 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        # q, k and v in one projection (fused.py): its rows are q_proj's, k_proj's, v_proj's
+        self.qkv_proj = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim,
+                                  bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.o_bias)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, input_pos: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), *rope)
-        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), *rope)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).view(b, t, -1, self.head_dim).split(
+            [self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k, v = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
         return self.o_proj(attend(q.transpose(1, 2), k, v, mask))
 
@@ -95,12 +95,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
+        # gate and up in one projection (fused.py): its rows are gate_proj's, then up_proj's
+        self.gate_up_proj = nn.Linear(config.dim, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class RMSNorm(nn.Module):

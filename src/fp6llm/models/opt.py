@@ -90,15 +90,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         inner = config.n_heads * config.head_dim
-        self.q_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
+        self.qkv_proj = nn.Linear(config.dim, 3 * inner, bias=config.qkv_bias)  # q_proj | k_proj | v_proj rows
         self.out_proj = nn.Linear(inner, config.dim, bias=config.o_bias)
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.qkv_proj(x).view(b, t, 3 * self.n_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
         k, v = self.kv_cache.update(input_pos, k, v)
         return self.out_proj(attend(q, k, v, mask))
