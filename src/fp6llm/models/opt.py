@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .attention import KVCache, attend, causal_mask, select_tokens, setup_kv_caches
 from .config import ModelConfig
+from .norm import Norm
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "silu": F.silu}
@@ -30,7 +31,7 @@ class Transformer(nn.Module):
         self.embed_positions = nn.Embedding(config.max_position_embeddings + config.position_offset, config.dim)
         self.project_in = nn.Linear(config.word_embed_proj_dim, config.dim, bias=False) if projected else None
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_layer_norm = nn.LayerNorm(config.dim, config.norm_eps) if config.final_layer_norm else None
+        self.final_layer_norm = Norm(config.dim, config.norm_eps, rms=False) if config.final_layer_norm else None
         self.project_out = nn.Linear(config.dim, config.word_embed_proj_dim, bias=False) if projected else None
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -55,11 +56,15 @@ class Transformer(nn.Module):
             x = self.project_in(x)
         x = x + self.embed_positions(input_pos + self.config.position_offset)
         mask = causal_mask(input_pos, self.key_pos)
+        delta = None
         for layer in self.layers:
-            x = layer(x, input_pos, mask)
+            x, delta = layer(x, delta, input_pos, mask)
         x = select_tokens(x, logits_at)
+        delta = None if delta is None else select_tokens(delta, logits_at)
         if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
+            x, _ = self.final_layer_norm(x, delta)
+        elif delta is not None:
+            x = x + delta
         if self.project_out is not None:
             x = self.project_out(x)
         return self.lm_head(x).float()
@@ -71,18 +76,29 @@ class Block(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.activation = ACTIVATIONS[config.activation]
         self.self_attn = Attention(config)
-        self.self_attn_layer_norm = nn.LayerNorm(config.dim, config.norm_eps)
+        self.self_attn_layer_norm = Norm(config.dim, config.norm_eps, rms=False)
         self.fc1 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
         self.fc2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
-        self.final_layer_norm = nn.LayerNorm(config.dim, config.norm_eps)
+        self.final_layer_norm = Norm(config.dim, config.norm_eps, rms=False)
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
-        x = self._residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, input_pos, mask))
-        return self._residual(x, self.final_layer_norm, lambda h: self.fc2(self.activation(self.fc1(h))))
+    def forward(self, x: Tensor, delta: Optional[Tensor], input_pos: Tensor, mask: Tensor
+                ) -> tuple[Tensor, Optional[Tensor]]:
+        """The residual stream is x + delta (x alone for delta None); returns the next block's (x, delta).
 
-    def _residual(self, x: Tensor, norm: nn.LayerNorm, f) -> Tensor:
-        """x + f(norm(x)) for pre-LN, norm(x + f(x)) for post-LN."""
-        return x + f(norm(x)) if self.pre_norm else norm(x + f(x))
+        Pre-LN, x + f(norm(x)): each residual add is fused into the norm after it (models/norm.py). Post-LN,
+        norm(x + f(x)): the add and the norm are one kernel too, and the stream is the norm's output (delta None).
+        """
+        if self.pre_norm:
+            h, x = self.self_attn_layer_norm(x, delta)
+            h, x = self.final_layer_norm(x, self.self_attn(h, input_pos, mask))
+            return x, self.mlp(h)
+        x = x if delta is None else x + delta
+        x, _ = self.self_attn_layer_norm(x, self.self_attn(x, input_pos, mask))
+        x, _ = self.final_layer_norm(x, self.mlp(x))
+        return x, None
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 class Attention(nn.Module):
