@@ -7,6 +7,7 @@ Tolerance: relative Frobenius error against float64 below TOLERANCE[dtype]: the 
 round the same way and meet the same bound.
 """
 
+import copy
 import os
 
 import pytest
@@ -18,6 +19,7 @@ from fp6llm import decoder_ops  # noqa: E402
 from fp6llm.kernels.activation import silu_mul, silu_mul_reference  # noqa: E402
 from fp6llm.kernels.norm import add_norm, add_norm_reference  # noqa: E402
 from fp6llm.kernels.rotary import rotary, rotary_reference  # noqa: E402
+from fp6llm.models import ModelConfig, build_random  # noqa: E402
 
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
 CUDA = torch.cuda.is_available()
@@ -133,3 +135,25 @@ def test_bad_arguments_are_refused():
         decoder_ops.silu_mul(torch.zeros(2, 7))
     with pytest.raises(ValueError, match="weight and bias must be"):
         add_norm(torch.zeros(2, 8), None, torch.zeros(7), None, 1e-6, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device (compiled Triton)")
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_the_decoders_on_cuda_run_the_kernels_and_match_the_cpu_references(arch):
+    """float16 on CUDA (Triton kernels) against float32 on the CPU (references), same weights: relative error of
+    the logits of a prefill and a decode step below 2e-2."""
+    config = ModelConfig.from_name("tiny-llama") if arch == "llama" else ModelConfig(
+        arch="opt", vocab_size=512, dim=64, n_layers=2, n_heads=4, intermediate_size=128, activation="relu",
+        qkv_bias=True, o_bias=True, mlp_bias=True, position_offset=2, max_position_embeddings=64)
+    cpu = build_random(config, "e3m2", "cpu", seed=1, progress=False)
+    cuda = copy.deepcopy(cpu).to("cuda", torch.float16)
+    tokens = torch.randint(0, config.vocab_size, (3, 9))
+    logits = []
+    for model, device in ((cpu, "cpu"), (cuda, "cuda")):
+        model.setup_caches(3, 16)
+        with torch.inference_mode():
+            prefill = model(tokens[:, :8].to(device), torch.arange(8).expand(3, -1).to(device))
+            step = model(tokens[:, 8:].to(device), torch.full((3, 1), 8, device=device))
+        logits.append(torch.cat([prefill, step], dim=1).cpu().double())
+    assert rel_err(logits[1], logits[0]) < 2e-2
