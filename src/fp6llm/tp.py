@@ -5,15 +5,15 @@ Each of ``world_size`` ranks keeps a slice of every projection of every block:
     column-parallel (a range of output channels):  q_proj, k_proj, v_proj, gate_proj, up_proj (OPT: fc1)
     row-parallel (a range of input channels):      o_proj, down_proj (OPT: out_proj, fc2)
 
-The fused projections (fused.py: qkv_proj, gate_up_proj) are column-parallel by parts: the plan slices each part
-by its own rule (q by query heads, k and v by KV heads, gate and up by intermediate rows) and names the slices by
-the parts' names, and the rank's fused weight is the stack of its parts' slices (q heads | k heads | v heads).
-
 so a rank's attention runs on its own query heads (and the KV heads they read) and its MLP on its own hidden units.
 A row-parallel layer's partial outputs are summed over the ranks by one all-reduce, then its bias is added once: two
 all-reduces per block. Everything else (embeddings, norms, lm_head, OPT's project_in / project_out) is replicated,
 the simplest choice: every rank computes the same residual stream and the same logits, so every rank samples the
 same tokens and the engine runs unchanged on each (SPMD; give sampling a seed shared by the ranks, ``shared_seed``).
+
+The fused projections (fused.py: qkv_proj, gate_up_proj) are column-parallel by parts: the plan slices each part
+by its own rule (q by query heads, k and v by KV heads, gate and up by intermediate rows) and names the slices by
+the parts' names, and the rank's fused weight is the stack of its parts' slices (q heads | k heads | v heads).
 
 Heads: n_heads / world_size query heads per rank. KV heads are split the same way when there are at least as many as
 ranks; with fewer (GQA, n_kv_heads < world_size) each rank keeps the one KV head its query heads read, so that head

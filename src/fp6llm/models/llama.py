@@ -1,7 +1,10 @@
 """Llama 2/3, Mistral and Qwen2: RMSNorm, rotary positions (with Llama-3 scaling), grouped KV heads, SwiGLU.
 
-Module names follow Hugging Face's (embed_tokens, layers.i.self_attn.q_proj, ..., norm, lm_head) without the
+Module names follow Hugging Face's (embed_tokens, layers.i.self_attn.o_proj, ..., norm, lm_head) without the
 "model." prefix, so a checkpoint maps by name and every projection is an nn.Linear that quantize_model can swap.
+Two are fused (fp6llm/fused.py): self_attn.qkv_proj holds q_proj's, k_proj's and v_proj's rows, mlp.gate_up_proj
+gate_proj's and up_proj's; the loader stacks them from those names. A decode step launches ~11 kernels per layer on
+CUDA (tests/test_launches.py): norms, rotary and silu(gate) * up are one kernel each (decoder_ops.py).
 """
 
 from __future__ import annotations

@@ -182,7 +182,6 @@ class Source:
         bias = None if bias is None else bias.to(self.dtype or bias.dtype)
         return FPxLinear(quantize_weight(weight, self.fmt, self.group_size, absmax), bias)
 
-
     def fused_rows(self, name: str, suffix: str, tail: tuple, read=None) -> torch.Tensor:
         """Rows of tensor ``suffix`` ("weight", "bias", "plane0", "scales", ...) of the fused projection ``name``:
         each part's rows (only the rank's slice of them, under a tensor-parallel plan) stacked in order. They are

@@ -1,7 +1,8 @@
 """OPT: LayerNorm (pre-LN, or post-LN for OPT-350m), learned positions (offset 2), ReLU MLP, biases everywhere.
 
-Module names follow Hugging Face's decoder (embed_tokens, embed_positions, layers.i.self_attn.q_proj, ...,
-layers.i.fc1, final_layer_norm, lm_head) without the "model.decoder." prefix.
+Module names follow Hugging Face's decoder (embed_tokens, embed_positions, layers.i.self_attn.out_proj, ...,
+layers.i.fc1, final_layer_norm, lm_head) without the "model.decoder." prefix; self_attn.qkv_proj holds q_proj's,
+k_proj's and v_proj's rows (fp6llm/fused.py), stacked by the loader from those names.
 """
 
 from __future__ import annotations
