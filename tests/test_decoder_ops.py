@@ -157,3 +157,16 @@ def test_the_decoders_on_cuda_run_the_kernels_and_match_the_cpu_references(arch)
             step = model(tokens[:, 8:].to(device), torch.full((3, 1), 8, device=device))
         logits.append(torch.cat([prefill, step], dim=1).cpu().double())
     assert rel_err(logits[1], logits[0]) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device (compiled Triton)")
+def test_cuda_graphs_and_compile_of_the_fused_decode_step_generate_what_eager_does():
+    from fp6llm.engine import ByteTokenizer, Engine
+
+    model = build_random("tiny-llama", "e3m2", "cuda", dtype=torch.float16, seed=0, progress=False)
+    prompts = ["fused kernels", "a lean decode step", "x"]
+    texts = [Engine(model, ByteTokenizer(model.config.vocab_size), max_batch_size=4, max_seq_len=64, **options)
+             .generate(prompts, max_new_tokens=12)
+             for options in (dict(cuda_graph=False), dict(cuda_graph=True), dict(cuda_graph=True, compile=True))]
+    assert texts[0] == texts[1] == texts[2] and all(texts[0])
