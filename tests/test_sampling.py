@@ -30,6 +30,8 @@ def test_a_rows_tokens_depend_only_on_its_seed_and_count(gen):
     assert len(set(together.flatten().tolist())) > 4  # the counter advances: not one token over and over
     batched.set(0, params[0])  # a new request in the slot starts its draws again
     assert torch.equal(draws(batched, logits, 6)[0], together[0])
+    batched.set(2, params[2])  # a prefill group of slots 2..3 draws as those slots do
+    assert torch.equal(torch.stack([batched(logits[2:], first=2) for _ in range(6)], 1)[0], together[2])
 
 
 def test_greedy_rows_and_top_k_1_take_the_argmax_and_top_p_keeps_its_set(gen):
@@ -64,8 +66,10 @@ def test_noise_is_exponential_and_a_pure_function():
 
 
 def test_bad_logits_are_refused():
-    with pytest.raises(ValueError, match=r"logits must be \[rows <= 2, 64\]"):
+    with pytest.raises(ValueError, match=r"logits must be \[rows, 64\] .* 2 slots, got \(3, 64\) from slot 0"):
         DeviceSampler(2, VOCAB, "cpu")(torch.zeros(3, VOCAB))
+    with pytest.raises(ValueError, match="from slot 1"):
+        DeviceSampler(2, VOCAB, "cpu")(torch.zeros(2, VOCAB), first=1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -39,7 +39,8 @@ def part_rows(config, part: str) -> int:
 
 def layout(model: nn.Module) -> dict:
     """{fused module name: ((part module name, first row, rows), ...)} of every fused projection in ``model``
-    (meta or real), by ``model.config``'s shapes: the part names are the unfused model's ("layers.0.self_attn.q_proj")."""
+    (meta or real), by ``model.config``'s shapes; the part names are the unfused model's
+    ("layers.0.self_attn.q_proj"). Raises ValueError when a fused projection's size disagrees with the config."""
     fused = {}
     for name, module in model.named_modules():
         parent, _, child = name.rpartition(".")

@@ -135,8 +135,9 @@ class DeviceSampler:
     """Sampling settings of ``max_batch_size`` slots in device tensors, and a sampling step on the device only.
 
     ``set(slot, params)`` when a request takes a slot (a few bytes to the device, once); then each call
-    ``sampler(logits, sampling)`` takes logits [rows, V] of slots 0..rows-1 and returns their next tokens, int64
-    [rows], on the device, with fixed shapes and no host traffic (capturable in a CUDA graph). sampling=False
+    ``sampler(logits, sampling, first)`` takes logits [rows, V] of slots first..first+rows-1 (a decode step: 0..;
+    a prefill group: its slots) and returns their next tokens, int64 [rows], on the device, with fixed shapes and
+    no host traffic (capturable in a CUDA graph). sampling=False
     (no active row samples) skips the sort and the noise: every row takes its argmax. Each call advances every
     row's token counter, so a row's draws depend only on its seed and how many tokens it has drawn: batched
     sampling equals one-by-one sampling.
@@ -159,16 +160,17 @@ class DeviceSampler:
         for tensor, value in values:
             tensor[slot] = value
 
-    def __call__(self, logits: torch.Tensor, sampling: bool = True) -> torch.Tensor:
-        rows = logits.shape[0]
-        if logits.dim() != 2 or not 1 <= rows <= self.seeds.shape[0] or logits.shape[1] != self.vocab_size:
-            raise ValueError(f"logits must be [rows <= {self.seeds.shape[0]}, {self.vocab_size}], got "
-                             f"{tuple(logits.shape)}")
+    def __call__(self, logits: torch.Tensor, sampling: bool = True, first: int = 0) -> torch.Tensor:
+        slots = self.seeds.shape[0]
+        if logits.dim() != 2 or logits.shape[1] != self.vocab_size or not 0 <= first < first + logits.shape[0] <= slots:
+            raise ValueError(f"logits must be [rows, {self.vocab_size}] of slots first..first+rows-1 within the "
+                             f"{slots} slots, got {tuple(logits.shape)} from slot {first}")
+        rows = slice(first, first + logits.shape[0])
         tokens = logits.argmax(dim=-1)
         if sampling:
-            temperature = self.temperature[:rows]
-            kept = filter_logits(logits, temperature.clamp_min(1e-6), self.top_k[:rows], self.top_p[:rows])
-            noise = exponential_noise(self.seeds[:rows], self.counters[:rows], self.vocab_size)
+            temperature = self.temperature[rows]
+            kept = filter_logits(logits, temperature.clamp_min(1e-6), self.top_k[rows], self.top_p[rows])
+            noise = exponential_noise(self.seeds[rows], self.counters[rows], self.vocab_size)
             tokens = torch.where(temperature > 0, (kept.softmax(dim=-1) / noise).argmax(dim=-1), tokens)
-        self.counters[:rows] += 1
+        self.counters[rows] += 1
         return tokens
