@@ -17,9 +17,10 @@ triton = pytest.importorskip("triton")
 
 from fp6llm import decoder_ops  # noqa: E402
 from fp6llm.engine import ByteTokenizer, Engine  # noqa: E402
-from fp6llm.kernels.activation import silu_mul, silu_mul_reference  # noqa: E402
-from fp6llm.kernels.norm import add_norm, add_norm_reference  # noqa: E402
-from fp6llm.kernels.rotary import rotary, rotary_reference  # noqa: E402
+from fp6llm.decoder_ops import add_norm_reference, rotary_reference, silu_mul_reference  # noqa: E402
+from fp6llm.kernels.activation import silu_mul  # noqa: E402
+from fp6llm.kernels.norm import add_norm  # noqa: E402
+from fp6llm.kernels.rotary import rotary  # noqa: E402
 from fp6llm.models import ModelConfig, build_random  # noqa: E402
 
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}

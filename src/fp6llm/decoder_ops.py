@@ -11,15 +11,57 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels.activation import silu_mul as silu_mul_kernel
-from .kernels.activation import silu_mul_reference
-from .kernels.norm import add_norm as add_norm_kernel
-from .kernels.norm import add_norm_reference
-from .kernels.rotary import check_rotary_args, rotary_reference
-from .kernels.rotary import rotary as rotary_kernel
+try:
+    from .kernels import activation, norm, rotary as rotary_kernels
+except ImportError:  # no Triton: the references serve every device
+    activation = norm = rotary_kernels = None
 
+
+# ---- PyTorch references (what runs on the CPU) ----------------------------------------------------------------------
+
+def add_norm_reference(x: Tensor, delta: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float,
+                       rms: bool) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch of kernels/norm.py: the sum in x's dtype, the statistics in float32."""
+    total = x if delta is None else x + delta
+    t32 = total.float()
+    if rms:
+        normed = (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return (normed.float() * weight.float()).to(x.dtype), total
+    out = F.layer_norm(t32, (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+    return out.to(x.dtype), total
+
+
+def rotary_reference(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Plain PyTorch of kernels/rotary.py: float32 rotation, rounded once to x's dtype."""
+    cos, sin = cos[positions][:, :, None], sin[positions][:, :, None]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def silu_mul_reference(gate_up: Tensor) -> Tensor:
+    """Plain PyTorch of kernels/activation.py."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def check_rotary_args(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """ValueError naming the argument unless the shapes and dtypes are those of kernels/rotary.py."""
+    if x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1:
+        raise ValueError(f"x must be [B, T, H, D] with an even D of unit stride, got {tuple(x.shape)} strides "
+                         f"{x.stride()}")
+    if positions.shape != x.shape[:2] or positions.dtype != torch.int64:
+        raise ValueError(f"positions must be int64 {tuple(x.shape[:2])}, got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if cos.dim() != 2 or cos.shape[1] != x.shape[-1] // 2 or sin.shape != cos.shape or cos.dtype != torch.float32 \
+            or sin.dtype != torch.float32 or cos.stride() != sin.stride() or cos.stride(1) != 1:
+        raise ValueError(f"cos and sin must be float32 [S, {x.shape[-1] // 2}] of one layout, got {cos.dtype} "
+                         f"{tuple(cos.shape)} and {sin.dtype} {tuple(sin.shape)}")
+
+
+# ---- the custom ops -------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("fp6llm::add_norm", mutates_args=())
 def add_norm_op(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, rms: bool
@@ -27,9 +69,10 @@ def add_norm_op(x: Tensor, delta: Tensor, weight: Tensor, bias: Optional[Tensor]
     return add_norm_reference(x, delta, weight, bias, eps, rms)
 
 
-@add_norm_op.register_kernel("cuda")
-def _(x, delta, weight, bias, eps, rms):
-    return add_norm_kernel(x, delta, weight, bias, eps, rms)
+if norm is not None:
+    @add_norm_op.register_kernel("cuda")
+    def _(x, delta, weight, bias, eps, rms):
+        return norm.add_norm(x, delta, weight, bias, eps, rms)
 
 
 @add_norm_op.register_fake
@@ -42,9 +85,10 @@ def norm_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float, rms: 
     return add_norm_reference(x, None, weight, bias, eps, rms)[0]
 
 
-@norm_op.register_kernel("cuda")
-def _(x, weight, bias, eps, rms):
-    return add_norm_kernel(x, None, weight, bias, eps, rms)[0]
+if norm is not None:
+    @norm_op.register_kernel("cuda")
+    def _(x, weight, bias, eps, rms):
+        return norm.add_norm(x, None, weight, bias, eps, rms)[0]
 
 
 @norm_op.register_fake
@@ -69,9 +113,10 @@ def rotary_op(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return rotary_reference(x, positions, cos, sin)
 
 
-@rotary_op.register_kernel("cuda")
-def _(x, positions, cos, sin):
-    return rotary_kernel(x, positions, cos, sin)
+if rotary_kernels is not None:
+    @rotary_op.register_kernel("cuda")
+    def _(x, positions, cos, sin):
+        return rotary_kernels.rotary(x, positions, cos, sin)
 
 
 @rotary_op.register_fake
@@ -93,9 +138,10 @@ def silu_mul_op(gate_up: Tensor) -> Tensor:
     return silu_mul_reference(gate_up).contiguous()
 
 
-@silu_mul_op.register_kernel("cuda")
-def _(gate_up):
-    return silu_mul_kernel(gate_up)
+if activation is not None:
+    @silu_mul_op.register_kernel("cuda")
+    def _(gate_up):
+        return activation.silu_mul(gate_up)
 
 
 @silu_mul_op.register_fake

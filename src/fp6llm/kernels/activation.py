@@ -3,12 +3,12 @@
 gate_up: float16/bfloat16/float32 [..., 2 I] (gate_proj's I features, then up_proj's; unit last stride, rows
 contiguous); out: its dtype, [..., I]. silu(gate) is rounded to the dtype before the product, as PyTorch's
 F.silu(gate) * up rounds it, so the product is the dtype's own rounding of two dtype values.
+The PyTorch reference, and the custom op that runs this kernel on CUDA: decoder_ops.py (silu_mul_reference).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -40,8 +40,3 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         silu_mul_kernel[(rows.shape[0], triton.cdiv(inner, BLOCK))](rows, out, inner, rows.stride(0), BLOCK=BLOCK)
     return out
 
-
-def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch of silu_mul."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up

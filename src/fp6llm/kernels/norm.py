@@ -10,6 +10,7 @@ and out once; the statistics are float32. RMSNorm rounds the normalized row to x
 Hugging Face's LlamaRMSNorm does, so that product is the dtype's own rounding of two dtype values.
 
 The unfused PyTorch form (models/llama.py's RMSNorm with a separate add) launches ~8 kernels per norm at decode.
+The PyTorch reference, and the custom op that runs this kernel on CUDA: decoder_ops.py (add_norm_reference).
 """
 
 from __future__ import annotations
@@ -76,15 +77,3 @@ def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tenso
             BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8)
     return out, total
 
-
-def add_norm_reference(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
-                       bias: Optional[torch.Tensor], eps: float, rms: bool) -> tuple:
-    """Plain PyTorch of add_norm: the sum in x's dtype, the statistics in float32."""
-    total = x if delta is None else x + delta
-    t32 = total.float()
-    if rms:
-        normed = (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return (normed.float() * weight.float()).to(x.dtype), total
-    out = torch.nn.functional.layer_norm(t32, (x.shape[-1],), weight.float(), None if bias is None else bias.float(),
-                                         eps)
-    return out.to(x.dtype), total

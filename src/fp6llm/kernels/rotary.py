@@ -10,6 +10,7 @@ rope_frequencies). out: x's dtype [B, T, H, D], contiguous. The rotation is comp
 
 One program rotates BLOCK_H heads of one token, reading that position's row of the table once; the table lookup
 replaces the per-forward gathers and the unfused form's ~7 kernels (muls, sub, add, cat) per tensor.
+The PyTorch reference, and the custom op that runs this kernel on CUDA: decoder_ops.py (rotary_reference).
 """
 
 from __future__ import annotations
@@ -43,23 +44,8 @@ def rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, t, h, half, stride_
     tl.store(dst + half, second.to(x1.dtype), mask=mask)
 
 
-def check_rotary_args(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """ValueError naming the argument unless the shapes and dtypes are the module docstring's."""
-    if x.dim() != 4 or x.shape[-1] % 2 or x.stride(-1) != 1:
-        raise ValueError(f"x must be [B, T, H, D] with an even D of unit stride, got {tuple(x.shape)} strides "
-                         f"{x.stride()}")
-    if positions.shape != x.shape[:2] or positions.dtype != torch.int64:
-        raise ValueError(f"positions must be int64 {tuple(x.shape[:2])}, got {positions.dtype} "
-                         f"{tuple(positions.shape)}")
-    if cos.dim() != 2 or cos.shape[1] != x.shape[-1] // 2 or sin.shape != cos.shape or cos.dtype != torch.float32 \
-            or sin.dtype != torch.float32 or cos.stride() != sin.stride() or cos.stride(1) != 1:
-        raise ValueError(f"cos and sin must be float32 [S, {x.shape[-1] // 2}] of one layout, got {cos.dtype} "
-                         f"{tuple(cos.shape)} and {sin.dtype} {tuple(sin.shape)}")
-
-
 def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x rotated by its positions' angles (module docstring). Raises ValueError as check_rotary_args does."""
-    check_rotary_args(x, positions, cos, sin)
+    """x rotated by its positions' angles (module docstring); decoder_ops.rotary checks the arguments."""
     b, t, h, d = x.shape
     out = torch.empty(b, t, h, d, dtype=x.dtype, device=x.device)
     if out.numel():
@@ -68,9 +54,3 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: tor
             positions.stride(1), cos.stride(0), BLOCK_H=BLOCK_H, BLOCK_HALF=triton.next_power_of_2(d // 2))
     return out
 
-
-def rotary_reference(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch of rotary: float32 rotation, rounded once to x's dtype."""
-    cos, sin = cos[positions][:, :, None], sin[positions][:, :, None]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
