@@ -9,7 +9,7 @@ dtype. out and total: x's dtype [rows, D], contiguous. One program per row reads
 and out once; the statistics are float32. RMSNorm rounds the normalized row to x's dtype before the weight, as
 Hugging Face's LlamaRMSNorm does, so that product is the dtype's own rounding of two dtype values.
 
-The unfused PyTorch form (models/llama.py's RMSNorm with a separate add) launches ~8 kernels per norm at decode.
+The unfused PyTorch form (an add, then float, pow, mean, add, rsqrt, mul, cast, weight) launches ~8 kernels per norm.
 The PyTorch reference, and the custom op that runs this kernel on CUDA: decoder_ops.py (add_norm_reference).
 """
 
