@@ -213,7 +213,7 @@ def test_each_rank_loads_what_slicing_the_whole_model_gives(case, tmp_path, byte
             assert_same_weights(build_random(config, fmt, "cpu", seed=2, progress=False, tp=tp),
                                 apply_tensor_parallel(build_random(config, fmt, "cpu", seed=2, progress=False), rank,
                                                       DEGREE))
-    assert isinstance(part.layers[0].self_attn.q_proj, FPxLinear)
+    assert isinstance(part.layers[0].self_attn.qkv_proj, FPxLinear)
 
 
 # ---- two processes over gloo ----------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ all-reduces per block. Everything else (embeddings, norms, lm_head, OPT's projec
 the simplest choice: every rank computes the same residual stream and the same logits, so every rank samples the
 same tokens and the engine runs unchanged on each (SPMD; give sampling a seed shared by the ranks, ``shared_seed``).
 
+The fused projections (fused.py: qkv_proj, gate_up_proj) are column-parallel by parts: the plan slices each part
+by its own rule (q by query heads, k and v by KV heads, gate and up by intermediate rows) and names the slices by
+the parts' names, and the rank's fused weight is the stack of its parts' slices (q heads | k heads | v heads).
+
 Heads: n_heads / world_size query heads per rank. KV heads are split the same way when there are at least as many as
 ranks; with fewer (GQA, n_kv_heads < world_size) each rank keeps the one KV head its query heads read, so that head
 is replicated on world_size / n_kv_heads ranks. The rank's model gets a config of its own shape (heads, KV heads,
@@ -42,6 +46,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+from . import fused
 from .nn import FPxLinear
 from .packing import plane_widths, tile_index
 from .quantize import QuantizedWeight
@@ -138,14 +143,21 @@ def local_config(config, tp: TensorParallel):
 
 
 def plan(model: nn.Module, tp: TensorParallel) -> dict:
-    """{module name: Split} for every projection of ``model`` that is sliced (LAYOUT); works on a meta model.
+    """{module name: Split} for every projection of ``model`` that is sliced (LAYOUT); works on a meta model. A fused
+    projection's slices are its parts', under the parts' names (fused.layout: "layers.0.self_attn.q_proj", ...).
 
     Raises ValueError naming the first layer that cannot be split at this degree (its size, the degree).
     """
-    splits = {}
+    layouts, names = fused.layout(model), []
     for name, module in model.named_modules():
+        if name in layouts:
+            names += [part for part, _, _ in layouts[name]]
+        elif isinstance(module, (nn.Linear, FPxLinear)):
+            names.append(name)
+    splits = {}
+    for name in names:
         role = LAYOUT.get(name.rpartition(".")[2])
-        if role is None or not isinstance(module, (nn.Linear, FPxLinear)):
+        if role is None:
             continue
         dim, kind = role
         try:
@@ -217,6 +229,17 @@ def shard_quantized(qw: QuantizedWeight, split: Split) -> QuantizedWeight:
     return QuantizedWeight(planes, scales, qw.fmt, split.shape(n, k), qw.group_size, qw.layout_version)
 
 
+def shard_fused(module: nn.Module, layout: tuple, splits: dict) -> nn.Module:
+    """The rank's part of a fused projection (fused.layout's ``layout``): each part's slice of rows (``splits``, by
+    part name), stacked."""
+    pieces = []
+    for part, offset, _ in layout:
+        split = splits[part]
+        pieces.append(shard_linear(part, module, Split(OUTPUT, offset + split.start, offset + split.stop,
+                                                       split.degree)))
+    return fused.concat_linears(pieces)
+
+
 def shard_linear(name: str, module: nn.Module, split: Split) -> nn.Module:
     """A new nn.Linear / FPxLinear of the rank's part of ``module`` (weight and bias). Raises ValueError as
     check_split does."""
@@ -264,7 +287,7 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     an all-reduce (RowParallel). Returns the model, with ``model.tensor_parallel = tp``."""
     model.config = local_config(model.config, tp)
     for module in model.modules():
-        if hasattr(module, "q_proj") and hasattr(module, "n_heads"):  # an attention block
+        if hasattr(module, "qkv_proj") and hasattr(module, "n_heads"):  # an attention block
             module.n_heads = model.config.n_heads
             if hasattr(module, "n_kv_heads"):
                 module.n_kv_heads = model.config.n_kv_heads
@@ -290,9 +313,13 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world_size: int, group=No
         raise ValueError(f"the model is already tensor-parallel ({model.tensor_parallel})")
     if world_size == 1:
         return model
-    for name, split in plan(model, tp).items():
+    splits, layouts = plan(model, tp), fused.layout(model)
+    for name in [name for name, m in model.named_modules() if name in splits or name in layouts]:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, shard_linear(name, model.get_submodule(name), split))
+        module = model.get_submodule(name)
+        sharded = shard_fused(module, layouts[name], splits) if name in layouts else shard_linear(name, module,
+                                                                                                  splits[name])
+        setattr(model.get_submodule(parent), child, sharded)
     return parallelize(model, tp)
 
 

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import fused
 from ..formats import FPFormat
 from ..nn import FPxLinear
 from ..packing import LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_widths, unpack_v1
@@ -128,18 +129,26 @@ class Source:
 
     Subclasses say where one tensor comes from (``tensor``, or only its part ``index``); a Linear other than lm_head
     is quantized to ``fmt`` (FPxLinear) unless fmt is None. dtype None keeps the tensors' own dtype. shards
-    ({module name: tp.Split}, from tp.plan): those Linears get only a tensor-parallel rank's slice.
+    ({module name: tp.Split}, from tp.plan): those Linears get only a tensor-parallel rank's slice. fused
+    ({fused module name: parts}, fused.layout; stream_modules sets it): those Linears are stacked from their parts.
     """
 
     def __init__(self, fmt: Optional[FPFormat], group_size: Optional[int], dtype: Optional[torch.dtype], device,
                  shards: Optional[dict] = None):
         self.fmt, self.group_size, self.dtype, self.device = fmt, group_size, dtype, device
         self.shards = shards or {}
+        self.fused: dict = {}
 
     def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def has(self, name: str) -> bool:
+        """Whether the source holds tensor ``name`` itself (a fused projection's, in a checkpoint of that layout)."""
+        return False
+
     def module(self, name: str, module: nn.Module) -> nn.Module:
+        if name in self.fused:
+            return self.fused_linear(name, module)
         split = self.shards.get(name)
         if isinstance(module, nn.Linear) and self.fmt is not None and name != SKIP:
             return self.linear(name, module)
@@ -173,6 +182,37 @@ class Source:
         bias = None if bias is None else bias.to(self.dtype or bias.dtype)
         return FPxLinear(quantize_weight(weight, self.fmt, self.group_size, absmax), bias)
 
+    def fused_rows(self, name: str, suffix: str, tail: tuple, read=None) -> torch.Tensor:
+        """Rows of tensor ``suffix`` ("weight", "bias", "plane0", "scales", ...) of the fused projection ``name``:
+        each part's rows (only the rank's slice of them, under a tensor-parallel plan) stacked in order. They are
+        read from the fused tensor when the source has it, else from each part's own tensor (a Hugging Face
+        checkpoint, a packed checkpoint of the unfused layout). tail: the tensor's shape after the rows.
+        read(name, shape, index): how to read one tensor (default ``self.tensor``)."""
+        read = read or (lambda n, shape, index: self.tensor(n, torch.empty(shape, device="meta"), index))
+        parts = self.fused[name]
+        whole = self.has(f"{name}.{suffix}")
+        total = sum(rows for _, _, rows in parts)
+        pieces = []
+        for part, offset, rows in parts:
+            split = self.shards.get(part)
+            start, stop = (0, rows) if split is None else (split.start, split.stop)
+            if whole:
+                pieces.append(read(f"{name}.{suffix}", (total, *tail), (slice(offset + start, offset + stop),)))
+            else:
+                pieces.append(read(f"{part}.{suffix}", (rows, *tail), None if split is None else (slice(start, stop),)))
+        return torch.cat(pieces)
+
+    def fused_linear(self, name: str, module: nn.Linear) -> nn.Module:
+        """A fused projection from its parts' rows; quantized once, as one weight, unless fmt is None."""
+        bias = None if module.bias is None else self.fused_rows(name, "bias", ())
+        weight = self.fused_rows(name, "weight", (module.in_features,))
+        if self.fmt is None:
+            weight, bias = (None if t is None else t.to(self.dtype or t.dtype) for t in (weight, bias))
+            return fused.linear_of(weight, bias)
+        weight = weight if weight.dtype in FLOAT_DTYPES else weight.float()
+        bias = None if bias is None else bias.to(self.dtype or bias.dtype)
+        return FPxLinear(quantize_weight(weight, self.fmt, self.group_size), bias)
+
 
 class HFSource(Source):
     """Tensors of a Hugging Face checkpoint, by the names of the architecture's prefixes."""
@@ -185,6 +225,9 @@ class HFSource(Source):
         candidates = [name] if name.startswith(SKIP + ".") else [p + name for p in self.prefixes]
         hf_name = next((c for c in candidates if c in self.checkpoint), candidates[0])
         return self.checkpoint.read(hf_name, like.shape, device=self.device, index=index)
+
+    def has(self, name: str) -> bool:
+        return any(p + name in self.checkpoint for p in self.prefixes)
 
     def weight(self, name: str, like: torch.Tensor, split) -> tuple:
         """Reads only the slice; the whole rows' absmax (a column slice with per-channel scales) a few MiB of rows
@@ -208,6 +251,29 @@ class PackedSource(Source):
 
     def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
         return self.checkpoint.read(name, like.shape, device=self.device, index=index)
+
+    def has(self, name: str) -> bool:
+        return name in self.checkpoint
+
+    def fused_linear(self, name: str, module: nn.Linear) -> nn.Module:
+        """The planes and scales of both layouts: the fused projection's own, or its parts' stacked (a checkpoint
+        packed before projections were fused); a tensor-parallel plan reads only the rank's rows of each part."""
+        if self.fmt is None:
+            return super().fused_linear(name, module)
+        k = module.in_features
+        planes = tuple(self.fused_rows(name, f"plane{i}", (padded_k(k) * width // 32,), self._read_planes)
+                       for i, width in enumerate(plane_widths(self.fmt.bits)))
+        scales = self.fused_rows(name, "scales", () if self.group_size is None else (k // self.group_size,),
+                                 self._read_scales)
+        bias = None if module.bias is None else self.fused_rows(name, "bias", ())
+        return FPxLinear(QuantizedWeight(planes, scales, self.fmt, (planes[0].shape[0], k), self.group_size), bias)
+
+    def _read_planes(self, name: str, shape: tuple, index: Optional[tuple]) -> torch.Tensor:
+        return self.checkpoint.read(name, shape, (torch.int32,), self.device, index)
+
+    def _read_scales(self, name: str, shape: tuple, index: Optional[tuple]) -> torch.Tensor:
+        # parts packed apart may differ in scale dtype (float16 group scales where all fit): torch.cat widens them
+        return self.checkpoint.read(name, shape, (torch.float32, torch.float16), self.device, index)
 
     def linear(self, name: str, module: nn.Linear) -> FPxLinear:
         """The planes and scales (a tensor-parallel split: only the slice of them that tp.shard_quantized keeps)."""
@@ -269,6 +335,7 @@ def _tensor_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def stream_modules(model: nn.Module, source: Source, progress: bool = True, desc: str = "load"
                    ) -> Iterator[tuple[str, nn.Module]]:
     """(name, real module) for each module of a meta ``model`` that owns parameters, made one at a time."""
+    source.fused = fused.layout(model)
     for name, module in tqdm(_tensor_modules(model), desc=desc, unit="module", disable=not progress):
         yield name, source.module(name, module)
 
