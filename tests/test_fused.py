@@ -4,8 +4,13 @@ for bit as the fused layout does. Logits against transformers: tests/test_models
 Face checkpoints: tests/test_tp.py.
 """
 
+import json
+
 import pytest
 import torch
+
+from fp6llm.formats import FPFormat
+from fp6llm.packing import pack, plane_widths, unpack
 from safetensors.torch import load_file, save_file
 
 from fp6llm import fused
@@ -14,8 +19,8 @@ from fp6llm.nn import FPxLinear
 from fp6llm.quantize import quantize_weight
 from fp6llm.tp import TensorParallel, apply_tensor_parallel
 
-CONFIG = ModelConfig(arch="llama", vocab_size=128, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=True,
-                     intermediate_size=128, max_position_embeddings=64)
+CONFIG = ModelConfig(arch="llama", vocab_size=128, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=True,
+                     intermediate_size=256, max_position_embeddings=64)  # K slices of 128 columns at TP 2
 
 
 def assert_same_weights(model, expected) -> None:
@@ -58,14 +63,29 @@ def unfuse_checkpoint(src, dst, config: ModelConfig) -> None:
     qkv_proj / gate_up_proj tensor split by rows into its parts' tensors, under the parts' names."""
     model = build_model(config, "meta")
     layouts = fused.layout(model)
-    tensors = {}
-    for key, tensor in load_file(src / "model.safetensors").items():
+    meta = json.loads((src / "fp6llm.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    out = {}
+    for key, tensor in tensors.items():
         module, _, suffix = key.rpartition(".")
         if module not in layouts:
-            tensors[key] = tensor
+            out[key] = tensor
+            continue
+        if suffix.startswith("plane"):  # layout 2 packs 16-row tiles: split the codes, pack each part
+            if suffix != "plane0":
+                continue
+            fmt = FPFormat.parse(meta["format"])
+            planes = [tensors[f"{module}.plane{i}"] for i in range(len(plane_widths(fmt.bits)))]
+            total = sum(rows for _, _, rows in layouts[module])
+            in_features = config.dim if "qkv" in module or "gate_up" in module else None
+            codes = unpack(planes, fmt, in_features, total)
+            for part, offset, rows in layouts[module]:
+                for i, plane in enumerate(pack(codes[offset:offset + rows], fmt)):
+                    out[f"{part}.plane{i}"] = plane
             continue
         for part, offset, rows in layouts[module]:
-            tensors[f"{part}.{suffix}"] = tensor[offset:offset + rows].clone()
+            out[f"{part}.{suffix}"] = tensor[offset:offset + rows].clone()
+    tensors = out
     dst.mkdir()
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     (dst / "fp6llm.json").write_text((src / "fp6llm.json").read_text())
@@ -98,5 +118,5 @@ def test_fused_rows_are_the_parts_rows_in_order():
     assert layout["layers.0.self_attn.qkv_proj"] == (("layers.0.self_attn.q_proj", 0, 4 * head),
                                                      ("layers.0.self_attn.k_proj", 4 * head, 2 * head),
                                                      ("layers.0.self_attn.v_proj", 6 * head, 2 * head))
-    assert layout["layers.1.mlp.gate_up_proj"] == (("layers.1.mlp.gate_proj", 0, 128),
-                                                   ("layers.1.mlp.up_proj", 128, 128))
+    assert layout["layers.1.mlp.gate_up_proj"] == (("layers.1.mlp.gate_proj", 0, 256),
+                                                   ("layers.1.mlp.up_proj", 256, 256))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .nn import FPxLinear
+from .packing import TILE_N, pack
 from .quantize import QuantizedWeight
 
 # A fused projection's name -> its parts' names (each in tp.LAYOUT), in the order of their rows.
@@ -66,7 +67,10 @@ def concat_quantized(weights: Sequence[QuantizedWeight]) -> QuantizedWeight:
         raise ValueError("stacked weights need one format, group size and in_features, got "
                          f"{[(w.fmt.name, w.group_size, w.in_features) for w in weights]}")
     scale_dtype = torch.float32 if len({w.scales.dtype for w in weights}) > 1 else first.scales.dtype
-    planes = tuple(torch.cat(stack) for stack in zip(*(w.planes for w in weights)))
+    if all(w.out_features % TILE_N == 0 for w in weights[:-1]):  # whole 16-row tiles: stack the tiles as they are
+        planes = tuple(torch.cat(stack) for stack in zip(*(w.planes for w in weights)))
+    else:  # a part ends inside a tile: stack the codes and pack once
+        planes = pack(torch.cat([w.codes() for w in weights]), first.fmt)
     scales = torch.cat([w.scales.to(scale_dtype) for w in weights])
     return QuantizedWeight(planes, scales, first.fmt, (sum(w.out_features for w in weights), first.in_features),
                            first.group_size, first.layout_version)

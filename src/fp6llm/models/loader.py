@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from .. import fused
 from ..formats import FPFormat
 from ..nn import FPxLinear
-from ..packing import LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_widths, unpack_v1
+from ..packing import (LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_widths, tile_index, unpack,
+                       unpack_v1)
 from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
 from ..tp import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from . import llama, opt
@@ -261,12 +262,49 @@ class PackedSource(Source):
         if self.fmt is None:
             return super().fused_linear(name, module)
         k = module.in_features
-        planes = tuple(self.fused_rows(name, f"plane{i}", (padded_k(k) * width // 32,), self._read_planes)
-                       for i, width in enumerate(plane_widths(self.fmt.bits)))
         scales = self.fused_rows(name, "scales", () if self.group_size is None else (k // self.group_size,),
                                  self._read_scales)
         bias = None if module.bias is None else self.fused_rows(name, "bias", ())
-        return FPxLinear(QuantizedWeight(planes, scales, self.fmt, (planes[0].shape[0], k), self.group_size), bias)
+        n = scales.shape[0]
+        if self.has(f"{name}.plane0") and self.layout_version != 1:  # the fused tensor: its rank's rows, tile-wise
+            planes = self._fused_planes(name, k)
+        else:  # the parts' own tensors (a checkpoint packed before fusing): each part's codes, packed once
+            parts = []
+            for part, _, rows in self.fused[name]:
+                split = self.shards.get(part)
+                qw = self._part_codes(part, rows, k, split)
+                parts.append(qw)
+            planes = pack(torch.cat(parts), self.fmt)
+        return FPxLinear(QuantizedWeight(planes, scales, self.fmt, (n, k), self.group_size), bias)
+
+    def _fused_planes(self, name: str, k: int) -> tuple:
+        """The fused tensor's planes, only the rank's rows of each part (whole 16-row tiles: tile_index)."""
+        parts = self.fused[name]
+        total = sum(rows for _, _, rows in parts)
+        planes = []
+        for i, width in enumerate(plane_widths(self.fmt.bits)):
+            pieces = []
+            for part, offset, rows in parts:
+                split = self.shards.get(part)
+                start, stop = (0, rows) if split is None else (split.start, split.stop)
+                index = tile_index(total, k, rows=(offset + start, offset + stop))
+                pieces.append(self.checkpoint.read(f"{name}.plane{i}", plane_shape(total, k, width), (torch.int32,),
+                                                   self.device, index))
+            planes.append(torch.cat(pieces))
+        return tuple(planes)
+
+    def _part_codes(self, part: str, rows: int, k: int, split) -> torch.Tensor:
+        """uint8 codes of one part's packed tensor (layout 1 or 2), only the split's rows when there is a split."""
+        if self.layout_version == 1:
+            v1_words = -(-k // 64) * 64 // 32
+            planes = tuple(self.checkpoint.read(f"{part}.plane{i}", (rows, v1_words * width), (torch.int32,),
+                                                self.device) for i, width in enumerate(plane_widths(self.fmt.bits)))
+            codes = unpack_v1(planes, self.fmt.bits, k)
+        else:
+            planes = tuple(self.checkpoint.read(f"{part}.plane{i}", plane_shape(rows, k, width), (torch.int32,),
+                                                self.device) for i, width in enumerate(plane_widths(self.fmt.bits)))
+            codes = unpack(planes, self.fmt, k, rows)
+        return codes if split is None else codes[split.weight_index]
 
     def _read_planes(self, name: str, shape: tuple, index: Optional[tuple]) -> torch.Tensor:
         return self.checkpoint.read(name, shape, (torch.int32,), self.device, index)
