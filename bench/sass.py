@@ -61,7 +61,7 @@ def disassemble(cubin: bytes) -> list[tuple[int, str, str, str]]:
 
 
 def innermost_loop(instructions) -> list:
-    """The instructions of the largest loop body that contains no other backward branch (the K loop)."""
+    """The instructions of the K loop: of the loop bodies (backward branches), the one with the most MMAs."""
     by_address = {a: i for i, (a, *_) in enumerate(instructions)}
     loops = []
     for i, (address, op, _, args) in enumerate(instructions):
@@ -73,10 +73,14 @@ def innermost_loop(instructions) -> list:
         start = by_address.get(int(target.group(1), 16))
         if start is not None:
             loops.append((start, i))
-    innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
-    if not innermost:
+    if not loops:
         raise ValueError("no loop found in the kernel")
-    start, end = max(innermost, key=lambda span: span[1] - span[0])
+
+    def mma_count(span):
+        return sum(op in PIPES["mma"] for _, op, _, _ in instructions[span[0]:span[1] + 1])
+
+    # the K loop: the loop with the most MMA instructions, the tightest such one (no prologue or epilogue around it)
+    start, end = max(loops, key=lambda span: (mma_count(span), -(span[1] - span[0])))
     return instructions[start:end + 1]
 
 
@@ -130,8 +134,8 @@ def triton_cubin(fmt, dtype: str, config) -> bytes:
 
 
 def cuda_cubin(fmt, dtype: str, m: int) -> bytes:
-    from fp6llm.kernels.fpx_cuda import kernel_source, nvrtc_compile
-    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False)
+    from fp6llm.kernels.fpx_cuda import STAGES, kernel_source, nvrtc_compile
+    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False, STAGES)
     try:
         return nvrtc_compile(source, "sm_90a")
     except RuntimeError as err:
@@ -163,8 +167,9 @@ def main(argv=None) -> int:
         report(f"Triton fpx_gemm_kernel {config}", triton_cubin(fmt, args.dtype, config), config.num_warps,
                config.block_n * config.block_k)
     if args.kernel in ("both", "cuda"):
-        # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
-        report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
+        # one warp, one loop pass = one 16 x 128 tile (two with the register ping-pong, STAGES = 0)
+        from fp6llm.kernels.fpx_cuda import STAGES
+        report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, (1 if STAGES else 2) * 16 * 128)
     del torch
     return 0
 
