@@ -32,7 +32,6 @@ from fp6llm.kernels.fpx_gemm import fpx_gemm  # noqa: E402
 from fp6llm.quantize import quantize_weight  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-STAGE_VARIANTS = ()  # set by --stages
 
 
 def rel_err(out, ref) -> float:
@@ -55,8 +54,7 @@ def correctness(quick: bool) -> list:
                     ref = x.double() @ qw.dequantize(torch.float64).T
                     if bias is not None:
                         ref = ref + bias.double()
-                    cuda_out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split,
-                                                    stages=(0, 3, 6)[m % 3])
+                    cuda_out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split)
                     triton_out = fpx_gemm(x, qw.planes, qw.scales, bias, qw.fmt, n, k, None)
                     errs = (rel_err(cuda_out, ref), rel_err(triton_out, ref))
                     limit = 4e-3 if dtype == torch.float16 else 2e-2
@@ -71,7 +69,7 @@ def correctness(quick: bool) -> list:
     return rows
 
 
-def calls_for(qw, m, dtype, kernel, stages=fpx_cuda.STAGES):
+def calls_for(qw, m, dtype, kernel):
     n, k = qw.shape
     bytes_per_call = qw.nbytes + m * k * 2 + m * n * 2
     calls = []
@@ -80,8 +78,7 @@ def calls_for(qw, m, dtype, kernel, stages=fpx_cuda.STAGES):
         scales = qw.scales if i == 0 else qw.scales.clone()
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         if kernel == "cuda":
-            calls.append(lambda p=planes, s=scales, x=x: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
-                                                                              stages=stages))
+            calls.append(lambda p=planes, s=scales, x=x: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k))
         else:
             calls.append(lambda p=planes, s=scales, x=x: fpx_gemm(x, p, s, None, qw.fmt, n, k, None))
     return calls, bytes_per_call
@@ -100,10 +97,6 @@ def timing(ms, cases, bandwidth) -> list:
                     row[f"{kernel}_us"] = time_calls(calls) * 1e6
                     row[f"{kernel}_floor"] = nbytes / bandwidth / (row[f"{kernel}_us"] / 1e6)
                     del calls
-                for stages in STAGE_VARIANTS:  # A/B of the ring depth (0: registers only)
-                    calls, nbytes = calls_for(qw, m, dtype, "cuda", stages)
-                    row[f"cuda_s{stages}_us"] = time_calls(calls) * 1e6
-                    del calls
                 dense, dense_bytes = dense_calls(n, k, m, dtype, "cuda")
                 row["cublas_us"] = time_calls(dense) * 1e6
                 row["cublas_floor"] = dense_bytes / bandwidth / (row["cublas_us"] / 1e6)
@@ -113,8 +106,7 @@ def timing(ms, cases, bandwidth) -> list:
                 row["split"] = fpx_cuda.choose_split(n, k, m, torch.cuda.get_device_properties(0).multi_processor_count)
                 row["triton_config"] = str(heuristic_config(m, n, k, 132))
                 rows.append(row)
-                variants = " ".join(f"s{st} {row[f'cuda_s{st}_us']:.1f}" for st in STAGE_VARIANTS)
-                print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%}) [{variants}]"
+                print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%})"
                       f"  triton {row['triton_us']:7.1f} us ({row['triton_floor']:4.0%})  cuBLAS {row['cublas_us']:7.1f} us"
                       f" ({row['cublas_floor']:4.0%})  cuda {row['cuda_speedup']:.2f}x  triton {row['triton_speedup']:.2f}x",
                       flush=True)
@@ -161,13 +153,10 @@ def main(argv=None):
     parser.add_argument("--ms", default="1,2,4,8,16")
     parser.add_argument("--quick", action="store_true", help="three formats in the correctness sweep")
     parser.add_argument("--skip-timing", action="store_true")
-    parser.add_argument("--stages", default="", help="extra ring depths of the CUDA kernel to time, e.g. 0,4,8")
     parser.add_argument("--mid", default="32,128,512,4096", help="M of the Triton-path rows ('' for none)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     started = time.time()
-    global STAGE_VARIANTS
-    STAGE_VARIANTS = tuple(int(s) for s in args.stages.split(",") if s)
     checks = correctness(args.quick)
     copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
     bandwidth = max(copy_bw, read_bw)

@@ -134,8 +134,8 @@ def triton_cubin(fmt, dtype: str, config) -> bytes:
 
 
 def cuda_cubin(fmt, dtype: str, m: int) -> bytes:
-    from fp6llm.kernels.fpx_cuda import STAGES, kernel_source, nvrtc_compile
-    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False, STAGES)
+    from fp6llm.kernels.fpx_cuda import kernel_source, nvrtc_compile
+    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False)
     try:
         return nvrtc_compile(source, "sm_90a")
     except RuntimeError as err:
@@ -167,9 +167,8 @@ def main(argv=None) -> int:
         report(f"Triton fpx_gemm_kernel {config}", triton_cubin(fmt, args.dtype, config), config.num_warps,
                config.block_n * config.block_k)
     if args.kernel in ("both", "cuda"):
-        # one warp, one loop pass = one 16 x 128 tile (two with the register ping-pong, STAGES = 0)
-        from fp6llm.kernels.fpx_cuda import STAGES
-        report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, (1 if STAGES else 2) * 16 * 128)
+        # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
+        report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
     del torch
     return 0
 

@@ -29,7 +29,6 @@ SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
 KERNEL_NAME = "fpx_small_m"
 WARPS = 4
 ROWS_PER_CTA = 16 * WARPS  # a 16-row tile per warp
-STAGES = 6  # tiles per warp in the shared-memory ring (0: two tiles in registers)
 MAX_M = 16
 FP16_EXP_BIAS = 15
 
@@ -71,20 +70,6 @@ def dequant_source(fmt: FPFormat) -> str:
             else:
                 loads.append(f"{{ uint2 v = load_stream2(p{p} + {offset}); tile.w{p}[{first}] = v.x; "
                              f"tile.w{p}[{first + 1}] = v.y; }}")
-    copies, reads, unit = [], [], 0  # the shared-memory ring: each lane's words in 16-byte units, unit-major
-    for p, plane in enumerate(layout):
-        words, group = 2 * plane.width, words_per_group(plane.width)
-        for first in range(0, words, group):
-            offset = f"tile_index * {64 * plane.width} + {first // group * LANES * group} + lane * {group}"
-            copies.append(f"cp_async_{4 * group}(stage + {unit} * 32 + lane, p{p} + {offset});")
-            if group == 4:
-                reads.append(f"{{ uint4 v = stage[{unit} * 32 + lane]; tile.w{p}[{first}] = v.x; "
-                             f"tile.w{p}[{first + 1}] = v.y; tile.w{p}[{first + 2}] = v.z; "
-                             f"tile.w{p}[{first + 3}] = v.w; }}")
-            else:
-                reads.append(f"{{ uint2 v = *reinterpret_cast<const uint2*>(stage + {unit} * 32 + lane); "
-                             f"tile.w{p}[{first}] = v.x; tile.w{p}[{first + 1}] = v.y; }}")
-            unit += 1
     lines = []
     for q in range(PAIRS_PER_LANE):
         terms = []
@@ -97,24 +82,18 @@ def dequant_source(fmt: FPFormat) -> str:
     return "\n".join([
         f"#define PLANE_REGS {regs}",
         "#define LOAD_PLANES " + " ".join(loads),
-        f"#define STAGE_UNITS {unit}",
-        "#define COPY_PLANES " + " ".join(copies),
-        "#define READ_PLANES " + " ".join(reads),
         "struct Tile;",
     ]), "\n".join(["__device__ __forceinline__ void dequant_tile(const Tile& tile, u32 (&a)[32]) {", *lines, "}"])
 
 
-def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, stages: int = 0) -> str:
-    """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. stages: 0 keeps two
-    tiles in registers (ping-pong); >= 2 streams the weights through a per-warp ring of that many tiles in shared
-    memory (cp.async), x through registers one tile ahead."""
+def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool) -> str:
+    """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case."""
     header, dequant = dequant_source(fmt)
     body = SOURCE.read_text()
     # dequant_tile needs the complete Tile: put it right after the struct's definition.
     marker = "__device__ __forceinline__ void load_tile("
     body = body.replace(marker, dequant + "\n\n" + marker, 1)
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
-               f"#define STAGES {stages}",
                f"// format {fmt.name}, layout 2 (packing.placement)", header.replace("struct Tile;", "")]
     return "\n".join(defines) + "\n" + body
 
@@ -206,22 +185,13 @@ def _arch(device) -> str:
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
 
 
-def stage_bytes(fmt: FPFormat) -> int:
-    """Shared memory of one ring stage of one warp: each lane's words of every plane in 16-byte units."""
-    return sum(-(-2 * p.width // words_per_group(p.width)) for p in placement(fmt)) * 16 * LANES
-
-
-def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, stages: int, device):
-    key = (fmt, dtype, n_blocks_m, has_bias, stages, torch.device(device).index)
+def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, device):
+    key = (fmt, dtype, n_blocks_m, has_bias, torch.device(device).index)
     if key not in _KERNELS:
-        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, stages)
+        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias)
         cubin = cached_cubin(source, _arch(device))
         with torch.cuda.device(device):
-            kernel = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
-            smem = WARPS * stages * stage_bytes(fmt)
-            if smem >= 48 * 1024:
-                kernel.set_shared_memory_config(smem)
-        _KERNELS[key] = (kernel, smem)
+            _KERNELS[key] = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
     return _KERNELS[key]
 
 
@@ -280,9 +250,8 @@ WORKSPACE = SplitWorkspace()
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-                split: "int | None" = None, stages: int = STAGES) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= 16, K] (see supports). split / stages override the defaults (tests,
-    benchmarks)."""
+                split: "int | None" = None) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split overrides the split-K degree (tests)."""
     m = x.shape[0]
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count)
@@ -294,8 +263,8 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     ws, counts = WORKSPACE.reserve(x.device, split * row_blocks * ROWS_PER_CTA * m, row_blocks) \
         if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
-    kernel, smem = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, stages, x.device)
-    kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1), shared_mem=smem,
+    kernel = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, x.device)
+    kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
                  counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
     return out

@@ -123,40 +123,6 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
     }
 }
 
-__device__ __forceinline__ void cp_async_16(uint4* dst, const u32* src) {
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(addr), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_8(uint4* dst, const u32* src) {
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(addr), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(PENDING) : "memory"); }
-
-__device__ __forceinline__ void copy_tile(uint4* stage, const u32* __restrict__ p0, const u32* __restrict__ p1,
-                                          const u32* __restrict__ p2, long tile_index, int lane) {
-    COPY_PLANES  // each lane copies the 16-byte units it will read back itself: no barrier between lanes
-}
-
-__device__ __forceinline__ void read_tile(Tile& tile, const uint4* stage, int lane) { READ_PLANES }
-
-__device__ __forceinline__ void load_x(Tile& tile, const uint4* __restrict__ x_row0, const uint4* __restrict__ x_row1,
-                                       int kt, int lane) {
-    const int col = kt * 16 + (lane & 3) * 4;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        tile.x[0][i] = __ldg(x_row0 + col + i);
-#if N_BLOCKS_M > 1
-        tile.x[1][i] = __ldg(x_row1 + col + i);
-#endif
-    }
-}
-
 __device__ __forceinline__ void compute_tile(const Tile& tile, float (&acc)[N_BLOCKS_M][4]) {
     u32 a[32];
     dequant_tile(tile, a);
@@ -195,35 +161,6 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         const uint4* x_row0 = reinterpret_cast<const uint4*>(x + (long)min(g, M - 1) * ldx);
         const uint4* x_row1 = reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx);
         const long base = (long)row_tile * k_tiles;
-#if STAGES >= 2
-        // A ring of STAGES tiles per warp in shared memory: STAGES - 1 tiles' weights in flight while one is
-        // computed; x one tile ahead in registers.
-        extern __shared__ uint4 smem[];
-        uint4* ring = smem + warp * (STAGES * STAGE_UNITS * 32);
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (kt0 + s < kt1) copy_tile(ring + s * STAGE_UNITS * 32, p0, p1, p2, base + kt0 + s, lane);
-            cp_async_commit();
-        }
-        Tile cur, nxt;
-        load_x(cur, x_row0, x_row1, kt0, lane);
-        int slot = 0;
-        for (int kt = kt0; kt < kt1; ++kt) {
-            const int ahead = kt + STAGES - 1;
-            if (ahead < kt1)
-                copy_tile(ring + ((slot + STAGES - 1) % STAGES) * STAGE_UNITS * 32, p0, p1, p2, base + ahead, lane);
-            cp_async_commit();
-            if (kt + 1 < kt1) load_x(nxt, x_row0, x_row1, kt + 1, lane);
-            cp_async_wait<STAGES - 1>();  // this tile's copies have landed
-            read_tile(cur, ring + slot * STAGE_UNITS * 32, lane);
-            compute_tile(cur, acc);
-#pragma unroll
-            for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) cur.x[b][i] = nxt.x[b][i];
-            slot = (slot + 1) % STAGES;
-        }
-#else
         // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
         Tile even, odd;
         load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt0, kt0, lane);
@@ -234,7 +171,6 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
             if (kt + 2 < kt1) load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt + 2, kt + 2, lane);
             compute_tile(odd, acc);
         }
-#endif
     }
 
     // acc[b][i]: weight row 16 row_tile + g + 8 (i / 2), x row 8 b + 2 t + i % 2.
