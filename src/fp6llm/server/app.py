@@ -3,10 +3,16 @@
     POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events ending with "data: [DONE]")
     GET  /v1/models, /health, /metrics (Prometheus text)
 
-Handlers parse and check a request (a bad one is a 400 in OpenAI's error shape before it reaches the engine),
-submit it to the Scheduler's engine thread, and turn the text it sends back into OpenAI's JSON. A client that goes
-away cancels its request, which frees its slot. With ``api_key`` set, /v1/* needs "Authorization: Bearer <key>";
-/health and /metrics stay open (a load balancer and Prometheus probe them).
+Handlers parse and check a request (a bad one is a 4xx in OpenAI's error shape before it reaches the engine, and an
+unexpected failure a 500 in the same shape; every one is counted in the metrics and keeps the connection), tokenize
+it off the event loop (a text too long for the context is refused before that), submit it to the Scheduler's engine
+thread, and turn the text it sends back into OpenAI's JSON. A client that goes away cancels its request, which frees
+its slot. With ``api_key`` set, /v1/* and /openapi.json need "Authorization: Bearer <key>"; /health and /metrics
+stay open (a load balancer and Prometheus probe them).
+
+Shutdown (``app.state.drain_soon()``, safe to call from a signal handler): no more requests are admitted (503, and
+the queued ones too), the running ones get ``shutdown_grace_s`` to finish, then each ends with an error (a stream:
+an error event and [DONE]).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
@@ -23,44 +30,75 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import Engine, SamplingParams
 from .metrics import Metrics
-from .protocol import (ApiError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                       ChatCompletionRequest, ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest,
-                       CompletionResponse, ModelCard, ModelList, Usage)
-from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from .protocol import (COMPLETION_MAX_TOKENS, ApiError, AssistantMessage, ChatChoice, ChatChunkChoice,
+                       ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, CompletionChoice,
+                       CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage)
+from .scheduler import SHUTTING_DOWN, Job, QueueFull, Scheduler, ShuttingDown
 
 MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is about 0.5 MB of JSON
 QUEUE_PER_SLOT = 4  # default bound of waiting requests: 4 x max_batch
 SSE_DONE = "data: [DONE]\n\n"
 API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection (metrics only)
+SHUTDOWN_GRACE_S = 5.0  # on shutdown, running requests get this long to finish before they are ended
+DRAIN_POLL_S = 0.05
+
+log = logging.getLogger("fp6llm.server")
 
 
 def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, max_queue: Optional[int] = None,
-               max_body_bytes: int = MAX_BODY_BYTES, created: int = 0) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, created: int = 0,
+               shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> FastAPI:
     """An app serving ``engine`` as model ``model_name``; its lifespan starts and stops the engine thread.
 
     max_queue: requests that may wait for a slot beyond the engine's max_batch_size ones that run (default
     4 x max_batch_size); more get 503. created: the model's creation time for /v1/models (Unix seconds).
+    shutdown_grace_s: how long running requests may go on after ``app.state.drain_soon()``.
     """
+    if shutdown_grace_s < 0:
+        raise ValueError(f"shutdown_grace_s must be >= 0, got {shutdown_grace_s}")
     metrics = Metrics(engine.max_batch_size)
     scheduler = Scheduler(engine, QUEUE_PER_SLOT * engine.max_batch_size if max_queue is None else max_queue, metrics)
+    metrics.follow(lambda: scheduler.load)  # the gauges read the scheduler's counts when scraped
+    draining: list = []  # the drain task, once started
+
+    async def drain() -> None:
+        scheduler.close()  # new and queued requests: 503
+        deadline = time.monotonic() + shutdown_grace_s
+        while sum(scheduler.load) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        running = sum(scheduler.load)
+        if running:
+            log.warning("shutdown: ending %d request(s) still running after %.1f s", running, shutdown_grace_s)
+        await asyncio.to_thread(scheduler.stop)  # what still runs ends with an error (streams: event + [DONE])
+
+    def start_drain() -> None:
+        if not draining:
+            draining.append(asyncio.ensure_future(drain()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        app.state.drain_soon = lambda: loop.call_soon_threadsafe(start_drain)
         scheduler.start()
         yield
-        await asyncio.to_thread(scheduler.stop)
+        start_drain()
+        await draining[0]
 
     app = FastAPI(title="fp6llm", summary="OpenAI-compatible API for FPx-quantized LLMs", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics = scheduler, metrics
+    app.state.drain_soon = lambda: None  # until the lifespan has started (and has an event loop)
 
     def count(request: Request, status: int) -> None:
         endpoint = request.url.path if request.url.path in API_PATHS else "other"
         metrics.requests.labels(endpoint, str(status)).inc()
+
+    app.add_middleware(CatchAll, count=count)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -94,6 +132,11 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    @app.get("/openapi.json")
+    async def openapi(request: Request) -> dict:
+        authorize(request)
+        return app.openapi()
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         authorize(request)
@@ -106,15 +149,18 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         authorize(request)
         body = await read_json(request, CompletionRequest, max_body_bytes)
         check_model(body.model)
-        ids = completion_prompt_ids(engine, body.prompt)
-        return await generate(request, body, ids, body.max_tokens, CompletionFormat(model_name))
+        ids = await completion_prompt_ids(engine, body.prompt)
+        max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        return await generate(request, body, ids, max_tokens, CompletionFormat(model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
         body = await read_json(request, ChatCompletionRequest, max_body_bytes)
         check_model(body.model)
-        ids = chat_prompt_ids(engine.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        check_text_length(engine, sum(len(m["content"]) for m in messages), "messages")
+        ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_seq_len - len(ids))
         return await generate(request, body, ids, max_tokens, ChatFormat(model_name))
 
@@ -129,7 +175,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
             if body.ignore_eos:
                 engine_request.stop_ids = frozenset()
         except ValueError as err:
-            param = "max_tokens" if len(prompt_ids) < engine.max_seq_len else fmt.prompt_field
+            param = "max_tokens" if 0 < len(prompt_ids) < engine.max_seq_len else fmt.prompt_field
             raise ApiError(400, str(err).replace("max_new_tokens", "max_tokens"), param=param) from None
         options = body.stream_options
         every_token = bool(body.stream and options and options.continuous_usage_stats)
@@ -168,13 +214,19 @@ async def read_json(request: Request, model: type, limit: int) -> BaseModel:
     if length.isdigit() and int(length) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
     try:
-        data = json.loads(body)
-    except ValueError as err:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody reads the answer: it only counts (and logs no traceback)
+        raise ApiError(CLIENT_GONE, "the client closed the connection while sending the body",
+                       code="client_closed_request") from None
+    try:
+        data = json.loads(body, parse_constant=_not_json)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as err:  # UnicodeDecodeError too
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
@@ -182,19 +234,44 @@ async def read_json(request: Request, model: type, limit: int) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("str", "list[")))
-        got = json.dumps(first.get("input"))[:80] if first["type"] != "missing" else "nothing"
-        raise ApiError(400, f"{field or 'body'}: {first['msg']} (got {got})", param=str(first["loc"][0])) from None
+        field = ".".join(str(part) for part in first["loc"]
+                         if not str(part).startswith(("str", "list[", "function-")))
+        raise ApiError(400, f"{field or 'body'}: {first['msg']} (got {_shown(first)})",
+                       param=str(first["loc"][0])) from None
 
 
-def completion_prompt_ids(engine: Engine, prompt) -> list:
-    """Token ids of a completion's prompt: text, a list of one text, or token ids (each below the vocabulary size)."""
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _shown(error: dict) -> str:
+    """The start of a validation error's input, as JSON."""
+    if error["type"] == "missing":
+        return "nothing"
+    try:
+        return json.dumps(error.get("input"))[:80]
+    except (ValueError, RecursionError):  # a lone surrogate is fine (escaped), a deep nesting is not
+        return "a value"
+
+
+def check_text_length(engine: Engine, chars: int, param: str) -> None:
+    """400 for a text that cannot fit the context whatever its tokens, before the time to tokenize it is spent."""
+    max_chars = getattr(engine.tokenizer, "max_chars", None)
+    if max_chars is not None and chars > max_chars(engine.max_seq_len):
+        raise ApiError(400, f"{param} has {chars} characters: more than {engine.max_seq_len} tokens whatever they are, "
+                            f"the most the context holds", param=param)
+
+
+async def completion_prompt_ids(engine: Engine, prompt) -> list:
+    """Token ids of a completion's prompt: text (tokenized in a worker thread, not on the event loop), a list of one
+    text, or token ids (each below the vocabulary size)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
             raise ApiError(400, f"prompt is a list of {len(prompt)} texts; send one per request", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return engine.tokenizer.encode(prompt)
+        check_text_length(engine, len(prompt), "prompt")
+        return await asyncio.to_thread(engine.tokenizer.encode, prompt)
     vocab = engine.model.config.vocab_size
     bad = [i for i in prompt if not 0 <= i < vocab]
     if bad:
@@ -216,6 +293,35 @@ def chat_prompt_ids(tokenizer, messages: list) -> list:
         return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
     text = "".join(f"{message['role']}: {message['content']}\n" for message in messages)
     return tokenizer.encode(text + "assistant:")
+
+
+class CatchAll:
+    """ASGI middleware: an unexpected exception becomes a 500 in OpenAI's error shape, counted, logged once, and the
+    connection is kept (uvicorn closes a connection whose application raised). Inside it, FastAPI's handlers have
+    already turned every ApiError into its response."""
+
+    def __init__(self, app, count):
+        self.app, self.count = app, count
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as err:
+            if started:  # mid-response: nothing left to answer with
+                raise
+            log.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            error = ApiError(500, f"internal error: {type(err).__name__}", type="server_error")
+            self.count(Request(scope), error.status)
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 
 # ---- answering ------------------------------------------------------------------------------------------------------
@@ -287,7 +393,7 @@ def job_error(job: Job, watcher: asyncio.Task) -> ApiError:
     """The error of an aborted job: the client left (499, for the metrics), shutdown (503), engine failure (500)."""
     if watcher.done() and not watcher.cancelled():
         return ApiError(CLIENT_GONE, "the client closed the connection", code="client_closed_request")
-    if job.error == "the server is shutting down":
+    if job.error == SHUTTING_DOWN:
         return ApiError(503, job.error, type="server_error", code="shutting_down")
     return ApiError(500, job.error or "the request was aborted", type="server_error")
 

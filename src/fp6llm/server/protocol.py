@@ -10,12 +10,27 @@ as in vLLM, sent by the openai client through ``extra_body``.
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing, many would slow every token's check
 SEED_RANGE = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
+MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (also what "max_tokens": null means there)
+
+
+def _unicode(text: str) -> str:
+    """JSON may spell a lone surrogate ("\\ud800"), which is no character: no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text holds a lone surrogate {text[err.start]!r} at {err.start}: not valid Unicode") \
+            from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every text that reaches a tokenizer or a stop-string match
 
 
 class ApiError(Exception):
@@ -44,11 +59,11 @@ class _Sampling(_Strict):
     """What completions and chat completions share."""
 
     model: Optional[str] = None  # None: the served model
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: Optional[int] = Field(None, ge=0)
     seed: Optional[int] = Field(None, ge=-SEED_RANGE, lt=SEED_RANGE)
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     ignore_eos: bool = False
     n: int = 1
     stream: bool = False
@@ -69,8 +84,8 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int]]  # text, a list of one text, or token ids
-    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: Union[Text, list[Text], list[int]]  # text, a list of one text, or token ids
+    max_tokens: Optional[int] = Field(COMPLETION_MAX_TOKENS, ge=1)  # None (null): the default too
     echo: bool = False
     logprobs: Optional[int] = None
     best_of: Optional[int] = None
@@ -90,12 +105,12 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[Text, list[TextPart], None] = None
 
     def text(self) -> str:
         if self.content is None:
