@@ -1,9 +1,10 @@
 """The OpenAI API's request and response bodies, as pydantic models, and its error shape.
 
 Requests are validated strictly (a string is not a number, 1.0 is not an int): a wrong type is a 400, as at OpenAI.
-Fields of the OpenAI API that this server does not use (penalties, logit_bias, user, tools, ...) are accepted and
-ignored; the few whose non-default values would change the answer (n, logprobs, echo, best_of, suffix) are refused by
-``unsupported``. ``top_k`` and ``ignore_eos`` (generate max_tokens tokens whatever comes: benchmarks) are extensions,
+Fields of the OpenAI API that change nothing here (user, metadata, store, ...) are accepted and ignored; those whose
+non-default values would change the answer and that the engine does not implement (n, logprobs, echo, best_of,
+suffix, penalties, min_p, logit_bias, response_format, tools) are refused by ``unsupported`` with a 400 naming the
+field. ``top_k`` and ``ignore_eos`` (generate max_tokens tokens whatever comes: benchmarks) are extensions,
 as in vLLM, sent by the openai client through ``extra_body``.
 """
 
@@ -68,6 +69,14 @@ class _Sampling(_Strict):
     n: int = 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    # accepted only at their defaults (what they would change is not implemented): see ``unsupported``
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None  # vLLM's extension
+    min_p: Optional[float] = None
+    logit_bias: Optional[dict] = None
+    response_format: Optional[dict] = None
+    tools: Optional[list] = None
 
     def stop_strings(self) -> list:
         """The stop strings as a list (empty strings dropped)."""
@@ -80,6 +89,18 @@ class _Sampling(_Strict):
         """(field, message) of the first field set to a value this server cannot honour, else None."""
         if self.n != 1:
             return "n", f"only n=1 is supported, got n={self.n}"
+        for name, default in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
+                              ("min_p", 0)):
+            value = getattr(self, name)
+            if value is not None and value != default:
+                return name, f"{name} is not supported (only {default}), got {value}"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", f"response_format {self.response_format.get('type')!r} is not supported " \
+                                      f"(only text)"
+        if self.tools:
+            return "tools", "tools (function calling) are not supported"
         return None
 
 
@@ -123,10 +144,13 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(None, ge=1)  # None: the rest of the context
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name; wins over max_tokens
     logprobs: bool = False
+    top_logprobs: Optional[int] = None
 
     def unsupported(self) -> Optional[tuple]:
         if self.logprobs:
             return "logprobs", "logprobs are not supported"
+        if self.top_logprobs:
+            return "top_logprobs", "top_logprobs are not supported"
         return super().unsupported()
 
 
