@@ -168,6 +168,30 @@ def test_seeded_sampling_repeats_and_stop_strings_cut_the_text(server, gen):
     assert "".join(c["text"] for c in chunks) == expected and chunks[-1]["finish_reason"] == "stop"
 
 
+def test_n_choices_each_equal_the_request_with_its_seed(server, gen):
+    prompt, seed = random_text(gen), int(torch.randint(-2**62, 2**62, (), generator=gen))
+    sampling = dict(max_tokens=8, temperature=0.9, ignore_eos=True)
+    alone = [complete(server.url, prompt, seed=seed + i, **sampling)["choices"][0]["text"] for i in range(3)]
+    together = complete(server.url, prompt, seed=seed, n=3, **sampling)
+    assert [(c["index"], c["text"]) for c in together["choices"]] == list(enumerate(alone))
+    assert together["usage"]["prompt_tokens"] == len(prompt) + 1 and together["usage"]["completion_tokens"] == 24
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={
+            "prompt": prompt, "seed": seed, "n": 3, "stream": True, "stream_options": {"include_usage": True},
+            **sampling}) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[-1]["usage"] == together["usage"]
+    streamed = ["".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"][0]["index"] == i)
+                for i in range(3)]
+    assert streamed == alone
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], n=2,
+                                          max_tokens=4, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+
+
 def test_continuous_usage_stats_stream_a_chunk_per_token(server, gen):
     body = {"prompt": random_text(gen), "max_tokens": 20, "ignore_eos": True, "temperature": 0, "stream": True,
             "stream_options": {"continuous_usage_stats": True, "include_usage": True}}
@@ -245,7 +269,9 @@ BAD_REQUESTS = {  # id: (path, body: dict or raw bytes, status, param)
     "token-id-beyond-vocab": ("/v1/completions", {"prompt": [1, 70000]}, 400, "prompt"),
     "negative-temperature": ("/v1/completions", {"prompt": "a", "temperature": -1}, 400, "temperature"),
     "top-p-zero": ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p"),
-    "n-2": ("/v1/completions", {"prompt": "a", "n": 2}, 400, "n"),
+    "n-0": ("/v1/completions", {"prompt": "a", "n": 0}, 400, "n"),
+    "n-beyond-the-batch": ("/v1/completions", {"prompt": "a", "n": 33}, 400, "n"),
+    "best-of-2": ("/v1/completions", {"prompt": "a", "best_of": 2}, 400, "best_of"),
     "logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 1}, 400, "logprobs"),
     "echo": ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo"),
     "chat-top-logprobs": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},

@@ -34,16 +34,15 @@ from starlette.requests import ClientDisconnect
 
 from ..engine import Engine, SamplingParams
 from .metrics import Metrics
-from .protocol import (COMPLETION_MAX_TOKENS, ApiError, AssistantMessage, ChatChoice, ChatChunkChoice,
-                       ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChatDelta, CompletionChoice,
-                       CompletionRequest, CompletionResponse, ModelCard, ModelList, Usage)
-from .scheduler import SHUTTING_DOWN, Job, QueueFull, Scheduler, ShuttingDown
+from .answers import (CLIENT_GONE, ChatFormat, CompletionFormat, cancel_on_disconnect, collect, job_error,
+                      stream_events, total_usage)
+from .protocol import (COMPLETION_MAX_TOKENS, SEED_RANGE, ApiError, ChatCompletionRequest, CompletionRequest,
+                       ModelCard, ModelList)
+from .scheduler import QueueFull, Scheduler, ShuttingDown
 
 MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is about 0.5 MB of JSON
 QUEUE_PER_SLOT = 4  # default bound of waiting requests: 4 x max_batch
-SSE_DONE = "data: [DONE]\n\n"
 API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
-CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection (metrics only)
 SHUTDOWN_GRACE_S = 5.0  # on shutdown, running requests get this long to finish before they are ended
 DRAIN_POLL_S = 0.05
 
@@ -164,43 +163,55 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_seq_len - len(ids))
         return await generate(request, body, ids, max_tokens, ChatFormat(model_name))
 
-    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: "CompletionFormat"):
+    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: CompletionFormat):
+        """Run the request as ``body.n`` jobs (choice i samples with seed + i when a seed is given)."""
         unsupported = body.unsupported()
         if unsupported:
             raise ApiError(400, unsupported[1], param=unsupported[0])
+        if body.n > engine.max_batch_size:
+            raise ApiError(400, f"n={body.n} is more than the {engine.max_batch_size} requests this server decodes "
+                                f"together (--max-batch)", param="n")
         stops = body.stop_strings()
         try:
-            sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
-            engine_request = engine.request(prompt_ids, max_tokens, sampling)
-            if body.ignore_eos:
-                engine_request.stop_ids = frozenset()
+            engine_requests = []
+            for i in range(body.n):
+                seed = None if body.seed is None else (body.seed + i + SEED_RANGE) % (2 * SEED_RANGE) - SEED_RANGE
+                engine_request = engine.request(prompt_ids, max_tokens,
+                                                SamplingParams(body.temperature, body.top_k, body.top_p, seed))
+                if body.ignore_eos:
+                    engine_request.stop_ids = frozenset()
+                engine_requests.append(engine_request)
         except ValueError as err:
             param = "max_tokens" if 0 < len(prompt_ids) < engine.max_seq_len else fmt.prompt_field
             raise ApiError(400, str(err).replace("max_new_tokens", "max_tokens"), param=param) from None
         options = body.stream_options
         every_token = bool(body.stream and options and options.continuous_usage_stats)
+        jobs = []
         try:
-            job = scheduler.submit(engine_request, stops, fmt.id_prefix, every_token)
-        except QueueFull as err:
-            raise ApiError(503, str(err), type="server_error", code="queue_full", headers={"Retry-After": "1"})
-        except ShuttingDown as err:
+            for engine_request in engine_requests:
+                jobs.append(scheduler.submit(engine_request, stops, fmt.id_prefix, every_token))
+        except (QueueFull, ShuttingDown) as err:
+            for job in jobs:  # all the choices or none
+                scheduler.cancel(job)
+            if isinstance(err, QueueFull):
+                raise ApiError(503, str(err), type="server_error", code="queue_full", headers={"Retry-After": "1"})
             raise ApiError(503, str(err), type="server_error", code="shutting_down")
-        fmt.id = job.id
-        watcher = asyncio.create_task(cancel_on_disconnect(request, scheduler, job))
+        fmt.id = jobs[0].id
+        watcher = asyncio.create_task(cancel_on_disconnect(request, scheduler, jobs))
         if body.stream:
-            events = stream_events(job, fmt, bool(options and options.include_usage), every_token, scheduler, watcher,
+            events = stream_events(jobs, fmt, bool(options and options.include_usage), every_token, scheduler, watcher,
                                    lambda status: count(request, status))
             return StreamingResponse(events,
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            text, reason = await collect(job)
+            results = await asyncio.gather(*(collect(job) for job in jobs))
         finally:
             watcher.cancel()
-        if reason == "abort":
-            raise job_error(job, watcher)
+        aborted = next((job for job, (_, reason) in zip(jobs, results) if reason == "abort"), None)
+        if aborted is not None:
+            raise job_error(aborted, watcher)
         count(request, 200)
-        return JSONResponse(fmt.response(text, reason, Usage.of(job.prompt_tokens, job.completion_tokens))
-                            .model_dump())
+        return JSONResponse(fmt.response(results, total_usage(jobs)).model_dump())
 
     return app
 
@@ -322,115 +333,3 @@ class CatchAll:
             error = ApiError(500, f"internal error: {type(err).__name__}", type="server_error")
             self.count(Request(scope), error.status)
             await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
-
-
-# ---- answering ------------------------------------------------------------------------------------------------------
-
-class CompletionFormat:
-    """A job's text as /v1/completions objects: chunks of a stream, or the whole response."""
-
-    id_prefix, prompt_field = "cmpl", "prompt"
-
-    def __init__(self, model: str):
-        self.model, self.id, self.created = model, "", int(time.time())
-
-    def _make(self, **fields):
-        return CompletionResponse(id=self.id, model=self.model, created=self.created, **fields)
-
-    def first_chunks(self) -> list:
-        return []
-
-    def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None) -> BaseModel:
-        return self._make(choices=[CompletionChoice(text=text, finish_reason=finish_reason)], usage=usage)
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self._make(choices=[], usage=usage)
-
-    def response(self, text: str, finish_reason: str, usage: Usage) -> BaseModel:
-        return self._make(choices=[CompletionChoice(text=text, finish_reason=finish_reason)], usage=usage)
-
-
-class ChatFormat(CompletionFormat):
-    """The same for /v1/chat/completions: a first chunk with the role, deltas of content, an empty last delta."""
-
-    id_prefix, prompt_field = "chatcmpl", "messages"
-
-    def _make(self, **fields):
-        return ChatCompletionChunk(id=self.id, model=self.model, created=self.created, **fields)
-
-    def first_chunks(self) -> list:
-        return [self._make(choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
-
-    def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None) -> BaseModel:
-        delta = ChatDelta(content=text) if finish_reason is None else ChatDelta()
-        return self._make(choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)], usage=usage)
-
-    def response(self, text: str, finish_reason: str, usage: Usage) -> BaseModel:
-        return ChatCompletionResponse(id=self.id, model=self.model, created=self.created, usage=usage, choices=[
-            ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)])
-
-
-async def cancel_on_disconnect(request: Request, scheduler: Scheduler, job: Job) -> None:
-    """Cancel the job when the client closes the connection (the body is read: only http.disconnect comes)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            scheduler.cancel(job)
-            return
-
-
-async def collect(job: Job) -> tuple:
-    """(whole text, finish reason) of a job."""
-    parts = []
-    while True:
-        text, reason, _ = await job.outputs.get()
-        parts.append(text)
-        if reason is not None:
-            return "".join(parts), reason
-
-
-def job_error(job: Job, watcher: asyncio.Task) -> ApiError:
-    """The error of an aborted job: the client left (499, for the metrics), shutdown (503), engine failure (500)."""
-    if watcher.done() and not watcher.cancelled():
-        return ApiError(CLIENT_GONE, "the client closed the connection", code="client_closed_request")
-    if job.error == SHUTTING_DOWN:
-        return ApiError(503, job.error, type="server_error", code="shutting_down")
-    return ApiError(500, job.error or "the request was aborted", type="server_error")
-
-
-async def stream_events(job: Job, fmt: CompletionFormat, include_usage: bool, every_token: bool,
-                        scheduler: Scheduler, watcher: asyncio.Task, count):
-    """Server-sent events of a job: chunks as the text comes (every_token: a chunk per token, with the usage so
-    far), the usage chunk if asked for, then [DONE]."""
-    status = CLIENT_GONE
-    try:
-        for chunk in fmt.first_chunks():
-            yield sse(chunk)
-        while True:
-            text, reason, tokens = await job.outputs.get()
-            usage = Usage.of(job.prompt_tokens, tokens) if every_token else None
-            if reason == "abort":
-                error = job_error(job, watcher)
-                status = error.status
-                if status != CLIENT_GONE:
-                    yield f"data: {json.dumps(error.body())}\n\n"
-                break
-            if text or (every_token and reason is None):
-                yield sse(fmt.chunk(text, usage=usage))
-            if reason is not None:
-                yield sse(fmt.chunk("", reason, usage))
-                if include_usage:
-                    yield sse(fmt.usage_chunk(Usage.of(job.prompt_tokens, job.completion_tokens)))
-                status = 200
-                break
-        yield SSE_DONE
-    finally:  # also when the stream is closed early (the client left) or cancelled (shutdown)
-        watcher.cancel()
-        if job.finish_reason is None:
-            status = CLIENT_GONE
-            scheduler.cancel(job)
-        count(status)
-
-
-def sse(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json()}\n\n"

@@ -2,7 +2,7 @@
 
 Requests are validated strictly (a string is not a number, 1.0 is not an int): a wrong type is a 400, as at OpenAI.
 Fields of the OpenAI API that change nothing here (user, metadata, store, ...) are accepted and ignored; those whose
-non-default values would change the answer and that the engine does not implement (n, logprobs, echo, best_of,
+non-default values would change the answer and that the engine does not implement (logprobs, echo, best_of,
 suffix, penalties, min_p, logit_bias, response_format, tools) are refused by ``unsupported`` with a 400 naming the
 field. ``top_k`` and ``ignore_eos`` (generate max_tokens tokens whatever comes: benchmarks) are extensions,
 as in vLLM, sent by the openai client through ``extra_body``.
@@ -66,7 +66,7 @@ class _Sampling(_Strict):
     seed: Optional[int] = Field(None, ge=-SEED_RANGE, lt=SEED_RANGE)
     stop: Union[Text, list[Text], None] = None
     ignore_eos: bool = False
-    n: int = 1
+    n: int = Field(1, ge=1)  # choices, each a job of its own (at most the server's --max-batch)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     # accepted only at their defaults (what they would change is not implemented): see ``unsupported``
@@ -87,8 +87,6 @@ class _Sampling(_Strict):
 
     def unsupported(self) -> Optional[tuple]:
         """(field, message) of the first field set to a value this server cannot honour, else None."""
-        if self.n != 1:
-            return "n", f"only n=1 is supported, got n={self.n}"
         for name, default in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
                               ("min_p", 0)):
             value = getattr(self, name)
@@ -177,7 +175,7 @@ class _Response(BaseModel):
 
 
 class _Choice(BaseModel):
-    """What every kind of choice has: its index (n = 1: always 0), no logprobs, and why it ended (None until then)."""
+    """What every kind of choice has: its index (0..n-1), no logprobs, and why it ended (None until then)."""
 
     index: int = 0
     logprobs: None = None
