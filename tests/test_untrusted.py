@@ -211,7 +211,7 @@ def test_bad_packed_metadata_is_refused(packed_copy, case):
 
 def test_5_bit_planes_declared_as_6_bit_are_refused(packed_copy):
     def five_bit(tensors):  # plane1 of width 1 instead of 2: half the words a row
-        return {k: v[:, : v.shape[1] // 2].contiguous() if k.endswith(".plane1") else v for k, v in tensors.items()}
+        return {k: v[..., : v.shape[-1] // 2].contiguous() if k.endswith(".plane1") else v for k, v in tensors.items()}
     with pytest.raises(ValueError, match=r"plane1 has \d+ words a row against plane0's"):
         load_hf(packed_copy(tensors=five_bit), progress=False)
 
