@@ -55,10 +55,11 @@ def tiny_bert(path, **config_fields) -> None:
     (path / "config.json").write_text(json.dumps({**config.to_dict(), **config_fields}))
 
 
-@pytest.fixture
-def hostile(tmp_path):
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
     """Two checkpoints that try to run their own code through transformers' auto_map, and one whose only weights
     are a legitimate pickle (which must not be loaded either)."""
+    tmp_path = tmp_path_factory.mktemp("hostile")
     tok = tmp_path / "tokenizer"
     tok.mkdir()
     (tok / "evil.py").write_text(f"MARKER = {str(tok / 'MARKER')!r}\n" + EVIL_CODE)
