@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over one Engine: ``create_app(engine, model_name, ...)`` -> a FastAPI app.
 
     POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events ending with "data: [DONE]")
-    GET  /v1/models, /health, /metrics (Prometheus text)
+    GET  /v1/models, /health, /metrics (Prometheus text), /openapi.json
 
 Handlers parse and check a request (a bad one is a 4xx in OpenAI's error shape before it reaches the engine, and an
 unexpected failure a 500 in the same shape; every one is counted in the metrics and keeps the connection), tokenize
@@ -33,9 +33,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..engine import Engine, SamplingParams
-from .metrics import Metrics
 from .answers import (CLIENT_GONE, ChatFormat, CompletionFormat, cancel_on_disconnect, collect, job_error,
                       stream_events, total_usage)
+from .metrics import Metrics
 from .protocol import (COMPLETION_MAX_TOKENS, SEED_RANGE, ApiError, ChatCompletionRequest, CompletionRequest,
                        ModelCard, ModelList)
 from .scheduler import QueueFull, Scheduler, ShuttingDown
@@ -116,10 +116,17 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
 
-    def check_model(name: Optional[str]) -> None:
-        if name is not None and name != model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+    def check_body(body) -> None:
+        """What can be refused before the prompt is tokenized: another model, a field the engine cannot honour."""
+        if body.model is not None and body.model != model_name:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
+        unsupported = body.unsupported()
+        if unsupported:
+            raise ApiError(400, unsupported[1], param=unsupported[0])
+        if body.n > engine.max_batch_size:
+            raise ApiError(400, f"n={body.n} is more than the {engine.max_batch_size} requests this server decodes "
+                                f"together (--max-batch)", param="n")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -131,7 +138,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/openapi.json")
+    @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> dict:
         authorize(request)
         return app.openapi()
@@ -147,7 +154,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
     async def completions(request: Request):
         authorize(request)
         body = await read_json(request, CompletionRequest, max_body_bytes)
-        check_model(body.model)
+        check_body(body)
         ids = await completion_prompt_ids(engine, body.prompt)
         max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         return await generate(request, body, ids, max_tokens, CompletionFormat(model_name))
@@ -156,7 +163,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
     async def chat_completions(request: Request):
         authorize(request)
         body = await read_json(request, ChatCompletionRequest, max_body_bytes)
-        check_model(body.model)
+        check_body(body)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         check_text_length(engine, sum(len(m["content"]) for m in messages), "messages")
         ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)
@@ -165,12 +172,6 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
 
     async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: CompletionFormat):
         """Run the request as ``body.n`` jobs (choice i samples with seed + i when a seed is given)."""
-        unsupported = body.unsupported()
-        if unsupported:
-            raise ApiError(400, unsupported[1], param=unsupported[0])
-        if body.n > engine.max_batch_size:
-            raise ApiError(400, f"n={body.n} is more than the {engine.max_batch_size} requests this server decodes "
-                                f"together (--max-batch)", param="n")
         stops = body.stop_strings()
         try:
             engine_requests = []
