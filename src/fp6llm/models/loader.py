@@ -322,7 +322,9 @@ class PackedSource(Source):
 
     def _read_scales(self, name: str, shape: tuple, index: Optional[tuple]) -> torch.Tensor:
         # parts packed apart may differ in scale dtype (float16 group scales where all fit): torch.cat widens them
-        return self.checkpoint.read(name, shape, (torch.float32, torch.float16), self.device, index)
+        scales = self.checkpoint.read(name, shape, (torch.float32, torch.float16), self.device, index)
+        check_scales(name, scales, str(self.checkpoint.dir))  # untrusted: finite and > 0
+        return scales
 
     def linear(self, name: str, module: nn.Linear) -> FPxLinear:
         """The planes and scales (a tensor-parallel split: only the slice of them that tp.shard_quantized keeps)."""
@@ -337,9 +339,8 @@ class PackedSource(Source):
                                                 self.device, None if split is None else plane_index(split, width, k, n))
                            for i, width in enumerate(plane_widths(self.fmt.bits)))
         scale_shape = (n,) if self.group_size is None else (n, k // self.group_size)
-        scales = self.checkpoint.read(f"{name}.scales", scale_shape, (torch.float32, torch.float16), self.device,
-                                      None if split is None else scale_index(split, self.group_size))
-        check_scales(f"{name}.scales", scales, str(self.checkpoint.dir))
+        scales = self._read_scales(f"{name}.scales", scale_shape,
+                                   None if split is None else scale_index(split, self.group_size))
         bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias,
                                                              None if split is None else split.bias_index)
         shape = (n, k) if split is None else split.shape(n, k)
