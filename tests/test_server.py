@@ -399,7 +399,8 @@ def test_metrics_and_request_log(server):
 
 
 def test_sigterm_lets_a_running_stream_finish_and_exits(tmp_path, gen):
-    process = start_server(tmp_path / "server.log", "--max-batch", "2")
+    # a grace period long enough for the 200 tokens on a busy CPU (test_server_lifecycle.py: one that runs out)
+    process = start_server(tmp_path / "server.log", "--max-batch", "2", "--shutdown-grace", "60")
     try:
         url = wait_ready(process)
         body = {"prompt": random_text(gen), "max_tokens": 200, "ignore_eos": True, "stream": True}
