@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
@@ -154,7 +155,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--m", type=int, default=1, help="rows of x (picks the configuration)")
     parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda"])
+    parser.add_argument("--json", help="also write the counts to this file")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: unset it (the interpreter compiles nothing)")
 
     import torch
 
@@ -162,13 +166,16 @@ def main(argv=None) -> int:
     from fp6llm.kernels.dispatch import heuristic_config
     fmt = FPFormat.parse(args.format)
     print(f"{fmt.name}, {args.dtype}, M = {args.m}, sm_90a")
+    results = {}
     if args.kernel in ("both", "triton"):
         config = heuristic_config(args.m, 8192, 8192, 132)
-        report(f"Triton fpx_gemm_kernel {config}", triton_cubin(fmt, args.dtype, config), config.num_warps,
-               config.block_n * config.block_k)
+        results["triton"] = report(f"Triton fpx_gemm_kernel {config}", triton_cubin(fmt, args.dtype, config),
+                                   config.num_warps, config.block_n * config.block_k)
     if args.kernel in ("both", "cuda"):
         # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
-        report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
+        results["cuda"] = report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
     del torch
     return 0
 

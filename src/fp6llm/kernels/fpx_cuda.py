@@ -116,6 +116,9 @@ def _find_nvrtc() -> ctypes.CDLL:
     candidates += glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*")
     for path in sorted(c for c in candidates if "builtins" not in c and "alt" not in c):
         try:
+            # NVRTC opens libnvrtc-builtins by name at compile time: load the one beside it first
+            for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*")):
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
             return ctypes.CDLL(path)
         except OSError:
             continue
