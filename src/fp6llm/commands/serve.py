@@ -13,7 +13,7 @@ import signal
 import sys
 
 from ..cli import command
-from .engine import _model_arguments, _source, _tp_argument
+from .engine import _model_arguments, _source, _tp_argument, check_model_arguments
 
 GRACEFUL_SHUTDOWN_S = 5  # on SIGINT / SIGTERM, running requests get this long to finish, then they are cancelled
 API_KEY_ENV = "FP6LLM_API_KEY"
@@ -43,6 +43,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args) -> None:
+    check_model_arguments(args)
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
