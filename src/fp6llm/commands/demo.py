@@ -20,7 +20,8 @@ TIMED_CALLS = 3  # the ms column is the median of these, after one untimed warm-
 @command("demo", "every format on a random layer, then text from the embedded FP6 model (no downloads)")
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=1024, help="N = K of the random weight (default 1024)")
-    parser.add_argument("--prompt", default="def parse_args(argv):\n", help="prompt for the embedded model")
+    parser.add_argument("--prompt", default="def parse_args(argv):\n", help="prompt for the embedded model (default "
+                                                                          "'def parse_args(argv):\\n')")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     parser.add_argument("--formats", default=FORMATS_DEFAULT, help=f"comma-separated format names (default "
                                                                    f"{FORMATS_DEFAULT})")

@@ -85,7 +85,7 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
                                                                   "whose probability reaches P, in (0, 1] (default: "
                                                                   "all)")
     parser.add_argument("--seed", type=int, default=None, help="prompt i samples with seed + i")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (KV cache rows)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (KV cache rows; default 8)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
     _tp_argument(parser)
     parser.set_defaults(run=_generate)

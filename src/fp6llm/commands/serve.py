@@ -37,7 +37,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: random:NAME "
                                                                   "or the model directory's name)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="server log level (default info)")
     _tp_argument(parser)  # under torchrun: rank 0 serves HTTP, the other ranks follow its engine calls
     parser.set_defaults(run=_serve)
 

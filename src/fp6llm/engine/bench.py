@@ -154,7 +154,7 @@ def bench_batch(model: nn.Module, batch: int, prompt_len: int, gen_len: int, cud
         return engine
 
     try:
-        run(WARMUP_STEPS + 1)  # compiles kernels, captures the decode graph
+        run(min(WARMUP_STEPS + 1, gen_len))  # compiles kernels, captures the decode graph; fits the cache
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         stats = run(gen_len).stats
@@ -187,12 +187,13 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
     rows = []
     for name in formats:
         fmt = UNQUANTIZED_ON_CPU.get(name, name) if device.type == "cpu" else name
-        label = name if fmt == name else f"{name} (as {fmt})"
+        cast = "" if fmt == name else f"as {fmt}"
+        label = row_label(name, cast)
         model, fmt_group_size = None, quantized_group_size(fmt, group_size)
         try:
             check_fits(config, fmt, fmt_group_size, device, None, 1, prompt_len + gen_len, tp)
             model, derived = load_as(source, fmt, fmt_group_size, device, progress, tp)
-            label = label if not derived else f"{label} ({derived})"
+            label = row_label(name, cast, derived)
             weights, streamed = model_bytes(model), streamed_weight_bytes(model)
             dtype = resolve_format(fmt, None, device)[1]
             for batch in tqdm(batches, desc=f"bench {label}", unit="batch", disable=not progress):
@@ -222,6 +223,12 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
              "torch": torch.__version__,
              "cuda": torch.version.cuda, "machine": platform.machine(), "tensor_parallel": tp.world_size if tp else 1}
     return {"setup": setup, "rows": [asdict(row) for row in rows]}
+
+
+def row_label(name: str, *notes: str) -> str:
+    """A row's format: "fp16", or with its notes "fp16 (as fp32, from e3m2)"."""
+    notes = [note for note in notes if note]
+    return f"{name} ({', '.join(notes)})" if notes else name
 
 
 def row_line(row: BenchRow) -> str:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..models.loader import UNQUANTIZED
-from .bench import UNQUANTIZED_ON_CPU, canonical_format, free_memory, load_as, model_bytes
+from .bench import UNQUANTIZED_ON_CPU, canonical_format, free_memory, load_as, model_bytes, row_label
 from .generate import drop_caches
 from .load import GB, ModelSource, check_fits, check_format, quantized_group_size
 
@@ -100,11 +100,12 @@ def run_eval(source: ModelSource, formats: list, text: str, ctx: int = 512, max_
     rows, reference_argmax = [], None
     for name in order:
         fmt = reference if name == first else name
-        label = name if fmt == name else f"{name} (as {fmt})"
+        cast = "" if fmt == name else f"as {fmt}"
+        label = row_label(name, cast)
         fmt_group_size = quantized_group_size(fmt, group_size)
         check_fits(config, fmt, fmt_group_size, device, None, batch_size, ctx)
         model, derived = load_as(source, fmt, fmt_group_size, device, progress)
-        label = label if not derived else f"{label} ({derived})"
+        label = row_label(name, cast, derived)
         try:
             weights = model_bytes(model)
             nll, argmax = score(model, tokens, batch_size, progress, f"eval {label}")
