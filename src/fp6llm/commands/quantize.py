@@ -41,14 +41,19 @@ def _quantize(args) -> None:
 
     check_format(args.format)
     source = ModelSource.parse(args.src_dir)
-    if source.packed_meta() is not None:
-        raise ValueError(f"{source.path} is already an fp6llm packed checkpoint")
-    read_hf_config(source.path)  # config.json, before anything is written
+    if source.path.resolve() == out_dir.resolve():
+        raise ValueError(f"the output directory must differ from the source ({source.path})")
+    meta = source.packed_meta()
+    if meta is None:
+        read_hf_config(source.path)  # config.json, before anything is written
     dtype = None if args.dtype is None else UNQUANTIZED[args.dtype]
     created = not out_dir.exists()
     try:
-        summary = quantize_checkpoint(source.path, out_dir, args.format, args.group_size, args.device,
-                                      int(args.max_shard_gb * 1e9), progress=not args.quiet, dtype=dtype)
+        if meta is None:
+            summary = quantize_checkpoint(source.path, out_dir, args.format, args.group_size, args.device,
+                                          int(args.max_shard_gb * 1e9), progress=not args.quiet, dtype=dtype)
+        else:
+            summary = _repack(source, meta, out_dir, args, dtype)
     except BaseException:  # a failed or interrupted run leaves no half-written directory of its own making
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -57,6 +62,29 @@ def _quantize(args) -> None:
     print(f"{args.out_dir}: {summary['format']} {grouping}, {summary['tensors']} tensors in {summary['shards']} "
           f"shard(s), {_size(summary['bytes_in'])} in -> {_size(summary['bytes_out'])} out "
           f"({summary['bytes_out'] / max(summary['bytes_in'], 1):.3f}x), {summary['seconds']:.1f} s")
+
+
+def _repack(source, meta: dict, out_dir, args, dtype) -> dict:
+    """A packed checkpoint (the embedded model, say) in another format: its de-quantized weights, re-quantized
+    (engine.bench.load_as); what stays unquantized is stored in dtype (default float16)."""
+    import time
+
+    import torch
+
+    from ..engine.bench import canonical_format, load_as
+    from ..models.checkpoint import save_packed
+    from ..models.loader import UNQUANTIZED, SafetensorsCheckpoint
+
+    start = time.perf_counter()
+    fmt = canonical_format(args.format)
+    dtype = UNQUANTIZED.get(fmt) or dtype or torch.float16
+    model, _ = load_as(source, fmt, args.group_size, args.device, progress=not args.quiet, dtype=dtype)
+    summary = save_packed(model, out_dir, source=source.path, max_shard_bytes=int(args.max_shard_gb * 1e9))
+    checkpoint = SafetensorsCheckpoint(source.path)
+    bytes_in = sum((source.path / name).stat().st_size for name in set(checkpoint.weight_map.values()))
+    checkpoint.close()
+    return {**summary, "bytes_in": bytes_in, "seconds": time.perf_counter() - start, "format": fmt,
+            "group_size": args.group_size if fmt not in UNQUANTIZED else None}
 
 
 def _size(nbytes: int) -> str:

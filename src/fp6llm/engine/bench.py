@@ -41,21 +41,22 @@ def canonical_format(fmt: str) -> str:
 
 
 def load_as(source: ModelSource, fmt: str, group_size: Optional[int], device, progress: bool = True,
-            tp: Optional[TensorParallel] = None) -> tuple:
+            tp: Optional[TensorParallel] = None, dtype: Optional[torch.dtype] = None) -> tuple:
     """(model in ``fmt``, note): ``source.load_model``, or for a packed checkpoint of another format, a model
     derived from its de-quantized weights (the only weights it holds): fp16 / bf16 / fp32 keep them as plain
     weights, an eXmY format re-quantizes them. The note says so ("from e3m2"); "" when nothing was derived.
+    dtype: of the activations and unquantized tensors (default: float16 on CUDA, float32 elsewhere).
 
     Raises ValueError for a derived format under tensor parallelism (the re-quantization needs whole weights).
     """
     meta = source.packed_meta()
     fmt = canonical_format(fmt)
     if meta is None or (fmt == meta["format"] and group_size in (None, meta.get("group_size"))):
-        return source.load_model(fmt, group_size, device, progress=progress, tp=tp), ""
+        return source.load_model(fmt, group_size, device, dtype, progress=progress, tp=tp), ""
     if tp is not None and tp.world_size > 1:
         raise ValueError(f"{source.path} is packed as {meta['format']}: {fmt} would be derived from its weights, "
                          f"which needs --tp 1")
-    quantized, dtype, device = resolve_format(fmt, None, device, group_size)
+    quantized, dtype, device = resolve_format(fmt, dtype, device, group_size)
     model = source.load_model(None, None, device, dtype, progress=progress)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, FPxLinear)]
     for name, layer in tqdm(layers, desc=f"derive {fmt}", unit="layer", disable=not progress):
