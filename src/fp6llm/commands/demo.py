@@ -74,6 +74,8 @@ def _demo(args) -> None:
     print(f"ms: median of {TIMED_CALLS} calls of fpx_linear on x [4, {args.size}] after a warm-up call")
 
     engine = load(None, device=device, progress=False)
+    # Warm-up, untimed: decodes the weights once on a CPU (fp6llm.nn); compiles and captures the decode graph on a GPU.
+    engine.generate(args.prompt, max_new_tokens=2)
     print(f"\nembedded model (FP6 e3m2, {device}), greedy, prompt {args.prompt!r}:\n")
     print(args.prompt, end="", flush=True)
     engine.generate(args.prompt, max_new_tokens=args.max_new_tokens,
