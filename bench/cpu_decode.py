@@ -62,7 +62,8 @@ def main() -> None:
              f"per generation, greedy; decode tok/s: median step of each run (min / median / max of {args.runs} "
              f"runs); demo: wall time of `python -m fp6llm demo --device cpu`; load: 1-minute load average before "
              f"each measurement", "",
-             "| torch threads | decode tok/s (min / median / max) | load | demo s | load |", "|---:|---:|---:|---:|---:|"]
+             "| torch threads | decode tok/s (min / median / max) | load | demo s | load |",
+             "|---:|---:|---:|---:|---:|"]
     for count in threads:
         load = os.getloadavg()[0]
         speeds = decode_tokens_per_s(count, args.new_tokens, args.runs)

@@ -144,8 +144,8 @@ def test_eval_embeddings_without_transformers_says_what_to_install(monkeypatch, 
     (["eval", "--random", "tiny-llama", "--text", "/dev/null"], "the text has 1 tokens: not enough"),
     (["eval", "--text", "src"], "--text src is a directory"),
     (["eval-embeddings", "--json", "no/such/dir/out.json"], "directory no/such/dir does not exist"),
-], ids=["ctx", "max-tokens", "group-size", "device-tpu", "device-meta", "device-bad", "format-empty", "top-k", "max-new-tokens",
-        "demo-size", "demo-formats", "quantize-out-file", "max-shard-gb", "bench-out-file", "dev-null", "text-dir",
+], ids=["ctx", "max-tokens", "group-size", "device-tpu", "device-meta", "device-bad", "format-empty", "top-k",
+        "max-new-tokens", "demo-size", "demo-formats", "quantize-out-file", "max-shard-gb", "bench-out-file", "dev-null", "text-dir",
         "json-dir"])
 def test_bad_arguments_give_one_line_and_status_2(capsys, monkeypatch, argv, message):
     monkeypatch.chdir(ROOT)
@@ -234,4 +234,5 @@ def test_bench_results_never_overwrite_and_small_models_show_their_size(tmp_path
     paths = [bench.write_results(result, tmp_path) for _ in range(3)]
     assert [p.name for p, _ in paths] == ["e2e-cpu-2026-12-01.md", "e2e-cpu-2026-12-01-2.md", "e2e-cpu-2026-12-01-3.md"]
     assert "| e3m2 | 1 | 100 | 10.0 | 100.00 | 0.0162 | - | 0.0233 |" in bench.format_table(result)
-    assert bench.row_line(row) == "e3m2 batch 1: prefill 100 tok/s, decode 10.0 tok/s (100.00 ms/step, 0.02 of the floor)"
+    assert bench.row_line(row) == ("e3m2 batch 1: prefill 100 tok/s, decode 10.0 tok/s (100.00 ms/step, 0.02 of the "
+                                   "floor)")

@@ -159,7 +159,7 @@ def _generate_on(args, tp, device) -> None:
     say(engine.stats.summary())
 
 
-# ---- bench ------------------------------------------------------------------------------------------------------
+# ---- bench ----------------------------------------------------------------------------------------------------------
 
 # Defaults per device type: a CPU runs the reference path, where the GPU's sizes would take many minutes.
 BENCH_BATCHES = {"cuda": "1,8,32,128", "cpu": "1,4"}
@@ -182,6 +182,7 @@ def bench_lengths(prompt_len, gen_len, device_type: str, limit: int) -> tuple:
         raise ValueError(f"--prompt-len {prompt_len} + --gen-len {gen_len} = {prompt_len + gen_len} is beyond the "
                          f"model's max_position_embeddings {limit}")
     return prompt_len, gen_len
+
 
 @command("bench", "end-to-end prefill / decode throughput per format and batch size, against the copy-bandwidth "
                   "floor; writes e2e-<device>-<date>.md/.json")
