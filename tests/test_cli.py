@@ -70,10 +70,10 @@ def test_derived_formats_of_a_packed_checkpoint(tmp_path):
     assert note == "from e3m2" and not any(isinstance(m, FPxLinear) for m in plain.modules())
     assert torch.equal(plain.layers[0].mlp.down_proj.weight, model.layers[0].mlp.down_proj.weight.dequantize())
     requantized, note = bench.load_as(source, "fp5", 32, "cpu", progress=False)
-    layer = requantized.layers[0].self_attn.q_proj
+    layer = requantized.layers[0].self_attn.qkv_proj
     assert note == "from e3m2" and layer.fmt.name == "e2m2" and layer.group_size == 32
     same, note = bench.load_as(source, "fp6", None, "cpu", progress=False)
-    assert note == "" and torch.equal(same.layers[0].self_attn.q_proj.plane0, model.layers[0].self_attn.q_proj.plane0)
+    assert note == "" and torch.equal(same.layers[0].self_attn.qkv_proj.plane0, model.layers[0].self_attn.qkv_proj.plane0)
     result = perplexity.run_eval(source, ["fp16", "e3m2", "e2m1"], "the quick brown fox " * 20, 64, progress=False)
     assert [row["format"] for row in result["rows"]] == ["e3m2", "e2m1 (from e3m2)"]
     assert result["setup"]["left_out"] == ["fp16"] and result["rows"][0]["argmax_agreement"] == 1.0
@@ -201,7 +201,7 @@ def test_quantize_an_fp32_source_stores_unquantized_tensors_as_fp16(tmp_path):
     with safe_open(str(tmp_path / "e3m2" / "model.safetensors"), "pt") as packed:
         dtypes = {name: packed.get_slice(name).get_dtype() for name in packed.keys()}
     assert dtypes["norm.weight"] == dtypes["embed_tokens.weight"] == "F16"
-    assert dtypes["layers.0.self_attn.q_proj.plane0"] == "I32"
+    assert dtypes["layers.0.self_attn.qkv_proj.plane0"] == "I32"
     assert sizes["e3m2"] < sizes["fp16"]  # FP6 smaller than FP16, as it should be
     assert transformers  # used through save_hf_model
 
