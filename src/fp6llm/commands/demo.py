@@ -75,7 +75,7 @@ def _demo(args) -> None:
 
     engine = load(None, device=device, progress=False)
     # Warm-up, untimed: decodes the weights once on a CPU (fp6llm.nn); compiles and captures the decode graph on a GPU.
-    engine.generate(args.prompt, max_new_tokens=2)
+    engine.generate(args.prompt, max_new_tokens=4)
     print(f"\nembedded model (FP6 e3m2, {device}), greedy, prompt {args.prompt!r}:\n")
     print(args.prompt, end="", flush=True)
     engine.generate(args.prompt, max_new_tokens=args.max_new_tokens,
