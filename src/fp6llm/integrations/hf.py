@@ -82,8 +82,6 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def _meta_fpx_linear(linear: nn.Linear, config: FPxConfig) -> FPxLinear:
     """An FPxLinear of ``linear``'s shape on the meta device: the placeholders that a packed checkpoint fills."""
     n, k = linear.out_features, linear.in_features
-    if config.group_size is not None and k % config.group_size:
-        raise ValueError(f"group_size {config.group_size} does not divide in_features {k}")
     planes = tuple(torch.empty(n, padded_k(k) * width // 32, dtype=torch.int32, device="meta")
                    for width in plane_widths(config.fmt.bits))
     scales = torch.empty((n,) if config.group_size is None else (n, k // config.group_size), device="meta")
@@ -148,10 +146,15 @@ class FPxHfQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        self.targets = set(quantized_linears(model, self.quantization_config))
+        config = self.quantization_config
+        self.targets = set(quantized_linears(model, config))
+        for name in sorted(self.targets):  # before any weight is read, not as a conversion error after all of them
+            k = model.get_submodule(name).in_features
+            if config.group_size is not None and k % config.group_size:
+                raise ValueError(f"group_size {config.group_size} does not divide in_features {k} of layer {name}")
         if self.pre_quantized:
             for name in sorted(self.targets):
-                _replace(model, name, _meta_fpx_linear(model.get_submodule(name), self.quantization_config))
+                _replace(model, name, _meta_fpx_linear(model.get_submodule(name), config))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):

@@ -1,0 +1,116 @@
+"""integrations/: transformers' quantizer (quant_method "fp6llm") and the lm-evaluation-harness model.
+
+Tolerance (quantize while loading): float32 logits within 1e-4 (max abs) of fp6llm's own model loaded from the same
+checkpoint in the same format. Both quantize the same weights with quantize_weight, so the packed buffers are
+asserted bit-identical; the logits differ only by the order of float32 operations (~1e-7 in practice), as in
+test_models.py. Save / load round trips are asserted exact: same tensors, same dtypes, same logits.
+"""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fp6llm.integrations.hf import FPxConfig  # noqa: E402
+from fp6llm.models import load_hf  # noqa: E402
+from fp6llm.nn import FPxLinear  # noqa: E402
+from test_models import ATOL, HF_CASES, VOCAB, run, save_hf_model  # noqa: E402
+
+AutoModel = transformers.AutoModelForCausalLM
+# (format, group size) per case: per-channel FP6 for most, grouped FP4 (float16 group scales) for two.
+CASE_FORMATS = {"llama3": ("e3m2", None), "llama-bias-tied": ("e2m1", 32), "mistral-window": ("e3m2", None),
+                "qwen2": ("e2m2", None), "opt": ("e3m2", None), "opt-350m-style": ("e2m1", 32)}
+
+
+def seed_of(gen) -> int:
+    return int(torch.randint(0, 2**31, (1,), generator=gen))
+
+
+def load_quantizing(path, fmt="e3m2", group_size=None, **kwargs):
+    return AutoModel.from_pretrained(path, quantization_config=FPxConfig(fmt, group_size, **kwargs),
+                                     dtype=torch.float32)
+
+
+def fpx_layers(model) -> dict:
+    """{name without the transformers prefix: FPxLinear} (fp6llm's names drop "model." / "model.decoder.")."""
+    return {name.removeprefix("model.").removeprefix("decoder."): m for name, m in model.named_modules()
+            if isinstance(m, FPxLinear)}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_quantize_while_loading_equals_fp6llm(case, tmp_path, gen):
+    fmt, group_size = CASE_FORMATS[case]
+    save_hf_model(case, tmp_path, seed=seed_of(gen))
+    hf = load_quantizing(tmp_path, fmt, group_size)
+    ours = load_hf(tmp_path, fmt=fmt, group_size=group_size, device="cpu", progress=False)
+    theirs, mine = fpx_layers(hf), fpx_layers(ours)
+    assert theirs.keys() == mine.keys() and len(mine) > 0 and not isinstance(hf.lm_head, FPxLinear)
+    for name, layer in theirs.items():
+        for key, tensor in layer.state_dict().items():
+            assert torch.equal(tensor, mine[name].state_dict()[key]), f"{name}.{key}"
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=gen)
+    assert (hf(tokens).logits - run(ours, tokens)).abs().max() <= ATOL
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", ["llama-bias-tied", "opt"])
+def test_save_pretrained_round_trip_is_exact(case, tmp_path, gen):
+    fmt, group_size = CASE_FORMATS[case]
+    save_hf_model(case, tmp_path / "float", seed=seed_of(gen))
+    model = load_quantizing(tmp_path / "float", fmt, group_size)
+    model.save_pretrained(tmp_path / "packed")
+    config = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "fp6llm", "format": fmt, "group_size": group_size, "layout_version": 1,
+                      "modules_to_not_convert": ["lm_head"]}
+    loaded = AutoModel.from_pretrained(tmp_path / "packed")  # no quantization_config: config.json has it
+    before, after = model.state_dict(), loaded.state_dict()
+    assert before.keys() == after.keys() and not any(k.endswith("proj.weight") for k in after)
+    for key, tensor in before.items():
+        assert tensor.dtype == after[key].dtype and torch.equal(tensor, after[key]), key
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=gen)
+    assert torch.equal(model(tokens).logits, loaded(tokens).logits)
+
+
+@torch.no_grad()
+def test_generate_is_greedy_decoding_of_fp6llm_logits(tmp_path, gen):
+    """transformers' generate (its own KV cache) picks the argmax of fp6llm's full-forward logits at every step."""
+    save_hf_model("qwen2", tmp_path, seed=seed_of(gen))
+    hf = load_quantizing(tmp_path)
+    ours = load_hf(tmp_path, fmt="e3m2", device="cpu", progress=False)
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=gen)
+    generated = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 13) and torch.equal(generated[:, :5], prompt)
+    expected = run(ours, generated[:, :-1]).argmax(dim=-1)[0, 4:]
+    assert torch.equal(generated[0, 5:], expected)
+
+
+def test_skipped_modules_stay_float(tmp_path, gen):
+    save_hf_model("llama3", tmp_path, seed=seed_of(gen))
+    model = load_quantizing(tmp_path, modules_to_not_convert=["lm_head", "down_proj", "model.layers.0.*"])
+    layers = model.model.layers
+    assert type(layers[0].self_attn.q_proj) is torch.nn.Linear and type(layers[1].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(layers[1].self_attn.q_proj, FPxLinear) and isinstance(layers[1].mlp.up_proj, FPxLinear)
+    model.save_pretrained(tmp_path / "packed")
+    loaded = AutoModel.from_pretrained(tmp_path / "packed")
+    assert type(loaded.model.layers[1].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(loaded.model.layers[1].mlp.up_proj, FPxLinear)
+
+
+def test_config_errors(tmp_path, gen):
+    with pytest.raises(ValueError, match="e9m9"):
+        FPxConfig("e9m9")
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        FPxConfig("e3m2", group_size=0)
+    save_hf_model("llama3", tmp_path / "float", seed=seed_of(gen))
+    with pytest.raises(ValueError, match="group_size 48 does not divide in_features 128 of layer model.layers.0.mlp.down_proj"):
+        load_quantizing(tmp_path / "float", "e3m2", 48)
+    load_quantizing(tmp_path / "float").save_pretrained(tmp_path / "packed")
+    config_path = tmp_path / "packed" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["layout_version"] = 99
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="layout version 99"):
+        AutoModel.from_pretrained(tmp_path / "packed")
