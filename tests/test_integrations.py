@@ -7,6 +7,7 @@ test_models.py. Save / load round trips are asserted exact: same tensors, same d
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -114,3 +115,95 @@ def test_config_errors(tmp_path, gen):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="layout version 99"):
         AutoModel.from_pretrained(tmp_path / "packed")
+
+
+# ---- lm-evaluation-harness ---------------------------------------------------------------------------------------
+# lm-eval is not in the test extra (it pulls datasets, pyarrow, pandas: ~440 MB, ~50 s to install): these tests skip
+# without it. `pip install -e .[lm-eval]` runs them.
+
+LM_ARGS = dict(pretrained="random:tiny-llama", format="e3m2", max_length=32)  # a byte tokenizer: ids = BOS + bytes
+
+
+def random_text(gen, length: int) -> str:
+    return "".join(chr(c) for c in torch.randint(32, 127, (length,), generator=gen).tolist())
+
+
+def nll(model, rows: list) -> float:
+    """fp6llm's own perplexity code: summed negative log-likelihood of equal-length windows, each from its start."""
+    from fp6llm.engine.perplexity import score
+    return score(model, torch.tensor(rows))[0]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    pytest.importorskip("lm_eval")
+    from fp6llm.integrations.lmeval import FP6LLM
+    return FP6LLM(**LM_ARGS, batch_size=3)
+
+
+def test_lm_eval_rolling_and_loglikelihood_equal_fp6llm_scores(lm, gen):
+    from lm_eval.api.instance import Instance
+    texts = [random_text(gen, 3 * 32), random_text(gen, 20)]  # three windows of 32 predictions; one short window
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)])
+    long_ids, short_ids = (lm.tok_encode(t) for t in texts)
+    # lm-eval's rolling windows: each predicts 32 tokens and sees the token before them (BOS for the first)
+    expected = nll(lm.model, [long_ids[32 * k:32 * k + 33] for k in range(3)])
+    assert rolling[0] == pytest.approx(-expected, rel=1e-5)
+    assert rolling[1] == pytest.approx(-nll(lm.model, [short_ids]), rel=1e-5)
+
+    context, continuation = texts[1][:12], texts[1][12:]
+    [(logprob, _)] = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    whole, head = lm.tok_encode(context + continuation), lm.tok_encode(context)
+    assert logprob == pytest.approx(nll(lm.model, [head]) - nll(lm.model, [whole]), rel=1e-4)
+
+
+def test_lm_eval_generate_until_is_the_engines_greedy_text_cut_at_stop(lm, gen):
+    from lm_eval.api.instance import Instance
+
+    from fp6llm.engine import Engine
+    prompts = [random_text(gen, 6), random_text(gen, 9)]
+    engine = Engine(lm.model, lm.fp6llm_tokenizer, 2, 32)
+    try:
+        full = engine.generate(prompts, 10)
+        greedy = engine.request(lm.tok_encode(prompts[0]), 5)
+        engine.add([greedy])
+        while not greedy.finished:
+            engine.step()
+    finally:
+        engine.close()
+    stop = full[1][4:6]
+    requests = [Instance("generate_until", {}, (p, {"until": [stop], "max_gen_toks": 10}), i)
+                for i, p in enumerate(prompts)]
+    assert lm.generate_until(requests) == [text.split(stop)[0] for text in full]
+    # the greedy tokens are, by definition, each the argmax: lm-eval's is_greedy says so
+    [(_, is_greedy)] = lm._loglikelihood_tokens([(None, greedy.prompt_ids, greedy.output_ids)])
+    assert is_greedy and len(greedy.output_ids) > 0
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_runs_a_local_task_at_fp6llm_perplexity(tmp_path, gen):
+    """`lm_eval --model fp6llm` (through python -m fp6llm.integrations.lmeval) on a YAML task over a local JSONL file:
+    its byte perplexity is fp6llm's own perplexity of the same texts (a byte tokenizer: one token per byte)."""
+    pytest.importorskip("lm_eval")
+    import os
+    import subprocess
+    import sys
+
+    from fp6llm.models import build_random
+    texts = [random_text(gen, n) for n in (17, 30, 25)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "task.yaml").write_text(
+        "task: fp6llm_local_text\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\noutput_type: loglikelihood_rolling\n"
+        "doc_to_text: ''\ndoc_to_target: '{{text}}'\nmetric_list:\n  - metric: byte_perplexity\n")
+    args = ",".join(f"{k}={v}" for k, v in LM_ARGS.items())
+    subprocess.run([sys.executable, "-m", "fp6llm.integrations.lmeval", "--model", "fp6llm", "--model_args", args,
+                    "--tasks", "fp6llm_local_text", "--include_path", str(tmp_path), "--device", "cpu",
+                    "--batch_size", "4", "--output_path", str(tmp_path / "out")], check=True, capture_output=True,
+                   env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    [results] = (tmp_path / "out").glob("*/results_*.json")
+    measured = json.loads(results.read_text())["results"]["fp6llm_local_text"]["byte_perplexity,none"]
+    model = build_random("tiny-llama", fmt="e3m2", device="cpu", progress=False)  # random:tiny-llama's weights
+    from fp6llm.engine import ByteTokenizer
+    total = sum(nll(model, [ByteTokenizer(512).encode(t)]) for t in texts)
+    assert measured == pytest.approx(math.exp(total / sum(len(t) for t in texts)), rel=1e-5)
