@@ -8,6 +8,7 @@ test_models.py. Save / load round trips are asserted exact: same tensors, same d
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -132,6 +133,39 @@ def test_config_errors(tmp_path, gen):
         AutoModel.from_pretrained(tmp_path / "packed")
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs a CUDA device (compiled Triton: TRITON_INTERPRET=0)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@torch.no_grad()
+def test_quantizing_while_loading_on_cuda_peaks_near_the_quantized_size(tmp_path):
+    """device_map="cuda": each weight is read, quantized and dropped before the next, so the peak is the quantized
+    model plus one weight's temporaries (quantize_weight's float32 copies, codes, packing), far below the float16
+    model. A ~0.8 B-parameter random Llama: 1.6 GB in float16, ~0.6 GB in FP6."""
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
+                                      intermediate_size=5632)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(config).half()
+    model.save_pretrained(tmp_path)
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    hf = AutoModel.from_pretrained(tmp_path, quantization_config=FPxConfig("e3m2"), dtype=torch.float16,
+                                   device_map="cuda")
+    peak = torch.cuda.max_memory_allocated() - start
+    quantized = sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+    largest = max(m.in_features * m.out_features for m in fpx_layers(hf).values()) * 4  # bytes as float32
+    print(f"peak {peak / 2**20:.0f} MiB, quantized {quantized / 2**20:.0f} MiB, float16 {float_bytes / 2**20:.0f} "
+          f"MiB, largest weight in float32 {largest / 2**20:.0f} MiB")
+    assert peak < quantized + 8 * largest and peak < 0.75 * float_bytes
+    logits = hf(torch.randint(0, 256, (2, 8), device="cuda")).logits  # through the Triton kernel
+    assert logits.shape == (2, 8, 256) and bool(torch.isfinite(logits).all())
+
+
 # ---- lm-evaluation-harness ---------------------------------------------------------------------------------------
 # lm-eval is not in the test extra (it pulls datasets, pyarrow, pandas: ~440 MB, ~50 s to install): these tests skip
 # without it. `pip install -e .[lm-eval]` runs them.
@@ -200,7 +234,6 @@ def test_lm_eval_cli_runs_a_local_task_at_fp6llm_perplexity(tmp_path, gen):
     """`lm_eval --model fp6llm` (through python -m fp6llm.integrations.lmeval) on a YAML task over a local JSONL file:
     its byte perplexity is fp6llm's own perplexity of the same texts (a byte tokenizer: one token per byte)."""
     pytest.importorskip("lm_eval")
-    import os
     import subprocess
     import sys
 
