@@ -10,12 +10,19 @@ memory holds the quantized layers plus the one weight being read. ``save_pretrai
 (``<module>.plane0``, ``.plane1``, ``.scales``, ``.bias``: the packed layout of docs/layout.md) as safetensors and
 ``quantization_config`` into config.json; ``from_pretrained`` of that directory builds FPxLinear placeholders on
 the meta device and loads the packed buffers into them with no re-quantization. Forward passes run
-fp6llm.ops.fpx_linear: the Triton kernel on CUDA, the PyTorch reference elsewhere.
+fp6llm.ops.fpx_linear: the Triton kernel on CUDA, the PyTorch reference elsewhere. Needs transformers 5 (its
+conversion ops, transformers.core_model_loading).
+
+One directory for both: not yet. fp6llm's packed checkpoints (``fp6llm quantize``) name tensors by fp6llm's
+modules, without transformers' ``model.`` / ``model.decoder.`` prefixes, and its decoders are moving to fused
+qkv_proj / gate_up_proj rows; their config.json carries no ``quantization_config``. A Llama-family one loads here
+once that key is added (transformers adds the ``model.`` prefix itself); OPT's prefix and fused rows need a
+renaming and row-splitting conversion in this quantizer. The other way, fp6llm.load needs its loader to read
+``quantization_config`` and transformers' names (see the report of issue 19).
 """
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Optional, Sequence
 
 import torch
@@ -27,7 +34,7 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..formats import FPFormat
-from ..nn import FPxLinear
+from ..nn import FPxLinear, _skipped
 from ..packing import LAYOUT_VERSION, padded_k, plane_widths
 from ..quantize import QuantizedWeight, quantize_weight
 
@@ -65,8 +72,8 @@ class FPxConfig(QuantizationConfigMixin):
         return FPFormat.parse(self.format)
 
     def skips(self, name: str) -> bool:
-        last = name.rsplit(".", 1)[-1]
-        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in self.modules_to_not_convert)
+        """Whether the Linear ``name`` stays float: the rule of quantize_model's ``skip``."""
+        return _skipped(name, self.modules_to_not_convert)
 
 
 def quantized_linears(model: nn.Module, config: FPxConfig) -> list[str]:
@@ -129,6 +136,11 @@ class FPxHfQuantizer(HfQuantizer):
     @property
     def quantized_element_size(self) -> float:
         return self.quantization_config.fmt.bits / 8
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("fp6llm's FPxLinear layers cannot be offloaded to disk: map them to GPUs or the CPU")
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         name, _, tensor = param_name.rpartition(".")
