@@ -18,7 +18,7 @@ modules, without transformers' ``model.`` / ``model.decoder.`` prefixes, and its
 qkv_proj / gate_up_proj rows; their config.json carries no ``quantization_config``. A Llama-family one loads here
 once that key is added (transformers adds the ``model.`` prefix itself); OPT's prefix and fused rows need a
 renaming and row-splitting conversion in this quantizer. The other way, fp6llm.load needs its loader to read
-``quantization_config`` and transformers' names (see the report of issue 19).
+config.json's ``quantization_config`` as packed metadata and the tensors under transformers' prefixes.
 """
 
 from __future__ import annotations
