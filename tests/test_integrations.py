@@ -229,6 +229,17 @@ def test_lm_eval_generate_until_is_the_engines_greedy_text_cut_at_stop(lm, gen):
     assert is_greedy and len(greedy.output_ids) > 0
 
 
+
+@pytest.mark.parametrize("args, message", [(dict(batch_size="x"), "batch_size must be a positive int or auto"),
+                                           (dict(dtype="float8"), "dtype must be one of float16"),
+                                           (dict(max_length=4096), r"max_length 4096 must be in 2\.\.512"),
+                                           (dict(format="e9m9"), "e9m9")])
+def test_lm_eval_model_args_errors(args, message):
+    pytest.importorskip("lm_eval")
+    from fp6llm.integrations.lmeval import FP6LLM
+    with pytest.raises(ValueError, match=message):
+        FP6LLM(pretrained="random:tiny-llama", **args)
+
 @pytest.mark.slow
 def test_lm_eval_cli_runs_a_local_task_at_fp6llm_perplexity(tmp_path, gen):
     """`lm_eval --model fp6llm` (through python -m fp6llm.integrations.lmeval) on a YAML task over a local JSONL file:

@@ -74,9 +74,10 @@ class FP6LLM(TemplateLM):
             device = "cpu"
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        self.batch_size = DEFAULT_BATCH_SIZE if batch_size in (None, "auto") else int(str(batch_size).split(":")[0])
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        auto = batch_size is None or str(batch_size).startswith("auto")  # lm-eval's "auto" / "auto:N": our default
+        if not auto and not (str(batch_size).isdigit() and int(batch_size) >= 1):
+            raise ValueError(f"batch_size must be a positive int or auto, got {batch_size!r}")
+        self.batch_size = DEFAULT_BATCH_SIZE if auto else int(batch_size)
         source = ModelSource.parse(pretrained)
         fmt, group_size = source.weight_format(format, None if group_size is None else int(group_size))
         config = source.config()
