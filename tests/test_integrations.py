@@ -93,15 +93,17 @@ def test_save_pretrained_round_trip_is_exact(case, tmp_path, gen):
 
 @torch.no_grad()
 def test_generate_is_greedy_decoding_of_fp6llm_logits(tmp_path, gen):
-    """transformers' generate (its own KV cache) picks the argmax of fp6llm's full-forward logits at every step."""
+    """transformers' generate (its own KV cache, greedy) picks an argmax of fp6llm's full-forward logits at every
+    step."""
     save_hf_model("qwen2", tmp_path, seed=seed_of(gen))
     hf = load_quantizing(tmp_path)
     ours = load_hf(tmp_path, fmt="e3m2", device="cpu", progress=False)
     prompt = torch.randint(0, VOCAB, (1, 5), generator=gen)
     generated = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 13) and torch.equal(generated[:, :5], prompt)
-    expected = run(ours, generated[:, :-1]).argmax(dim=-1)[0, 4:]
-    assert torch.equal(generated[0, 5:], expected)
+    logits = run(ours, generated[:, :-1])[0, 4:]  # fp6llm's predictions of the 8 new tokens
+    picked = logits.gather(1, generated[0, 5:, None])[:, 0]
+    assert (logits.max(dim=-1).values - picked <= ATOL).all()  # each is the argmax (up to a near-tie within ATOL)
 
 
 def test_skipped_modules_stay_float(tmp_path, gen):
