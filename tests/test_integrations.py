@@ -30,9 +30,8 @@ def seed_of(gen) -> int:
     return int(torch.randint(0, 2**31, (1,), generator=gen))
 
 
-def load_quantizing(path, fmt="e3m2", group_size=None, **kwargs):
-    return AutoModel.from_pretrained(path, quantization_config=FPxConfig(fmt, group_size, **kwargs),
-                                     dtype=torch.float32)
+def load_quantizing(path, fmt="e3m2", group_size=None, dtype=torch.float32, **kwargs):
+    return AutoModel.from_pretrained(path, quantization_config=FPxConfig(fmt, group_size, **kwargs), dtype=dtype)
 
 
 def fpx_layers(model) -> dict:
@@ -73,11 +72,14 @@ def test_quantize_while_loading_equals_fp6llm(case, tmp_path, gen):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("case", ["llama-bias-tied", "opt"])
-def test_save_pretrained_round_trip_is_exact(case, tmp_path, gen):
+@pytest.mark.parametrize("case, dtype", [("llama-bias-tied", torch.bfloat16), ("opt", torch.float32)])
+def test_save_pretrained_round_trip_is_exact(case, dtype, tmp_path, gen):
+    """Also in bfloat16: the packed scales keep their own dtype (float16 group scales here), the rest is bf16."""
     fmt, group_size = CASE_FORMATS[case]
     save_hf_model(case, tmp_path / "float", seed=seed_of(gen))
-    model = load_quantizing(tmp_path / "float", fmt, group_size)
+    model = load_quantizing(tmp_path / "float", fmt, group_size, dtype)
+    assert model.dtype == dtype and {m.scales.dtype for m in fpx_layers(model).values()} <= {torch.float32,
+                                                                                             torch.float16}
     model.save_pretrained(tmp_path / "packed")
     config = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
     assert config == {"quant_method": "fp6llm", "format": fmt, "group_size": group_size, "layout_version": 1,

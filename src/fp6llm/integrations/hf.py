@@ -91,7 +91,9 @@ def _meta_fpx_linear(linear: nn.Linear, config: FPxConfig) -> FPxLinear:
     n, k = linear.out_features, linear.in_features
     planes = tuple(torch.empty(n, padded_k(k) * width // 32, dtype=torch.int32, device="meta")
                    for width in plane_widths(config.fmt.bits))
-    scales = torch.empty((n,) if config.group_size is None else (n, k // config.group_size), device="meta")
+    # float32 placeholders (the model is built under its own default dtype); loading keeps the stored dtype
+    scales = torch.empty((n,) if config.group_size is None else (n, k // config.group_size), dtype=torch.float32,
+                         device="meta")
     bias = None if linear.bias is None else torch.empty(n, dtype=linear.bias.dtype, device="meta")
     return FPxLinear(QuantizedWeight(planes, scales, config.fmt, (n, k), config.group_size), bias)
 
