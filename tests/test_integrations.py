@@ -15,6 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from fp6llm import LAYOUT_VERSION  # noqa: E402
 from fp6llm.integrations.hf import FPxConfig  # noqa: E402
 from fp6llm.models import load_hf  # noqa: E402
 from fp6llm.nn import FPxLinear  # noqa: E402
@@ -82,8 +83,8 @@ def test_save_pretrained_round_trip_is_exact(case, dtype, tmp_path, gen):
                                                                                              torch.float16}
     model.save_pretrained(tmp_path / "packed")
     config = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]
-    assert config == {"quant_method": "fp6llm", "format": fmt, "group_size": group_size, "layout_version": 1,
-                      "modules_to_not_convert": ["lm_head"]}
+    assert config == {"quant_method": "fp6llm", "format": fmt, "group_size": group_size,
+                      "layout_version": LAYOUT_VERSION, "modules_to_not_convert": ["lm_head"]}
     loaded = AutoModel.from_pretrained(tmp_path / "packed")  # no quantization_config: config.json has it
     before, after = model.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys() and not any(k.endswith("proj.weight") for k in after)
@@ -126,7 +127,8 @@ def test_config_errors(tmp_path, gen):
     with pytest.raises(ValueError, match="group_size must be a positive int"):
         FPxConfig("e3m2", group_size=0)
     save_hf_model("llama3", tmp_path / "float", seed=seed_of(gen))
-    with pytest.raises(ValueError, match="group_size 48 does not divide in_features 128 of layer model.layers.0.mlp.down_proj"):
+    with pytest.raises(ValueError, match="group_size 48 does not divide in_features 128 of layer "
+                                         "model.layers.0.mlp.down_proj"):
         load_quantizing(tmp_path / "float", "e3m2", 48)
     load_quantizing(tmp_path / "float").save_pretrained(tmp_path / "packed")
     config_path = tmp_path / "packed" / "config.json"
