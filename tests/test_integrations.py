@@ -46,7 +46,8 @@ FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gat
 
 
 def buffers_of(layers: dict, name: str) -> dict:
-    """The FPxLinear buffers of ``name`` in ``layers``, or of its parts' rows stacked for a fused name."""
+    """The FPxLinear buffers of ``name`` in ``layers``, or of its parts' rows stacked for a fused name (parts of
+    whole 16-row tiles here, so that stacking the packed planes is stacking the rows)."""
     if name in layers:
         return layers[name].state_dict()
     parent, _, last = name.rpartition(".")

@@ -35,7 +35,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..formats import FPFormat
 from ..nn import FPxLinear, _skipped
-from ..packing import LAYOUT_VERSION, padded_k, plane_widths
+from ..packing import LAYOUT_VERSION, plane_shape, plane_widths
 from ..quantize import QuantizedWeight, quantize_weight
 
 QUANT_METHOD = "fp6llm"
@@ -89,7 +89,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def _meta_fpx_linear(linear: nn.Linear, config: FPxConfig) -> FPxLinear:
     """An FPxLinear of ``linear``'s shape on the meta device: the placeholders that a packed checkpoint fills."""
     n, k = linear.out_features, linear.in_features
-    planes = tuple(torch.empty(n, padded_k(k) * width // 32, dtype=torch.int32, device="meta")
+    planes = tuple(torch.empty(plane_shape(n, k, width), dtype=torch.int32, device="meta")
                    for width in plane_widths(config.fmt.bits))
     # float32 placeholders (the model is built under its own default dtype); loading keeps the stored dtype
     scales = torch.empty((n,) if config.group_size is None else (n, k // config.group_size), dtype=torch.float32,
