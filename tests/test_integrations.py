@@ -218,23 +218,28 @@ def test_lm_eval_generate_until_is_the_engines_greedy_text_cut_at_stop(lm, gen):
 
     from fp6llm.engine import Engine
     prompts = [random_text(gen, 6), random_text(gen, 9)]
-    engine = Engine(lm.model, lm.fp6llm_tokenizer, 2, 32)
+    engine = Engine(lm.model, lm.fp6llm_tokenizer, lm.batch_size, lm.max_length)  # the engine generate_until makes
     try:
         full = engine.generate(prompts, 10)
-        greedy = engine.request(lm.tok_encode(prompts[0]), 5)
-        engine.add([greedy])
-        while not greedy.finished:
-            engine.step()
     finally:
         engine.close()
-    stop = full[1][4:6]
+    stop = full[1][len(full[1]) // 2:][:2] or "\x00"  # a piece of the second completion (never empty)
     requests = [Instance("generate_until", {}, (p, {"until": [stop], "max_gen_toks": 10}), i)
                 for i, p in enumerate(prompts)]
     assert lm.generate_until(requests) == [text.split(stop)[0] for text in full]
-    # the greedy tokens are, by definition, each the argmax: lm-eval's is_greedy says so
-    [(_, is_greedy)] = lm._loglikelihood_tokens([(None, greedy.prompt_ids, greedy.output_ids)])
-    assert is_greedy and len(greedy.output_ids) > 0
 
+
+def test_lm_eval_is_greedy_says_whether_each_token_is_the_argmax(lm, gen):
+    from fp6llm.engine.perplexity import score
+    context = lm.tok_encode(random_text(gen, 8))
+    ids = list(context)
+    for _ in range(5):  # greedy decoding by full forwards: the argmax after ids (a dummy last token is not read)
+        ids.append(int(score(lm.model, torch.tensor([ids + [0]]))[1][0, -1]))
+    greedy = ids[len(context):]
+    other = greedy[:-1] + [(greedy[-1] + 1) % 512]
+    [(_, is_greedy), (_, other_is_greedy)] = lm._loglikelihood_tokens([(None, context, greedy),
+                                                                       (None, context, other)])
+    assert is_greedy and not other_is_greedy
 
 
 @pytest.mark.parametrize("args, message", [(dict(batch_size="x"), "batch_size must be a positive int or auto"),
