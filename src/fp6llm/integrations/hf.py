@@ -14,11 +14,10 @@ fp6llm.ops.fpx_linear: the Triton kernel on CUDA, the PyTorch reference elsewher
 conversion ops, transformers.core_model_loading).
 
 One directory for both: not yet. fp6llm's packed checkpoints (``fp6llm quantize``) name tensors by fp6llm's
-modules, without transformers' ``model.`` / ``model.decoder.`` prefixes, and its decoders are moving to fused
-qkv_proj / gate_up_proj rows; their config.json carries no ``quantization_config``. A Llama-family one loads here
-once that key is added (transformers adds the ``model.`` prefix itself); OPT's prefix and fused rows need a
-renaming and row-splitting conversion in this quantizer. The other way, fp6llm.load needs its loader to read
-config.json's ``quantization_config`` as packed metadata and the tensors under transformers' prefixes.
+modules, without transformers' ``model.`` / ``model.decoder.`` prefixes, with fused qkv_proj / gate_up_proj rows,
+and their config.json carries no ``quantization_config``: loading one here needs that key, a renaming and a
+row-splitting conversion in this quantizer. The other way, fp6llm.load needs its loader to read config.json's
+``quantization_config`` as packed metadata and the tensors under transformers' (unfused) names.
 """
 
 from __future__ import annotations
