@@ -14,6 +14,7 @@ import argparse
 import importlib
 import math
 import pkgutil
+import signal
 import sys
 from pathlib import Path
 
@@ -109,8 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_interrupted = []
+
+
+def _on_sigint(signum, frame):
+    # Remember it as well as raising: an import that swallows the KeyboardInterrupt (seen once while torch imported)
+    # must not turn a Ctrl-C into a normal exit.
+    _interrupted.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     name = "fp6llm"
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         args = build_parser().parse_args(argv)
         name = f"fp6llm {args.command}"
@@ -119,6 +132,9 @@ def main(argv=None) -> int:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    if _interrupted:
         print(f"{name}: interrupted", file=sys.stderr)
         return INTERRUPTED_STATUS
     return 0
