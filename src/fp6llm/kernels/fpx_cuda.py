@@ -86,9 +86,11 @@ def dequant_source(fmt: FPFormat) -> str:
     ]), "\n".join(["__device__ __forceinline__ void dequant_tile(const Tile& tile, u32 (&a)[32]) {", *lines, "}"])
 
 
-def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0) -> str:
+def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
+                  chains: int = 0) -> str:
     """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. min_blocks > 0 asks
-    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks))."""
+    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks));
+    chains > 0 sets the independent accumulator chains per n8 block (default 4 / blocks)."""
     header, dequant = dequant_source(fmt)
     body = SOURCE.read_text()
     if min_blocks:
@@ -98,6 +100,8 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     body = body.replace(marker, dequant + "\n\n" + marker, 1)
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                f"// format {fmt.name}, layout 2 (packing.placement)", header.replace("struct Tile;", "")]
+    if chains:
+        defines.insert(0, f"#define CHAINS {chains}")
     return "\n".join(defines) + "\n" + body
 
 
@@ -191,13 +195,26 @@ def _arch(device) -> str:
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
 
 
-def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, device):
-    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, torch.device(device).index)
+def _registers(kernel) -> int:
+    """Registers per thread of a loaded kernel (cuFuncGetAttribute, CU_FUNC_ATTRIBUTE_NUM_REGS)."""
+    value = ctypes.c_int()
+    libcuda = torch.cuda._utils._get_gpu_runtime_library()
+    if libcuda.cuFuncGetAttribute(ctypes.byref(value), 4, kernel.func) != 0:
+        return 80
+    return value.value
+
+
+def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, chains: int,
+            device):
+    """(kernel, resident CTAs per SM by its registers) for this case, compiled and loaded once per process."""
+    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, chains, torch.device(device).index)
     if key not in _KERNELS:
-        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks)
+        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks, chains)
         cubin = cached_cubin(source, _arch(device))
         with torch.cuda.device(device):
-            _KERNELS[key] = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
+            kernel = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
+        per_warp = -(-_registers(kernel) * 32 // 256) * 256  # registers are allocated per warp in 256s
+        _KERNELS[key] = (kernel, max(1, min(16, 65536 // (per_warp * WARPS))))
     return _KERNELS[key]
 
 
@@ -210,10 +227,6 @@ def supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool
 
 
 MIN_BLOCKS = 0  # __launch_bounds__ minimum CTAs per SM (0: ptxas's choice, 80 registers: 6 CTAs)
-
-
-def resident_ctas(min_blocks: int) -> int:
-    return min_blocks or 6
 
 
 def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int:
@@ -257,13 +270,13 @@ WORKSPACE = SplitWorkspace()
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-                split: "int | None" = None, min_blocks: int = MIN_BLOCKS) -> torch.Tensor:
+                split: "int | None" = None, min_blocks: int = MIN_BLOCKS, chains: int = 0) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks override the defaults (tests,
     benchmarks)."""
     m = x.shape[0]
+    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, chains, x.device)
     if split is None:
-        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count,
-                             resident_ctas(min_blocks))
+        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)
     k_tiles = k // TILE_K
     kps = -(-k_tiles // split)
@@ -272,7 +285,6 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     ws, counts = WORKSPACE.reserve(x.device, split * row_blocks * ROWS_PER_CTA * m, row_blocks) \
         if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
-    kernel = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, x.device)
     kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
                  counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])

@@ -123,7 +123,13 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
     }
 }
 
-__device__ __forceinline__ void compute_tile(const Tile& tile, float (&acc)[N_BLOCKS_M][4]) {
+// Independent accumulator chains per n8 block: consecutive k-steps' MMAs go to different chains, so the tensor
+// core's latency (~30 cycles per dependent mma.sync) is not paid 8 times in a row per tile.
+#ifndef CHAINS
+#define CHAINS (4 / N_BLOCKS_M)
+#endif
+
+__device__ __forceinline__ void compute_tile(const Tile& tile, float (&acc)[N_BLOCKS_M][CHAINS][4]) {
     u32 a[32];
     dequant_tile(tile, a);
 #pragma unroll
@@ -136,7 +142,7 @@ __device__ __forceinline__ void compute_tile(const Tile& tile, float (&acc)[N_BL
 #pragma unroll
         for (int b = 0; b < N_BLOCKS_M; ++b) {
             const u32* xs = reinterpret_cast<const u32*>(&tile.x[b][0]);  // 16 words = 32 columns of row g
-            mma(acc[b], frag, xs[2 * ks], xs[2 * ks + 1]);
+            mma(acc[b][ks % CHAINS], frag, xs[2 * ks], xs[2 * ks + 1]);
         }
     }
 }
@@ -154,7 +160,7 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     const int n_tiles = (N + 15) / 16;
     const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
 
-    float acc[N_BLOCKS_M][4] = {};
+    float chains[N_BLOCKS_M][CHAINS][4] = {};
     if (row_tile < n_tiles && kt0 < kt1) {
         // Lanes past the last row of x read row M - 1 again (an L1 hit): the MMA columns they feed are outputs for
         // rows >= M, which are never stored, so they need no zeroing.
@@ -166,13 +172,22 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt0, kt0, lane);
         for (int kt = kt0; kt < kt1; kt += 2) {
             if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, x_row0, x_row1, base + kt + 1, kt + 1, lane);
-            compute_tile(even, acc);
+            compute_tile(even, chains);
             if (kt + 1 >= kt1) break;
             if (kt + 2 < kt1) load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt + 2, kt + 2, lane);
-            compute_tile(odd, acc);
+            compute_tile(odd, chains);
         }
     }
 
+    float acc[N_BLOCKS_M][4];
+#pragma unroll
+    for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[b][i] = chains[b][0][i];
+#pragma unroll
+            for (int c = 1; c < CHAINS; ++c) acc[b][i] += chains[b][c][i];
+        }
     // acc[b][i]: weight row 16 row_tile + g + 8 (i / 2), x row 8 b + 2 t + i % 2.
     const int n0 = row_tile * 16 + g;
     if (gridDim.y == 1) {
