@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from ..models.loader import resolve_format
 from ..tp import TensorParallel
-from .generate import Engine, Request, Stats, drop_caches, synchronize
+from .generate import Engine, Request, Stats
+from .runner import drop_caches, synchronize
 from .load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, quantized_group_size, require_memory
 from .sampling import SamplingParams
 

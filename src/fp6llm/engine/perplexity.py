@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .bench import UNQUANTIZED_ON_CPU, free_memory, model_bytes
-from .generate import drop_caches
+from .runner import drop_caches
 from .load import GB, ModelSource, check_fits, check_format, quantized_group_size
 
 REFERENCE = "fp16"

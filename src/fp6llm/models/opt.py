@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, attend, causal_mask, select_tokens, setup_kv_caches
+from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -38,25 +38,29 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None,
-                     device=None) -> None:
-        """Allocate each layer's KV cache [max_batch_size, n_heads, max_seq_len, head_dim]; dtype and device
-        default to the token embedding's. Raises ValueError past the learned position table."""
+                     device=None, num_blocks: Optional[int] = None, block_size: int = BLOCK_SIZE) -> None:
+        """Allocate each layer's paged KV cache (models/attention.py; num_blocks defaults to max_batch_size rows of
+        max_seq_len positions); dtype and device default to the token embedding's. Raises ValueError past the
+        learned position table."""
         positions = self.config.max_position_embeddings
         if max_seq_len > positions:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds OPT's {positions} learned positions")
-        setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device)
+        setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device, num_blocks, block_size)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None) -> Tensor:
-        """tokens, input_pos: int64 [B, T] -> float32 logits [B, T, vocab] ([B, K, vocab] with logits_at [B, K])."""
+    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None,
+                kv: Optional[KVBatch] = None) -> Tensor:
+        """tokens, input_pos: int64 [B, T] -> float32 logits [B, T, vocab] ([B, K, vocab] with logits_at [B, K]).
+        kv: where the rows live in the paged cache; None for the contiguous layout of setup_caches."""
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
         x = self.embed_tokens(tokens)
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(input_pos + self.config.position_offset)
-        mask = causal_mask(input_pos, self.key_pos)
+        if kv is None:
+            kv = contiguous_kv_batch(input_pos, self.max_seq_len, self.block_size)
         for layer in self.layers:
-            x = layer(x, input_pos, mask)
+            x = layer(x, input_pos, kv)
         x = select_tokens(x, logits_at)
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
@@ -76,8 +80,8 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
         self.final_layer_norm = nn.LayerNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
-        x = self._residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, input_pos, mask))
+    def forward(self, x: Tensor, input_pos: Tensor, kv: KVBatch) -> Tensor:
+        x = self._residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, input_pos, kv))
         return self._residual(x, self.final_layer_norm, lambda h: self.fc2(self.activation(self.fc1(h))))
 
     def _residual(self, x: Tensor, norm: nn.LayerNorm, f) -> Tensor:
@@ -94,11 +98,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
         self.out_proj = nn.Linear(inner, config.dim, bias=config.o_bias)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: Optional[PagedKVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, kv: KVBatch) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        k, v = self.kv_cache.update(input_pos, k, v)
-        return self.out_proj(attend(q, k, v, mask))
+        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        self.kv_cache.write(kv.slot_mapping, k, v)
+        return self.out_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv))
