@@ -195,7 +195,7 @@ def completion_prompt_ids(engine: Engine, prompt) -> list:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return engine.tokenizer.encode(prompt)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     bad = [i for i in prompt if not 0 <= i < vocab]
     if bad:
         raise ApiError(400, f"prompt has token id {bad[0]}, outside the vocabulary 0..{vocab - 1}", param="prompt")
