@@ -92,11 +92,35 @@ def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block
     return out.view(b, h, t, d)
 
 
+@torch.library.custom_op("fp6llm::paged_attention", mutates_args=())
+def paged_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+                       input_pos: Tensor, sliding_window: int) -> Tensor:
+    """Reference implementation; sliding_window 0 means none."""
+    return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None)
+
+
+try:
+    from ..kernels.attention import paged_decode, paged_prefill
+except ImportError:  # no Triton: the reference serves every device
+    paged_decode = None
+
+if paged_decode is not None:
+    @paged_attention_op.register_kernel("cuda")
+    def _(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
+        kernel = paged_decode if q.shape[2] == 1 else paged_prefill
+        return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None)
+
+
+@paged_attention_op.register_fake
+def _(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     input_pos: Tensor, sliding_window: Optional[int] = None) -> Tensor:
-    """paged_attention_reference's result; on CUDA from the Triton kernels of kernels/attention.py, which read
-    only each row's valid blocks."""
-    return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window)
+    """paged_attention_reference's result [B, H, T, D]; on CUDA from the Triton kernels of kernels/attention.py
+    (decode for T = 1, prefill/extend otherwise), which read only each row's valid blocks."""
+    return paged_attention_op(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or 0)
 
 
 def blocks_for(positions: int, block_size: int = BLOCK_SIZE) -> int:
