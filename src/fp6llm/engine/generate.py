@@ -156,7 +156,7 @@ class Engine:
             raise ValueError(f"a KV cache of {num_blocks} blocks of {BLOCK_SIZE} positions holds less than one "
                              f"sequence of max_seq_len {max_seq_len} ({per_sequence} blocks + 1 scratch): lower "
                              f"max_seq_len or free memory")
-        self.num_blocks = num_blocks
+        self.num_blocks, self.block_size = num_blocks, BLOCK_SIZE
         model.setup_caches(max_batch_size, max_seq_len, self.dtype, self.device, num_blocks, BLOCK_SIZE)
         step_tokens = max_step_tokens or max(DEFAULT_STEP_TOKENS, 2 * max_batch_size)
         self.batcher = Batcher(BlockAllocator(num_blocks), BLOCK_SIZE, max_batch_size, step_tokens)
