@@ -143,3 +143,18 @@ def test_stop_strings_end_the_completion_in_the_engine(model, gen):
 def test_a_cache_smaller_than_one_sequence_is_refused(model):
     with pytest.raises(ValueError, match=r"holds less than one sequence of max_seq_len 64 \(4 blocks \+ 1 scratch\)"):
         Engine(model, None, max_seq_len=64, num_blocks=4)
+
+
+def test_more_sequences_run_than_a_static_cache_of_the_same_memory_held(model, gen):
+    """17 blocks are the memory of a static cache of 4 rows x 64 positions; 12 short requests (one block each) run
+    in it at once, each still its solo run."""
+    engine = Engine(model, None, max_batch_size=16, max_seq_len=64, num_blocks=1 + 4 * 4)
+    prompts = prompts_of(gen, torch.randint(3, 11, (12,), generator=gen).tolist())
+    requests = [Request(p, 6) for p in prompts]
+    engine.add(requests)
+    engine.step()
+    assert engine.num_running == 12 and engine.free_blocks == 4
+    while engine.active:
+        engine.step()
+    assert all(r.preemptions == 0 for r in requests)
+    assert [r.output_ids for r in requests[:3]] == [alone(model, p, 6) for p in prompts[:3]]
