@@ -158,3 +158,28 @@ def test_more_sequences_run_than_a_static_cache_of_the_same_memory_held(model, g
         engine.step()
     assert all(r.preemptions == 0 for r in requests)
     assert [r.output_ids for r in requests[:3]] == [alone(model, p, 6) for p in prompts[:3]]
+
+
+def test_random_arrivals_aborts_and_a_tight_cache_never_mix_requests(model, gen):
+    """Requests arrive at random steps into a cache that must preempt, with a small step budget (chunked prefill)
+    and one abort; every request that finishes has its solo tokens."""
+    engine = Engine(model, None, max_batch_size=4, max_seq_len=64, num_blocks=1 + 6, max_step_tokens=12)
+    lengths = torch.randint(1, 30, (7,), generator=gen).tolist()
+    new_tokens = torch.randint(1, 20, (7,), generator=gen).tolist()
+    arrivals = sorted(torch.randint(0, 12, (7,), generator=gen).tolist())
+    requests = [Request(p, n) for p, n in zip(prompts_of(gen, lengths), new_tokens)]
+    aborted = requests[3]
+    step = 0
+    while step <= max(arrivals) or engine.active:
+        engine.add([r for r, at in zip(requests, arrivals) if at == step])
+        if step == arrivals[3] + 2 and not aborted.finished:
+            engine.abort(aborted)
+        engine.step()
+        step += 1
+        assert step < 1000
+    assert aborted.finish_reason == "abort"
+    for request in requests:
+        if request is not aborted:
+            assert request.finish_reason == "length"
+            assert request.output_ids == alone(model, request.prompt_ids, request.max_new_tokens)
+    assert engine.free_blocks == 6
