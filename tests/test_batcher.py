@@ -183,3 +183,28 @@ def test_random_arrivals_aborts_and_a_tight_cache_never_mix_requests(model, gen)
             assert request.finish_reason == "length"
             assert request.output_ids == alone(model, request.prompt_ids, request.max_new_tokens)
     assert engine.free_blocks == 6
+
+
+def test_prompts_with_a_common_prefix_share_its_cached_blocks(model, gen):
+    """Three prompts start with the same 40 tokens: once the first is prefilled, the others share its two full
+    blocks (32 tokens; the third block is partial) and compute only the rest; all match their solo runs. A block
+    that nobody holds stays shareable until it is handed out again."""
+    prefix, (tail_a, tail_b) = prompts_of(gen, (40,))[0], prompts_of(gen, (7, 3))
+    prompts = [prefix + tail_a, prefix + tail_b, prefix]
+    expected = [alone(model, p, 6) for p in prompts]  # first: one engine per model at a time
+    engine = Engine(model, None, max_batch_size=4, max_seq_len=96)
+    first = Request(prompts[0], 6)
+    engine.add([first])
+    engine.step()
+    later = [Request(p, 6) for p in prompts[1:]]
+    engine.add(later)
+    engine.step()
+    assert first.cached_tokens == 0 and [r.cached_tokens for r in later] == [32, 32]
+    assert later[0].blocks[:2] == later[1].blocks[:2] == first.blocks[:2]
+    while engine.active:
+        engine.step()
+    assert [r.output_ids for r in [first] + later] == expected
+    again = Request(prompts[0], 6)
+    run_all(engine, [again])  # every block was freed, the prefix's are still cached
+    assert again.cached_tokens == 32 and again.output_ids == first.output_ids
+    assert engine.free_blocks == engine.num_blocks - 1

@@ -12,6 +12,8 @@ makes the newest running request give its blocks back (preemption: it goes to th
 and output so far are prefilled again later; greedy tokens do not change). (2) Requests part-way through their
 prefill take the token budget left, oldest first. (3) Waiting requests are admitted in arrival order while the free
 blocks hold all their tokens so far and fewer than ``max_seqs`` run; each is given a chunk of the budget left.
+Prefix caching: an admitted request first shares the cached blocks of its longest known prefix (engine/blocks.py;
+full blocks, registered as they are computed) and computes only the rest.
 Everything is decided from the calls alone (no clocks), so every tensor-parallel rank schedules alike.
 """
 
@@ -24,7 +26,7 @@ from typing import Optional
 import torch
 
 from ..models.attention import blocks_for
-from .blocks import BlockAllocator
+from .blocks import BlockAllocator, prefix_hashes
 from .sampling import SamplingParams
 
 
@@ -49,6 +51,9 @@ class Request:
     computed: int = 0  # tokens (of prompt + output) whose keys and values are in the cache
     arrival: int = -1  # order of admission to the engine
     preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache (not computed) at the last admission
+    block_hashes: list = field(default_factory=list)  # prefix hashes of the full blocks of its tokens so far
+    registered: int = 0  # blocks of ``blocks`` registered in (or shared from) the prefix cache
 
     @property
     def finished(self) -> bool:
@@ -133,7 +138,7 @@ class Batcher:
                 budget -= self._chunk(plan, request, budget)
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs:
             request = self.waiting[0]
-            if not self._grow(request, request.length):
+            if not self._admit(request):
                 break
             self.running.append(self.waiting.popleft())
             budget -= self._chunk(plan, request, budget)
@@ -146,6 +151,38 @@ class Batcher:
         else:
             plan.prefill.append(Chunk(request, request.computed, count))
         return count
+
+    def advance(self, request: Request, count: int) -> None:
+        """``count`` more tokens of the request are in the cache: register its newly full blocks by prefix hash."""
+        request.computed += count
+        full = request.computed // self.block_size
+        if full > request.registered:
+            for block, value in zip(request.blocks[request.registered:full],
+                                    self._hashes(request, full)[request.registered:]):
+                self.allocator.register(block, value)
+            request.registered = full
+
+    def _hashes(self, request: Request, full: int) -> list:
+        """The request's prefix hashes of its first ``full`` blocks (computed once per block)."""
+        known = request.block_hashes
+        if full > len(known):
+            size = self.block_size
+            tokens = [request.token(p) for p in range(len(known) * size, full * size)]
+            known += prefix_hashes(tokens, size, known[-1] if known else None)
+        return known[:full]
+
+    def _admit(self, request: Request) -> bool:
+        """Give a waiting request the cached blocks of its longest known prefix (leaving at least its last token
+        to compute) and new blocks for the rest; False (nothing taken) when too few are free."""
+        shared = self.allocator.lookup(self._hashes(request, (request.length - 1) // self.block_size))
+        needed = blocks_for(request.length, self.block_size) - len(shared)
+        if needed + sum(self.allocator.is_free(b) for b in shared) > self.allocator.num_free:
+            return False
+        self.allocator.share(shared)
+        request.blocks = shared + self.allocator.allocate(needed)
+        request.registered = len(shared)
+        request.computed = request.cached_tokens = len(shared) * self.block_size
+        return True
 
     def _grow(self, request: Request, positions: int) -> bool:
         """Give the request blocks for ``positions`` positions; False (nothing taken) when too few are free."""
@@ -164,4 +201,4 @@ class Batcher:
 
     def _release(self, request: Request) -> None:
         self.allocator.free(request.blocks)
-        request.blocks, request.computed = [], 0
+        request.blocks, request.computed, request.registered = [], 0, 0

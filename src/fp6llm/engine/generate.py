@@ -226,7 +226,7 @@ class Engine:
             for group in self._prefill_groups(plan.prefill):
                 logits = self.runner.prefill(group)
                 for chunk in group:
-                    chunk.request.computed += chunk.count
+                    self.batcher.advance(chunk.request, chunk.count)
                 done = [i for i, chunk in enumerate(group) if chunk.samples]
                 if done:
                     events += self._sample([group[i].request for i in done], logits[done])
@@ -238,7 +238,7 @@ class Engine:
             start = time.perf_counter()
             logits = self.runner.decode(plan.decode)
             for request in plan.decode:
-                request.computed += 1
+                self.batcher.advance(request, 1)
             events += self._sample(plan.decode, logits)
             self.stats.step_seconds.append(time.perf_counter() - start)  # _sample's tolist() synchronized
             self.stats.decode_tokens += len(plan.decode)
