@@ -36,7 +36,7 @@ def _attend_block(q, k_cache, v_cache, block_tables, b, kv_head, block_index, qu
                   acc, sm_scale, stride_tb, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr,
                   BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr):
     """One cache block of the online softmax: q [ROWS, BLOCK_D] with positions query_pos [ROWS]."""
-    block = tl.load(block_tables + b * stride_tb + block_index)
+    block = tl.load(block_tables + b * stride_tb + block_index).to(tl.int64)  # block * stride can pass 2**31
     offsets = tl.arange(0, BLOCK_SIZE)
     dims = tl.arange(0, BLOCK_D)
     key_pos = block_index * BLOCK_SIZE + offsets
