@@ -95,12 +95,13 @@ def test_reference_equals_dense_attention(gen, groups, window):
 
 @runs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("groups, window", [(1, None), (4, None), (8, None), (4, 20)])
-def test_decode_kernel_matches_the_reference(gen, dtype, groups, window):
+@pytest.mark.parametrize("groups, window, head_dim", [(1, None, 16), (4, None, 16), (8, None, 16), (4, 20, 16),
+                                                      (5, None, 24)])  # the last: padded head and group tiles
+def test_decode_kernel_matches_the_reference(gen, dtype, groups, window, head_dim):
     from fp6llm.kernels.attention import paged_decode
 
     lengths = [1] + torch.randint(2, 90, (2,), generator=gen).tolist()
-    q, k_cache, v_cache, tables, seq_lens, pos, dk, dv = paged_case(gen, lengths, 2, groups, dtype=dtype)
+    q, k_cache, v_cache, tables, seq_lens, pos, dk, dv = paged_case(gen, lengths, 2, groups, head_dim, dtype)
     expected = dense_attention(q, dk, dv, pos, window)
     to = dict(device=DEVICE)
     for splits in (1, 3):  # one program per row and KV head, and split-KV with a reduction
@@ -112,13 +113,13 @@ def test_decode_kernel_matches_the_reference(gen, dtype, groups, window):
 
 @runs_kernel
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("groups, window", [(1, None), (8, None), (4, 7)])
-def test_prefill_kernel_matches_the_reference(gen, dtype, groups, window):
+@pytest.mark.parametrize("groups, window, head_dim", [(1, None, 16), (8, None, 16), (4, 7, 16), (5, None, 24)])
+def test_prefill_kernel_matches_the_reference(gen, dtype, groups, window, head_dim):
     """A chunk of 20 new tokens after cached prefixes of 0 .. 40 positions (prefill and extend)."""
     from fp6llm.kernels.attention import paged_prefill
 
     lengths = [20] + (20 + torch.randint(1, 40, (1,), generator=gen)).tolist()
-    q, k_cache, v_cache, tables, seq_lens, pos, dk, dv = paged_case(gen, lengths, 2, groups, dtype=dtype,
+    q, k_cache, v_cache, tables, seq_lens, pos, dk, dv = paged_case(gen, lengths, 2, groups, head_dim, dtype,
                                                                     new_tokens=20)
     to = dict(device=DEVICE)
     out = paged_prefill(q.to(**to), k_cache.to(**to), v_cache.to(**to), tables.to(**to), seq_lens.to(**to),
