@@ -51,7 +51,7 @@ def _broadcast(message, group):
 
 
 class MirroredEngine:
-    """Rank 0's Engine; add / step / abort / warm_up are first sent to the ranks that ``follow``. Everything else (slots,
+    """Rank 0's Engine; add / step / abort / warm_up are first sent to the ranks that ``follow``. Everything else (counts,
     tokenizer, request(), stats, ...) is the wrapped Engine's. One thread at a time makes calls (the server's engine
     thread); ``stop`` may come from another and waits for a call in progress."""
 

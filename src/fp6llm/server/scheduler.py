@@ -29,7 +29,7 @@ log = logging.getLogger("fp6llm.server")
 
 
 class QueueFull(Exception):
-    """Every slot is busy and the waiting queue is at its bound."""
+    """max_batch + max_queue requests are in flight already."""
 
 
 class ShuttingDown(Exception):
@@ -134,7 +134,7 @@ class Scheduler:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Free the job's slot (or its place in the queue) soon; harmless once it has finished."""
+        """Free the job's KV-cache blocks (or its place in the queue) soon; harmless once it has finished."""
         if job.finish_reason is None:
             with self._lock:
                 self._cancelled.append(job)
