@@ -175,7 +175,7 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
     m, l = ml[..., 0], ml[..., 1]
     weight = torch.exp(m - m.amax(dim=2, keepdim=True))
     out = (weight[..., None] * acc).sum(dim=2) / (weight * l).sum(dim=2)[..., None]
-    return out[..., :d].to(q.dtype).view(b, h, 1, d)
+    return out[..., :d].to(q.dtype).reshape(b, h, 1, d)
 
 
 def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
