@@ -195,3 +195,23 @@ def test_cuda_engine_kernels_and_graphs_match_the_reference(monkeypatch, gen):
             agree = next((i for i, (a, b) in enumerate(zip(tokens[row], reference[0][row])) if a != b), 6)
             steps = max(1, min(agree + 1, 2))
             assert relative_error(logits[row][:steps], reference[1][row][:steps].double()) < 1e-2, (name, row)
+
+
+@runs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cache_write_kernel_stores_each_token_in_its_slot(gen, dtype):
+    """k and v as the fused qkv projection leaves them (strided views) into distinct random slots: exactly what
+    the reference stores; every other slot keeps its NaN."""
+    from fp6llm.kernels.attention import write_kv_kernel
+    from fp6llm.models.attention import write_kv_reference
+
+    b, t, n_kv, d, pool = 2, 5, 3, 24, 6
+    qkv = torch.randn(b, t, 4 + 2 * n_kv, d, generator=gen).to(dtype)
+    k, v = qkv[:, :, 4:4 + n_kv], qkv[:, :, 4 + n_kv:]
+    slots = torch.randperm(pool * BLOCK, generator=gen)[:b * t].view(b, t).to(torch.int32)
+    expected = [torch.full((pool, BLOCK, n_kv, d), float("nan"), dtype=dtype) for _ in range(2)]
+    write_kv_reference(*expected, slots, k, v)
+    caches = [torch.full_like(expected[0], float("nan"), device=DEVICE) for _ in range(2)]
+    write_kv_kernel(*caches, slots.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
+    for cache, reference in zip(caches, expected):
+        assert torch.equal(cache.cpu().nan_to_num(7.0), reference.nan_to_num(7.0))

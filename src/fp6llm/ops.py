@@ -1,8 +1,9 @@
 """``fpx_linear``: y = x @ dequantize(W).T + bias, as a torch custom op.
 
-The op ``fp6llm::fpx_linear`` has a PyTorch reference implementation (any device) and, on CUDA, the Triton
-kernel of kernels/fpx_gemm.py (when Triton is importable) for the cases it handles; other CUDA cases de-quantize
-to x's dtype and call torch.matmul. A fake implementation gives torch.compile the output's shape and dtype
+The op ``fp6llm::fpx_linear`` has a PyTorch reference implementation (any device) and, on CUDA, the NVRTC-compiled
+small-M kernel of kernels/fpx_cuda.py for M <= 16 with per-channel scales, the Triton kernel of kernels/fpx_gemm.py
+(when Triton is importable) for the other cases it handles; other CUDA cases de-quantize to x's dtype and call
+torch.matmul. A fake implementation gives torch.compile the output's shape and dtype
 without running anything.
 """
 
@@ -41,6 +42,7 @@ try:
     from .kernels.fpx_gemm import fpx_gemm, kernel_supports
 except ImportError:  # no Triton: the reference serves every device
     fpx_gemm = None
+from .kernels import fpx_cuda
 
 if fpx_gemm is not None:
     @fpx_linear_op.register_kernel("cuda")
@@ -52,6 +54,8 @@ if fpx_gemm is not None:
         rows = x.reshape(-1, k)
         if rows.stride(1) != 1:
             rows = rows.contiguous()
+        if fpx_cuda.supports(fmt, group_size or None, rows, n, k):  # M <= 16: the CUDA kernel (measured faster)
+            return fpx_cuda.fpx_small_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
         return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(*x.shape[:-1], n)
 
 

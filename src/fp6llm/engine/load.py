@@ -17,7 +17,7 @@ from torch import nn
 from ..models import NAMED_CONFIGS, ModelConfig, build_random, load_hf
 from ..models.loader import (PACKED_META, SKIP, UNQUANTIZED, build_model, read_hf_config, read_packed_meta,
                              resolve_format)
-from ..packing import padded_k
+from ..packing import padded_k, padded_n
 from ..tp import TensorParallel, apply_tensor_parallel, local_config
 from ..models.attention import BLOCK_SIZE
 from .generate import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_MAX_SEQ_LEN, Engine, default_num_blocks
@@ -135,7 +135,7 @@ def weight_bytes(config: ModelConfig, fmt: str, dtype: Optional[torch.dtype] = N
         if id(param) in quantized_weights:
             n, k = param.shape
             groups = 1 if group_size is None else k // group_size
-            total += n * padded_k(k) * quantized.bits // 8 + n * groups * SCALE_BYTES
+            total += padded_n(n) * padded_k(k) * quantized.bits // 8 + n * groups * SCALE_BYTES
         else:
             total += param.numel() * dtype.itemsize
     return total

@@ -14,6 +14,7 @@ one tile), so each K/V block is loaded once per group, not once per query head. 
   A long context is spread over SPLITS programs instead of one, which keeps the GPU busy at small batch.
 - ``paged_prefill``: T query tokens per row (a prompt chunk after its cached prefix). Grid (B, Hkv,
   cdiv(T, BLOCK_T)); each program loops over the blocks up to its last query's position (causal).
+- ``write_kv``: the new tokens' keys and values into their slots, both in one launch.
 """
 
 from __future__ import annotations
@@ -194,3 +195,33 @@ def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Ten
         k_cache.stride(2), input_pos.stride(0), out.stride(0), out.stride(1), out.stride(2), GROUPS=groups,
         BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q))
     return out
+
+
+@triton.jit
+def _write_kernel(k_ptr, v_ptr, k_cache, v_cache, slot_mapping, T, stride_kb, stride_kt, stride_kh, stride_vb,
+                  stride_vt, stride_vh, stride_sb, stride_cs, stride_ch, N_KV: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Program (b, t): token t of row b's keys and values [Hkv, D] into slot slot_mapping[b, t] of the caches
+    (viewed as [num_blocks * BLOCK_SIZE, Hkv, D], slot stride stride_cs)."""
+    b, t = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(slot_mapping + b * stride_sb + t).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < N_KV) & (dims < HEAD_DIM)
+    k = tl.load(k_ptr + b * stride_kb + t * stride_kt + heads * stride_kh + dims, mask=mask)
+    v = tl.load(v_ptr + b * stride_vb + t * stride_vt + heads * stride_vh + dims, mask=mask)
+    target = slot * stride_cs + heads * stride_ch + dims
+    tl.store(k_cache + target, k.to(k_cache.dtype.element_ty), mask=mask)
+    tl.store(v_cache + target, v.to(v_cache.dtype.element_ty), mask=mask)
+
+
+def write_kv_kernel(k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+    """k_cache.view(-1, Hkv, D)[slot_mapping] = k (and v) in one launch: k, v [B, T, Hkv, D] (any strides but a
+    contiguous D), slot_mapping int [B, T], caches [num_blocks, BLOCK_SIZE, Hkv, D] contiguous."""
+    b, t, n_kv, d = k.shape
+    if k.stride(3) != 1 or v.stride(3) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("write_kv needs a contiguous head dimension in k, v and contiguous caches")
+    _write_kernel[(b, t)](
+        k, v, k_cache, v_cache, slot_mapping, t, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), slot_mapping.stride(0), k_cache.stride(1), k_cache.stride(2), N_KV=n_kv,
+        BLOCK_H=triton.next_power_of_2(n_kv), BLOCK_D=triton.next_power_of_2(d), HEAD_DIM=d)

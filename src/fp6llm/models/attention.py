@@ -58,11 +58,18 @@ class PagedKVCache(nn.Module):
         return out.transpose(1, 2).reshape(b, t, h * d)
 
 
-def write_kv(k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+def write_kv_reference(k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
     """k_cache.view(-1, Hkv, D)[slot_mapping] = k (and v): k, v [B, T, Hkv, D], slot_mapping int [B, T]."""
     slots = slot_mapping.reshape(-1).long()
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k.reshape(-1, *k.shape[2:]).to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v.reshape(-1, *v.shape[2:]).to(v_cache.dtype))
+
+
+@torch.library.custom_op("fp6llm::write_kv", mutates_args=("k_cache", "v_cache"))
+def write_kv(k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
+    """Store k, v [B, T, Hkv, D] at the slots slot_mapping [B, T] of the caches (one op: the reference here, one
+    Triton kernel on CUDA)."""
+    write_kv_reference(k_cache, v_cache, slot_mapping, k, v)
 
 
 def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -100,15 +107,24 @@ def paged_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables
 
 
 try:
-    from ..kernels.attention import paged_decode, paged_prefill
+    from ..kernels.attention import paged_decode, paged_prefill, write_kv_kernel
 except ImportError:  # no Triton: the reference serves every device
     paged_decode = None
 
 if paged_decode is not None:
+    @write_kv.register_kernel("cuda")
+    def _(k_cache, v_cache, slot_mapping, k, v):
+        write_kv_kernel(k_cache, v_cache, slot_mapping, k, v)
+
     @paged_attention_op.register_kernel("cuda")
     def _(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
         kernel = paged_decode if q.shape[2] == 1 else paged_prefill
         return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None)
+
+
+@write_kv.register_fake
+def _(k_cache, v_cache, slot_mapping, k, v):
+    return None
 
 
 @paged_attention_op.register_fake
