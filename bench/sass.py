@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import subprocess
@@ -61,7 +62,7 @@ def disassemble(cubin: bytes) -> list[tuple[int, str, str, str]]:
 
 
 def innermost_loop(instructions) -> list:
-    """The instructions of the largest loop body that contains no other backward branch (the K loop)."""
+    """The instructions of the K loop: of the loop bodies (backward branches), the one with the most MMAs."""
     by_address = {a: i for i, (a, *_) in enumerate(instructions)}
     loops = []
     for i, (address, op, _, args) in enumerate(instructions):
@@ -73,10 +74,14 @@ def innermost_loop(instructions) -> list:
         start = by_address.get(int(target.group(1), 16))
         if start is not None:
             loops.append((start, i))
-    innermost = [(s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)]
-    if not innermost:
+    if not loops:
         raise ValueError("no loop found in the kernel")
-    start, end = max(innermost, key=lambda span: span[1] - span[0])
+
+    def mma_count(span):
+        return sum(op in PIPES["mma"] for _, op, _, _ in instructions[span[0]:span[1] + 1])
+
+    # the K loop: the loop with the most MMA instructions, the tightest such one (no prologue or epilogue around it)
+    start, end = max(loops, key=lambda span: (mma_count(span), -(span[1] - span[0])))
     return instructions[start:end + 1]
 
 
@@ -150,7 +155,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--m", type=int, default=1, help="rows of x (picks the configuration)")
     parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda"])
+    parser.add_argument("--json", help="also write the counts to this file")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: unset it (the interpreter compiles nothing)")
 
     import torch
 
@@ -158,13 +166,16 @@ def main(argv=None) -> int:
     from fp6llm.kernels.dispatch import heuristic_config
     fmt = FPFormat.parse(args.format)
     print(f"{fmt.name}, {args.dtype}, M = {args.m}, sm_90a")
+    results = {}
     if args.kernel in ("both", "triton"):
         config = heuristic_config(args.m, 8192, 8192, 132)
-        report(f"Triton fpx_gemm_kernel {config}", triton_cubin(fmt, args.dtype, config), config.num_warps,
-               config.block_n * config.block_k)
+        results["triton"] = report(f"Triton fpx_gemm_kernel {config}", triton_cubin(fmt, args.dtype, config),
+                                   config.num_warps, config.block_n * config.block_k)
     if args.kernel in ("both", "cuda"):
         # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
-        report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
+        results["cuda"] = report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
     del torch
     return 0
 

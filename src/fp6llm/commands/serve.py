@@ -15,7 +15,7 @@ import sys
 from ..cli import command
 from .engine import _model_arguments, _source, _tp_argument
 
-GRACEFUL_SHUTDOWN_S = 5  # on SIGINT / SIGTERM, running requests get this long to finish, then they are cancelled
+UVICORN_SHUTDOWN_MARGIN_S = 5  # uvicorn waits this much past the grace period for the last responses to go out
 API_KEY_ENV = "FP6LLM_API_KEY"
 
 
@@ -40,6 +40,9 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
                                                         f"${API_KEY_ENV} if set, else no key)")
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: random:NAME "
                                                                   "or the model directory's name)")
+    parser.add_argument("--shutdown-grace", type=float, default=5.0, help="seconds running requests may go on after "
+                                                                          "SIGTERM / SIGINT before they are ended "
+                                                                          "with an error (default 5)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _tp_argument(parser)  # under torchrun: rank 0 serves HTTP, the other ranks follow its engine calls
@@ -62,6 +65,8 @@ def _serve(args) -> None:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.max_queue is not None and args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not args.shutdown_grace >= 0:
+        raise ValueError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -104,9 +109,18 @@ def _serve_on(args, tp, device, uvicorn) -> None:
             f" and {tp.world_size - 1} more tensor-parallel rank(s)" if tp else "", args.max_batch,
             engine.max_seq_len, engine.num_blocks - 1, engine.block_size, args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
             "required" if api_key else "not required")
-        app = create_app(served, name, api_key=api_key, max_queue=args.max_queue)
-        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                      timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)).run()
+        app = create_app(served, name, api_key=api_key, max_queue=args.max_queue,
+                         shutdown_grace_s=args.shutdown_grace)
+
+        class DrainingServer(uvicorn.Server):
+            """On SIGINT / SIGTERM the app stops admitting and drains (create_app) while uvicorn shuts down."""
+
+            def handle_exit(self, sig, frame) -> None:
+                app.state.drain_soon()
+                super().handle_exit(sig, frame)
+
+        DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                      timeout_graceful_shutdown=args.shutdown_grace + UVICORN_SHUTDOWN_MARGIN_S)).run()
     finally:
         if tp is not None:
             served.stop()  # the followers return, and every rank leaves the process group together

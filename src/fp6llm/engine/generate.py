@@ -176,6 +176,11 @@ class Engine:
         return self.batcher.running + list(self.batcher.waiting)
 
     @property
+    def waiting(self) -> list:
+        """Requests added and not admitted yet (or preempted), in the order they will be."""
+        return list(self.batcher.waiting)
+
+    @property
     def num_running(self) -> int:
         return len(self.batcher.running)
 

@@ -27,7 +27,8 @@ from ..packing import LANES, PAIRS_PER_LANE, TILE_K, TILE_N, placement, words_pe
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
 KERNEL_NAME = "fpx_small_m"
-ROWS_PER_CTA = 64  # 4 warps x one 16-row tile
+WARPS = 4
+ROWS_PER_CTA = 16 * WARPS  # a 16-row tile per warp
 MAX_M = 16
 FP16_EXP_BIAS = 15
 
@@ -115,6 +116,9 @@ def _find_nvrtc() -> ctypes.CDLL:
     candidates += glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*")
     for path in sorted(c for c in candidates if "builtins" not in c and "alt" not in c):
         try:
+            # NVRTC opens libnvrtc-builtins by name at compile time: load the one beside it first
+            for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*")):
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
             return ctypes.CDLL(path)
         except OSError:
             continue
@@ -250,7 +254,7 @@ WORKSPACE = SplitWorkspace()
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= 16, K] (see supports)."""
+    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split overrides the split-K degree (tests)."""
     m = x.shape[0]
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count)
@@ -263,7 +267,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     kernel = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, x.device)
-    kernel(grid=(row_blocks, split, 1), block=(128, 1, 1),
+    kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
                  counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
     return out

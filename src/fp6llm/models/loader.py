@@ -6,7 +6,6 @@ holds more than the quantized model plus one weight in its checkpoint dtype.
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -24,7 +23,8 @@ from ..packing import (LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_sh
 from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
 from ..tp import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from . import llama, opt
-from .config import ModelConfig
+from .config import HF_NAMES, ModelConfig
+from .trust import check_config_tensors, check_packed_meta, check_planes, check_scales, read_json
 
 MODEL_CLASSES = {"llama": llama.Transformer, "opt": opt.Transformer}
 UNQUANTIZED = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -77,7 +77,11 @@ class SafetensorsCheckpoint:
         self._files = ExitStack()
         self._handles = {}
         if (self.dir / INDEX_FILE).is_file():
-            self.weight_map = json.loads((self.dir / INDEX_FILE).read_text())["weight_map"]
+            index = read_json(self.dir / INDEX_FILE)
+            self.weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(self.weight_map, dict) or not all(
+                    isinstance(file, str) and "/" not in file for file in self.weight_map.values()):
+                raise ValueError(f"{self.dir / INDEX_FILE}: weight_map must name shard files in {self.dir}")
             for file in sorted(set(self.weight_map.values())):
                 if not (self.dir / file).is_file():
                     raise FileNotFoundError(f"shard {self.dir / file} listed in {INDEX_FILE} is missing")
@@ -100,6 +104,13 @@ class SafetensorsCheckpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
+
+    def shape(self, name: str) -> tuple:
+        """The shape of tensor ``name``, from its file's header (no data is read)."""
+        file = self._open(self.weight_map[name])
+        if name not in file.keys():
+            raise ValueError(f"tensor {name!r} is missing from {self.dir / self.weight_map[name]}")
+        return tuple(file.get_slice(name).get_shape())
 
     def read(self, name: str, shape, dtypes=FLOAT_DTYPES + (torch.float64,), device="cpu",
              index: Optional[tuple] = None) -> torch.Tensor:
@@ -311,7 +322,9 @@ class PackedSource(Source):
 
     def _read_scales(self, name: str, shape: tuple, index: Optional[tuple]) -> torch.Tensor:
         # parts packed apart may differ in scale dtype (float16 group scales where all fit): torch.cat widens them
-        return self.checkpoint.read(name, shape, (torch.float32, torch.float16), self.device, index)
+        scales = self.checkpoint.read(name, shape, (torch.float32, torch.float16), self.device, index)
+        check_scales(name, scales, str(self.checkpoint.dir))  # untrusted: finite and > 0
+        return scales
 
     def linear(self, name: str, module: nn.Linear) -> FPxLinear:
         """The planes and scales (a tensor-parallel split: only the slice of them that tp.shard_quantized keeps)."""
@@ -326,8 +339,8 @@ class PackedSource(Source):
                                                 self.device, None if split is None else plane_index(split, width, k, n))
                            for i, width in enumerate(plane_widths(self.fmt.bits)))
         scale_shape = (n,) if self.group_size is None else (n, k // self.group_size)
-        scales = self.checkpoint.read(f"{name}.scales", scale_shape, (torch.float32, torch.float16), self.device,
-                                      None if split is None else scale_index(split, self.group_size))
+        scales = self._read_scales(f"{name}.scales", scale_shape,
+                                   None if split is None else scale_index(split, self.group_size))
         bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias,
                                                              None if split is None else split.bias_index)
         shape = (n, k) if split is None else split.shape(n, k)
@@ -400,16 +413,32 @@ def materialize(model: nn.Module, source: Source, progress: bool = True, desc: s
 
 
 def read_hf_config(model_dir: Union[str, Path]) -> ModelConfig:
-    """ModelConfig of a Hugging Face model directory (config.json; eos ids from generation_config.json if any)."""
+    """ModelConfig of a Hugging Face model directory (config.json; eos ids from generation_config.json if any),
+    checked against the tensors of its safetensors (trust.check_config_tensors) before anything is built."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}")
-    hf = json.loads((model_dir / "config.json").read_text())
+    hf = read_json(model_dir / "config.json")
     generation = model_dir / "generation_config.json"
-    if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
+    if isinstance(hf, dict) and generation.is_file():
+        eos = read_json(generation)
+        eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
         hf["eos_token_id"] = eos if eos is not None else hf.get("eos_token_id")
-    return ModelConfig.from_hf(hf)
+    config = ModelConfig.from_hf(hf, str(model_dir / "config.json"))
+    _check_tensors(model_dir, config, HF_PREFIXES[config.arch] + ("",), str(model_dir / "config.json"), HF_NAMES)
+    return config
+
+
+def _check_tensors(model_dir: Path, config: ModelConfig, prefixes: tuple, where: str, field_names=None,
+                   fmt: Union[FPFormat, None, bool] = False) -> None:
+    """The config (and fmt's planes, unless False) against the checkpoint's tensors: see fp6llm.models.trust."""
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    try:
+        check_config_tensors(config, checkpoint.weight_map, checkpoint.shape, prefixes, where, field_names)
+        if fmt is not False:
+            check_planes(fmt, checkpoint.weight_map, checkpoint.shape, where)
+    finally:
+        checkpoint.close()
 
 
 def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None, group_size: Optional[int] = None,
@@ -441,13 +470,22 @@ load_model = load_hf  # the one entry point for any model directory
 
 
 def read_packed_meta(model_dir: Union[str, Path]) -> dict:
-    """fp6llm.json of a packed checkpoint; ValueError if its layout version is not one this fp6llm reads (version 1
-    checkpoints are repacked to version 2 at load)."""
-    meta = json.loads((Path(model_dir) / PACKED_META).read_text())
+    """fp6llm.json of a packed checkpoint, checked against its tensors (config sizes, planes: fp6llm.models.trust);
+    ValueError if its layout version is not one this fp6llm reads (version 1 checkpoints are repacked to version 2
+    at load), or for what the checks find."""
+    where = Path(model_dir) / PACKED_META
+    meta = read_json(where)
+    check_packed_meta(meta, str(where))
     if meta.get("layout_version") not in SUPPORTED_LAYOUT_VERSIONS:
         raise ValueError(f"{model_dir} was packed with layout version {meta.get('layout_version')!r}; this fp6llm "
                          f"reads layout versions {', '.join(map(str, SUPPORTED_LAYOUT_VERSIONS))}: re-run fp6llm "
                          f"quantize on the source model")
+    config = ModelConfig.from_dict(meta["config"], f"{where}: config")
+    try:
+        fmt, _, _ = resolve_format(meta["format"], None, "cpu")
+    except ValueError as err:
+        raise ValueError(f"{where}: format: {err}") from None
+    _check_tensors(Path(model_dir), config, ("",), str(where), fmt=fmt)
     return meta
 
 
@@ -465,7 +503,7 @@ def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = N
             raise ValueError(f"{model_dir} is packed as {packed_fmt}, not the requested {fmt}")
     if group_size is not None and group_size != meta.get("group_size"):
         raise ValueError(f"{model_dir} is packed with group_size={meta.get('group_size')}, not {group_size}")
-    config = ModelConfig.from_dict(meta["config"])
+    config = ModelConfig.from_dict(meta["config"], str(Path(model_dir) / PACKED_META))
     fmt, dtype, device = resolve_format(packed_fmt, dtype, device)
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:

@@ -33,7 +33,10 @@ class QueueFull(Exception):
 
 
 class ShuttingDown(Exception):
-    """The engine loop has stopped: no new requests."""
+    """The engine loop has stopped, or is closed for new requests (shutdown)."""
+
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass(eq=False)
@@ -91,6 +94,7 @@ class Scheduler:
         self._cancelled: list = []
         self._in_flight = 0  # submitted and not finished (waiting + running)
         self._stopping = False
+        self._closed = False  # no new jobs; the waiting ones are refused (shutdown), the running ones go on
         self._running: dict = {}  # Request -> Job of the requests in the engine; engine thread only
         self._thread: Optional[threading.Thread] = None
 
@@ -120,10 +124,10 @@ class Scheduler:
             request.stop_strings = tuple(request.stop_strings) + stops
         job = Job(f"{prefix}-{secrets.token_hex(12)}", request, asyncio.get_running_loop(), every_token)
         with self._lock:
-            if self._stopping:
-                raise ShuttingDown("the server is shutting down")
+            if self._stopping or self._closed:
+                raise ShuttingDown(SHUTTING_DOWN)
             bound = self.engine.max_batch_size + self.max_queue
-            if self._in_flight >= bound:
+            if self._in_flight - len(self._cancelled) >= bound:  # a cancelled job's place is free already
                 raise QueueFull(f"the server is at capacity ({bound} requests in flight: {self.engine.max_batch_size} "
                                 f"in the batch, {self.max_queue} waiting); retry later")
             self._in_flight += 1
@@ -137,13 +141,29 @@ class Scheduler:
         """Free the job's KV-cache blocks (or its place in the queue) soon; harmless once it has finished."""
         if job.finish_reason is None:
             with self._lock:
-                self._cancelled.append(job)
+                if job not in self._cancelled:
+                    self._cancelled.append(job)
                 self._wake.notify()
+
+    def close(self) -> None:
+        """Stop admitting (shutdown): ``submit`` raises ShuttingDown and the waiting jobs finish with "abort" (error
+        SHUTTING_DOWN); the running ones go on until they finish or ``stop``."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+
+    @property
+    def load(self) -> tuple:
+        """(waiting, running) jobs, not counting the cancelled ones that the engine thread has yet to drop."""
+        with self._lock:
+            cancelled = set(self._cancelled)
+            waiting = sum(job not in cancelled for job in self._waiting) + self.engine.num_waiting
+            return waiting, self._in_flight - len(cancelled) - waiting
 
     @property
     def alive(self) -> bool:
         """Whether the engine thread runs (and takes requests)."""
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not (self._stopping or self._closed)
 
     # ---- engine thread ------------------------------------------------------------------------------------------
 
@@ -158,11 +178,17 @@ class Scheduler:
                 for job in cancelled:
                     if job in self._waiting:
                         self._waiting.remove(job)
-                admitted = list(self._waiting)
+                refused = list(self._waiting) if self._closed else []
+                admitted = [] if self._closed else list(self._waiting)
                 self._waiting.clear()
             for job in cancelled:
                 self.engine.abort(job.request)
                 self._finish(job, "abort", "cancelled")
+            if self._closed:  # handed to the engine but not admitted yet (and with no output): refused too
+                refused += [self._running[r] for r in self.engine.waiting if r in self._running and not r.output_ids]
+            for job in refused:
+                self.engine.abort(job.request)
+                self._finish(job, "abort", SHUTTING_DOWN)
             try:
                 if admitted:
                     for job in admitted:
@@ -177,14 +203,12 @@ class Scheduler:
                     self.engine.abort(job.request)
                     self._finish(job, "abort", f"the engine failed: {type(err).__name__}: {err}")
                 continue
-            if self.metrics:
-                self.metrics.set_load(len(self._waiting) + self.engine.num_waiting, self.engine.num_running)
         with self._lock:
             left = list(self._waiting) + list(self._running.values())
             self._waiting.clear()
         for job in left:
             self.engine.abort(job.request)
-            self._finish(job, "abort", "the server is shutting down")
+            self._finish(job, "abort", SHUTTING_DOWN)
 
     def _deliver_all(self, events: list) -> None:
         for event in events:

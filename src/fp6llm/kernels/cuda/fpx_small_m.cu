@@ -160,8 +160,8 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         // rows >= M, which are never stored, so they need no zeroing.
         const uint4* x_row0 = reinterpret_cast<const uint4*>(x + (long)min(g, M - 1) * ldx);
         const uint4* x_row1 = reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx);
-        // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
         const long base = (long)row_tile * k_tiles;
+        // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
         Tile even, odd;
         load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt0, kt0, lane);
         for (int kt = kt0; kt < kt1; kt += 2) {
