@@ -107,7 +107,8 @@ def _serve_on(args, tp, device, uvicorn) -> None:
             "serving %s on %s%s: up to %d sequences of %d positions in a KV cache of %d blocks x %d positions, "
             "queue %s, API key %s", name, engine.device,
             f" and {tp.world_size - 1} more tensor-parallel rank(s)" if tp else "", args.max_batch,
-            engine.max_seq_len, engine.num_blocks - 1, engine.block_size, args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
+            engine.max_seq_len, engine.num_blocks - 1, engine.block_size,
+            args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
             "required" if api_key else "not required")
         app = create_app(served, name, api_key=api_key, max_queue=args.max_queue,
                          shutdown_grace_s=args.shutdown_grace)

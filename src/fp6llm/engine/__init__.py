@@ -1,4 +1,4 @@
-"""Generation: sampling, tokenizers, the Engine (paged KV cache, one batching scheduler, CUDA-graph decode) and ``load``."""
+"""Generation: sampling, tokenizers, the Engine (paged KV cache, one batching scheduler, CUDA-graph decode), load."""
 
 from .batcher import Request
 from .generate import Delta, Engine, Event, Stats
