@@ -32,6 +32,7 @@ from fp6llm.kernels.fpx_gemm import fpx_gemm  # noqa: E402
 from fp6llm.quantize import quantize_weight  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+BLOCK_VARIANTS = ()  # set by --blocks
 
 
 def rel_err(out, ref) -> float:
@@ -69,7 +70,7 @@ def correctness(quick: bool) -> list:
     return rows
 
 
-def calls_for(qw, m, dtype, kernel):
+def calls_for(qw, m, dtype, kernel, min_blocks=None):
     n, k = qw.shape
     bytes_per_call = qw.nbytes + m * k * 2 + m * n * 2
     calls = []
@@ -78,7 +79,9 @@ def calls_for(qw, m, dtype, kernel):
         scales = qw.scales if i == 0 else qw.scales.clone()
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         if kernel == "cuda":
-            calls.append(lambda p=planes, s=scales, x=x: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k))
+            blocks = fpx_cuda.MIN_BLOCKS if min_blocks is None else min_blocks
+            calls.append(lambda p=planes, s=scales, x=x, b=blocks: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
+                                                                                         min_blocks=b))
         else:
             calls.append(lambda p=planes, s=scales, x=x: fpx_gemm(x, p, s, None, qw.fmt, n, k, None))
     return calls, bytes_per_call
@@ -97,16 +100,22 @@ def timing(ms, cases, bandwidth) -> list:
                     row[f"{kernel}_us"] = time_calls(calls) * 1e6
                     row[f"{kernel}_floor"] = nbytes / bandwidth / (row[f"{kernel}_us"] / 1e6)
                     del calls
+                for blocks in BLOCK_VARIANTS:  # A/B of __launch_bounds__ minimum CTAs per SM
+                    calls, _ = calls_for(qw, m, dtype, "cuda", blocks)
+                    row[f"cuda_b{blocks}_us"] = time_calls(calls) * 1e6
+                    del calls
                 dense, dense_bytes = dense_calls(n, k, m, dtype, "cuda")
                 row["cublas_us"] = time_calls(dense) * 1e6
                 row["cublas_floor"] = dense_bytes / bandwidth / (row["cublas_us"] / 1e6)
                 del dense
                 row["cuda_speedup"] = row["cublas_us"] / row["cuda_us"]
                 row["triton_speedup"] = row["cublas_us"] / row["triton_us"]
-                row["split"] = fpx_cuda.choose_split(n, k, m, torch.cuda.get_device_properties(0).multi_processor_count)
+                row["split"] = fpx_cuda.choose_split(n, k, m, torch.cuda.get_device_properties(0).multi_processor_count,
+                                                     fpx_cuda.resident_ctas(fpx_cuda.MIN_BLOCKS))
                 row["triton_config"] = str(heuristic_config(m, n, k, 132))
                 rows.append(row)
-                print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%})"
+                variants = " ".join(f"b{b} {row[f'cuda_b{b}_us']:.1f}" for b in BLOCK_VARIANTS)
+                print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%}) [{variants}]"
                       f"  triton {row['triton_us']:7.1f} us ({row['triton_floor']:4.0%})  cuBLAS {row['cublas_us']:7.1f} us"
                       f" ({row['cublas_floor']:4.0%})  cuda {row['cuda_speedup']:.2f}x  triton {row['triton_speedup']:.2f}x",
                       flush=True)
@@ -153,10 +162,13 @@ def main(argv=None):
     parser.add_argument("--ms", default="1,2,4,8,16")
     parser.add_argument("--quick", action="store_true", help="three formats in the correctness sweep")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--blocks", default="", help="extra __launch_bounds__ minimum CTAs per SM to time, e.g. 7,8")
     parser.add_argument("--mid", default="32,128,512,4096", help="M of the Triton-path rows ('' for none)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     started = time.time()
+    global BLOCK_VARIANTS
+    BLOCK_VARIANTS = tuple(int(b) for b in args.blocks.split(",") if b)
     checks = correctness(args.quick)
     copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
     bandwidth = max(copy_bw, read_bw)

@@ -362,7 +362,7 @@ def test_cli_eval_prints_perplexity_per_format(capsys, tmp_path):
     (["generate", "--random", "tiny-llama", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
     (["bench", "--random", "tiny-llama", "--formats", "e3m2", "--batch", "1,x"], "--batch must be"),
     (["bench", "--random", "tiny-llama", "--prompt-len", "500", "--gen-len", "20"], "beyond the model's"),
-    (["eval", "--random", "tiny-llama", "--text", "/no/such/file"], "text file /no/such/file does not exist"),
+    (["eval", "--random", "tiny-llama", "--text", "/no/such/file"], "--text /no/such/file does not exist"),
 ], ids=["random-name", "format", "format-alias", "beyond-cache", "model-dir", "no-prompt", "top-p", "batch",
         "bench-length", "text-file"])
 def test_cli_bad_inputs_give_one_line_and_status_2(capsys, argv, message):

@@ -94,5 +94,6 @@ def test_cuda_small_m_kernel_compiles_and_fits_the_budget(tmp_path):
 def test_cuda_kernel_refuses_what_it_does_not_handle():
     x = torch.zeros(4, 256, dtype=torch.float16)  # on the CPU: never the CUDA kernel
     assert not fpx_cuda.supports(E3M2, None, x, 64, 256)
-    assert fpx_cuda.choose_split(8192, 8192, 1, 132) > 1  # 128 row blocks alone leave the SMs a CTA each
-    assert fpx_cuda.choose_split(57344, 8192, 16, 132) <= 2
+    split = fpx_cuda.choose_split(8192, 8192, 1, 132)  # 128 row blocks alone leave the SMs a CTA each
+    assert split > 1 and 128 * split <= 132 * 6  # ... and one wave of 6 resident CTAs per SM, not 1.3 waves
+    assert fpx_cuda.choose_split(57344, 8192, 1, 132, resident=8) < fpx_cuda.choose_split(57344, 8192, 1, 132)

@@ -23,12 +23,18 @@ def _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size) -> Quantize
     return QuantizedWeight(tuple(planes), scales, FPFormat(exp_bits, man_bits), (n, k), group_size or None)
 
 
-def linear_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Plain PyTorch: float32 x @ dequantize(W).T (+ bias), cast to x's dtype."""
-    out = x.float() @ qw.dequantize(torch.float32).T
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference's product given the de-quantized weight [N, K] (float32): float32 x @ weight.T (+ bias), cast
+    to x's dtype. FPxLinear calls it on a CPU with the decoded copy it keeps (nn.py), so that both give equal bits."""
+    out = x.float() @ weight.T
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def linear_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch: float32 x @ dequantize(W).T (+ bias), cast to x's dtype; decodes W at every call."""
+    return dense_linear(x, qw.dequantize(torch.float32), bias)
 
 
 @torch.library.custom_op("fp6llm::fpx_linear", mutates_args=())

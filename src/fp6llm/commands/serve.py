@@ -13,7 +13,7 @@ import signal
 import sys
 
 from ..cli import command
-from .engine import _model_arguments, _source, _tp_argument
+from .engine import _model_arguments, _source, _tp_argument, check_model_arguments
 
 UVICORN_SHUTDOWN_MARGIN_S = 5  # uvicorn waits this much past the grace period for the last responses to go out
 API_KEY_ENV = "FP6LLM_API_KEY"
@@ -44,12 +44,14 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
                                                                           "SIGTERM / SIGINT before they are ended "
                                                                           "with an error (default 5)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="server log level (default info)")
     _tp_argument(parser)  # under torchrun: rank 0 serves HTTP, the other ranks follow its engine calls
     parser.set_defaults(run=_serve)
 
 
 def _serve(args) -> None:
+    check_model_arguments(args)
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401

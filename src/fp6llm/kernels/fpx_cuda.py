@@ -86,10 +86,13 @@ def dequant_source(fmt: FPFormat) -> str:
     ]), "\n".join(["__device__ __forceinline__ void dequant_tile(const Tile& tile, u32 (&a)[32]) {", *lines, "}"])
 
 
-def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool) -> str:
-    """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case."""
+def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0) -> str:
+    """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. min_blocks > 0 asks
+    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks))."""
     header, dequant = dequant_source(fmt)
     body = SOURCE.read_text()
+    if min_blocks:
+        body = body.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
     # dequant_tile needs the complete Tile: put it right after the struct's definition.
     marker = "__device__ __forceinline__ void load_tile("
     body = body.replace(marker, dequant + "\n\n" + marker, 1)
@@ -188,10 +191,10 @@ def _arch(device) -> str:
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
 
 
-def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, device):
-    key = (fmt, dtype, n_blocks_m, has_bias, torch.device(device).index)
+def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, device):
+    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, torch.device(device).index)
     if key not in _KERNELS:
-        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias)
+        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks)
         cubin = cached_cubin(source, _arch(device))
         with torch.cuda.device(device):
             _KERNELS[key] = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
@@ -206,24 +209,25 @@ def supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool
             and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
 
 
-CTAS_PER_SM = 6  # resident 4-warp CTAs per SM at ~80 registers: the loads in flight that the bandwidth needs
+MIN_BLOCKS = 0  # __launch_bounds__ minimum CTAs per SM (0: ptxas's choice, 80 registers: 6 CTAs)
 
 
-def choose_split(n: int, k: int, m: int, num_sms: int) -> int:
-    """Split-K degree: enough CTAs (ceil(N / 64) row blocks x split) to keep CTAS_PER_SM resident on every SM, spread
-    evenly. Cost, in units of one CTA's K tile (64 x 128 weights, 6 KiB of FP6): the largest per-SM share of K tiles
-    plus each CTA's partial sums (64 x M float32 written and read back, M / 12 of a tile), over the fraction of the
-    wanted CTAs it has; every CTA keeps >= 4 K tiles. (Measured on an H200, 2026-12-01: 128 CTAs of 4 warps on
-    8192 x 8192 streamed at 25 % of the floor.)"""
+def resident_ctas(min_blocks: int) -> int:
+    return min_blocks or 6
+
+
+def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int:
+    """Split-K degree. Each warp is latency-bound (ncu on an H200, 2026-12-01: one instruction per ~14 cycles per
+    warp, 0.5 eligible warps per scheduler), so a CTA's time is its K tiles whatever else runs beside it, and the
+    kernel's time is (waves of ``resident`` CTAs per SM) x (K tiles per CTA) + the partial sums (64 x M float32
+    written and read back, M / 12 of a tile) when split. Every CTA keeps >= 4 K tiles."""
     row_blocks = -(-n // ROWS_PER_CTA)
     k_tiles = k // TILE_K
     best, best_cost = 1, float("inf")
     for split in range(1, max(1, k_tiles // 4) + 1):
-        ctas = row_blocks * split
-        partials = m / 12 if split > 1 else 0.0
-        per_sm_tiles = math.ceil(ctas / num_sms) * (-(-k_tiles // split) + partials)
-        cost = per_sm_tiles / min(1.0, ctas / (num_sms * CTAS_PER_SM))
-        if cost < best_cost:
+        waves = math.ceil(row_blocks * split / (num_sms * resident))
+        cost = waves * (-(-k_tiles // split) + (m / 12 if split > 1 else 0.0))
+        if cost < best_cost - 1e-9:
             best, best_cost = split, cost
     return best
 
@@ -253,11 +257,13 @@ WORKSPACE = SplitWorkspace()
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-                split: "int | None" = None) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split overrides the split-K degree (tests)."""
+                split: "int | None" = None, min_blocks: int = MIN_BLOCKS) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks override the defaults (tests,
+    benchmarks)."""
     m = x.shape[0]
     if split is None:
-        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count)
+        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count,
+                             resident_ctas(min_blocks))
     row_blocks = -(-n // ROWS_PER_CTA)
     k_tiles = k // TILE_K
     kps = -(-k_tiles // split)
@@ -266,7 +272,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     ws, counts = WORKSPACE.reserve(x.device, split * row_blocks * ROWS_PER_CTA * m, row_blocks) \
         if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
-    kernel = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, x.device)
+    kernel = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, x.device)
     kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
                  counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
