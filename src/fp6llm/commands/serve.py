@@ -25,8 +25,12 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together: KV cache rows "
-                                                                  "(default 32)")
+    parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most; they are "
+                                                                  "admitted by free KV-cache blocks (default 32)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of the GPU's memory for weights, KV cache and activations: the paged KV cache "
+                             "takes what the weights leave, up to --max-batch x --max-model-len positions "
+                             "(default 0.9)")
     parser.add_argument("--max-model-len", type=int, default=None, help="positions per request, prompt + generated "
                                                                         "(default min(max_position_embeddings, 2048))")
     parser.add_argument("--max-queue", type=int, default=None, help="requests that may wait for a slot beyond the "
@@ -83,7 +87,8 @@ def _serve_on(args, tp, device, uvicorn) -> None:
     source = _source(args)  # --model DIR, --random NAME, or neither: the embedded default model
     rank0 = tp is None or tp.rank == 0
     engine = load(source.name, args.format, args.group_size, device, max_batch_size=args.max_batch,
-                  max_seq_len=args.max_model_len, cuda_graph=not args.no_cuda_graph, progress=rank0, tp=tp)
+                  max_seq_len=args.max_model_len, cuda_graph=not args.no_cuda_graph, progress=rank0, tp=tp,
+                  gpu_memory_utilization=args.gpu_memory_utilization)
     group = control_group() if tp is not None else None
     if not rank0:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches every rank: only rank 0 stops, then says so
@@ -101,9 +106,11 @@ def _serve_on(args, tp, device, uvicorn) -> None:
         name = args.served_model_name or (source.name if source.random_name else source.path.name)
         api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
         logging.getLogger("fp6llm.server").info(
-            "serving %s on %s%s: %d slots x %d positions, queue %s, API key %s", name, engine.device,
+            "serving %s on %s%s: up to %d sequences of %d positions in a KV cache of %d blocks x %d positions, "
+            "queue %s, API key %s", name, engine.device,
             f" and {tp.world_size - 1} more tensor-parallel rank(s)" if tp else "", args.max_batch,
-            engine.max_seq_len, args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
+            engine.max_seq_len, engine.num_blocks - 1, engine.block_size,
+            args.max_queue if args.max_queue is not None else f"4 x {args.max_batch}",
             "required" if api_key else "not required")
         app = create_app(served, name, api_key=api_key, max_queue=args.max_queue,
                          shutdown_grace_s=args.shutdown_grace)

@@ -26,7 +26,8 @@ from ..models.loader import format_name, resolve_format
 from ..nn import FPxLinear
 from ..quantize import quantize_weight
 from ..tp import TensorParallel
-from .generate import Engine, Request, Stats, drop_caches, synchronize
+from .generate import Engine, Request, Stats
+from .runner import drop_caches, synchronize
 from .load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, quantized_group_size, require_memory
 from .sampling import SamplingParams
 
@@ -145,9 +146,10 @@ def bench_batch(model: nn.Module, batch: int, prompt_len: int, gen_len: int, cud
     engine = Engine(model, None, batch, prompt_len + gen_len, cuda_graph, compile)
     device = engine.device
     generator = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=generator).tolist()
 
     def run(new_tokens: int) -> Engine:
+        # fresh prompts each run: the warm-up's would be found in the prefix cache and not prefilled again
+        prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=generator).tolist()
         engine.stats = Stats()
         engine.add([Request(ids, new_tokens, SamplingParams()) for ids in prompts])
         while engine.active:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..models.loader import UNQUANTIZED
 from .bench import UNQUANTIZED_ON_CPU, canonical_format, free_memory, load_as, model_bytes, row_label
-from .generate import drop_caches
+from .runner import drop_caches
 from .load import GB, ModelSource, check_fits, check_format, quantized_group_size
 
 REFERENCE = "fp16"

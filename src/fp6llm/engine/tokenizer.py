@@ -148,3 +148,58 @@ class TextStream:
         text = self.tokenizer.decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix_text):]
+
+
+class StopStrings:
+    """The text of a completion up to its first stop string, released piece by piece without showing part of one.
+
+    ``feed(text)`` returns (text safe to show, whether a stop string was reached); the stop string itself and what
+    follows it are dropped. ``flush()`` releases what is held back, at the end.
+    """
+
+    def __init__(self, stops: list):
+        self.stops = [s for s in stops if s]
+        self.held = ""  # the end of the text so far that is the start of a stop string
+
+    def feed(self, text: str) -> tuple:
+        if not self.stops:
+            return text, False
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            safe, self.held = self.held[:min(found)], ""
+            return safe, True
+        keep = max(self._prefix_at_end(s) for s in self.stops)
+        safe, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return safe, False
+
+    def _prefix_at_end(self, stop: str) -> int:
+        """Length of the longest proper prefix of ``stop`` that the held text ends with."""
+        for length in range(min(len(stop) - 1, len(self.held)), 0, -1):
+            if self.held.endswith(stop[:length]):
+                return length
+        return 0
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class CompletionText:
+    """One request's text as its tokens come: TextStream's deltas through its StopStrings.
+
+    ``push(new_ids, last)`` returns (text to show, whether a stop string was reached); with last=True (the request
+    ends with these ids) everything held back is released.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list, stop_strings=()):
+        self.stream, self.stops = TextStream(tokenizer, prompt_ids), StopStrings(list(stop_strings))
+
+    def push(self, new_ids: list, last: bool) -> tuple:
+        text = self.stream.push(new_ids)
+        if last:
+            text += self.stream.flush()
+        text, stopped = self.stops.feed(text)
+        if last and not stopped:
+            text += self.stops.flush()
+        return text, stopped

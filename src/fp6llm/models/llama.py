@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..decoder_ops import rotary, silu_mul
-from .attention import KVCache, attend, causal_mask, select_tokens, setup_kv_caches
+from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
 from .norm import Norm
 
@@ -36,31 +36,34 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None,
-                     device=None) -> None:
-        """Allocate each layer's KV cache [max_batch_size, n_kv_heads, max_seq_len, head_dim] and the RoPE table.
+                     device=None, num_blocks: Optional[int] = None, block_size: int = BLOCK_SIZE) -> None:
+        """Allocate each layer's paged KV cache (models/attention.py; num_blocks defaults to max_batch_size rows of
+        max_seq_len positions) and the RoPE table of max_seq_len positions.
 
         dtype and device default to the token embedding's.
         """
-        device = setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device)
+        device = setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device, num_blocks, block_size)
         angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32),
                              rope_frequencies(self.config, device))
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None) -> Tensor:
-        """tokens, input_pos: int64 [B, T] (B <= max_batch_size, positions < max_seq_len) -> float32 logits.
+    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None,
+                kv: Optional[KVBatch] = None) -> Tensor:
+        """tokens, input_pos: int64 [B, T] (positions < max_seq_len) -> float32 logits.
 
         Logits are [B, T, vocab], or [B, K, vocab] for the token indices logits_at [B, K] only (the last prompt
-        token of each row, say), which spares a [B, T, vocab] tensor at prefill.
+        token of each row, say), which spares a [B, T, vocab] tensor at prefill. kv: where the rows live in the
+        paged cache; None for the contiguous layout of setup_caches (B <= max_batch_size).
         """
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
         x, delta = self.embed_tokens(tokens), None
         rope = (self.rope_cos, self.rope_sin)
-        mask = causal_mask(input_pos, self.key_pos, self.config.sliding_window,
-                           self.config.n_heads // self.config.n_kv_heads)
+        if kv is None:
+            kv = contiguous_kv_batch(input_pos, self.max_seq_len, self.block_size)
         for layer in self.layers:
-            x, delta = layer(x, delta, input_pos, rope, mask)
+            x, delta = layer(x, delta, input_pos, rope, kv)
         x, _ = self.norm(select_tokens(x, logits_at), select_tokens(delta, logits_at))
         return self.lm_head(x).float()
 
@@ -74,11 +77,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, delta: Optional[Tensor], input_pos: Tensor, rope: tuple[Tensor, Tensor],
-                mask: Tensor) -> tuple[Tensor, Tensor]:
+                kv: KVBatch) -> tuple[Tensor, Tensor]:
         """The residual stream is x + delta (x alone for delta None); returns the next block's (x, delta): each
         residual add is fused into the norm after it (models/norm.py)."""
         h, x = self.input_layernorm(x, delta)
-        h, x = self.post_attention_layernorm(x, self.self_attn(h, input_pos, rope, mask))
+        h, x = self.post_attention_layernorm(x, self.self_attn(h, input_pos, rope, kv))
         return x, self.mlp(h)
 
 
@@ -90,17 +93,18 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim,
                                   bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.o_bias)
-        self.kv_cache: Optional[KVCache] = None
+        self.sliding_window = config.sliding_window
+        self.kv_cache: Optional[PagedKVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
-        """x [B, T, dim]; rope: the model's tables cos, sin [max_seq_len, head_dim / 2]."""
+    def forward(self, x: Tensor, input_pos: Tensor, rope: tuple[Tensor, Tensor], kv: KVBatch) -> Tensor:
+        """x [B, T, dim]; rope: the model's tables cos, sin [max_seq_len, head_dim / 2]; kv: the rows' cache blocks."""
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim)
         rotated = self.n_heads + self.n_kv_heads  # q's and k's heads turn in one launch
         q, k = rotary(qkv[:, :, :rotated], input_pos, *rope).split([self.n_heads, self.n_kv_heads], dim=2)
         v = qkv[:, :, rotated:]
-        k, v = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
-        return self.o_proj(attend(q.transpose(1, 2), k, v, mask))
+        self.kv_cache.write(kv.slot_mapping, k, v)
+        return self.o_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, self.sliding_window))
 
 
 class MLP(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, attend, causal_mask, select_tokens, setup_kv_caches
+from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
 from .norm import Norm
 
@@ -40,26 +40,30 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None,
-                     device=None) -> None:
-        """Allocate each layer's KV cache [max_batch_size, n_heads, max_seq_len, head_dim]; dtype and device
-        default to the token embedding's. Raises ValueError past the learned position table."""
+                     device=None, num_blocks: Optional[int] = None, block_size: int = BLOCK_SIZE) -> None:
+        """Allocate each layer's paged KV cache (models/attention.py; num_blocks defaults to max_batch_size rows of
+        max_seq_len positions); dtype and device default to the token embedding's. Raises ValueError past the
+        learned position table."""
         positions = self.config.max_position_embeddings
         if max_seq_len > positions:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds OPT's {positions} learned positions")
-        setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device)
+        setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device, num_blocks, block_size)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None) -> Tensor:
-        """tokens, input_pos: int64 [B, T] -> float32 logits [B, T, vocab] ([B, K, vocab] with logits_at [B, K])."""
+    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None,
+                kv: Optional[KVBatch] = None) -> Tensor:
+        """tokens, input_pos: int64 [B, T] -> float32 logits [B, T, vocab] ([B, K, vocab] with logits_at [B, K]).
+        kv: where the rows live in the paged cache; None for the contiguous layout of setup_caches."""
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
         x = self.embed_tokens(tokens)
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(input_pos + self.config.position_offset)
-        mask = causal_mask(input_pos, self.key_pos)
+        if kv is None:
+            kv = contiguous_kv_batch(input_pos, self.max_seq_len, self.block_size)
         delta = None
         for layer in self.layers:
-            x, delta = layer(x, delta, input_pos, mask)
+            x, delta = layer(x, delta, input_pos, kv)
         x = select_tokens(x, logits_at)
         delta = None if delta is None else select_tokens(delta, logits_at)
         if self.final_layer_norm is not None:
@@ -82,7 +86,7 @@ class Block(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
         self.final_layer_norm = Norm(config.dim, config.norm_eps, rms=False)
 
-    def forward(self, x: Tensor, delta: Optional[Tensor], input_pos: Tensor, mask: Tensor
+    def forward(self, x: Tensor, delta: Optional[Tensor], input_pos: Tensor, kv: KVBatch
                 ) -> tuple[Tensor, Optional[Tensor]]:
         """The residual stream is x + delta (x alone for delta None); returns the next block's (x, delta).
 
@@ -91,10 +95,10 @@ class Block(nn.Module):
         """
         if self.pre_norm:
             h, x = self.self_attn_layer_norm(x, delta)
-            h, x = self.final_layer_norm(x, self.self_attn(h, input_pos, mask))
+            h, x = self.final_layer_norm(x, self.self_attn(h, input_pos, kv))
             return x, self.mlp(h)
         x = x if delta is None else x + delta
-        x, _ = self.self_attn_layer_norm(x, self.self_attn(x, input_pos, mask))
+        x, _ = self.self_attn_layer_norm(x, self.self_attn(x, input_pos, kv))
         x, _ = self.final_layer_norm(x, self.mlp(x))
         return x, None
 
@@ -109,10 +113,10 @@ class Attention(nn.Module):
         inner = config.n_heads * config.head_dim
         self.qkv_proj = nn.Linear(config.dim, 3 * inner, bias=config.qkv_bias)  # q_proj | k_proj | v_proj rows
         self.out_proj = nn.Linear(inner, config.dim, bias=config.o_bias)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: Optional[PagedKVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, kv: KVBatch) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(b, t, 3 * self.n_heads, self.head_dim).transpose(1, 2).chunk(3, dim=1)
-        k, v = self.kv_cache.update(input_pos, k, v)
-        return self.out_proj(attend(q, k, v, mask))
+        q, k, v = self.qkv_proj(x).view(b, t, 3 * self.n_heads, self.head_dim).chunk(3, dim=2)
+        self.kv_cache.write(kv.slot_mapping, k, v)
+        return self.out_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv))

@@ -284,7 +284,7 @@ async def completion_prompt_ids(engine: Engine, prompt) -> list:
     if isinstance(prompt, str):
         check_text_length(engine, len(prompt), "prompt")
         return await asyncio.to_thread(engine.tokenizer.encode, prompt)
-    vocab = engine.model.config.vocab_size
+    vocab = engine.vocab_size
     bad = [i for i in prompt if not 0 <= i < vocab]
     if bad:
         raise ApiError(400, f"prompt has token id {bad[0]}, outside the vocabulary 0..{vocab - 1}", param="prompt")
