@@ -52,6 +52,14 @@ def _tensors(tree) -> list:
     return [t for t in flat if isinstance(t, torch.Tensor)]
 
 
+@pytest.fixture(autouse=True)
+def no_decoded_copies(monkeypatch):
+    """A CPU FPxLinear would keep a decoded float32 copy and call a plain matmul (nn.py): count the custom op, the GPU
+    path, instead."""
+    import fp6llm.nn
+    monkeypatch.setattr(fp6llm.nn, "DECODED_RESERVE", 2.0)  # never this much memory left: no copy is kept
+
+
 def decode_launches(config: ModelConfig, fmt: str, batch: int = 2) -> collections.Counter:
     """Counted ops of one decode step (T = 1) of a random model of ``config`` after a prefill."""
     model = build_random(config, fmt, "cpu", progress=False)
