@@ -29,7 +29,7 @@ from torch import Tensor
 
 NO_WINDOW = 0  # the sliding_window argument of the kernels when there is none
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-MASKED = -1.0e30  # a finite "minus infinity": a fully masked block leaves m finite and adds exp(MASKED - m) = 0
+MASKED = tl.constexpr(-1.0e30)  # a finite "minus infinity": a fully masked block leaves m finite and adds exp(MASKED - m) = 0
 
 
 @triton.jit
