@@ -16,7 +16,7 @@ ROWS_PER_CHUNK = 4096  # rows encoded at a time: bounds the temporaries of a lar
 # scale_search="mse": each group's scale is absmax / max_value times the ratio of CLIP_RATIOS (1 = no clipping)
 # whose codes give the least squared weight error; 1.0 comes first, so a tie keeps the absmax scale.
 SCALE_SEARCHES = ("mse",)
-CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(16))  # 1.00, 0.98, ..., 0.70
+CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(11))  # 1.00, 0.98, ..., 0.80
 MX_EXPONENT_STEPS = (0, -1, 1)  # scale_search="mse" for MX: the OCP exponent, one lower (clips more), one higher
 
 
@@ -151,6 +151,21 @@ def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat | MXFormat" = "e3m2", 
     of another shape or with group_size, an unknown scale_search, or NaN/Inf (naming the first bad row); TypeError
     for a non-float weight.
     """
+    codes, scales, fmt, group_size = _codes_and_scales(w, fmt, group_size, absmax, scale_search)
+    return QuantizedWeight(pack(codes, fmt.bits), scales, fmt, tuple(w.shape), group_size)
+
+
+def fake_quantize(w: torch.Tensor, fmt: "str | FPFormat | MXFormat" = "e3m2", group_size: "int | None" = None,
+                  scale_search: "str | None" = None) -> torch.Tensor:
+    """quantize_weight(w, ...).dequantize() (float32 [N, K], the same values) without packing the planes: for
+    quality measurements that swap weights many times. Raises what quantize_weight raises."""
+    codes, scales, fmt, group_size = _codes_and_scales(w, fmt, group_size, None, scale_search)
+    scales = scales.float()[:, None] if group_size is None else scales.float().repeat_interleave(group_size, dim=1)
+    return decode(codes, fmt) * scales
+
+
+def _codes_and_scales(w, fmt, group_size, absmax, scale_search) -> tuple:
+    """(uint8 codes [N, K], scales, element FPFormat, group size) for quantize_weight (its checks included)."""
     fmt = parse_weight_format(fmt)
     _check_scale_search(scale_search)
     mx = isinstance(fmt, MXFormat)
@@ -200,4 +215,4 @@ def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat | MXFormat" = "e3m2", 
         scales = scales.half()
     if group_size is None:
         scales = scales[:, 0]
-    return QuantizedWeight(pack(codes, fmt.bits), scales.contiguous(), fmt, (n, k), group_size)
+    return codes, scales.contiguous(), fmt, group_size

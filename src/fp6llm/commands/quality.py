@@ -12,6 +12,7 @@ from dataclasses import asdict
 import torch
 
 from ..cli import command
+from ..formats import FPFormat
 
 FORMATS_DEFAULT = "e3m2,e2m3,e2m2,e3m1,e2m1"
 PER_CHANNEL_NAMES = ("none", "channel", "per-channel")
@@ -164,3 +165,56 @@ def _write_json(path, setup: dict, rows, **extra) -> None:
     with open(path, "w") as out:
         json.dump({"setup": setup, "rows": [asdict(row) for row in rows], **extra}, out, indent=1)
     print(f"wrote {path}")
+
+
+@command("plan", "choose each linear layer's format under a budget (--bits per weight or --budget-gb) from "
+                 "Fisher-estimated sensitivities on pydoc text, and write a packed checkpoint with that plan")
+def _plan_args(parser: argparse.ArgumentParser) -> None:
+    from ..evals.plan import PLAN_METHODS_DEFAULT
+
+    _lm_arguments(parser)
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bits", type=float, help="average bits per linear weight, scales included (e.g. 6.5)")
+    budget.add_argument("--budget-gb", type=float, help="gigabytes for all the quantized linear weights")
+    parser.add_argument("--methods", default=PLAN_METHODS_DEFAULT,
+                        help=f"candidate FPx methods eXmY[:gN][:mse] (default {PLAN_METHODS_DEFAULT})")
+    parser.add_argument("--out", metavar="DIR", default=None, help="write the packed checkpoint with the plan here")
+    parser.add_argument("--json", metavar="OUT", default=None, help="also write the plan and sensitivities to OUT")
+    parser.set_defaults(run=_plan, windows=4)
+
+
+def _plan(args) -> None:
+    from ..evals import lm, plan
+    from ..evals.baselines import Method
+    from ..models.checkpoint import quantize_checkpoint
+
+    methods = [Method.parse(name) for name in args.methods.split(",") if name.strip()]
+    if any(m.kind != "fpx" for m in methods):
+        raise ValueError(f"plan candidates must be FPx methods (eXmY[:gN][:mse]), got {args.methods!r}")
+    _positive(args, "ctx", "windows", "batch_size")
+    model, tokenizer = lm.load_causal_lm(args.model)
+    shapes = {name: tuple(m.weight.shape) for name, m in lm.quantizable_linears(model).items()}
+    target = plan.parse_budget(args.bits, args.budget_gb, sum(n * k for n, k in shapes.values()))
+    windows = lm.text_windows(tokenizer, lm.pydoc_text(), args.ctx, args.windows, from_end=False)
+    print(f"{args.model}: Fisher sensitivities of {len(shapes)} layers x {len(methods)} methods on "
+          f"{windows.numel()} calibration tokens; budget {target:.3f} bits per weight", flush=True)
+    sens = plan.sensitivities(model, plan.fisher_diagonal(model, windows), methods)
+    chosen = plan.choose(sens, shapes, methods, target)
+    counts = {}
+    for method in chosen.layers.values():
+        counts[method] = counts.get(method, 0) + 1
+    print(f"plan: {chosen.bits_per_weight:.3f} bits per weight, estimated loss increase {chosen.estimated_loss:.5f}; "
+          + ", ".join(f"{name} x{count}" for name, count in sorted(counts.items())))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"budget_bits": target, "bits_per_weight": chosen.bits_per_weight,
+                       "estimated_loss": chosen.estimated_loss, "layers": chosen.layers, "sensitivities": sens},
+                      out, indent=1)
+        print(f"wrote {args.json}")
+    if args.out:
+        del model
+        # transformers' names sit under "model."; fp6llm's modules are the same names without it
+        meta = {name.removeprefix("model."): entry for name, entry in chosen.to_meta().items()}
+        widest = max(meta.values(), key=lambda e: FPFormat.parse(e["format"]).bits)
+        summary = quantize_checkpoint(args.model, args.out, widest["format"], None, progress=False, plan=meta)
+        print(f"wrote {args.out}: {summary['bytes_out'] / 1e6:.1f} MB in {summary['shards']} shard(s)")

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ..formats import FPFormat, MXFormat
-from ..quantize import SCALE_SEARCHES, quantize_weight
+from ..quantize import SCALE_SEARCHES, fake_quantize
 
 # QLoRA's NF4 code book (bitsandbytes' values): quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -95,7 +95,7 @@ class Method:
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         """The de-quantized weight [N, K] (float32) that this method would store for ``w``."""
         if self.kind in ("fpx", "mx"):
-            return quantize_weight(w, self.fmt, self.group_size, scale_search=self.scale_search).dequantize()
+            return fake_quantize(w, self.fmt, self.group_size, self.scale_search)
         if self.group_size is not None and w.shape[1] % self.group_size:
             raise ValueError(f"group size {self.group_size} does not divide K={w.shape[1]}")
         groups = w.float().reshape(w.shape[0], -1, self.group_size or w.shape[1])
