@@ -21,25 +21,50 @@ import torch
 from fp6llm.evals import lm, plan
 from fp6llm.evals.baselines import Method
 
-TABLE_METHODS = ("e3m2,e2m3,e2m2,int8,int4:g128,nf4:g64,e2m3:g64,e3m2:g64,e2m3:g128,mxfp6_e2m3,mxfp6_e3m2,"
-                 "mxfp4_e2m1,int4:g64,e2m3:mse")
+# K = 576 and 1536 on SmolLM2-135M: group 128 does not divide 576, so groups are 32 and 64 there.
+TABLE_METHODS = ("e3m2,e2m3,e2m2,int8,mxfp6_e2m3,mxfp6_e3m2,nf4:g64,int4:g64,e2m3:g64,e3m2:g64,mxfp4_e2m1,"
+                 "e2m3:g32,int4:g32,e2m3:mse,e3m2:mse")
 
 
 def save(path: Path, setup: dict, rows: list, **extra) -> None:
     path.write_text(json.dumps({"setup": setup, "rows": [asdict(r) for r in rows], **extra}, indent=1) + "\n")
 
 
+TRIVIAL_NOTE = " ‡"  # int4 at or below the GGUF's own 4-bit block of 32: lossless by construction on these weights
+
+
+def markdown(paths: list) -> str:
+    """One markdown table from saved runs (the first file's float row is the baseline; later files' floats skipped)."""
+    rows = []
+    for i, path in enumerate(paths):
+        saved = json.loads(Path(path).read_text())["rows"]
+        rows += saved if i == 0 else saved[1:]
+    base = rows[0]["perplexity"]
+    lines = ["| method | bits / weight | perplexity | vs float | KL to float | argmax agreement |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        method = Method.parse(r["method"]) if r["method"] != "float32" and not r["method"].startswith("plan") else None
+        trivial = method is not None and method.kind == "int" and method.fmt == 4 and (method.group_size or 99) <= 32
+        lines.append(f"| {r['method']}{TRIVIAL_NOTE if trivial else ''} | {r['bits_per_weight']:.3f} | "
+                     f"{r['perplexity']:.3f} | {100 * (r['perplexity'] / base - 1):+.2f}% | {r['kl']:.4f} | "
+                     f"{100 * r['argmax_agreement']:.2f}% |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--out")
     parser.add_argument("--methods", default=TABLE_METHODS)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--plan", action="store_true", help="plans under --bits budgets instead of uniform methods")
     parser.add_argument("--bits", default="5.5,6.0,6.5")
     parser.add_argument("--plan-methods", default="e2m2,e2m3,e2m3:g64,e4m3")
+    parser.add_argument("--markdown", nargs="+", metavar="JSON", help="print saved runs as one markdown table")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(args.markdown))
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = lm.load_causal_lm(args.model)
