@@ -208,3 +208,16 @@ def test_plan_cli_writes_a_mixed_checkpoint_that_loads_and_generates(tiny_hf, tm
     assert main(["plan", "--model", str(tiny_hf / "hf"), "--bits", "3", "--ctx", "32", "--windows", "1",
                  "--methods", "e2m2"]) == 2
     assert "cheapest" in capsys.readouterr().err
+
+
+def test_eval_lm_cli_prints_the_table_and_refuses_bad_methods(tiny_hf, tmp_path, capsys):
+    from fp6llm.cli import main
+
+    out = tmp_path / "rows.json"
+    assert main(["eval-lm", "--model", str(tiny_hf / "hf"), "--ctx", "32", "--windows", "1", "--methods",
+                 "mxfp6_e2m3,int8", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mxfp6_e2m3" in printed and "int8" in printed
+    assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["float32", "mxfp6_e2m3", "int8"]
+    assert main(["eval-lm", "--model", str(tiny_hf / "hf"), "--methods", "e2m3:g7x"]) == 2
+    assert "g7x" in capsys.readouterr().err
