@@ -123,9 +123,10 @@ def test_method_names_bits_and_errors():
 def test_integer_and_nf4_baselines_from_their_definitions(gen):
     w = torch.randn(16, 256, generator=gen)
     groups = w.view(16, -1, 64)
-    for bits in (4, 8):  # at most half a step from the value, the group's min and max kept within a step
+    for bits in (4, 8):  # within a step of the value: the integer zero point may put the grid half a step off
         step = (groups.amax(-1, keepdim=True) - groups.amin(-1, keepdim=True)) / (2**bits - 1)
-        assert bool(((int_rtn(groups, bits) - groups).abs() <= step * 0.5 + step * 2e-3).all())
+        error = (int_rtn(groups, bits) - groups).abs()
+        assert bool((error <= step * 1.01).all()) and float(error.mean()) < float(step.mean()) * 0.3
     on_grid = torch.randint(0, 16, (4, 2, 64), generator=gen).float() * 0.25 - 1.0  # already 4-bit values
     on_grid[..., 0], on_grid[..., 1] = -1.0, 2.75  # each group's min and max on the grid
     assert torch.allclose(int_rtn(on_grid, 4), on_grid, atol=1e-6)  # int4 of 4-bit weights: lossless
