@@ -222,3 +222,26 @@ def test_eval_lm_cli_prints_the_table_and_refuses_bad_methods(tiny_hf, tmp_path,
     assert [r["method"] for r in json.loads(out.read_text())["rows"]] == ["float32", "mxfp6_e2m3", "int8"]
     assert main(["eval-lm", "--model", str(tiny_hf / "hf"), "--methods", "e2m3:g7x"]) == 2
     assert "g7x" in capsys.readouterr().err
+
+
+class CharTokenizer:
+    """One id per character (ord), optionally starting every text with BOS 0, as Gemma's tokenizer does."""
+
+    def __init__(self, adds_bos: bool):
+        self.bos_token_id, self.adds_bos = 0, adds_bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([0] if self.adds_bos and add_special_tokens else []) + ids}
+
+
+def test_text_windows_from_either_end_and_bos():
+    text = "".join(chr(65 + i % 26) for i in range(100))
+    last = lm.text_windows(CharTokenizer(False), text, 10, 3)
+    assert last.shape == (3, 10) and last[-1, -1] == ord(text[-1]) and last[0, 0] == ord(text[70])
+    first = lm.text_windows(CharTokenizer(False), text, 10, 3, from_end=False)
+    assert first[0, 0] == ord(text[0]) and first[-1, -1] == ord(text[29])
+    with_bos = lm.text_windows(CharTokenizer(True), text, 10, 3)
+    assert bool((with_bos[:, 0] == 0).all()) and with_bos[-1, -1] == ord(text[-1]) and with_bos[0, 1] == ord(text[73])
+    with pytest.raises(ValueError, match="not enough"):
+        lm.text_windows(CharTokenizer(False), text, 60, 2)

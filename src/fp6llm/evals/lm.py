@@ -38,13 +38,19 @@ def pydoc_text() -> str:
 def text_windows(tokenizer, text: str, ctx: int, count: int, from_end: bool = True) -> torch.Tensor:
     """int64 [count, ctx]: consecutive windows of the tokenized text, the last ``count`` (from_end) or the first.
 
-    Raises ValueError when the text has fewer than count * ctx tokens or ctx < 2.
+    A tokenizer that starts every text with a BOS token (Gemma's; a model trained so degrades badly without it)
+    gets BOS + ctx - 1 text tokens per window; others (SmolLM2's) ctx text tokens. Raises ValueError when the text
+    is too short or ctx < 2.
     """
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    span = ctx - 1 if adds_bos else ctx
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if ctx < 2 or count < 1 or len(ids) < ctx * count:
+    if ctx < 2 or count < 1 or len(ids) < span * count:
         raise ValueError(f"the text has {len(ids)} tokens: not enough for {count} window(s) of ctx={ctx} (ctx >= 2)")
-    ids = ids[len(ids) - ctx * count:] if from_end else ids[:ctx * count]
-    return torch.tensor(ids).view(count, ctx)
+    ids = ids[len(ids) - span * count:] if from_end else ids[:span * count]
+    windows = torch.tensor(ids).view(count, span)
+    return torch.cat([torch.full((count, 1), bos), windows], dim=1) if adds_bos else windows
 
 
 def load_causal_lm(path: Union[str, Path]):
