@@ -39,7 +39,7 @@ def random_weight(n: int, k: int, fmt: FPFormat, device) -> QuantizedWeight:
     """Random codes (every code value appears) and positive scales, packed on the device."""
     codes = torch.randint(0, fmt.num_codes, (n, k), dtype=torch.uint8, device=device)
     scales = torch.rand(n, device=device) * 0.01 + 0.001
-    return QuantizedWeight(pack(codes, fmt.bits), scales, fmt, (n, k), None)
+    return QuantizedWeight(pack(codes, fmt), scales, fmt, (n, k), None)
 
 
 def fpx_calls(qw: QuantizedWeight, m: int, dtype, config=None):

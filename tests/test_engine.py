@@ -107,8 +107,19 @@ def test_sampled_batch_equals_one_by_one_with_seed(models, gen):
     assert [engine.generate(p, seed=7 + i, **options)[0] for i, p in enumerate(prompts)] == batched
 
 
-def test_slots_prefill_beside_running_requests(models, gen):
-    """The step API: a request joins slot 1 while slot 0 decodes, slot 0 is reused; each matches its solo run."""
+def solo_output(model, request):
+    """The output ids of the same prompt run alone in a fresh engine."""
+    solo = Engine(model, None, max_batch_size=1, max_seq_len=64)
+    again = Request(request.prompt_ids, request.max_new_tokens)
+    solo.add([again])
+    while solo.active:
+        solo.step()
+    return again.output_ids
+
+
+def test_requests_join_and_leave_a_running_batch(models, gen):
+    """The step API: a request joins while another decodes, a third takes the blocks the first freed; each matches
+    its solo run."""
     model = models["tiny-llama", "e3m2"]
     engine = Engine(model, None, max_batch_size=2, max_seq_len=64)
     ids = [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (7, 12, 5)]
@@ -118,24 +129,19 @@ def test_slots_prefill_beside_running_requests(models, gen):
         engine.step()
     second = Request(ids[1], max_new_tokens=12)
     engine.add([second])
-    assert (first.slot, second.slot) == (0, 1)
+    engine.step()
+    assert engine.num_running == 2 and len(first.output_ids) == 5 and len(second.output_ids) == 1
+    third = Request(ids[2], max_new_tokens=6)
+    engine.add([third])  # waits: max_batch_size 2 run already
+    assert engine.num_waiting == 1
     while not first.finished:
         engine.step()
-    third = Request(ids[2], max_new_tokens=6)
-    engine.add([third])  # into slot 0, freed by the first
-    assert third.slot == 0
     while engine.active:
         engine.step()
     for request in (first, second, third):
-        solo = Engine(model, None, max_batch_size=1, max_seq_len=64)
-        again = Request(request.prompt_ids, request.max_new_tokens)
-        solo.add([again])
-        while solo.active:
-            solo.step()
-        assert again.output_ids == request.output_ids
+        assert request.output_ids == solo_output(model, request)
         assert request.finish_reason == "length" and len(request.output_ids) == request.max_new_tokens
-    with pytest.raises(ValueError, match="3 requests but only 2 of 2 slots are free"):
-        engine.add([Request([5], 1) for _ in range(3)])
+    assert engine.free_blocks == engine.num_blocks - 1
 
 
 def test_generate_beside_requests_it_does_not_own(models, gen):
@@ -152,6 +158,8 @@ def test_generate_beside_requests_it_does_not_own(models, gen):
     next(stream)
     stream.close()
     assert engine.active == [foreign]
+    engine.abort(foreign)
+    assert engine.free_blocks == engine.num_blocks - 1
 
 
 def test_generation_stops_at_eos(models, gen):
@@ -204,7 +212,7 @@ def test_beyond_the_cache_is_a_value_error_with_the_numbers(models):
     with pytest.raises(ValueError, match=r"prompt 1 has 21 tokens \+ max_new_tokens 12 = 33, more than the KV "
                                          r"cache's 32 positions \(max_seq_len; the model allows up to 512\)"):
         engine.generate(["short", "x" * 20], max_new_tokens=12)
-    assert engine.free_slots == 2
+    assert engine.active == []
     with pytest.raises(ValueError, match="max_seq_len 600 must be in 1..512"):
         Engine(models["tiny-llama", "fp32"], None, max_seq_len=600)
     with pytest.raises(ValueError, match="empty"):
@@ -354,7 +362,7 @@ def test_cli_eval_prints_perplexity_per_format(capsys, tmp_path):
     (["generate", "--random", "tiny-llama", "--prompt", "x", "--top-p", "2"], "top_p must be in (0, 1]"),
     (["bench", "--random", "tiny-llama", "--formats", "e3m2", "--batch", "1,x"], "--batch must be"),
     (["bench", "--random", "tiny-llama", "--prompt-len", "500", "--gen-len", "20"], "beyond the model's"),
-    (["eval", "--random", "tiny-llama", "--text", "/no/such/file"], "text file /no/such/file does not exist"),
+    (["eval", "--random", "tiny-llama", "--text", "/no/such/file"], "--text /no/such/file does not exist"),
 ], ids=["random-name", "format", "format-alias", "beyond-cache", "model-dir", "no-prompt", "top-p", "batch",
         "bench-length", "text-file"])
 def test_cli_bad_inputs_give_one_line_and_status_2(capsys, argv, message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fp6llm.formats import FPFormat, decode, encode
-from fp6llm.packing import pack, padded_k
+from fp6llm.packing import pack, plane_shape, tile_index
 from fp6llm.quantize import QuantizedWeight, quantize_weight
 
 MAIN_FORMATS = ["e3m2", "e2m3", "e2m2", "e3m1", "e2m1"]
@@ -152,7 +152,7 @@ def test_non_finite_weight_names_the_row(bad, gen):
 
 def random_planes_weight(n: int, k: int, fmt: FPFormat, gen: torch.Generator) -> QuantizedWeight:
     """A QuantizedWeight of random planes and scales, without quantizing (cheap at any size)."""
-    planes = tuple(torch.randint(-2**31, 2**31 - 1, (n, padded_k(k) * width // 32), generator=gen,
+    planes = tuple(torch.randint(-2**31, 2**31 - 1, plane_shape(n, k, width), generator=gen,
                                  dtype=torch.int32) for width in (4, 2))
     return QuantizedWeight(planes, torch.rand(n, generator=gen) + 0.5, fmt, (n, k))
 
@@ -173,8 +173,9 @@ def test_fp6_size_of_a_quantized_8192_square_weight(gen):
     assert qw.nbytes == n * k * 6 // 8 + n * 4
     assert abs(qw.nbytes / (n * k * 2) - 6 / 16) < 0.01 * 6 / 16
     # a row shard of the packed weight is a quantized weight of its own
-    rows = slice(4000, 4016)
-    shard = QuantizedWeight(tuple(p[rows] for p in qw.planes), qw.scales[rows], qw.fmt, (16, k))
+    rows = slice(4000, 4016)  # one 16-row tile of the packed layout
+    index = tile_index(n, k, rows=(rows.start, rows.stop))
+    shard = QuantizedWeight(tuple(p[index] for p in qw.planes), qw.scales[rows], qw.fmt, (16, k))
     assert_within_half_a_quantum(shard, w[rows])
 
 
@@ -204,16 +205,16 @@ def test_constructor_accepts_lists_and_reports_shapes(gen):
 def test_constructor_validation(gen):
     fmt = FPFormat(3, 2)
     codes = torch.randint(64, (5, 100), generator=gen, dtype=torch.uint8)
-    four, two = pack(codes, 6)
+    four, two = pack(codes, fmt)
     scales = torch.rand(5, generator=gen) + 0.5
     with pytest.raises(ValueError, match="needs 2 planes, got 1"):
         QuantizedWeight((four,), scales, fmt, (5, 100))
     with pytest.raises(ValueError, match="must be int32"):
         QuantizedWeight((four.long(), two), scales, fmt, (5, 100))
-    with pytest.raises(ValueError, match=r"must be int32 \(5, 16\)"):
-        QuantizedWeight((four[:, :6], two), scales, fmt, (5, 100))  # K not padded to 64
+    with pytest.raises(ValueError, match=r"must be int32 \(1, 1, 256\)"):
+        QuantizedWeight((four[:, :, :6], two), scales, fmt, (5, 100))  # not a whole tile
     with pytest.raises(ValueError, match="must be int32"):
-        QuantizedWeight((four, two), scales, fmt, (4, 100))
+        QuantizedWeight((four, two), scales, fmt, (17, 100))  # two 16-row tiles
     with pytest.raises(ValueError, match=r"scales must be float32/float16 \(5,\)"):
         QuantizedWeight((four, two), scales[:, None], fmt, (5, 100))
     with pytest.raises(ValueError, match="scales must be"):
@@ -222,7 +223,7 @@ def test_constructor_validation(gen):
         QuantizedWeight((four, two), scales.double(), fmt, (5, 100))
     with pytest.raises(ValueError, match=r"scales must be float32/float16 \(5, 5\)"):
         QuantizedWeight((four, two), scales, fmt, (5, 100), group_size=20)
-    with pytest.raises(ValueError, match="layout version 2"):
-        QuantizedWeight((four, two), scales, fmt, (5, 100), layout_version=2)
+    with pytest.raises(ValueError, match="layout version 1"):
+        QuantizedWeight((four, two), scales, fmt, (5, 100), layout_version=1)  # v1 planes are repacked at load
     grouped = QuantizedWeight((four, two), torch.rand(5, 5, generator=gen).half(), fmt, (5, 100), group_size=20)
     assert grouped.expanded_scales().shape == (5, 100)

@@ -7,6 +7,7 @@ queue, so that a second request finds it full). Prompts are fresh random text ea
 """
 
 import asyncio
+import http.client
 import json
 import re
 import signal
@@ -167,6 +168,30 @@ def test_seeded_sampling_repeats_and_stop_strings_cut_the_text(server, gen):
     assert "".join(c["text"] for c in chunks) == expected and chunks[-1]["finish_reason"] == "stop"
 
 
+def test_n_choices_each_equal_the_request_with_its_seed(server, gen):
+    prompt, seed = random_text(gen), int(torch.randint(-2**62, 2**62, (), generator=gen))
+    sampling = dict(max_tokens=8, temperature=0.9, ignore_eos=True)
+    alone = [complete(server.url, prompt, seed=seed + i, **sampling)["choices"][0]["text"] for i in range(3)]
+    together = complete(server.url, prompt, seed=seed, n=3, **sampling)
+    assert [(c["index"], c["text"]) for c in together["choices"]] == list(enumerate(alone))
+    assert together["usage"]["prompt_tokens"] == len(prompt) + 1 and together["usage"]["completion_tokens"] == 24
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={
+            "prompt": prompt, "seed": seed, "n": 3, "stream": True, "stream_options": {"include_usage": True},
+            **sampling}) as response:
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[-1]["usage"] == together["usage"]
+    streamed = ["".join(c["choices"][0]["text"] for c in chunks[:-1] if c["choices"][0]["index"] == i)
+                for i in range(3)]
+    assert streamed == alone
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], n=2,
+                                          max_tokens=4, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+
+
 def test_continuous_usage_stats_stream_a_chunk_per_token(server, gen):
     body = {"prompt": random_text(gen), "max_tokens": 20, "ignore_eos": True, "temperature": 0, "stream": True,
             "stream_options": {"continuous_usage_stats": True, "include_usage": True}}
@@ -244,7 +269,18 @@ BAD_REQUESTS = {  # id: (path, body: dict or raw bytes, status, param)
     "token-id-beyond-vocab": ("/v1/completions", {"prompt": [1, 70000]}, 400, "prompt"),
     "negative-temperature": ("/v1/completions", {"prompt": "a", "temperature": -1}, 400, "temperature"),
     "top-p-zero": ("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "top_p"),
-    "n-2": ("/v1/completions", {"prompt": "a", "n": 2}, 400, "n"),
+    "n-0": ("/v1/completions", {"prompt": "a", "n": 0}, 400, "n"),
+    "n-beyond-the-batch": ("/v1/completions", {"prompt": "a", "n": 33}, 400, "n"),
+    "best-of-2": ("/v1/completions", {"prompt": "a", "best_of": 2}, 400, "best_of"),
+    "logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 1}, 400, "logprobs"),
+    "echo": ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo"),
+    "chat-top-logprobs": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
+                          400, "top_logprobs"),
+    "presence-penalty": ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    "repetition-penalty": ("/v1/completions", {"prompt": "a", "repetition_penalty": 1.2}, 400, "repetition_penalty"),
+    "min-p": ("/v1/completions", {"prompt": "a", "min_p": 0.1}, 400, "min_p"),
+    "json-mode": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}],
+                                           "response_format": {"type": "json_object"}}, 400, "response_format"),
     "stop-wrong-type": ("/v1/completions", {"prompt": "a", "stop": 5}, 400, "stop"),
     "messages-empty": ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     "messages-string": ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
@@ -252,20 +288,71 @@ BAD_REQUESTS = {  # id: (path, body: dict or raw bytes, status, param)
     "unknown-model": ("/v1/completions", {"prompt": "a", "model": "gpt-4o"}, 404, "model"),
     "oversized-body": ("/v1/completions", b'{"prompt": "' + b"a" * (5 * 2**20) + b'"}', 413, None),
     "unknown-path": ("/v1/embeddings", {"input": "a"}, 404, None),
+    "lone-surrogate-prompt": ("/v1/completions", b'{"prompt": "a\\ud800b"}', 400, "prompt"),
+    "lone-surrogate-chat": ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400,
+                            "messages"),
+    "lone-surrogate-stop": ("/v1/completions", b'{"prompt": "a", "stop": ["\\ud800"]}', 400, "stop"),
+    "json-nested-50000-deep": ("/v1/completions", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, None),
+    "json-nested-in-a-field": ("/v1/completions", b'{"prompt": ' + b"[" * 900 + b"]" * 900 + b"}", 400, "prompt"),
+    "temperature-infinity": ("/v1/completions", b'{"prompt": "a", "temperature": Infinity}', 400, None),
+    "temperature-nan": ("/v1/completions", b'{"prompt": "a", "temperature": NaN}', 400, None),
+    "temperature-above-2": ("/v1/completions", {"prompt": "a", "temperature": 2.5}, 400, "temperature"),
+    "top-p-overflows-to-inf": ("/v1/completions", b'{"prompt": "a", "top_p": 1e999}', 400, "top_p"),
+    "prompt-empty-ids": ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    "prompt-4m-characters": ("/v1/completions", {"prompt": "a" * 4_000_000}, 400, "prompt"),
 }
+
+
+def post_on_one_connection(url: str, requests: list) -> list:
+    """(status, JSON body) of each (path, body bytes) POSTed in turn on one keep-alive HTTP/1.1 connection; fails if
+    the server closes it in between."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    answers, sock = [], None
+    try:
+        for path, body in requests:
+            connection.request("POST", path, body, {"Content-Type": "application/json"})
+            assert sock is None or connection.sock is sock, "the server closed the keep-alive connection"
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+            assert not response.will_close, "the server closed the keep-alive connection"
+            sock = connection.sock
+    finally:
+        connection.close()
+    return answers
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=str)
 def test_bad_requests_get_their_status_and_the_server_goes_on(server, case):
     path, body, status, param = BAD_REQUESTS[case]
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"},
-                          timeout=30)
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
+    counter = f'fp6llm_requests_total{{endpoint="{path if path.startswith("/v1/c") else "other"}",status="{status}"}}'
+    counted = metric(server.url, counter)
+    next_request = json.dumps({"prompt": "next", "max_tokens": 1}).encode()
+    (got, answer), (next_status, next_answer) = post_on_one_connection(
+        server.url, [(path, content), ("/v1/completions", next_request)])
+    assert got == status, answer
+    error = answer["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
-    assert complete(server.url, "next", max_tokens=1)["usage"]["prompt_tokens"] == 5
+    assert metric(server.url, counter) == counted + 1
+    assert next_status == 200 and next_answer["usage"]["prompt_tokens"] == 5
+
+
+def test_max_tokens_null_means_the_default_and_long_texts_are_refused_before_tokenizing(server, gen):
+    answer = complete(server.url, random_text(gen), max_tokens=None, ignore_eos=True)  # what openai sends for None
+    assert answer["usage"]["completion_tokens"] == 16
+    chat = httpx.post(f"{server.url}/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": random_text(gen)}], "max_tokens": None, "max_completion_tokens": None,
+        "temperature": 0}, timeout=30)
+    assert chat.status_code == 200, chat.text
+    for path, body, param in [("/v1/completions", {"prompt": "a" * 4_000_000}, "prompt"),
+                              ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * 3_000_000}]},
+                               "messages")]:
+        response = httpx.post(server.url + path, json=body, timeout=30)
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == param and re.search(r"has \d+ characters: more than 256 tokens", error["message"])
 
 
 def test_api_key_is_required_on_the_api_only(servers):
@@ -282,6 +369,14 @@ def test_api_key_is_required_on_the_api_only(servers):
     assert client.completions.create(model=MODEL, prompt="a", max_tokens=2).usage.prompt_tokens == 2
     assert httpx.get(f"{strict.url}/health").status_code == 200
     assert httpx.get(f"{strict.url}/metrics").status_code == 200
+    assert httpx.get(f"{strict.url}/openapi.json").status_code == 401
+    spec = httpx.get(f"{strict.url}/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    assert spec.status_code == 200 and "/v1/completions" in spec.json()["paths"]
+    assert httpx.get(f"{strict.url}/docs").status_code == 404
+
+
+def test_without_a_key_the_openapi_schema_is_open(server):
+    assert "/v1/chat/completions" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
 
 
 # ---- observability, shutdown ----------------------------------------------------------------------------------------
@@ -304,7 +399,8 @@ def test_metrics_and_request_log(server):
 
 
 def test_sigterm_lets_a_running_stream_finish_and_exits(tmp_path, gen):
-    process = start_server(tmp_path / "server.log", "--max-batch", "2")
+    # a grace period long enough for the 200 tokens on a busy CPU (test_server_lifecycle.py: one that runs out)
+    process = start_server(tmp_path / "server.log", "--max-batch", "2", "--shutdown-grace", "60")
     try:
         url = wait_ready(process)
         body = {"prompt": random_text(gen), "max_tokens": 200, "ignore_eos": True, "stream": True}

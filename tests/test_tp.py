@@ -30,9 +30,9 @@ from fp6llm.tp import INPUT, OUTPUT, RowParallel, Split, TensorParallel, apply_t
 
 ATOL = 1e-5
 DEGREE = 2
-SMALL = dict(vocab_size=256, dim=128, n_layers=2, n_heads=4, intermediate_size=256, max_position_embeddings=64)
-# Shapes whose row-parallel slices are whole multiples of 64 columns (2 heads x 32, 128 hidden units), so that a
-# packed weight can be sliced too.
+SMALL = dict(vocab_size=256, dim=256, n_layers=2, n_heads=4, intermediate_size=256, max_position_embeddings=64)
+# Shapes whose row-parallel slices are whole 128-column tiles (2 heads x 64, 128 hidden units) and whose
+# column-parallel slices are whole 16-row tiles, so that a packed weight can be sliced too.
 CASES = {
     "llama-gqa": ModelConfig(arch="llama", n_kv_heads=2, **SMALL),
     "llama-mqa": ModelConfig(arch="llama", n_kv_heads=1, **SMALL),  # fewer KV heads than ranks: replicated
@@ -59,12 +59,12 @@ def assert_same_weights(model, expected) -> None:
 @pytest.mark.parametrize("fmt", ["e3m2", "e2m2", "e2m1"])  # planes 4 + 2, 4 + 1, 4
 @pytest.mark.parametrize("group_size, k", [(None, 300), (64, 320)])
 def test_shard_is_packing_the_slice(fmt, group_size, k, gen):
-    """Rows (column-parallel) and whole-word column ranges (row-parallel, the last one with K's padding) of a packed
+    """Row tiles (column-parallel) and whole-tile column ranges (row-parallel, the last one with K's padding) of a packed
     weight are bit-identical to quantizing and packing the same float slice."""
     n = 96
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
     whole = quantize_weight(w, fmt, group_size)
-    for split in [Split(OUTPUT, 32, 80, 2), Split(INPUT, 0, 128, 2), Split(INPUT, 128, k, 2), Split(INPUT, 64, 192, 3)]:
+    for split in [Split(OUTPUT, 32, 80, 2), Split(INPUT, 0, 128, 2), Split(INPUT, 128, k, 2), Split(INPUT, 128, 256, 3)]:
         shard = shard_quantized(whole, split)
         part = w[split.weight_index]
         # per-channel scales of a column slice stay the whole row's
@@ -74,13 +74,13 @@ def test_shard_is_packing_the_slice(fmt, group_size, k, gen):
         assert all(p.is_contiguous() and torch.equal(p, q) for p, q in zip(shard.planes, expected.planes, strict=True))
         assert torch.equal(shard.scales, expected.scales)
         assert all(torch.equal(p, q) for p, q in zip(shard.planes, pack(whole.codes()[split.weight_index],
-                                                                             whole.fmt.bits)))
+                                                                             whole.fmt)))
         assert torch.equal(shard.dequantize(), whole.dequantize()[split.weight_index])
 
 
 def test_shard_of_a_packed_weight_needs_whole_words(gen):
     whole = quantize_weight(torch.randn(8, 128, generator=gen), "e3m2")
-    with pytest.raises(ValueError, match="column 32 of a 128-column weight is not a multiple of 64"):
+    with pytest.raises(ValueError, match="column 32 of a 128-column weight is not a multiple of 128"):
         shard_quantized(whole, Split(INPUT, 32, 128, 4))
 
 
@@ -89,7 +89,7 @@ def test_shard_of_a_packed_weight_needs_whole_words(gen):
 def test_plan_splits_heads_kv_heads_and_mlp():
     model = build_model(CASES["llama-mqa"], "meta")
     splits = [plan(model, TensorParallel(rank, DEGREE)) for rank in range(DEGREE)]
-    head = 32
+    head = 64
     assert splits[1]["layers.0.self_attn.q_proj"] == Split(OUTPUT, 2 * head, 4 * head, DEGREE)
     assert splits[1]["layers.0.self_attn.o_proj"] == Split(INPUT, 2 * head, 4 * head, DEGREE)
     # one KV head for four query heads: both ranks keep it
@@ -104,7 +104,7 @@ def test_plan_splits_heads_kv_heads_and_mlp():
 
 
 @pytest.mark.parametrize("config, degree, message", [
-    (dict(n_heads=4, n_kv_heads=2), 3, r"layers.0.self_attn.q_proj: 4 attention heads \(128 features\) cannot be "
+    (dict(n_heads=4, n_kv_heads=2), 3, r"layers.0.self_attn.q_proj: 4 attention heads \(256 features\) cannot be "
                                        r"split evenly across tensor-parallel degree 3"),
     (dict(n_heads=6, n_kv_heads=3, dim=192), 2, r"layers.0.self_attn.k_proj: 3 KV heads .* degree 2"),
     (dict(n_heads=12, n_kv_heads=3, dim=384), 4, r"layers.0.self_attn.k_proj: 3 KV heads .* cannot serve "
@@ -121,11 +121,11 @@ def test_a_degree_that_does_not_divide_the_model_is_refused(config, degree, mess
         build_random(model.config, "fp32", "cpu", progress=False, tp=TensorParallel(0, degree))
 
 
-def test_packed_weights_split_only_at_multiples_of_64_columns(tmp_path):
+def test_packed_weights_split_only_at_multiples_of_128_columns(tmp_path):
     """tiny-llama's o_proj has 64 input columns: two 32-column slices. Packed planes cannot be cut there; quantizing
     the float weights per rank can (each rank packs its own slice)."""
     message = (r"layers.0.self_attn.o_proj: in_features 64 split across tensor-parallel degree 2 gives 32-column "
-               r"slices, but column 32 of a 64-column weight is not a multiple of 64")
+               r"slices, but column 32 of a 64-column weight is not a multiple of 128")
     with pytest.raises(ValueError, match=message):
         apply_tensor_parallel(build_random("tiny-llama", "e3m2", "cpu", progress=False), 0, DEGREE)
     save_packed(build_random("tiny-llama", "e3m2", "cpu", progress=False), tmp_path)
@@ -213,7 +213,7 @@ def test_each_rank_loads_what_slicing_the_whole_model_gives(case, tmp_path, byte
             assert_same_weights(build_random(config, fmt, "cpu", seed=2, progress=False, tp=tp),
                                 apply_tensor_parallel(build_random(config, fmt, "cpu", seed=2, progress=False), rank,
                                                       DEGREE))
-    assert isinstance(part.layers[0].self_attn.q_proj, FPxLinear)
+    assert isinstance(part.layers[0].self_attn.qkv_proj, FPxLinear)
 
 
 # ---- two processes over gloo ----------------------------------------------------------------------------------------

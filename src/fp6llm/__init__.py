@@ -1,19 +1,38 @@
-"""fp6llm: serve LLMs with FP6 (and FPx) weights on NVIDIA GPUs. See README.md."""
+"""fp6llm: serve LLMs with FP6 (and FPx) weights on NVIDIA GPUs. See README.md.
 
-from .formats import FPFormat, decode, encode
-from .nn import FPxLinear, quantize_model
-from .ops import fpx_linear
-from .packing import LAYOUT_VERSION, pack, unpack
-from .quantize import QuantizedWeight, quantize_weight
+The names below are imported on first use (PEP 562), so that ``import fp6llm`` (and ``fp6llm --help``) does not
+import torch until something needs it.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
+# public name -> the module of fp6llm that defines it
+_EXPORTS = {"FPFormat": "formats", "decode": "formats", "encode": "formats", "FPxLinear": "nn",
+            "quantize_model": "nn", "fpx_linear": "ops", "LAYOUT_VERSION": "packing", "pack": "packing",
+            "unpack": "packing", "QuantizedWeight": "quantize", "quantize_weight": "quantize"}
+
+
+def __getattr__(name: str):
+    """A public name (or a submodule, e.g. fp6llm.ops), imported when first asked for."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif not name.startswith("__"):
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 def load(path_or_random=None, fmt=None, group_size=None, device=None, dtype=None, **engine_options):
-    """A ready text generator: ``fp6llm.load("random:tiny-llama").generate("Hello")``. See fp6llm.engine.load.
-
-    Imported on first call, so that ``import fp6llm`` stays light.
-    """
+    """A ready text generator: ``fp6llm.load("random:tiny-llama").generate("Hello")``. See fp6llm.engine.load."""
     from .engine import load as load_engine
     return load_engine(path_or_random, fmt, group_size, device, dtype, **engine_options)
 

@@ -1,18 +1,26 @@
 """The ``fp6llm`` command: thin subcommands that parse arguments and call the library.
 
-Each subcommand lives in a module of ``fp6llm.commands`` and registers itself in ``COMMANDS`` through
-``command``; errors a user can cause (ValueError,
-TypeError, FileNotFoundError, ...) become one line on stderr and exit status 2, with no traceback.
+Each subcommand lives in a module of ``fp6llm.commands`` and registers itself in ``COMMANDS`` through ``command``.
+A command checks its arguments before any work (the helpers below raise ValueError naming the option); errors a
+user can cause (ValueError, TypeError, FileNotFoundError, ...) become one line on stderr and exit status 2, with
+no traceback; Ctrl-C, at any point (torch's import included), prints one line and exits with 130.
+
+The command modules import torch inside their commands, not at the top: ``fp6llm --help`` never imports it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import pkgutil
+import signal
 import sys
+from pathlib import Path
 
 COMMANDS = {}
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C stopped
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def command(name: str, help: str):
@@ -23,7 +31,67 @@ def command(name: str, help: str):
     return register
 
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, KeyError, MemoryError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               KeyError, MemoryError)
+
+
+def at_least(option: str, value, low, what: str = "") -> None:
+    """ValueError unless ``value`` (of ``option``; None passes) is >= low (and finite)."""
+    if value is not None and not (value >= low and math.isfinite(value)):
+        raise ValueError(f"{option} must be >= {low}{what}, got {value}")
+
+
+def check_device(name: "str | None") -> "str | None":
+    """``name`` if it is cpu, cuda or cuda:N and that device exists here; None (the default) passes."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device: use cpu or cuda (cuda:N for GPU N)") from None
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"--device {name}: fp6llm runs on cpu or cuda, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ValueError(f"--device {name}: no CUDA device is available here (torch {torch.__version__}, "
+                             f"{build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def read_text_file(name: str, option: str) -> str:
+    """The UTF-8 text of file ``name`` (given as ``option``), with errors that name the file."""
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{option} {path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a directory, not a text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{option} {path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def check_output_dir(name: str, option: str) -> Path:
+    """``name`` as a Path if it is a directory or does not exist yet (it will be created); else ValueError."""
+    path = Path(name)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} exists and is not a directory")
+    return path
+
+
+def check_output_file(name: str, option: str) -> Path:
+    """``name`` as a Path if a file can be written there: not a directory, in a directory that exists."""
+    path = Path(name)
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path} is a directory, not a file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{option} {path}: directory {path.parent} does not exist")
+    return path
 
 
 def _load_commands() -> None:
@@ -42,16 +110,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_interrupted = []
+
+
+def _on_sigint(signum, frame):
+    # Remember it as well as raising: an import that swallows the KeyboardInterrupt (seen once while torch imported)
+    # must not turn a Ctrl-C into a normal exit.
+    _interrupted.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    name = "fp6llm"
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
+        args = build_parser().parse_args(argv)
+        name = f"fp6llm {args.command}"
         args.run(args)
     except USER_ERRORS as err:
-        print(f"fp6llm {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fp6llm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{name}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    if _interrupted:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
     return 0
 
 

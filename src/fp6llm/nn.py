@@ -1,4 +1,12 @@
-"""FPxLinear (an nn.Module over a QuantizedWeight) and quantize_model (swap every nn.Linear in place)."""
+"""FPxLinear (an nn.Module over a QuantizedWeight) and quantize_model (swap every nn.Linear in place).
+
+On a CPU the custom op's reference path would decode every weight at every call (about 1 s per decode step of
+the 10M-parameter embedded model on 2 cores). So an FPxLinear on a CPU decodes its weight once, at its first
+forward, and keeps the float32 copy (32 / bits times the packed bytes: 5.3x for FP6) while memory allows: only if
+the machine would still have DECODED_RESERVE of its memory available after it (Linux's MemAvailable; elsewhere it
+keeps none). The copy is dropped when the module moves or is cast, and re-made when its planes or scales change.
+On CUDA nothing is kept: the kernel de-quantizes in registers.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +18,29 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .formats import FPFormat
-from .ops import fpx_linear
+from .ops import check_linear_args, dense_linear, fpx_linear
 from .quantize import QuantizedWeight, quantize_weight
+
+DECODED_RESERVE = 0.25  # a CPU layer keeps a decoded copy only if this fraction of the memory stays available
+MEMINFO = "/proc/meminfo"
+
+
+def available_memory() -> "tuple[int, int] | None":
+    """(available, total) bytes of this machine's memory from /proc/meminfo; None where there is none."""
+    try:
+        with open(MEMINFO) as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The in-place modification counter of a tensor (-1 for an inference tensor, which has none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
 
 
 class FPxLinear(nn.Module):
@@ -30,6 +59,7 @@ class FPxLinear(nn.Module):
             self.register_buffer(f"plane{i}", plane)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("bias", bias)
+        self._decoded = None  # (key of the planes and scales it was decoded from, float32 weight) on a CPU
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -48,6 +78,7 @@ class FPxLinear(nn.Module):
         # A dtype cast of the model (model.half(), model.to(torch.bfloat16)) casts floating-point buffers; the
         # scales are part of the quantized weight and keep their dtype (bfloat16 scales are not even valid).
         scales = self.scales
+        self._decoded = None
         super()._apply(fn, recurse)
         if self.scales.dtype != scales.dtype:
             self.scales = scales.to(self.scales.device)  # the original values, not a round trip through fn's dtype
@@ -55,7 +86,29 @@ class FPxLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.scales.device.type == "cpu" and not torch.compiler.is_compiling():
+            weight = self.decoded_weight()
+            if weight is not None:
+                check_linear_args(x, self.weight, bias)
+                return dense_linear(x, weight, bias)
         return fpx_linear(x, self.weight, bias)
+
+    def decoded_weight(self) -> "torch.Tensor | None":
+        """The float32 weight [N, K] that a CPU layer keeps (see the module's docstring), decoded on first use;
+        None when memory does not allow the copy."""
+        tensors = [getattr(self, f"plane{i}") for i in range(self.num_planes)] + [self.scales]
+        key = tuple((t.data_ptr(), _version(t)) for t in tensors)
+        if self._decoded is not None and self._decoded[0] == key:
+            return self._decoded[1]
+        self._decoded = None
+        memory = available_memory()
+        needed = self.out_features * self.in_features * 4
+        if memory is None or memory[0] - needed < DECODED_RESERVE * memory[1]:
+            return None
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable inside and outside
+            weight = self.weight.dequantize(torch.float32)
+        self._decoded = (key, weight)
+        return weight
 
     def extra_repr(self) -> str:
         grouping = "per-channel" if self.group_size is None else f"group_size={self.group_size}"

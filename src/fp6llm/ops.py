@@ -1,8 +1,9 @@
 """``fpx_linear``: y = x @ dequantize(W).T + bias, as a torch custom op.
 
-The op ``fp6llm::fpx_linear`` has a PyTorch reference implementation (any device) and, on CUDA, the Triton
-kernel of kernels/fpx_gemm.py (when Triton is importable) for the cases it handles; other CUDA cases de-quantize
-to x's dtype and call torch.matmul. A fake implementation gives torch.compile the output's shape and dtype
+The op ``fp6llm::fpx_linear`` has a PyTorch reference implementation (any device) and, on CUDA, the NVRTC-compiled
+small-M kernel of kernels/fpx_cuda.py for M <= 16 with per-channel scales, the Triton kernel of kernels/fpx_gemm.py
+(when Triton is importable) for the other cases it handles; other CUDA cases de-quantize to x's dtype and call
+torch.matmul. A fake implementation gives torch.compile the output's shape and dtype
 without running anything.
 """
 
@@ -22,12 +23,18 @@ def _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size) -> Quantize
     return QuantizedWeight(tuple(planes), scales, FPFormat(exp_bits, man_bits), (n, k), group_size or None)
 
 
-def linear_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Plain PyTorch: float32 x @ dequantize(W).T (+ bias), cast to x's dtype."""
-    out = x.float() @ qw.dequantize(torch.float32).T
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference's product given the de-quantized weight [N, K] (float32): float32 x @ weight.T (+ bias), cast
+    to x's dtype. FPxLinear calls it on a CPU with the decoded copy it keeps (nn.py), so that both give equal bits."""
+    out = x.float() @ weight.T
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def linear_reference(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Plain PyTorch: float32 x @ dequantize(W).T (+ bias), cast to x's dtype; decodes W at every call."""
+    return dense_linear(x, qw.dequantize(torch.float32), bias)
 
 
 @torch.library.custom_op("fp6llm::fpx_linear", mutates_args=())
@@ -41,6 +48,7 @@ try:
     from .kernels.fpx_gemm import fpx_gemm, kernel_supports
 except ImportError:  # no Triton: the reference serves every device
     fpx_gemm = None
+from .kernels import fpx_cuda
 
 if fpx_gemm is not None:
     @fpx_linear_op.register_kernel("cuda")
@@ -52,6 +60,8 @@ if fpx_gemm is not None:
         rows = x.reshape(-1, k)
         if rows.stride(1) != 1:
             rows = rows.contiguous()
+        if fpx_cuda.supports(fmt, group_size or None, rows, n, k):  # M <= 16: the CUDA kernel (measured faster)
+            return fpx_cuda.fpx_small_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
         return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(*x.shape[:-1], n)
 
 

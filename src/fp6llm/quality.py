@@ -112,7 +112,8 @@ def encoder_dir() -> Path:
 def load_encoder(path: "str | Path | None" = None) -> Encoder:
     """all-MiniLM-L6-v2 in float32 on the CPU, in eval mode, from local files only (never the Hub).
 
-    path: a directory with config.json, model.safetensors and tokenizer files; default ``encoder_dir()``.
+    path: a directory with config.json, model.safetensors and tokenizer files; default ``encoder_dir()``. Nothing
+    from it is executed or unpickled (OSError / ValueError from transformers for a directory that would need it).
     """
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -127,8 +128,10 @@ def load_encoder(path: "str | Path | None" = None) -> Encoder:
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(path, local_files_only=True).float()
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # data files only: custom code (auto_map) is refused and a pickle (pytorch_model.bin) never read
+        model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                          use_safetensors=True).float()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import FPFormat, MXFormat, decode, encode, mx_exponents, parse_weight_format
-from .packing import LAYOUT_VERSION, pack, padded_k, plane_widths, unpack
+from .packing import LAYOUT_VERSION, pack, plane_shape, plane_widths, unpack
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP16_MIN_NORMAL = torch.finfo(torch.float16).tiny
@@ -24,7 +24,8 @@ MX_EXPONENT_STEPS = (0, -1, 1)  # scale_search="mse" for MX: the OCP exponent, o
 class QuantizedWeight:
     """A weight [N, K] as per-row (or per-group) scales and bit planes of ``fmt`` codes.
 
-    planes: tuple of int32 [N, padded_k(K) * w / 32], layout of packing.py (docs/layout.md).
+    planes: tuple of int32 plane_shape(N, K, w) = [N_pad / 16, K_pad / 128, 64 w], layout version 2 of packing.py
+    (docs/layout.md).
     scales: [N] (per output channel) or [N, K / group_size], float32 or float16; weight ~= decode(code) * scale.
     """
 
@@ -44,7 +45,7 @@ class QuantizedWeight:
         if len(self.planes) != len(widths):
             raise ValueError(f"{self.fmt.name} needs {len(widths)} planes, got {len(self.planes)}")
         for width, plane in zip(widths, self.planes):
-            expected = (n, padded_k(k) * width // 32)
+            expected = plane_shape(n, k, width)
             if plane.dtype != torch.int32 or tuple(plane.shape) != expected:
                 raise ValueError(
                     f"{width}-bit plane of a {n}x{k} {self.fmt.name} weight must be int32 {expected}, "
@@ -76,7 +77,7 @@ class QuantizedWeight:
 
     def codes(self) -> torch.Tensor:
         """uint8 codes [N, K]."""
-        return unpack(self.planes, self.fmt.bits, self.in_features)
+        return unpack(self.planes, self.fmt, self.in_features, self.out_features)
 
     def expanded_scales(self) -> torch.Tensor:
         """float32 scale of every weight element's column: [N, 1] or [N, K]."""
@@ -152,7 +153,7 @@ def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat | MXFormat" = "e3m2", 
     for a non-float weight.
     """
     codes, scales, fmt, group_size = _codes_and_scales(w, fmt, group_size, absmax, scale_search)
-    return QuantizedWeight(pack(codes, fmt.bits), scales, fmt, tuple(w.shape), group_size)
+    return QuantizedWeight(pack(codes, fmt), scales, fmt, tuple(w.shape), group_size)
 
 
 def fake_quantize(w: torch.Tensor, fmt: "str | FPFormat | MXFormat" = "e3m2", group_size: "int | None" = None,

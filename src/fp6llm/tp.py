@@ -11,13 +11,17 @@ all-reduces per block. Everything else (embeddings, norms, lm_head, OPT's projec
 the simplest choice: every rank computes the same residual stream and the same logits, so every rank samples the
 same tokens and the engine runs unchanged on each (SPMD; give sampling a seed shared by the ranks, ``shared_seed``).
 
+The fused projections (fused.py: qkv_proj, gate_up_proj) are column-parallel by parts: the plan slices each part
+by its own rule (q by query heads, k and v by KV heads, gate and up by intermediate rows) and names the slices by
+the parts' names, and the rank's fused weight is the stack of its parts' slices (q heads | k heads | v heads).
+
 Heads: n_heads / world_size query heads per rank. KV heads are split the same way when there are at least as many as
 ranks; with fewer (GQA, n_kv_heads < world_size) each rank keeps the one KV head its query heads read, so that head
 is replicated on world_size / n_kv_heads ranks. The rank's model gets a config of its own shape (heads, KV heads,
 intermediate_size divided), which sizes its KV cache and attention.
 
 Weights are sliced in whatever form they hold: a plain nn.Linear's tensor (any float dtype), or an FPxLinear's packed
-planes and scales: rows for column-parallel; for row-parallel whole words of every plane, i.e. multiples of 64 input
+planes and scales: rows for column-parallel; for row-parallel whole tiles of every plane, i.e. multiples of 128 input
 columns, and whole scale groups (docs/layout.md, "Tensor-parallel splits"). A slice is bit-identical to packing the
 same float slice (per-channel scales stay the whole row's: quantize_weight's ``absmax``).
 
@@ -42,8 +46,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+from . import fused
 from .nn import FPxLinear
-from .packing import plane_widths, plane_words
+from .packing import plane_widths, tile_index
 from .quantize import QuantizedWeight
 
 OUTPUT, INPUT = 0, 1  # the weight [N, K] dimension a layer is split along: column-parallel, row-parallel
@@ -138,14 +143,21 @@ def local_config(config, tp: TensorParallel):
 
 
 def plan(model: nn.Module, tp: TensorParallel) -> dict:
-    """{module name: Split} for every projection of ``model`` that is sliced (LAYOUT); works on a meta model.
+    """{module name: Split} for every projection of ``model`` that is sliced (LAYOUT); works on a meta model. A fused
+    projection's slices are its parts', under the parts' names (fused.layout: "layers.0.self_attn.q_proj", ...).
 
     Raises ValueError naming the first layer that cannot be split at this degree (its size, the degree).
     """
-    splits = {}
+    layouts, names = fused.layout(model), []
     for name, module in model.named_modules():
+        if name in layouts:
+            names += [part for part, _, _ in layouts[name]]
+        elif isinstance(module, (nn.Linear, FPxLinear)):
+            names.append(name)
+    splits = {}
+    for name in names:
         role = LAYOUT.get(name.rpartition(".")[2])
-        if role is None or not isinstance(module, (nn.Linear, FPxLinear)):
+        if role is None:
             continue
         dim, kind = role
         try:
@@ -159,8 +171,13 @@ def plan(model: nn.Module, tp: TensorParallel) -> dict:
 def check_split(name: str, split: Split, in_features: int, group_size: Optional[int] = None,
                 packed: bool = False) -> None:
     """ValueError (naming the layer, its in_features and the degree) unless a row-parallel split falls on whole
-    scale groups and, for weights already packed, on whole words of every plane (multiples of 64 columns)."""
+    scale groups and, for weights already packed, on whole tiles of the packed layout (multiples of 128 columns;
+    a column-parallel split of packed weights, multiples of 16 rows)."""
     if split.dim != INPUT:
+        if packed and (split.start % 16 or split.stop % 16):
+            raise ValueError(f"{name}: rows {split.start}..{split.stop - 1} of a tensor-parallel degree {split.degree} "
+                             f"split are not whole 16-row tiles of the packed layout; load the float checkpoint "
+                             f"instead (each rank packs its own slice) or choose another degree")
         return
     width = split.stop - split.start
     what = f"{name}: in_features {in_features} split across tensor-parallel degree {split.degree} gives {width}-column"
@@ -168,7 +185,7 @@ def check_split(name: str, split: Split, in_features: int, group_size: Optional[
         raise ValueError(f"{what} slices, not whole groups of group_size {group_size}")
     if packed:
         try:
-            plane_words(32, in_features, split.start, split.stop)
+            tile_index(1, in_features, cols=(split.start, split.stop))
         except ValueError as err:
             raise ValueError(f"{what} slices, but {err}; load the float checkpoint instead (each rank packs its own "
                              f"slice) or choose a degree that gives such slices") from None
@@ -176,11 +193,12 @@ def check_split(name: str, split: Split, in_features: int, group_size: Optional[
 
 # ---- slicing weights ------------------------------------------------------------------------------------------------
 
-def plane_index(split: Split, width: int, in_features: int) -> tuple:
-    """Index of the rank's part of a plane of ``width``-bit fields (a row range, or the words of a column range)."""
+def plane_index(split: Split, width: int, in_features: int, out_features: int) -> tuple:
+    """Index of the rank's part of a packed plane (whole 16-row / 128-column tiles: packing.tile_index); every
+    plane width takes the same index."""
     if split.dim == OUTPUT:
-        return split.weight_index
-    return (slice(None), plane_words(width, in_features, split.start, split.stop))
+        return tile_index(out_features, in_features, rows=(split.start, split.stop))
+    return tile_index(out_features, in_features, cols=(split.start, split.stop))
 
 
 def scale_index(split: Split, group_size: Optional[int]) -> tuple:
@@ -200,15 +218,26 @@ def _own(tensor: torch.Tensor) -> torch.Tensor:
 def shard_quantized(qw: QuantizedWeight, split: Split) -> QuantizedWeight:
     """The rank's part of a quantized weight, sliced in packed form: bit-identical to packing the same codes alone.
 
-    Raises ValueError for a column range that is not whole words (packing.plane_words) or a split of another size.
+    Raises ValueError for a range that is not whole tiles (packing.tile_index) or a split of another size.
     """
     n, k = qw.shape
     if split.stop > (n if split.dim == OUTPUT else k):
         raise ValueError(f"split {split} is outside a {n}x{k} weight")
-    planes = tuple(_own(plane[plane_index(split, width, k)])
+    planes = tuple(_own(plane[plane_index(split, width, k, n)])
                    for plane, width in zip(qw.planes, plane_widths(qw.fmt.bits)))
     scales = _own(qw.scales[scale_index(split, qw.group_size)])
     return QuantizedWeight(planes, scales, qw.fmt, split.shape(n, k), qw.group_size, qw.layout_version)
+
+
+def shard_fused(module: nn.Module, layout: tuple, splits: dict) -> nn.Module:
+    """The rank's part of a fused projection (fused.layout's ``layout``): each part's slice of rows (``splits``, by
+    part name), stacked."""
+    pieces = []
+    for part, offset, _ in layout:
+        split = splits[part]
+        pieces.append(shard_linear(part, module, Split(OUTPUT, offset + split.start, offset + split.stop,
+                                                       split.degree)))
+    return fused.concat_linears(pieces)
 
 
 def shard_linear(name: str, module: nn.Module, split: Split) -> nn.Module:
@@ -258,7 +287,7 @@ def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     an all-reduce (RowParallel). Returns the model, with ``model.tensor_parallel = tp``."""
     model.config = local_config(model.config, tp)
     for module in model.modules():
-        if hasattr(module, "q_proj") and hasattr(module, "n_heads"):  # an attention block
+        if hasattr(module, "qkv_proj") and hasattr(module, "n_heads"):  # an attention block
             module.n_heads = model.config.n_heads
             if hasattr(module, "n_kv_heads"):
                 module.n_kv_heads = model.config.n_kv_heads
@@ -276,7 +305,7 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world_size: int, group=No
     Call it before ``setup_caches`` (the Engine calls that). Forward passes then need the process group (group, or
     the default one) with every rank running the same inputs. world_size 1 returns the model unchanged. Raises
     ValueError naming the layer, its size and the degree when a split is not possible (heads or intermediate_size
-    not divisible; an FPxLinear's input columns not split at multiples of 64 or of its group size), or when the
+    not divisible; an FPxLinear's input columns not split at multiples of 128 or of its group size), or when the
     model is already tensor-parallel.
     """
     tp = TensorParallel(rank, world_size, group)
@@ -284,9 +313,13 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world_size: int, group=No
         raise ValueError(f"the model is already tensor-parallel ({model.tensor_parallel})")
     if world_size == 1:
         return model
-    for name, split in plan(model, tp).items():
+    splits, layouts = plan(model, tp), fused.layout(model)
+    for name in [name for name, m in model.named_modules() if name in splits or name in layouts]:
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, shard_linear(name, model.get_submodule(name), split))
+        module = model.get_submodule(name)
+        sharded = shard_fused(module, layouts[name], splits) if name in layouts else shard_linear(name, module,
+                                                                                                  splits[name])
+        setattr(model.get_submodule(parent), child, sharded)
     return parallelize(model, tp)
 
 

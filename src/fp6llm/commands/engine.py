@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from ..cli import command
+from ..cli import at_least, check_device, check_output_dir, command, read_text_file
 
 CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in range(32) if chr(c) not in "\n\t"} | {0x7F: "\\x7f"}
 
@@ -24,6 +22,15 @@ def _model_arguments(parser: argparse.ArgumentParser, formats: bool = False) -> 
     parser.add_argument("--group-size", type=int, default=None, help="one scale per this many input columns "
                                                                      "(default: one per output channel)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def check_model_arguments(args) -> None:
+    """The checks of _model_arguments' options, before any work: ValueError naming the option."""
+    fmt = getattr(args, "format", None)
+    if fmt is not None and not fmt.strip():
+        raise ValueError("--format is empty: give a format such as e3m2, or leave --format out")
+    at_least("--group-size", args.group_size, 1)
+    check_device(args.device)
 
 
 def _tp_argument(parser: argparse.ArgumentParser) -> None:
@@ -71,12 +78,14 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", help="a file of prompts, one per line (blank lines skipped)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of most likely tokens "
+                                                                  "whose probability reaches P, in (0, 1] (default: "
+                                                                  "all)")
     parser.add_argument("--seed", type=int, default=None, help="prompt i samples with seed + i")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (KV cache rows)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (KV cache rows; default 8)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
     _tp_argument(parser)
     parser.set_defaults(run=_generate)
@@ -85,16 +94,17 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
 def _read_prompts(args) -> list:
     prompts = list(args.prompt)
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path} does not exist")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        prompts += [line for line in read_text_file(args.prompt_file, "--prompt-file").splitlines() if line.strip()]
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts
 
 
 def _generate(args) -> None:
+    check_model_arguments(args)
+    at_least("--max-new-tokens", args.max_new_tokens, 1)
+    at_least("--top-k", args.top_k, 1, " (leave it out to keep every token)")
+    _read_prompts(args)  # before torch.distributed starts
     from ..tp import process_group
 
     with process_group(args.tp, args.device) as (tp, device):
@@ -151,14 +161,43 @@ def _generate_on(args, tp, device) -> None:
 
 # ---- bench ----------------------------------------------------------------------------------------------------------
 
+# Defaults per device type: a CPU runs the reference path, where the GPU's sizes would take many minutes.
+BENCH_BATCHES = {"cuda": "1,8,32,128", "cpu": "1,4"}
+BENCH_LENGTHS = {"cuda": (512, 128), "cpu": (64, 16)}  # (prompt, generated) tokens per row
+
+
+def bench_lengths(prompt_len, gen_len, device_type: str, limit: int) -> tuple:
+    """(prompt_len, gen_len): the given ones, checked against the model's ``limit`` positions; a default (None)
+    is the device type's, the prompt's cut so that prompt + gen fits the limit."""
+    default_prompt, default_gen = BENCH_LENGTHS[device_type]
+    gen_len = default_gen if gen_len is None else gen_len
+    at_least("--gen-len", gen_len, 2)
+    if prompt_len is None:
+        prompt_len = min(default_prompt, limit - gen_len)
+        if prompt_len < 1:
+            raise ValueError(f"--gen-len {gen_len} leaves no room for a prompt in the model's "
+                             f"max_position_embeddings {limit}")
+    at_least("--prompt-len", prompt_len, 1)
+    if prompt_len + gen_len > limit:
+        raise ValueError(f"--prompt-len {prompt_len} + --gen-len {gen_len} = {prompt_len + gen_len} is beyond the "
+                         f"model's max_position_embeddings {limit}")
+    return prompt_len, gen_len
+
+
 @command("bench", "end-to-end prefill / decode throughput per format and batch size, against the copy-bandwidth "
                   "floor; writes e2e-<device>-<date>.md/.json")
 def _bench_args(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser, formats="fp16,e3m2,e2m2")
-    parser.add_argument("--batch", default="1,8,32,128", help="comma-separated batch sizes (default 1,8,32,128)")
-    parser.add_argument("--prompt-len", type=int, default=512)
-    parser.add_argument("--gen-len", type=int, default=128)
-    parser.add_argument("--out", default="bench/results", help="directory for the results (default bench/results)")
+    parser.add_argument("--batch", default=None, help=f"comma-separated batch sizes (default {BENCH_BATCHES['cuda']}; "
+                                                      f"{BENCH_BATCHES['cpu']} on a CPU)")
+    parser.add_argument("--prompt-len", type=int, default=None,
+                        help=f"prompt tokens per row (default {BENCH_LENGTHS['cuda'][0]}, {BENCH_LENGTHS['cpu'][0]} on "
+                             f"a CPU; less when prompt + gen would pass the model's positions)")
+    parser.add_argument("--gen-len", type=int, default=None, help=f"new tokens per row (default "
+                                                                  f"{BENCH_LENGTHS['cuda'][1]}, "
+                                                                  f"{BENCH_LENGTHS['cpu'][1]} on a CPU)")
+    parser.add_argument("--out", default="bench/results", help="directory for the results (default bench/results; "
+                                                               "an existing day's file is kept, the new one numbered)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps on CUDA too")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (one compilation "
                                                                "per batch size; minutes on large models)")
@@ -167,19 +206,21 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench(args) -> None:
+    check_model_arguments(args)
+    check_output_dir(args.out, "--out")
+    import torch
+
     from ..engine import bench
     from ..tp import process_group
 
-    formats, batches = _format_list(args.formats), _int_list(args.batch, "--batch")
-    if args.prompt_len < 1 or args.gen_len < 2:
-        raise ValueError(f"need --prompt-len >= 1 and --gen-len >= 2, got {args.prompt_len} and {args.gen_len}")
+    device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
+    formats = _format_list(args.formats)
+    batches = _int_list(args.batch or BENCH_BATCHES[device_type], "--batch")
     source = _source(args)
-    limit = source.config().max_position_embeddings
-    if args.prompt_len + args.gen_len > limit:
-        raise ValueError(f"--prompt-len {args.prompt_len} + --gen-len {args.gen_len} = "
-                         f"{args.prompt_len + args.gen_len} is beyond the model's max_position_embeddings {limit}")
+    prompt_len, gen_len = bench_lengths(args.prompt_len, args.gen_len, device_type,
+                                        source.config().max_position_embeddings)
     with process_group(args.tp, args.device) as (tp, device):
-        result = bench.run_bench(source, formats, batches, args.prompt_len, args.gen_len, device, args.group_size,
+        result = bench.run_bench(source, formats, batches, prompt_len, gen_len, device, args.group_size,
                                  cuda_graph=not args.no_cuda_graph, compile=args.compile,
                                  progress=tp is None or tp.rank == 0, tp=tp)
     if tp is not None and tp.rank != 0:
@@ -191,7 +232,8 @@ def _bench(args) -> None:
 
 # ---- eval -----------------------------------------------------------------------------------------------------------
 
-@command("eval", "perplexity of each format on a text file, and its argmax agreement with the fp16 reference")
+@command("eval", "perplexity of each format on a text file, and its argmax agreement with the reference (fp16; "
+                 "a packed checkpoint's own format)")
 def _eval_args(parser: argparse.ArgumentParser) -> None:
     _model_arguments(parser, formats="fp16,e3m2,e2m3,e2m2,e2m1")
     parser.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
@@ -202,14 +244,14 @@ def _eval_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval(args) -> None:
+    check_model_arguments(args)
+    at_least("--ctx", args.ctx, 2)
+    at_least("--max-tokens", args.max_tokens, 2)
+    at_least("--batch-size", args.batch_size, 1)
+    formats = _format_list(args.formats)
+    text = read_text_file(args.text, "--text")
     from ..engine import perplexity
 
-    formats = _format_list(args.formats)
-    path = Path(args.text)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    result = perplexity.run_eval(_source(args), formats, path.read_text(encoding="utf-8"), args.ctx, args.max_tokens,
-                                 args.device, args.group_size, args.batch_size)
+    result = perplexity.run_eval(_source(args), formats, text, args.ctx, args.max_tokens, args.device,
+                                 args.group_size, args.batch_size)
     print(perplexity.format_table(result))

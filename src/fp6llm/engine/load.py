@@ -17,9 +17,10 @@ from torch import nn
 from ..models import NAMED_CONFIGS, ModelConfig, build_random, load_hf
 from ..models.loader import (PACKED_META, SKIP, UNQUANTIZED, build_model, read_hf_config, read_packed_meta,
                              resolve_format)
-from ..packing import padded_k
+from ..packing import padded_k, padded_n
 from ..tp import TensorParallel, apply_tensor_parallel, local_config
-from .generate import DEFAULT_MAX_SEQ_LEN, Engine
+from ..models.attention import BLOCK_SIZE
+from .generate import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_MAX_SEQ_LEN, Engine, default_num_blocks
 from .tokenizer import TOKENIZER_FILES, ByteTokenizer, load_tokenizer
 
 RANDOM_PREFIX = "random:"
@@ -134,7 +135,7 @@ def weight_bytes(config: ModelConfig, fmt: str, dtype: Optional[torch.dtype] = N
         if id(param) in quantized_weights:
             n, k = param.shape
             groups = 1 if group_size is None else k // group_size
-            total += n * padded_k(k) * quantized.bits // 8 + n * groups * SCALE_BYTES
+            total += padded_n(n) * padded_k(k) * quantized.bits // 8 + n * groups * SCALE_BYTES
         else:
             total += param.numel() * dtype.itemsize
     return total
@@ -176,18 +177,22 @@ def check_fits(config: ModelConfig, fmt: str, group_size: Optional[int], device,
 
 def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = None, group_size: Optional[int] = None,
          device=None, dtype: Optional[torch.dtype] = None, max_batch_size: int = 8, max_seq_len: Optional[int] = None,
-         cuda_graph: bool = True, progress: bool = True, tp: Optional[TensorParallel] = None) -> Engine:
+         cuda_graph: bool = True, progress: bool = True, tp: Optional[TensorParallel] = None,
+         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> Engine:
     """A ready Engine (``.generate(prompts, ...)``) for a model directory or "random:NAME".
 
     path_or_random: a Hugging Face checkpoint directory (quantized while loading), an fp6llm packed checkpoint
     (fp6llm.json), or "random:NAME" with NAME in fp6llm.models.NAMED_CONFIGS (random weights, byte tokenizer).
     fmt: "e3m2" (FP6, the default; a packed checkpoint's own format), any eXmY, or "fp16" / "bf16" / "fp32" for
     unquantized weights. device: default CUDA when available. dtype: activations, default float16 on CUDA and
-    float32 elsewhere; a torch.dtype or its name. max_batch_size x max_seq_len: the KV cache (max_seq_len defaults
-    to min(max_position_embeddings, 2048)). tp: this process's tensor-parallel rank (fp6llm.tp.process_group): the
+    float32 elsewhere; a torch.dtype or its name. max_batch_size: sequences running at most; max_seq_len: positions
+    of one (default min(max_position_embeddings, 2048)). The paged KV cache holds max_batch_size x max_seq_len
+    positions, on CUDA at most what gpu_memory_utilization of the GPU's memory leaves after the weights (requests
+    are admitted by free blocks). tp: this process's tensor-parallel rank (fp6llm.tp.process_group): the
     engine runs that rank's slice of the model, and every rank must make the same engine calls (engine.mirror).
     Raises ValueError (unknown name or format), FileNotFoundError (no such directory, config or tokenizer),
-    DoesNotFit (a MemoryError: weights + cache beyond the free GPU memory, both numbers said).
+    DoesNotFit (a MemoryError: weights + the cache of one sequence beyond the free GPU memory, both
+    numbers said).
     """
     if isinstance(dtype, str):  # "float16", "bfloat16", "float32"
         dtype = DTYPES.get(dtype.removeprefix("torch."))
@@ -198,6 +203,15 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
     config = source.config()
     tokenizer = source.tokenizer(config)
     seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    check_fits(config, fmt, group_size, device, dtype, max_batch_size, seq_len, tp)
+    check_fits(config, fmt, group_size, device, dtype, 1, seq_len, tp)  # the cache takes what is left, >= 1 sequence
     model = source.load_model(fmt, group_size, device, dtype, progress=progress, tp=tp)
-    return Engine(model, tokenizer, max_batch_size, max_seq_len, cuda_graph)
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    blocks = default_num_blocks(model, weight.device, weight.dtype, max_batch_size, seq_len, BLOCK_SIZE,
+                                gpu_memory_utilization)
+    if tp is not None and tp.world_size > 1:  # every rank's batcher must decide alike: the fewest blocks of any
+        import torch.distributed as dist
+
+        count = torch.tensor([blocks], device=weight.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN, group=tp.group)
+        blocks = int(count.item())
+    return Engine(model, tokenizer, max_batch_size, max_seq_len, cuda_graph, num_blocks=blocks)

@@ -1,11 +1,12 @@
 """One Engine over tensor-parallel ranks: rank 0 decides, every other rank repeats (``fp6llm serve --tp N``).
 
 Every rank holds its slice of the model and an Engine of its own, and a forward pass needs all of them at once (its
-all-reduces). The server runs on rank 0 only; it drives a ``MirroredEngine``, which sends each call that changes the
-engine (add, step, abort) to the other ranks before making it. They run ``follow``: receive the call, make it on
-their Engine, wait for the next. Every rank then runs the same forwards in the same order, and since the logits are
-the same on every rank (fp6llm.tp replicates lm_head) so are the sampled tokens: a request without a seed gets one
-from rank 0 before it is sent.
+all-reduces). The server runs on rank 0 only; it drives a ``MirroredEngine``, which sends each call that changes
+the engine (add, step, abort, warm_up) to the other ranks before making it. They run ``follow``: receive the call,
+make it on their Engine, wait for the next. Every rank then runs the same forwards in the same order (the batcher
+decides from the calls alone, over the same number of blocks), and since the logits are the same on every rank
+(fp6llm.tp replicates lm_head) so are the sampled tokens: a request without a seed gets one from rank 0 before it
+is sent.
 
 The calls travel over a gloo group of their own (``control_group``) with a long timeout: an idle server keeps its
 followers waiting in a CPU receive, not in an NCCL collective that would time out.
@@ -51,9 +52,9 @@ def _broadcast(message, group):
 
 
 class MirroredEngine:
-    """Rank 0's Engine; add / step / abort are first sent to the ranks that ``follow``. Everything else (slots,
-    tokenizer, request(), stats, ...) is the wrapped Engine's. One thread at a time makes calls (the server's engine
-    thread); ``stop`` may come from another and waits for a call in progress."""
+    """Rank 0's Engine; add / step / abort / warm_up are first sent to the ranks that ``follow``. Everything else
+    (counts, tokenizer, request(), stats, ...) is the wrapped Engine's. One thread at a time makes calls (the
+    server's engine thread); ``stop`` may come from another and waits for a call in progress."""
 
     def __init__(self, engine: Engine, group=None):
         self._engine, self._group = engine, group
@@ -83,12 +84,12 @@ class MirroredEngine:
                                                            seed=random.SystemRandom().randrange(2**63))
                 self._ids[request] = self._next_id
                 sent.append((self._next_id, request.prompt_ids, request.max_new_tokens, request.sampling,
-                             request.stop_ids))
+                             request.stop_ids, request.stop_strings))
                 self._next_id += 1
             self._send(("add", sent))
             try:
                 return self._engine.add(requests)
-            except BaseException:  # refused (no free slot, too long) or failed: none of them runs
+            except BaseException:  # refused (too long) or failed: none of them runs
                 for request in requests:
                     self._ids.pop(request, None)
                 raise
@@ -102,6 +103,11 @@ class MirroredEngine:
                 return self._engine.step()
             finally:
                 self._forget_finished()
+
+    def warm_up(self) -> None:
+        with self._lock:
+            self._send(("warm_up",))
+            self._engine.warm_up()
 
     def abort(self, request: Request) -> None:
         with self._lock:
@@ -132,12 +138,14 @@ def follow(engine: Engine, group=None) -> None:
             return
         try:
             if kind == "add":
-                requests = [Request(list(ids), max_new, sampling, stop_ids)
-                            for _, ids, max_new, sampling, stop_ids in message[1]]
+                requests = [Request(list(ids), max_new, sampling, stop_ids, stop_strings)
+                            for _, ids, max_new, sampling, stop_ids, stop_strings in message[1]]
                 running.update(zip((number for number, *_ in message[1]), requests))
                 engine.add(requests)
             elif kind == "step":
                 engine.step()
+            elif kind == "warm_up":
+                engine.warm_up()
             elif kind == "abort":
                 request = running.pop(message[1], None)
                 if request is not None:

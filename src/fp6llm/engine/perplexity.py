@@ -3,7 +3,9 @@
 The text is cut into non-overlapping windows of ``ctx`` tokens; each window is scored from its own start (its first
 token predicts nothing), so a window's predictions see 1 .. ctx - 1 tokens of context. The reference (fp16 on CUDA,
 float32 on a CPU, where half-precision matmuls are slow and not what a GPU computes) runs first; every format's
-argmax is compared with the reference's at the same positions.
+argmax is compared with the reference's at the same positions. A packed checkpoint holds no float weights: its own
+format is the reference, the other formats re-quantize its de-quantized weights, and unquantized formats (which
+would be the reference again) are left out.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .bench import UNQUANTIZED_ON_CPU, free_memory, model_bytes
-from .generate import drop_caches
+from ..models.loader import UNQUANTIZED
+from .bench import UNQUANTIZED_ON_CPU, canonical_format, free_memory, load_as, model_bytes, row_label
+from .runner import drop_caches
 from .load import GB, ModelSource, check_fits, check_format, quantized_group_size
 
 REFERENCE = "fp16"
@@ -41,6 +44,21 @@ def windows(ids: list, ctx: int, max_tokens: Optional[int] = None) -> torch.Tens
         raise ValueError(f"the text has {len(ids)} tokens{' (after --max-tokens)' if max_tokens else ''}: not "
                          f"enough for one window of ctx={ctx} tokens (ctx must be >= 2)")
     return torch.tensor(ids[:count * ctx]).view(count, ctx)
+
+
+def encode_long(tokenizer, text: str) -> list:
+    """The ids of a whole text, without transformers' warning that they pass the model's length: eval cuts them
+    into windows."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # a bare tokenizers.Tokenizer or bytes: no such warning
+        return tokenizer.encode(text)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return tokenizer.encode(text)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 @torch.inference_mode()
@@ -72,16 +90,22 @@ def run_eval(source: ModelSource, formats: list, text: str, ctx: int = 512, max_
     if ctx > config.max_position_embeddings:
         raise ValueError(f"ctx {ctx} is beyond the model's max_position_embeddings {config.max_position_embeddings}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokens = windows(source.tokenizer(config).encode(text), ctx, max_tokens)
-    reference = UNQUANTIZED_ON_CPU.get(REFERENCE, REFERENCE) if device.type == "cpu" else REFERENCE
-    order = [REFERENCE] + [name for name in formats if name != REFERENCE]
+    tokens = windows(encode_long(source.tokenizer(config), text), ctx, max_tokens)
+    meta = source.packed_meta()
+    first = REFERENCE if meta is None else meta["format"]
+    reference = UNQUANTIZED_ON_CPU.get(first, first) if device.type == "cpu" else first
+    names = [canonical_format(name) for name in formats]
+    left_out = [] if meta is None else [name for name in names if name in UNQUANTIZED]
+    order = [first] + [name for name in dict.fromkeys(names) if name != first and name not in left_out]
     rows, reference_argmax = [], None
     for name in order:
-        fmt = reference if name == REFERENCE else name
-        label = name if fmt == name else f"{name} (as {fmt})"
+        fmt = reference if name == first else name
+        cast = "" if fmt == name else f"as {fmt}"
+        label = row_label(name, cast)
         fmt_group_size = quantized_group_size(fmt, group_size)
         check_fits(config, fmt, fmt_group_size, device, None, batch_size, ctx)
-        model = source.load_model(fmt, fmt_group_size, device, progress=progress)
+        model, derived = load_as(source, fmt, fmt_group_size, device, progress)
+        label = row_label(name, cast, derived)
         try:
             weights = model_bytes(model)
             nll, argmax = score(model, tokens, batch_size, progress, f"eval {label}")
@@ -94,13 +118,18 @@ def run_eval(source: ModelSource, formats: list, text: str, ctx: int = 512, max_
         rows.append(EvalRow(label, weights / GB, math.exp(nll / count), nll / count,
                             (argmax == reference_argmax).float().mean().item(), count))
     setup = {"model": source.name, "device": str(device), "ctx": ctx, "windows": tokens.shape[0],
-             "predicted_tokens": tokens.shape[0] * (ctx - 1), "reference": reference, "group_size": group_size}
+             "predicted_tokens": tokens.shape[0] * (ctx - 1), "reference": reference, "group_size": group_size,
+             "packed": None if meta is None else meta["format"], "left_out": left_out}
     return {"setup": setup, "rows": [asdict(row) for row in rows]}
 
 
 def format_table(result: dict) -> str:
     s = result["setup"]
-    reference = s["reference"] + (" (fp16 runs in float32 on a CPU)" if s["reference"] != REFERENCE else "")
+    if s.get("packed"):
+        reference = (f"{s['reference']}, the packed checkpoint's own weights (it holds no float ones; other formats "
+                     f"re-quantize them{'; left out: ' + ', '.join(s['left_out']) if s['left_out'] else ''})")
+    else:
+        reference = s["reference"] + (" (fp16 runs in float32 on a CPU)" if s["reference"] != REFERENCE else "")
     lines = [f"{s['model']} on {s['device']}: {s['windows']} windows of {s['ctx']} tokens, {s['predicted_tokens']} "
              f"predictions; reference {reference}",
              f"{'format':16} {'weight GB':>9} {'perplexity':>11} {'nll/token':>10} {'argmax = ref':>12}"]

@@ -6,6 +6,12 @@ needs, and what makes batched generation reproduce one-by-one generation).
 
 A sample is drawn as argmax(probs / q) with q ~ Exponential(1) per vocabulary entry: the same distribution as
 torch.multinomial, without a device-to-host synchronization (gpt-fast's ``multinomial_sample_one_no_sync``).
+
+``sample`` takes the rows' settings and generators from the host at every call. ``DeviceSampler`` keeps every
+slot's settings in device tensors, written once when a request takes the slot, and draws its noise from a
+counter-based hash of (the row's seed, the row's token count, the vocabulary index) instead of generators: a step
+is a fixed sequence of device ops with no host traffic, so a CUDA graph can capture it with the decode forward and
+the host reads only the new token ids.
 """
 
 from __future__ import annotations
@@ -48,8 +54,11 @@ class SamplingParams:
         """A generator on ``device`` seeded with ``seed`` (a fresh random seed without one); None when greedy."""
         if self.greedy:
             return None
-        seed = self.seed if self.seed is not None else random.SystemRandom().randrange(2**63)
-        return torch.Generator(device=device).manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(self.draw_seed())
+
+    def draw_seed(self) -> int:
+        """``seed``, or a fresh random one (< 2**63) without one."""
+        return self.seed if self.seed is not None else random.SystemRandom().randrange(2**63)
 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
@@ -92,3 +101,76 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
     noise = torch.stack([torch.empty(vocab, device=device).exponential_(generator=generators[i]) for i in sampled])
     tokens[sampled] = (probs / noise).argmax(dim=-1)
     return tokens
+
+
+# splitmix64 (Steele, Lea & Flood 2014): a bijective mixer of 64-bit words whose outputs pass BigCrush; its
+# constants as signed int64 (torch has no uint64 arithmetic; products wrap, as two's complement does).
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15 - 2**64
+MIX1, MIX2 = 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
+UNIFORM_BITS = 24  # a float32 uniform's mantissa
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical shift of int64 words (>> alone is arithmetic: it would copy the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def exponential_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 [B, vocab] of Exponential(1) draws, a pure function of (seeds[b], counters[b], vocabulary index).
+
+    seeds, counters: int64 [B]. Word = splitmix64(seed + (counter * vocab + index + 1) * GOLDEN_GAMMA): distinct
+    (counter, index) pairs of a row are distinct splitmix64 stream positions. Its top 24 bits give u in (0, 1),
+    and -log(u) is the draw.
+    """
+    index = torch.arange(vocab, device=seeds.device)
+    x = seeds[:, None] + ((counters[:, None] * vocab + index + 1) * GOLDEN_GAMMA)
+    x = (x ^ _shift_right(x, 30)) * MIX1
+    x = (x ^ _shift_right(x, 27)) * MIX2
+    x = x ^ _shift_right(x, 31)
+    uniform = (_shift_right(x, 64 - UNIFORM_BITS).float() + 0.5) * 2.0**-UNIFORM_BITS
+    return -torch.log(uniform)
+
+
+class DeviceSampler:
+    """Sampling settings of ``max_batch_size`` slots in device tensors, and a sampling step on the device only.
+
+    ``set(slot, params)`` when a request takes a slot (a few bytes to the device, once); then each call
+    ``sampler(logits, sampling, first)`` takes logits [rows, V] of slots first..first+rows-1 (a decode step: 0..;
+    a prefill group: its slots) and returns their next tokens, int64 [rows], on the device, with fixed shapes and
+    no host traffic (capturable in a CUDA graph). sampling=False
+    (no active row samples) skips the sort and the noise: every row takes its argmax. Each call advances every
+    row's token counter, so a row's draws depend only on its seed and how many tokens it has drawn: batched
+    sampling equals one-by-one sampling.
+    """
+
+    def __init__(self, max_batch_size: int, vocab_size: int, device):
+        self.vocab_size = vocab_size
+        self.temperature = torch.zeros(max_batch_size, device=device)
+        self.top_k = torch.full((max_batch_size,), vocab_size, dtype=torch.long, device=device)
+        self.top_p = torch.ones(max_batch_size, device=device)
+        self.seeds = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        self.counters = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+
+    def set(self, slot: int, params: SamplingParams) -> None:
+        """Slot ``slot`` samples with ``params`` from its first token on (its counter restarts at 0)."""
+        top_k = min(params.top_k or self.vocab_size, self.vocab_size)
+        values = ((self.temperature, params.temperature), (self.top_k, top_k),
+                  (self.top_p, 1.0 if params.top_p is None else params.top_p),
+                  (self.seeds, params.draw_seed() if not params.greedy else 0), (self.counters, 0))
+        for tensor, value in values:
+            tensor[slot] = value
+
+    def __call__(self, logits: torch.Tensor, sampling: bool = True, first: int = 0) -> torch.Tensor:
+        slots = self.seeds.shape[0]
+        if logits.dim() != 2 or logits.shape[1] != self.vocab_size or not 0 <= first < first + logits.shape[0] <= slots:
+            raise ValueError(f"logits must be [rows, {self.vocab_size}] of slots first..first+rows-1 within the "
+                             f"{slots} slots, got {tuple(logits.shape)} from slot {first}")
+        rows = slice(first, first + logits.shape[0])
+        tokens = logits.argmax(dim=-1)
+        if sampling:
+            temperature = self.temperature[rows]
+            kept = filter_logits(logits, temperature.clamp_min(1e-6), self.top_k[rows], self.top_p[rows])
+            noise = exponential_noise(self.seeds[rows], self.counters[rows], self.vocab_size)
+            tokens = torch.where(temperature > 0, (kept.softmax(dim=-1) / noise).argmax(dim=-1), tokens)
+        self.counters[rows] += 1
+        return tokens

@@ -17,7 +17,8 @@ import torch
 
 from ..formats import FPFormat
 
-MIN_GROUP_BLOCK_K = 64  # group scales need BLOCK_K | group_size, and BLOCK_K >= 64
+MIN_BLOCK_K = 128  # one K tile of the packed layout (packing.TILE_K)
+SMALL_GROUPS = (32, 64)  # group sizes under MIN_BLOCK_K: the kernel scales the de-quantized tile per group
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -39,8 +40,8 @@ class KernelConfig:
             raise ValueError("the reduction (non-dot) path computes one row: block_m must be 1")
         if self.use_dot and min(self.block_m, self.block_n, self.block_k) < 16:
             raise ValueError(f"tl.dot needs blocks >= 16, got {self}")
-        if self.block_k < MIN_GROUP_BLOCK_K or self.block_k & (self.block_k - 1):
-            raise ValueError(f"block_k must be a power of two >= {MIN_GROUP_BLOCK_K}, got {self.block_k}")
+        if self.block_k < MIN_BLOCK_K or self.block_k & (self.block_k - 1):
+            raise ValueError(f"block_k must be a power of two >= {MIN_BLOCK_K}, got {self.block_k}")
 
 
 def m_bucket(m: int) -> int:
@@ -81,14 +82,14 @@ def heuristic_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
         return KernelConfig(m_bucket(m), 128, 128, 2, num_warps=4, num_stages=4, swap_ab=True)
     if m <= 1024:
         block_m = 128 if m <= 128 else 256
-        return KernelConfig(block_m, 128, 64 if block_m == 256 else 128, 1, num_warps=8, num_stages=3,
+        return KernelConfig(block_m, 128, 128, 1, num_warps=8, num_stages=3 if block_m <= 128 else 2,
                             swap_ab=True)
     return KernelConfig(64, 64, 128, dequant_first=True)
 
 
 def _fit_group(config: KernelConfig, group_size: "int | None") -> KernelConfig:
-    """Shrink BLOCK_K until it divides the group size."""
-    if group_size is None or group_size % config.block_k == 0:
+    """Shrink BLOCK_K until it divides a group size of 128 or more (smaller groups are scaled inside a block)."""
+    if group_size is None or group_size % config.block_k == 0 or group_size in SMALL_GROUPS:
         return config
     block_k = math.gcd(config.block_k, group_size)
     return KernelConfig(config.block_m, config.block_n, block_k, config.split_k, config.num_warps,
@@ -105,7 +106,9 @@ def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, gro
         # nearest measured shape by log-distance of N and K
         best = min(candidates, key=lambda shape: sum(abs(math.log(int(a) / b)) for a, b in
                                                     zip(shape.split("x"), (n, k))))
-        config = KernelConfig(**{key: value for key, value in candidates[best].items() if key != "us"})
+        entry = {key: value for key, value in candidates[best].items() if key != "us"}
+        entry["block_k"] = max(entry["block_k"], MIN_BLOCK_K)  # tables measured on layout 1 had 64-column blocks
+        config = KernelConfig(**entry)
     else:
         config = heuristic_config(m, n, k, _num_sms(device))
     return _fit_group(config, group_size)

@@ -19,6 +19,7 @@ workspace (a per-tile arrival counter, reset by that last program, so no extra l
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -27,98 +28,98 @@ import triton
 import triton.language as tl
 
 from ..formats import FPFormat
-from ..packing import K_ALIGN, plane_shifts, plane_widths
-from .dispatch import MIN_GROUP_BLOCK_K, KernelConfig, choose_config
+from ..packing import TILE_K, placement
+from .dispatch import MIN_BLOCK_K, SMALL_GROUPS, KernelConfig, choose_config
 
-FP16_MAN_BITS = 10
 FP16_EXP_BIAS = 15
 MAX_KERNEL_EXP_BITS = 4  # FP16 exponent field 0..15 stays finite; 5+ bits would reach FP16's Inf/NaN codes
-PLANE_K_ALIGN = tl.constexpr(K_ALIGN)  # planes' rows are padded to this many columns
+MAX_PLANES = 3
+MAX_EXTRACTS = 2  # per plane: one rotate + mask per slot when its fields move together, else one per field
+ROTATION_STRIDE = tl.constexpr(MAX_EXTRACTS)  # the rotation table is [plane][slot (16)][extract]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-# Naming the halves with inline PTX (FP6LLM_PTX_SPLIT=1) measured 0-8% slower on the H100 than the portable
-# shift/truncate form (2026-11-25, docs/kernel-notes.md), so the portable form is the default; PTX never runs
-# in the interpreter.
-SPLIT_WITH_PTX = tl.constexpr(not INTERPRETER and os.environ.get("FP6LLM_PTX_SPLIT") == "1")
-# How a plane field reaches its FP16 bit position: 0 = shift the slot down, then shift into place (two shifts per
-# field); 1 = one rotate per field in portable Triton (shift, shift, or); 2 = one rotate as inline PTX shf.l.wrap.
-# Measured on an H200 (2026-11-30, bench/results/place-ab-h200-2026-11-30.md; llama-2-70b shapes, M = 1/8/64):
-# 2 is fastest (M = 1: 0.85-0.90x the time of 1 and 0.94-0.95x of 0), so 2 is the default on the GPU. The
-# interpreter runs no PTX: there 2 runs the same rotate as 1. FP6LLM_PLACE=0/1 selects the others for A/B runs.
-_PLACE_REQUEST = os.environ.get("FP6LLM_PLACE", "2")
-if _PLACE_REQUEST not in ("0", "1", "2"):
-    raise ValueError(f"FP6LLM_PLACE={_PLACE_REQUEST!r}: expected 0 (two shifts), 1 (portable rotate) or 2 (PTX rotate)")
-PLACE_MODE = tl.constexpr(1 if INTERPRETER and _PLACE_REQUEST == "2" else int(_PLACE_REQUEST))
+# Rotates run as one PTX funnel shift (shf.l.wrap) on the GPU: 0.85x the time of the portable shl/shr/or and 0.95x of
+# two plain shifts on H200 70B shapes (2026-11-30, docs/kernel-notes.md). The interpreter runs no PTX: there the
+# portable form computes the same rotate.
+ROTATE_WITH_PTX = tl.constexpr(not INTERPRETER)
 
 
 @triton.jit
-def _load_words(plane_ptr, row_stride, offs_n, n_mask, k0, k_padded, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr):
-    """int32 [BLOCK_N, BLOCK_K * WIDTH / 32]: this tile's words of one plane."""
-    offs_w = k0 * WIDTH // 32 + tl.arange(0, BLOCK_K * WIDTH // 32)
-    mask = n_mask[:, None]
-    if not EVEN_K:  # the last K block may run past the row's padded end
-        mask = mask & (offs_w[None, :] < k_padded * WIDTH // 32)
-    return tl.load(plane_ptr + offs_n[:, None] * row_stride + offs_w[None, :], mask=mask, other=0)
+def _rotl(x, r):
+    """uint32 x rotated left by r (0..31, a tensor broadcast against x)."""
+    if ROTATE_WITH_PTX:
+        return tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, $2;", "=r,r,r", [x, r.to(tl.uint32) + tl.zeros_like(x)],
+                                         dtype=tl.uint32, is_pure=True, pack=1)
+    return (x << r) | (x >> ((32 - r) & 31))
 
 
 @triton.jit
-def _place(words, WIDTH: tl.constexpr, FIELD_LSB: tl.constexpr, FIELD_BITS: tl.constexpr, TARGET: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int32 [BLOCK_N, BLOCK_K // 2]: bits FIELD_LSB .. +FIELD_BITS of the fields of columns (k0 + 2i, k0 + 2i + 1)
-    moved to bit TARGET of the low / high 16-bit half, every other bit zero."""
-    SLOTS: tl.constexpr = 16 // WIDTH
-    PAIR_MASK: tl.constexpr = (((1 << FIELD_BITS) - 1) << TARGET) * 0x10001 - (1 << 32 if TARGET + FIELD_BITS > 15
-                                                                              else 0)
-    offsets = tl.arange(0, SLOTS) * WIDTH + FIELD_LSB  # where slot s's field bits sit in each half
-    x = words.to(tl.uint32, bitcast=True)[:, :, None]
-    if PLACE_MODE == 0:  # down to bit 0, then up to TARGET
-        placed = ((x >> offsets[None, None, :]) << TARGET).to(tl.int32, bitcast=True)
-    else:  # one rotate: the low half's field lands at TARGET, the high half's at 16 + TARGET
-        rotate = ((TARGET - offsets) & 31)[None, None, :]
-        if PLACE_MODE == 2:
-            placed = tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, $2;", "=r,r,r",
-                                               [x, rotate.to(tl.uint32) + tl.zeros_like(x)], dtype=tl.uint32,
-                                               is_pure=True, pack=1).to(tl.int32, bitcast=True)
-        else:
-            placed = ((x << rotate) | (x >> ((32 - rotate) & 31))).to(tl.int32, bitcast=True)
-    return tl.reshape(placed & PAIR_MASK, (BLOCK_N, BLOCK_K // 2))
+def _plane_pairs(plane_ptr, rot_ptr, n0, N, kt0, k_tiles,
+                 PLANE: tl.constexpr, W: tl.constexpr, NX: tl.constexpr, MASK0: tl.constexpr, MASK1: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """int32 [BLOCK_N, BLOCK_K // 2]: one plane's bits of each weight pair (k, k + 1) of the block, already at their
+    FP16 positions (layout version 2, packing.py): rows n0 .. n0 + BLOCK_N - 1 (n0 a multiple of 16), K tiles
+    kt0 .. kt0 + BLOCK_K / 128 - 1.
 
-
-@triton.jit
-def _dequant_tile(p0_ptr, p1_ptr, p2_ptr, s0, s1, s2, offs_n, n_mask, k0, k_padded,
-                  MAN_BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-                  SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """FP16 [BLOCK_N, BLOCK_K] tile = value(code) * 2^(bias - 15), from up to three planes (width 0 = absent).
-
-    Plane p holds code bits SHp .. SHp + Wp - 1; plane 0 holds the sign in its top bit. The sign goes to FP16
-    bit 15, code bit 0 to FP16 bit 10 - MAN_BITS, two weights per 32-bit operation.
+    The block's words are read as they lie (each 16-row tile's K tiles are one contiguous run: wide loads), decoded in
+    lane order (lane 4 g + t, word j, slot s: pair q = j * S + s), then permuted to (row, pair) order:
+    q = 4 ks + 2 rh + rl is row 8 rl + g, columns 32 t + 4 ks + 2 rh + (0, 1).
     """
-    CODE_BIT0: tl.constexpr = 10 - MAN_BITS  # FP16 bit where the code's bit 0 lands
-    w0 = _load_words(p0_ptr, s0, offs_n, n_mask, k0, k_padded, W0, BLOCK_K, EVEN_K)
-    bits = _place(w0, W0, W0 - 1, 1, 15, BLOCK_N, BLOCK_K)
-    bits |= _place(w0, W0, 0, W0 - 1, SH0 + CODE_BIT0, BLOCK_N, BLOCK_K)
+    KT: tl.constexpr = BLOCK_K // 128
+    BN16: tl.constexpr = BLOCK_N // 16
+    WORDS: tl.constexpr = 2 * W  # per lane per tile
+    GROUP: tl.constexpr = 4 if WORDS > 4 else WORDS  # a lane's words are stored in groups of this many
+    SLOTS: tl.constexpr = 16 // W
+    TILE_WORDS: tl.constexpr = 64 * W
+    row_tiles = n0 // 16 + tl.arange(0, BN16)
+    tile_mask = row_tiles * 16 < N
+    i = tl.arange(0, KT * TILE_WORDS)
+    mask = tile_mask[:, None]
+    if not EVEN_K:  # the last K block may run past the padded K
+        mask = mask & ((kt0 + i // TILE_WORDS) < k_tiles)[None, :]
+    words = tl.load(plane_ptr + (row_tiles * k_tiles + kt0)[:, None] * TILE_WORDS + i[None, :], mask=mask, other=0)
+    # [BN16, KT, WORDS / GROUP, 32 lanes, GROUP] -> lane-major [BN16, KT, 32, WORDS]
+    words = tl.reshape(words, (BN16, KT, WORDS // GROUP, 32, GROUP))
+    words = tl.reshape(tl.permute(words, (0, 1, 3, 2, 4)), (BN16, KT, 32, WORDS))
+    x = words.to(tl.uint32, bitcast=True)[:, :, :, :, None]
+    slot = tl.arange(0, SLOTS)
+    rot = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE)[None, None, None, None, :]
+    pairs = _rotl(x, rot).to(tl.int32, bitcast=True) & MASK0  # masks are int32 (a sign bit makes them negative)
+    if NX > 1:
+        rot1 = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE + 1)[None, None, None, None, :]
+        pairs |= _rotl(x, rot1).to(tl.int32, bitcast=True) & MASK1
+    # q = j * SLOTS + s = 4 ks + 2 rh + rl; lane = 4 g + t  ->  [BN16, rl, g, KT, t, ks, rh]
+    pairs = tl.reshape(pairs, (BN16, KT, 8, 4, 8, 2, 2))
+    pairs = tl.permute(pairs, (0, 6, 2, 1, 3, 4, 5))
+    return tl.reshape(pairs, (BLOCK_N, BLOCK_K // 2))
+
+
+@triton.jit
+def _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, n0, N, kt0, k_tiles,
+                  W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                  NX0: tl.constexpr, NX1: tl.constexpr, NX2: tl.constexpr,
+                  M00: tl.constexpr, M01: tl.constexpr, M10: tl.constexpr, M11: tl.constexpr,
+                  M20: tl.constexpr, M21: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """FP16 [BLOCK_N, BLOCK_K] tile = value(code) * 2^(bias - 15), from up to three planes (width 0 = absent):
+    the OR of the planes' placed bits is each pair's fp16x2 register (two weights per 32-bit operation)."""
+    bits = _plane_pairs(p0_ptr, rot_ptr, n0, N, kt0, k_tiles, 0, W0, NX0, M00, M01, BLOCK_N, BLOCK_K, EVEN_K)
     if W1 > 0:
-        w1 = _load_words(p1_ptr, s1, offs_n, n_mask, k0, k_padded, W1, BLOCK_K, EVEN_K)
-        bits |= _place(w1, W1, 0, W1, SH1 + CODE_BIT0, BLOCK_N, BLOCK_K)
+        bits |= _plane_pairs(p1_ptr, rot_ptr, n0, N, kt0, k_tiles, 1, W1, NX1, M10, M11, BLOCK_N, BLOCK_K,
+                             EVEN_K)
     if W2 > 0:
-        w2 = _load_words(p2_ptr, s2, offs_n, n_mask, k0, k_padded, W2, BLOCK_K, EVEN_K)
-        bits |= _place(w2, W2, 0, W2, SH2 + CODE_BIT0, BLOCK_N, BLOCK_K)
-    if SPLIT_WITH_PTX:  # the register already is an fp16x2 pair: name its halves, no instructions
-        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [bits],
-                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-    else:
-        lo = (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-        hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        bits |= _plane_pairs(p2_ptr, rot_ptr, n0, N, kt0, k_tiles, 2, W2, NX2, M20, M21, BLOCK_N, BLOCK_K,
+                             EVEN_K)
+    lo = (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
 def fpx_gemm_kernel(
-    x_ptr, p0_ptr, p1_ptr, p2_ptr, scale_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
-    M, N, K, stride_xm, stride_om, s0, s1, s2, stride_scale_n, scale_factor,
-    MAN_BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr,
+    x_ptr, p0_ptr, p1_ptr, p2_ptr, rot_ptr, scale_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
+    M, N, K, stride_xm, stride_om, stride_scale_n, scale_factor,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, NX0: tl.constexpr, NX1: tl.constexpr, NX2: tl.constexpr,
+    M00: tl.constexpr, M01: tl.constexpr, M10: tl.constexpr, M11: tl.constexpr, M20: tl.constexpr, M21: tl.constexpr,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, SWAP_AB: tl.constexpr,
@@ -136,7 +137,7 @@ def fpx_gemm_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
 
-    k_padded = tl.cdiv(K, PLANE_K_ALIGN) * PLANE_K_ALIGN
+    k_tiles = tl.cdiv(K, 128)  # the planes' K tiles (packing.TILE_K)
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
     kb_start = pid_k * per_split
@@ -153,8 +154,14 @@ def fpx_gemm_kernel(
         if not EVEN_K:
             x_mask = x_mask & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-        w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, s0, s1, s2, offs_n, n_mask, k0, k_padded, MAN_BITS,
-                          W0, W1, W2, SH0, SH1, SH2, BLOCK_N, BLOCK_K, EVEN_K).to(x.dtype)
+        w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // 128, k_tiles, W0, W1, W2,
+                          NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K)
+        if GROUP_SIZE > 0 and GROUP_SIZE < BLOCK_K:  # several groups per block: scale the weights themselves
+            groups = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + k0 // GROUP_SIZE
+                             + tl.arange(0, BLOCK_K // GROUP_SIZE)[None, :], mask=n_mask[:, None], other=0.0)
+            w = tl.reshape(tl.reshape(w.to(tl.float32), (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+                           * (groups.to(tl.float32) * scale_factor)[:, :, None], (BLOCK_N, BLOCK_K))
+        w = w.to(x.dtype)
         if DOT_FP32:  # Triton 3.6's interpreter gets bf16 tl.dot wrong; fp32 operands hold bf16 values exactly
             x = x.to(tl.float32)
             w = w.to(tl.float32)
@@ -164,7 +171,7 @@ def fpx_gemm_kernel(
             part = tl.dot(x, tl.trans(w))
         else:  # BLOCK_M == 1: a dot of one row is a multiply and a reduction over K
             part = tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1)[None, :]
-        if GROUP_SIZE > 0:  # BLOCK_K divides GROUP_SIZE: one scale per channel for this K block
+        if GROUP_SIZE >= BLOCK_K:  # BLOCK_K divides GROUP_SIZE: one scale per channel for this K block
             group_scale = tl.load(scale_ptr + offs_n * stride_scale_n + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
             if SWAP_AB:
                 acc += part * group_scale.to(tl.float32)[:, None]
@@ -175,9 +182,9 @@ def fpx_gemm_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
 
-    if GROUP_SIZE > 0:
+    if GROUP_SIZE >= BLOCK_K:
         acc = acc * scale_factor
-    else:
+    elif GROUP_SIZE == 0:
         channel_scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc * (channel_scale * scale_factor)[None, :]
 
@@ -207,9 +214,10 @@ def _epilogue(acc, bias_ptr, out_ptr, stride_om, offs_m, offs_n, m_mask, n_mask,
 
 @triton.jit
 def dequantize_kernel(
-    p0_ptr, p1_ptr, p2_ptr, scale_ptr, out_ptr, N, K, s0, s1, s2, stride_scale_n, scale_factor,
-    MAN_BITS: tl.constexpr, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-    SH0: tl.constexpr, SH1: tl.constexpr, SH2: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    p0_ptr, p1_ptr, p2_ptr, rot_ptr, scale_ptr, out_ptr, N, K, stride_scale_n, scale_factor,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, NX0: tl.constexpr, NX1: tl.constexpr, NX2: tl.constexpr,
+    M00: tl.constexpr, M01: tl.constexpr, M10: tl.constexpr, M11: tl.constexpr, M20: tl.constexpr, M21: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """out [N, K] = decode(codes) * scale in out's dtype: the large-M path feeds it to cuBLAS."""
@@ -218,14 +226,15 @@ def dequantize_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    k_padded = tl.cdiv(K, PLANE_K_ALIGN) * PLANE_K_ALIGN
-    w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, s0, s1, s2, offs_n, n_mask, k0, k_padded, MAN_BITS,
-                      W0, W1, W2, SH0, SH1, SH2, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
-    if GROUP_SIZE > 0:
-        scale = tl.load(scale_ptr + offs_n * stride_scale_n + k0 // GROUP_SIZE, mask=n_mask, other=0.0)
+    w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // 128, tl.cdiv(K, 128), W0, W1, W2,
+                      NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
+    if GROUP_SIZE > 0:  # a scale per element's group (BLOCK_K need not divide the group size, nor the reverse)
+        scale = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + offs_k[None, :] // GROUP_SIZE,
+                        mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = w * (scale.to(tl.float32) * scale_factor)
     else:
         scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-    w = w * (scale.to(tl.float32) * scale_factor)[:, None]
+        w = w * (scale.to(tl.float32) * scale_factor)[:, None]
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=n_mask[:, None] & (offs_k[None, :] < K))
 
@@ -259,29 +268,67 @@ SCRATCH = _SplitKScratch()
 def kernel_supports(fmt: FPFormat, group_size: "int | None", x_dtype: torch.dtype) -> bool:
     """Whether fpx_gemm handles this case (else callers use the de-quantize + matmul path)."""
     return (fmt.exp_bits <= MAX_KERNEL_EXP_BITS and x_dtype in (torch.float16, torch.bfloat16)
-            and (group_size is None or group_size % MIN_GROUP_BLOCK_K == 0))
+            and (group_size is None or group_size in SMALL_GROUPS or group_size % MIN_BLOCK_K == 0))
 
 
-def _plane_args(planes, fmt: FPFormat):
-    """Three plane tensors (unused ones repeat plane 0), their widths (0 = absent) and code-bit shifts."""
-    widths, shifts = plane_widths(fmt.bits), plane_shifts(fmt.bits)
-    missing = 3 - len(planes)
-    return list(planes) + [planes[0]] * missing, list(widths) + [0] * missing, list(shifts) + [0] * missing
+def _signed32(mask: int) -> int:
+    return mask - (1 << 32) if mask >= 1 << 31 else mask
+
+
+@functools.lru_cache(maxsize=None)
+def _placement_consts(fmt: FPFormat) -> tuple:
+    """(widths, extracts per plane, int32 masks [plane][extract], rotation table [3, 16, 2] as a list) of fmt's
+    layout-2 placement; absent planes have width 0."""
+    widths, extracts, masks = [0] * MAX_PLANES, [1] * MAX_PLANES, [[0, 0] for _ in range(MAX_PLANES)]
+    table = [[[0, 0] for _ in range(16)] for _ in range(MAX_PLANES)]
+    for p, plane in enumerate(placement(fmt)):
+        widths[p] = plane.width
+        if plane.tied:  # one rotate moves every field of a slot: one mask for all of them
+            masks[p][0] = _signed32(plane.mask)
+            for slot, rotations in enumerate(plane.rotations):
+                table[p][slot][0] = rotations[0]
+        else:
+            extracts[p] = len(plane.fields)
+            for f, field in enumerate(plane.fields):
+                masks[p][f] = _signed32(field.mask)
+            for slot, rotations in enumerate(plane.rotations):
+                table[p][slot][:len(rotations)] = list(rotations)
+    return tuple(widths), tuple(extracts), tuple(tuple(m) for m in masks), table
+
+
+def _rotation_table(fmt: FPFormat, device) -> torch.Tensor:
+    """int32 [3 * 16 * 2] rotation table of fmt on device (made once per format and device, before any capture)."""
+    key = (fmt, str(device))
+    if key not in _ROTATIONS:
+        _ROTATIONS[key] = torch.tensor(_placement_consts(fmt)[3], dtype=torch.int32, device=device).view(-1)
+    return _ROTATIONS[key]
+
+
+_ROTATIONS: dict = {}
+
+
+def _plane_kwargs(fmt: FPFormat) -> dict:
+    widths, extracts, masks, _ = _placement_consts(fmt)
+    kwargs = {f"W{p}": widths[p] for p in range(MAX_PLANES)}
+    kwargs.update({f"NX{p}": extracts[p] for p in range(MAX_PLANES)})
+    kwargs.update({f"M{p}{f}": masks[p][f] for p in range(MAX_PLANES) for f in range(MAX_EXTRACTS)})
+    return kwargs
+
+
+def _padded_planes(planes) -> list:
+    return list(planes) + [planes[0]] * (MAX_PLANES - len(planes))
 
 
 def dequantize_planes(planes, scales: torch.Tensor, fmt: FPFormat, n: int, k: int, group_size: "int | None",
                       dtype: torch.dtype, config: "KernelConfig | None" = None) -> torch.Tensor:
     """The weight [N, K] in ``dtype`` (float16/bfloat16/float32), de-quantized on the GPU in one pass."""
     block_n, block_k = (64, 128) if config is None else (config.block_n, config.block_k)
-    if group_size:
-        block_k = math.gcd(block_k, group_size)
-    padded, w, sh = _plane_args(planes, fmt)
+    padded = _padded_planes(planes)
     out = torch.empty(n, k, dtype=dtype, device=scales.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     dequantize_kernel[grid](
-        padded[0], padded[1], padded[2], scales, out, n, k, padded[0].stride(0), padded[1].stride(0),
-        padded[2].stride(0), scales.stride(0), 2.0 ** (FP16_EXP_BIAS - fmt.bias),
-        MAN_BITS=fmt.man_bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0], SH1=sh[1], SH2=sh[2],
+        padded[0], padded[1], padded[2], _rotation_table(fmt, scales.device), scales, out, n, k, scales.stride(0),
+        2.0 ** (FP16_EXP_BIAS - fmt.bias), **_plane_kwargs(fmt),
         GROUP_SIZE=group_size or 0, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
     )
     return out
@@ -304,18 +351,16 @@ def fpx_gemm(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat,
     if config.dequant_first:
         weight = dequantize_planes(planes, scales, fmt, n, k, group_size, x.dtype, config)
         return torch.nn.functional.linear(x, weight, bias)
-    padded, w, sh = _plane_args(planes, fmt)
+    padded = _padded_planes(planes)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     ws, counts = SCRATCH.get(x.device, tiles * config.split_k * config.block_m * config.block_n, tiles) \
         if config.split_k > 1 else (out, out)
     grid = (tiles * config.split_k,)
     fpx_gemm_kernel[grid](
-        x, padded[0], padded[1], padded[2], scales, bias if bias is not None else scales, out, ws, counts,
-        m, n, k, x.stride(0), out.stride(0), padded[0].stride(0), padded[1].stride(0), padded[2].stride(0),
-        scales.stride(0), 2.0 ** (FP16_EXP_BIAS - fmt.bias),
-        MAN_BITS=fmt.man_bits, W0=w[0], W1=w[1], W2=w[2], SH0=sh[0], SH1=sh[1], SH2=sh[2],
-        GROUP_SIZE=group_size or 0, HAS_BIAS=bias is not None,
+        x, padded[0], padded[1], padded[2], _rotation_table(fmt, x.device), scales,
+        bias if bias is not None else scales, out, ws, counts, m, n, k, x.stride(0), out.stride(0), scales.stride(0),
+        2.0 ** (FP16_EXP_BIAS - fmt.bias), **_plane_kwargs(fmt), GROUP_SIZE=group_size or 0, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         USE_DOT=config.use_dot, EVEN_K=k % config.block_k == 0,
         DOT_FP32=config.use_dot and x.dtype == torch.bfloat16 and INTERPRETER, SWAP_AB=config.swap_ab,

@@ -122,12 +122,21 @@ def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, 
     return {"tensors": tensors, "bytes_out": bytes_out, "shards": shards}
 
 
+def _source_dtype(src_dir: Path) -> Optional[str]:
+    """torch_dtype of a Hugging Face config.json ("float32", "bfloat16", ...), None if it names none."""
+    hf = json.loads((src_dir / "config.json").read_text())
+    return hf.get("torch_dtype") or hf.get("dtype")
+
+
 def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fmt: Union[str, FPFormat] = "e3m2",
                         group_size: Optional[int] = None, device="cpu", max_shard_bytes: int = MAX_SHARD_BYTES,
-                        progress: bool = True, plan: Optional[dict] = None) -> dict:
+                        progress: bool = True, dtype: Optional[torch.dtype] = None,
+                        plan: Optional[dict] = None) -> dict:
     """Quantize a Hugging Face safetensors model directory into a packed checkpoint, streaming: one module's
     tensors are read, quantized (on ``device``) and queued for the current shard at a time, so memory holds at most
-    one shard plus one weight. Unquantized tensors keep the source dtype.
+    one shard plus one weight. The tensors that stay unquantized (embeddings, lm_head, norms, biases) are stored
+    in ``dtype``: default the activations' float16, or bfloat16 when the source's config.json says torch_dtype
+    bfloat16 (so an fp32 source does not make an FP6 checkpoint larger than its fp16 one); torch.float32 keeps them.
 
     plan: {module name: {"format", "group_size", "scale_search"}} gives those Linears their own format (a
     per-layer plan, stored in fp6llm.json and read back by load_packed); fmt / group_size cover the others.
@@ -141,13 +150,16 @@ def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fm
     if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
         raise ValueError(f"the output directory must differ from the source ({src_dir})")
     config = read_hf_config(src_dir)
-    fmt, dtype, device = resolve_format(fmt, None, device, group_size)
+    fmt, weight_dtype, device = resolve_format(fmt, None, device, group_size)
+    if fmt is None:  # unquantized ("fp16" etc.): the format is the dtype
+        dtype = weight_dtype
+    elif dtype is None:
+        dtype = torch.bfloat16 if _source_dtype(src_dir) == "bfloat16" else torch.float16
     checkpoint = SafetensorsCheckpoint(src_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, max_shard_bytes)
     try:
-        # dtype None keeps the source's dtype for what is not quantized (fmt "fp16" etc. converts it)
-        source = HFSource(checkpoint, config.arch, fmt, group_size, None if fmt else dtype, device)
+        source = HFSource(checkpoint, config.arch, fmt, group_size, dtype, device)
         source.layer_plan = plan or {}
         for name, module in stream_modules(build_model(config, "meta"), source, progress, "quantize"):
             for key, tensor in module.state_dict(prefix=f"{name}.").items():

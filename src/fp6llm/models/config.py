@@ -10,6 +10,15 @@ ARCHS = ("llama", "opt")
 ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")
 ROPE_TYPES = ("default", "linear", "llama3")
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts 2 rows in (a relic of fairseq's padding index)
+# Bounds on a config's sizes (a checkpoint is untrusted input: 10**6 layers would build modules for hours). Each is
+# well past every released model's (Llama 3.1 405B: 126 layers, dim 16384, ffn 53248; vocabularies ~256k).
+SIZE_LIMITS = {"vocab_size": 2**22, "dim": 2**16, "n_layers": 1024, "n_heads": 2**10, "n_kv_heads": 2**10,
+               "head_dim": 2**12, "intermediate_size": 2**20, "max_position_embeddings": 2**24,
+               "word_embed_proj_dim": 2**16, "sliding_window": 2**24}
+REQUIRED_SIZES = ("vocab_size", "dim", "n_layers", "n_heads", "intermediate_size", "max_position_embeddings")
+# The same fields by their names in a Hugging Face config.json, for error messages that name what the file says.
+HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "eos_token_ids": "eos_token_id"}
 
 
 @dataclass
@@ -49,6 +58,16 @@ class ModelConfig:
     eos_token_ids: tuple = field(default_factory=tuple)
 
     def __post_init__(self):
+        for name, limit in SIZE_LIMITS.items():  # None: a default filled in below
+            value = getattr(self, name)
+            if (value is not None or name in REQUIRED_SIZES) and not (type(value) is int and 1 <= value <= limit):
+                raise ValueError(f"{name}={value!r} is not an integer in 1..{limit}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}={value!r} is not a finite number > 0")
+        if not all(type(i) is int and i >= 0 for i in self.eos_token_ids):
+            raise ValueError(f"eos_token_ids={self.eos_token_ids!r} are not token ids")
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; supported: {', '.join(ARCHS)}")
         if self.activation not in ACTIVATIONS:
@@ -57,6 +76,8 @@ class ModelConfig:
         self.head_dim = self.head_dim or self.dim // self.n_heads
         self.word_embed_proj_dim = self.word_embed_proj_dim or self.dim
         self.eos_token_ids = tuple(self.eos_token_ids)
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim={self.head_dim}: dim={self.dim} is smaller than n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
@@ -70,36 +91,61 @@ class ModelConfig:
         return cls(**NAMED_CONFIGS[name])
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        """Inverse of ``dataclasses.asdict`` (as stored in fp6llm.json); unknown keys are a ValueError."""
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    def from_dict(cls, values: dict, where: str = "the config") -> "ModelConfig":
+        """Inverse of ``dataclasses.asdict`` (as stored in fp6llm.json). Raises ValueError naming ``where`` (the
+        file) and the field for unknown or missing fields and for out-of-range values."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: the config must be a JSON object, got {type(values).__name__}")
+        fields = dataclasses.fields(cls)
+        unknown = set(values) - {f.name for f in fields}
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
+            raise ValueError(f"{where}: unknown ModelConfig field(s): {', '.join(sorted(unknown))}")
+        required = dataclasses.MISSING
+        missing = [f.name for f in fields if f.default is required and f.default_factory is required
+                   and f.name not in values]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        try:
+            return cls(**values)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}: {err}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
+    def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
         """From a Hugging Face config.json (as a dict): model_type llama, mistral, qwen2 or opt.
 
         Accepts both spellings of RoPE settings: transformers 4.x (rope_theta + rope_scaling with "type" or
         "rope_type") and 5.x (rope_parameters). Raises ValueError for another model_type (naming it) or for a
-        feature the model files do not implement (naming it).
+        feature the model files do not implement (naming it), and for a missing field or an out-of-range value
+        (naming ``where``, the file, and the field as the file spells it).
         """
+        if not isinstance(hf, dict):
+            raise ValueError(f"{where}: must be a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in HF_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: "
+            raise ValueError(f"unsupported model_type {model_type!r} in {where}; supported: "
                              f"{', '.join(HF_MODEL_TYPES)}")
+        missing = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "max_position_embeddings", "ffn_dim" if model_type == "opt" else
+                                   "intermediate_size") if key not in hf]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
         eos = hf.get("eos_token_id")
         eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
         common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                       n_heads=hf["num_attention_heads"], max_position_embeddings=hf["max_position_embeddings"],
                       eos_token_ids=eos)
-        if model_type == "opt":
-            return cls(**common, **_opt_fields(hf))
-        return cls(**common, **_llama_fields(hf, model_type))
+        hf_names = {**HF_NAMES, "intermediate_size": "ffn_dim" if model_type == "opt" else "intermediate_size"}
+        try:
+            fields = _opt_fields(hf) if model_type == "opt" else _llama_fields(hf, model_type)
+            return cls(**common, **fields)
+        except (ValueError, TypeError, AttributeError) as err:  # a field's value: say it as config.json names it
+            field, equals, rest = str(err).partition("=")
+            message = f"{hf_names.get(field, field)}={rest}" if equals and " " not in field else str(err)
+            raise ValueError(f"{where}: {message}") from None
 
 
 def _rope_fields(hf: dict) -> dict:

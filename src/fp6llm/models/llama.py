@@ -1,7 +1,10 @@
 """Llama 2/3, Mistral and Qwen2: RMSNorm, rotary positions (with Llama-3 scaling), grouped KV heads, SwiGLU.
 
-Module names follow Hugging Face's (embed_tokens, layers.i.self_attn.q_proj, ..., norm, lm_head) without the
+Module names follow Hugging Face's (embed_tokens, layers.i.self_attn.o_proj, ..., norm, lm_head) without the
 "model." prefix, so a checkpoint maps by name and every projection is an nn.Linear that quantize_model can swap.
+Two are fused (fp6llm/fused.py): self_attn.qkv_proj holds q_proj's, k_proj's and v_proj's rows, mlp.gate_up_proj
+gate_proj's and up_proj's; the loader stacks them from those names. A decode step launches ~11 kernels per layer on
+CUDA (tests/test_launches.py): norms, rotary and silu(gate) * up are one kernel each (decoder_ops.py).
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, attend, causal_mask, select_tokens, setup_kv_caches
+from ..decoder_ops import rotary, silu_mul
+from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
+from .norm import Norm
 
 
 class Transformer(nn.Module):
@@ -25,100 +29,93 @@ class Transformer(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = Norm(config.dim, config.norm_eps, rms=True)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.max_batch_size = self.max_seq_len = 0
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None,
-                     device=None) -> None:
-        """Allocate each layer's KV cache [max_batch_size, n_kv_heads, max_seq_len, head_dim] and the RoPE table.
+                     device=None, num_blocks: Optional[int] = None, block_size: int = BLOCK_SIZE) -> None:
+        """Allocate each layer's paged KV cache (models/attention.py; num_blocks defaults to max_batch_size rows of
+        max_seq_len positions) and the RoPE table of max_seq_len positions.
 
         dtype and device default to the token embedding's.
         """
-        device = setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device)
+        device = setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device, num_blocks, block_size)
         angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32),
                              rope_frequencies(self.config, device))
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None) -> Tensor:
-        """tokens, input_pos: int64 [B, T] (B <= max_batch_size, positions < max_seq_len) -> float32 logits.
+    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None,
+                kv: Optional[KVBatch] = None) -> Tensor:
+        """tokens, input_pos: int64 [B, T] (positions < max_seq_len) -> float32 logits.
 
         Logits are [B, T, vocab], or [B, K, vocab] for the token indices logits_at [B, K] only (the last prompt
-        token of each row, say), which spares a [B, T, vocab] tensor at prefill.
+        token of each row, say), which spares a [B, T, vocab] tensor at prefill. kv: where the rows live in the
+        paged cache; None for the contiguous layout of setup_caches (B <= max_batch_size).
         """
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
-        x = self.embed_tokens(tokens)
-        rope = (self.rope_cos[input_pos][:, :, None].to(x.dtype), self.rope_sin[input_pos][:, :, None].to(x.dtype))
-        mask = causal_mask(input_pos, self.key_pos, self.config.sliding_window,
-                           self.config.n_heads // self.config.n_kv_heads)
+        x, delta = self.embed_tokens(tokens), None
+        rope = (self.rope_cos, self.rope_sin)
+        if kv is None:
+            kv = contiguous_kv_batch(input_pos, self.max_seq_len, self.block_size)
         for layer in self.layers:
-            x = layer(x, input_pos, rope, mask)
-        return self.lm_head(self.norm(select_tokens(x, logits_at))).float()
+            x, delta = layer(x, delta, input_pos, rope, kv)
+        x, _ = self.norm(select_tokens(x, logits_at), select_tokens(delta, logits_at))
+        return self.lm_head(x).float()
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.input_layernorm = Norm(config.dim, config.norm_eps, rms=True)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.post_attention_layernorm = Norm(config.dim, config.norm_eps, rms=True)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, input_pos: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), input_pos, rope, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: Tensor, delta: Optional[Tensor], input_pos: Tensor, rope: tuple[Tensor, Tensor],
+                kv: KVBatch) -> tuple[Tensor, Tensor]:
+        """The residual stream is x + delta (x alone for delta None); returns the next block's (x, delta): each
+        residual add is fused into the norm after it (models/norm.py)."""
+        h, x = self.input_layernorm(x, delta)
+        h, x = self.post_attention_layernorm(x, self.self_attn(h, input_pos, rope, kv))
+        return x, self.mlp(h)
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=config.qkv_bias)
+        # q, k and v in one projection (fused.py): its rows are q_proj's, k_proj's, v_proj's
+        self.qkv_proj = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim,
+                                  bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=config.o_bias)
-        self.kv_cache: Optional[KVCache] = None
+        self.sliding_window = config.sliding_window
+        self.kv_cache: Optional[PagedKVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, rope: tuple[Tensor, Tensor], kv: KVBatch) -> Tensor:
+        """x [B, T, dim]; rope: the model's tables cos, sin [max_seq_len, head_dim / 2]; kv: the rows' cache blocks."""
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim), *rope)
-        k = apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim), *rope)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        k, v = self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
-        return self.o_proj(attend(q.transpose(1, 2), k, v, mask))
+        qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim)
+        rotated = self.n_heads + self.n_kv_heads  # q's and k's heads turn in one launch
+        q, k = rotary(qkv[:, :, :rotated], input_pos, *rope).split([self.n_heads, self.n_kv_heads], dim=2)
+        v = qkv[:, :, rotated:]
+        self.kv_cache.write(kv.slot_mapping, k, v)
+        return self.o_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, self.sliding_window))
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
+        # gate and up in one projection (fused.py): its rows are gate_proj's, then up_proj's
+        self.gate_up_proj = nn.Linear(config.dim, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, T, H, D] by its positions' angles (cos, sin [B, T, 1, D/2]), halves layout (HF checkpoints):
-    the pair (x[i], x[i + D/2]) turns by the angle of frequency i."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up in one kernel
 
 
 def rope_frequencies(config: ModelConfig, device=None) -> Tensor:

@@ -6,7 +6,6 @@ holds more than the quantized model plus one weight in its checkpoint dtype.
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator, Optional, Union
@@ -16,13 +15,16 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import fused
 from ..formats import FPFormat
 from ..nn import FPxLinear
-from ..packing import LAYOUT_VERSION, padded_k, plane_widths
+from ..packing import (LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_widths, tile_index, unpack,
+                       unpack_v1)
 from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
 from ..tp import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from . import llama, opt
-from .config import ModelConfig
+from .config import HF_NAMES, ModelConfig
+from .trust import check_config_tensors, check_packed_meta, check_planes, check_scales, read_json
 
 MODEL_CLASSES = {"llama": llama.Transformer, "opt": opt.Transformer}
 UNQUANTIZED = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -75,7 +77,11 @@ class SafetensorsCheckpoint:
         self._files = ExitStack()
         self._handles = {}
         if (self.dir / INDEX_FILE).is_file():
-            self.weight_map = json.loads((self.dir / INDEX_FILE).read_text())["weight_map"]
+            index = read_json(self.dir / INDEX_FILE)
+            self.weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(self.weight_map, dict) or not all(
+                    isinstance(file, str) and "/" not in file for file in self.weight_map.values()):
+                raise ValueError(f"{self.dir / INDEX_FILE}: weight_map must name shard files in {self.dir}")
             for file in sorted(set(self.weight_map.values())):
                 if not (self.dir / file).is_file():
                     raise FileNotFoundError(f"shard {self.dir / file} listed in {INDEX_FILE} is missing")
@@ -98,6 +104,13 @@ class SafetensorsCheckpoint:
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
+
+    def shape(self, name: str) -> tuple:
+        """The shape of tensor ``name``, from its file's header (no data is read)."""
+        file = self._open(self.weight_map[name])
+        if name not in file.keys():
+            raise ValueError(f"tensor {name!r} is missing from {self.dir / self.weight_map[name]}")
+        return tuple(file.get_slice(name).get_shape())
 
     def read(self, name: str, shape, dtypes=FLOAT_DTYPES + (torch.float64,), device="cpu",
              index: Optional[tuple] = None) -> torch.Tensor:
@@ -128,7 +141,8 @@ class Source:
 
     Subclasses say where one tensor comes from (``tensor``, or only its part ``index``); a Linear other than lm_head
     is quantized to ``fmt`` (FPxLinear) unless fmt is None. dtype None keeps the tensors' own dtype. shards
-    ({module name: tp.Split}, from tp.plan): those Linears get only a tensor-parallel rank's slice. layer_plan
+    ({module name: tp.Split}, from tp.plan): those Linears get only a tensor-parallel rank's slice. fused
+    ({fused module name: parts}, fused.layout; stream_modules sets it): those Linears are stacked from their parts. layer_plan
     ({module name: {"format", "group_size", "scale_search"}}, a per-layer format plan as fp6llm.json stores it):
     those Linears get their own format instead of fmt / group_size.
     """
@@ -137,6 +151,7 @@ class Source:
                  shards: Optional[dict] = None):
         self.fmt, self.group_size, self.dtype, self.device = fmt, group_size, dtype, device
         self.shards = shards or {}
+        self.fused: dict = {}
         self.layer_plan = {}
 
     def layer_format(self, name: str) -> tuple:
@@ -149,7 +164,21 @@ class Source:
     def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def has(self, name: str) -> bool:
+        """Whether the source holds tensor ``name`` itself (a fused projection's, in a checkpoint of that layout)."""
+        return False
+
     def module(self, name: str, module: nn.Module) -> nn.Module:
+        if name in self.fused:
+            if self.fmt is None or self.fused[name][0][0] not in self.layer_plan:
+                return self.fused_linear(name, module)
+            # a per-layer plan gives a fused projection's parts one format (fp6llm.evals.plan): that of its first
+            saved = self.fmt, self.group_size
+            self.fmt, self.group_size, _ = self.layer_format(self.fused[name][0][0])
+            try:
+                return self.fused_linear(name, module)
+            finally:
+                self.fmt, self.group_size = saved
         split = self.shards.get(name)
         if isinstance(module, nn.Linear) and self.fmt is not None and name != SKIP:
             return self.linear(name, module)
@@ -184,6 +213,37 @@ class Source:
         bias = None if bias is None else bias.to(self.dtype or bias.dtype)
         return FPxLinear(quantize_weight(weight, fmt, group_size, absmax, scale_search), bias)
 
+    def fused_rows(self, name: str, suffix: str, tail: tuple, read=None) -> torch.Tensor:
+        """Rows of tensor ``suffix`` ("weight", "bias", "plane0", "scales", ...) of the fused projection ``name``:
+        each part's rows (only the rank's slice of them, under a tensor-parallel plan) stacked in order. They are
+        read from the fused tensor when the source has it, else from each part's own tensor (a Hugging Face
+        checkpoint, a packed checkpoint of the unfused layout). tail: the tensor's shape after the rows.
+        read(name, shape, index): how to read one tensor (default ``self.tensor``)."""
+        read = read or (lambda n, shape, index: self.tensor(n, torch.empty(shape, device="meta"), index))
+        parts = self.fused[name]
+        whole = self.has(f"{name}.{suffix}")
+        total = sum(rows for _, _, rows in parts)
+        pieces = []
+        for part, offset, rows in parts:
+            split = self.shards.get(part)
+            start, stop = (0, rows) if split is None else (split.start, split.stop)
+            if whole:
+                pieces.append(read(f"{name}.{suffix}", (total, *tail), (slice(offset + start, offset + stop),)))
+            else:
+                pieces.append(read(f"{part}.{suffix}", (rows, *tail), None if split is None else (slice(start, stop),)))
+        return torch.cat(pieces)
+
+    def fused_linear(self, name: str, module: nn.Linear) -> nn.Module:
+        """A fused projection from its parts' rows; quantized once, as one weight, unless fmt is None."""
+        bias = None if module.bias is None else self.fused_rows(name, "bias", ())
+        weight = self.fused_rows(name, "weight", (module.in_features,))
+        if self.fmt is None:
+            weight, bias = (None if t is None else t.to(self.dtype or t.dtype) for t in (weight, bias))
+            return fused.linear_of(weight, bias)
+        weight = weight if weight.dtype in FLOAT_DTYPES else weight.float()
+        bias = None if bias is None else bias.to(self.dtype or bias.dtype)
+        return FPxLinear(quantize_weight(weight, self.fmt, self.group_size), bias)
+
 
 class HFSource(Source):
     """Tensors of a Hugging Face checkpoint, by the names of the architecture's prefixes."""
@@ -196,6 +256,9 @@ class HFSource(Source):
         candidates = [name] if name.startswith(SKIP + ".") else [p + name for p in self.prefixes]
         hf_name = next((c for c in candidates if c in self.checkpoint), candidates[0])
         return self.checkpoint.read(hf_name, like.shape, device=self.device, index=index)
+
+    def has(self, name: str) -> bool:
+        return any(p + name in self.checkpoint for p in self.prefixes)
 
     def weight(self, name: str, like: torch.Tensor, split) -> tuple:
         """Reads only the slice; the whole rows' absmax (a column slice with per-channel scales) a few MiB of rows
@@ -212,12 +275,75 @@ class HFSource(Source):
 class PackedSource(Source):
     """Tensors of an fp6llm packed checkpoint: FPxLinear buffers (planeI, scales, bias) by our module names."""
 
-    def __init__(self, checkpoint: SafetensorsCheckpoint, *args):
+    def __init__(self, checkpoint: SafetensorsCheckpoint, *args, layout_version: int = LAYOUT_VERSION):
         super().__init__(*args)
         self.checkpoint = checkpoint
+        self.layout_version = layout_version
 
     def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
         return self.checkpoint.read(name, like.shape, device=self.device, index=index)
+
+    def has(self, name: str) -> bool:
+        return name in self.checkpoint
+
+    def fused_linear(self, name: str, module: nn.Linear) -> nn.Module:
+        """The planes and scales of both layouts: the fused projection's own, or its parts' stacked (a checkpoint
+        packed before projections were fused); a tensor-parallel plan reads only the rank's rows of each part."""
+        if self.fmt is None:
+            return super().fused_linear(name, module)
+        k = module.in_features
+        scales = self.fused_rows(name, "scales", () if self.group_size is None else (k // self.group_size,),
+                                 self._read_scales)
+        bias = None if module.bias is None else self.fused_rows(name, "bias", ())
+        n = scales.shape[0]
+        if self.has(f"{name}.plane0") and self.layout_version != 1:  # the fused tensor: its rank's rows, tile-wise
+            planes = self._fused_planes(name, k)
+        else:  # the parts' own tensors (a checkpoint packed before fusing): each part's codes, packed once
+            parts = []
+            for part, _, rows in self.fused[name]:
+                split = self.shards.get(part)
+                qw = self._part_codes(part, rows, k, split)
+                parts.append(qw)
+            planes = pack(torch.cat(parts), self.fmt)
+        return FPxLinear(QuantizedWeight(planes, scales, self.fmt, (n, k), self.group_size), bias)
+
+    def _fused_planes(self, name: str, k: int) -> tuple:
+        """The fused tensor's planes, only the rank's rows of each part (whole 16-row tiles: tile_index)."""
+        parts = self.fused[name]
+        total = sum(rows for _, _, rows in parts)
+        planes = []
+        for i, width in enumerate(plane_widths(self.fmt.bits)):
+            pieces = []
+            for part, offset, rows in parts:
+                split = self.shards.get(part)
+                start, stop = (0, rows) if split is None else (split.start, split.stop)
+                index = tile_index(total, k, rows=(offset + start, offset + stop))
+                pieces.append(self.checkpoint.read(f"{name}.plane{i}", plane_shape(total, k, width), (torch.int32,),
+                                                   self.device, index))
+            planes.append(torch.cat(pieces))
+        return tuple(planes)
+
+    def _part_codes(self, part: str, rows: int, k: int, split) -> torch.Tensor:
+        """uint8 codes of one part's packed tensor (layout 1 or 2), only the split's rows when there is a split."""
+        if self.layout_version == 1:
+            v1_words = -(-k // 64) * 64 // 32
+            planes = tuple(self.checkpoint.read(f"{part}.plane{i}", (rows, v1_words * width), (torch.int32,),
+                                                self.device) for i, width in enumerate(plane_widths(self.fmt.bits)))
+            codes = unpack_v1(planes, self.fmt.bits, k)
+        else:
+            planes = tuple(self.checkpoint.read(f"{part}.plane{i}", plane_shape(rows, k, width), (torch.int32,),
+                                                self.device) for i, width in enumerate(plane_widths(self.fmt.bits)))
+            codes = unpack(planes, self.fmt, k, rows)
+        return codes if split is None else codes[split.weight_index]
+
+    def _read_planes(self, name: str, shape: tuple, index: Optional[tuple]) -> torch.Tensor:
+        return self.checkpoint.read(name, shape, (torch.int32,), self.device, index)
+
+    def _read_scales(self, name: str, shape: tuple, index: Optional[tuple]) -> torch.Tensor:
+        # parts packed apart may differ in scale dtype (float16 group scales where all fit): torch.cat widens them
+        scales = self.checkpoint.read(name, shape, (torch.float32, torch.float16), self.device, index)
+        check_scales(name, scales, str(self.checkpoint.dir))  # untrusted: finite and > 0
+        return scales
 
     def linear(self, name: str, module: nn.Linear) -> FPxLinear:
         """The planes and scales (a tensor-parallel split: only the slice of them that tp.shard_quantized keeps)."""
@@ -226,16 +352,31 @@ class PackedSource(Source):
         fmt, group_size, _ = self.layer_format(name)
         if split is not None:
             check_split(name, split, k, group_size, packed=True)
-        planes = tuple(self.checkpoint.read(f"{name}.plane{i}", (n, padded_k(k) * width // 32), (torch.int32,),
-                                            self.device, None if split is None else plane_index(split, width, k))
-                       for i, width in enumerate(plane_widths(fmt.bits)))
+        if self.layout_version == 1:
+            planes = self._repack_v1(name, n, k, split)
+        else:
+            planes = tuple(self.checkpoint.read(f"{name}.plane{i}", plane_shape(n, k, width), (torch.int32,),
+                                                self.device, None if split is None else plane_index(split, width, k, n))
+                           for i, width in enumerate(plane_widths(fmt.bits)))
         scale_shape = (n,) if group_size is None else (n, k // group_size)
-        scales = self.checkpoint.read(f"{name}.scales", scale_shape, (torch.float32, torch.float16), self.device,
-                                      None if split is None else scale_index(split, group_size))
+        scales = self._read_scales(f"{name}.scales", scale_shape,
+                                   None if split is None else scale_index(split, group_size))
         bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias,
                                                              None if split is None else split.bias_index)
         shape = (n, k) if split is None else split.shape(n, k)
         return FPxLinear(QuantizedWeight(planes, scales, fmt, shape, group_size), bias)
+
+
+    def _repack_v1(self, name: str, n: int, k: int, split) -> tuple:
+        """Planes of a layout-1 checkpoint, read whole, unpacked to codes, cut to the split and packed as layout 2."""
+        widths = plane_widths(self.fmt.bits)
+        v1_words = -(-k // 64) * 64 // 32
+        planes = tuple(self.checkpoint.read(f"{name}.plane{i}", (n, v1_words * width), (torch.int32,))
+                       for i, width in enumerate(widths))
+        codes = unpack_v1(planes, self.fmt.bits, k)
+        if split is not None:
+            codes = codes[split.weight_index]
+        return tuple(plane.to(self.device) for plane in pack(codes, self.fmt))
 
 
 class RandomSource(Source):
@@ -265,6 +406,7 @@ def _tensor_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def stream_modules(model: nn.Module, source: Source, progress: bool = True, desc: str = "load"
                    ) -> Iterator[tuple[str, nn.Module]]:
     """(name, real module) for each module of a meta ``model`` that owns parameters, made one at a time."""
+    source.fused = fused.layout(model)
     for name, module in tqdm(_tensor_modules(model), desc=desc, unit="module", disable=not progress):
         yield name, source.module(name, module)
 
@@ -291,16 +433,32 @@ def materialize(model: nn.Module, source: Source, progress: bool = True, desc: s
 
 
 def read_hf_config(model_dir: Union[str, Path]) -> ModelConfig:
-    """ModelConfig of a Hugging Face model directory (config.json; eos ids from generation_config.json if any)."""
+    """ModelConfig of a Hugging Face model directory (config.json; eos ids from generation_config.json if any),
+    checked against the tensors of its safetensors (trust.check_config_tensors) before anything is built."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {model_dir}")
-    hf = json.loads((model_dir / "config.json").read_text())
+    hf = read_json(model_dir / "config.json")
     generation = model_dir / "generation_config.json"
-    if generation.is_file():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
+    if isinstance(hf, dict) and generation.is_file():
+        eos = read_json(generation)
+        eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
         hf["eos_token_id"] = eos if eos is not None else hf.get("eos_token_id")
-    return ModelConfig.from_hf(hf)
+    config = ModelConfig.from_hf(hf, str(model_dir / "config.json"))
+    _check_tensors(model_dir, config, HF_PREFIXES[config.arch] + ("",), str(model_dir / "config.json"), HF_NAMES)
+    return config
+
+
+def _check_tensors(model_dir: Path, config: ModelConfig, prefixes: tuple, where: str, field_names=None,
+                   fmt: Union[FPFormat, None, bool] = False) -> None:
+    """The config (and fmt's planes, unless False) against the checkpoint's tensors: see fp6llm.models.trust."""
+    checkpoint = SafetensorsCheckpoint(model_dir)
+    try:
+        check_config_tensors(config, checkpoint.weight_map, checkpoint.shape, prefixes, where, field_names)
+        if fmt is not False:
+            check_planes(fmt, checkpoint.weight_map, checkpoint.shape, where)
+    finally:
+        checkpoint.close()
 
 
 def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None, group_size: Optional[int] = None,
@@ -332,11 +490,23 @@ load_model = load_hf  # the one entry point for any model directory
 
 
 def read_packed_meta(model_dir: Union[str, Path]) -> dict:
-    """fp6llm.json of a packed checkpoint; ValueError if its layout version is not this fp6llm's."""
-    meta = json.loads((Path(model_dir) / PACKED_META).read_text())
-    if meta.get("layout_version") != LAYOUT_VERSION:
-        raise ValueError(f"{model_dir} was packed with layout version {meta.get('layout_version')}; this fp6llm "
-                         f"reads layout version {LAYOUT_VERSION}: re-run fp6llm quantize on the source model")
+    """fp6llm.json of a packed checkpoint, checked against its tensors (config sizes, planes: fp6llm.models.trust);
+    ValueError if its layout version is not one this fp6llm reads (version 1 checkpoints are repacked to version 2
+    at load), or for what the checks find."""
+    where = Path(model_dir) / PACKED_META
+    meta = read_json(where)
+    check_packed_meta(meta, str(where))
+    if meta.get("layout_version") not in SUPPORTED_LAYOUT_VERSIONS:
+        raise ValueError(f"{model_dir} was packed with layout version {meta.get('layout_version')!r}; this fp6llm "
+                         f"reads layout versions {', '.join(map(str, SUPPORTED_LAYOUT_VERSIONS))}: re-run fp6llm "
+                         f"quantize on the source model")
+    config = ModelConfig.from_dict(meta["config"], f"{where}: config")
+    try:
+        fmt, _, _ = resolve_format(meta["format"], None, "cpu")
+    except ValueError as err:
+        raise ValueError(f"{where}: format: {err}") from None
+    # a per-layer plan mixes plane widths: each layer's planes are then checked by shape as they are read
+    _check_tensors(Path(model_dir), config, ("",), str(where), fmt=False if meta.get("plan") else fmt)
     return meta
 
 
@@ -354,11 +524,12 @@ def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = N
             raise ValueError(f"{model_dir} is packed as {packed_fmt}, not the requested {fmt}")
     if group_size is not None and group_size != meta.get("group_size"):
         raise ValueError(f"{model_dir} is packed with group_size={meta.get('group_size')}, not {group_size}")
-    config = ModelConfig.from_dict(meta["config"])
+    config = ModelConfig.from_dict(meta["config"], str(Path(model_dir) / PACKED_META))
     fmt, dtype, device = resolve_format(packed_fmt, dtype, device)
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:
-        source = PackedSource(checkpoint, fmt, meta.get("group_size"), dtype, device)
+        source = PackedSource(checkpoint, fmt, meta.get("group_size"), dtype, device,
+                              layout_version=meta["layout_version"])
         source.layer_plan = meta.get("plan") or {}
         return materialize(build_model(config, "meta"), source, progress, f"load packed {packed_fmt}", tp)
     finally:

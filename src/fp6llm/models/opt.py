@@ -1,7 +1,8 @@
 """OPT: LayerNorm (pre-LN, or post-LN for OPT-350m), learned positions (offset 2), ReLU MLP, biases everywhere.
 
-Module names follow Hugging Face's decoder (embed_tokens, embed_positions, layers.i.self_attn.q_proj, ...,
-layers.i.fc1, final_layer_norm, lm_head) without the "model.decoder." prefix.
+Module names follow Hugging Face's decoder (embed_tokens, embed_positions, layers.i.self_attn.out_proj, ...,
+layers.i.fc1, final_layer_norm, lm_head) without the "model.decoder." prefix; self_attn.qkv_proj holds q_proj's,
+k_proj's and v_proj's rows (fp6llm/fused.py), stacked by the loader from those names.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import KVCache, attend, causal_mask, select_tokens, setup_kv_caches
+from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
+from .norm import Norm
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "silu": F.silu}
@@ -30,7 +32,7 @@ class Transformer(nn.Module):
         self.embed_positions = nn.Embedding(config.max_position_embeddings + config.position_offset, config.dim)
         self.project_in = nn.Linear(config.word_embed_proj_dim, config.dim, bias=False) if projected else None
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.final_layer_norm = nn.LayerNorm(config.dim, config.norm_eps) if config.final_layer_norm else None
+        self.final_layer_norm = Norm(config.dim, config.norm_eps, rms=False) if config.final_layer_norm else None
         self.project_out = nn.Linear(config.dim, config.word_embed_proj_dim, bias=False) if projected else None
         self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -38,28 +40,36 @@ class Transformer(nn.Module):
         self.max_batch_size = self.max_seq_len = 0
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: Optional[torch.dtype] = None,
-                     device=None) -> None:
-        """Allocate each layer's KV cache [max_batch_size, n_heads, max_seq_len, head_dim]; dtype and device
-        default to the token embedding's. Raises ValueError past the learned position table."""
+                     device=None, num_blocks: Optional[int] = None, block_size: int = BLOCK_SIZE) -> None:
+        """Allocate each layer's paged KV cache (models/attention.py; num_blocks defaults to max_batch_size rows of
+        max_seq_len positions); dtype and device default to the token embedding's. Raises ValueError past the
+        learned position table."""
         positions = self.config.max_position_embeddings
         if max_seq_len > positions:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds OPT's {positions} learned positions")
-        setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device)
+        setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device, num_blocks, block_size)
 
-    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None) -> Tensor:
-        """tokens, input_pos: int64 [B, T] -> float32 logits [B, T, vocab] ([B, K, vocab] with logits_at [B, K])."""
+    def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None,
+                kv: Optional[KVBatch] = None) -> Tensor:
+        """tokens, input_pos: int64 [B, T] -> float32 logits [B, T, vocab] ([B, K, vocab] with logits_at [B, K]).
+        kv: where the rows live in the paged cache; None for the contiguous layout of setup_caches."""
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
         x = self.embed_tokens(tokens)
         if self.project_in is not None:
             x = self.project_in(x)
         x = x + self.embed_positions(input_pos + self.config.position_offset)
-        mask = causal_mask(input_pos, self.key_pos)
+        if kv is None:
+            kv = contiguous_kv_batch(input_pos, self.max_seq_len, self.block_size)
+        delta = None
         for layer in self.layers:
-            x = layer(x, input_pos, mask)
+            x, delta = layer(x, delta, input_pos, kv)
         x = select_tokens(x, logits_at)
+        delta = None if delta is None else select_tokens(delta, logits_at)
         if self.final_layer_norm is not None:
-            x = self.final_layer_norm(x)
+            x, _ = self.final_layer_norm(x, delta)
+        elif delta is not None:
+            x = x + delta
         if self.project_out is not None:
             x = self.project_out(x)
         return self.lm_head(x).float()
@@ -71,18 +81,29 @@ class Block(nn.Module):
         self.pre_norm = config.do_layer_norm_before
         self.activation = ACTIVATIONS[config.activation]
         self.self_attn = Attention(config)
-        self.self_attn_layer_norm = nn.LayerNorm(config.dim, config.norm_eps)
+        self.self_attn_layer_norm = Norm(config.dim, config.norm_eps, rms=False)
         self.fc1 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
         self.fc2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
-        self.final_layer_norm = nn.LayerNorm(config.dim, config.norm_eps)
+        self.final_layer_norm = Norm(config.dim, config.norm_eps, rms=False)
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
-        x = self._residual(x, self.self_attn_layer_norm, lambda h: self.self_attn(h, input_pos, mask))
-        return self._residual(x, self.final_layer_norm, lambda h: self.fc2(self.activation(self.fc1(h))))
+    def forward(self, x: Tensor, delta: Optional[Tensor], input_pos: Tensor, kv: KVBatch
+                ) -> tuple[Tensor, Optional[Tensor]]:
+        """The residual stream is x + delta (x alone for delta None); returns the next block's (x, delta).
 
-    def _residual(self, x: Tensor, norm: nn.LayerNorm, f) -> Tensor:
-        """x + f(norm(x)) for pre-LN, norm(x + f(x)) for post-LN."""
-        return x + f(norm(x)) if self.pre_norm else norm(x + f(x))
+        Pre-LN, x + f(norm(x)): each residual add is fused into the norm after it (models/norm.py). Post-LN,
+        norm(x + f(x)): the add and the norm are one kernel too, and the stream is the norm's output (delta None).
+        """
+        if self.pre_norm:
+            h, x = self.self_attn_layer_norm(x, delta)
+            h, x = self.final_layer_norm(x, self.self_attn(h, input_pos, kv))
+            return x, self.mlp(h)
+        x = x if delta is None else x + delta
+        x, _ = self.self_attn_layer_norm(x, self.self_attn(x, input_pos, kv))
+        x, _ = self.final_layer_norm(x, self.mlp(x))
+        return x, None
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -90,15 +111,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         inner = config.n_heads * config.head_dim
-        self.q_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.dim, inner, bias=config.qkv_bias)
+        self.qkv_proj = nn.Linear(config.dim, 3 * inner, bias=config.qkv_bias)  # q_proj | k_proj | v_proj rows
         self.out_proj = nn.Linear(inner, config.dim, bias=config.o_bias)
-        self.kv_cache: Optional[KVCache] = None
+        self.kv_cache: Optional[PagedKVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, kv: KVBatch) -> Tensor:
         b, t, _ = x.shape
-        q, k, v = (proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
-        k, v = self.kv_cache.update(input_pos, k, v)
-        return self.out_proj(attend(q, k, v, mask))
+        q, k, v = self.qkv_proj(x).view(b, t, 3 * self.n_heads, self.head_dim).chunk(3, dim=2)
+        self.kv_cache.write(kv.slot_mapping, k, v)
+        return self.out_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv))

@@ -1,12 +1,18 @@
 """The OpenAI-compatible HTTP API over one Engine: ``create_app(engine, model_name, ...)`` -> a FastAPI app.
 
     POST /v1/completions, /v1/chat/completions   (stream: true -> server-sent events ending with "data: [DONE]")
-    GET  /v1/models, /health, /metrics (Prometheus text)
+    GET  /v1/models, /health, /metrics (Prometheus text), /openapi.json
 
-Handlers parse and check a request (a bad one is a 400 in OpenAI's error shape before it reaches the engine),
-submit it to the Scheduler's engine thread, and turn the text it sends back into OpenAI's JSON. A client that goes
-away cancels its request, which frees its slot. With ``api_key`` set, /v1/* needs "Authorization: Bearer <key>";
-/health and /metrics stay open (a load balancer and Prometheus probe them).
+Handlers parse and check a request (a bad one is a 4xx in OpenAI's error shape before it reaches the engine, and an
+unexpected failure a 500 in the same shape; every one is counted in the metrics and keeps the connection), tokenize
+it off the event loop (a text too long for the context is refused before that), submit it to the Scheduler's engine
+thread, and turn the text it sends back into OpenAI's JSON. A client that goes away cancels its request, which frees
+its slot. With ``api_key`` set, /v1/* and /openapi.json need "Authorization: Bearer <key>"; /health and /metrics
+stay open (a load balancer and Prometheus probe them).
+
+Shutdown (``app.state.drain_soon()``, safe to call from a signal handler): no more requests are admitted (503, and
+the queued ones too), the running ones get ``shutdown_grace_s`` to finish, then each ends with an error (a stream:
+an error event and [DONE]).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
@@ -23,44 +30,74 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import Engine, SamplingParams
+from .answers import (CLIENT_GONE, ChatFormat, CompletionFormat, cancel_on_disconnect, collect, job_error,
+                      stream_events, total_usage)
 from .metrics import Metrics
-from .protocol import (ApiError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                       ChatCompletionRequest, ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest,
-                       CompletionResponse, ModelCard, ModelList, Usage)
-from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from .protocol import (COMPLETION_MAX_TOKENS, SEED_RANGE, ApiError, ChatCompletionRequest, CompletionRequest,
+                       ModelCard, ModelList)
+from .scheduler import QueueFull, Scheduler, ShuttingDown
 
 MAX_BODY_BYTES = 4 * 2**20  # a 128k-token prompt is about 0.5 MB of JSON
 QUEUE_PER_SLOT = 4  # default bound of waiting requests: 4 x max_batch
-SSE_DONE = "data: [DONE]\n\n"
 API_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
-CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection (metrics only)
+SHUTDOWN_GRACE_S = 5.0  # on shutdown, running requests get this long to finish before they are ended
+DRAIN_POLL_S = 0.05
+
+log = logging.getLogger("fp6llm.server")
 
 
 def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, max_queue: Optional[int] = None,
-               max_body_bytes: int = MAX_BODY_BYTES, created: int = 0) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, created: int = 0,
+               shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> FastAPI:
     """An app serving ``engine`` as model ``model_name``; its lifespan starts and stops the engine thread.
 
     max_queue: requests that may wait for a slot beyond the engine's max_batch_size ones that run (default
     4 x max_batch_size); more get 503. created: the model's creation time for /v1/models (Unix seconds).
+    shutdown_grace_s: how long running requests may go on after ``app.state.drain_soon()``.
     """
+    if shutdown_grace_s < 0:
+        raise ValueError(f"shutdown_grace_s must be >= 0, got {shutdown_grace_s}")
     metrics = Metrics(engine.max_batch_size)
     scheduler = Scheduler(engine, QUEUE_PER_SLOT * engine.max_batch_size if max_queue is None else max_queue, metrics)
+    metrics.follow(lambda: scheduler.load)  # the gauges read the scheduler's counts when scraped
+    draining: list = []  # the drain task, once started
+
+    async def drain() -> None:
+        scheduler.close()  # new and queued requests: 503
+        deadline = time.monotonic() + shutdown_grace_s
+        while sum(scheduler.load) and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        running = sum(scheduler.load)
+        if running:
+            log.warning("shutdown: ending %d request(s) still running after %.1f s", running, shutdown_grace_s)
+        await asyncio.to_thread(scheduler.stop)  # what still runs ends with an error (streams: event + [DONE])
+
+    def start_drain() -> None:
+        if not draining:
+            draining.append(asyncio.ensure_future(drain()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        app.state.drain_soon = lambda: loop.call_soon_threadsafe(start_drain)
         scheduler.start()
         yield
-        await asyncio.to_thread(scheduler.stop)
+        start_drain()
+        await draining[0]
 
     app = FastAPI(title="fp6llm", summary="OpenAI-compatible API for FPx-quantized LLMs", lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler, app.state.metrics = scheduler, metrics
+    app.state.drain_soon = lambda: None  # until the lifespan has started (and has an event loop)
 
     def count(request: Request, status: int) -> None:
         endpoint = request.url.path if request.url.path in API_PATHS else "other"
         metrics.requests.labels(endpoint, str(status)).inc()
+
+    app.add_middleware(CatchAll, count=count)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -79,10 +116,17 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
 
-    def check_model(name: Optional[str]) -> None:
-        if name is not None and name != model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+    def check_body(body) -> None:
+        """What can be refused before the prompt is tokenized: another model, a field the engine cannot honour."""
+        if body.model is not None and body.model != model_name:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
+        unsupported = body.unsupported()
+        if unsupported:
+            raise ApiError(400, unsupported[1], param=unsupported[0])
+        if body.n > engine.max_batch_size:
+            raise ApiError(400, f"n={body.n} is more than the {engine.max_batch_size} requests this server decodes "
+                                f"together (--max-batch)", param="n")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -93,6 +137,11 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
     async def prometheus() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> dict:
+        authorize(request)
+        return app.openapi()
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -105,56 +154,65 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
     async def completions(request: Request):
         authorize(request)
         body = await read_json(request, CompletionRequest, max_body_bytes)
-        check_model(body.model)
-        ids = completion_prompt_ids(engine, body.prompt)
-        return await generate(request, body, ids, body.max_tokens, CompletionFormat(model_name))
+        check_body(body)
+        ids = await completion_prompt_ids(engine, body.prompt)
+        max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        return await generate(request, body, ids, max_tokens, CompletionFormat(model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
         body = await read_json(request, ChatCompletionRequest, max_body_bytes)
-        check_model(body.model)
-        ids = chat_prompt_ids(engine.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        check_body(body)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        check_text_length(engine, sum(len(m["content"]) for m in messages), "messages")
+        ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_seq_len - len(ids))
         return await generate(request, body, ids, max_tokens, ChatFormat(model_name))
 
-    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: "CompletionFormat"):
-        unsupported = body.unsupported()
-        if unsupported:
-            raise ApiError(400, unsupported[1], param=unsupported[0])
+    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: CompletionFormat):
+        """Run the request as ``body.n`` jobs (choice i samples with seed + i when a seed is given)."""
         stops = body.stop_strings()
         try:
-            sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed)
-            engine_request = engine.request(prompt_ids, max_tokens, sampling)
-            if body.ignore_eos:
-                engine_request.stop_ids = frozenset()
+            engine_requests = []
+            for i in range(body.n):
+                seed = None if body.seed is None else (body.seed + i + SEED_RANGE) % (2 * SEED_RANGE) - SEED_RANGE
+                engine_request = engine.request(prompt_ids, max_tokens,
+                                                SamplingParams(body.temperature, body.top_k, body.top_p, seed))
+                if body.ignore_eos:
+                    engine_request.stop_ids = frozenset()
+                engine_requests.append(engine_request)
         except ValueError as err:
-            param = "max_tokens" if len(prompt_ids) < engine.max_seq_len else fmt.prompt_field
+            param = "max_tokens" if 0 < len(prompt_ids) < engine.max_seq_len else fmt.prompt_field
             raise ApiError(400, str(err).replace("max_new_tokens", "max_tokens"), param=param) from None
         options = body.stream_options
         every_token = bool(body.stream and options and options.continuous_usage_stats)
+        jobs = []
         try:
-            job = scheduler.submit(engine_request, stops, fmt.id_prefix, every_token)
-        except QueueFull as err:
-            raise ApiError(503, str(err), type="server_error", code="queue_full", headers={"Retry-After": "1"})
-        except ShuttingDown as err:
+            for engine_request in engine_requests:
+                jobs.append(scheduler.submit(engine_request, stops, fmt.id_prefix, every_token))
+        except (QueueFull, ShuttingDown) as err:
+            for job in jobs:  # all the choices or none
+                scheduler.cancel(job)
+            if isinstance(err, QueueFull):
+                raise ApiError(503, str(err), type="server_error", code="queue_full", headers={"Retry-After": "1"})
             raise ApiError(503, str(err), type="server_error", code="shutting_down")
-        fmt.id = job.id
-        watcher = asyncio.create_task(cancel_on_disconnect(request, scheduler, job))
+        fmt.id = jobs[0].id
+        watcher = asyncio.create_task(cancel_on_disconnect(request, scheduler, jobs))
         if body.stream:
-            events = stream_events(job, fmt, bool(options and options.include_usage), every_token, scheduler, watcher,
+            events = stream_events(jobs, fmt, bool(options and options.include_usage), every_token, scheduler, watcher,
                                    lambda status: count(request, status))
             return StreamingResponse(events,
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            text, reason = await collect(job)
+            results = await asyncio.gather(*(collect(job) for job in jobs))
         finally:
             watcher.cancel()
-        if reason == "abort":
-            raise job_error(job, watcher)
+        aborted = next((job for job, (_, reason) in zip(jobs, results) if reason == "abort"), None)
+        if aborted is not None:
+            raise job_error(aborted, watcher)
         count(request, 200)
-        return JSONResponse(fmt.response(text, reason, Usage.of(job.prompt_tokens, job.completion_tokens))
-                            .model_dump())
+        return JSONResponse(fmt.response(results, total_usage(jobs)).model_dump())
 
     return app
 
@@ -168,13 +226,19 @@ async def read_json(request: Request, model: type, limit: int) -> BaseModel:
     if length.isdigit() and int(length) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
     try:
-        data = json.loads(body)
-    except ValueError as err:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody reads the answer: it only counts (and logs no traceback)
+        raise ApiError(CLIENT_GONE, "the client closed the connection while sending the body",
+                       code="client_closed_request") from None
+    try:
+        data = json.loads(body, parse_constant=_not_json)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as err:  # UnicodeDecodeError too
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
@@ -182,20 +246,45 @@ async def read_json(request: Request, model: type, limit: int) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        field = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("str", "list[")))
-        got = json.dumps(first.get("input"))[:80] if first["type"] != "missing" else "nothing"
-        raise ApiError(400, f"{field or 'body'}: {first['msg']} (got {got})", param=str(first["loc"][0])) from None
+        field = ".".join(str(part) for part in first["loc"]
+                         if not str(part).startswith(("str", "list[", "function-")))
+        raise ApiError(400, f"{field or 'body'}: {first['msg']} (got {_shown(first)})",
+                       param=str(first["loc"][0])) from None
 
 
-def completion_prompt_ids(engine: Engine, prompt) -> list:
-    """Token ids of a completion's prompt: text, a list of one text, or token ids (each below the vocabulary size)."""
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _shown(error: dict) -> str:
+    """The start of a validation error's input, as JSON."""
+    if error["type"] == "missing":
+        return "nothing"
+    try:
+        return json.dumps(error.get("input"))[:80]
+    except (ValueError, RecursionError):  # a lone surrogate is fine (escaped), a deep nesting is not
+        return "a value"
+
+
+def check_text_length(engine: Engine, chars: int, param: str) -> None:
+    """400 for a text that cannot fit the context whatever its tokens, before the time to tokenize it is spent."""
+    max_chars = getattr(engine.tokenizer, "max_chars", None)
+    if max_chars is not None and chars > max_chars(engine.max_seq_len):
+        raise ApiError(400, f"{param} has {chars} characters: more than {engine.max_seq_len} tokens whatever they are, "
+                            f"the most the context holds", param=param)
+
+
+async def completion_prompt_ids(engine: Engine, prompt) -> list:
+    """Token ids of a completion's prompt: text (tokenized in a worker thread, not on the event loop), a list of one
+    text, or token ids (each below the vocabulary size)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
             raise ApiError(400, f"prompt is a list of {len(prompt)} texts; send one per request", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return engine.tokenizer.encode(prompt)
-    vocab = engine.model.config.vocab_size
+        check_text_length(engine, len(prompt), "prompt")
+        return await asyncio.to_thread(engine.tokenizer.encode, prompt)
+    vocab = engine.vocab_size
     bad = [i for i in prompt if not 0 <= i < vocab]
     if bad:
         raise ApiError(400, f"prompt has token id {bad[0]}, outside the vocabulary 0..{vocab - 1}", param="prompt")
@@ -218,113 +307,30 @@ def chat_prompt_ids(tokenizer, messages: list) -> list:
     return tokenizer.encode(text + "assistant:")
 
 
-# ---- answering ------------------------------------------------------------------------------------------------------
+class CatchAll:
+    """ASGI middleware: an unexpected exception becomes a 500 in OpenAI's error shape, counted, logged once, and the
+    connection is kept (uvicorn closes a connection whose application raised). Inside it, FastAPI's handlers have
+    already turned every ApiError into its response."""
 
-class CompletionFormat:
-    """A job's text as /v1/completions objects: chunks of a stream, or the whole response."""
+    def __init__(self, app, count):
+        self.app, self.count = app, count
 
-    id_prefix, prompt_field = "cmpl", "prompt"
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
 
-    def __init__(self, model: str):
-        self.model, self.id, self.created = model, "", int(time.time())
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-    def _make(self, **fields):
-        return CompletionResponse(id=self.id, model=self.model, created=self.created, **fields)
-
-    def first_chunks(self) -> list:
-        return []
-
-    def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None) -> BaseModel:
-        return self._make(choices=[CompletionChoice(text=text, finish_reason=finish_reason)], usage=usage)
-
-    def usage_chunk(self, usage: Usage) -> BaseModel:
-        return self._make(choices=[], usage=usage)
-
-    def response(self, text: str, finish_reason: str, usage: Usage) -> BaseModel:
-        return self._make(choices=[CompletionChoice(text=text, finish_reason=finish_reason)], usage=usage)
-
-
-class ChatFormat(CompletionFormat):
-    """The same for /v1/chat/completions: a first chunk with the role, deltas of content, an empty last delta."""
-
-    id_prefix, prompt_field = "chatcmpl", "messages"
-
-    def _make(self, **fields):
-        return ChatCompletionChunk(id=self.id, model=self.model, created=self.created, **fields)
-
-    def first_chunks(self) -> list:
-        return [self._make(choices=[ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
-
-    def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None) -> BaseModel:
-        delta = ChatDelta(content=text) if finish_reason is None else ChatDelta()
-        return self._make(choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)], usage=usage)
-
-    def response(self, text: str, finish_reason: str, usage: Usage) -> BaseModel:
-        return ChatCompletionResponse(id=self.id, model=self.model, created=self.created, usage=usage, choices=[
-            ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)])
-
-
-async def cancel_on_disconnect(request: Request, scheduler: Scheduler, job: Job) -> None:
-    """Cancel the job when the client closes the connection (the body is read: only http.disconnect comes)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            scheduler.cancel(job)
-            return
-
-
-async def collect(job: Job) -> tuple:
-    """(whole text, finish reason) of a job."""
-    parts = []
-    while True:
-        text, reason, _ = await job.outputs.get()
-        parts.append(text)
-        if reason is not None:
-            return "".join(parts), reason
-
-
-def job_error(job: Job, watcher: asyncio.Task) -> ApiError:
-    """The error of an aborted job: the client left (499, for the metrics), shutdown (503), engine failure (500)."""
-    if watcher.done() and not watcher.cancelled():
-        return ApiError(CLIENT_GONE, "the client closed the connection", code="client_closed_request")
-    if job.error == "the server is shutting down":
-        return ApiError(503, job.error, type="server_error", code="shutting_down")
-    return ApiError(500, job.error or "the request was aborted", type="server_error")
-
-
-async def stream_events(job: Job, fmt: CompletionFormat, include_usage: bool, every_token: bool,
-                        scheduler: Scheduler, watcher: asyncio.Task, count):
-    """Server-sent events of a job: chunks as the text comes (every_token: a chunk per token, with the usage so
-    far), the usage chunk if asked for, then [DONE]."""
-    status = CLIENT_GONE
-    try:
-        for chunk in fmt.first_chunks():
-            yield sse(chunk)
-        while True:
-            text, reason, tokens = await job.outputs.get()
-            usage = Usage.of(job.prompt_tokens, tokens) if every_token else None
-            if reason == "abort":
-                error = job_error(job, watcher)
-                status = error.status
-                if status != CLIENT_GONE:
-                    yield f"data: {json.dumps(error.body())}\n\n"
-                break
-            if text or (every_token and reason is None):
-                yield sse(fmt.chunk(text, usage=usage))
-            if reason is not None:
-                yield sse(fmt.chunk("", reason, usage))
-                if include_usage:
-                    yield sse(fmt.usage_chunk(Usage.of(job.prompt_tokens, job.completion_tokens)))
-                status = 200
-                break
-        yield SSE_DONE
-    finally:  # also when the stream is closed early (the client left) or cancelled (shutdown)
-        watcher.cancel()
-        if job.finish_reason is None:
-            status = CLIENT_GONE
-            scheduler.cancel(job)
-        count(status)
-
-
-def sse(chunk: BaseModel) -> str:
-    return f"data: {chunk.model_dump_json()}\n\n"
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as err:
+            if started:  # mid-response: nothing left to answer with
+                raise
+            log.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            error = ApiError(500, f"internal error: {type(err).__name__}", type="server_error")
+            self.count(Request(scope), error.status)
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -38,10 +40,12 @@ class Metrics:
         self.request_seconds = Histogram("fp6llm_request_seconds", "From arrival to the last token",
                                          buckets=LATENCY_BUCKETS, registry=registry)
 
-    def set_load(self, waiting: int, running: int) -> None:
-        self.queue_depth.set(waiting)
-        self.running.set(running)
-        self.batch_occupancy.set(running / self.max_batch)
+    def follow(self, load: Callable[[], tuple]) -> None:
+        """Read the queue and running gauges from ``load()`` -> (waiting, running) whenever they are scraped, so that
+        they are never a step behind (a burst of disconnects shows at once)."""
+        self.queue_depth.set_function(lambda: load()[0])
+        self.running.set_function(lambda: load()[1])
+        self.batch_occupancy.set_function(lambda: load()[1] / self.max_batch)
 
     def render(self) -> tuple:
         """(body bytes, content type) in the Prometheus text format."""

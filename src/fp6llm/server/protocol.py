@@ -1,21 +1,37 @@
 """The OpenAI API's request and response bodies, as pydantic models, and its error shape.
 
 Requests are validated strictly (a string is not a number, 1.0 is not an int): a wrong type is a 400, as at OpenAI.
-Fields of the OpenAI API that this server does not use (penalties, logit_bias, user, tools, ...) are accepted and
-ignored; the few whose non-default values would change the answer (n, logprobs, echo, best_of, suffix) are refused by
-``unsupported``. ``top_k`` and ``ignore_eos`` (generate max_tokens tokens whatever comes: benchmarks) are extensions,
+Fields of the OpenAI API that change nothing here (user, metadata, store, ...) are accepted and ignored; those whose
+non-default values would change the answer and that the engine does not implement (logprobs, echo, best_of,
+suffix, penalties, min_p, logit_bias, response_format, tools) are refused by ``unsupported`` with a 400 naming the
+field. ``top_k`` and ``ignore_eos`` (generate max_tokens tokens whatever comes: benchmarks) are extensions,
 as in vLLM, sent by the openai client through ``extra_body``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing, many would slow every token's check
 SEED_RANGE = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
+MAX_TEMPERATURE = 2.0  # OpenAI's range is 0..2
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (also what "max_tokens": null means there)
+
+
+def _unicode(text: str) -> str:
+    """JSON may spell a lone surrogate ("\\ud800"), which is no character: no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text holds a lone surrogate {text[err.start]!r} at {err.start}: not valid Unicode") \
+            from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # every text that reaches a tokenizer or a stop-string match
 
 
 class ApiError(Exception):
@@ -44,15 +60,23 @@ class _Sampling(_Strict):
     """What completions and chat completions share."""
 
     model: Optional[str] = None  # None: the served model
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: Optional[int] = Field(None, ge=0)
     seed: Optional[int] = Field(None, ge=-SEED_RANGE, lt=SEED_RANGE)
-    stop: Union[str, list[str], None] = None
+    stop: Union[Text, list[Text], None] = None
     ignore_eos: bool = False
-    n: int = 1
+    n: int = Field(1, ge=1)  # choices, each a job of its own (at most the server's --max-batch)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    # accepted only at their defaults (what they would change is not implemented): see ``unsupported``
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None  # vLLM's extension
+    min_p: Optional[float] = None
+    logit_bias: Optional[dict] = None
+    response_format: Optional[dict] = None
+    tools: Optional[list] = None
 
     def stop_strings(self) -> list:
         """The stop strings as a list (empty strings dropped)."""
@@ -63,14 +87,24 @@ class _Sampling(_Strict):
 
     def unsupported(self) -> Optional[tuple]:
         """(field, message) of the first field set to a value this server cannot honour, else None."""
-        if self.n != 1:
-            return "n", f"only n=1 is supported, got n={self.n}"
+        for name, default in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1),
+                              ("min_p", 0)):
+            value = getattr(self, name)
+            if value is not None and value != default:
+                return name, f"{name} is not supported (only {default}), got {value}"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", f"response_format {self.response_format.get('type')!r} is not supported " \
+                                      f"(only text)"
+        if self.tools:
+            return "tools", "tools (function calling) are not supported"
         return None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int]]  # text, a list of one text, or token ids
-    max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: Union[Text, list[Text], list[int]]  # text, a list of one text, or token ids
+    max_tokens: Optional[int] = Field(COMPLETION_MAX_TOKENS, ge=1)  # None (null): the default too
     echo: bool = False
     logprobs: Optional[int] = None
     best_of: Optional[int] = None
@@ -90,12 +124,12 @@ class CompletionRequest(_Sampling):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[Text, list[TextPart], None] = None
 
     def text(self) -> str:
         if self.content is None:
@@ -108,10 +142,13 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(None, ge=1)  # None: the rest of the context
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name; wins over max_tokens
     logprobs: bool = False
+    top_logprobs: Optional[int] = None
 
     def unsupported(self) -> Optional[tuple]:
         if self.logprobs:
             return "logprobs", "logprobs are not supported"
+        if self.top_logprobs:
+            return "top_logprobs", "top_logprobs are not supported"
         return super().unsupported()
 
 
@@ -138,7 +175,7 @@ class _Response(BaseModel):
 
 
 class _Choice(BaseModel):
-    """What every kind of choice has: its index (n = 1: always 0), no logprobs, and why it ended (None until then)."""
+    """What every kind of choice has: its index (0..n-1), no logprobs, and why it ended (None until then)."""
 
     index: int = 0
     logprobs: None = None

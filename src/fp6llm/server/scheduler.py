@@ -1,13 +1,13 @@
-"""The engine loop: one thread owns the Engine (model, KV cache, device) and runs every request through its slots.
+"""The engine thread: the one owner of the Engine (model, KV cache, device), a thin driver of its scheduler.
 
 HTTP handlers run on the asyncio event loop; they ``submit`` a request and read its text from the Job's asyncio
-queue. The engine thread admits waiting jobs into free slots (``Engine.add``: prefill beside the running ones),
-steps the whole batch (``Engine.step``), and hands each job its new text (``loop.call_soon_threadsafe``). So
-requests that arrive while others decode join the running batch as soon as a slot frees: continuous batching.
+queue. The engine thread hands new requests to the Engine (``Engine.add``), calls ``Engine.step`` while anything
+runs, and passes each job the text of its Events (``loop.call_soon_threadsafe``). Admission (free KV-cache blocks),
+chunked prefill, preemption, stop ids and stop strings are the Engine's (engine/batcher.py, engine/generate.py):
+requests that arrive while others decode join the running batch at the next step, continuous batching.
 
 Cancelling (a client that went away) only marks the job; the engine thread aborts it between steps, since the
-Engine is not thread-safe. Stop strings are matched here, on the decoded text: the text that could be the start of
-a stop string is held back until it is clear that it is not, so a streamed reply never shows part of one.
+Engine is not thread-safe. What stays here: the thread, the bridge to asyncio and the bound on requests in flight.
 """
 
 from __future__ import annotations
@@ -21,53 +21,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..engine import Engine, Request, TextStream
+from ..engine import Engine, Request
+from ..engine.tokenizer import StopStrings  # noqa: F401  (re-exported: it lived here)
 from .metrics import Metrics
 
 log = logging.getLogger("fp6llm.server")
 
 
 class QueueFull(Exception):
-    """Every slot is busy and the waiting queue is at its bound."""
+    """max_batch + max_queue requests are in flight already."""
 
 
 class ShuttingDown(Exception):
-    """The engine loop has stopped: no new requests."""
+    """The engine loop has stopped, or is closed for new requests (shutdown)."""
 
 
-class StopStrings:
-    """The text of a completion up to its first stop string, released piece by piece without showing part of one.
-
-    ``feed(text)`` returns (text safe to show, whether a stop string was reached); the stop string itself and what
-    follows it are dropped. ``flush()`` releases what is held back, at the end.
-    """
-
-    def __init__(self, stops: list):
-        self.stops = [s for s in stops if s]
-        self.held = ""  # the end of the text so far that is the start of a stop string
-
-    def feed(self, text: str) -> tuple:
-        if not self.stops:
-            return text, False
-        self.held += text
-        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if found:
-            safe, self.held = self.held[:min(found)], ""
-            return safe, True
-        keep = max(self._prefix_at_end(s) for s in self.stops)
-        safe, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
-        return safe, False
-
-    def _prefix_at_end(self, stop: str) -> int:
-        """Length of the longest proper prefix of ``stop`` that the held text ends with."""
-        for length in range(min(len(stop) - 1, len(self.held)), 0, -1):
-            if self.held.endswith(stop[:length]):
-                return length
-        return 0
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
+SHUTTING_DOWN = "the server is shutting down"
 
 
 @dataclass(eq=False)
@@ -82,8 +51,6 @@ class Job:
 
     id: str
     request: Request
-    stops: StopStrings
-    text: TextStream
     loop: asyncio.AbstractEventLoop
     every_token: bool = False
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -114,7 +81,8 @@ class Job:
 
 
 class Scheduler:
-    """The engine thread and its queue of waiting jobs (at most ``max_batch + max_queue`` jobs in flight)."""
+    """The engine thread and the jobs in flight (at most ``max_batch + max_queue``: running in the Engine, or
+    waiting there or here for the thread to hand them over)."""
 
     def __init__(self, engine: Engine, max_queue: int, metrics: Optional[Metrics] = None):
         if max_queue < 0:
@@ -122,11 +90,12 @@ class Scheduler:
         self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._waiting: collections.deque = collections.deque()  # submitted, not yet in a slot
+        self._waiting: collections.deque = collections.deque()  # submitted, not yet handed to the engine
         self._cancelled: list = []
         self._in_flight = 0  # submitted and not finished (waiting + running)
         self._stopping = False
-        self._running: dict = {}  # Request -> Job; engine thread only
+        self._closed = False  # no new jobs; the waiting ones are refused (shutdown), the running ones go on
+        self._running: dict = {}  # Request -> Job of the requests in the engine; engine thread only
         self._thread: Optional[threading.Thread] = None
 
     # ---- event loop side ----------------------------------------------------------------------------------------
@@ -144,18 +113,21 @@ class Scheduler:
             self._thread.join(timeout)  # a step in progress finishes first; a daemon thread never blocks exit
 
     def submit(self, request: Request, stops: list = (), prefix: str = "cmpl", every_token: bool = False) -> Job:
-        """Queue a checked Request (``Engine.request``) for the engine; call on the event loop.
+        """Queue a checked Request (``Engine.request``) for the engine; call on the event loop. stops: stop strings
+        (the engine applies them).
 
         every_token: an output for every token, even one whose text is held back (a partial character, the start of
         a stop string). Raises QueueFull when max_batch + max_queue jobs are in flight, ShuttingDown once stopped.
         """
-        job = Job(f"{prefix}-{secrets.token_hex(12)}", request, StopStrings(list(stops)),
-                  TextStream(self.engine.tokenizer, request.prompt_ids), asyncio.get_running_loop(), every_token)
+        stops = tuple(s for s in stops if s)
+        if stops:
+            request.stop_strings = tuple(request.stop_strings) + stops
+        job = Job(f"{prefix}-{secrets.token_hex(12)}", request, asyncio.get_running_loop(), every_token)
         with self._lock:
-            if self._stopping:
-                raise ShuttingDown("the server is shutting down")
+            if self._stopping or self._closed:
+                raise ShuttingDown(SHUTTING_DOWN)
             bound = self.engine.max_batch_size + self.max_queue
-            if self._in_flight >= bound:
+            if self._in_flight - len(self._cancelled) >= bound:  # a cancelled job's place is free already
                 raise QueueFull(f"the server is at capacity ({bound} requests in flight: {self.engine.max_batch_size} "
                                 f"in the batch, {self.max_queue} waiting); retry later")
             self._in_flight += 1
@@ -166,16 +138,32 @@ class Scheduler:
         return job
 
     def cancel(self, job: Job) -> None:
-        """Free the job's slot (or its place in the queue) soon; harmless once it has finished."""
+        """Free the job's KV-cache blocks (or its place in the queue) soon; harmless once it has finished."""
         if job.finish_reason is None:
             with self._lock:
-                self._cancelled.append(job)
+                if job not in self._cancelled:
+                    self._cancelled.append(job)
                 self._wake.notify()
+
+    def close(self) -> None:
+        """Stop admitting (shutdown): ``submit`` raises ShuttingDown and the waiting jobs finish with "abort" (error
+        SHUTTING_DOWN); the running ones go on until they finish or ``stop``."""
+        with self._lock:
+            self._closed = True
+            self._wake.notify()
+
+    @property
+    def load(self) -> tuple:
+        """(waiting, running) jobs, not counting the cancelled ones that the engine thread has yet to drop."""
+        with self._lock:
+            cancelled = set(self._cancelled)
+            waiting = sum(job not in cancelled for job in self._waiting) + self.engine.num_waiting
+            return waiting, self._in_flight - len(cancelled) - waiting
 
     @property
     def alive(self) -> bool:
         """Whether the engine thread runs (and takes requests)."""
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return self._thread is not None and self._thread.is_alive() and not (self._stopping or self._closed)
 
     # ---- engine thread ------------------------------------------------------------------------------------------
 
@@ -190,63 +178,52 @@ class Scheduler:
                 for job in cancelled:
                     if job in self._waiting:
                         self._waiting.remove(job)
+                refused = list(self._waiting) if self._closed else []
+                admitted = [] if self._closed else list(self._waiting)
+                self._waiting.clear()
             for job in cancelled:
                 self.engine.abort(job.request)
                 self._finish(job, "abort", "cancelled")
-            with self._lock:
-                admitted = [self._waiting.popleft() for _ in range(min(self.engine.free_slots, len(self._waiting)))]
+            if self._closed:  # handed to the engine but not admitted yet (and with no output): refused too
+                refused += [self._running[r] for r in self.engine.waiting if r in self._running and not r.output_ids]
+            for job in refused:
+                self.engine.abort(job.request)
+                self._finish(job, "abort", SHUTTING_DOWN)
             try:
-                self._deliver_all(self._add(admitted))  # first tokens go out before the batch's decode step
-                self._deliver_all(self._step())
+                if admitted:
+                    for job in admitted:
+                        self._running[job.request] = job
+                    self.engine.add([job.request for job in admitted])
+                if self.metrics and self.engine.num_running:
+                    self.metrics.decode_batch.observe(self.engine.num_running)
+                self._deliver_all(self.engine.step())
             except Exception as err:  # an engine failure fails the requests in the batch, not the server
                 log.exception("engine step failed; failing %d requests", len(self._running))
                 for job in list(self._running.values()):
                     self.engine.abort(job.request)
                     self._finish(job, "abort", f"the engine failed: {type(err).__name__}: {err}")
                 continue
-            if self.metrics:
-                self.metrics.set_load(len(self._waiting), len(self._running))
         with self._lock:
             left = list(self._waiting) + list(self._running.values())
             self._waiting.clear()
         for job in left:
             self.engine.abort(job.request)
-            self._finish(job, "abort", "the server is shutting down")
-
-    def _add(self, jobs: list) -> list:
-        if not jobs:
-            return []
-        for job in jobs:
-            self._running[job.request] = job
-        return self.engine.add([job.request for job in jobs])
-
-    def _step(self) -> list:
-        if self.metrics and self._running:
-            self.metrics.decode_batch.observe(len(self._running))
-        return self.engine.step()
+            self._finish(job, "abort", SHUTTING_DOWN)
 
     def _deliver_all(self, events: list) -> None:
-        for request, token in events:
-            job = self._running.get(request)
+        for event in events:
+            job = self._running.get(event.request)
             if job is not None:
-                self._deliver(job, token)
+                self._deliver(job, event)
 
-    def _deliver(self, job: Job, token: Optional[int]) -> None:
-        """The job's new token (None: it stopped) as text; stop strings checked; a finished job leaves."""
+    def _deliver(self, job: Job, event) -> None:
+        """An Event's text to the job; a finished job leaves."""
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
-        request = job.request
-        text = job.text.push([] if token is None else [token])
-        if request.finished:
-            text += job.text.flush()
-        text, stopped = job.stops.feed(text)
-        if stopped:
-            self.engine.abort(request)  # frees the slot of a request the engine would go on with
-            self._finish(job, "stop", text=text)
-        elif request.finished:
-            self._finish(job, request.finish_reason, text=text + job.stops.flush())
-        elif text or job.every_token:
-            job.emit(text)
+        if event.finish_reason is not None:
+            self._finish(job, event.finish_reason, text=event.text)
+        elif event.text or job.every_token:
+            job.emit(event.text)
 
     def _finish(self, job: Job, reason: str, error: Optional[str] = None, text: str = "") -> None:
         if job.finish_reason is not None:
@@ -269,18 +246,6 @@ class Scheduler:
 
 
 def warm_up(engine: Engine) -> None:
-    """On CUDA, run the decode step once at every batch size (1, 2, 3, ... slots), so that the first requests do
-    not wait while it is captured (a CUDA graph per power-of-two size) and its kernels compile. Leaves every slot
-    free. (The Engine has no warm-up of its own; on a CPU there is nothing to warm.)"""
-    if engine.device.type != "cuda":
-        return
-    requests = []
-    try:
-        for _ in range(engine.max_batch_size):
-            request = Request([0], engine.max_seq_len - 1)  # token 0, no stop ids: it stays in its slot
-            engine.add([request])
-            requests.append(request)
-            engine.step()
-    finally:
-        for request in requests:
-            engine.abort(request)
+    """Capture the decode step for every batch size before serving (``Engine.warm_up``; nothing on a CPU), so that
+    the first requests do not wait while it is captured and its kernels compile."""
+    engine.warm_up()

@@ -1,0 +1,194 @@
+"""Kernel v2 on the device, one run: correctness of the CUDA small-M kernel and the Triton kernel (layout 2) against
+the float reference, then times at M <= 16 against cuBLAS FP16/BF16 on the LLaMA-2 13B/70B layer shapes.
+
+    python bench/kernel_v2.py [--ms 1,2,4,8,16] [--quick] [--out DIR]
+
+Times: bench/timing.py (CUDA graphs of >= 16 back-to-back calls over rotating operand copies, median of replays).
+floor = (weight + scale + x + out bytes) / the faster of the copy and read bandwidths measured in this run / time.
+Writes kernel-v2-<device>-<date>.json (and .md) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from kernel import SHAPES, dense_calls, geomean, random_weight  # noqa: E402
+from timing import copies_needed, copy_bandwidth, describe_device, read_bandwidth, time_calls  # noqa: E402
+
+from fp6llm.formats import FPFormat  # noqa: E402
+from fp6llm.kernels import fpx_cuda  # noqa: E402
+from fp6llm.kernels.dispatch import device_key, heuristic_config  # noqa: E402
+from fp6llm.kernels.fpx_gemm import fpx_gemm  # noqa: E402
+from fp6llm.quantize import quantize_weight  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANTS = ()  # set by --variants
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def correctness(quick: bool) -> list:
+    """Every format the kernel takes, both dtypes, M across the two n8 blocks, split-K on and off, bias."""
+    rows = []
+    torch.manual_seed(0)
+    formats = ["e3m2", "e2m3", "e2m2", "e2m1", "e3m1", "e4m3", "e1m2", "e2m4"]
+    for fmt in formats[:3] if quick else formats:
+        for dtype in (torch.float16, torch.bfloat16):
+            for m in (1, 3, 8, 9, 16):
+                for n, k, split in ((200, 384, None), (4096, 4096, 1), (4096, 4096, 4), (1000, 1280, 3)):
+                    w = torch.randn(n, k, device="cuda") * 0.05
+                    qw = quantize_weight(w, fmt)
+                    x = torch.randn(m, k, device="cuda", dtype=dtype)
+                    bias = torch.randn(n, device="cuda", dtype=dtype) if m % 2 else None
+                    ref = x.double() @ qw.dequantize(torch.float64).T
+                    if bias is not None:
+                        ref = ref + bias.double()
+                    cuda_out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split)
+                    triton_out = fpx_gemm(x, qw.planes, qw.scales, bias, qw.fmt, n, k, None)
+                    errs = (rel_err(cuda_out, ref), rel_err(triton_out, ref))
+                    limit = 4e-3 if dtype == torch.float16 else 2e-2
+                    ok = all(math.isfinite(e) and e < limit for e in errs)
+                    rows.append({"fmt": fmt, "dtype": str(dtype)[6:], "m": m, "n": n, "k": k, "split": split,
+                                 "cuda_err": errs[0], "triton_err": errs[1], "ok": ok})
+                    if not ok:
+                        print(f"WRONG {rows[-1]}", flush=True)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"correctness: {len(rows) - len(bad)}/{len(rows)} cases within tolerance; max CUDA err "
+          f"{max(r['cuda_err'] for r in rows):.2e}, max Triton err {max(r['triton_err'] for r in rows):.2e}", flush=True)
+    return rows
+
+
+def calls_for(qw, m, dtype, kernel, min_blocks=None, chains=0):
+    n, k = qw.shape
+    bytes_per_call = qw.nbytes + m * k * 2 + m * n * 2
+    calls = []
+    for i in range(copies_needed(bytes_per_call)):
+        planes = qw.planes if i == 0 else tuple(p.clone() for p in qw.planes)
+        scales = qw.scales if i == 0 else qw.scales.clone()
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        if kernel == "cuda":
+            blocks = fpx_cuda.MIN_BLOCKS if min_blocks is None else min_blocks
+            calls.append(lambda p=planes, s=scales, x=x, b=blocks: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
+                                                                                         min_blocks=b, chains=chains))
+        else:
+            calls.append(lambda p=planes, s=scales, x=x: fpx_gemm(x, p, s, None, qw.fmt, n, k, None))
+    return calls, bytes_per_call
+
+
+def timing(ms, cases, bandwidth) -> list:
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        for fmt_name, dtype_name, case_ms in cases:
+            fmt, dtype = FPFormat.parse(fmt_name), DTYPES[dtype_name]
+            qw = random_weight(n, k, fmt, "cuda")
+            for m in [m for m in ms if m in case_ms]:
+                row = {"shape": name, "n": n, "k": k, "m": m, "format": fmt.name, "dtype": dtype_name}
+                for kernel in ("cuda", "triton"):
+                    calls, nbytes = calls_for(qw, m, dtype, kernel)
+                    row[f"{kernel}_us"] = time_calls(calls) * 1e6
+                    row[f"{kernel}_floor"] = nbytes / bandwidth / (row[f"{kernel}_us"] / 1e6)
+                    del calls
+                for variant in VARIANTS:  # A/B: "bN" = __launch_bounds__ minimum CTAs, "cN" = accumulator chains
+                    blocks, chains = (int(variant[1:]), 0) if variant[0] == "b" else (None, int(variant[1:]))
+                    calls, _ = calls_for(qw, m, dtype, "cuda", blocks, chains)
+                    row[f"cuda_{variant}_us"] = time_calls(calls) * 1e6
+                    del calls
+                dense, dense_bytes = dense_calls(n, k, m, dtype, "cuda")
+                row["cublas_us"] = time_calls(dense) * 1e6
+                row["cublas_floor"] = dense_bytes / bandwidth / (row["cublas_us"] / 1e6)
+                del dense
+                row["cuda_speedup"] = row["cublas_us"] / row["cuda_us"]
+                row["triton_speedup"] = row["cublas_us"] / row["triton_us"]
+                row["split"] = None  # chosen inside fpx_small_m from the kernel's registers
+                row["triton_config"] = str(heuristic_config(m, n, k, 132))
+                rows.append(row)
+                variants = " ".join(f"{v} {row[f'cuda_{v}_us']:.1f}" for v in VARIANTS)
+                print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%}) [{variants}]"
+                      f"  triton {row['triton_us']:7.1f} us ({row['triton_floor']:4.0%})  cuBLAS {row['cublas_us']:7.1f} us"
+                      f" ({row['cublas_floor']:4.0%})  cuda {row['cuda_speedup']:.2f}x  triton {row['triton_speedup']:.2f}x",
+                      flush=True)
+            del qw
+            torch.cuda.empty_cache()
+    return rows
+
+
+def timing_mid(ms, bandwidth) -> list:
+    """The Triton path above M = 16 (swap-AB tensor cores, de-quantize + cuBLAS at large M) against cuBLAS."""
+    rows = []
+    for name in ("70b-o", "70b-up", "13b-qkv"):
+        n, k = SHAPES[name]
+        qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")
+        for m in ms:
+            calls, nbytes = calls_for(qw, m, torch.float16, "triton")
+            t = time_calls(calls) * 1e6
+            del calls
+            dense, _ = dense_calls(n, k, m, torch.float16, "cuda")
+            t_dense = time_calls(dense) * 1e6
+            del dense
+            rows.append({"shape": name, "m": m, "triton_us": t, "cublas_us": t_dense, "speedup": t_dense / t,
+                         "config": str(heuristic_config(m, n, k, 132))})
+            print(f"{name:9} M={m:<5} triton {t:8.1f} us  cuBLAS {t_dense:8.1f} us  {t_dense / t:.2f}x", flush=True)
+        del qw
+        torch.cuda.empty_cache()
+    return rows
+
+
+def summary(rows) -> str:
+    lines = []
+    main = [r for r in rows if r["format"] == "e3m2" and r["dtype"] == "fp16"]
+    for kernel in ("cuda", "triton"):
+        sel = [r[f"{kernel}_speedup"] for r in main if r["m"] <= 16]
+        m1 = [r for r in main if r["m"] == 1]
+        if sel:
+            lines.append(f"{kernel}: e3m2 fp16 M<=16 geo-mean {geomean(sel):.2f}x cuBLAS (min {min(sel):.2f}, max "
+                         f"{max(sel):.2f}); M=1 floor " + ", ".join(f"{r['shape']} {r[f'{kernel}_floor']:.0%}" for r in m1))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ms", default="1,2,4,8,16")
+    parser.add_argument("--quick", action="store_true", help="three formats in the correctness sweep")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--variants", default="", help="extra CUDA variants to time: bN (__launch_bounds__ minimum "
+                        "CTAs per SM), cN (accumulator chains), e.g. c1,c2,b7")
+    parser.add_argument("--mid", default="32,128,512,4096", help="M of the Triton-path rows ('' for none)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    started = time.time()
+    global VARIANTS
+    VARIANTS = tuple(v for v in args.variants.split(",") if v)
+    checks = correctness(args.quick)
+    copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
+    bandwidth = max(copy_bw, read_bw)
+    print(f"copy {copy_bw / 1e12:.2f} TB/s, read {read_bw / 1e12:.2f} TB/s", flush=True)
+    ms = [int(m) for m in args.ms.split(",")]
+    cases = [("e3m2", "fp16", ms), ("e3m2", "bf16", [1, 16]), ("e2m3", "fp16", [1]), ("e2m1", "fp16", [1])]
+    rows = [] if args.skip_timing else timing(ms, cases, bandwidth)
+    mid = [] if args.skip_timing or not args.mid else timing_mid([int(m) for m in args.mid.split(",")], bandwidth)
+    meta = {"device": describe_device(), "date": datetime.date.today().isoformat(), "copy_bandwidth_tbs": copy_bw / 1e12,
+            "read_bandwidth_tbs": read_bw / 1e12, "seconds": time.time() - started}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernel-v2-{device_key('cuda')}-{meta['date']}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "correctness": checks, "rows": rows, "mid": mid}, indent=1))
+    text = summary(rows)
+    (out / f"{stem}.md").write_text(f"# Kernel v2, {meta['device']['name']}, {meta['date']}\n\n{text}\n")
+    print(text)
+    return 0 if all(r["ok"] for r in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

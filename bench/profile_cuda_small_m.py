@@ -1,0 +1,32 @@
+"""Launch the CUDA small-M kernel a few times on one shape, for ncu:
+
+    ncu --clock-control none --kernel-name fpx_small_m --launch-skip 3 --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        python3 bench/profile_cuda_small_m.py --n 8192 --k 8192 --m 1
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from kernel import random_weight  # noqa: E402
+
+from fp6llm.formats import FPFormat  # noqa: E402
+from fp6llm.kernels import fpx_cuda  # noqa: E402
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--n", type=int, default=8192)
+parser.add_argument("--k", type=int, default=8192)
+parser.add_argument("--m", type=int, default=1)
+parser.add_argument("--split", type=int, default=None)
+args = parser.parse_args()
+qw = random_weight(args.n, args.k, FPFormat.parse("e3m2"), "cuda")
+x = torch.randn(args.m, args.k, device="cuda", dtype=torch.float16)
+for _ in range(6):
+    fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split)
+torch.cuda.synchronize()
+print("split", args.split or fpx_cuda.choose_split(args.n, args.k, args.m, 132))

@@ -1,0 +1,184 @@
+"""Machine-code counter: the main K loop's instruction mix and lane-operations per weight, per pipe, on sm_90a.
+
+No GPU needed. Compiles the Triton kernel (triton.compile for GPUTarget("cuda", 90, 32)) and/or the CUDA small-M
+kernel (NVRTC from PyTorch or the nvidia-cuda-nvrtc package; else nvcc if on PATH), disassembles the cubin with the
+cuobjdump bundled in Triton's wheel, finds the innermost loop (the body of the backward branch with the most
+instructions), classifies its instructions by the pipe they issue to, and divides lane-operations by the weights one
+pass of the loop de-quantizes:
+
+    lane-ops per weight = warp-instructions x 32 x warps per CTA / weights per CTA-iteration
+
+    python3 bench/sass.py                     # both kernels, e3m2, fp16, the default small-M configuration
+    python3 bench/sass.py --format e2m3 --dtype bfloat16 --kernel cuda
+
+Budget at the H200's floor (docs/kernel-notes.md): ~22-25 weights per SM-clock, so ~2.6-2.9 ALU lane-ops per weight
+(64 ALU lanes per SM-clock) and ~5.1-5.8 lane-ops per weight in all (128 issue lanes per SM-clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+PIPES = {
+    "alu": {"LOP3", "LOP", "SHF", "IADD3", "IADD", "PRMT", "SEL", "ISETP", "LEA", "MOV", "IMNMX", "BMSK", "SGXT",
+            "FSEL", "FSETP", "PLOP3", "P2R", "R2P", "VIADD", "VIMNMX", "IABS", "FLO", "POPC", "BREV", "CS2R", "S2R",
+            "S2UR", "R2UR", "UMOV", "ULOP3", "UIADD3", "USHF", "ULEA", "UISETP", "USEL", "UIMAD", "UPRMT"},
+    "fma": {"IMAD", "FFMA", "FADD", "FMUL", "HFMA2", "HADD2", "HMUL2", "FMNMX", "IDP", "I2FP", "F2IP"},
+    "cvt": {"F2F", "F2FP", "I2F", "F2I", "FRND", "MUFU"},
+    "mma": {"HMMA", "IMMA", "HGMMA", "QGMMA", "IGMMA", "BMMA", "DMMA", "WARPGROUP"},
+    "lsu": {"LDG", "LDS", "LDSM", "STG", "STS", "LD", "ST", "ATOM", "ATOMS", "ATOMG", "RED", "LDGSTS", "LDGDEPBAR",
+            "UBLKCP", "UTMALDG", "SYNCS", "SHFL", "STSM"},
+}
+CONTROL = {"BRA", "BAR", "EXIT", "NOP", "DEPBAR", "BSSY", "BSYNC", "WARPSYNC", "YIELD", "RET", "CALL", "MEMBAR",
+           "ERRBAR", "CCTL", "FENCE", "ELECT", "VOTE", "VOTEU", "PREEXIT", "ACQBULK", "UCGABAR_ARV", "UCGABAR_WAIT"}
+LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([.\w]*)\s*(.*?);")
+
+
+def cuobjdump() -> str:
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def disassemble(cubin: bytes) -> list[tuple[int, str, str, str]]:
+    """(address, opcode, modifiers, operands) of every instruction."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
+        file.write(cubin)
+        path = file.name
+    try:
+        text = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    return [(int(a, 16), op, mods, args) for a, op, mods, args in LINE.findall(text)]
+
+
+def innermost_loop(instructions) -> list:
+    """The instructions of the K loop: of the loop bodies (backward branches), the one with the most MMAs."""
+    by_address = {a: i for i, (a, *_) in enumerate(instructions)}
+    loops = []
+    for i, (address, op, _, args) in enumerate(instructions):
+        if op != "BRA":
+            continue
+        target = re.search(r"0x([0-9a-f]+)", args)
+        if target is None or int(target.group(1), 16) >= address:
+            continue
+        start = by_address.get(int(target.group(1), 16))
+        if start is not None:
+            loops.append((start, i))
+    if not loops:
+        raise ValueError("no loop found in the kernel")
+
+    def mma_count(span):
+        return sum(op in PIPES["mma"] for _, op, _, _ in instructions[span[0]:span[1] + 1])
+
+    # the K loop: the loop with the most MMA instructions, the tightest such one (no prologue or epilogue around it)
+    start, end = max(loops, key=lambda span: (mma_count(span), -(span[1] - span[0])))
+    return instructions[start:end + 1]
+
+
+def pipe_of(op: str) -> str:
+    for pipe, ops in PIPES.items():
+        if op in ops:
+            return pipe
+    return "control" if op in CONTROL else "other"
+
+
+def report(name: str, cubin: bytes, warps: int, weights_per_iteration: int) -> dict:
+    """Print and return the per-pipe lane-operations per weight of the innermost loop."""
+    loop = innermost_loop(disassemble(cubin))
+    ops = collections.Counter(op for _, op, _, _ in loop)
+    pipes = collections.Counter()
+    for op, count in ops.items():
+        pipes[pipe_of(op)] += count
+    per_weight = {pipe: count * 32 * warps / weights_per_iteration for pipe, count in pipes.items()}
+    issued = sum(v for pipe, v in per_weight.items() if pipe != "control")
+    print(f"\n{name}: loop of {len(loop)} instructions per warp, {weights_per_iteration} weights per CTA-iteration, "
+          f"{warps} warps")
+    print("  mix: " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
+    print("  lane-ops per weight: " + ", ".join(f"{pipe} {per_weight.get(pipe, 0):.2f}"
+                                               for pipe in ("alu", "fma", "cvt", "lsu", "mma", "other", "control"))
+          + f"; all issued {issued:.2f}")
+    return {"ops": dict(ops), "per_weight": per_weight, "issued": issued}
+
+
+def triton_cubin(fmt, dtype: str, config) -> bytes:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fp6llm.kernels import fpx_gemm as kernels
+    constants = dict(kernels._plane_kwargs(fmt), GROUP_SIZE=0, HAS_BIAS=False, BLOCK_M=config.block_m,
+                     BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k, USE_DOT=config.use_dot,
+                     EVEN_K=True, DOT_FP32=False, SWAP_AB=config.swap_ab)
+    t = "fp16" if dtype == "float16" else "bf16"
+    signature = {"x_ptr": f"*{t}", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32", "rot_ptr": "*i32",
+                 "scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{t}", "ws_ptr": "*fp32", "count_ptr": "*i32",
+                 "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32", "stride_scale_n": "i32",
+                 "scale_factor": "fp32"}
+    signature.update({name: "constexpr" for name in constants})
+    aligned = [[i] for i, name in enumerate(signature) if name.endswith("_ptr") or name in ("K", "N", "stride_xm",
+                                                                                             "stride_om")]
+    source = ASTSource(kernels.fpx_gemm_kernel, signature, constexprs=constants,
+                       attrs={tuple(a): [["tt.divisibility", 16]] for a in aligned})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return compiled.asm["cubin"]
+
+
+def cuda_cubin(fmt, dtype: str, m: int) -> bytes:
+    from fp6llm.kernels.fpx_cuda import kernel_source, nvrtc_compile
+    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False)
+    try:
+        return nvrtc_compile(source, "sm_90a")
+    except RuntimeError as err:
+        if "not found" not in str(err):
+            raise
+        with tempfile.TemporaryDirectory() as tmp:  # no NVRTC library here: nvcc, if installed
+            src, out = Path(tmp) / "k.cu", Path(tmp) / "k.cubin"
+            src.write_text(source)
+            subprocess.run(["nvcc", "-arch=sm_90a", "-cubin", "--use_fast_math", "-o", str(out), str(src)], check=True)
+            return out.read_bytes()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", default="e3m2")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    parser.add_argument("--m", type=int, default=1, help="rows of x (picks the configuration)")
+    parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda"])
+    parser.add_argument("--json", help="also write the counts to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: unset it (the interpreter compiles nothing)")
+
+    import torch
+
+    from fp6llm.formats import FPFormat
+    from fp6llm.kernels.dispatch import heuristic_config
+    fmt = FPFormat.parse(args.format)
+    print(f"{fmt.name}, {args.dtype}, M = {args.m}, sm_90a")
+    results = {}
+    if args.kernel in ("both", "triton"):
+        config = heuristic_config(args.m, 8192, 8192, 132)
+        results["triton"] = report(f"Triton fpx_gemm_kernel {config}", triton_cubin(fmt, args.dtype, config),
+                                   config.num_warps, config.block_n * config.block_k)
+    if args.kernel in ("both", "cuda"):
+        # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
+        results["cuda"] = report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
+    del torch
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The CUDA C++ small-M kernel (kernels/cuda/fpx_small_m.cu), compiled at run time through NVRTC, cached by source hash.
+
+    out[M, N] = x[M, K] @ (decode(codes) * scale)[N, K].T (+ bias),  M <= 16, per-channel scales, K % 128 == 0
+
+It reads the same layout-2 planes as the Triton kernel. The format enters as generated code: `dequant_source`
+writes, from packing.placement, one line per weight pair (rotate + mask per plane, OR of the planes), so every
+shift amount and mask is an immediate and the compiler can issue plain left shifts on the FMA pipe. Users need no
+build step: NVRTC (libnvrtc, shipped with PyTorch's CUDA wheels or the nvidia-cuda-nvrtc package) compiles the
+source on first use; the cubin is kept under ~/.cache/fp6llm/cuda (FP6LLM_CACHE_DIR overrides) by the hash of its
+source and target.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ..formats import FPFormat
+from ..packing import LANES, PAIRS_PER_LANE, TILE_K, TILE_N, placement, words_per_group
+
+SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
+KERNEL_NAME = "fpx_small_m"
+WARPS = 4
+ROWS_PER_CTA = 16 * WARPS  # a 16-row tile per warp
+MAX_M = 16
+FP16_EXP_BIAS = 15
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Source generation
+
+
+def _signed_hex(mask: int) -> str:
+    return f"0x{mask:08X}u"
+
+
+def _extract(word: str, mask: int, r: int) -> str:
+    """C++ for rotl(word, r) & mask: no move, a left shift, a right shift or a rotate, whichever the mask needs."""
+    bits = [b for b in range(32) if mask >> b & 1]
+    m = _signed_hex(mask)
+    if r == 0:
+        return f"({word} & {m})"
+    if min(bits) >= r:  # every kept bit comes from the left shift
+        return f"(shl_fma<{1 << r}u>({word}) & {m})"
+    if max(bits) < r:  # every kept bit wraps around: x >> (32 - r)
+        return f"(shr_fma<{1 << r}u>({word}) & {m})"
+    return f"rotl_masked<{1 << r}u, {m}>({word})"
+
+
+def dequant_source(fmt: FPFormat) -> str:
+    """C++ for the format's constants: Tile's plane registers, their loads, and dequant_tile (32 pairs per lane)."""
+    layout = placement(fmt)
+    regs = " ".join(f"u32 w{p}[{2 * plane.width}];" for p, plane in enumerate(layout))
+    loads = []
+    for p, plane in enumerate(layout):
+        words, group = 2 * plane.width, words_per_group(plane.width)
+        for first in range(0, words, group):
+            offset = f"tile_index * {64 * plane.width} + {first // group * LANES * group} + lane * {group}"
+            if group == 4:
+                loads.append(f"{{ uint4 v = load_stream(p{p} + {offset}); tile.w{p}[{first}] = v.x; "
+                             f"tile.w{p}[{first + 1}] = v.y; tile.w{p}[{first + 2}] = v.z; "
+                             f"tile.w{p}[{first + 3}] = v.w; }}")
+            else:
+                loads.append(f"{{ uint2 v = load_stream2(p{p} + {offset}); tile.w{p}[{first}] = v.x; "
+                             f"tile.w{p}[{first + 1}] = v.y; }}")
+    lines = []
+    for q in range(PAIRS_PER_LANE):
+        terms = []
+        for p, plane in enumerate(layout):
+            word, slot = divmod(q, plane.slots)
+            extracts = [(plane.mask, plane.rotations[slot][0])] if plane.tied else \
+                [(field.mask, r) for field, r in zip(plane.fields, plane.rotations[slot])]
+            terms += [_extract(f"tile.w{p}[{word}]", mask, r) for mask, r in extracts]
+        lines.append(f"    a[{q}] = {' | '.join(terms)};")
+    return "\n".join([
+        f"#define PLANE_REGS {regs}",
+        "#define LOAD_PLANES " + " ".join(loads),
+        "struct Tile;",
+    ]), "\n".join(["__device__ __forceinline__ void dequant_tile(const Tile& tile, u32 (&a)[32]) {", *lines, "}"])
+
+
+def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
+                  chains: int = 0) -> str:
+    """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. min_blocks > 0 asks
+    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks));
+    chains > 0 sets the independent accumulator chains per n8 block (default 4 / blocks)."""
+    header, dequant = dequant_source(fmt)
+    body = SOURCE.read_text()
+    if min_blocks:
+        body = body.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
+    # dequant_tile needs the complete Tile: put it right after the struct's definition.
+    marker = "__device__ __forceinline__ void load_tile("
+    body = body.replace(marker, dequant + "\n\n" + marker, 1)
+    defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
+               f"// format {fmt.name}, layout 2 (packing.placement)", header.replace("struct Tile;", "")]
+    if chains:
+        defines.insert(0, f"#define CHAINS {chains}")
+    return "\n".join(defines) + "\n" + body
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NVRTC
+
+
+def _find_nvrtc() -> ctypes.CDLL:
+    """libnvrtc: PyTorch's own (CUDA wheels), else the nvidia-cuda-nvrtc pip package, else the system's."""
+    if torch.cuda.is_available():
+        try:
+            return torch.cuda._utils._get_gpu_rtc_library()
+        except Exception:  # an older torch without the helper: search like below
+            pass
+    candidates = []
+    for root in sys.path:
+        candidates += glob.glob(os.path.join(root, "nvidia", "*", "lib", "libnvrtc.so*"))
+        candidates += glob.glob(os.path.join(root, "nvidia", "cu*", "lib", "libnvrtc.so*"))
+    candidates += glob.glob("/usr/local/cuda*/lib64/libnvrtc.so*")
+    for path in sorted(c for c in candidates if "builtins" not in c and "alt" not in c):
+        try:
+            # NVRTC opens libnvrtc-builtins by name at compile time: load the one beside it first
+            for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*")):
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    raise RuntimeError("NVRTC (libnvrtc) not found: install a CUDA build of PyTorch or `pip install nvidia-cuda-nvrtc`")
+
+
+def nvrtc_compile(source: str, arch: str = "sm_90a", name: str = "fpx_small_m.cu") -> bytes:
+    """Compile CUDA C++ to a cubin for ``arch`` with NVRTC; RuntimeError with the compiler log on failure."""
+    lib = _find_nvrtc()
+    program = ctypes.c_void_p()
+
+    def check(result, what):
+        if result != 0:
+            message = ctypes.c_char_p()
+            lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+            raise RuntimeError(f"NVRTC {what} failed: {lib.nvrtcGetErrorString(result).decode()}")
+
+    check(lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0, None, None), "create")
+    options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--use_fast_math", b"-default-device"]
+    c_options = (ctypes.c_char_p * len(options))(*options)
+    result = lib.nvrtcCompileProgram(program, len(options), c_options)
+    if result != 0:
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(program, log)
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+        raise RuntimeError(f"NVRTC could not compile {name} for {arch}:\n{log.value.decode(errors='replace')}")
+    size = ctypes.c_size_t()
+    check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)), "cubin size")
+    cubin = ctypes.create_string_buffer(size.value)
+    check(lib.nvrtcGetCUBIN(program, cubin), "cubin")
+    lib.nvrtcDestroyProgram(ctypes.byref(program))
+    return cubin.raw
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FP6LLM_CACHE_DIR", Path.home() / ".cache" / "fp6llm")) / "cuda"
+
+
+def cached_cubin(source: str, arch: str) -> bytes:
+    """The cubin of ``source`` for ``arch``: from the cache when its hash is there, else compiled and stored."""
+    digest = hashlib.sha256(f"{arch}\n{source}".encode()).hexdigest()[:24]
+    path = cache_dir() / f"{KERNEL_NAME}-{arch}-{digest}.cubin"
+    if path.exists():
+        return path.read_bytes()
+    cubin = nvrtc_compile(source, arch)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(cubin)
+        tmp.replace(path)
+    except OSError:  # a read-only home: compile again next process
+        pass
+    return cubin
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch
+
+
+_KERNELS: dict = {}
+
+
+def _arch(device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}{'a' if major == 9 else ''}"
+
+
+def _registers(kernel) -> int:
+    """Registers per thread of a loaded kernel (cuFuncGetAttribute, CU_FUNC_ATTRIBUTE_NUM_REGS)."""
+    value = ctypes.c_int()
+    libcuda = torch.cuda._utils._get_gpu_runtime_library()
+    if libcuda.cuFuncGetAttribute(ctypes.byref(value), 4, kernel.func) != 0:
+        return 80
+    return value.value
+
+
+def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, chains: int,
+            device):
+    """(kernel, resident CTAs per SM by its registers) for this case, compiled and loaded once per process."""
+    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, chains, torch.device(device).index)
+    if key not in _KERNELS:
+        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks, chains)
+        cubin = cached_cubin(source, _arch(device))
+        with torch.cuda.device(device):
+            kernel = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
+        per_warp = -(-_registers(kernel) * 32 // 256) * 256  # registers are allocated per warp in 256s
+        _KERNELS[key] = (kernel, max(1, min(16, 65536 // (per_warp * WARPS))))
+    return _KERNELS[key]
+
+
+def supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether this kernel takes the case (else the Triton kernel does)."""
+    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0) and hasattr(torch.cuda, "_utils")
+            and group_size is None and fmt.exp_bits <= 4 and x.dtype in (torch.float16, torch.bfloat16)
+            and x.dim() == 2 and 1 <= x.shape[0] <= MAX_M and k % TILE_K == 0 and x.stride(1) == 1
+            and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
+
+
+MIN_BLOCKS = 0  # __launch_bounds__ minimum CTAs per SM (0: ptxas's choice, 80 registers: 6 CTAs)
+
+
+def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int:
+    """Split-K degree. Each warp is latency-bound (ncu on an H200, 2026-12-01: one instruction per ~14 cycles per
+    warp, 0.5 eligible warps per scheduler), so a CTA's time is its K tiles whatever else runs beside it, and the
+    kernel's time is (waves of ``resident`` CTAs per SM) x (K tiles per CTA) + the partial sums (64 x M float32
+    written and read back, M / 12 of a tile) when split. Every CTA keeps >= 4 K tiles."""
+    row_blocks = -(-n // ROWS_PER_CTA)
+    k_tiles = k // TILE_K
+    best, best_cost = 1, float("inf")
+    for split in range(1, max(1, k_tiles // 4) + 1):
+        waves = math.ceil(row_blocks * split / (num_sms * resident))
+        cost = waves * (-(-k_tiles // split) + (m / 12 if split > 1 else 0.0))
+        if cost < best_cost - 1e-9:
+            best, best_cost = split, cost
+    return best
+
+
+class SplitWorkspace:
+    """float32 partials and int32 arrival counters of one device, sized by `reserve` BEFORE any CUDA-graph capture
+    and never reallocated while a capture is under way (a graph keeps the pointers it captured)."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def reserve(self, device, ws_elems: int, counters: int):
+        ws, counts = self.buffers.get(device, (None, None))
+        if ws is not None and ws.numel() >= ws_elems and counts.numel() >= counters:
+            return ws, counts
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the split-K workspace must grow to {ws_elems} floats during a CUDA-graph capture; "
+                               f"run the layer once at this batch size before capturing")
+        ws = torch.empty(max(ws_elems, 1 << 22, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        counts = torch.zeros(max(counters, 4096, 0 if counts is None else counts.numel()), dtype=torch.int32,
+                             device=device)
+        self.buffers[device] = (ws, counts)
+        return ws, counts
+
+
+WORKSPACE = SplitWorkspace()
+
+
+def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
+                split: "int | None" = None, min_blocks: int = MIN_BLOCKS, chains: int = 0) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks override the defaults (tests,
+    benchmarks)."""
+    m = x.shape[0]
+    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, chains, x.device)
+    if split is None:
+        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+    row_blocks = -(-n // ROWS_PER_CTA)
+    k_tiles = k // TILE_K
+    kps = -(-k_tiles // split)
+    split = -(-k_tiles // kps)  # no empty CTAs
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws, counts = WORKSPACE.reserve(x.device, split * row_blocks * ROWS_PER_CTA * m, row_blocks) \
+        if split > 1 else (out, out)
+    padded = list(planes) + [planes[0]] * (3 - len(planes))
+    kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
+           args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
+                 counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
+    return out

@@ -1,0 +1,217 @@
+"""Attention over the paged KV cache: the PyTorch reference against dense attention, the Triton decode and
+prefill kernels against the reference (Triton's interpreter on a CPU), and attention work that follows the valid
+tokens, not the capacity.
+
+Random block tables (each row's blocks scattered over the pool), lengths 1..N, GQA ratios 1 / 4 / 8, sliding
+windows, fp16 and bf16. Tolerance: relative Frobenius error against a float64 reference below TOL; the output
+buffers of the kernels are fresh (torch.empty) and the cache blocks nobody owns are filled with NaN, so a read of
+one shows.
+"""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fp6llm.engine import Engine, Request
+from fp6llm.models import ModelConfig, attention, build_random
+from fp6llm.models.attention import paged_attention_reference
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+runs_kernel = pytest.mark.skipif(not CUDA and not INTERPRETED, reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if CUDA else "cpu"
+BLOCK = 16
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def relative_error(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def paged_case(gen, lengths, n_kv, groups, head_dim=16, dtype=torch.float16, new_tokens=None):
+    """Random K/V of rows of ``lengths`` positions in a pool of scattered blocks (the others NaN), queries for the
+    last ``new_tokens`` positions of each row (1: decode) and the dense K/V [B, Hkv, S, D] they stand for."""
+    b = len(lengths)
+    per_row = [-(-n // BLOCK) for n in lengths]
+    width = max(per_row)
+    pool = sum(per_row) + 3
+    order = torch.randperm(pool - 1, generator=gen)[:sum(per_row)] + 1  # block 0 stays unowned
+    tables = torch.zeros(b, width, dtype=torch.int32)
+    k_cache = torch.full((pool, BLOCK, n_kv, head_dim), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    dense_k, dense_v = [], []
+    used = 0
+    for row, n in enumerate(lengths):
+        blocks = order[used:used + per_row[row]]
+        used += per_row[row]
+        tables[row, :len(blocks)] = blocks.to(torch.int32)
+        k = torch.randn(n, n_kv, head_dim, generator=gen).to(dtype)
+        v = torch.randn(n, n_kv, head_dim, generator=gen).to(dtype)
+        slots = blocks.repeat_interleave(BLOCK)[:n] * BLOCK + torch.arange(n) % BLOCK
+        k_cache.view(-1, n_kv, head_dim)[slots] = k
+        v_cache.view(-1, n_kv, head_dim)[slots] = v
+        dense_k.append(k)
+        dense_v.append(v)
+    t = new_tokens or 1
+    q = torch.randn(b, n_kv * groups, t, head_dim, generator=gen).to(dtype)
+    input_pos = torch.stack([torch.arange(n - t, n).clamp(min=0) for n in lengths])
+    seq_lens = torch.tensor(lengths, dtype=torch.int32)
+    return q, k_cache, v_cache, tables, seq_lens, input_pos, dense_k, dense_v
+
+
+def dense_attention(q, dense_k, dense_v, input_pos, window=None):
+    """float64 attention of each row on its own: query head h reads KV head h // groups."""
+    out = []
+    for row, (k, v) in enumerate(zip(dense_k, dense_v)):
+        groups = q.shape[1] // k.shape[1]
+        k = k.double().transpose(0, 1).repeat_interleave(groups, 0)  # [H, S, D]
+        v = v.double().transpose(0, 1).repeat_interleave(groups, 0)
+        key_pos = torch.arange(k.shape[1])
+        query_pos = input_pos[row][:, None]
+        mask = key_pos <= query_pos
+        if window is not None:
+            mask = mask & (key_pos > query_pos - window)
+        out.append(F.scaled_dot_product_attention(q[row].double(), k, v, attn_mask=mask))
+    return torch.stack(out)
+
+
+def nan_free(*tensors):
+    return [torch.nan_to_num(t, nan=0.0) for t in tensors]
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+@pytest.mark.parametrize("window", [None, 5])
+def test_reference_equals_dense_attention(gen, groups, window):
+    lengths = torch.randint(1, 60, (3,), generator=gen).tolist()
+    q, k_cache, v_cache, tables, seq_lens, pos, dk, dv = paged_case(gen, lengths, 2, groups, dtype=torch.float64,
+                                                                    new_tokens=4)
+    k_cache, v_cache = nan_free(k_cache, v_cache)  # the reference gathers whole blocks (masked, but 0 * NaN)
+    out = paged_attention_reference(q, k_cache, v_cache, tables, seq_lens, pos, window)
+    assert relative_error(out, dense_attention(q, dk, dv, pos, window)) < TOL[torch.float64]
+
+
+@runs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("groups, window, head_dim", [(1, None, 16), (4, None, 16), (8, None, 16), (4, 20, 16),
+                                                      (5, None, 24)])  # the last: padded head and group tiles
+def test_decode_kernel_matches_the_reference(gen, dtype, groups, window, head_dim):
+    from fp6llm.kernels.attention import paged_decode
+
+    lengths = [1] + torch.randint(2, 90, (2,), generator=gen).tolist()
+    q, k_cache, v_cache, tables, seq_lens, pos, dk, dv = paged_case(gen, lengths, 2, groups, head_dim, dtype)
+    expected = dense_attention(q, dk, dv, pos, window)
+    to = dict(device=DEVICE)
+    for splits in (1, 3):  # one program per row and KV head, and split-KV with a reduction
+        out = paged_decode(q.to(**to), k_cache.to(**to), v_cache.to(**to), tables.to(**to), seq_lens.to(**to),
+                           pos.to(**to), window, splits=splits)
+        assert out.dtype == dtype and out.shape == q.shape
+        assert relative_error(out.cpu(), expected) < TOL[dtype], splits
+
+
+@runs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("groups, window, head_dim", [(1, None, 16), (8, None, 16), (4, 7, 16), (5, None, 24)])
+def test_prefill_kernel_matches_the_reference(gen, dtype, groups, window, head_dim):
+    """A chunk of 20 new tokens after cached prefixes of 0 .. 40 positions (prefill and extend)."""
+    from fp6llm.kernels.attention import paged_prefill
+
+    lengths = [20] + (20 + torch.randint(1, 40, (1,), generator=gen)).tolist()
+    q, k_cache, v_cache, tables, seq_lens, pos, dk, dv = paged_case(gen, lengths, 2, groups, head_dim, dtype,
+                                                                    new_tokens=20)
+    to = dict(device=DEVICE)
+    out = paged_prefill(q.to(**to), k_cache.to(**to), v_cache.to(**to), tables.to(**to), seq_lens.to(**to),
+                        pos.to(**to), window)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert relative_error(out.cpu(), dense_attention(q, dk, dv, pos, window)) < TOL[dtype]
+
+
+def test_attention_work_follows_the_valid_tokens(monkeypatch, gen):
+    """One sequence in a cache of 2048 positions: a decode step at length 10 gathers 1 block of K/V per layer, at
+    length 2000 125 blocks (the static cache read all 2048 positions in both). Counted at the attention call: the
+    bytes of the block-table columns it is given (the reference gathers them all, the kernels read only the valid
+    ones of each row)."""
+    config = dataclasses.replace(ModelConfig.from_name("tiny-llama"), max_position_embeddings=2048)
+    model = build_random(config, "fp32", "cpu", seed=0, progress=False)
+    engine = Engine(model, None, max_batch_size=1, max_seq_len=2048)
+    read = []
+    original = attention.paged_attention
+
+    def counting(q, k_cache, v_cache, block_tables, *args):
+        if q.shape[2] == 1:  # decode steps
+            read.append(2 * block_tables.numel() * k_cache[0].numel() * k_cache.element_size())
+        return original(q, k_cache, v_cache, block_tables, *args)
+
+    monkeypatch.setattr(attention, "paged_attention", counting)
+    layers, per_block = model.config.n_layers, 2 * BLOCK * model.config.n_kv_heads * model.config.head_dim * 4
+    for length, blocks in ((10, 1), (2000, 125)):
+        read.clear()
+        request = Request(torch.randint(3, 500, (length - 1,), generator=gen).tolist(), 2)
+        engine.add([request])
+        engine.step()  # prefill, first token
+        engine.step()  # one decode step at length `length`
+        assert request.finished and sum(read) == layers * blocks * per_block
+
+
+def recorded_logits(engine, prompts, max_new_tokens):
+    """Greedy output ids of the prompts and the logits each step sampled from, per request."""
+    logits, sample = {}, engine._sample
+
+    def recording(requests, rows):
+        for request, row in zip(requests, rows):
+            logits.setdefault(request, []).append(row.float().cpu())
+        return sample(requests, rows)
+
+    engine._sample = recording
+    requests = [Request(p, max_new_tokens) for p in prompts]
+    engine.add(requests)
+    while engine.active:
+        engine.step()
+    return [r.output_ids for r in requests], [torch.stack(logits[r]) for r in requests]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_engine_kernels_and_graphs_match_the_reference(monkeypatch, gen):
+    """On CUDA: the decode step captured as CUDA graphs (static block tables / lengths / slot mapping, padded
+    batch sizes) and run eagerly, both through the Triton kernels, against the PyTorch reference attention; the
+    logits of the first two steps of each prompt within 1e-2 (fp16), teacher-forced by comparing only while the
+    tokens agree."""
+    model = build_random("tiny-llama", "fp16", "cuda", seed=0, progress=False)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (5, 40, 17)]
+    results = {}
+    for name, graph in (("graph", True), ("eager", False)):
+        engine = Engine(model, None, max_batch_size=4, max_seq_len=128, cuda_graph=graph)
+        engine.warm_up()
+        results[name] = recorded_logits(engine, prompts, 6)
+        engine.close()
+    monkeypatch.setattr(attention, "paged_attention", paged_attention_reference)
+    engine = Engine(model, None, max_batch_size=4, max_seq_len=128, cuda_graph=False)
+    reference = recorded_logits(engine, prompts, 6)
+    for name, (tokens, logits) in results.items():
+        for row in range(len(prompts)):
+            agree = next((i for i, (a, b) in enumerate(zip(tokens[row], reference[0][row])) if a != b), 6)
+            steps = max(1, min(agree + 1, 2))
+            assert relative_error(logits[row][:steps], reference[1][row][:steps].double()) < 1e-2, (name, row)
+
+
+@runs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cache_write_kernel_stores_each_token_in_its_slot(gen, dtype):
+    """k and v as the fused qkv projection leaves them (strided views) into distinct random slots: exactly what
+    the reference stores; every other slot keeps its NaN."""
+    from fp6llm.kernels.attention import write_kv_kernel
+    from fp6llm.models.attention import write_kv_reference
+
+    b, t, n_kv, d, pool = 2, 5, 3, 24, 6
+    qkv = torch.randn(b, t, 4 + 2 * n_kv, d, generator=gen).to(dtype)
+    k, v = qkv[:, :, 4:4 + n_kv], qkv[:, :, 4 + n_kv:]
+    slots = torch.randperm(pool * BLOCK, generator=gen)[:b * t].view(b, t).to(torch.int32)
+    expected = [torch.full((pool, BLOCK, n_kv, d), float("nan"), dtype=dtype) for _ in range(2)]
+    write_kv_reference(*expected, slots, k, v)
+    caches = [torch.full_like(expected[0], float("nan"), device=DEVICE) for _ in range(2)]
+    write_kv_kernel(*caches, slots.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
+    for cache, reference in zip(caches, expected):
+        assert torch.equal(cache.cpu().nan_to_num(7.0), reference.nan_to_num(7.0))
