@@ -10,10 +10,9 @@ from dataclasses import asdict
 
 import sys
 
-import torch
-
 from ..cli import at_least, check_output_file, command
-from ..formats import FPFormat
+
+PLAN_METHODS_DEFAULT = "e2m2,e2m3,e3m2,e2m3:g64,e2m3:g32:mse,e4m3"  # fp6llm plan candidates
 
 FORMATS_DEFAULT = "e3m2,e2m3,e2m2,e3m1,e2m1"
 PER_CHANNEL_NAMES = ("none", "channel", "per-channel")
@@ -157,6 +156,8 @@ def _eval_lm_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _eval_lm(args) -> None:
+    import torch
+
     from ..evals import lm
     from ..evals.baselines import Method
 
@@ -173,6 +174,8 @@ def _eval_lm(args) -> None:
 
 
 def _write_json(path, setup: dict, rows, **extra) -> None:
+    import torch
+
     setup = {"date": datetime.date.today().isoformat(), "device": "cpu", "machine": platform.machine(),
              "torch_threads": torch.get_num_threads(), "torch": torch.__version__, **setup}
     with open(path, "w") as out:
@@ -183,8 +186,6 @@ def _write_json(path, setup: dict, rows, **extra) -> None:
 @command("plan", "choose each linear layer's format under a budget (--bits per weight or --budget-gb) from "
                  "Fisher-estimated sensitivities on pydoc text, and write a packed checkpoint with that plan")
 def _plan_args(parser: argparse.ArgumentParser) -> None:
-    from ..evals.plan import PLAN_METHODS_DEFAULT
-
     _lm_arguments(parser)
     budget = parser.add_mutually_exclusive_group(required=True)
     budget.add_argument("--bits", type=float, help="average bits per linear weight, scales included (e.g. 6.5)")
@@ -198,6 +199,7 @@ def _plan_args(parser: argparse.ArgumentParser) -> None:
 
 def _plan(args) -> None:
     from ..evals import lm, plan
+    from ..formats import FPFormat
     from ..evals.baselines import Method
     from ..models.checkpoint import quantize_checkpoint
 

@@ -25,7 +25,6 @@ from torch import nn
 from .baselines import Method
 from .lm import quantizable_linears
 
-PLAN_METHODS_DEFAULT = "e2m2,e2m3,e3m2,e2m3:g64,e2m3:g32:mse,e4m3"
 # Projections that read the same input: a fused kernel (qkv, gate_up) holds them as one weight, one format.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 BISECTION_STEPS = 60
