@@ -8,6 +8,9 @@ Code layout (b = 1 + e + m bits, stored in the low bits of a uint8):  ``s | e bi
 Positive codes 0 .. 2^(b-1) - 1 are in increasing order of value, so the magnitude of a code is its index into the
 sorted table of non-negative values; encoding is a search in that table.
 
+OCP MX formats (``MXFormat``: "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1") are one of these element formats plus one
+E8M0 scale (a power of two, 2^-127 .. 2^127) per block of 32 consecutive weights along K; see ``mx_exponents``.
+
 Rounding is to nearest, ties to even: on a tie the code whose lowest bit is 0 wins (for m >= 1 that is the even
 mantissa, as in IEEE 754; for m = 0 formats it is the even exponent field). Values beyond max_value saturate to
 +-max_value. NaN or Inf input raises ValueError. -0.0 encodes to the negative zero code, which decodes to -0.0.
@@ -24,6 +27,11 @@ import torch
 # Names that mean a format, beyond the eXmY spelling.
 ALIASES = {"fp6": "e3m2", "fp5": "e2m2", "fp4": "e2m1"}
 MIN_BITS, MAX_BITS = 2, 8
+# OCP Microscaling v1.0: one shared E8M0 scale per 32 elements; E8M0 codes 0..254 are 2^(code - 127), 255 is NaN.
+MX_BLOCK_SIZE = 32
+E8M0_BITS, E8M0_BIAS, E8M0_NAN = 8, 127, 255
+MX_ELEMENTS = {"mxfp6_e3m2": (3, 2), "mxfp6_e2m3": (2, 3), "mxfp4_e2m1": (2, 1)}
+MX_ALIASES = {"mxfp6": "mxfp6_e3m2", "mxfp4": "mxfp4_e2m1"}
 
 
 @dataclass(frozen=True)
@@ -157,3 +165,74 @@ def decode(codes: torch.Tensor, fmt: "str | FPFormat" = "e3m2") -> torch.Tensor:
             f"valid 0..{fmt.num_codes - 1}"
         )
     return value_table(fmt, torch.float32, codes.device)[index]
+
+
+@dataclass(frozen=True)
+class MXFormat:
+    """An OCP MX format: ``element`` codes (FP6 E3M2 / E2M3, FP4 E2M1) and one E8M0 scale per MX_BLOCK_SIZE of K."""
+
+    element: FPFormat
+    block_size: int = MX_BLOCK_SIZE
+    scale_bits: int = E8M0_BITS
+
+    @classmethod
+    def parse(cls, name: "str | MXFormat") -> "MXFormat":
+        """"mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1" (also "mxfp6" = E3M2, "mxfp4"), case-insensitive."""
+        if isinstance(name, MXFormat):
+            return name
+        key = str(name).strip().lower().replace("-", "_")
+        key = MX_ALIASES.get(key, key)
+        if key not in MX_ELEMENTS:
+            raise ValueError(f"unknown MX format {name!r}; valid: {', '.join(MX_ELEMENTS)}")
+        return cls(FPFormat(*MX_ELEMENTS[key]))
+
+    @property
+    def name(self) -> str:
+        return f"mxfp{self.element.bits}_{self.element.name}"
+
+    @property
+    def element_emax(self) -> int:
+        """Exponent of the element format's largest normal value (OCP's emax_elem): 4 for E3M2, 2 for E2M3/E2M1."""
+        return 2**self.element.exp_bits - 1 - self.element.bias
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_weight_format(name: "str | FPFormat | MXFormat") -> "FPFormat | MXFormat":
+    """An FPFormat ("e3m2", "fp6", ...) or an MXFormat ("mxfp6_e2m3", ...) from its name; ValueError otherwise."""
+    if isinstance(name, (FPFormat, MXFormat)):
+        return name
+    if isinstance(name, str) and name.strip().lower().startswith("mx"):
+        return MXFormat.parse(name)
+    return FPFormat.parse(name)
+
+
+def mx_exponents(absmax: torch.Tensor, fmt: MXFormat) -> torch.Tensor:
+    """The shared exponent X of each block, int32, as OCP MX v1.0 computes it from the block's largest |value|.
+
+    X = floor(log2(absmax)) - emax_elem, clamped to E8M0's range [-127, 127]; an all-zero block gets -127. The block's
+    elements are then encode(v / 2^X) (values above the element's max saturate, as the spec allows).
+    """
+    _check_finite(absmax, "MX block absmax")
+    exponents = torch.frexp(absmax.float())[1] - 1 - fmt.element_emax  # frexp: absmax = f * 2^e, 0.5 <= f < 1
+    exponents = torch.where(absmax > 0, exponents, torch.full_like(exponents, -E8M0_BIAS))
+    return exponents.clamp(-E8M0_BIAS, E8M0_NAN - 1 - E8M0_BIAS).to(torch.int32)
+
+
+def e8m0_encode(exponents: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 codes of integer exponents in [-127, 127] (code = X + 127); ValueError outside that range."""
+    if torch.is_floating_point(exponents):
+        raise TypeError(f"e8m0_encode needs integer exponents, got {exponents.dtype}")
+    if exponents.numel() and (int(exponents.min()) < -E8M0_BIAS or int(exponents.max()) > E8M0_NAN - 1 - E8M0_BIAS):
+        raise ValueError(f"E8M0 exponents must be in [-127, 127], got {int(exponents.min())}..{int(exponents.max())}")
+    return (exponents.to(torch.int32) + E8M0_BIAS).to(torch.uint8)
+
+
+def e8m0_decode(codes: torch.Tensor) -> torch.Tensor:
+    """float32 2^(code - 127) of uint8 E8M0 codes; code 255 decodes to NaN (the format's one special value)."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"e8m0_decode needs uint8 codes, got {codes.dtype}")
+    values = torch.ldexp(torch.ones(codes.shape, dtype=torch.float32, device=codes.device),
+                         codes.to(torch.int32) - E8M0_BIAS)
+    return torch.where(codes == E8M0_NAN, torch.full_like(values, float("nan")), values)

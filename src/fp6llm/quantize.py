@@ -6,13 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import FPFormat, decode, encode
+from .formats import FPFormat, MXFormat, decode, encode, mx_exponents, parse_weight_format
 from .packing import LAYOUT_VERSION, pack, plane_shape, plane_widths, unpack
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FP16_MIN_NORMAL = torch.finfo(torch.float16).tiny
 FP16_MAX = torch.finfo(torch.float16).max
 ROWS_PER_CHUNK = 4096  # rows encoded at a time: bounds the temporaries of a large weight
+# scale_search="mse": each group's scale is absmax / max_value times the ratio of CLIP_RATIOS (1 = no clipping)
+# whose codes give the least squared weight error; 1.0 comes first, so a tie keeps the absmax scale.
+SCALE_SEARCHES = ("mse",)
+CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(11))  # 1.00, 0.98, ..., 0.80
+MX_EXPONENT_STEPS = (0, -1, 1)  # scale_search="mse" for MX: the OCP exponent, one lower (clips more), one higher
 
 
 @dataclass
@@ -103,18 +108,74 @@ def _choose_scales(absmax: torch.Tensor, fmt: FPFormat, grouped: bool) -> torch.
     return torch.where(half.float() < scales, torch.nextafter(half, torch.full_like(half, float("inf"))), half)
 
 
-def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat" = "e3m2", group_size: "int | None" = None,
-                    absmax: "torch.Tensor | None" = None) -> QuantizedWeight:
+def _check_scale_search(scale_search: "str | None") -> None:
+    if scale_search is not None and scale_search not in SCALE_SEARCHES:
+        raise ValueError(f"scale_search must be None (absmax scales) or one of {', '.join(SCALE_SEARCHES)}, got "
+                         f"{scale_search!r}")
+
+
+def _encode_best(groups: torch.Tensor, candidates, fmt: FPFormat) -> tuple:
+    """(codes [n, G, g], scales [n, G]) of the candidate scales with the least squared error in each group.
+
+    groups: float32 [n, G, g]; candidates: a list of scales [n, G] (float32 or float16); the first wins ties. The
+    scales are float16 only if every candidate's are.
+    """
+    if len(candidates) == 1:
+        return encode(groups / candidates[0][:, :, None].float(), fmt), candidates[0]
+    best_codes = best_scales = best_error = None
+    for scales in candidates:
+        codes = encode(groups / scales[:, :, None].float(), fmt)
+        error = (decode(codes, fmt) * scales[:, :, None].float() - groups).square().sum(dim=2)
+        if best_codes is None:
+            best_codes, best_scales, best_error = codes, scales, error
+            continue
+        better = error < best_error
+        best_codes = torch.where(better[:, :, None], codes, best_codes)
+        best_scales, best_error = torch.where(better, scales, best_scales), torch.where(better, error, best_error)
+    return best_codes, best_scales
+
+
+def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat | MXFormat" = "e3m2", group_size: "int | None" = None,
+                    absmax: "torch.Tensor | None" = None, scale_search: "str | None" = None) -> QuantizedWeight:
     """Quantize a weight [N, K] (out_features, in_features) of float32/float16/bfloat16.
 
     Per-output-channel scales by default (each row's absmax maps to fmt.max_value); with ``group_size`` one scale
     per group of that many input columns. ``absmax`` [N] (per-channel scales only): each row's largest |value| to
     scale by instead of w's own, so that w, a column slice of a larger weight (a tensor-parallel shard), gets the
-    codes and scales of that weight's columns. Raises ValueError for a non-2-D weight, a group size that does not
-    divide K, an absmax of another shape or with group_size, or NaN/Inf (naming the first bad row); TypeError for
-    a non-float weight.
+    codes and scales of that weight's columns.
+    fmt an MXFormat (or its name, "mxfp6_e2m3", ...): OCP MX, one power-of-two float32 scale 2^X per 32 columns
+    (fmt.block_size), X as fp6llm.formats.mx_exponents computes it; the result is a group-32 QuantizedWeight of the
+    element format, read by the same kernels. scale_search "mse": per group (row), the scale among CLIP_RATIOS of
+    the absmax one (MX: the exponents MX_EXPONENT_STEPS around the OCP one) with the least squared weight error;
+    None (default) keeps the absmax scale.
+    Raises ValueError for a non-2-D weight, a group size that does not divide K (or is not 32 for MX), an absmax
+    of another shape or with group_size, an unknown scale_search, or NaN/Inf (naming the first bad row); TypeError
+    for a non-float weight.
     """
-    fmt = FPFormat.parse(fmt)
+    codes, scales, fmt, group_size = _codes_and_scales(w, fmt, group_size, absmax, scale_search)
+    return QuantizedWeight(pack(codes, fmt), scales, fmt, tuple(w.shape), group_size)
+
+
+def fake_quantize(w: torch.Tensor, fmt: "str | FPFormat | MXFormat" = "e3m2", group_size: "int | None" = None,
+                  scale_search: "str | None" = None) -> torch.Tensor:
+    """quantize_weight(w, ...).dequantize() (float32 [N, K], the same values) without packing the planes: for
+    quality measurements that swap weights many times. Raises what quantize_weight raises."""
+    codes, scales, fmt, group_size = _codes_and_scales(w, fmt, group_size, None, scale_search)
+    scales = scales.float()[:, None] if group_size is None else scales.float().repeat_interleave(group_size, dim=1)
+    return decode(codes, fmt) * scales
+
+
+def _codes_and_scales(w, fmt, group_size, absmax, scale_search) -> tuple:
+    """(uint8 codes [N, K], scales, element FPFormat, group size) for quantize_weight (its checks included)."""
+    fmt = parse_weight_format(fmt)
+    _check_scale_search(scale_search)
+    mx = isinstance(fmt, MXFormat)
+    if mx:
+        if group_size not in (None, fmt.block_size) or absmax is not None:
+            raise ValueError(f"{fmt.name} has one scale per {fmt.block_size} columns: group_size must be None or "
+                             f"{fmt.block_size} and absmax None, got {group_size!r} and "
+                             f"{'a tensor' if absmax is not None else None}")
+        group_size, fmt, mx_format = fmt.block_size, fmt.element, fmt
     if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be a float32/float16/bfloat16 tensor, got "
                         f"{getattr(w, 'dtype', type(w).__name__)}")
@@ -134,11 +195,25 @@ def quantize_weight(w: torch.Tensor, fmt: "str | FPFormat" = "e3m2", group_size:
 
     groups = w.float().view(n, -1, group_size or k)
     absmax = groups.abs().amax(dim=2) if absmax is None else absmax.float().view(n, 1)
-    scales = _choose_scales(absmax, fmt, group_size is not None)
+    grouped = group_size is not None
     codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(absmax.shape, dtype=torch.float32, device=w.device)
+    all_half = True
     for start in range(0, n, ROWS_PER_CHUNK):
         rows = slice(start, start + ROWS_PER_CHUNK)
-        codes[rows] = encode(groups[rows] / scales[rows, :, None].float(), fmt).view(-1, k)
+        if mx:
+            exponents = mx_exponents(absmax[rows], mx_format)
+            steps = MX_EXPONENT_STEPS if scale_search else MX_EXPONENT_STEPS[:1]
+            candidates = [torch.ldexp(torch.ones_like(absmax[rows]), (exponents + step).clamp(-127, 127))
+                          for step in steps]
+        else:
+            ratios = CLIP_RATIOS if scale_search else CLIP_RATIOS[:1]
+            candidates = [_choose_scales(absmax[rows] * ratio, fmt, grouped) for ratio in ratios]
+        chunk_codes, chunk_scales = _encode_best(groups[rows], candidates, fmt)
+        codes[rows], scales[rows] = chunk_codes.view(-1, k), chunk_scales.float()
+        all_half = all_half and chunk_scales.dtype == torch.float16
+    if all_half:  # every chunk chose float16 scales (_choose_scales: group scales that all fit)
+        scales = scales.half()
     if group_size is None:
         scales = scales[:, 0]
-    return QuantizedWeight(pack(codes, fmt), scales.contiguous(), fmt, (n, k), group_size)
+    return codes, scales.contiguous(), fmt, group_size

@@ -81,10 +81,13 @@ def copy_tokenizer_files(src_dir: Union[str, Path], out_dir: Union[str, Path]) -
     return copied
 
 
-def _write_meta(out_dir: Path, fmt: str, group_size: Optional[int], config: ModelConfig, source) -> None:
+def _write_meta(out_dir: Path, fmt: str, group_size: Optional[int], config: ModelConfig, source,
+                plan: Optional[dict] = None) -> None:
     meta = {"format": fmt, "group_size": group_size, "layout_version": LAYOUT_VERSION,
             "source": None if source is None else str(source), "fp6llm_version": __version__,
             "config": config.to_dict()}
+    if plan:  # per-layer formats (fp6llm.evals.plan); format / group_size are then the other layers' (none)
+        meta["plan"] = plan
     (out_dir / PACKED_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -127,13 +130,16 @@ def _source_dtype(src_dir: Path) -> Optional[str]:
 
 def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fmt: Union[str, FPFormat] = "e3m2",
                         group_size: Optional[int] = None, device="cpu", max_shard_bytes: int = MAX_SHARD_BYTES,
-                        progress: bool = True, dtype: Optional[torch.dtype] = None) -> dict:
+                        progress: bool = True, dtype: Optional[torch.dtype] = None,
+                        plan: Optional[dict] = None) -> dict:
     """Quantize a Hugging Face safetensors model directory into a packed checkpoint, streaming: one module's
     tensors are read, quantized (on ``device``) and queued for the current shard at a time, so memory holds at most
     one shard plus one weight. The tensors that stay unquantized (embeddings, lm_head, norms, biases) are stored
     in ``dtype``: default the activations' float16, or bfloat16 when the source's config.json says torch_dtype
     bfloat16 (so an fp32 source does not make an FP6 checkpoint larger than its fp16 one); torch.float32 keeps them.
 
+    plan: {module name: {"format", "group_size", "scale_search"}} gives those Linears their own format (a
+    per-layer plan, stored in fp6llm.json and read back by load_packed); fmt / group_size cover the others.
     Returns {"tensors", "bytes_in", "bytes_out", "shards", "seconds", "format", "group_size"}. Raises what load_hf
     raises for a bad source, and ValueError if src_dir is already packed or out_dir is src_dir.
     """
@@ -154,6 +160,7 @@ def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fm
     writer = ShardWriter(out_dir, max_shard_bytes)
     try:
         source = HFSource(checkpoint, config.arch, fmt, group_size, dtype, device)
+        source.layer_plan = plan or {}
         for name, module in stream_modules(build_model(config, "meta"), source, progress, "quantize"):
             for key, tensor in module.state_dict(prefix=f"{name}.").items():
                 writer.add(key, tensor)
@@ -162,6 +169,6 @@ def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fm
     tensors, bytes_out, shards = writer.close()
     copy_tokenizer_files(src_dir, out_dir)
     name = format_name(fmt, dtype)
-    _write_meta(out_dir, name, group_size, config, src_dir.resolve())
+    _write_meta(out_dir, name, group_size, config, src_dir.resolve(), plan)
     return {"tensors": tensors, "bytes_in": checkpoint.bytes_read, "bytes_out": bytes_out, "shards": shards,
             "seconds": time.perf_counter() - start, "format": name, "group_size": group_size}

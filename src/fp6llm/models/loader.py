@@ -142,7 +142,9 @@ class Source:
     Subclasses say where one tensor comes from (``tensor``, or only its part ``index``); a Linear other than lm_head
     is quantized to ``fmt`` (FPxLinear) unless fmt is None. dtype None keeps the tensors' own dtype. shards
     ({module name: tp.Split}, from tp.plan): those Linears get only a tensor-parallel rank's slice. fused
-    ({fused module name: parts}, fused.layout; stream_modules sets it): those Linears are stacked from their parts.
+    ({fused module name: parts}, fused.layout; stream_modules sets it): those Linears are stacked from their parts. layer_plan
+    ({module name: {"format", "group_size", "scale_search"}}, a per-layer format plan as fp6llm.json stores it):
+    those Linears get their own format instead of fmt / group_size.
     """
 
     def __init__(self, fmt: Optional[FPFormat], group_size: Optional[int], dtype: Optional[torch.dtype], device,
@@ -150,6 +152,14 @@ class Source:
         self.fmt, self.group_size, self.dtype, self.device = fmt, group_size, dtype, device
         self.shards = shards or {}
         self.fused: dict = {}
+        self.layer_plan = {}
+
+    def layer_format(self, name: str) -> tuple:
+        """(FPFormat, group size, scale search) of Linear ``name``: its layer_plan entry, else fmt / group_size."""
+        entry = self.layer_plan.get(name)
+        if entry is None:
+            return self.fmt, self.group_size, None
+        return FPFormat.parse(entry["format"]), entry.get("group_size"), entry.get("scale_search")
 
     def tensor(self, name: str, like: torch.Tensor, index: Optional[tuple] = None) -> torch.Tensor:
         raise NotImplementedError
@@ -160,7 +170,15 @@ class Source:
 
     def module(self, name: str, module: nn.Module) -> nn.Module:
         if name in self.fused:
-            return self.fused_linear(name, module)
+            if self.fmt is None or self.fused[name][0][0] not in self.layer_plan:
+                return self.fused_linear(name, module)
+            # a per-layer plan gives a fused projection's parts one format (fp6llm.evals.plan): that of its first
+            saved = self.fmt, self.group_size
+            self.fmt, self.group_size, _ = self.layer_format(self.fused[name][0][0])
+            try:
+                return self.fused_linear(name, module)
+            finally:
+                self.fmt, self.group_size = saved
         split = self.shards.get(name)
         if isinstance(module, nn.Linear) and self.fmt is not None and name != SKIP:
             return self.linear(name, module)
@@ -185,14 +203,15 @@ class Source:
 
     def linear(self, name: str, module: nn.Linear) -> FPxLinear:
         split = self.shards.get(name)
+        fmt, group_size, scale_search = self.layer_format(name)
         if split is not None:
-            check_split(name, split, module.in_features, self.group_size)
+            check_split(name, split, module.in_features, group_size)
         weight, absmax = self.weight(f"{name}.weight", module.weight, split)
         weight = weight if weight.dtype in FLOAT_DTYPES else weight.float()
         bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias,
                                                              None if split is None else split.bias_index)
         bias = None if bias is None else bias.to(self.dtype or bias.dtype)
-        return FPxLinear(quantize_weight(weight, self.fmt, self.group_size, absmax), bias)
+        return FPxLinear(quantize_weight(weight, fmt, group_size, absmax, scale_search), bias)
 
     def fused_rows(self, name: str, suffix: str, tail: tuple, read=None) -> torch.Tensor:
         """Rows of tensor ``suffix`` ("weight", "bias", "plane0", "scales", ...) of the fused projection ``name``:
@@ -330,21 +349,22 @@ class PackedSource(Source):
         """The planes and scales (a tensor-parallel split: only the slice of them that tp.shard_quantized keeps)."""
         n, k = module.weight.shape
         split = self.shards.get(name)
+        fmt, group_size, _ = self.layer_format(name)
         if split is not None:
-            check_split(name, split, k, self.group_size, packed=True)
+            check_split(name, split, k, group_size, packed=True)
         if self.layout_version == 1:
             planes = self._repack_v1(name, n, k, split)
         else:
             planes = tuple(self.checkpoint.read(f"{name}.plane{i}", plane_shape(n, k, width), (torch.int32,),
                                                 self.device, None if split is None else plane_index(split, width, k, n))
-                           for i, width in enumerate(plane_widths(self.fmt.bits)))
-        scale_shape = (n,) if self.group_size is None else (n, k // self.group_size)
+                           for i, width in enumerate(plane_widths(fmt.bits)))
+        scale_shape = (n,) if group_size is None else (n, k // group_size)
         scales = self._read_scales(f"{name}.scales", scale_shape,
-                                   None if split is None else scale_index(split, self.group_size))
+                                   None if split is None else scale_index(split, group_size))
         bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias,
                                                              None if split is None else split.bias_index)
         shape = (n, k) if split is None else split.shape(n, k)
-        return FPxLinear(QuantizedWeight(planes, scales, self.fmt, shape, self.group_size), bias)
+        return FPxLinear(QuantizedWeight(planes, scales, fmt, shape, group_size), bias)
 
 
     def _repack_v1(self, name: str, n: int, k: int, split) -> tuple:
@@ -485,7 +505,8 @@ def read_packed_meta(model_dir: Union[str, Path]) -> dict:
         fmt, _, _ = resolve_format(meta["format"], None, "cpu")
     except ValueError as err:
         raise ValueError(f"{where}: format: {err}") from None
-    _check_tensors(Path(model_dir), config, ("",), str(where), fmt=fmt)
+    # a per-layer plan mixes plane widths: each layer's planes are then checked by shape as they are read
+    _check_tensors(Path(model_dir), config, ("",), str(where), fmt=False if meta.get("plan") else fmt)
     return meta
 
 
@@ -509,6 +530,7 @@ def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = N
     try:
         source = PackedSource(checkpoint, fmt, meta.get("group_size"), dtype, device,
                               layout_version=meta["layout_version"])
+        source.layer_plan = meta.get("plan") or {}
         return materialize(build_model(config, "meta"), source, progress, f"load packed {packed_fmt}", tp)
     finally:
         checkpoint.close()
