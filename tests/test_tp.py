@@ -62,7 +62,9 @@ def test_shard_is_packing_the_slice(fmt, group_size, k, gen):
     """Row tiles (column-parallel) and whole-tile column ranges (row-parallel, the last one with K's padding) of a packed
     weight are bit-identical to quantizing and packing the same float slice."""
     n = 96
-    w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen)
+    # row scales away from FP16's subnormals: group scales are float16 only when all of a weight's fit, a choice a
+    # slice could make differently from the whole (seen with FP6LLM_TEST_SEED=5360809481002585482)
+    w = torch.randn(n, k, generator=gen) * (torch.rand(n, 1, generator=gen) + 0.1)
     whole = quantize_weight(w, fmt, group_size)
     for split in [Split(OUTPUT, 32, 80, 2), Split(INPUT, 0, 128, 2), Split(INPUT, 128, k, 2), Split(INPUT, 128, 256, 3)]:
         shard = shard_quantized(whole, split)
