@@ -282,7 +282,9 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     kps = -(-k_tiles // split)
     split = -(-k_tiles // kps)  # no empty CTAs
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, counts = WORKSPACE.reserve(x.device, split * row_blocks * ROWS_PER_CTA * m, row_blocks) \
+    # Reserve what this layer needs at any M <= 16 (at most k_tiles / 4 splits of 16-row partials), so that a CUDA
+    # graph captured at another batch size never finds the workspace too small.
+    ws, counts = WORKSPACE.reserve(x.device, max(1, k_tiles // 4) * row_blocks * ROWS_PER_CTA * MAX_M, row_blocks) \
         if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
