@@ -82,20 +82,51 @@ def test_bad_sampling_params_raise(kwargs):
 
 # ---- generation -----------------------------------------------------------------------------------------------------
 
+def greedy_ids(model, prompt_ids: list, max_batch_size: int) -> list:
+    engine = Engine(model, ByteTokenizer(VOCAB), max_batch_size=max_batch_size, max_seq_len=96)
+    requests = [Request(ids, 24, stop_ids=frozenset([ByteTokenizer.eos_token_id])) for ids in prompt_ids]
+    engine.add(requests)
+    while engine.active:
+        engine.step()
+    return [r.output_ids for r in requests]
+
+
+def first_divergence_is_a_near_tie(model, prompt_ids, expected, got) -> bool:
+    """Whether every place where two greedy runs part is a position whose top two logits are within 1e-4: float
+    sums in another order (another batch) may then pick either token."""
+    for prompt, want, have in zip(prompt_ids, expected, got):
+        if want == have:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+        sequence = prompt + want[:at]
+        model.setup_caches(1, len(sequence) + 1)
+        with torch.inference_mode():
+            logits = model(torch.tensor([sequence]), torch.arange(len(sequence))[None])[0, -1].double()
+        top = logits.topk(2).values
+        if (top[0] - top[1]).item() > 1e-4 * top.abs().max().item():
+            return False
+    return True
+
+
 @pytest.mark.parametrize("key", [("tiny-llama", "e3m2"), ("tiny-llama", "fp32"), ("tiny-opt", "e3m2")],
-                         ids=lambda k: "-".join(k))
+                         ids=lambda key: "-".join(key))
 def test_batched_greedy_equals_one_by_one(models, key, gen):
+    """Five prompts batched, three slots for five (the last two prefilled beside running ones), and one at a time
+    give the same tokens. A random model sometimes meets a near-tie (two logits within 1e-4), where the order of a
+    float sum decides: then the prompts are drawn again (at most three times)."""
     model = models[key]
-    prompts = random_prompts(gen, 5)
-    batched = Engine(model, ByteTokenizer(VOCAB), max_batch_size=8, max_seq_len=96)
-    together = batched.generate(prompts, max_new_tokens=24)
-    # three slots for five prompts: the last two wait for free slots and are prefilled beside running ones
-    refilled = Engine(model, ByteTokenizer(VOCAB), max_batch_size=3, max_seq_len=96).generate(prompts, 24)
-    single = Engine(model, ByteTokenizer(VOCAB), max_batch_size=1, max_seq_len=96)
-    alone = [single.generate(p, max_new_tokens=24)[0] for p in prompts]
-    assert together == alone
-    assert refilled == alone
-    assert all(len(text) > 0 for text in together)
+    tokenizer = ByteTokenizer(VOCAB)
+    for attempt in range(3):
+        prompt_ids = [tokenizer.encode(p) for p in random_prompts(gen, 5)]
+        alone = [greedy_ids(model, [ids], 1)[0] for ids in prompt_ids]
+        runs = [greedy_ids(model, prompt_ids, 8), greedy_ids(model, prompt_ids, 3)]
+        if all(run == alone for run in runs):
+            break
+        assert all(run == alone or first_divergence_is_a_near_tie(model, prompt_ids, alone, run) for run in runs), \
+            f"batched greedy tokens differ from one-by-one beyond a near-tie (attempt {attempt})"
+    else:
+        pytest.fail("three draws of prompts all met near-ties")
+    assert sum(len(ids) for ids in alone) > 0  # something was generated (a random model may start with EOS)
 
 
 def test_sampled_batch_equals_one_by_one_with_seed(models, gen):
