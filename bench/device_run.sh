@@ -4,7 +4,7 @@
 set -uo pipefail
 out=${1:-bench/results}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
-timeout 150 python3 bench/kernel_v2.py --quick --variants c1,c2 --ms 1,8,16 --mid 128 --out "$out" 2>&1 \
+timeout 150 python3 bench/kernel_v2.py --quick --blocks 7 --ms 1,8,16 --mid 128 --out "$out" 2>&1 \
     | tee "$out/kernel.log" | grep -E "correctness|WRONG|fp16 |geo-mean|M=128|Error|error" | grep -v "e2m3\|e2m1"
 (cd tests && TRITON_INTERPRET=0 timeout 100 python3 -m pytest -q -x -m gpu . 2>&1 | tail -3)
 (cd tests && TRITON_INTERPRET=0 timeout 60 python3 -m pytest -q -x test_kernels.py -k "cuda or graph" 2>&1 | tail -2)

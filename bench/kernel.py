@@ -42,8 +42,9 @@ def random_weight(n: int, k: int, fmt: FPFormat, device) -> QuantizedWeight:
     return QuantizedWeight(pack(codes, fmt), scales, fmt, (n, k), None)
 
 
-def fpx_calls(qw: QuantizedWeight, m: int, dtype, config=None):
-    """Zero-argument calls over enough copies of (weight, x) to defeat the L2, and the bytes one call moves."""
+def rotating_calls(qw: QuantizedWeight, m: int, dtype, linear):
+    """Zero-argument calls linear(x, planes, scales) over enough copies of (weight, x) to defeat the L2, and the
+    bytes one call moves."""
     n, k = qw.shape
     bytes_per_call = qw.nbytes + m * k * 2 + m * n * 2
     calls = []
@@ -51,9 +52,15 @@ def fpx_calls(qw: QuantizedWeight, m: int, dtype, config=None):
         planes = qw.planes if i == 0 else tuple(p.clone() for p in qw.planes)
         scales = qw.scales if i == 0 else qw.scales.clone()
         x = torch.randn(m, k, device=qw.device, dtype=dtype)
-        calls.append(lambda planes=planes, scales=scales, x=x:
-                     fpx_gemm(x, planes, scales, None, qw.fmt, n, k, None, config))
+        calls.append(lambda planes=planes, scales=scales, x=x: linear(x, planes, scales))
     return calls, bytes_per_call
+
+
+def fpx_calls(qw: QuantizedWeight, m: int, dtype, config=None):
+    """rotating_calls of the Triton kernel (fpx_gemm) with ``config`` (None: the dispatch table's)."""
+    n, k = qw.shape
+    return rotating_calls(qw, m, dtype, lambda x, planes, scales:
+                          fpx_gemm(x, planes, scales, None, qw.fmt, n, k, None, config))
 
 
 def dense_calls(n: int, k: int, m: int, dtype, device):

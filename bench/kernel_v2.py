@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from kernel import SHAPES, dense_calls, geomean, random_weight  # noqa: E402
-from timing import copies_needed, copy_bandwidth, describe_device, read_bandwidth, time_calls  # noqa: E402
+from kernel import SHAPES, dense_calls, geomean, random_weight, rotating_calls  # noqa: E402
+from timing import copy_bandwidth, describe_device, read_bandwidth, time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
 from fp6llm.kernels import fpx_cuda  # noqa: E402
@@ -32,7 +32,7 @@ from fp6llm.kernels.fpx_gemm import fpx_gemm  # noqa: E402
 from fp6llm.quantize import quantize_weight  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-VARIANTS = ()  # set by --variants
+BLOCK_VARIANTS = ()  # set by --blocks
 
 
 def rel_err(out, ref) -> float:
@@ -70,21 +70,14 @@ def correctness(quick: bool) -> list:
     return rows
 
 
-def calls_for(qw, m, dtype, kernel, min_blocks=None, chains=0):
+def calls_for(qw, m, dtype, kernel, min_blocks=None):
+    """kernel.rotating_calls of the CUDA small-M kernel ("cuda", with min_blocks) or the Triton kernel ("triton")."""
     n, k = qw.shape
-    bytes_per_call = qw.nbytes + m * k * 2 + m * n * 2
-    calls = []
-    for i in range(copies_needed(bytes_per_call)):
-        planes = qw.planes if i == 0 else tuple(p.clone() for p in qw.planes)
-        scales = qw.scales if i == 0 else qw.scales.clone()
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        if kernel == "cuda":
-            blocks = fpx_cuda.MIN_BLOCKS if min_blocks is None else min_blocks
-            calls.append(lambda p=planes, s=scales, x=x, b=blocks: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
-                                                                                         min_blocks=b, chains=chains))
-        else:
-            calls.append(lambda p=planes, s=scales, x=x: fpx_gemm(x, p, s, None, qw.fmt, n, k, None))
-    return calls, bytes_per_call
+    if kernel == "triton":
+        return rotating_calls(qw, m, dtype, lambda x, p, s: fpx_gemm(x, p, s, None, qw.fmt, n, k, None))
+    blocks = fpx_cuda.MIN_BLOCKS if min_blocks is None else min_blocks
+    return rotating_calls(qw, m, dtype, lambda x, p, s: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
+                                                                             min_blocks=blocks))
 
 
 def timing(ms, cases, bandwidth) -> list:
@@ -100,10 +93,9 @@ def timing(ms, cases, bandwidth) -> list:
                     row[f"{kernel}_us"] = time_calls(calls) * 1e6
                     row[f"{kernel}_floor"] = nbytes / bandwidth / (row[f"{kernel}_us"] / 1e6)
                     del calls
-                for variant in VARIANTS:  # A/B: "bN" = __launch_bounds__ minimum CTAs, "cN" = accumulator chains
-                    blocks, chains = (int(variant[1:]), 0) if variant[0] == "b" else (None, int(variant[1:]))
-                    calls, _ = calls_for(qw, m, dtype, "cuda", blocks, chains)
-                    row[f"cuda_{variant}_us"] = time_calls(calls) * 1e6
+                for blocks in BLOCK_VARIANTS:  # A/B of __launch_bounds__ minimum CTAs per SM
+                    calls, _ = calls_for(qw, m, dtype, "cuda", blocks)
+                    row[f"cuda_b{blocks}_us"] = time_calls(calls) * 1e6
                     del calls
                 dense, dense_bytes = dense_calls(n, k, m, dtype, "cuda")
                 row["cublas_us"] = time_calls(dense) * 1e6
@@ -114,7 +106,7 @@ def timing(ms, cases, bandwidth) -> list:
                 row["split"] = None  # chosen inside fpx_small_m from the kernel's registers
                 row["triton_config"] = str(heuristic_config(m, n, k, 132))
                 rows.append(row)
-                variants = " ".join(f"{v} {row[f'cuda_{v}_us']:.1f}" for v in VARIANTS)
+                variants = " ".join(f"b{b} {row[f'cuda_b{b}_us']:.1f}" for b in BLOCK_VARIANTS)
                 print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%}) [{variants}]"
                       f"  triton {row['triton_us']:7.1f} us ({row['triton_floor']:4.0%})  cuBLAS {row['cublas_us']:7.1f} us"
                       f" ({row['cublas_floor']:4.0%})  cuda {row['cuda_speedup']:.2f}x  triton {row['triton_speedup']:.2f}x",
@@ -162,14 +154,13 @@ def main(argv=None):
     parser.add_argument("--ms", default="1,2,4,8,16")
     parser.add_argument("--quick", action="store_true", help="three formats in the correctness sweep")
     parser.add_argument("--skip-timing", action="store_true")
-    parser.add_argument("--variants", default="", help="extra CUDA variants to time: bN (__launch_bounds__ minimum "
-                        "CTAs per SM), cN (accumulator chains), e.g. c1,c2,b7")
+    parser.add_argument("--blocks", default="", help="extra __launch_bounds__ minimum CTAs per SM to time, e.g. 7,8")
     parser.add_argument("--mid", default="32,128,512,4096", help="M of the Triton-path rows ('' for none)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     started = time.time()
-    global VARIANTS
-    VARIANTS = tuple(v for v in args.variants.split(",") if v)
+    global BLOCK_VARIANTS
+    BLOCK_VARIANTS = tuple(int(b) for b in args.blocks.split(",") if b)
     checks = correctness(args.quick)
     copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
     bandwidth = max(copy_bw, read_bw)

@@ -160,8 +160,6 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: unset it (the interpreter compiles nothing)")
 
-    import torch
-
     from fp6llm.formats import FPFormat
     from fp6llm.kernels.dispatch import heuristic_config
     fmt = FPFormat.parse(args.format)
@@ -176,7 +174,6 @@ def main(argv=None) -> int:
         results["cuda"] = report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))
-    del torch
     return 0
 
 

@@ -377,6 +377,11 @@ def tile_index(n: int, k: int, rows: "tuple[int, int] | None" = None, cols: "tup
 # Layout version 1 (read only: v1 checkpoints are repacked at load)
 
 
+def plane_shape_v1(n: int, k: int, width: int) -> tuple[int, int]:
+    """Shape of a width-``width`` version-1 plane of an n x k weight: rows of ceil(k / 64) * 64 * w / 32 words."""
+    return (n, -(-k // K_ALIGN_V1) * K_ALIGN_V1 * width // WORD_BITS)
+
+
 def plane_shifts_v1(bits: int) -> tuple[int, ...]:
     widths = plane_widths(bits)
     return tuple(bits - sum(widths[: p + 1]) for p in range(len(widths)))
@@ -389,10 +394,9 @@ def unpack_v1(planes, bits: int, k: int) -> torch.Tensor:
     if len(planes) != len(widths):
         raise ValueError(f"{bits}-bit codes have {len(widths)} planes, got {len(planes)}")
     n = planes[0].shape[0]
-    k_pad = -(-k // K_ALIGN_V1) * K_ALIGN_V1
     codes = None
     for plane, width, shift in zip(planes, widths, plane_shifts_v1(bits)):
-        expected = (n, k_pad * width // WORD_BITS)
+        expected = plane_shape_v1(n, k, width)
         if tuple(plane.shape) != expected or plane.dtype != torch.int32:
             raise ValueError(f"version-1 plane of width {width} must be int32 {expected}, got {plane.dtype} "
                              f"{tuple(plane.shape)}")

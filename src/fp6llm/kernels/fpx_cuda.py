@@ -37,14 +37,14 @@ FP16_EXP_BIAS = 15
 # Source generation
 
 
-def _signed_hex(mask: int) -> str:
+def _hex(mask: int) -> str:
     return f"0x{mask:08X}u"
 
 
 def _extract(word: str, mask: int, r: int) -> str:
     """C++ for rotl(word, r) & mask: no move, a left shift, a right shift or a rotate, whichever the mask needs."""
     bits = [b for b in range(32) if mask >> b & 1]
-    m = _signed_hex(mask)
+    m = _hex(mask)
     if r == 0:
         return f"({word} & {m})"
     if min(bits) >= r:  # every kept bit comes from the left shift
@@ -86,11 +86,9 @@ def dequant_source(fmt: FPFormat) -> str:
     ]), "\n".join(["__device__ __forceinline__ void dequant_tile(const Tile& tile, u32 (&a)[32]) {", *lines, "}"])
 
 
-def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
-                  chains: int = 0) -> str:
+def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0) -> str:
     """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. min_blocks > 0 asks
-    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks));
-    chains > 0 sets the independent accumulator chains per n8 block (default 4 / blocks)."""
+    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks))."""
     header, dequant = dequant_source(fmt)
     body = SOURCE.read_text()
     if min_blocks:
@@ -100,8 +98,6 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     body = body.replace(marker, dequant + "\n\n" + marker, 1)
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                f"// format {fmt.name}, layout 2 (packing.placement)", header.replace("struct Tile;", "")]
-    if chains:
-        defines.insert(0, f"#define CHAINS {chains}")
     return "\n".join(defines) + "\n" + body
 
 
@@ -139,7 +135,6 @@ def nvrtc_compile(source: str, arch: str = "sm_90a", name: str = "fpx_small_m.cu
 
     def check(result, what):
         if result != 0:
-            message = ctypes.c_char_p()
             lib.nvrtcGetErrorString.restype = ctypes.c_char_p
             raise RuntimeError(f"NVRTC {what} failed: {lib.nvrtcGetErrorString(result).decode()}")
 
@@ -204,12 +199,11 @@ def _registers(kernel) -> int:
     return value.value
 
 
-def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, chains: int,
-            device):
+def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, device):
     """(kernel, resident CTAs per SM by its registers) for this case, compiled and loaded once per process."""
-    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, chains, torch.device(device).index)
+    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, torch.device(device).index)
     if key not in _KERNELS:
-        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks, chains)
+        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks)
         cubin = cached_cubin(source, _arch(device))
         with torch.cuda.device(device):
             kernel = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
@@ -270,11 +264,11 @@ WORKSPACE = SplitWorkspace()
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-                split: "int | None" = None, min_blocks: int = MIN_BLOCKS, chains: int = 0) -> torch.Tensor:
+                split: "int | None" = None, min_blocks: int = MIN_BLOCKS) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks override the defaults (tests,
     benchmarks)."""
     m = x.shape[0]
-    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, chains, x.device)
+    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, x.device)
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)

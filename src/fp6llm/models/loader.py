@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from .. import fused
 from ..formats import FPFormat
 from ..nn import FPxLinear
-from ..packing import (LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_widths, tile_index, unpack,
-                       unpack_v1)
+from ..packing import (LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_shape_v1, plane_widths,
+                       tile_index, unpack, unpack_v1)
 from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
 from ..tp import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from . import llama, opt
@@ -299,12 +299,8 @@ class PackedSource(Source):
         if self.has(f"{name}.plane0") and self.layout_version != 1:  # the fused tensor: its rank's rows, tile-wise
             planes = self._fused_planes(name, k)
         else:  # the parts' own tensors (a checkpoint packed before fusing): each part's codes, packed once
-            parts = []
-            for part, _, rows in self.fused[name]:
-                split = self.shards.get(part)
-                qw = self._part_codes(part, rows, k, split)
-                parts.append(qw)
-            planes = pack(torch.cat(parts), self.fmt)
+            codes = [self._part_codes(part, rows, k, self.shards.get(part)) for part, _, rows in self.fused[name]]
+            planes = pack(torch.cat(codes), self.fmt)
         return FPxLinear(QuantizedWeight(planes, scales, self.fmt, (n, k), self.group_size), bias)
 
     def _fused_planes(self, name: str, k: int) -> tuple:
@@ -326,8 +322,7 @@ class PackedSource(Source):
     def _part_codes(self, part: str, rows: int, k: int, split) -> torch.Tensor:
         """uint8 codes of one part's packed tensor (layout 1 or 2), only the split's rows when there is a split."""
         if self.layout_version == 1:
-            v1_words = -(-k // 64) * 64 // 32
-            planes = tuple(self.checkpoint.read(f"{part}.plane{i}", (rows, v1_words * width), (torch.int32,),
+            planes = tuple(self.checkpoint.read(f"{part}.plane{i}", plane_shape_v1(rows, k, width), (torch.int32,),
                                                 self.device) for i, width in enumerate(plane_widths(self.fmt.bits)))
             codes = unpack_v1(planes, self.fmt.bits, k)
         else:
@@ -369,14 +364,7 @@ class PackedSource(Source):
 
     def _repack_v1(self, name: str, n: int, k: int, split) -> tuple:
         """Planes of a layout-1 checkpoint, read whole, unpacked to codes, cut to the split and packed as layout 2."""
-        widths = plane_widths(self.fmt.bits)
-        v1_words = -(-k // 64) * 64 // 32
-        planes = tuple(self.checkpoint.read(f"{name}.plane{i}", (n, v1_words * width), (torch.int32,))
-                       for i, width in enumerate(widths))
-        codes = unpack_v1(planes, self.fmt.bits, k)
-        if split is not None:
-            codes = codes[split.weight_index]
-        return tuple(plane.to(self.device) for plane in pack(codes, self.fmt))
+        return pack(self._part_codes(name, n, k, split), self.fmt)
 
 
 class RandomSource(Source):
