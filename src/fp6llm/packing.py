@@ -209,7 +209,7 @@ def _rotl(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _fragment_order(device_type: str = "cpu"):
+def _fragment_order():
     """index [16, 64] into a tile's lane-major pairs [LANES * 32]: tile (row, column pair) -> lane * 32 + q."""
     row = torch.arange(TILE_N)[:, None]
     pair = torch.arange(TILE_K // 2)[None, :]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..formats import FPFormat
-from ..packing import LANES, PAIRS_PER_LANE, TILE_K, TILE_N, placement, words_per_group
+from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, words_per_group
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
 KERNEL_NAME = "fpx_small_m"

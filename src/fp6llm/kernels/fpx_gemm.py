@@ -20,7 +20,6 @@ workspace (a per-tile arrival counter, reset by that last program, so no extra l
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -35,7 +34,8 @@ FP16_EXP_BIAS = 15
 MAX_KERNEL_EXP_BITS = 4  # FP16 exponent field 0..15 stays finite; 5+ bits would reach FP16's Inf/NaN codes
 MAX_PLANES = 3
 MAX_EXTRACTS = 2  # per plane: one rotate + mask per slot when its fields move together, else one per field
-ROTATION_STRIDE = tl.constexpr(MAX_EXTRACTS)  # the rotation table is [plane][slot (16)][extract]
+ROTATION_STRIDE = tl.constexpr(MAX_EXTRACTS)
+PLANE_TILE_K = tl.constexpr(TILE_K)  # columns of one packed tile (packing.TILE_K)  # the rotation table is [plane][slot (16)][extract]
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # Rotates run as one PTX funnel shift (shf.l.wrap) on the GPU: 0.85x the time of the portable shl/shr/or and 0.95x of
 # two plain shifts on H200 70B shapes (2026-11-30, docs/kernel-notes.md). The interpreter runs no PTX: there the
@@ -64,7 +64,7 @@ def _plane_pairs(plane_ptr, rot_ptr, n0, N, kt0, k_tiles,
     lane order (lane 4 g + t, word j, slot s: pair q = j * S + s), then permuted to (row, pair) order:
     q = 4 ks + 2 rh + rl is row 8 rl + g, columns 32 t + 4 ks + 2 rh + (0, 1).
     """
-    KT: tl.constexpr = BLOCK_K // 128
+    KT: tl.constexpr = BLOCK_K // PLANE_TILE_K
     BN16: tl.constexpr = BLOCK_N // 16
     WORDS: tl.constexpr = 2 * W  # per lane per tile
     GROUP: tl.constexpr = 4 if WORDS > 4 else WORDS  # a lane's words are stored in groups of this many
@@ -137,7 +137,7 @@ def fpx_gemm_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
 
-    k_tiles = tl.cdiv(K, 128)  # the planes' K tiles (packing.TILE_K)
+    k_tiles = tl.cdiv(K, PLANE_TILE_K)
     k_blocks = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_blocks, SPLIT_K)
     kb_start = pid_k * per_split
@@ -154,7 +154,7 @@ def fpx_gemm_kernel(
         if not EVEN_K:
             x_mask = x_mask & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-        w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // 128, k_tiles, W0, W1, W2,
+        w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // PLANE_TILE_K, k_tiles, W0, W1, W2,
                           NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K)
         if GROUP_SIZE > 0 and GROUP_SIZE < BLOCK_K:  # several groups per block: scale the weights themselves
             groups = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + k0 // GROUP_SIZE
@@ -226,8 +226,8 @@ def dequantize_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
-    w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // 128, tl.cdiv(K, 128), W0, W1, W2,
-                      NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
+    w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // PLANE_TILE_K,
+                      tl.cdiv(K, PLANE_TILE_K), W0, W1, W2, NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
     if GROUP_SIZE > 0:  # a scale per element's group (BLOCK_K need not divide the group size, nor the reverse)
         scale = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + offs_k[None, :] // GROUP_SIZE,
                         mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
