@@ -227,7 +227,8 @@ def dequantize_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // PLANE_TILE_K,
-                      tl.cdiv(K, PLANE_TILE_K), W0, W1, W2, NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
+                      tl.cdiv(K, PLANE_TILE_K), W0, W1, W2, NX0, NX1, NX2, M00, M01, M10, M11, M20, M21,
+                      BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
     if GROUP_SIZE > 0:  # a scale per element's group (BLOCK_K need not divide the group size, nor the reverse)
         scale = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + offs_k[None, :] // GROUP_SIZE,
                         mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
