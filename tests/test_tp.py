@@ -254,16 +254,24 @@ def engine_tokens(model, prompts: list, steps: int) -> list:
 
 
 def tp_worker(rank: int, port: int, out_dir: str) -> None:
-    """Rank ``rank`` of 2: each case and format as TP=1 (alone) and as TP=2 built two ways; writes its results."""
+    """Rank ``rank`` of 2: each case and format as TP=1 (alone) and as TP=2 built two ways; writes its results.
+
+    Each phase is logged to rankN.log, so that a rank that dies in C++ (no Python traceback) says where; the process
+    leaves through os._exit once its results are on disk: CI once saw a rank abort ("terminate called without an
+    active exception", SIGABRT) that never reproduced here, and interpreter teardown with gloo's threads is a known
+    place for that."""
     import torch.distributed as dist
 
+    log = open(os.path.join(out_dir, f"rank{rank}.log"), "a", buffering=1)
     torch.set_num_threads(1)
+    log.write(f"init_process_group tcp://127.0.0.1:{port}\n")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DEGREE)
     prompts = [list(range(5, 17)), list(range(40, 47))]
     results = {}
     try:
         for case, config in CASES.items():
             for fmt in FORMATS:
+                log.write(f"{case}/{fmt}\n")
                 reference, ref_tokens = greedy_run(build_random(config, fmt, "cpu", seed=1, progress=False), prompts, 6)
                 models = {"per-rank": build_random(config, fmt, "cpu", seed=1, progress=False,
                                                    tp=TensorParallel(rank, DEGREE)),
@@ -276,20 +284,31 @@ def tp_worker(rank: int, port: int, out_dir: str) -> None:
                         same_tokens=torch.equal(tokens, ref_tokens),
                         same_engine_tokens=engine_tokens(model, prompts, 6) == ref_tokens.tolist())
         # the CLI's path with torchrun: tiny-llama quantized per rank from random weights (32-column slices)
+        log.write("tiny-llama/e3m2\n")
         reference = engine_tokens(build_random("tiny-llama", "e3m2", "cpu", progress=False), prompts, 8)
         model = build_random("tiny-llama", "e3m2", "cpu", progress=False, tp=TensorParallel(rank, DEGREE))
         results["tiny-llama/e3m2/per-rank"] = dict(same_engine_tokens=engine_tokens(model, prompts, 8) == reference)
     finally:
+        log.write("destroy_process_group\n")
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as file:
         json.dump(results, file)
+    log.write("done\n")
+    log.close()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list:
     """Both ranks' results of tp_worker, run once for the module (torch.multiprocessing.spawn over gloo)."""
     out_dir = tmp_path_factory.mktemp("tp")
-    mp.spawn(tp_worker, args=(free_port(), str(out_dir)), nprocs=DEGREE, join=True)
+    try:
+        mp.spawn(tp_worker, args=(free_port(), str(out_dir)), nprocs=DEGREE, join=True)
+    except mp.ProcessExitedException as error:
+        logs = {rank: (out_dir / f"rank{rank}.log") for rank in range(DEGREE)}
+        where = "; ".join(f"rank {rank} last logged {path.read_text().splitlines()[-1:]}" if path.exists()
+                          else f"rank {rank} logged nothing" for rank, path in logs.items())
+        raise AssertionError(f"{error} ({where})") from error
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(DEGREE)]
 
 
