@@ -23,6 +23,7 @@ COMPILE_ALL = """
 import sys
 sys.path.insert(0, {bench!r})
 import sass
+import tune
 from pathlib import Path
 from fp6llm.formats import FPFormat
 from fp6llm.kernels.dispatch import M_BUCKETS, MIN_BLOCK_K, KernelConfig, _load_table, heuristic_config
@@ -36,6 +37,7 @@ for path in sorted((Path({configs!r})).glob("*.json")):
 for m in M_BUCKETS:
     for n, k in ((1024, 8192), (8192, 8192), (57344, 8192)):
         configs.add(heuristic_config(m, n, k, 132))
+    configs.update(tune.candidates(m))  # what bench/tune.py times on the device must compile too
 fused = sorted((c for c in configs if not c.dequant_first), key=str)
 for config in fused:
     assert sass.triton_cubin(FPFormat.parse("e3m2"), "float16", config), config

@@ -24,6 +24,7 @@ import torch
 
 from ..formats import FPFormat
 from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, words_per_group
+from .workspace import WORKSPACE
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
 KERNEL_NAME = "fpx_small_m"
@@ -237,30 +238,6 @@ def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int
         if cost < best_cost - 1e-9:
             best, best_cost = split, cost
     return best
-
-
-class SplitWorkspace:
-    """float32 partials and int32 arrival counters of one device, sized by `reserve` BEFORE any CUDA-graph capture
-    and never reallocated while a capture is under way (a graph keeps the pointers it captured)."""
-
-    def __init__(self):
-        self.buffers = {}
-
-    def reserve(self, device, ws_elems: int, counters: int):
-        ws, counts = self.buffers.get(device, (None, None))
-        if ws is not None and ws.numel() >= ws_elems and counts.numel() >= counters:
-            return ws, counts
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"the split-K workspace must grow to {ws_elems} floats during a CUDA-graph capture; "
-                               f"run the layer once at this batch size before capturing")
-        ws = torch.empty(max(ws_elems, 1 << 22, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
-        counts = torch.zeros(max(counters, 4096, 0 if counts is None else counts.numel()), dtype=torch.int32,
-                             device=device)
-        self.buffers[device] = (ws, counts)
-        return ws, counts
-
-
-WORKSPACE = SplitWorkspace()
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,

@@ -29,6 +29,7 @@ import triton.language as tl
 from ..formats import FPFormat
 from ..packing import TILE_K, placement
 from .dispatch import MIN_BLOCK_K, SMALL_GROUPS, KernelConfig, choose_config
+from .workspace import CONSTANTS, WORKSPACE
 
 FP16_EXP_BIAS = 15
 MAX_KERNEL_EXP_BITS = 4  # FP16 exponent field 0..15 stays finite; 5+ bits would reach FP16's Inf/NaN codes
@@ -244,28 +245,6 @@ def dequantize_kernel(
 # Launch wrappers
 
 
-class _SplitKScratch:
-    """Per-device float32 workspace for split-K partials and int32 arrival counters (kept at zero between launches).
-
-    Grown, never shrunk; allocate it before CUDA-graph capture by running the layer once (any warm-up does).
-    """
-
-    def __init__(self):
-        self.buffers = {}
-
-    def get(self, device, ws_elems: int, tiles: int):
-        ws, counts = self.buffers.get(device, (None, None))
-        if ws is None or ws.numel() < ws_elems:
-            ws = torch.empty(max(ws_elems, 1 << 20), dtype=torch.float32, device=device)
-        if counts is None or counts.numel() < tiles:
-            counts = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        self.buffers[device] = (ws, counts)
-        return ws, counts
-
-
-SCRATCH = _SplitKScratch()
-
-
 def kernel_supports(fmt: FPFormat, group_size: "int | None", x_dtype: torch.dtype) -> bool:
     """Whether fpx_gemm handles this case (else callers use the de-quantize + matmul path)."""
     return (fmt.exp_bits <= MAX_KERNEL_EXP_BITS and x_dtype in (torch.float16, torch.bfloat16)
@@ -299,13 +278,7 @@ def _placement_consts(fmt: FPFormat) -> tuple:
 
 def _rotation_table(fmt: FPFormat, device) -> torch.Tensor:
     """int32 [3 * 16 * 2] rotation table of fmt on device (made once per format and device, before any capture)."""
-    key = (fmt, str(device))
-    if key not in _ROTATIONS:
-        _ROTATIONS[key] = torch.tensor(_placement_consts(fmt)[3], dtype=torch.int32, device=device).view(-1)
-    return _ROTATIONS[key]
-
-
-_ROTATIONS: dict = {}
+    return CONSTANTS.get(("rotations", fmt), device, lambda: _placement_consts(fmt)[3])
 
 
 def _plane_kwargs(fmt: FPFormat) -> dict:
@@ -355,7 +328,7 @@ def fpx_gemm(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat,
     padded = _padded_planes(planes)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    ws, counts = SCRATCH.get(x.device, tiles * config.split_k * config.block_m * config.block_n, tiles) \
+    ws, counts = WORKSPACE.reserve(x.device, tiles * config.split_k * config.block_m * config.block_n, tiles) \
         if config.split_k > 1 else (out, out)
     grid = (tiles * config.split_k,)
     fpx_gemm_kernel[grid](
