@@ -1,12 +1,70 @@
 #!/usr/bin/env bash
-# One device call (issue 20): kernel v2 A/B and tables, GPU tests of the new modules, end-to-end 13b FP16 vs e3m2.
-#   bash bench/device_run.sh OUT_DIR        (on a CUDA machine; each step bounded so the call ends in time)
+# The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
+#
+#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | e2e | e2e70 | serve | all-quick
+#   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
+#
+#   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
+#             kernel tests compiled (not interpreted)
+#   kernel    bench/kernel_v2.py: CUDA small-M and Triton v2 against cuBLAS, every format, M <= 16 and mid M
+#   tune      bench/tune.py: the measured dispatch table for this GPU (kernels/configs/<gpu>.json; commit it)
+#   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens
+#   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
+#   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients
+#   all-quick the short version of check + kernel + e2e in one call (what 2026-12-01's last call ran)
 set -uo pipefail
-out=${1:-bench/results}
+step=${1:?usage: bash bench/device_run.sh STEP OUT_DIR}
+out=${2:-bench/results}
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
-timeout 150 python3 bench/kernel_v2.py --quick --blocks 7 --ms 1,8,16 --mid 128 --out "$out" 2>&1 \
-    | tee "$out/kernel.log" | grep -E "correctness|WRONG|fp16 |geo-mean|M=128|Error|error" | grep -v "e2m3\|e2m1"
-(cd tests && TRITON_INTERPRET=0 timeout 100 python3 -m pytest -q -x -m gpu . 2>&1 | tail -3)
-(cd tests && TRITON_INTERPRET=0 timeout 60 python3 -m pytest -q -x test_kernels.py -k "cuda or graph" 2>&1 | tail -2)
-timeout 120 python3 -m fp6llm bench --random llama-2-13b --formats fp16,e3m2 --batch 1,8,32 --prompt-len 128 \
-    --gen-len 32 --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
+dry=${DRY_RUN:-0}
+if [[ $dry == 1 ]]; then
+    model13=tiny-llama model70=tiny-llama fp16=fp32 device=(--device cpu)
+    e2e_shape=(--batch 1,4 --prompt-len 32 --gen-len 8) serve_shape=(--clients 1,4 --requests 2 --prompt-len 16
+                                                                     --gen-len 8)
+else
+    model13=llama-2-13b model70=llama-2-70b fp16=fp16 device=()
+    e2e_shape=(--batch 1,8,32,128 --prompt-len 512 --gen-len 128) serve_shape=()
+fi
+gpu_only() {  # a step that needs CUDA: said, not run, on a dry run
+    if [[ $dry == 1 ]]; then echo "dry run: skipped (needs CUDA): $*"; return 0; fi
+    "$@"
+}
+
+case $step in
+check)
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 400 python3 -m pytest -q -x -m gpu . 2>&1 | tail -5)
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py test_attention.py \
+        test_decoder_ops.py 2>&1 | tail -3)
+    ;;
+kernel)
+    gpu_only timeout 560 python3 bench/kernel_v2.py --ms 1,2,4,8,16 --mid 32,64,128,256,512,1024,4096 --out "$out" \
+        2>&1 | tee "$out/kernel.log" | grep -E "correctness|WRONG|geo-mean|Error|error|dry run"
+    ;;
+tune)
+    gpu_only timeout 560 python3 bench/tune.py --out "$out" 2>&1 | tee "$out/tune.log" | grep -E "^M=|wrote|Error|dry run"
+    ;;
+e2e)
+    timeout 560 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" "${e2e_shape[@]}" "${device[@]}" \
+        --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\||wrote|rror" | tail -12
+    ;;
+e2e70)
+    timeout 560 python3 -m fp6llm bench --random "$model70" --formats "e3m2,$fp16" --batch 1,8,32 --prompt-len 128 \
+        --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e70.log" | grep -E "^\||wrote|rror" | tail -10
+    ;;
+serve)
+    timeout 560 python3 bench/serve.py --random "$model13" --formats "$fp16,e3m2" "${serve_shape[@]}" "${device[@]}" \
+        --out "$out" 2>&1 | tee "$out/serve.log" | grep -E "^\||wrote|rror" | tail -12
+    ;;
+all-quick)
+    gpu_only timeout 150 python3 bench/kernel_v2.py --quick --ms 1,8,16 --mid 128 --out "$out" 2>&1 \
+        | tee "$out/kernel.log" | grep -E "correctness|WRONG|fp16 |geo-mean|M=128|Error|error|dry run" | grep -v "e2m3\|e2m1"
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x -m gpu . 2>&1 | tail -3)
+    timeout 150 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \
+        --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
+    ;;
+*)
+    echo "unknown step $step (check | kernel | tune | e2e | e2e70 | serve | all-quick)" >&2
+    exit 2
+    ;;
+esac
