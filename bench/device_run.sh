@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
-#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | e2e | e2e70 | serve | all-quick
+#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | e2e | e2e70 | serve |
+#                                                           all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
 #             kernel tests compiled (not interpreted)
 #   kernel    bench/kernel_v2.py: CUDA small-M and Triton v2 against cuBLAS, every format, M <= 16 and mid M
-#   tune      bench/tune.py: the measured dispatch table for this GPU (kernels/configs/<gpu>.json; commit it)
+#   tune      bench/tune.py, M <= 64: the measured dispatch table for this GPU (OUT_DIR/<gpu>.json: copy it to
+#             src/fp6llm/kernels/configs/ and commit it); tune-mid: M = 128..4096 merged into the same file
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
 #   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients
@@ -41,8 +43,13 @@ kernel)
     gpu_only timeout 560 python3 bench/kernel_v2.py --ms 1,2,4,8,16 --mid 32,64,128,256,512,1024,4096 --out "$out" \
         2>&1 | tee "$out/kernel.log" | grep -E "correctness|WRONG|geo-mean|Error|error|dry run"
     ;;
-tune)
-    gpu_only timeout 560 python3 bench/tune.py --out "$out" 2>&1 | tee "$out/tune.log" | grep -E "^M=|wrote|Error|dry run"
+tune)  # small M first, then the mid-M buckets merged into the same table (each half bounded by the call limit)
+    gpu_only timeout 560 python3 bench/tune.py --ms 1,2,4,8,16,32,64 --out "$out" 2>&1 | tee "$out/tune.log" \
+        | grep -E "^M=|wrote|Error|dry run"
+    ;;
+tune-mid)
+    gpu_only timeout 560 python3 bench/tune.py --ms 128,256,512,1024,4096 --merge --out "$out" 2>&1 \
+        | tee "$out/tune-mid.log" | grep -E "^M=|wrote|Error|dry run"
     ;;
 e2e)
     timeout 560 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" "${e2e_shape[@]}" "${device[@]}" \
@@ -64,7 +71,7 @@ all-quick)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | e2e | e2e70 | serve | all-quick)" >&2
+    echo "unknown step $step (check | kernel | tune | tune-mid | e2e | e2e70 | serve | all-quick)" >&2
     exit 2
     ;;
 esac
