@@ -68,6 +68,23 @@ def _num_sms(device) -> int:
     return 132
 
 
+def waves_split(tiles: int, k_blocks: int, num_sms: int, resident: int, partial_cost: float,
+                sum_cost: float = 0.0, min_blocks: int = 4) -> int:
+    """Split-K degree by a waves model: a CTA's time is its K blocks whatever runs beside it (latency-bound warps,
+    or one CTA per SM), so the kernel's time is (waves of ``resident`` CTAs per SM) x (K blocks per CTA +
+    ``partial_cost``, writing its partial, in K blocks) + ``sum_cost`` x split (the last CTA of a tile reading
+    every partial back); nothing of either unsplit. Every CTA keeps >= ``min_blocks`` K blocks; ties go to the
+    smaller split."""
+    best, best_cost = 1, float("inf")
+    for split in range(1, max(1, k_blocks // min_blocks) + 1):
+        waves = math.ceil(tiles * split / (num_sms * resident))
+        cost = waves * (-(-k_blocks // split) + (partial_cost if split > 1 else 0.0)) + \
+            (sum_cost * split if split > 1 else 0.0)
+        if cost < best_cost - 1e-9:
+            best, best_cost = split, cost
+    return best
+
+
 def heuristic_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
     """Rules for a GPU with no measured table, distilled from the H100 table (docs/kernel-notes.md).
 
@@ -81,8 +98,15 @@ def heuristic_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
     if m <= 64:
         return KernelConfig(m_bucket(m), 128, 128, 2, num_warps=4, num_stages=4, swap_ab=True)
     if m <= 1024:
+        # One CTA per SM (8 warps, ~180-240 registers, 120-140 KB of shared memory): a weight of 8192 rows has 64
+        # tiles of 128 for 132 SMs at M = 128 (70b-o ran at 0.49x cuBLAS on an H200, 2026-12-01), so split K when
+        # a wave would leave SMs idle. A split's partial (BLOCK_M x 128 float32: 64-128 KB against a K block's
+        # 12 KB of weights and 32-64 KB of x) costs about one K block to write and one more to read back.
         block_m = 128 if m <= 128 else 256
-        return KernelConfig(block_m, 128, 128, 1, num_warps=8, num_stages=3 if block_m <= 128 else 2,
+        tiles = math.ceil(n / 128) * math.ceil(m / block_m)
+        split_k = waves_split(tiles, math.ceil(k / MIN_BLOCK_K), num_sms, resident=1, partial_cost=1.0,
+                              sum_cost=1.0)
+        return KernelConfig(block_m, 128, 128, split_k, num_warps=8, num_stages=3 if block_m <= 128 else 2,
                             swap_ab=True)
     return KernelConfig(64, 64, 128, dequant_first=True)
 

@@ -24,6 +24,7 @@ import torch
 
 from ..formats import FPFormat
 from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, words_per_group
+from .dispatch import waves_split
 from .workspace import WORKSPACE
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
@@ -226,18 +227,10 @@ MIN_BLOCKS = 0  # __launch_bounds__ minimum CTAs per SM (0: ptxas's choice, 80 r
 
 def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int:
     """Split-K degree. Each warp is latency-bound (ncu on an H200, 2026-12-01: one instruction per ~14 cycles per
-    warp, 0.5 eligible warps per scheduler), so a CTA's time is its K tiles whatever else runs beside it, and the
-    kernel's time is (waves of ``resident`` CTAs per SM) x (K tiles per CTA) + the partial sums (64 x M float32
-    written and read back, M / 12 of a tile) when split. Every CTA keeps >= 4 K tiles."""
-    row_blocks = -(-n // ROWS_PER_CTA)
-    k_tiles = k // TILE_K
-    best, best_cost = 1, float("inf")
-    for split in range(1, max(1, k_tiles // 4) + 1):
-        waves = math.ceil(row_blocks * split / (num_sms * resident))
-        cost = waves * (-(-k_tiles // split) + (m / 12 if split > 1 else 0.0))
-        if cost < best_cost - 1e-9:
-            best, best_cost = split, cost
-    return best
+    warp, 0.5 eligible warps per scheduler), so a CTA's time is its K tiles whatever else runs beside it: the waves
+    model of dispatch.waves_split, with the partial sums (64 x M float32 written and read back) at M / 12 of a tile.
+    Every CTA keeps >= 4 K tiles."""
+    return waves_split(-(-n // ROWS_PER_CTA), k // TILE_K, num_sms, resident, partial_cost=m / 12)
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
