@@ -12,7 +12,8 @@
 #             src/fp6llm/kernels/configs/ and commit it); tune-mid: M = 128..4096 merged into the same file
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
-#   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients
+#   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients (run bench/serve_wheels.sh here first
+#             and carry .whl)
 #   all-quick the short version of check + kernel + e2e in one call (what 2026-12-01's last call ran)
 set -uo pipefail
 step=${1:?usage: bash bench/device_run.sh STEP OUT_DIR}
@@ -59,7 +60,12 @@ e2e70)
     timeout 560 python3 -m fp6llm bench --random "$model70" --formats "e3m2,$fp16" --batch 1,8,32 --prompt-len 128 \
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e70.log" | grep -E "^\||wrote|rror" | tail -10
     ;;
-serve)
+serve)  # the device image lacks fastapi/uvicorn/pydantic: carry .whl/ (bench/serve_wheels.sh makes it)
+    if [[ -d .whl ]]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || exit 1
+        export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
     timeout 560 python3 bench/serve.py --random "$model13" --formats "$fp16,e3m2" "${serve_shape[@]}" "${device[@]}" \
         --out "$out" 2>&1 | tee "$out/serve.log" | grep -E "^\||wrote|rror" | tail -12
     ;;
