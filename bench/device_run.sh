@@ -61,7 +61,7 @@ e2e70)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e70.log" | grep -E "^\||wrote|rror" | tail -10
     ;;
 serve)  # the device image lacks fastapi/uvicorn/pydantic: carry .whl/ (bench/serve_wheels.sh makes it)
-    if [[ -d .whl ]]; then
+    if [[ -d .whl && $dry != 1 ]]; then  # (a dry run uses this machine's own packages)
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl || exit 1
         export PYTHONPATH=$PYTHONPATH:/tmp/site
