@@ -2,7 +2,7 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | e2e | e2e70 | serve |
-#                                                           all-quick
+#                                                           serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -12,8 +12,8 @@
 #             src/fp6llm/kernels/configs/ and commit it); tune-mid: M = 128..4096 merged into the same file
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
-#   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients (run bench/serve_wheels.sh here first
-#             and carry .whl)
+#   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients, the server's default settings (run
+#             bench/serve_wheels.sh here first and carry .whl); serve-mixed: 8/32 clients, prompts of 64-2048 tokens
 #   all-quick the short version of check + kernel + e2e in one call (what 2026-12-01's last call ran)
 set -uo pipefail
 step=${1:?usage: bash bench/device_run.sh STEP OUT_DIR}
@@ -25,9 +25,11 @@ if [[ $dry == 1 ]]; then
     model13=tiny-llama model70=tiny-llama fp16=fp32 device=(--device cpu)
     e2e_shape=(--batch 1,4 --prompt-len 32 --gen-len 8) serve_shape=(--clients 1,4 --requests 2 --prompt-len 16
                                                                      --gen-len 8)
+    mixed_shape=(--clients 1,4 --requests 2 --prompt-len 8-200 --gen-len 8)
 else
     model13=llama-2-13b model70=llama-2-70b fp16=fp16 device=()
     e2e_shape=(--batch 1,8,32,128 --prompt-len 512 --gen-len 128) serve_shape=()
+    mixed_shape=(--clients 8,32 --requests 2 --prompt-len 64-2048 --gen-len 128)
 fi
 gpu_only() {  # a step that needs CUDA: said, not run, on a dry run
     if [[ $dry == 1 ]]; then echo "dry run: skipped (needs CUDA): $*"; return 0; fi
@@ -60,14 +62,16 @@ e2e70)
     timeout 560 python3 -m fp6llm bench --random "$model70" --formats "e3m2,$fp16" --batch 1,8,32 --prompt-len 128 \
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e70.log" | grep -E "^\||wrote|rror" | tail -10
     ;;
-serve)  # the device image lacks fastapi/uvicorn/pydantic: carry .whl/ (bench/serve_wheels.sh makes it)
+serve | serve-mixed)  # the device image lacks fastapi/uvicorn/pydantic: carry .whl/ (bench/serve_wheels.sh makes it)
     if [[ -d .whl && $dry != 1 ]]; then  # (a dry run uses this machine's own packages)
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .whl/*.whl || exit 1
         export PYTHONPATH=$PYTHONPATH:/tmp/site
     fi
-    timeout 560 python3 bench/serve.py --random "$model13" --formats "$fp16,e3m2" "${serve_shape[@]}" "${device[@]}" \
-        --out "$out" 2>&1 | tee "$out/serve.log" | grep -E "^\||wrote|rror" | tail -12
+    shape=("${serve_shape[@]}") log=serve
+    [[ $step == serve-mixed ]] && shape=("${mixed_shape[@]}") log=serve-mixed
+    timeout 560 python3 bench/serve.py --random "$model13" --formats "$fp16,e3m2" --server-defaults "${shape[@]}" \
+        "${device[@]}" --out "$out" 2>&1 | tee "$out/$log.log" | grep -E "^\||wrote|rror" | tail -12
     ;;
 all-quick)
     gpu_only timeout 150 python3 bench/kernel_v2.py --quick --ms 1,8,16 --mid 128 --out "$out" 2>&1 \
@@ -77,7 +81,7 @@ all-quick)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | tune-mid | e2e | e2e70 | serve | all-quick)" >&2
+    echo "unknown step $step (check | kernel | tune | tune-mid | e2e | e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;
 esac

@@ -3,9 +3,10 @@
     python bench/serve.py --random llama-2-13b --formats fp16,e3m2 --clients 1,8,32,64       # the GPU run
     python bench/serve.py --random tiny-llama --formats fp32,e3m2 --clients 1,8 --gen-len 16  # a CPU smoke check
 
-For each format a server starts (``python -m fp6llm serve --max-batch <most clients> --max-model-len <prompt + gen>``
-on a free port) and for each client count N, N threads each send ``--requests`` streaming completions one after
-the other (a closed loop): prompts of exactly ``--prompt-len`` random token ids, ``--gen-len`` tokens each
+For each format a server starts (``python -m fp6llm serve --max-batch <most clients> --max-model-len <prompt + gen>``,
+or with the server's own defaults under ``--server-defaults``) on a free port, and for each client count N, N threads
+each send ``--requests`` streaming completions one after the other (a closed loop): prompts of ``--prompt-len``
+random token ids (N, or lengths drawn uniformly from LO-HI, seeded), ``--gen-len`` tokens each
 (ignore_eos), greedy. Streams ask for ``continuous_usage_stats``, so the server sends a chunk for every token, and
 the times are per token: time to first token (from sending the request), inter-token latency (gaps between tokens
 of one request), requests/s and output tokens/s (all generated tokens over the wall time of that N). A short
@@ -151,11 +152,12 @@ def stream_completion(host: str, port: int, prompt: list, gen_len: int) -> Timin
     return timing
 
 
-def run_clients(host: str, port: int, clients: int, requests: int, prompt_len: int, gen_len: int,
+def run_clients(host: str, port: int, clients: int, requests: int, prompt_len: tuple, gen_len: int,
                 seed: int) -> tuple:
-    """(timings of every request, wall seconds) of ``clients`` threads sending ``requests`` requests each."""
+    """(timings of every request, wall seconds) of ``clients`` threads sending ``requests`` requests each; prompt
+    lengths drawn uniformly from the range ``prompt_len`` (lo, hi), seeded."""
     rng = random.Random(seed)
-    prompts = [[rng.choice(TOKEN_IDS) for _ in range(prompt_len)] for _ in range(clients * requests)]
+    prompts = [[rng.choice(TOKEN_IDS) for _ in range(rng.randint(*prompt_len))] for _ in range(clients * requests)]
     timings, errors = [], []
     start = threading.Barrier(clients + 1)
 
@@ -204,8 +206,10 @@ def device_name(device) -> str:
 
 def bench_format(args, fmt: str, log_dir: Path) -> list:
     clients = args.clients
-    server_args = ["--format", fmt, "--max-batch", str(max(clients)), "--max-model-len",
-                   str(args.prompt_len + args.gen_len), "--max-queue", "0"]
+    server_args = ["--format", fmt]
+    if not args.server_defaults:  # sized to the workload: every client decodes at once, nothing queues
+        server_args += ["--max-batch", str(max(clients)), "--max-model-len", str(args.prompt_len[1] + args.gen_len),
+                        "--max-queue", "0"]
     server_args += ["--random", args.random] if args.random else ["--model", args.model] if args.model else []
     server_args += ["--device", args.device] if args.device else []
     rows = []
@@ -245,8 +249,10 @@ def format_table(result: dict) -> str:
     setup = result["setup"]
     lines = [f"# Serving: {setup['model']} on {setup['device']} ({setup['date']})", "",
              f"{setup['prompt_len']} prompt tokens, {setup['gen_len']} generated tokens per request (greedy, "
-             f"ignore_eos), {setup['requests_per_client']} requests per client one after the other; the server's "
-             f"--max-batch is the largest client count. torch {setup['torch']}, fp6llm {setup['commit']}.", "",
+             f"ignore_eos), {setup['requests_per_client']} requests per client one after the other; "
+             + ("the server's own defaults (--max-batch, cache size, --max-model-len, --max-queue)"
+                if setup.get("server_defaults") else "the server's --max-batch is the largest client count")
+             + f". torch {setup['torch']}, fp6llm {setup['commit']}.", "",
              TABLE_HEADER]
     lines += [format_row(Row(**row)) for row in result["rows"]]
     return "\n".join(lines)
@@ -278,6 +284,18 @@ def int_list(text: str) -> list:
     return values
 
 
+def length_range(text: str) -> tuple:
+    """'128' -> (128, 128); '64-2048' -> (64, 2048)."""
+    try:
+        lo, _, hi = text.partition("-")
+        bounds = (int(lo), int(hi or lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need N or LO-HI, got {text!r}") from None
+    if bounds[0] < 1 or bounds[1] < bounds[0]:
+        raise argparse.ArgumentTypeError(f"need 1 <= LO <= HI, got {text!r}")
+    return bounds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group()
@@ -288,7 +306,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int_list, default=[1, 8, 32, 64], help="concurrent clients (default "
                                                                                  "1,8,32,64)")
     parser.add_argument("--requests", type=int, default=4, help="requests per client (default 4)")
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--prompt-len", type=length_range, default=(128, 128),
+                        help="prompt tokens: N, or LO-HI for lengths drawn uniformly (default 128)")
+    parser.add_argument("--server-defaults", action="store_true",
+                        help="start each server with its own defaults instead of sizing it to the clients")
     parser.add_argument("--gen-len", type=int, default=128)
     parser.add_argument("--device", default=None, help="the server's device (default: cuda when available)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -299,14 +320,15 @@ def main() -> None:
     if missing:
         parser.error(f"the server needs {', '.join(missing)}: pip install 'fp6llm[serve]' (see this script's "
                      f"docstring for a machine without network)")
-    if args.requests < 1 or args.prompt_len < 1 or args.gen_len < 2:
-        parser.error("need --requests >= 1, --prompt-len >= 1 and --gen-len >= 2")
+    if args.requests < 1 or args.gen_len < 2:
+        parser.error("need --requests >= 1 and --gen-len >= 2")
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     result = {"setup": {"model": f"random:{args.random}" if args.random else args.model,
                         "device": device_name(args.device), "date": datetime.date.today().isoformat(),
                         "formats": formats, "clients": args.clients, "requests_per_client": args.requests,
-                        "prompt_len": args.prompt_len, "gen_len": args.gen_len, "torch": torch.__version__,
+                        "prompt_len": "-".join(map(str, sorted(set(args.prompt_len)))), "gen_len": args.gen_len,
+                        "server_defaults": args.server_defaults, "torch": torch.__version__,
                         "commit": git_commit()},
               "rows": []}
     print(TABLE_HEADER, flush=True)
