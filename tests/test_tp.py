@@ -120,9 +120,12 @@ def test_every_declared_projection_is_a_linear_or_a_fused_part(case):
     assert parts <= declared.keys()  # no fused projection is replicated by omission
 
 
-def test_a_model_that_does_not_declare_its_projections_is_refused():
+def test_a_model_that_does_not_declare_its_projections_or_is_already_split_is_refused():
     with pytest.raises(TypeError, match="Linear does not declare its tensor-parallel projections"):
         apply_tensor_parallel(torch.nn.Linear(4, 4), 0, DEGREE)
+    model = apply_tensor_parallel(build_model(CASES["llama-gqa"], "meta"), 0, DEGREE)
+    with pytest.raises(ValueError, match=r"the model is already tensor-parallel \(TensorParallel\(rank=0"):
+        apply_tensor_parallel(model, 0, DEGREE)
 
 
 @pytest.mark.parametrize("config, degree, message", [

@@ -131,14 +131,20 @@ def local_config(config, tp: TensorParallel):
                                intermediate_size=config.intermediate_size // tp.world_size)
 
 
-def projections(model: nn.Module) -> dict:
-    """{module name: (dimension split, features it splits)} of every projection of every layer that tensor
-    parallelism slices, from the model class's ``TENSOR_PARALLEL`` (by the unfused checkpoint's names: a fused
-    projection's parts). Raises TypeError for a model that does not declare it."""
+def _declared(model: nn.Module) -> dict:
+    """The model class's ``TENSOR_PARALLEL``; TypeError for a model that does not declare it."""
     declared = getattr(type(model), "TENSOR_PARALLEL", None)
     if declared is None:
         raise TypeError(f"{type(model).__name__} does not declare its tensor-parallel projections (TENSOR_PARALLEL); "
                         f"fp6llm.models' decoders do")
+    return declared
+
+
+def projections(model: nn.Module) -> dict:
+    """{module name: (dimension split, features it splits)} of every projection of every layer that tensor
+    parallelism slices, from the model class's ``TENSOR_PARALLEL`` (by the unfused checkpoint's names: a fused
+    projection's parts). Raises TypeError for a model that does not declare it."""
+    declared = _declared(model)
     return {f"layers.{i}.{name}": role for i in range(len(model.layers)) for name, role in declared.items()}
 
 
@@ -295,12 +301,12 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world_size: int, group=No
     model is already tensor-parallel; TypeError for a model that does not declare its projections (projections).
     """
     tp = TensorParallel(rank, world_size, group)
-    splits = plan(model, tp)  # first: TypeError for a model that does not declare its projections
+    _declared(model)  # a TypeError before anything else for a model that does not declare its projections
     if model.tensor_parallel is not None:
         raise ValueError(f"the model is already tensor-parallel ({model.tensor_parallel})")
     if world_size == 1:
         return model
-    layouts = fused.layout(model)
+    splits, layouts = plan(model, tp), fused.layout(model)
     for name in [name for name, m in model.named_modules() if name in splits or name in layouts]:
         parent, _, child = name.rpartition(".")
         module = model.get_submodule(name)
