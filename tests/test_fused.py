@@ -17,7 +17,7 @@ from fp6llm import fused
 from fp6llm.models import ModelConfig, build_model, build_random, load_packed, save_packed
 from fp6llm.nn import FPxLinear
 from fp6llm.quantize import quantize_weight
-from fp6llm.tp import TensorParallel, apply_tensor_parallel
+from fp6llm.models.parallel import TensorParallel, apply_tensor_parallel
 
 CONFIG = ModelConfig(arch="llama", vocab_size=128, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, qkv_bias=True,
                      intermediate_size=256, max_position_embeddings=64)  # K slices of 128 columns at TP 2

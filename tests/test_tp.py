@@ -1,5 +1,5 @@
-"""Tensor parallelism (fp6llm.tp): sharded packing is packing the slice, per-rank loading is slicing the whole model,
-the split errors, and two processes over gloo against one.
+"""Tensor parallelism (fp6llm.models.parallel, fp6llm.engine.distributed): sharded packing is packing the slice,
+per-rank loading is slicing the whole model, the split errors, and two processes over gloo against one.
 
 Tolerance: TP=2 logits within ATOL = 1e-5 (max abs) of TP=1's, for float32 weights and for e3m2 (whose shards hold
 exactly the codes and scales of the whole weight's). The ranks compute the same float32 operations with the
@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from fp6llm import fused
 from fp6llm.cli import main
 from fp6llm.engine import Engine, Request, SamplingParams
 from fp6llm.models import ModelConfig, build_model, build_random, load_hf
@@ -26,7 +27,8 @@ from fp6llm.models.loader import SafetensorsCheckpoint
 from fp6llm.nn import FPxLinear
 from fp6llm.packing import pack
 from fp6llm.quantize import quantize_weight
-from fp6llm.tp import INPUT, OUTPUT, RowParallel, Split, TensorParallel, apply_tensor_parallel, plan, shard_quantized
+from fp6llm.models.parallel import (INPUT, OUTPUT, RowParallel, Split, TensorParallel, apply_tensor_parallel, plan,
+                                    projections, shard_quantized)
 
 ATOL = 1e-5
 DEGREE = 2
@@ -103,6 +105,27 @@ def test_plan_splits_heads_kv_heads_and_mlp():
     assert (tp_model.config.n_heads, tp_model.config.n_kv_heads, tp_model.config.intermediate_size) == (2, 1, 128)
     assert tp_model.layers[0].self_attn.n_heads == 2 and tp_model.layers[0].self_attn.n_kv_heads == 1
     assert isinstance(tp_model.layers[0].mlp.down_proj, RowParallel)
+
+
+@pytest.mark.parametrize("case", ["llama-gqa", "opt"])
+def test_every_declared_projection_is_a_linear_or_a_fused_part(case):
+    """A model class's TENSOR_PARALLEL names its layers' projections: each is a Linear of the model, or a part of
+    one of its fused projections; row-parallel ones are Linears (they get an all-reduce)."""
+    model = build_model(CASES[case], "meta")
+    parts = {part for layout in fused.layout(model).values() for part, _, _ in layout}
+    linears = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    declared = projections(model)
+    for name, (dim, _) in declared.items():
+        assert name in (linears if dim == INPUT else linears | parts), name
+    assert parts <= declared.keys()  # no fused projection is replicated by omission
+
+
+def test_a_model_that_does_not_declare_its_projections_or_is_already_split_is_refused():
+    with pytest.raises(TypeError, match="Linear does not declare its tensor-parallel projections"):
+        apply_tensor_parallel(torch.nn.Linear(4, 4), 0, DEGREE)
+    model = apply_tensor_parallel(build_model(CASES["llama-gqa"], "meta"), 0, DEGREE)
+    with pytest.raises(ValueError, match=r"the model is already tensor-parallel \(TensorParallel\(rank=0"):
+        apply_tensor_parallel(model, 0, DEGREE)
 
 
 @pytest.mark.parametrize("config, degree, message", [

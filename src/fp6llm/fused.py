@@ -3,8 +3,8 @@
 A fused projection's weight is its parts' weights stacked by rows, in order, so one GEMM reads x once and writes
 one output that the model splits by its head counts (q | k | v) or in halves (gate | up). Checkpoints keep the
 parts' names (Hugging Face's q_proj, k_proj, ...; fp6llm's packed checkpoints of the unfused layout) and the loader
-stacks them; the tensor-parallel plan (tp.py) slices each part by its own rule, heads or intermediate rows, and the
-rank's fused weight is the stack of its parts' slices.
+stacks them; the tensor-parallel plan (models/parallel.py) slices each part by its own rule, heads or intermediate
+rows, and the rank's fused weight is the stack of its parts' slices.
 
 Stacking rows commutes with quantization: scales are per row (or per group of a row's columns) and every code
 depends only on its row's scales, so the stacked QuantizedWeight of quantized parts is the quantized stack, bit
@@ -23,7 +23,7 @@ from .nn import FPxLinear
 from .packing import TILE_N, pack
 from .quantize import QuantizedWeight
 
-# A fused projection's name -> its parts' names (each in tp.LAYOUT), in the order of their rows.
+# A fused projection's name -> its parts' names (each in the model's TENSOR_PARALLEL), in the order of their rows.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 

@@ -105,7 +105,7 @@ def _generate(args) -> None:
     at_least("--max-new-tokens", args.max_new_tokens, 1)
     at_least("--top-k", args.top_k, 1, " (leave it out to keep every token)")
     _read_prompts(args)  # before torch.distributed starts
-    from ..tp import process_group
+    from ..engine.distributed import process_group
 
     with process_group(args.tp, args.device) as (tp, device):
         _generate_on(args, tp, device)
@@ -115,9 +115,8 @@ def _generate_on(args, tp, device) -> None:
     """generate as tensor-parallel rank tp (None: alone) on device; rank 0 prints."""
     import torch
 
-    from ..tp import shared_seed
-
     from ..engine import DoesNotFit, Engine, SamplingParams
+    from ..engine.distributed import shared_seed
     from ..engine.generate import check_length
     from ..engine.load import check_fits
 
@@ -211,7 +210,7 @@ def _bench(args) -> None:
     import torch
 
     from ..engine import bench
-    from ..tp import process_group
+    from ..engine.distributed import process_group
 
     device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
     formats = _format_list(args.formats)

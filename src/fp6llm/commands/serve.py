@@ -61,7 +61,7 @@ def _serve(args) -> None:
               f"pip install 'fp6llm[serve]'", file=sys.stderr)
         raise SystemExit(2) from None
 
-    from ..tp import process_group
+    from ..engine.distributed import process_group
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
@@ -80,7 +80,8 @@ def _serve_on(args, tp, device, uvicorn) -> None:
     """Load the engine (tp: this rank's slice) and serve it; under tensor parallelism rank 0 serves through a
     MirroredEngine and the other ranks follow it until it stops."""
     from ..engine import load
-    from ..engine.mirror import MirroredEngine, control_group, follow
+    from ..engine.distributed import control_group
+    from ..engine.mirror import MirroredEngine, follow
     from ..server.app import create_app
     from ..server.scheduler import warm_up
 

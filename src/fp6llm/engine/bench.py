@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..models.loader import format_name, resolve_format
 from ..nn import FPxLinear
 from ..quantize import quantize_weight
-from ..tp import TensorParallel
+from ..models.parallel import TensorParallel
 from .generate import Engine, Request, Stats
 from .runner import drop_caches, synchronize
 from .load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, quantized_group_size, require_memory

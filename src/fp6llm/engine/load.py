@@ -18,8 +18,8 @@ from ..models import NAMED_CONFIGS, ModelConfig, build_random, load_hf
 from ..models.loader import (PACKED_META, SKIP, UNQUANTIZED, build_model, read_hf_config, read_packed_meta,
                              resolve_format)
 from ..packing import padded_k, padded_n
-from ..tp import TensorParallel, apply_tensor_parallel, local_config
 from ..models.attention import BLOCK_SIZE
+from ..models.parallel import TensorParallel, apply_tensor_parallel, local_config
 from .generate import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_MAX_SEQ_LEN, Engine, default_num_blocks
 from .tokenizer import TOKENIZER_FILES, ByteTokenizer, load_tokenizer
 
@@ -123,7 +123,7 @@ def check_format(fmt: str) -> str:
 def weight_bytes(config: ModelConfig, fmt: str, dtype: Optional[torch.dtype] = None,
                  group_size: Optional[int] = None, tp: Optional[TensorParallel] = None) -> int:
     """Bytes of the model's weights in ``fmt`` ("fp16", "e3m2", ...), counted on a meta-device model; tp: of that
-    tensor-parallel rank's part (ValueError as tp.plan when the degree cannot split the model)."""
+    tensor-parallel rank's part (ValueError as models.parallel.plan when the degree cannot split the model)."""
     quantized, dtype, _ = resolve_format(fmt, dtype, "cpu", group_size)
     model = build_model(config, "meta")
     if tp is not None:
@@ -188,7 +188,7 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
     float32 elsewhere; a torch.dtype or its name. max_batch_size: sequences running at most; max_seq_len: positions
     of one (default min(max_position_embeddings, 2048)). The paged KV cache holds max_batch_size x max_seq_len
     positions, on CUDA at most what gpu_memory_utilization of the GPU's memory leaves after the weights (requests
-    are admitted by free blocks). tp: this process's tensor-parallel rank (fp6llm.tp.process_group): the
+    are admitted by free blocks). tp: this process's tensor-parallel rank (engine.distributed.process_group): the
     engine runs that rank's slice of the model, and every rank must make the same engine calls (engine.mirror).
     Raises ValueError (unknown name or format), FileNotFoundError (no such directory, config or tokenizer),
     DoesNotFit (a MemoryError: weights + the cache of one sequence beyond the free GPU memory, both

@@ -5,11 +5,11 @@ all-reduces). The server runs on rank 0 only; it drives a ``MirroredEngine``, wh
 the engine (add, step, abort, warm_up) to the other ranks before making it. They run ``follow``: receive the call,
 make it on their Engine, wait for the next. Every rank then runs the same forwards in the same order (the batcher
 decides from the calls alone, over the same number of blocks), and since the logits are the same on every rank
-(fp6llm.tp replicates lm_head) so are the sampled tokens: a request without a seed gets one from rank 0 before it
-is sent.
+(models/parallel.py replicates lm_head) so are the sampled tokens: a request without a seed gets one from rank 0
+before it is sent.
 
-The calls travel over a gloo group of their own (``control_group``) with a long timeout: an idle server keeps its
-followers waiting in a CPU receive, not in an NCCL collective that would time out.
+The calls travel over a gloo group of their own (engine/distributed.py's ``control_group``) with a long timeout: an
+idle server keeps its followers waiting in a CPU receive, not in an NCCL collective that would time out.
 
     with process_group(n, device) as (tp, device):
         engine = load(..., tp=tp)
@@ -25,30 +25,15 @@ followers waiting in a CPU receive, not in an NCCL collective that would time ou
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import random
 import threading
 from typing import Sequence
 
-import torch.distributed as dist
-
+from .distributed import broadcast_object
 from .generate import Engine, Request
 
 log = logging.getLogger(__name__)
-
-CONTROL_TIMEOUT = datetime.timedelta(days=365)  # a follower may wait this long for the server's next call
-
-
-def control_group():
-    """A gloo process group over every rank for the engine calls; call on every rank (a collective)."""
-    return dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-
-
-def _broadcast(message, group):
-    box = [message]
-    dist.broadcast_object_list(box, src=0, group=group)
-    return box[0]
 
 
 class MirroredEngine:
@@ -69,7 +54,7 @@ class MirroredEngine:
     def _send(self, message: tuple) -> None:
         if self._stopped:
             raise RuntimeError("the tensor-parallel ranks were released (MirroredEngine.stop)")
-        _broadcast(message, self._group)
+        broadcast_object(message, self._group)
 
     def _forget_finished(self) -> None:
         for request in [r for r in self._ids if r.finished]:
@@ -132,7 +117,7 @@ def follow(engine: Engine, group=None) -> None:
     """
     running: dict = {}  # the number rank 0 gave a request -> this rank's Request
     while True:
-        message = _broadcast(None, group)
+        message = broadcast_object(None, group)
         kind = message[0]
         if kind == "stop":
             return

@@ -19,9 +19,19 @@ from ..decoder_ops import rotary, silu_mul
 from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
 from .norm import Norm
+from .parallel import INPUT, OUTPUT
 
 
 class Transformer(nn.Module):
+    tensor_parallel = None  # the TensorParallel of this process once the model runs as one rank (parallel.py)
+    # What tensor parallelism (models/parallel.py) slices in each of ``layers``, by the unfused checkpoint's names
+    # (qkv_proj and gate_up_proj are sliced by these parts): the weight dimension split (OUTPUT: column-parallel,
+    # INPUT: row-parallel) and the features split (query heads, KV heads, MLP hidden units).
+    TENSOR_PARALLEL = {"self_attn.q_proj": (OUTPUT, "heads"), "self_attn.k_proj": (OUTPUT, "kv_heads"),
+                       "self_attn.v_proj": (OUTPUT, "kv_heads"), "self_attn.o_proj": (INPUT, "heads"),
+                       "mlp.gate_proj": (OUTPUT, "mlp"), "mlp.up_proj": (OUTPUT, "mlp"),
+                       "mlp.down_proj": (INPUT, "mlp")}
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.arch != "llama":
@@ -47,6 +57,13 @@ class Transformer(nn.Module):
                              rope_frequencies(self.config, device))
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
+
+    def use_local_config(self, config: ModelConfig) -> None:
+        """Run as one tensor-parallel rank whose projections hold its slices: ``config`` has the rank's head counts
+        and intermediate_size (parallel.local_config), which its attention and KV cache take."""
+        self.config = config
+        for layer in self.layers:
+            layer.self_attn.n_heads, layer.self_attn.n_kv_heads = config.n_heads, config.n_kv_heads
 
     def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None,
                 kv: Optional[KVBatch] = None) -> Tensor:

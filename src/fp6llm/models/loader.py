@@ -21,9 +21,9 @@ from ..nn import FPxLinear
 from ..packing import (LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_shape_v1, plane_widths,
                        tile_index, unpack, unpack_v1)
 from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
-from ..tp import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from . import llama, opt
 from .config import HF_NAMES, ModelConfig
+from .parallel import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from .trust import check_config_tensors, check_packed_meta, check_planes, check_scales, read_json
 
 MODEL_CLASSES = {"llama": llama.Transformer, "opt": opt.Transformer}
@@ -141,7 +141,7 @@ class Source:
 
     Subclasses say where one tensor comes from (``tensor``, or only its part ``index``); a Linear other than lm_head
     is quantized to ``fmt`` (FPxLinear) unless fmt is None. dtype None keeps the tensors' own dtype. shards
-    ({module name: tp.Split}, from tp.plan): those Linears get only a tensor-parallel rank's slice. fused
+    ({module name: Split}, from parallel.plan): those Linears get only a tensor-parallel rank's slice. fused
     ({fused module name: parts}, fused.layout; stream_modules sets it): those Linears are stacked from their parts. layer_plan
     ({module name: {"format", "group_size", "scale_search"}}, a per-layer format plan as fp6llm.json stores it):
     those Linears get their own format instead of fmt / group_size.
@@ -341,7 +341,7 @@ class PackedSource(Source):
         return scales
 
     def linear(self, name: str, module: nn.Linear) -> FPxLinear:
-        """The planes and scales (a tensor-parallel split: only the slice of them that tp.shard_quantized keeps)."""
+        """The planes and scales (a tensor-parallel split: only the slice of them that shard_quantized keeps)."""
         n, k = module.weight.shape
         split = self.shards.get(name)
         fmt, group_size, _ = self.layer_format(name)
@@ -403,7 +403,7 @@ def materialize(model: nn.Module, source: Source, progress: bool = True, desc: s
                 tp: Optional[TensorParallel] = None) -> nn.Module:
     """Replace every module of a meta ``model`` by its real one from ``source``, in place; returns the model.
 
-    tp: make only that tensor-parallel rank's part (tp.plan's slices, then tp.parallelize). Raises ValueError
+    tp: make only that tensor-parallel rank's part (parallel.plan's slices, then parallelize). Raises ValueError
     naming the first layer that cannot be split at its degree.
     """
     parallel = tp is not None and tp.world_size > 1
@@ -457,7 +457,7 @@ def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None,
 
     fmt: an FPFormat name ("e3m2", "fp6", ...) or "fp16" / "bf16" / "fp32" for unquantized weights. dtype: the
     activations' (and norms', embeddings', lm_head's) dtype, default float16 on CUDA, float32 on CPU. tp: load only
-    that tensor-parallel rank's slices (fp6llm.tp; each rank quantizes its own). Returns the model in eval mode on
+    that tensor-parallel rank's slices (parallel.py; each rank quantizes its own). Returns the model in eval mode on
     ``device``; call ``setup_caches`` before running it.
     Raises FileNotFoundError (config.json, shards), ValueError (unsupported model, missing / misshapen tensors).
     """
@@ -503,7 +503,7 @@ def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = N
                 progress: bool = True, tp: Optional[TensorParallel] = None) -> nn.Module:
     """Load an fp6llm packed checkpoint (planes + scales as written by save_packed / quantize_checkpoint), with no
     re-quantization. fmt / group_size, if given, must match the checkpoint's (ValueError otherwise). tp: read only
-    that tensor-parallel rank's slices of the planes and scales (fp6llm.tp)."""
+    that tensor-parallel rank's slices of the planes and scales (models/parallel.py)."""
     meta = read_packed_meta(model_dir)
     packed_fmt = meta["format"]
     if fmt is not None:

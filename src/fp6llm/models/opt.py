@@ -16,12 +16,20 @@ from torch import Tensor, nn
 from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
 from .norm import Norm
+from .parallel import INPUT, OUTPUT
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "silu": F.silu}
 
 
 class Transformer(nn.Module):
+    tensor_parallel = None  # the TensorParallel of this process once the model runs as one rank (parallel.py)
+    # What tensor parallelism (models/parallel.py) slices in each of ``layers`` (as llama.Transformer's; qkv_proj by
+    # its parts); everything else, project_in / project_out included, is replicated.
+    TENSOR_PARALLEL = {"self_attn.q_proj": (OUTPUT, "heads"), "self_attn.k_proj": (OUTPUT, "kv_heads"),
+                       "self_attn.v_proj": (OUTPUT, "kv_heads"), "self_attn.out_proj": (INPUT, "heads"),
+                       "fc1": (OUTPUT, "mlp"), "fc2": (INPUT, "mlp")}
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.arch != "opt":
@@ -48,6 +56,12 @@ class Transformer(nn.Module):
         if max_seq_len > positions:
             raise ValueError(f"max_seq_len={max_seq_len} exceeds OPT's {positions} learned positions")
         setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device, num_blocks, block_size)
+
+    def use_local_config(self, config: ModelConfig) -> None:
+        """Run as one tensor-parallel rank whose projections hold its slices (as llama.Transformer's)."""
+        self.config = config
+        for layer in self.layers:
+            layer.self_attn.n_heads = config.n_heads
 
     def forward(self, tokens: Tensor, input_pos: Tensor, logits_at: Optional[Tensor] = None,
                 kv: Optional[KVBatch] = None) -> Tensor:

@@ -1,6 +1,7 @@
-"""Tensor parallelism (Megatron style) as a pass over a finished model: the model files know nothing of ranks.
+"""Tensor parallelism (Megatron style) as a pass over a finished model: the model's forward knows nothing of ranks.
 
-Each of ``world_size`` ranks keeps a slice of every projection of every block:
+Each of ``world_size`` ranks keeps a slice of every projection of every block. Which ones, and how, each model
+class declares (``TENSOR_PARALLEL``, relative to each of its ``layers``):
 
     column-parallel (a range of output channels):  q_proj, k_proj, v_proj, gate_proj, up_proj (OPT: fc1)
     row-parallel (a range of input channels):      o_proj, down_proj (OPT: out_proj, fc2)
@@ -9,7 +10,8 @@ so a rank's attention runs on its own query heads (and the KV heads they read) a
 A row-parallel layer's partial outputs are summed over the ranks by one all-reduce, then its bias is added once: two
 all-reduces per block. Everything else (embeddings, norms, lm_head, OPT's project_in / project_out) is replicated,
 the simplest choice: every rank computes the same residual stream and the same logits, so every rank samples the
-same tokens and the engine runs unchanged on each (SPMD; give sampling a seed shared by the ranks, ``shared_seed``).
+same tokens and the engine runs unchanged on each (SPMD; give sampling a seed shared by the ranks,
+engine/distributed.py's ``shared_seed``).
 
 The fused projections (fused.py: qkv_proj, gate_up_proj) are column-parallel by parts: the plan slices each part
 by its own rule (q by query heads, k and v by KV heads, gate and up by intermediate rows) and names the slices by
@@ -18,7 +20,7 @@ the parts' names, and the rank's fused weight is the stack of its parts' slices 
 Heads: n_heads / world_size query heads per rank. KV heads are split the same way when there are at least as many as
 ranks; with fewer (GQA, n_kv_heads < world_size) each rank keeps the one KV head its query heads read, so that head
 is replicated on world_size / n_kv_heads ranks. The rank's model gets a config of its own shape (heads, KV heads,
-intermediate_size divided), which sizes its KV cache and attention.
+intermediate_size divided: the model's ``use_local_config``), which sizes its KV cache and attention.
 
 Weights are sliced in whatever form they hold: a plain nn.Linear's tensor (any float dtype), or an FPxLinear's packed
 planes and scales: rows for column-parallel; for row-parallel whole tiles of every plane, i.e. multiples of 128 input
@@ -26,41 +28,28 @@ columns, and whole scale groups (docs/layout.md, "Tensor-parallel splits"). A sl
 same float slice (per-channel scales stay the whole row's: quantize_weight's ``absmax``).
 
     model = apply_tensor_parallel(model, rank, world_size)          # slice a finished model (any format)
-    model = load_hf(path, tp=TensorParallel(rank, world_size))     # or read only the rank's slices (models/loader.py)
+    model = load_hf(path, tp=TensorParallel(rank, world_size))     # or read only the rank's slices (loader.py)
 
-Launch with torchrun, one process per GPU (``process_group``): ``torchrun --nproc-per-node 2 -m fp6llm generate ...
---tp 2`` (also bench, and serve: rank 0 serves HTTP and the others repeat its engine calls, engine/mirror.py).
+The processes themselves (torchrun, the process group, shared seeds) are the engine's: engine/distributed.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import random
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-from . import fused
-from .nn import FPxLinear
-from .packing import plane_widths, tile_index
-from .quantize import QuantizedWeight
+from .. import fused
+from ..nn import FPxLinear
+from ..packing import plane_widths, tile_index
+from ..quantize import QuantizedWeight
 
 OUTPUT, INPUT = 0, 1  # the weight [N, K] dimension a layer is split along: column-parallel, row-parallel
-# Last part of a module's name -> (dimension split, what it splits: query heads, KV heads or MLP hidden units).
-LAYOUT = {"q_proj": (OUTPUT, "heads"), "k_proj": (OUTPUT, "kv_heads"), "v_proj": (OUTPUT, "kv_heads"),
-          "o_proj": (INPUT, "heads"), "out_proj": (INPUT, "heads"),
-          "gate_proj": (OUTPUT, "mlp"), "up_proj": (OUTPUT, "mlp"), "fc1": (OUTPUT, "mlp"),
-          "down_proj": (INPUT, "mlp"), "fc2": (INPUT, "mlp")}
-# NVLink multicast (NVLS, symmetric-memory multicast) stays off on the multi-GPU machines: set in every process
-# before its process group starts, unless the environment already says otherwise.
-NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -142,24 +131,31 @@ def local_config(config, tp: TensorParallel):
                                intermediate_size=config.intermediate_size // tp.world_size)
 
 
+def _declared(model: nn.Module) -> dict:
+    """The model class's ``TENSOR_PARALLEL``; TypeError for a model that does not declare it."""
+    declared = getattr(type(model), "TENSOR_PARALLEL", None)
+    if declared is None:
+        raise TypeError(f"{type(model).__name__} does not declare its tensor-parallel projections (TENSOR_PARALLEL); "
+                        f"fp6llm.models' decoders do")
+    return declared
+
+
+def projections(model: nn.Module) -> dict:
+    """{module name: (dimension split, features it splits)} of every projection of every layer that tensor
+    parallelism slices, from the model class's ``TENSOR_PARALLEL`` (by the unfused checkpoint's names: a fused
+    projection's parts). Raises TypeError for a model that does not declare it."""
+    declared = _declared(model)
+    return {f"layers.{i}.{name}": role for i in range(len(model.layers)) for name, role in declared.items()}
+
+
 def plan(model: nn.Module, tp: TensorParallel) -> dict:
-    """{module name: Split} for every projection of ``model`` that is sliced (LAYOUT); works on a meta model. A fused
-    projection's slices are its parts', under the parts' names (fused.layout: "layers.0.self_attn.q_proj", ...).
+    """{module name: Split} for every projection of ``model`` that is sliced (``projections``); works on a meta model.
+    A fused projection's slices are its parts', under the parts' names (fused.layout: "layers.0.self_attn.q_proj").
 
     Raises ValueError naming the first layer that cannot be split at this degree (its size, the degree).
     """
-    layouts, names = fused.layout(model), []
-    for name, module in model.named_modules():
-        if name in layouts:
-            names += [part for part, _, _ in layouts[name]]
-        elif isinstance(module, (nn.Linear, FPxLinear)):
-            names.append(name)
     splits = {}
-    for name in names:
-        role = LAYOUT.get(name.rpartition(".")[2])
-        if role is None:
-            continue
-        dim, kind = role
+    for name, (dim, kind) in projections(model).items():
         try:
             start, stop = _feature_range(kind, model.config, tp)
         except ValueError as err:
@@ -283,18 +279,14 @@ class RowParallel(nn.Module):
 
 def parallelize(model: nn.Module, tp: TensorParallel) -> nn.Module:
     """Make a model whose projections already hold the rank's slices (shard_linear, or a loader given the plan) run
-    as that rank: its config and attention take the rank's head counts, and each row-parallel layer is followed by
-    an all-reduce (RowParallel). Returns the model, with ``model.tensor_parallel = tp``."""
-    model.config = local_config(model.config, tp)
-    for module in model.modules():
-        if hasattr(module, "qkv_proj") and hasattr(module, "n_heads"):  # an attention block
-            module.n_heads = model.config.n_heads
-            if hasattr(module, "n_kv_heads"):
-                module.n_kv_heads = model.config.n_kv_heads
-    for name, module in list(model.named_modules()):
-        parent, _, child = name.rpartition(".")
-        if LAYOUT.get(child, (None,))[0] == INPUT and isinstance(module, (nn.Linear, FPxLinear)):
-            setattr(model.get_submodule(parent), child, RowParallel(module, tp.group))
+    as that rank: it takes the rank's config (``use_local_config``: head counts for its attention), and each
+    row-parallel layer is followed by an all-reduce (RowParallel). Returns the model, with
+    ``model.tensor_parallel = tp``."""
+    model.use_local_config(local_config(model.config, tp))
+    for name, (dim, _) in projections(model).items():
+        if dim == INPUT:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, RowParallel(model.get_submodule(name), tp.group))
     model.tensor_parallel = tp
     return model
 
@@ -306,10 +298,11 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world_size: int, group=No
     the default one) with every rank running the same inputs. world_size 1 returns the model unchanged. Raises
     ValueError naming the layer, its size and the degree when a split is not possible (heads or intermediate_size
     not divisible; an FPxLinear's input columns not split at multiples of 128 or of its group size), or when the
-    model is already tensor-parallel.
+    model is already tensor-parallel; TypeError for a model that does not declare its projections (projections).
     """
     tp = TensorParallel(rank, world_size, group)
-    if getattr(model, "tensor_parallel", None) is not None:
+    _declared(model)  # a TypeError before anything else for a model that does not declare its projections
+    if model.tensor_parallel is not None:
         raise ValueError(f"the model is already tensor-parallel ({model.tensor_parallel})")
     if world_size == 1:
         return model
@@ -321,58 +314,3 @@ def apply_tensor_parallel(model: nn.Module, rank: int, world_size: int, group=No
                                                                                                   splits[name])
         setattr(model.get_submodule(parent), child, sharded)
     return parallelize(model, tp)
-
-
-# ---- launching ------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def process_group(degree: int, device=None) -> Iterator[tuple]:
-    """(TensorParallel or None, device) of this process as one of ``degree`` ranks started by torchrun.
-
-    degree 1 yields (None, device): the single-process path, no torch.distributed at all. Otherwise the process joins
-    the group torchrun describes (RANK, LOCAL_RANK, WORLD_SIZE; NCCL on CUDA, gloo on CPU) with NVLink multicast
-    off (NVLINK_MULTICAST_OFF, unless already set), takes GPU LOCAL_RANK on CUDA, and leaves the group on exit.
-    Raises ValueError when torchrun did not start it or started another number of processes.
-    """
-    launched = all(name in os.environ for name in TORCHRUN_VARIABLES)
-    processes = int(os.environ["WORLD_SIZE"]) if launched else 1
-    if not isinstance(degree, int) or degree < 1:
-        raise ValueError(f"--tp must be a positive int, got {degree!r}")
-    if degree > 1 and not launched:
-        raise ValueError(f"--tp {degree} needs one process per rank, started by torchrun: torchrun --nproc-per-node "
-                         f"{degree} -m fp6llm ... --tp {degree}")
-    if processes != degree:
-        raise ValueError(f"--tp {degree} does not match the {processes} processes torchrun started (WORLD_SIZE); "
-                         f"use torchrun --nproc-per-node {degree} ... --tp {degree}")
-    if degree == 1:
-        yield None, device
-        return
-    for name, value in NVLINK_MULTICAST_OFF.items():
-        os.environ.setdefault(name, value)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"rank {local_rank} of this machine has no GPU: {torch.cuda.device_count()} visible")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    try:
-        yield TensorParallel(dist.get_rank(), dist.get_world_size()), device
-        if started:
-            dist.barrier()  # no rank leaves while another may still talk to it
-    finally:
-        if started:
-            dist.destroy_process_group()
-
-
-def shared_seed(tp: TensorParallel, seed: Optional[int] = None) -> int:
-    """``seed``, or rank 0's fresh random one on every rank: sampling must draw the same tokens on every rank."""
-    if seed is not None:
-        return seed
-    box = [random.SystemRandom().randrange(2**62)]
-    dist.broadcast_object_list(box, src=0, group=tp.group)
-    return box[0]
