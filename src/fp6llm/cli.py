@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import pkgutil
 import signal
 import sys
@@ -121,6 +122,18 @@ def _on_sigint(signum, frame):
 
 
 def main(argv=None) -> int:
+    status = _main(argv)
+    distributed = sys.modules.get("fp6llm.engine.distributed")  # imported only by --tp runs
+    if distributed is not None and distributed.left_group:
+        # a tensor-parallel rank: its work is done and written; skip the interpreter teardown that can abort in
+        # gloo's threads (engine/distributed.left_group)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _main(argv) -> int:
     name = "fp6llm"
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)

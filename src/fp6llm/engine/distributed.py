@@ -27,6 +27,10 @@ from ..models.parallel import TensorParallel
 NVLINK_MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 CONTROL_TIMEOUT = datetime.timedelta(days=365)  # a follower may wait this long for the server's next call
+# Set once this process has left a process group. Interpreter teardown after that can abort in gloo's threads
+# ("terminate called without an active exception", SIGABRT: 2 of 10 `torchrun ... generate --tp 2` runs on a CPU,
+# 2026-12-02, after the output was printed), so the CLI leaves such a process through os._exit (cli.main).
+left_group = False
 
 
 @contextlib.contextmanager
@@ -70,7 +74,9 @@ def process_group(degree: int, device=None) -> Iterator[tuple]:
             dist.barrier()  # no rank leaves while another may still talk to it
     finally:
         if started:
+            global left_group
             dist.destroy_process_group()
+            left_group = True
 
 
 def broadcast_object(message, group=None):
