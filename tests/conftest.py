@@ -41,9 +41,20 @@ def pytest_report_header(config):
     return f"fp6llm sources: {SRC}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A CPU generator with a fresh seed each run, printed so that a failure can be replayed."""
+def seeded_generator() -> torch.Generator:
     seed = int(os.environ.get("FP6LLM_TEST_SEED", random.SystemRandom().randrange(2**63)))
     print(f"torch generator seed {seed} (replay with FP6LLM_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator with a fresh seed each run, printed so that a failure can be replayed."""
+    return seeded_generator()
+
+
+@pytest.fixture(scope="module")
+def module_gen() -> torch.Generator:
+    """The same for module-scoped fixtures (data built once per test file); its seed is printed in the setup
+    output of the file's first test that uses it."""
+    return seeded_generator()

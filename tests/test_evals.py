@@ -11,6 +11,7 @@ import torch
 from fp6llm.evals import lm, plan
 from fp6llm.evals.baselines import NF4_LEVELS, Method, int_rtn, nf4
 from fp6llm.quantize import fake_quantize, quantize_weight
+from helpers import seed_of
 
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
@@ -68,12 +69,11 @@ def write_tiny_gguf(path, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    """A converted tiny GGUF directory (seed printed: the weights are fresh each run)."""
+def tiny_hf(tmp_path_factory, module_gen):
+    """A converted tiny GGUF directory (the weights are fresh each run, from module_gen: its seed is printed)."""
     from fp6llm.evals.gguf import convert_gguf
 
-    seed = int(torch.randint(0, 2**31, ()))
-    print(f"tiny GGUF seed {seed}")
+    seed = seed_of(module_gen)
     root = tmp_path_factory.mktemp("gguf")
     write_tiny_gguf(root / "tiny.gguf", seed)
     summary = convert_gguf(root / "tiny.gguf", root / "hf")
