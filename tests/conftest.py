@@ -58,3 +58,13 @@ def module_gen() -> torch.Generator:
     """The same for module-scoped fixtures (data built once per test file); its seed is printed in the setup
     output of the file's first test that uses it."""
     return seeded_generator()
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> dict:
+    """tiny-llama in e3m2 and fp32, tiny-opt in e3m2 (build_random seed 0), built once per test file: each engine
+    sets up its own caches."""
+    from fp6llm.models import build_random
+
+    return {(name, fmt): build_random(name, fmt, "cpu", seed=0, progress=False)
+            for name, fmt in [("tiny-llama", "e3m2"), ("tiny-llama", "fp32"), ("tiny-opt", "e3m2")]}

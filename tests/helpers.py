@@ -16,3 +16,6 @@ def seeded(gen: torch.Generator, make):
     with torch.random.fork_rng():
         torch.manual_seed(seed_of(gen))
         return make()
+
+
+TINY_VOCAB = 512  # the vocabulary of the tiny-llama and tiny-opt random models
