@@ -55,12 +55,13 @@ def test_save_load_is_bit_identical(hf_dir, tmp_path, fmt, group_size, gen):
 
 def test_quantize_checkpoint_streams_the_same_weights(hf_dir, tmp_path):
     summary = quantize_checkpoint(hf_dir, tmp_path, "e3m2", device="cpu", progress=False, dtype=torch.float32)
-    assert summary["bytes_out"] < summary["bytes_in"] and summary["tensors"] > 0
+    assert summary["bytes_out"] < summary["bytes_in"]
     meta = json.loads((tmp_path / "fp6llm.json").read_text())
     assert meta["format"] == "e3m2" and meta["group_size"] is None and meta["layout_version"] == LAYOUT_VERSION
     assert meta["fp6llm_version"] == __version__ and meta["source"] == str(hf_dir.resolve())
     assert all((tmp_path / name).is_file() for name in [*TOKENIZER, "config.json", "generation_config.json"])
     keys = load_file(tmp_path / "model.safetensors").keys()
+    assert summary["tensors"] == len(keys) and summary["shards"] == 1
     assert {"layers.0.self_attn.qkv_proj.plane0", "layers.0.self_attn.qkv_proj.plane1",
             "layers.0.self_attn.qkv_proj.scales", "lm_head.weight", "norm.weight"} <= keys
     # what is not quantized is stored as asked (float32 here; the default, float16, is tested in test_cli.py)
