@@ -2,6 +2,8 @@
 
 Tests draw fresh random data on every run. The ``gen`` fixture hands out a torch.Generator seeded from a new random
 seed and prints it, so a failing test shows the seed in its captured output; ``FP6LLM_TEST_SEED=<seed>`` replays it.
+No test draws from torch's global generator: what initializes from it (nn.Linear, transformers' models) runs under
+``helpers.seeded(gen, ...)``; ``module_gen`` serves module-scoped fixtures.
 """
 
 import os

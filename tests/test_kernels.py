@@ -4,6 +4,7 @@ On a CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set in con
 tests marked gpu run the compiled kernel, torch.compile(fullgraph=True) and CUDA-graph capture on a CUDA device.
 Tolerance: relative Frobenius error < 4e-3 for fp16 outputs and < 2e-2 for bf16 (the output rounding of the
 dtype, 2^-11 and 2^-8 relative, dominates; accumulation is float32).
+The dispatch tests read a measured table written to a temporary directory (the test device's key is "cpu").
 """
 
 import dataclasses
