@@ -177,13 +177,19 @@ def test_table_blocks_are_narrowed_to_divide_the_group(table):
 
 
 def test_shipped_table_is_found_by_the_gpu_name(monkeypatch):
-    """The H100 table is read for a device named as torch reports it, entry for entry (its time dropped)."""
+    """The H100 table is read for a device named as torch reports it: each measured shape gets its own entry (its
+    time dropped; the entries of layout 1's 64-column blocks are the widening test's case)."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     path = dispatch.CONFIG_DIR / f"{dispatch.device_key('cuda')}.json"
-    entries = json.loads(path.read_text())["configs"]
-    for bucket, n, k in [("1", 8192, 8192), ("64", 57344, 8192), ("4096", 10240, 8192)]:
-        entry = {key: value for key, value in entries[bucket][f"{n}x{k}"].items() if key != "us"}
-        assert choose(int(bucket), n, k, device="cuda") == KernelConfig(**entry), (bucket, n, k)
+    checked = 0
+    for bucket, shapes in json.loads(path.read_text())["configs"].items():
+        for shape, entry in shapes.items():
+            entry = {key: value for key, value in entry.items() if key != "us"}
+            if entry["block_k"] >= dispatch.MIN_BLOCK_K:
+                n, k = map(int, shape.split("x"))
+                assert choose(int(bucket), n, k, device="cuda") == KernelConfig(**entry), (bucket, shape)
+                checked += 1
+    assert checked >= len(M_BUCKETS)
 
 
 def test_heuristic_small_m_streams_with_split_k():
