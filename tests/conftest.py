@@ -2,6 +2,8 @@
 
 Tests draw fresh random data on every run. The ``gen`` fixture hands out a torch.Generator seeded from a new random
 seed and prints it, so a failing test shows the seed in its captured output; ``FP6LLM_TEST_SEED=<seed>`` replays it.
+No test draws from torch's global generator: what initializes from it (nn.Linear, transformers' models) runs under
+``helpers.seeded(gen, ...)``; ``module_gen`` serves module-scoped fixtures.
 """
 
 import os
@@ -41,9 +43,30 @@ def pytest_report_header(config):
     return f"fp6llm sources: {SRC}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
 
 
-@pytest.fixture
-def gen() -> torch.Generator:
-    """A CPU generator with a fresh seed each run, printed so that a failure can be replayed."""
+def seeded_generator() -> torch.Generator:
     seed = int(os.environ.get("FP6LLM_TEST_SEED", random.SystemRandom().randrange(2**63)))
     print(f"torch generator seed {seed} (replay with FP6LLM_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator with a fresh seed each run, printed so that a failure can be replayed."""
+    return seeded_generator()
+
+
+@pytest.fixture(scope="module")
+def module_gen() -> torch.Generator:
+    """The same for module-scoped fixtures (data built once per test file); its seed is printed in the setup
+    output of the file's first test that uses it."""
+    return seeded_generator()
+
+
+@pytest.fixture(scope="module")
+def tiny_models() -> dict:
+    """tiny-llama in e3m2 and fp32, tiny-opt in e3m2 (build_random seed 0), built once per test file: each engine
+    sets up its own caches."""
+    from fp6llm.models import build_random
+
+    return {(name, fmt): build_random(name, fmt, "cpu", seed=0, progress=False)
+            for name, fmt in [("tiny-llama", "e3m2"), ("tiny-llama", "fp32"), ("tiny-opt", "e3m2")]}

@@ -41,7 +41,7 @@ def assert_same_model(a, b):
 
 
 @pytest.mark.parametrize("fmt, group_size", [("e3m2", None), ("e2m1", 32)])
-def test_save_load_is_bit_identical(hf_dir, tmp_path, fmt, group_size):
+def test_save_load_is_bit_identical(hf_dir, tmp_path, fmt, group_size, gen):
     model = load_hf(hf_dir, fmt=fmt, group_size=group_size, device="cpu", progress=False)
     summary = save_packed(model, tmp_path, source=hf_dir, max_shard_bytes=20_000)
     assert summary["shards"] > 1 and (tmp_path / "model.safetensors.index.json").is_file()
@@ -49,18 +49,19 @@ def test_save_load_is_bit_identical(hf_dir, tmp_path, fmt, group_size):
     loaded = load_packed(tmp_path, device="cpu", progress=False)
     assert isinstance(loaded.layers[1].self_attn.qkv_proj, FPxLinear)
     assert_same_model(model, loaded)
-    tokens = torch.randint(0, VOCAB, (2, 10))
+    tokens = torch.randint(0, VOCAB, (2, 10), generator=gen)
     assert torch.equal(logits(model, tokens), logits(loaded, tokens))
 
 
 def test_quantize_checkpoint_streams_the_same_weights(hf_dir, tmp_path):
     summary = quantize_checkpoint(hf_dir, tmp_path, "e3m2", device="cpu", progress=False, dtype=torch.float32)
-    assert summary["bytes_out"] < summary["bytes_in"] and summary["tensors"] > 0
+    assert summary["bytes_out"] < summary["bytes_in"]
     meta = json.loads((tmp_path / "fp6llm.json").read_text())
     assert meta["format"] == "e3m2" and meta["group_size"] is None and meta["layout_version"] == LAYOUT_VERSION
     assert meta["fp6llm_version"] == __version__ and meta["source"] == str(hf_dir.resolve())
     assert all((tmp_path / name).is_file() for name in [*TOKENIZER, "config.json", "generation_config.json"])
     keys = load_file(tmp_path / "model.safetensors").keys()
+    assert summary["tensors"] == len(keys) and summary["shards"] == 1
     assert {"layers.0.self_attn.qkv_proj.plane0", "layers.0.self_attn.qkv_proj.plane1",
             "layers.0.self_attn.qkv_proj.scales", "lm_head.weight", "norm.weight"} <= keys
     # what is not quantized is stored as asked (float32 here; the default, float16, is tested in test_cli.py)

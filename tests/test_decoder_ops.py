@@ -142,7 +142,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device (compiled Triton)")
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_the_decoders_on_cuda_run_the_kernels_and_match_the_cpu_references(arch):
+def test_the_decoders_on_cuda_run_the_kernels_and_match_the_cpu_references(arch, gen):
     """float16 on CUDA (Triton kernels) against float32 on the CPU (references), same weights: relative error of
     the logits of a prefill and a decode step below 2e-2."""
     config = ModelConfig.from_name("tiny-llama") if arch == "llama" else ModelConfig(
@@ -150,7 +150,7 @@ def test_the_decoders_on_cuda_run_the_kernels_and_match_the_cpu_references(arch)
         qkv_bias=True, o_bias=True, mlp_bias=True, position_offset=2, max_position_embeddings=64)
     cpu = build_random(config, "e3m2", "cpu", seed=1, progress=False)
     cuda = copy.deepcopy(cpu).to("cuda", torch.float16)
-    tokens = torch.randint(0, config.vocab_size, (3, 9))
+    tokens = torch.randint(0, config.vocab_size, (3, 9), generator=gen)
     logits = []
     for model, device in ((cpu, "cpu"), (cuda, "cuda")):
         model.setup_caches(3, 16)

@@ -11,6 +11,7 @@ import torch
 from fp6llm.evals import lm, plan
 from fp6llm.evals.baselines import NF4_LEVELS, Method, int_rtn, nf4
 from fp6llm.quantize import fake_quantize, quantize_weight
+from helpers import seed_of
 
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
@@ -68,12 +69,11 @@ def write_tiny_gguf(path, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    """A converted tiny GGUF directory (seed printed: the weights are fresh each run)."""
+def tiny_hf(tmp_path_factory, module_gen):
+    """A converted tiny GGUF directory (the weights are fresh each run, from module_gen: its seed is printed)."""
     from fp6llm.evals.gguf import convert_gguf
 
-    seed = int(torch.randint(0, 2**31, ()))
-    print(f"tiny GGUF seed {seed}")
+    seed = seed_of(module_gen)
     root = tmp_path_factory.mktemp("gguf")
     write_tiny_gguf(root / "tiny.gguf", seed)
     summary = convert_gguf(root / "tiny.gguf", root / "hf")
@@ -194,7 +194,7 @@ def test_plan_is_optimal_within_its_bits_and_keeps_fused_layers_together(gen):
 
 def test_plan_cli_writes_a_mixed_checkpoint_that_loads_and_generates(tiny_hf, tmp_path, capsys):
     from fp6llm.cli import main
-    from fp6llm.engine import load
+    from fp6llm.engine import Request, load
     from fp6llm.nn import FPxLinear
 
     out = tmp_path / "packed"
@@ -204,8 +204,15 @@ def test_plan_cli_writes_a_mixed_checkpoint_that_loads_and_generates(tiny_hf, tm
     assert len(meta["plan"]) == LAYERS * 7 and all(name.startswith("layers.") for name in meta["plan"])
     engine = load(out, device="cpu", cuda_graph=False, progress=False, max_seq_len=32)
     kinds = {(m.fmt.name, m.group_size) for m in engine.model.modules() if isinstance(m, FPxLinear)}
-    assert kinds == {(e["format"], e["group_size"]) for e in meta["plan"].values()} and len(kinds) >= 1
-    assert isinstance(engine.generate(["def f"], max_new_tokens=4)[0], str)
+    assert kinds == {(e["format"], e["group_size"]) for e in meta["plan"].values()}
+    request = Request(engine.tokenizer.encode("def f"), 4)  # no stop ids: exactly four tokens
+    engine.add([request])
+    while engine.active:
+        engine.step()
+    assert request.finish_reason == "length" and len(request.output_ids) == 4
+    ends = [i for i, token in enumerate(request.output_ids) if token in engine.stop_ids]  # generate stops there
+    text = engine.tokenizer.decode(request.output_ids[:min(ends, default=4)])
+    assert engine.generate(["def f"], max_new_tokens=4) == [text]
     assert main(["plan", "--model", str(tiny_hf / "hf"), "--bits", "3", "--ctx", "32", "--windows", "1",
                  "--methods", "e2m2"]) == 2
     assert "cheapest" in capsys.readouterr().err

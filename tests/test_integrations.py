@@ -19,16 +19,13 @@ from fp6llm import LAYOUT_VERSION  # noqa: E402
 from fp6llm.integrations.hf import FPxConfig  # noqa: E402
 from fp6llm.models import load_hf  # noqa: E402
 from fp6llm.nn import FPxLinear  # noqa: E402
+from helpers import seed_of, seeded  # noqa: E402
 from test_models import ATOL, HF_CASES, VOCAB, run, save_hf_model  # noqa: E402
 
 AutoModel = transformers.AutoModelForCausalLM
 # (format, group size) per case: per-channel FP6 for most, grouped FP4 (float16 group scales) for two.
 CASE_FORMATS = {"llama3": ("e3m2", None), "llama-bias-tied": ("e2m1", 32), "mistral-window": ("e3m2", None),
                 "qwen2": ("e2m2", None), "opt": ("e3m2", None), "opt-350m-style": ("e2m1", 32)}
-
-
-def seed_of(gen) -> int:
-    return int(torch.randint(0, 2**31, (1,), generator=gen))
 
 
 def load_quantizing(path, fmt="e3m2", group_size=None, dtype=torch.float32, **kwargs):
@@ -147,14 +144,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get(
 @pytest.mark.gpu
 @needs_cuda
 @torch.no_grad()
-def test_quantizing_while_loading_on_cuda_peaks_near_the_quantized_size(tmp_path):
+def test_quantizing_while_loading_on_cuda_peaks_near_the_quantized_size(tmp_path, gen):
     """device_map="cuda": each weight is read, quantized and dropped before the next, so the peak is the quantized
     model plus one weight's temporaries (quantize_weight's float32 copies, codes, packing), far below the float16
     model. A ~0.8 B-parameter random Llama: 1.6 GB in float16, ~0.6 GB in FP6."""
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
                                       intermediate_size=5632)
     with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(config).half()
+        model = seeded(gen, lambda: transformers.LlamaForCausalLM(config).half())
     model.save_pretrained(tmp_path)
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
@@ -169,7 +166,7 @@ def test_quantizing_while_loading_on_cuda_peaks_near_the_quantized_size(tmp_path
     print(f"peak {peak / 2**20:.0f} MiB, quantized {quantized / 2**20:.0f} MiB, float16 {float_bytes / 2**20:.0f} "
           f"MiB, largest weight in float32 {largest / 2**20:.0f} MiB")
     assert peak < quantized + 8 * largest and peak < 0.75 * float_bytes
-    logits = hf(torch.randint(0, 256, (2, 8), device="cuda")).logits  # through the Triton kernel
+    logits = hf(torch.randint(0, 256, (2, 8), generator=gen).cuda()).logits  # through the Triton kernel
     assert logits.shape == (2, 8, 256) and bool(torch.isfinite(logits).all())
 
 

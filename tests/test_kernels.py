@@ -4,8 +4,11 @@ On a CPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1, set in con
 tests marked gpu run the compiled kernel, torch.compile(fullgraph=True) and CUDA-graph capture on a CUDA device.
 Tolerance: relative Frobenius error < 4e-3 for fp16 outputs and < 2e-2 for bf16 (the output rounding of the
 dtype, 2^-11 and 2^-8 relative, dominates; accumulation is float32).
+The dispatch tests read a measured table written to a temporary directory (the test device's key is "cpu").
 """
 
+import dataclasses
+import json
 import os
 
 import pytest
@@ -14,7 +17,9 @@ import torch
 triton = pytest.importorskip("triton")
 
 from fp6llm import FPFormat, fpx_linear, quantize_weight  # noqa: E402
-from fp6llm.kernels.dispatch import M_BUCKETS, KernelConfig, choose_config, heuristic_config  # noqa: E402
+from fp6llm.kernels import dispatch  # noqa: E402
+from fp6llm.kernels.dispatch import (M_BUCKETS, KernelConfig, choose_config, config_to_dict,  # noqa: E402
+                                     heuristic_config)
 from fp6llm.kernels.fpx_gemm import fpx_gemm, kernel_supports  # noqa: E402
 
 TOLERANCE = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -73,8 +78,6 @@ def test_every_path_odd_shapes(gen, config, dtype, with_bias):
                                     KernelConfig(16, 16, 256, 1, swap_ab=True)], ids=str)
 def test_group_scales(gen, group_size, config):
     """Groups smaller than BLOCK_K scale the de-quantized tile; larger ones scale each block's partial sum."""
-    config = choose_config(5, 24, 512, FPFormat.parse("e3m2"), torch.float16, group_size, "cpu") \
-        if group_size == 256 and config.block_k > 256 else config
     run_case(gen, "e3m2", 5, 24, 512, torch.float16, config, group_size=group_size, with_bias=True)
     run_case(gen, "e2m1", 5, 24, 512, torch.bfloat16, config, group_size=group_size)
 
@@ -99,14 +102,94 @@ def test_smallest_codes_bf16_and_fp16():
 
 
 def test_dispatch_fits_every_group_size():
-    """Blocks at least one packed tile wide; a block never straddles a group of 128 or more."""
+    """No table for "cpu": the rules, whose 128-wide blocks already fit these groups; a block never straddles a
+    group of 128 or more."""
     shapes = [(n, k) for n in (1, 50, 4096, 57344) for k in (64, 200, 5120, 28672)]
     for m in list(M_BUCKETS) + [3, 17, 100, 5000]:
         for n, k in shapes:
             for group in (None, 32, 64, 128, 384):
                 config = choose_config(m, n, k, FPFormat.parse("e3m2"), torch.float16, group, "cpu")
-                assert config.block_k >= 128
+                assert config == heuristic_config(m, n, k, 132), (m, n, k, group, config)
                 assert group is None or group < 128 or group % config.block_k == 0, (m, n, k, group, config)
+
+
+# A measured table in kernels/configs/'s format: M bucket -> "NxK" -> the fastest configuration and its time.
+TABLE_1 = KernelConfig(16, 128, 256, 3, num_warps=8, num_stages=2)
+TABLE_4 = KernelConfig(32, 32, 512, 2, num_warps=2, num_stages=5, swap_ab=True)
+TABLE_4_WIDE = KernelConfig(64, 256, 128, 1, num_warps=8, num_stages=3)
+LAYOUT_1 = KernelConfig(1, 64, 128, 4, use_dot=False)  # stored with the 64-column blocks of layout 1 (below)
+
+
+@pytest.fixture
+def table(tmp_path, monkeypatch):
+    """choose_config reading its tables from tmp_path, where cpu.json (the key of the test device) holds entries
+    for the M buckets 1, 4 and 16 only; the real tables are read again afterwards."""
+    layout_1 = dict(config_to_dict(LAYOUT_1), block_k=64, us=3.0)
+    configs = {"1": {"4096x4096": dict(config_to_dict(TABLE_1), us=12.5)},
+               "4": {"4096x4096": dict(config_to_dict(TABLE_4), us=14.0),
+                     "57344x8192": dict(config_to_dict(TABLE_4_WIDE), us=190.0)},
+               "16": {"1024x1024": layout_1}}
+    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "format": "e3m2", "dtype": "float16",
+                                                   "configs": configs}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
+    dispatch._load_table.cache_clear()
+    yield
+    dispatch._load_table.cache_clear()
+
+
+def choose(m, n, k, group_size=None, device="cpu"):
+    return choose_config(m, n, k, FPFormat.parse("e3m2"), torch.float16, group_size, device)
+
+
+def test_table_exact_hit_in_the_m_bucket_above(table):
+    """M rounds up to its bucket: M = 1 reads bucket 1, M = 3 and 4 bucket 4, each the entry of its own shape."""
+    assert choose(1, 4096, 4096) == TABLE_1
+    assert choose(3, 4096, 4096) == choose(4, 4096, 4096) == TABLE_4
+    assert choose(4, 57344, 8192) == TABLE_4_WIDE
+
+
+def test_table_unseen_shape_takes_the_nearest_by_log_distance(table):
+    """16000 x 8192 is nearer 57344 x 8192 than 4096 x 4096 in log N + log K (1.28 against 2.06), though not in
+    plain N + K; small shapes go to the small entry."""
+    assert choose(4, 16000, 8192) == TABLE_4_WIDE
+    assert choose(4, 5000, 3000) == choose(4, 64, 200) == TABLE_4
+    assert choose(1, 57344, 8192) == TABLE_1  # a bucket's only entry serves every shape
+
+
+def test_table_layout_1_blocks_are_widened_to_a_packed_tile(table):
+    assert choose(9, 1024, 1024) == LAYOUT_1
+
+
+def test_table_without_the_bucket_or_the_device_falls_back_to_the_rules(table, monkeypatch):
+    for m, n, k in [(32, 4096, 4096), (100, 57344, 8192), (5000, 4096, 4096)]:  # buckets 32, 128, 4096: none
+        assert choose(m, n, k) == heuristic_config(m, n, k, 132) not in (TABLE_1, TABLE_4, TABLE_4_WIDE)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Unmeasured GPU")
+    monkeypatch.setattr(dispatch, "_num_sms", lambda device: 8)
+    assert dispatch.device_key("cuda") == "unmeasured-gpu"
+    assert choose(1, 4096, 4096, device="cuda") == heuristic_config(1, 4096, 4096, 8) != TABLE_1
+
+
+def test_table_blocks_are_narrowed_to_divide_the_group(table):
+    """A 512-wide measured block: kept for groups it divides and for 32 and 64 (scaled inside a block), narrowed
+    to the largest power of two dividing a group of 128 or more."""
+    for group, block_k in [(None, 512), (32, 512), (64, 512), (1024, 512), (256, 256), (384, 128), (640, 128)]:
+        assert choose(4, 4096, 4096, group) == dataclasses.replace(TABLE_4, block_k=block_k), group
+
+
+def test_shipped_table_is_found_by_the_gpu_name(monkeypatch):
+    """The H100 table is read for a device named as torch reports it: each measured shape gets its own entry (its
+    time dropped; the entries of layout 1's 64-column blocks are the widening test's case)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    path = dispatch.CONFIG_DIR / f"{dispatch.device_key('cuda')}.json"
+    checked = 0
+    for bucket, shapes in json.loads(path.read_text())["configs"].items():
+        for shape, entry in shapes.items():
+            entry = {key: value for key, value in entry.items() if key != "us"}
+            if entry["block_k"] >= dispatch.MIN_BLOCK_K:
+                n, k = map(int, shape.split("x"))
+                assert choose(int(bucket), n, k, device="cuda") == KernelConfig(**entry), (bucket, shape)
+                checked += 1
+    assert checked >= len(M_BUCKETS)
 
 
 def test_heuristic_small_m_streams_with_split_k():
@@ -119,17 +202,17 @@ def test_heuristic_small_m_streams_with_split_k():
     assert heuristic_config(4096, 8192, 8192, 132).dequant_first
 
 
-def test_kernel_supports_and_errors():
+def test_kernel_supports_and_errors(gen):
     assert kernel_supports(FPFormat.parse("e3m2"), None, torch.float16)
     assert not kernel_supports(FPFormat.parse("e5m2"), None, torch.float16)  # would reach FP16 Inf codes
     assert kernel_supports(FPFormat.parse("e3m2"), 32, torch.float16)
     assert not kernel_supports(FPFormat.parse("e3m2"), 96, torch.float16)  # neither divides nor is a multiple of 128
     assert not kernel_supports(FPFormat.parse("e3m2"), None, torch.float32)
-    qw = quantize_weight(torch.randn(8, 64))
+    qw = quantize_weight(torch.randn(8, 64, generator=gen))
     with pytest.raises(ValueError, match="does not handle"):
-        fpx_gemm(torch.randn(2, 64), qw.planes, qw.scales, None, qw.fmt, 8, 64, None)
+        fpx_gemm(torch.randn(2, 64, generator=gen), qw.planes, qw.scales, None, qw.fmt, 8, 64, None)
     with pytest.raises(ValueError, match="unit column stride"):
-        fpx_gemm(torch.randn(64, 2).half().T, qw.planes, qw.scales, None, qw.fmt, 8, 64, None)
+        fpx_gemm(torch.randn(64, 2, generator=gen).half().T, qw.planes, qw.scales, None, qw.fmt, 8, 64, None)
     with pytest.raises(ValueError, match="block_m must be 1"):
         KernelConfig(16, 32, 128, use_dot=False)
     with pytest.raises(ValueError, match="power of two >= 128"):
@@ -139,21 +222,25 @@ def test_kernel_supports_and_errors():
 @gpu
 @pytest.mark.parametrize("fmt", ["e3m2", "e2m1"])
 @pytest.mark.parametrize("m", [1, 7, 16, 33, 130])
-def test_fpx_linear_cuda_default_dispatch(fmt, m):
-    w = torch.randn(384, 512, device="cuda") * 0.05
+def test_fpx_linear_cuda_default_dispatch(gen, fmt, m):
+    w = torch.randn(384, 512, generator=gen).cuda() * 0.05
     qw = quantize_weight(w, fmt)
     for dtype in (torch.float16, torch.bfloat16):
-        x = torch.randn(2, m, 512, device="cuda", dtype=dtype)
+        x = torch.randn(2, m, 512, generator=gen).to("cuda", dtype)
         out = fpx_linear(x, qw)
         ref = x.double() @ qw.dequantize(torch.float64).T
         assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
 
 
 @gpu
-def test_torch_compile_fullgraph_and_cuda_graph():
+def test_torch_compile_fullgraph_and_cuda_graph(gen):
     from fp6llm import FPxLinear
-    layer = FPxLinear.from_linear(torch.nn.Linear(512, 256).cuda(), "e3m2")
-    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    linear = torch.nn.Linear(512, 256)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(256, 512, generator=gen) * 0.05)
+        linear.bias.copy_(torch.randn(256, generator=gen))
+    layer = FPxLinear.from_linear(linear.cuda(), "e3m2")
+    x = torch.randn(4, 512, generator=gen).to("cuda", torch.float16)
     eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True)
     assert torch.allclose(compiled(x), eager, rtol=1e-3, atol=1e-3)
@@ -162,7 +249,7 @@ def test_torch_compile_fullgraph_and_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = layer(static_x)
-    fresh = torch.randn_like(x)
+    fresh = torch.randn(x.shape, generator=gen).to(x)
     static_x.copy_(fresh)
     graph.replay()
     torch.cuda.synchronize()

@@ -15,6 +15,7 @@ from fp6llm.formats import FPFormat
 from fp6llm.nn import FPxLinear, quantize_model
 from fp6llm.ops import fpx_linear, fpx_linear_op
 from fp6llm.quantize import QuantizedWeight, quantize_weight
+from helpers import seeded
 
 MAIN_FORMATS = ["e3m2", "e2m3", "e2m2", "e3m1", "e2m1"]
 # relative Frobenius error of the output against float64, per activation dtype (measured over 180 random cases:
@@ -113,8 +114,8 @@ def test_from_linear_needs_a_linear():
 
 
 def test_state_dict_round_trip_into_a_fresh_module(gen):
-    source = FPxLinear.from_linear(nn.Linear(130, 24), "e3m2", None)
-    fresh = FPxLinear.from_linear(nn.Linear(130, 24), "e3m2", None)
+    source = seeded(gen, lambda: FPxLinear.from_linear(nn.Linear(130, 24), "e3m2", None))
+    fresh = seeded(gen, lambda: FPxLinear.from_linear(nn.Linear(130, 24), "e3m2", None))  # another seed
     state = source.state_dict()
     assert set(state) == {"plane0", "plane1", "scales", "bias"}
     buffer = io.BytesIO()
@@ -129,7 +130,7 @@ def test_state_dict_round_trip_into_a_fresh_module(gen):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_casting_the_module_keeps_the_scales(dtype, gen):
     """model.to(dtype) casts floating-point buffers: the bias follows, the scales of the weight do not."""
-    layer = FPxLinear.from_linear(nn.Linear(64, 32), "e3m2", None)
+    layer = seeded(gen, lambda: FPxLinear.from_linear(nn.Linear(64, 32), "e3m2", None))
     scales = layer.scales.clone()
     layer.to(dtype)
     assert layer.bias.dtype == dtype
@@ -169,8 +170,8 @@ LINEAR_NAMES = {"block.0", "block.2", "attn.q_proj", "attn.k_proj", "lm_head"}
     (("*.?_proj", "block.2"), {"block.0", "lm_head"}),
     (("*",), set()),
 ])
-def test_quantize_model_skip_patterns(skip, expected):
-    model = Tiny()
+def test_quantize_model_skip_patterns(skip, expected, gen):
+    model = seeded(gen, Tiny)
     assert quantize_model(model, "e3m2", skip=skip, progress=False) is model
     assert quantized_names(model) == expected
     assert {name for name, m in model.named_modules() if type(m) is nn.Linear} == LINEAR_NAMES - expected
@@ -178,7 +179,7 @@ def test_quantize_model_skip_patterns(skip, expected):
 
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_quantize_model_output_close_to_float(group_size, gen):
-    model = Tiny()
+    model = seeded(gen, Tiny)
     ids = torch.randint(50, (2, 9), generator=gen)
     with torch.no_grad():
         expected = model(ids)

@@ -2,6 +2,7 @@
 
 Tolerance: float32 logits within 1e-4 (max abs) of transformers' eager float32 forward. Logits are O(1) here, and
 both sides compute the same float32 operations in a slightly different order, so agreement is ~1e-7 in practice.
+Weights and tokens are fresh each run, drawn from the ``gen`` fixture (its seed is printed; FP6LLM_TEST_SEED replays).
 """
 
 import pytest
@@ -11,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from fp6llm.models import NAMED_CONFIGS, ModelConfig, build_model, build_random, load_hf  # noqa: E402
 from fp6llm.nn import FPxLinear, quantize_model  # noqa: E402
+from helpers import seed_of  # noqa: E402
 
 ATOL = 1e-4
 VOCAB = 256
@@ -35,15 +37,17 @@ HF_CASES = {
 
 
 def save_hf_model(case: str, path, seed: int = 0, **save_kwargs):
-    """Build transformers' model of ``case`` with seeded random weights, save it as safetensors; return it."""
+    """Build transformers' model of ``case`` with seeded random weights, save it as safetensors; return it.
+    transformers initializes from torch's global generator: seeded here, restored after."""
     config_cls, model_cls, kwargs = HF_CASES[case]
-    torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**kwargs, attn_implementation="eager")
-    model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # transformers initializes biases and norms to constants; make them random too
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.add_(torch.randn_like(param) * 0.1)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        config = getattr(transformers, config_cls)(**kwargs, attn_implementation="eager")
+        model = getattr(transformers, model_cls)(config).eval()
+        with torch.no_grad():  # transformers initializes biases and norms to constants; make them random too
+            for param in model.parameters():
+                if param.dim() == 1:
+                    param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(path, safe_serialization=True, **save_kwargs)
     return model
 
@@ -59,9 +63,9 @@ def run(model, tokens, input_pos=None, max_seq_len=32):
 
 
 @pytest.mark.parametrize("case", list(HF_CASES))
-def test_logits_match_transformers(case, tmp_path):
-    hf = save_hf_model(case, tmp_path)
-    tokens = torch.randint(0, VOCAB, (2, 24))
+def test_logits_match_transformers(case, tmp_path, gen):
+    hf = save_hf_model(case, tmp_path, seed_of(gen))
+    tokens = torch.randint(0, VOCAB, (2, 24), generator=gen)
     with torch.no_grad():
         expected = hf(tokens).logits
     ours = run(load_hf(tmp_path, fmt="fp32", device="cpu", progress=False), tokens)
@@ -69,24 +73,24 @@ def test_logits_match_transformers(case, tmp_path):
     assert (ours - expected).abs().max() <= ATOL
 
 
-def test_sharded_checkpoint_loads_the_same(tmp_path):
-    hf = save_hf_model("llama3", tmp_path, max_shard_size="100KB")
+def test_sharded_checkpoint_loads_the_same(tmp_path, gen):
+    hf = save_hf_model("llama3", tmp_path, seed_of(gen), max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) >= 2
-    tokens = torch.randint(0, VOCAB, (1, 12))
+    tokens = torch.randint(0, VOCAB, (1, 12), generator=gen)
     with torch.no_grad():
         expected = hf(tokens).logits
     assert (run(load_hf(tmp_path, fmt="fp32", progress=False), tokens) - expected).abs().max() <= ATOL
 
 
 @pytest.fixture(params=["tiny-llama", "tiny-opt"])
-def tiny(request):
-    return build_random(request.param, fmt="fp32", device="cpu", seed=1, progress=False)
+def tiny(request, gen):
+    return build_random(request.param, fmt="fp32", device="cpu", seed=seed_of(gen), progress=False)
 
 
 @torch.no_grad()
-def test_padded_batch_matches_each_prompt_alone(tiny):
+def test_padded_batch_matches_each_prompt_alone(tiny, gen):
     """Right-padded prompts of lengths 5 and 9 in one batch: each row's last-token logits as if it ran alone."""
-    prompts = [torch.randint(0, VOCAB, (5,)), torch.randint(0, VOCAB, (9,))]
+    prompts = [torch.randint(0, VOCAB, (5,), generator=gen), torch.randint(0, VOCAB, (9,), generator=gen)]
     batch = torch.zeros(2, 9, dtype=torch.long)
     for row, prompt in enumerate(prompts):
         batch[row, : len(prompt)] = prompt
@@ -101,10 +105,10 @@ def test_padded_batch_matches_each_prompt_alone(tiny):
 
 
 @torch.no_grad()
-def test_incremental_decode_matches_full_forward(tiny):
+def test_incremental_decode_matches_full_forward(tiny, gen):
     """Two rows at different positions decode one token at a time (T=1); each step equals the full forward."""
     lengths, steps = (3, 6), 5
-    seqs = torch.randint(0, VOCAB, (2, max(lengths) + steps))
+    seqs = torch.randint(0, VOCAB, (2, max(lengths) + steps), generator=gen)
     full = [run(tiny, seqs[row, : lengths[row] + steps][None])[0] for row in range(2)]
     tiny.setup_caches(2, 32)
     prompt = seqs[:, : max(lengths)].clone()
@@ -118,9 +122,9 @@ def test_incremental_decode_matches_full_forward(tiny):
 
 
 @torch.no_grad()
-def test_reused_slot_forgets_the_previous_sequence(tiny):
+def test_reused_slot_forgets_the_previous_sequence(tiny, gen):
     """Continuous batching: a new, shorter sequence in a used cache row gives the same logits as a fresh cache."""
-    old, new = torch.randint(0, VOCAB, (1, 12)), torch.randint(0, VOCAB, (1, 4))
+    old, new = torch.randint(0, VOCAB, (1, 12), generator=gen), torch.randint(0, VOCAB, (1, 4), generator=gen)
     fresh = run(tiny, new)
     tiny.setup_caches(1, 32)
     tiny(old, positions(1, 12))
@@ -128,10 +132,11 @@ def test_reused_slot_forgets_the_previous_sequence(tiny):
 
 
 @torch.no_grad()
-def test_random_quantized_model_is_quantize_model_of_the_float_one():
+def test_random_quantized_model_is_quantize_model_of_the_float_one(gen):
     """build_random quantizes layer by layer exactly as quantize_model would the same float32 weights."""
-    quantized = build_random("tiny-llama", fmt="e3m2", device="cpu", seed=3, progress=False)
-    reference = quantize_model(build_random("tiny-llama", fmt="fp32", device="cpu", seed=3, progress=False),
+    seed = seed_of(gen)
+    quantized = build_random("tiny-llama", fmt="e3m2", device="cpu", seed=seed, progress=False)
+    reference = quantize_model(build_random("tiny-llama", fmt="fp32", device="cpu", seed=seed, progress=False),
                                progress=False)
     assert isinstance(quantized.layers[0].mlp.down_proj, FPxLinear)
     assert not isinstance(quantized.lm_head, FPxLinear)
@@ -168,11 +173,11 @@ def test_from_hf_reads_transformers_4_rope_spelling():
 
 @pytest.mark.slow
 @torch.no_grad()
-def test_compiled_decode_matches_eager():
+def test_compiled_decode_matches_eager(gen):
     """torch.compile(fullgraph=True) of a T=1 decode step: no graph breaks, same logits as eager."""
-    model = build_random("tiny-llama", fmt="e3m2", device="cpu", seed=2, progress=False)
-    tokens, pos = torch.randint(0, VOCAB, (2, 6)), positions(2, 6)
-    step_tokens, step_pos = torch.randint(0, VOCAB, (2, 1)), torch.tensor([[6], [3]])
+    model = build_random("tiny-llama", fmt="e3m2", device="cpu", seed=seed_of(gen), progress=False)
+    tokens, pos = torch.randint(0, VOCAB, (2, 6), generator=gen), positions(2, 6)
+    step_tokens, step_pos = torch.randint(0, VOCAB, (2, 1), generator=gen), torch.tensor([[6], [3]])
     model.setup_caches(2, 16)
     model(tokens, pos)
     eager = model(step_tokens, step_pos)

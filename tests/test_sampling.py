@@ -1,4 +1,5 @@
-"""DeviceSampler (engine/sampling.py): per-slot settings on the device, counter-based noise, no host traffic.
+"""engine/sampling.py: ``sample`` with per-row settings and generators from the host; DeviceSampler with per-slot
+settings on the device, counter-based noise, no host traffic.
 
 The distribution test draws 4,000 tokens from 8 known probabilities: each frequency is within 0.035 of its
 probability (over 5 standard deviations of a binomial's, sqrt(p (1 - p) / n) <= 0.0079).
@@ -7,10 +8,56 @@ probability (over 5 standard deviations of a binomial's, sqrt(p (1 - p) / n) <= 
 import pytest
 import torch
 
-from fp6llm.engine.sampling import DeviceSampler, SamplingParams, exponential_noise
+from fp6llm.engine.sampling import DeviceSampler, SamplingParams, exponential_noise, filter_logits, sample
 
 VOCAB = 64
 
+
+# ---- sample: settings and generators from the host ------------------------------------------------------------------
+
+def test_sampling_is_deterministic_per_seed_and_row(gen):
+    logits = torch.randn(4, VOCAB, generator=gen)
+    params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, seed=s) for s in (1, 2, 3, 4)]
+
+    def draw(rows):
+        return sample(logits[rows], [params[i] for i in rows],
+                      [params[i].make_generator("cpu") for i in rows]).tolist()
+
+    assert draw([0, 1, 2, 3]) == draw([0, 1, 2, 3])
+    # a row's token depends on its own seed only, not on its neighbours
+    assert draw([0, 1, 2, 3])[2] == draw([2])[0]
+    same_seed = sample(logits[:1].expand(64, -1), params[:1] * 64, [params[0].make_generator("cpu") for _ in range(64)])
+    assert len(set(same_seed.tolist())) == 1
+    different = sample(logits[:1].expand(64, -1), [SamplingParams(1.0, seed=s) for s in range(64)],
+                       [SamplingParams(1.0, seed=s).make_generator("cpu") for s in range(64)])
+    assert len(set(different.tolist())) > 1
+
+
+def test_greedy_top_k_1_and_tiny_top_p_take_the_argmax(gen):
+    logits = torch.randn(5, VOCAB, generator=gen)
+    argmax = logits.argmax(dim=-1)
+    for params in (SamplingParams(), SamplingParams(0.7, top_k=1, seed=0), SamplingParams(2.0, top_p=1e-6, seed=0)):
+        rows = [params] * 5
+        assert torch.equal(sample(logits, rows, [params.make_generator("cpu") for _ in rows]), argmax)
+
+
+def test_filter_logits_keeps_top_k_and_the_smallest_top_p_set():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]] * 3))
+    kept = filter_logits(logits, torch.ones(3), torch.tensor([5, 2, 5]), torch.tensor([1.0, 1.0, 0.8]))
+    assert torch.isfinite(kept).sum(dim=-1).tolist() == [5, 2, 3]  # 0.5 + 0.2 < 0.8 <= 0.5 + 0.2 + 0.15
+    # samples never leave the kept set
+    params = [SamplingParams(1.0, top_p=0.8, seed=s) for s in range(200)]
+    tokens = sample(logits[2:].expand(200, -1), params, [p.make_generator("cpu") for p in params])
+    assert set(tokens.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_params_raise(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)
+
+
+# ---- DeviceSampler: settings on the device --------------------------------------------------------------------------
 
 def draws(sampler: DeviceSampler, logits: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.stack([sampler(logits) for _ in range(steps)], dim=1)

@@ -195,11 +195,12 @@ def save_hf(config: ModelConfig, path, seed: int = 0) -> None:
         hf_config = transformers.LlamaConfig(**common, intermediate_size=config.intermediate_size,
                                              num_key_value_heads=config.n_kv_heads)
         model_cls = transformers.LlamaForCausalLM
-    torch.manual_seed(seed)
-    model = model_cls(hf_config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+    with torch.random.fork_rng():  # transformers initializes from the global generator: seeded here only
+        torch.manual_seed(seed)
+        model = model_cls(hf_config)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(path, safe_serialization=True)
 
 

@@ -17,6 +17,7 @@ from fp6llm.cli import main  # noqa: E402
 from fp6llm.engine.tokenizer import load_tokenizer  # noqa: E402
 from fp6llm.models import build_random, load_hf, save_packed  # noqa: E402
 from fp6llm.models.loader import read_hf_config  # noqa: E402
+from helpers import seeded  # noqa: E402
 from test_models import save_hf_model  # noqa: E402
 
 WORDS = ["<unk>", "</s>", "hi", "there"]
@@ -56,7 +57,7 @@ def tiny_bert(path, **config_fields) -> None:
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory):
+def hostile(tmp_path_factory, module_gen):
     """Two checkpoints that try to run their own code through transformers' auto_map, and one whose only weights
     are a legitimate pickle (which must not be loaded either)."""
     tmp_path = tmp_path_factory.mktemp("hostile")
@@ -73,8 +74,8 @@ def hostile(tmp_path_factory):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     tiny_bert(pickled)
-    torch.save(transformers.BertModel(transformers.BertConfig.from_pretrained(pickled)).state_dict(),
-               pickled / "pytorch_model.bin")
+    bert = seeded(module_gen, lambda: transformers.BertModel(transformers.BertConfig.from_pretrained(pickled)))
+    torch.save(bert.state_dict(), pickled / "pytorch_model.bin")
     return tok, enc, pickled
 
 
