@@ -1,8 +1,9 @@
 """Which kernel configuration runs a given (M, N, K, format, dtype, GPU): a measured table, not run-time autotuning.
 
 The table (kernels/configs/<gpu>.json, written by bench/tune.py on the device) maps an M bucket and a weight
-shape to the fastest configuration measured; shapes it has not seen use the nearest entry of the same M bucket
-with the same N*K order of magnitude, and GPUs it has not seen use the rules in ``heuristic_config``.
+shape to the fastest configuration measured (on e3m2 / FP16: every format and dtype takes it); shapes it has not
+seen use the entry of the same M bucket nearest by log-distance of N and K, and GPUs it has not seen (or M buckets
+it has no entry for) use the rules in ``heuristic_config``.
 """
 
 from __future__ import annotations
