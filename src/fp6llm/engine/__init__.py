@@ -6,5 +6,5 @@ from .load import DoesNotFit, ModelSource, load
 from .sampling import SamplingParams, TokenLogprob, sample
 from .tokenizer import ByteTokenizer, TextStream, load_tokenizer
 
-__all__ = ["Engine", "Request", "Event", "Delta", "Stats", "SamplingParams", "TokenLogprob", "sample", "ByteTokenizer", "TextStream",
-           "load_tokenizer", "load", "ModelSource", "DoesNotFit"]
+__all__ = ["Engine", "Request", "Event", "Delta", "Stats", "SamplingParams", "TokenLogprob", "sample", "ByteTokenizer",
+           "TextStream", "load_tokenizer", "load", "ModelSource", "DoesNotFit"]

@@ -31,7 +31,7 @@ from torch import nn
 from ..models.attention import BLOCK_SIZE, blocks_for
 from .batcher import Batcher, Request
 from .blocks import BlockAllocator
-from .runner import Runner, drop_caches, synchronize
+from .runner import Runner, drop_caches, synchronize, to_device
 from .sampling import DeviceSampler, SamplingParams, token_logprobs
 from .tokenizer import CompletionText
 
@@ -250,8 +250,7 @@ class Engine:
             synchronize(self.device)
             self.stats.prefill_seconds += time.perf_counter() - start
             self.stats.prefill_tokens += sum(c.count for c in plan.prefill)
-        if plan.decode:
-            synchronize(self.device)
+        if plan.decode:  # the device is idle: the last step's copy of its ids, or the prefill's end, waited for it
             start = time.perf_counter()
             tokens, logits = self.runner.decode(plan.decode, any(not r.sampling.greedy for r in plan.decode))
             for request in plan.decode:
@@ -368,11 +367,16 @@ class Engine:
         done = [i for i, chunk in enumerate(group) if chunk.samples]
         if not done:
             return []
-        requests, logits = [group[i].request for i in done], logits[done]
-        slots = torch.tensor([r.slot for r in requests], device=self.device)
-        positions = torch.tensor([r.length for r in requests], device=self.device)
-        tokens = self.sampler(logits, slots, positions, any(not r.sampling.greedy for r in requests))
+        requests = [group[i].request for i in done]
+        if len(done) < len(group):
+            logits = logits[self._device_ints(done)]
+        tokens = self.sampler(logits, self._device_ints([r.slot for r in requests]),
+                              self._device_ints([r.length for r in requests]),
+                              any(not r.sampling.greedy for r in requests))
         return [(requests, tokens, logits)]
+
+    def _device_ints(self, values: list) -> torch.Tensor:
+        return to_device(torch.tensor(values, dtype=torch.long), self.device)
 
     def _record_prompt_logprobs(self, chunk, logits: torch.Tensor) -> None:
         """Append the logprobs of the prompt tokens this chunk predicts (logits [chunk.count, vocab]: position p's
@@ -382,7 +386,8 @@ class Engine:
         first, last = max(len(recorded), chunk.start + 1), min(chunk.start + chunk.count, len(request.prompt_ids) - 1)
         if first <= last:
             rows = logits[first - 1 - chunk.start:last - chunk.start]
-            recorded += token_logprobs(rows, request.prompt_ids[first:last + 1], request.sampling.prompt_logprobs)
+            targets = self._device_ints(request.prompt_ids[first:last + 1])
+            recorded += token_logprobs(rows, targets, request.sampling.prompt_logprobs)
 
     def _accept(self, drawn: list) -> list:
         """Read the drawn tokens to the host (one copy), and append each to its request or finish the request (stop
@@ -391,20 +396,22 @@ class Engine:
             return []
         ids = torch.cat([tokens for _, tokens, _ in drawn]).tolist()
         events = []
-        for requests, _, logits in drawn:
+        for requests, tokens, logits in drawn:
             row_ids, ids = ids[:len(requests)], ids[len(requests):]
-            logprobs = self._logprobs(requests, row_ids, logits)
+            logprobs = self._logprobs(requests, tokens, logits)
             for request, token in zip(requests, row_ids):
                 events.append(self._append(request, token, logprobs.get(request)))
         return events
 
-    def _logprobs(self, requests: list, ids: list, logits: torch.Tensor) -> dict:
-        """{request: TokenLogprob of its new token} for the requests that ask for logprobs."""
+    def _logprobs(self, requests: list, tokens: torch.Tensor, logits: torch.Tensor) -> dict:
+        """{request: TokenLogprob of its new token} for the requests that ask for logprobs (one more copy to the
+        host, in the steps that have such requests only)."""
         rows = [i for i, r in enumerate(requests) if r.sampling.logprobs is not None]
         if not rows:
             return {}
         top = max(requests[i].sampling.logprobs for i in rows)
-        found = token_logprobs(logits[rows], [ids[i] for i in rows], top)
+        index = self._device_ints(rows)
+        found = token_logprobs(logits[index], tokens[index], top)
         return {requests[i]: found[k].trimmed(requests[i].sampling.logprobs) for k, i in enumerate(rows)}
 
     def _append(self, request: Request, token: int, logprob) -> Event:

@@ -26,6 +26,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def staged(tensor: Tensor, device) -> Tensor:
+    """A host tensor ready for a copy to ``device`` that does not wait: pinned on CUDA (a copy from pageable memory
+    synchronizes the host with the stream), itself elsewhere."""
+    return tensor.pin_memory() if torch.device(device).type == "cuda" else tensor
+
+
+def to_device(tensor: Tensor, device) -> Tensor:
+    """A host tensor on ``device``, copied without a host synchronization."""
+    return staged(tensor, device).to(device, non_blocking=True)
+
+
 def decode_step(model: nn.Module, sampler: DeviceSampler, inputs: tuple, slots: Tensor, sampling: bool) -> tuple:
     """(next tokens int64 [B], logits float [B, vocab]) of one decode forward: inputs (tokens, positions, kv) of B
     rows, each sampling in its sampler slot (int64 [B]) the token of the position after its last."""
@@ -95,12 +106,12 @@ class Runner:
             used = request.blocks[:width]
             tables[row, :len(used)] = torch.tensor(used, dtype=torch.int32)
         seq_lens = torch.tensor([c.start + c.count for c in chunks], dtype=torch.int32)
-        kv = KVBatch(*(t.to(self.device) for t in (tables, seq_lens, slots)))
+        kv = KVBatch(*(to_device(t, self.device) for t in (tables, seq_lens, slots)))
+        tokens, positions = to_device(tokens, self.device), to_device(positions, self.device)
         if every_position:
-            return self.model(tokens.to(self.device), positions.to(self.device), kv=kv)
-        last = torch.tensor([[c.count - 1] for c in chunks])
-        return self.model(tokens.to(self.device), positions.to(self.device), logits_at=last.to(self.device),
-                          kv=kv)[:, -1]
+            return self.model(tokens, positions, kv=kv)
+        last = to_device(torch.tensor([[c.count - 1] for c in chunks]), self.device)
+        return self.model(tokens, positions, logits_at=last, kv=kv)[:, -1]
 
     def decode(self, requests: list, sampling: bool) -> tuple:
         """One decode step: each request's last token at its last position, then its next token drawn in its
@@ -121,14 +132,15 @@ class Runner:
             slots[row, 0], sampler_slots[row] = self.slot(request, last), request.slot
             tables[row, :len(request.blocks)] = torch.tensor(request.blocks, dtype=torch.int32)
         if not self.use_cuda_graph:
-            kv = KVBatch(*(t.to(self.device) for t in (tables, seq_lens, slots)))
-            inputs = (tokens.to(self.device), positions.to(self.device), kv)
-            return decode_step(self.decode_model, self.sampler, inputs, sampler_slots.to(self.device), sampling)
+            kv = KVBatch(*(to_device(t, self.device) for t in (tables, seq_lens, slots)))
+            inputs = (to_device(tokens, self.device), to_device(positions, self.device), kv)
+            return decode_step(self.decode_model, self.sampler, inputs, to_device(sampler_slots, self.device),
+                               sampling)
         # one host-to-device copy per buffer, into the static buffers the graph reads
         for buffer, value in ((self.tokens, tokens), (self.positions, positions), (self.block_tables, tables),
                               (self.seq_lens, seq_lens), (self.slot_mapping, slots),
                               (self.sampler_slots, sampler_slots)):
-            buffer[:rows].copy_(value)
+            buffer[:rows].copy_(staged(value, self.device), non_blocking=True)
         graph = self._graph(rows, sampling)
         next_tokens, logits = graph() if graph is not None else self._static_step(rows, sampling)()
         return next_tokens[:count], logits[:count]

@@ -206,13 +206,12 @@ class TokenLogprob:
         return TokenLogprob(self.token_id, self.logprob, self.top[:count])
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top: int) -> list:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list:
     """TokenLogprob of each row's token: logits float [rows, V] (the model's, before temperature, top-k and top-p),
-    token_ids one per row, ``top`` alternatives each (0..MAX_LOGPROBS). One device-to-host copy."""
+    tokens int64 [rows] on the same device, ``top`` alternatives each (0..MAX_LOGPROBS). One device-to-host copy."""
     logprobs = logits.float().log_softmax(dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])
+    chosen = logprobs.gather(1, tokens[:, None])
     values, ids = logprobs.topk(top, dim=-1)
     # one copy: token ids below 2**24 are exact in float32 (vocabularies are far smaller)
-    host = torch.cat([chosen, values, ids.float()], dim=1).tolist()
-    return [TokenLogprob(token, row[0], tuple(zip(map(int, row[1 + top:]), row[1:1 + top])))
-            for token, row in zip(token_ids, host)]
+    host = torch.cat([tokens[:, None].float(), chosen, values, ids.float()], dim=1).tolist()
+    return [TokenLogprob(int(row[0]), row[1], tuple(zip(map(int, row[2 + top:]), row[2:2 + top]))) for row in host]
