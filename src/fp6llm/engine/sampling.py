@@ -9,10 +9,13 @@ torch.multinomial, without a device-to-host synchronization (gpt-fast's ``multin
 The engine samples with ``DeviceSampler``: every slot's settings live in device tensors, written once when a request
 takes the slot, and the noise is a counter-based hash of (the request's seed, the position of the token drawn, the
 vocabulary index) instead of a generator's state: a step is a fixed sequence of device ops with no host traffic, so
-a CUDA graph captures it with the decode forward and the host reads only the new token ids. Being a function of the
-position, a request's draws are the same whatever else runs beside it, and after a preemption too. ``sample`` is
-the host reference it replaced (per-row torch.Generator noise): the same filtering and the same greedy tokens, other
-seeded draws.
+a CUDA graph captures it with the decode forward and the host reads only the new token ids. The guarantee of the
+generator path it replaced (``sample``: a torch.Generator per request, seeded once, drawing one noise vector per
+token, so a request's draws depended on its seed and its count of tokens only) holds: the draw of the token at
+position p depends on the seed and p only, whatever else runs beside it, and after a preemption too. What changed:
+a seed gives other tokens than it did with generators, and a seed's noise follows the token's position in the
+sequence, not the count of tokens drawn (the same seed with a prompt one token longer draws other noise). ``sample``
+stays as the host reference: the same filtering and the same greedy tokens.
 
 ``token_logprobs`` gives the log-probabilities that the OpenAI API reports: log_softmax of the model's own logits,
 before temperature, top-k and top-p (as OpenAI and vLLM report them), of the chosen token and of the most likely ones.
