@@ -376,6 +376,7 @@ class Engine:
         return [(requests, tokens, logits)]
 
     def _device_ints(self, values: list) -> torch.Tensor:
+        """int64 [len(values)] on the engine's device (copied without a host synchronization)."""
         return to_device(torch.tensor(values, dtype=torch.long), self.device)
 
     def _record_prompt_logprobs(self, chunk, logits: torch.Tensor) -> None:
@@ -415,6 +416,7 @@ class Engine:
         return {requests[i]: found[k].trimmed(requests[i].sampling.logprobs) for k, i in enumerate(rows)}
 
     def _append(self, request: Request, token: int, logprob) -> Event:
+        """The Event of one drawn token (and its TokenLogprob, or None) for its request."""
         new, finish = [token], None
         if request.max_new_tokens == 0:  # a scoring request: its prompt's logprobs were the work
             new, finish = [], "length"
