@@ -92,6 +92,24 @@ def test_generated_and_prompt_logprobs_are_the_models_log_softmax(model, gen):
     assert all(e.logprobs == [] for e in events[plain])
 
 
+def test_the_stop_id_that_ends_a_request_has_its_logprob(model, gen):
+    """lm-evaluation-harness reads one logprob per drawn token (echo, max_tokens 1): an EOS drawn is one too, though
+    it is not in the output."""
+    prompt = prompt_of(gen, 11)
+    engine = Engine(model, None, max_batch_size=1, max_seq_len=64)
+    free = Request(prompt, 3, SamplingParams(logprobs=1))
+    run(engine, [free])
+    stop_id = free.output_ids[2]
+    stopped = Request(prompt, 3, SamplingParams(logprobs=1), stop_ids=frozenset([stop_id]))
+    events = run(engine, [stopped])[stopped]
+    first = free.output_ids.index(stop_id)  # the stop id may come earlier already
+    assert stopped.output_ids == free.output_ids[:first] and stopped.finish_reason == "stop"
+    logprobs = [lp for e in events for lp in e.logprobs]
+    assert [lp.token_id for lp in logprobs] == free.output_ids[:first + 1]
+    expected = reference(model, prompt + free.output_ids)
+    check(logprobs[-1], expected[len(prompt) + first - 1], stop_id, 1)
+
+
 def test_a_scored_prompt_is_computed_whole_in_chunks_past_a_cached_prefix(model, gen, monkeypatch):
     """max_new_tokens 0 with prompt_logprobs: the prompt's logprobs are the answer. The same prompt ran before (its
     blocks are in the prefix cache), yet every position is computed; chunks of 8 tokens (SCORING_CHUNK)."""

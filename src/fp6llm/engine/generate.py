@@ -44,7 +44,8 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # of the GPU's memory, weights + KV cache 
 class Event:
     """What one request gained in one step: its new token ids (none when it stopped), their text (held back while
     it may be the start of a stop string), its finish_reason once it has finished, and with
-    ``sampling.logprobs`` a TokenLogprob per new token id (engine/sampling.py)."""
+    ``sampling.logprobs`` a TokenLogprob (engine/sampling.py) per token drawn: the new ids', or the stop id's that
+    ended it (not in token_ids; lm-evaluation-harness counts on one logprob per drawn token)."""
 
     request: Request
     token_ids: list
@@ -434,7 +435,8 @@ class Engine:
             request.finish_reason = "stop" if stopped else finish
             self.batcher.finish(request)
             self._texts.pop(request, None)
-        return Event(request, new, text, request.finish_reason, [logprob] if new and logprob else [])
+        drawn = logprob is not None and request.max_new_tokens > 0  # a stop id's too: OpenAI and vLLM show it
+        return Event(request, new, text, request.finish_reason, [logprob] if drawn else [])
 
 
 def _print_delta(delta: Delta) -> None:
