@@ -168,6 +168,7 @@ def test_random_arrivals_aborts_and_a_tight_cache_never_mix_requests(model, gen)
     engine = Engine(model, None, max_batch_size=4, max_seq_len=64, num_blocks=1 + 6, max_step_tokens=12)
     lengths = torch.randint(1, 30, (7,), generator=gen).tolist()
     new_tokens = torch.randint(1, 20, (7,), generator=gen).tolist()
+    new_tokens[3] = max(new_tokens[3], 3)  # the aborted one: still running two steps after it arrived
     arrivals = sorted(torch.randint(0, 12, (7,), generator=gen).tolist())
     requests = [Request(p, n) for p, n in zip(prompts_of(gen, lengths), new_tokens)]
     aborted = requests[3]

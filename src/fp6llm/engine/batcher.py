@@ -13,21 +13,25 @@ and output so far are prefilled again later; greedy tokens do not change). (2) R
 prefill take the token budget left, oldest first. (3) Waiting requests are admitted in arrival order while the free
 blocks hold all their tokens so far and fewer than ``max_seqs`` run; each is given a chunk of the budget left.
 Prefix caching: an admitted request first shares the cached blocks of its longest known prefix (engine/blocks.py;
-full blocks, registered as they are computed) and computes only the rest.
+full blocks, registered as they are computed) and computes only the rest; one that asks for its prompt's logprobs
+computes every position (in chunks of at most SCORING_CHUNK tokens, which bounds its [tokens, vocab] logits).
+Each running request holds one of ``max_seqs`` sampler slots (the index of its sampling settings on the device,
+engine/sampling.py) from its admission until it finishes or is preempted; ``Plan.admitted`` says who took one.
 Everything is decided from the calls alone (no clocks), so every tensor-parallel rank schedules alike.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 from dataclasses import dataclass, field
 from typing import Optional
-
-import torch
 
 from ..models.attention import blocks_for
 from .blocks import BlockAllocator, prefix_hashes
 from .sampling import SamplingParams
+
+SCORING_CHUNK = 512  # prompt tokens per step of a request that wants its prompt's logprobs
 
 
 @dataclass(eq=False)  # a request is itself, not its fields: usable in sets and as a dict key
@@ -46,7 +50,9 @@ class Request:
     stop_strings: tuple = ()
     output_ids: list = field(default_factory=list)
     finish_reason: Optional[str] = None
-    generator: Optional[torch.Generator] = None
+    seed: int = 0  # the seed of its draws (SamplingParams.draw_seed, drawn once when the engine takes it)
+    slot: int = -1  # its sampler slot while it runs
+    prompt_logprobs: Optional[list] = None  # with sampling.prompt_logprobs: [None, TokenLogprob of prompt token 1, ..]
     blocks: list = field(default_factory=list)  # the cache blocks of positions 0, BLOCK_SIZE, 2 * BLOCK_SIZE, ...
     computed: int = 0  # tokens (of prompt + output) whose keys and values are in the cache
     arrival: int = -1  # order of admission to the engine
@@ -84,11 +90,13 @@ class Chunk:
 
 @dataclass
 class Plan:
-    """One step: decode (one token each), prefill chunks, and the requests preempted to make room."""
+    """One step: decode (one token each), prefill chunks, the requests preempted to make room, and those admitted
+    (each with a new sampler slot)."""
 
     decode: list
     prefill: list
     preempted: list
+    admitted: list = field(default_factory=list)
 
 
 class Batcher:
@@ -106,6 +114,7 @@ class Batcher:
         self.waiting: collections.deque = collections.deque()
         self.running: list = []  # in arrival order
         self._arrivals = 0
+        self._free_slots = list(range(max_seqs))  # a heap: the lowest free slot first
 
     def add(self, request: Request) -> None:
         request.arrival, self._arrivals = self._arrivals, self._arrivals + 1
@@ -141,11 +150,15 @@ class Batcher:
             if not self._admit(request):
                 break
             self.running.append(self.waiting.popleft())
+            request.slot = heapq.heappop(self._free_slots)
+            plan.admitted.append(request)
             budget -= self._chunk(plan, request, budget)
         return plan
 
     def _chunk(self, plan: Plan, request: Request, budget: int) -> int:
         count = min(request.length - request.computed, budget)
+        if request.sampling.prompt_logprobs is not None:
+            count = min(count, SCORING_CHUNK)
         if count == 1 and request.computed == request.length - 1:
             plan.decode.append(request)
         else:
@@ -174,7 +187,9 @@ class Batcher:
     def _admit(self, request: Request) -> bool:
         """Give a waiting request the cached blocks of its longest known prefix (leaving at least its last token
         to compute) and new blocks for the rest; False (nothing taken) when too few are free."""
-        shared = self.allocator.lookup(self._hashes(request, (request.length - 1) // self.block_size))
+        scoring = request.sampling.prompt_logprobs is not None
+        known = [] if scoring else self._hashes(request, (request.length - 1) // self.block_size)
+        shared = self.allocator.lookup(known)
         needed = blocks_for(request.length, self.block_size) - len(shared)
         if needed + sum(self.allocator.is_free(b) for b in shared) > self.allocator.num_free:
             return False
@@ -202,3 +217,6 @@ class Batcher:
     def _release(self, request: Request) -> None:
         self.allocator.free(request.blocks)
         request.blocks, request.computed, request.registered = [], 0, 0
+        if request.slot >= 0:
+            heapq.heappush(self._free_slots, request.slot)
+            request.slot = -1

@@ -8,8 +8,10 @@ The step-level API is what ``generate`` / ``stream`` and the server (server/sche
 
 Which requests run, and how many of their tokens, is the batcher's (engine/batcher.py): admission by free blocks,
 chunked prefill under a token budget per step, preemption of the newest request when blocks run out. The runner
-(engine/runner.py) turns a step into forwards, the decode one captured as a CUDA graph on CUDA. This module
-samples, applies stop ids, max_new_tokens and stop strings, and turns tokens into text.
+(engine/runner.py) turns a step into forwards, the decode one (sampling included) captured as a CUDA graph on CUDA.
+This module gives each admitted request's sampler slot its settings, samples after prefill, reads each step's new
+token ids to the host once, applies stop ids, max_new_tokens and stop strings there, turns tokens into text, and
+reports logprobs to the requests that ask for them (SamplingParams.logprobs / prompt_logprobs).
 
 The cache holds ``num_blocks`` blocks of BLOCK_SIZE positions: by default, on CUDA, what the GPU memory left after
 the weights allows under ``gpu_memory_utilization`` (at most enough for max_batch_size sequences of max_seq_len),
@@ -29,8 +31,8 @@ from torch import nn
 from ..models.attention import BLOCK_SIZE, blocks_for
 from .batcher import Batcher, Request
 from .blocks import BlockAllocator
-from .runner import Runner, drop_caches, synchronize
-from .sampling import SamplingParams, sample
+from .runner import Runner, drop_caches, synchronize, to_device
+from .sampling import DeviceSampler, SamplingParams, token_logprobs
 from .tokenizer import CompletionText
 
 DEFAULT_MAX_SEQ_LEN = 2048  # the cache's positions when none are asked for (and the model allows that many)
@@ -41,12 +43,15 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # of the GPU's memory, weights + KV cache 
 @dataclass
 class Event:
     """What one request gained in one step: its new token ids (none when it stopped), their text (held back while
-    it may be the start of a stop string), and its finish_reason once it has finished."""
+    it may be the start of a stop string), its finish_reason once it has finished, and with
+    ``sampling.logprobs`` a TokenLogprob (engine/sampling.py) per token drawn: the new ids', or the stop id's that
+    ended it (not in token_ids; lm-evaluation-harness counts on one logprob per drawn token)."""
 
     request: Request
     token_ids: list
     text: str
     finish_reason: Optional[str] = None
+    logprobs: list = field(default_factory=list)
 
 
 @dataclass
@@ -89,12 +94,13 @@ class Stats:
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, cache_positions: int, model_positions: int,
-                 what: str = "the prompt") -> None:
-    """ValueError naming the numbers unless prompt_tokens (>= 1) + max_new_tokens (>= 1) <= cache_positions."""
+                 what: str = "the prompt", scoring: bool = False) -> None:
+    """ValueError naming the numbers unless prompt_tokens (>= 1) + max_new_tokens (>= 1; >= 0 when ``scoring``: the
+    prompt's logprobs are an answer of their own) <= cache_positions."""
     if prompt_tokens < 1:
         raise ValueError(f"{what} is empty: it needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens < (0 if scoring else 1):
+        raise ValueError(f"max_new_tokens must be >= {0 if scoring else 1}, got {max_new_tokens}")
     if prompt_tokens + max_new_tokens > cache_positions:
         limit = (f"the model's max_position_embeddings {model_positions}" if cache_positions == model_positions else
                  f"the KV cache's {cache_positions} positions (max_seq_len; the model allows up to {model_positions})")
@@ -160,7 +166,9 @@ class Engine:
         model.setup_caches(max_batch_size, max_seq_len, self.dtype, self.device, num_blocks, BLOCK_SIZE)
         step_tokens = max_step_tokens or max(DEFAULT_STEP_TOKENS, 2 * max_batch_size)
         self.batcher = Batcher(BlockAllocator(num_blocks), BLOCK_SIZE, max_batch_size, step_tokens)
-        self.runner = Runner(model, max_batch_size, max_seq_len, BLOCK_SIZE, self.device, cuda_graph, compile)
+        self.sampler = DeviceSampler(max_batch_size, model.config.vocab_size, self.device)
+        self.runner = Runner(model, self.sampler, max_batch_size, max_seq_len, BLOCK_SIZE, self.device, cuda_graph,
+                             compile)
         self._texts: dict = {}  # Request -> CompletionText, while it runs (with a tokenizer)
         self.stats = Stats()
 
@@ -194,58 +202,64 @@ class Engine:
 
     # ---- the step-level API -------------------------------------------------------------------------------------
 
-    def check_length(self, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt") -> None:
-        """ValueError (with the numbers) unless a prompt of this many tokens plus max_new_tokens fits max_seq_len."""
-        check_length(prompt_tokens, max_new_tokens, self.max_seq_len, self.model.config.max_position_embeddings, what)
+    def check_length(self, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt",
+                     scoring: bool = False) -> None:
+        """ValueError (with the numbers) unless a prompt of this many tokens plus max_new_tokens fits max_seq_len
+        (max_new_tokens may be 0 when ``scoring``: asking for the prompt's logprobs)."""
+        check_length(prompt_tokens, max_new_tokens, self.max_seq_len, self.model.config.max_position_embeddings, what,
+                     scoring)
 
     def request(self, prompt: Union[str, Sequence[int]], max_new_tokens: int,
                 sampling: SamplingParams = SamplingParams(), what: str = "the prompt", stop: Sequence[str] = ()
                 ) -> Request:
-        """A Request for a prompt (text, or token ids), checked; stops on ``stop_ids`` and the ``stop`` strings."""
+        """A Request for a prompt (text, or token ids), checked; stops on ``stop_ids`` and the ``stop`` strings.
+        max_new_tokens may be 0 with ``sampling.prompt_logprobs`` (the prompt's logprobs, nothing generated)."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-        self.check_length(len(ids), max_new_tokens, what)
+        self.check_length(len(ids), max_new_tokens, what, sampling.prompt_logprobs is not None)
         return Request(ids, max_new_tokens, sampling, self.stop_ids, tuple(s for s in stop if s))
 
     def add(self, requests: Sequence[Request]) -> None:
         """Queue requests; ``step`` admits them as blocks free up. Raises ValueError (adding none of them) for a
         request that does not fit max_seq_len, or has stop strings but the engine no tokenizer."""
         for request in requests:
-            self.check_length(len(request.prompt_ids), request.max_new_tokens)
+            self.check_length(len(request.prompt_ids), request.max_new_tokens,
+                              scoring=request.sampling.prompt_logprobs is not None)
             if request.stop_strings and self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer; this engine has none")
         for request in requests:
-            request.generator = request.sampling.make_generator(self.device)
+            request.seed = 0 if request.sampling.greedy else request.sampling.draw_seed()
+            if request.sampling.prompt_logprobs is not None:
+                request.prompt_logprobs = [None]  # the first token has no logprob: nothing comes before it
             if self.tokenizer is not None:
                 self._texts[request] = CompletionText(self.tokenizer, request.prompt_ids, request.stop_strings)
             self.batcher.add(request)
 
     @torch.inference_mode()
     def step(self) -> list:
-        """Schedule and run one step: prefill chunks, then one decode of every running request. Returns an Event
-        for each request that sampled a token or finished; finished requests have freed their blocks."""
+        """Schedule and run one step: prefill chunks, then one decode of every running request, each sampling on
+        the device; then the new token ids come to the host in one copy. Returns an Event for each request that
+        sampled a token or finished; finished requests have freed their blocks."""
         plan = self.batcher.schedule()
-        events = []
+        for request in plan.admitted:
+            self.sampler.set(request.slot, request.sampling, request.seed)
+        drawn = []  # (requests, their next tokens, the logits they were drawn from) of each forward, on the device
         if plan.prefill:
             synchronize(self.device)
             start = time.perf_counter()
             for group in self._prefill_groups(plan.prefill):
-                logits = self.runner.prefill(group)
-                for chunk in group:
-                    self.batcher.advance(chunk.request, chunk.count)
-                done = [i for i, chunk in enumerate(group) if chunk.samples]
-                if done:
-                    events += self._sample([group[i].request for i in done], logits[done])
+                drawn += self._prefill(group)
             synchronize(self.device)
             self.stats.prefill_seconds += time.perf_counter() - start
             self.stats.prefill_tokens += sum(c.count for c in plan.prefill)
-        if plan.decode:
-            synchronize(self.device)
+        if plan.decode:  # the device is idle: the last step's copy of its ids, or the prefill's end, waited for it
             start = time.perf_counter()
-            logits = self.runner.decode(plan.decode)
+            tokens, logits = self.runner.decode(plan.decode, any(not r.sampling.greedy for r in plan.decode))
             for request in plan.decode:
                 self.batcher.advance(request, 1)
-            events += self._sample(plan.decode, logits)
-            self.stats.step_seconds.append(time.perf_counter() - start)  # _sample's tolist() synchronized
+            drawn.append((plan.decode, tokens, logits))
+        events = self._accept(drawn)
+        if plan.decode:
+            self.stats.step_seconds.append(time.perf_counter() - start)  # the token ids' copy synchronized
             self.stats.decode_tokens += len(plan.decode)
         return events
 
@@ -327,9 +341,13 @@ class Engine:
     # ---- internals ----------------------------------------------------------------------------------------------
 
     def _prefill_groups(self, chunks: list) -> Iterator[list]:
-        """The chunks, longest first, in forwards of at most the step's token budget once padded."""
+        """The chunks, longest first, in forwards of at most the step's token budget once padded; a chunk of a
+        request that wants its prompt's logprobs alone (its forward keeps the logits of every position)."""
         group: list = []
         for chunk in sorted(chunks, key=lambda c: -c.count):
+            if chunk.request.sampling.prompt_logprobs is not None:
+                yield [chunk]
+                continue
             if group and group[0].count * (len(group) + 1) > self.batcher.max_step_tokens:
                 yield group
                 group = []
@@ -337,29 +355,88 @@ class Engine:
         if group:
             yield group
 
-    def _sample(self, requests: list, logits: torch.Tensor) -> list:
-        """Sample each request's next token and append it, or finish the request (stop id, max_new_tokens, stop
-        string); finished requests free their blocks."""
-        tokens = sample(logits, [r.sampling for r in requests], [r.generator for r in requests])
+    def _prefill(self, group: list) -> list:
+        """Run one prefill forward; sample the chunks that end their request's tokens. Returns [(requests, next
+        tokens, logits)] (empty when no chunk samples); records the prompt logprobs of a scoring chunk."""
+        scoring = group[0].request.sampling.prompt_logprobs is not None  # then alone in its group
+        logits = self.runner.prefill(group, every_position=scoring)
+        if scoring:
+            self._record_prompt_logprobs(group[0], logits[0])
+            logits = logits[:, group[0].count - 1]
+        for chunk in group:
+            self.batcher.advance(chunk.request, chunk.count)
+        done = [i for i, chunk in enumerate(group) if chunk.samples]
+        if not done:
+            return []
+        requests = [group[i].request for i in done]
+        if len(done) < len(group):
+            logits = logits[self._device_ints(done)]
+        tokens = self.sampler(logits, self._device_ints([r.slot for r in requests]),
+                              self._device_ints([r.length for r in requests]),
+                              any(not r.sampling.greedy for r in requests))
+        return [(requests, tokens, logits)]
+
+    def _device_ints(self, values: list) -> torch.Tensor:
+        """int64 [len(values)] on the engine's device (copied without a host synchronization)."""
+        return to_device(torch.tensor(values, dtype=torch.long), self.device)
+
+    def _record_prompt_logprobs(self, chunk, logits: torch.Tensor) -> None:
+        """Append the logprobs of the prompt tokens this chunk predicts (logits [chunk.count, vocab]: position p's
+        predict token p + 1) beyond those recorded already (a preempted request computes its prompt again)."""
+        request = chunk.request
+        recorded = request.prompt_logprobs
+        first, last = max(len(recorded), chunk.start + 1), min(chunk.start + chunk.count, len(request.prompt_ids) - 1)
+        if first <= last:
+            rows = logits[first - 1 - chunk.start:last - chunk.start]
+            targets = self._device_ints(request.prompt_ids[first:last + 1])
+            recorded += token_logprobs(rows, targets, request.sampling.prompt_logprobs)
+
+    def _accept(self, drawn: list) -> list:
+        """Read the drawn tokens to the host (one copy), and append each to its request or finish the request (stop
+        id, max_new_tokens, stop string; finished requests free their blocks). Returns their Events."""
+        if not drawn:
+            return []
+        ids = torch.cat([tokens for _, tokens, _ in drawn]).tolist()
         events = []
-        for request, token in zip(requests, tokens.tolist()):
-            new, finish = [token], None
-            if token in request.stop_ids:
-                new, finish = [], "stop"
-            else:
-                request.output_ids.append(token)
-                if len(request.output_ids) >= request.max_new_tokens:
-                    finish = "length"
-            text, stopped = "", False
-            completion = self._texts.get(request)
-            if completion is not None:
-                text, stopped = completion.push(new, finish is not None)
-            if finish is not None or stopped:
-                request.finish_reason = "stop" if stopped else finish
-                self.batcher.finish(request)
-                self._texts.pop(request, None)
-            events.append(Event(request, new, text, request.finish_reason))
+        for requests, tokens, logits in drawn:
+            row_ids, ids = ids[:len(requests)], ids[len(requests):]
+            logprobs = self._logprobs(requests, tokens, logits)
+            for request, token in zip(requests, row_ids):
+                events.append(self._append(request, token, logprobs.get(request)))
         return events
+
+    def _logprobs(self, requests: list, tokens: torch.Tensor, logits: torch.Tensor) -> dict:
+        """{request: TokenLogprob of its new token} for the requests that ask for logprobs (one more copy to the
+        host, in the steps that have such requests only)."""
+        rows = [i for i, r in enumerate(requests) if r.sampling.logprobs is not None]
+        if not rows:
+            return {}
+        top = max(requests[i].sampling.logprobs for i in rows)
+        index = self._device_ints(rows)
+        found = token_logprobs(logits[index], tokens[index], top)
+        return {requests[i]: found[k].trimmed(requests[i].sampling.logprobs) for k, i in enumerate(rows)}
+
+    def _append(self, request: Request, token: int, logprob) -> Event:
+        """The Event of one drawn token (and its TokenLogprob, or None) for its request."""
+        new, finish = [token], None
+        if request.max_new_tokens == 0:  # a scoring request: its prompt's logprobs were the work
+            new, finish = [], "length"
+        elif token in request.stop_ids:
+            new, finish = [], "stop"
+        else:
+            request.output_ids.append(token)
+            if len(request.output_ids) >= request.max_new_tokens:
+                finish = "length"
+        text, stopped = "", False
+        completion = self._texts.get(request)
+        if completion is not None:
+            text, stopped = completion.push(new, finish is not None)
+        if finish is not None or stopped:
+            request.finish_reason = "stop" if stopped else finish
+            self.batcher.finish(request)
+            self._texts.pop(request, None)
+        drawn = logprob is not None and request.max_new_tokens > 0  # a stop id's too: OpenAI and vLLM show it
+        return Event(request, new, text, request.finish_reason, [logprob] if drawn else [])
 
 
 def _print_delta(delta: Delta) -> None:

@@ -2,10 +2,12 @@
 
 The runner turns the batcher's plan into model inputs: tokens and positions [B, T] and a KVBatch (block tables,
 sequence lengths, slot mapping; models/attention.py). Prefill chunks run eagerly, right-padded (padding tokens write
-to the scratch block). Decodes are one token per request; on CUDA the decode forward of B rows (B rounded up to a
-power of two) is captured once as a CUDA graph over static buffers and replayed: the block tables span a whole
-``max_seq_len`` there, and padding rows decode token 0 at position 0 into the scratch block. Eager decodes gather only
-as many block-table columns as the longest row needs.
+to the scratch block). Decodes are one token per request and end with the sampling step (engine/sampling.py's
+DeviceSampler, each row reading its request's sampler slot): on CUDA the decode forward and sampling of B rows (B
+rounded up to a power of two) are captured once as a CUDA graph over static buffers and replayed, one graph with the
+sampling step and one with argmax only (no row samples); the block tables span a whole ``max_seq_len`` there, and
+padding rows decode token 0 at position 0 into the scratch block, greedily in the sampler's padding slot. Eager
+decodes (CPU, or no graphs) run the same ops and gather only as many block-table columns as the longest row needs.
 """
 
 from __future__ import annotations
@@ -17,38 +19,58 @@ import torch
 from torch import Tensor, nn
 
 from ..models.attention import NULL_BLOCK, KVBatch, PagedKVCache, blocks_for
+from .sampling import DeviceSampler
 
 def synchronize(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class DecodeGraph:
-    """The decode forward of ``rows`` rows captured as a CUDA graph over views of the runner's static buffers."""
+def staged(tensor: Tensor, device) -> Tensor:
+    """A host tensor ready for a copy to ``device`` that does not wait: pinned on CUDA (a copy from pageable memory
+    synchronizes the host with the stream), itself elsewhere."""
+    return tensor.pin_memory() if torch.device(device).type == "cuda" else tensor
 
-    def __init__(self, model: nn.Module, inputs: tuple, pool):
-        tokens, positions, kv = inputs
+
+def to_device(tensor: Tensor, device) -> Tensor:
+    """A host tensor on ``device``, copied without a host synchronization."""
+    return staged(tensor, device).to(device, non_blocking=True)
+
+
+def decode_step(model: nn.Module, sampler: DeviceSampler, inputs: tuple, slots: Tensor, sampling: bool) -> tuple:
+    """(next tokens int64 [B], logits float [B, vocab]) of one decode forward: inputs (tokens, positions, kv) of B
+    rows, each sampling in its sampler slot (int64 [B]) the token of the position after its last."""
+    tokens, positions, kv = inputs
+    logits = model(tokens, positions, kv=kv)[:, -1]
+    return sampler(logits, slots, positions[:, -1] + 1, sampling), logits
+
+
+class DecodeGraph:
+    """``decode_step`` of ``rows`` rows captured as a CUDA graph over views of the runner's static buffers."""
+
+    def __init__(self, step, pool):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up outside capture: Triton compiles, scratch buffers allocate
             for _ in range(2):
-                model(tokens, positions, kv=kv)
+                step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = model(tokens, positions, kv=kv)
+            self.outputs = step()
 
-    def __call__(self) -> Tensor:
+    def __call__(self) -> tuple:
         self.graph.replay()
-        return self.logits
+        return self.outputs
 
 
 class Runner:
-    """Runs a model's prefill and decode forwards for requests that hold blocks of its paged cache."""
+    """Runs a model's prefill and decode forwards for requests that hold blocks of its paged cache; decodes sample
+    with ``sampler`` (whose slots the engine sets as requests join)."""
 
-    def __init__(self, model: nn.Module, max_batch_size: int, max_seq_len: int, block_size: int, device,
-                 cuda_graph: bool, compile: bool):
-        self.model, self.device, self.block_size = model, device, block_size
+    def __init__(self, model: nn.Module, sampler: DeviceSampler, max_batch_size: int, max_seq_len: int,
+                 block_size: int, device, cuda_graph: bool, compile: bool):
+        self.model, self.sampler, self.device, self.block_size = model, sampler, device, block_size
         self.padding_slot = NULL_BLOCK * block_size  # the scratch block's first slot: where padding tokens write
         self.max_batch_size, self.max_blocks = max_batch_size, blocks_for(max_seq_len, block_size)
         self.use_cuda_graph = cuda_graph and torch.device(device).type == "cuda"
@@ -60,14 +82,16 @@ class Runner:
         self.block_tables = torch.full((rows, self.max_blocks), NULL_BLOCK, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.slot_mapping = torch.full((rows, 1), self.padding_slot, dtype=torch.int32, device=device)
+        self.sampler_slots = torch.full((rows,), sampler.padding_slot, dtype=torch.long, device=device)
         self._graphs: dict = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
 
     def slot(self, request, position: int) -> int:
         return request.blocks[position // self.block_size] * self.block_size + position % self.block_size
 
-    def prefill(self, chunks: list) -> Tensor:
-        """Logits [len(chunks), vocab] of each chunk's last token; chunks: batcher.Chunk, blocks allocated."""
+    def prefill(self, chunks: list, every_position: bool = False) -> Tensor:
+        """Logits [len(chunks), vocab] of each chunk's last token, or with every_position [len(chunks), longest
+        chunk, vocab] of each of its tokens (for a prompt's logprobs); chunks: batcher.Chunk, blocks allocated."""
         longest = max(c.count for c in chunks)
         width = max(blocks_for(c.start + c.count, self.block_size) for c in chunks)
         tokens = torch.zeros(len(chunks), longest, dtype=torch.long)
@@ -82,13 +106,17 @@ class Runner:
             used = request.blocks[:width]
             tables[row, :len(used)] = torch.tensor(used, dtype=torch.int32)
         seq_lens = torch.tensor([c.start + c.count for c in chunks], dtype=torch.int32)
-        last = torch.tensor([[c.count - 1] for c in chunks])
-        kv = KVBatch(*(t.to(self.device) for t in (tables, seq_lens, slots)))
-        return self.model(tokens.to(self.device), positions.to(self.device), logits_at=last.to(self.device),
-                          kv=kv)[:, -1]
+        kv = KVBatch(*(to_device(t, self.device) for t in (tables, seq_lens, slots)))
+        tokens, positions = to_device(tokens, self.device), to_device(positions, self.device)
+        if every_position:
+            return self.model(tokens, positions, kv=kv)
+        last = to_device(torch.tensor([[c.count - 1] for c in chunks]), self.device)
+        return self.model(tokens, positions, logits_at=last, kv=kv)[:, -1]
 
-    def decode(self, requests: list) -> Tensor:
-        """Logits [len(requests), vocab] of one decode step: each request's last token at its last position."""
+    def decode(self, requests: list, sampling: bool) -> tuple:
+        """One decode step: each request's last token at its last position, then its next token drawn in its
+        sampler slot. Returns (tokens int64 [len(requests)], logits float [len(requests), vocab]), on the device
+        (the logits of a captured step are overwritten by the next). sampling=False: every row is greedy."""
         count = len(requests)
         rows = self.graph_rows(count) if self.use_cuda_graph else count
         width = self.max_blocks if self.static_width else max(len(r.blocks) for r in requests)
@@ -97,55 +125,63 @@ class Runner:
         tables = torch.full((rows, width), NULL_BLOCK, dtype=torch.int32)
         seq_lens = torch.ones(rows, dtype=torch.int32)
         slots = torch.full((rows, 1), self.padding_slot, dtype=torch.int32)
+        sampler_slots = torch.full((rows,), self.sampler.padding_slot, dtype=torch.long)
         for row, request in enumerate(requests):
             last = request.length - 1
             tokens[row, 0], positions[row, 0], seq_lens[row] = request.token(last), last, request.length
-            slots[row, 0] = self.slot(request, last)
+            slots[row, 0], sampler_slots[row] = self.slot(request, last), request.slot
             tables[row, :len(request.blocks)] = torch.tensor(request.blocks, dtype=torch.int32)
         if not self.use_cuda_graph:
-            kv = KVBatch(*(t.to(self.device) for t in (tables, seq_lens, slots)))
-            return self.decode_model(tokens.to(self.device), positions.to(self.device), kv=kv)[:count, -1]
+            kv = KVBatch(*(to_device(t, self.device) for t in (tables, seq_lens, slots)))
+            inputs = (to_device(tokens, self.device), to_device(positions, self.device), kv)
+            return decode_step(self.decode_model, self.sampler, inputs, to_device(sampler_slots, self.device),
+                               sampling)
         # one host-to-device copy per buffer, into the static buffers the graph reads
         for buffer, value in ((self.tokens, tokens), (self.positions, positions), (self.block_tables, tables),
-                              (self.seq_lens, seq_lens), (self.slot_mapping, slots)):
-            buffer[:rows].copy_(value)
-        graph = self._graph(rows)
-        if graph is None:
-            return self.decode_model(*self._static_inputs(rows))[:count, -1]
-        return graph()[:count, -1]
+                              (self.seq_lens, seq_lens), (self.slot_mapping, slots),
+                              (self.sampler_slots, sampler_slots)):
+            buffer[:rows].copy_(staged(value, self.device), non_blocking=True)
+        graph = self._graph(rows, sampling)
+        next_tokens, logits = graph() if graph is not None else self._static_step(rows, sampling)()
+        return next_tokens[:count], logits[:count]
 
     def graph_rows(self, count: int) -> int:
         """The captured batch size that ``count`` decodes run at: the next power of two, at most max_batch_size."""
         return min(1 << (count - 1).bit_length(), self.max_batch_size)
 
     def warm_up(self) -> None:
-        """Capture the decode graph of every batch size a step can use (padding rows only; the cache's scratch
-        block is all they write)."""
+        """Capture the decode graphs (greedy, and sampling) of every batch size a step can use (padding rows only;
+        the cache's scratch block is all they write)."""
         if not self.use_cuda_graph:
             return
         sizes = sorted({self.graph_rows(n) for n in range(1, self.max_batch_size + 1)})
         self.tokens.zero_(), self.positions.zero_(), self.block_tables.fill_(NULL_BLOCK)
         self.seq_lens.fill_(1), self.slot_mapping.fill_(self.padding_slot)
+        self.sampler_slots.fill_(self.sampler.padding_slot)
         for rows in sizes:
-            self._graph(rows)
+            for sampling in (False, True):
+                self._graph(rows, sampling)
 
     def close(self) -> None:
         self._graphs.clear()
 
-    def _static_inputs(self, rows: int) -> tuple:
+    def _static_step(self, rows: int, sampling: bool):
+        """``decode_step`` over the first ``rows`` rows of the static buffers, as a function of nothing."""
         kv = KVBatch(self.block_tables[:rows], self.seq_lens[:rows], self.slot_mapping[:rows])
-        return self.tokens[:rows], self.positions[:rows], kv
+        inputs = (self.tokens[:rows], self.positions[:rows], kv)
+        return lambda: decode_step(self.decode_model, self.sampler, inputs, self.sampler_slots[:rows], sampling)
 
-    def _graph(self, rows: int) -> Optional[DecodeGraph]:
-        if self.use_cuda_graph and rows not in self._graphs:
+    def _graph(self, rows: int, sampling: bool) -> Optional[DecodeGraph]:
+        key = rows, sampling
+        if self.use_cuda_graph and key not in self._graphs:
             try:
-                self._graphs[rows] = DecodeGraph(self.decode_model, self._static_inputs(rows), self._graph_pool)
+                self._graphs[key] = DecodeGraph(self._static_step(rows, sampling), self._graph_pool)
             except torch.cuda.OutOfMemoryError:
                 raise
             except RuntimeError as err:  # an op that cannot be captured: slower, still right
                 warnings.warn(f"capturing the decode step as a CUDA graph failed, decoding eagerly: {err}")
                 self.use_cuda_graph = False
-        return self._graphs.get(rows)
+        return self._graphs.get(key)
 
 
 def drop_caches(model: nn.Module) -> None:

@@ -1,17 +1,24 @@
 """Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus), batched, per-row settings.
 
-Each row of a batch has its own SamplingParams and, when it samples, its own torch.Generator: a row's tokens depend
-only on its logits and its seed, not on which other requests share the batch (what a server with continuous batching
-needs, and what makes batched generation reproduce one-by-one generation).
+A row's tokens depend only on its logits and its seed, not on which other requests share the batch (what a server
+with continuous batching needs, and what makes batched generation reproduce one-by-one generation).
 
 A sample is drawn as argmax(probs / q) with q ~ Exponential(1) per vocabulary entry: the same distribution as
 torch.multinomial, without a device-to-host synchronization (gpt-fast's ``multinomial_sample_one_no_sync``).
 
-``sample`` takes the rows' settings and generators from the host at every call. ``DeviceSampler`` keeps every
-slot's settings in device tensors, written once when a request takes the slot, and draws its noise from a
-counter-based hash of (the row's seed, the row's token count, the vocabulary index) instead of generators: a step
-is a fixed sequence of device ops with no host traffic, so a CUDA graph can capture it with the decode forward and
-the host reads only the new token ids.
+The engine samples with ``DeviceSampler``: every slot's settings live in device tensors, written once when a request
+takes the slot, and the noise is a counter-based hash of (the request's seed, the position of the token drawn, the
+vocabulary index) instead of a generator's state: a step is a fixed sequence of device ops with no host traffic, so
+a CUDA graph captures it with the decode forward and the host reads only the new token ids. The guarantee of the
+generator path it replaced (``sample``: a torch.Generator per request, seeded once, drawing one noise vector per
+token, so a request's draws depended on its seed and its count of tokens only) holds: the draw of the token at
+position p depends on the seed and p only, whatever else runs beside it, and after a preemption too. What changed:
+a seed gives other tokens than it did with generators, and a seed's noise follows the token's position in the
+sequence, not the count of tokens drawn (the same seed with a prompt one token longer draws other noise). ``sample``
+stays as the host reference: the same filtering and the same greedy tokens.
+
+``token_logprobs`` gives the log-probabilities that the OpenAI API reports: log_softmax of the model's own logits,
+before temperature, top-k and top-p (as OpenAI and vLLM report them), of the chosen token and of the most likely ones.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from typing import Optional, Sequence
 
 import torch
 
+MAX_LOGPROBS = 20  # most likely alternatives reported per token (OpenAI's chat bound; vLLM's default max_logprobs)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,14 +38,19 @@ class SamplingParams:
 
     temperature: 0 means greedy (argmax); > 0 divides the logits before the softmax.
     top_k: keep the k most likely tokens (None or 0: all). top_p: keep the smallest set of most likely tokens whose
-    probability sums to at least top_p (None or 1.0: all). seed: seeds the request's generator (None: a random seed).
-    Raises ValueError for a negative temperature or top_k, or a top_p outside (0, 1].
+    probability sums to at least top_p (None or 1.0: all). seed: seeds the request's draws (None: a random seed).
+    logprobs: report each generated token's logprob and its ``logprobs`` most likely alternatives (None: none).
+    prompt_logprobs: the same for every prompt token after the first (None: none; it disables the prefix cache for
+    the request, whose every position's logits are needed). Raises ValueError for a negative temperature or top_k,
+    a top_p outside (0, 1], or logprobs / prompt_logprobs outside 0..MAX_LOGPROBS.
     """
 
     temperature: float = 0.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     seed: Optional[int] = None
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     def __post_init__(self):
         if not self.temperature >= 0:  # also refuses NaN
@@ -45,6 +59,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be a non-negative int (0 or None = off), got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] (1 or None = off), got {self.top_p}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an int in 0..{MAX_LOGPROBS} (None = off), got {value!r}")
 
     @property
     def greedy(self) -> bool:
@@ -115,15 +133,15 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def exponential_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
-    """float32 [B, vocab] of Exponential(1) draws, a pure function of (seeds[b], counters[b], vocabulary index).
+def exponential_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """float32 [B, vocab] of Exponential(1) draws, a pure function of (seeds[b], positions[b], vocabulary index).
 
-    seeds, counters: int64 [B]. Word = splitmix64(seed + (counter * vocab + index + 1) * GOLDEN_GAMMA): distinct
-    (counter, index) pairs of a row are distinct splitmix64 stream positions. Its top 24 bits give u in (0, 1),
+    seeds, positions: int64 [B]. Word = splitmix64(seed + (position * vocab + index + 1) * GOLDEN_GAMMA): distinct
+    (position, index) pairs of a row are distinct splitmix64 stream positions. Its top 24 bits give u in (0, 1),
     and -log(u) is the draw.
     """
     index = torch.arange(vocab, device=seeds.device)
-    x = seeds[:, None] + ((counters[:, None] * vocab + index + 1) * GOLDEN_GAMMA)
+    x = seeds[:, None] + ((positions[:, None] * vocab + index + 1) * GOLDEN_GAMMA)
     x = (x ^ _shift_right(x, 30)) * MIX1
     x = (x ^ _shift_right(x, 27)) * MIX2
     x = x ^ _shift_right(x, 31)
@@ -134,43 +152,69 @@ def exponential_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -
 class DeviceSampler:
     """Sampling settings of ``max_batch_size`` slots in device tensors, and a sampling step on the device only.
 
-    ``set(slot, params)`` when a request takes a slot (a few bytes to the device, once); then each call
-    ``sampler(logits, sampling, first)`` takes logits [rows, V] of slots first..first+rows-1 (a decode step: 0..;
-    a prefill group: its slots) and returns their next tokens, int64 [rows], on the device, with fixed shapes and
-    no host traffic (capturable in a CUDA graph). sampling=False
-    (no active row samples) skips the sort and the noise: every row takes its argmax. Each call advances every
-    row's token counter, so a row's draws depend only on its seed and how many tokens it has drawn: batched
-    sampling equals one-by-one sampling.
+    ``set(slot, params, seed)`` when a request takes a slot (a few bytes to the device, once). Then each call
+    ``sampler(logits, slots, positions, sampling)`` takes logits [rows, V], the slot of each row (int64 [rows]) and
+    the position in its sequence of the token each row draws (int64 [rows]), and returns the rows' next tokens,
+    int64 [rows], on the device, with fixed shapes and no host traffic (capturable in a CUDA graph). A row's draw
+    depends on its logits, seed and position only. sampling=False (no row samples) skips the sort and the noise:
+    every row takes its argmax. Slot ``padding_slot`` (one beyond max_batch_size) is always greedy: the padding
+    rows of a captured batch use it.
     """
 
     def __init__(self, max_batch_size: int, vocab_size: int, device):
-        self.vocab_size = vocab_size
-        self.temperature = torch.zeros(max_batch_size, device=device)
-        self.top_k = torch.full((max_batch_size,), vocab_size, dtype=torch.long, device=device)
-        self.top_p = torch.ones(max_batch_size, device=device)
-        self.seeds = torch.zeros(max_batch_size, dtype=torch.long, device=device)
-        self.counters = torch.zeros(max_batch_size, dtype=torch.long, device=device)
+        self.vocab_size, self.padding_slot = vocab_size, max_batch_size
+        slots = max_batch_size + 1
+        self.temperature = torch.zeros(slots, device=device)
+        self.top_k = torch.full((slots,), vocab_size, dtype=torch.long, device=device)
+        self.top_p = torch.ones(slots, device=device)
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
 
-    def set(self, slot: int, params: SamplingParams) -> None:
-        """Slot ``slot`` samples with ``params`` from its first token on (its counter restarts at 0)."""
+    def set(self, slot: int, params: SamplingParams, seed: int) -> None:
+        """Slot ``slot`` samples with ``params`` and ``seed`` (its request's drawn seed: ``draw_seed``)."""
+        if not 0 <= slot < self.padding_slot:
+            raise ValueError(f"slot must be in 0..{self.padding_slot - 1}, got {slot}")
         top_k = min(params.top_k or self.vocab_size, self.vocab_size)
         values = ((self.temperature, params.temperature), (self.top_k, top_k),
-                  (self.top_p, 1.0 if params.top_p is None else params.top_p),
-                  (self.seeds, params.draw_seed() if not params.greedy else 0), (self.counters, 0))
+                  (self.top_p, 1.0 if params.top_p is None else params.top_p), (self.seeds, seed))
         for tensor, value in values:
             tensor[slot] = value
 
-    def __call__(self, logits: torch.Tensor, sampling: bool = True, first: int = 0) -> torch.Tensor:
-        slots = self.seeds.shape[0]
-        if logits.dim() != 2 or logits.shape[1] != self.vocab_size or not 0 <= first < first + logits.shape[0] <= slots:
-            raise ValueError(f"logits must be [rows, {self.vocab_size}] of slots first..first+rows-1 within the "
-                             f"{slots} slots, got {tuple(logits.shape)} from slot {first}")
-        rows = slice(first, first + logits.shape[0])
+    def __call__(self, logits: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 sampling: bool = True) -> torch.Tensor:
+        rows = logits.shape[0]
+        if logits.dim() != 2 or logits.shape[1] != self.vocab_size or slots.shape != (rows,) \
+                or positions.shape != (rows,):
+            raise ValueError(f"logits must be [rows, {self.vocab_size}] with slots and positions [rows], got logits "
+                             f"{tuple(logits.shape)}, slots {tuple(slots.shape)}, positions {tuple(positions.shape)}")
         tokens = logits.argmax(dim=-1)
-        if sampling:
-            temperature = self.temperature[rows]
-            kept = filter_logits(logits, temperature.clamp_min(1e-6), self.top_k[rows], self.top_p[rows])
-            noise = exponential_noise(self.seeds[rows], self.counters[rows], self.vocab_size)
-            tokens = torch.where(temperature > 0, (kept.softmax(dim=-1) / noise).argmax(dim=-1), tokens)
-        self.counters[rows] += 1
-        return tokens
+        if not sampling:
+            return tokens
+        temperature = self.temperature[slots]
+        kept = filter_logits(logits, temperature.clamp_min(1e-6), self.top_k[slots], self.top_p[slots])
+        noise = exponential_noise(self.seeds[slots], positions, self.vocab_size)
+        return torch.where(temperature > 0, (kept.softmax(dim=-1) / noise).argmax(dim=-1), tokens)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the ``top`` most likely tokens at its position: ((token id, logprob), ...),
+    most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple = ()
+
+    def trimmed(self, count: int) -> "TokenLogprob":
+        """The same with only the ``count`` most likely alternatives."""
+        return TokenLogprob(self.token_id, self.logprob, self.top[:count])
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list:
+    """TokenLogprob of each row's token: logits float [rows, V] (the model's, before temperature, top-k and top-p),
+    tokens int64 [rows] on the same device, ``top`` alternatives each (0..MAX_LOGPROBS). One device-to-host copy."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])
+    values, ids = logprobs.topk(top, dim=-1)
+    # one copy: token ids below 2**24 are exact in float32 (vocabularies are far smaller)
+    host = torch.cat([tokens[:, None].float(), chosen, values, ids.float()], dim=1).tolist()
+    return [TokenLogprob(int(row[0]), row[1], tuple(zip(map(int, row[2 + top:]), row[2:2 + top]))) for row in host]

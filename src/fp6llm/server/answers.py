@@ -4,6 +4,8 @@ events as the text comes; and what an aborted job answers (499 / 503 / 500)."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import json
 import time
 from contextlib import aclosing
@@ -13,7 +15,8 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from .protocol import (ApiError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                       ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionResponse, Usage)
+                       ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, ChatTopLogprob,
+                       CompletionChoice, CompletionLogprobs, CompletionResponse, Usage)
 from .scheduler import SHUTTING_DOWN, Job, Scheduler
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -22,12 +25,19 @@ CLIENT_GONE = 499  # nginx's status for a request whose client closed the connec
 
 class CompletionFormat:
     """Jobs' texts as /v1/completions objects: chunks of a stream (each of one choice ``index``), or the whole
-    response (a choice per job)."""
+    response (a choice per job).
+
+    tokenizer: shows each token's text (needed with logprobs). logprobs: whether the choices carry their tokens'
+    logprobs. echo: the prompt's text, which each choice begins with (with logprobs, its tokens' logprobs too).
+    Logprob items are (token id, engine TokenLogprob, or None for the prompt's first token).
+    """
 
     id_prefix, prompt_field = "cmpl", "prompt"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, tokenizer=None, logprobs: bool = False, echo: Optional[str] = None):
         self.model, self.id, self.created = model, "", int(time.time())
+        self.tokenizer, self.logprobs, self.echo = tokenizer, logprobs, echo
+        self._offsets = collections.Counter()  # choice index -> where its next token's text starts
 
     def _make(self, **fields):
         return CompletionResponse(id=self.id, model=self.model, created=self.created, **fields)
@@ -35,22 +45,50 @@ class CompletionFormat:
     def first_chunks(self, index: int) -> list:
         return []
 
+    def prefix(self, job: Job) -> tuple:
+        """(text, logprob items) that a choice begins with: the prompt's with echo, else nothing."""
+        if self.echo is None:
+            return "", []
+        request = job.request
+        return self.echo, list(zip(request.prompt_ids, request.prompt_logprobs)) if self.logprobs else []
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def choice_logprobs(self, items: list, index: int) -> Optional[CompletionLogprobs]:
+        """The logprobs of choice ``index``'s next tokens (None unless asked for); their text offsets go on from
+        the choice's tokens before."""
+        if not self.logprobs:
+            return None
+        texts = [self.token_text(token) for token, _ in items]
+        offsets = list(itertools.accumulate(map(len, texts), initial=self._offsets[index]))
+        self._offsets[index] = offsets.pop()
+        tops = [None if found is None else top_dict(self.token_text, found) for _, found in items]
+        return CompletionLogprobs(tokens=texts, token_logprobs=[None if f is None else f.logprob for _, f in items],
+                                  top_logprobs=tops, text_offset=offsets)
+
     def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None,
-              index: int = 0) -> BaseModel:
-        return self._make(choices=[CompletionChoice(index=index, text=text, finish_reason=finish_reason)],
-                          usage=usage)
+              index: int = 0, logprobs: list = ()) -> BaseModel:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason,
+                                  logprobs=self.choice_logprobs(list(logprobs), index) if logprobs else None)
+        return self._make(choices=[choice], usage=usage)
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._make(choices=[], usage=usage)
 
-    def response(self, results: list, usage: Usage) -> BaseModel:
-        """results: (text, finish reason) of each choice."""
-        return self._make(choices=[CompletionChoice(index=i, text=text, finish_reason=reason)
-                                   for i, (text, reason) in enumerate(results)], usage=usage)
+    def response(self, jobs: list, results: list, usage: Usage) -> BaseModel:
+        """results: (text, finish reason, logprob items) of each job's choice."""
+        choices = []
+        for i, (job, (text, reason, items)) in enumerate(zip(jobs, results)):
+            echoed, echoed_items = self.prefix(job)
+            choices.append(CompletionChoice(index=i, text=echoed + text, finish_reason=reason,
+                                            logprobs=self.choice_logprobs(echoed_items + items, i)))
+        return self._make(choices=choices, usage=usage)
 
 
 class ChatFormat(CompletionFormat):
-    """The same for /v1/chat/completions: a first chunk with the role, deltas of content, an empty last delta."""
+    """The same for /v1/chat/completions: a first chunk with the role, deltas of content, an empty last delta;
+    logprobs as chat's ``logprobs.content`` list."""
 
     id_prefix, prompt_field = "chatcmpl", "messages"
 
@@ -60,16 +98,44 @@ class ChatFormat(CompletionFormat):
     def first_chunks(self, index: int) -> list:
         return [self._make(choices=[ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])]
 
-    def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None,
-              index: int = 0) -> BaseModel:
-        delta = ChatDelta(content=text) if finish_reason is None else ChatDelta()
-        return self._make(choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)],
-                          usage=usage)
+    def _entry(self, token: int, logprob: float, cls=ChatTopLogprob, **fields):
+        text = self.token_text(token)
+        return cls(token=text, logprob=logprob, bytes=list(text.encode("utf-8")), **fields)
 
-    def response(self, results: list, usage: Usage) -> BaseModel:
+    def choice_logprobs(self, items: list, index: int) -> Optional[ChatLogprobs]:
+        if not self.logprobs:
+            return None
+        return ChatLogprobs(content=[
+            self._entry(token, found.logprob, ChatTokenLogprob,
+                        top_logprobs=[self._entry(t, value) for t, value in found.top]) for token, found in items])
+
+    def chunk(self, text: str, finish_reason: Optional[str] = None, usage: Optional[Usage] = None,
+              index: int = 0, logprobs: list = ()) -> BaseModel:
+        delta = ChatDelta(content=text) if finish_reason is None else ChatDelta()
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                                 logprobs=self.choice_logprobs(list(logprobs), index) if logprobs else None)
+        return self._make(choices=[choice], usage=usage)
+
+    def response(self, jobs: list, results: list, usage: Usage) -> BaseModel:
         return ChatCompletionResponse(id=self.id, model=self.model, created=self.created, usage=usage, choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason)
-            for i, (text, reason) in enumerate(results)])
+            ChatChoice(index=i, message=AssistantMessage(content=text), finish_reason=reason,
+                       logprobs=self.choice_logprobs(items, i))
+            for i, (text, reason, items) in enumerate(results)])
+
+
+def top_dict(token_text, found) -> dict:
+    """{token text: logprob} of the most likely tokens and the token itself, as /v1/completions shows them. Tokens
+    whose texts are alike share a key: the most likely keeps it (so a token that was not the argmax never looks like
+    it was)."""
+    top: dict = {}
+    for token, value in (*found.top, (found.token_id, found.logprob)):
+        top.setdefault(token_text(token), value)
+    return top
+
+
+def logprob_items(logprobs: list) -> list:
+    """(token id, TokenLogprob) of a job output's engine TokenLogprobs."""
+    return [(found.token_id, found) for found in logprobs]
 
 
 def total_usage(jobs: list) -> Usage:
@@ -88,18 +154,19 @@ async def cancel_on_disconnect(request: Request, scheduler: Scheduler, jobs: lis
 
 
 async def collect(job: Job) -> tuple:
-    """(whole text, finish reason) of a job."""
-    parts = []
+    """(whole text, finish reason, logprob items) of a job."""
+    parts, items = [], []
     while True:
-        text, reason, _ = await job.outputs.get()
+        text, reason, _, logprobs = await job.outputs.get()
         parts.append(text)
+        items += logprob_items(logprobs)
         if reason is not None:
-            return "".join(parts), reason
+            return "".join(parts), reason, items
 
 
 async def merged_outputs(jobs: list) -> AsyncIterator[tuple]:
-    """(index, (text, finish reason, tokens)) of the jobs' outputs as they come, each job's in order, until every
-    job has given its last."""
+    """(index, (text, finish reason, tokens, logprobs)) of the jobs' outputs as they come, each job's in order, until
+    every job has given its last."""
     pending = {asyncio.ensure_future(job.outputs.get()): i for i, job in enumerate(jobs)}
     try:
         while pending:
@@ -126,16 +193,18 @@ def job_error(job: Job, watcher: asyncio.Task) -> ApiError:
 
 async def stream_events(jobs: list, fmt: CompletionFormat, include_usage: bool, every_token: bool,
                         scheduler: Scheduler, watcher: asyncio.Task, count):
-    """Server-sent events of a request's jobs: chunks as the text comes, each naming its choice (every_token: a
-    chunk per token, with that choice's usage so far), the usage chunk if asked for, then [DONE]. A job that aborts
-    ends the stream with an error event (unless the client left) and [DONE]."""
+    """Server-sent events of a request's jobs: chunks as the text comes, each naming its choice and carrying its
+    tokens' logprobs when asked for (every_token: a chunk per token, with that choice's usage so far), the usage
+    chunk if asked for, then [DONE]. With echo, a choice's first chunk is the prompt. A job that aborts ends the
+    stream with an error event (unless the client left) and [DONE]."""
     status = CLIENT_GONE
+    started: set = set()
     try:
         for index in range(len(jobs)):
             for chunk in fmt.first_chunks(index):
                 yield sse(chunk)
         async with aclosing(merged_outputs(jobs)) as outputs:
-            async for index, (text, reason, tokens) in outputs:
+            async for index, (text, reason, tokens, logprobs) in outputs:
                 job = jobs[index]
                 usage = Usage.of(job.prompt_tokens, tokens) if every_token else None
                 if reason == "abort":
@@ -144,8 +213,13 @@ async def stream_events(jobs: list, fmt: CompletionFormat, include_usage: bool, 
                     if status != CLIENT_GONE:
                         yield f"data: {json.dumps(error.body())}\n\n"
                     break
-                if text or (every_token and reason is None):
-                    yield sse(fmt.chunk(text, usage=usage, index=index))
+                if index not in started:
+                    started.add(index)
+                    echoed, echoed_items = fmt.prefix(job)
+                    if echoed or echoed_items:
+                        yield sse(fmt.chunk(echoed, index=index, logprobs=echoed_items))
+                if text or logprobs or (every_token and reason is None):
+                    yield sse(fmt.chunk(text, usage=usage, index=index, logprobs=logprob_items(logprobs)))
                 if reason is not None:
                     yield sse(fmt.chunk("", reason, usage, index))
             else:

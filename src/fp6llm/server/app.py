@@ -157,7 +157,13 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         check_body(body)
         ids = await completion_prompt_ids(engine, body.prompt)
         max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        return await generate(request, body, ids, max_tokens, CompletionFormat(model_name))
+        echo = await echo_text(engine, body.prompt, ids) if body.echo else None
+        # with echo, the engine computes the prompt's logprobs when they are asked for, and when max_tokens 0 makes
+        # the prompt the whole answer (a request for nothing else would be refused)
+        scoring = body.echo and (body.logprobs is not None or max_tokens == 0)
+        fmt = CompletionFormat(model_name, engine.tokenizer, body.logprobs is not None, echo)
+        return await generate(request, body, ids, max_tokens, fmt, body.logprobs,
+                              (body.logprobs or 0) if scoring else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -168,17 +174,20 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         check_text_length(engine, sum(len(m["content"]) for m in messages), "messages")
         ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_seq_len - len(ids))
-        return await generate(request, body, ids, max_tokens, ChatFormat(model_name))
+        fmt = ChatFormat(model_name, engine.tokenizer, body.logprobs)
+        return await generate(request, body, ids, max_tokens, fmt, (body.top_logprobs or 0) if body.logprobs else None)
 
-    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: CompletionFormat):
-        """Run the request as ``body.n`` jobs (choice i samples with seed + i when a seed is given)."""
+    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: CompletionFormat,
+                       logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None):
+        """Run the request as ``body.n`` jobs (choice i samples with seed + i when a seed is given), asking the
+        engine for ``logprobs`` / ``prompt_logprobs`` alternatives (SamplingParams)."""
         stops = body.stop_strings()
         try:
             engine_requests = []
             for i in range(body.n):
                 seed = None if body.seed is None else (body.seed + i + SEED_RANGE) % (2 * SEED_RANGE) - SEED_RANGE
-                engine_request = engine.request(prompt_ids, max_tokens,
-                                                SamplingParams(body.temperature, body.top_k, body.top_p, seed))
+                sampling = SamplingParams(body.temperature, body.top_k, body.top_p, seed, logprobs, prompt_logprobs)
+                engine_request = engine.request(prompt_ids, max_tokens, sampling)
                 if body.ignore_eos:
                     engine_request.stop_ids = frozenset()
                 engine_requests.append(engine_request)
@@ -208,11 +217,11 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
             results = await asyncio.gather(*(collect(job) for job in jobs))
         finally:
             watcher.cancel()
-        aborted = next((job for job, (_, reason) in zip(jobs, results) if reason == "abort"), None)
+        aborted = next((job for job, (_, reason, _) in zip(jobs, results) if reason == "abort"), None)
         if aborted is not None:
             raise job_error(aborted, watcher)
         count(request, 200)
-        return JSONResponse(fmt.response(results, total_usage(jobs)).model_dump())
+        return JSONResponse(fmt.response(jobs, results, total_usage(jobs)).model_dump())
 
     return app
 
@@ -276,10 +285,11 @@ def check_text_length(engine: Engine, chars: int, param: str) -> None:
 
 async def completion_prompt_ids(engine: Engine, prompt) -> list:
     """Token ids of a completion's prompt: text (tokenized in a worker thread, not on the event loop), a list of one
-    text, or token ids (each below the vocabulary size)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+    text, token ids (each below the vocabulary size), or a list of one list of token ids."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
-            raise ApiError(400, f"prompt is a list of {len(prompt)} texts; send one per request", param="prompt")
+            kind = "texts" if isinstance(prompt[0], str) else "lists of token ids"
+            raise ApiError(400, f"prompt is a list of {len(prompt)} {kind}; send one per request", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, str):
         check_text_length(engine, len(prompt), "prompt")
@@ -289,6 +299,13 @@ async def completion_prompt_ids(engine: Engine, prompt) -> list:
     if bad:
         raise ApiError(400, f"prompt has token id {bad[0]}, outside the vocabulary 0..{vocab - 1}", param="prompt")
     return prompt
+
+
+async def echo_text(engine: Engine, prompt, ids: list) -> str:
+    """The text that echo puts before a completion: the prompt's own text, or its token ids decoded."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else await asyncio.to_thread(engine.tokenizer.decode, ids)
 
 
 def chat_prompt_ids(tokenizer, messages: list) -> list:

@@ -2,10 +2,16 @@
 
 Requests are validated strictly (a string is not a number, 1.0 is not an int): a wrong type is a 400, as at OpenAI.
 Fields of the OpenAI API that change nothing here (user, metadata, store, ...) are accepted and ignored; those whose
-non-default values would change the answer and that the engine does not implement (logprobs, echo, best_of,
-suffix, penalties, min_p, logit_bias, response_format, tools) are refused by ``unsupported`` with a 400 naming the
-field. ``top_k`` and ``ignore_eos`` (generate max_tokens tokens whatever comes: benchmarks) are extensions,
-as in vLLM, sent by the openai client through ``extra_body``.
+non-default values would change the answer and that the engine does not implement (best_of, suffix, penalties,
+min_p, logit_bias, response_format, tools) are refused by ``unsupported`` with a 400 naming the field. ``top_k``
+and ``ignore_eos`` (generate max_tokens tokens whatever comes: benchmarks) are extensions, as in vLLM, sent by the
+openai client through ``extra_body``.
+
+Logprobs are those of the model's own distribution (before temperature, top-k and top-p, as OpenAI and vLLM report
+them). Completions take ``logprobs`` 0..MAX_LOGPROBS (OpenAI allows 0..5, vLLM 0..20 by default: 20 here) and
+``echo`` (the prompt's text, and its tokens' logprobs with ``logprobs``, before the completion; ``max_tokens`` 0
+then scores the prompt alone, as lm-evaluation-harness asks); chat takes ``logprobs: true`` and ``top_logprobs``
+0..MAX_LOGPROBS, as OpenAI.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ import time
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_serializer
+
+from ..engine.sampling import MAX_LOGPROBS
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; a few more cost nothing, many would slow every token's check
 SEED_RANGE = 2**63  # torch.Generator.manual_seed takes a signed 64-bit seed
@@ -103,18 +111,15 @@ class _Sampling(_Strict):
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[Text, list[Text], list[int]]  # text, a list of one text, or token ids
-    max_tokens: Optional[int] = Field(COMPLETION_MAX_TOKENS, ge=1)  # None (null): the default too
+    # text, a list of one text, token ids, or a list of one list of token ids (lm-evaluation-harness sends those)
+    prompt: Union[Text, list[Text], list[int], list[list[int]]]
+    max_tokens: Optional[int] = Field(COMPLETION_MAX_TOKENS, ge=0)  # None (null): the default too; 0 with echo only
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
     def unsupported(self) -> Optional[tuple]:
-        if self.echo:
-            return "echo", "echo is not supported"
-        if self.logprobs is not None:
-            return "logprobs", "logprobs are not supported"
         if self.best_of not in (None, 1):
             return "best_of", f"only best_of=1 is supported, got {self.best_of}"
         if self.suffix:
@@ -142,13 +147,11 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(None, ge=1)  # None: the rest of the context
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name; wins over max_tokens
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
     def unsupported(self) -> Optional[tuple]:
-        if self.logprobs:
-            return "logprobs", "logprobs are not supported"
-        if self.top_logprobs:
-            return "top_logprobs", "top_logprobs are not supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
         return super().unsupported()
 
 
@@ -175,15 +178,28 @@ class _Response(BaseModel):
 
 
 class _Choice(BaseModel):
-    """What every kind of choice has: its index (0..n-1), no logprobs, and why it ended (None until then)."""
+    """What every kind of choice has: its index (0..n-1), its logprobs (None unless asked for), and why it ended
+    (None until then)."""
 
     index: int = 0
     logprobs: None = None
     finish_reason: FinishReason = None
 
 
+class CompletionLogprobs(BaseModel):
+    """/v1/completions' logprobs of a choice's tokens (the prompt's first, with echo): each token's text, its
+    logprob (None for the prompt's first token: nothing predicts it), the most likely tokens with theirs (the token
+    itself among them), and where the token's text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
 class CompletionChoice(_Choice):
     text: str
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class CompletionResponse(_Response):
@@ -199,8 +215,23 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the token's text as UTF-8
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]  # the top_logprobs most likely tokens, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(_Choice):
     message: AssistantMessage
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionResponse(_Response):
@@ -222,6 +253,7 @@ class ChatDelta(BaseModel):
 
 class ChatChunkChoice(_Choice):
     delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletionChunk(_Response):

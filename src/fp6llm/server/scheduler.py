@@ -43,10 +43,11 @@ SHUTTING_DOWN = "the server is shutting down"
 class Job:
     """One request on its way through the engine loop, seen from both threads.
 
-    ``outputs`` (read on the event loop) receives (text, finish_reason, tokens generated so far) for each token
-    that adds text, or for every token with ``every_token``; finish_reason is None until the last one: "stop" (EOS or
-    a stop string), "length" (max_tokens), or "abort" (cancelled, shut down, or an engine error, then ``error`` says
-    which).
+    ``outputs`` (read on the event loop) receives (text, finish_reason, tokens generated so far, logprobs) for each
+    token that adds text, or for every token with ``every_token``; finish_reason is None until the last one: "stop"
+    (EOS or a stop string), "length" (max_tokens), or "abort" (cancelled, shut down, or an engine error, then
+    ``error`` says which). logprobs: the TokenLogprob of each token since the last output (with
+    ``request.sampling.logprobs``; empty otherwise).
     """
 
     id: str
@@ -59,6 +60,7 @@ class Job:
     finished_at: Optional[float] = None
     finish_reason: Optional[str] = None
     error: Optional[str] = None
+    logprobs: list = field(default_factory=list)  # of the tokens not handed to the event loop yet
 
     @property
     def prompt_tokens(self) -> int:
@@ -73,9 +75,11 @@ class Job:
         return None if self.first_token_at is None else self.first_token_at - self.arrived
 
     def emit(self, text: str, finish_reason: Optional[str] = None) -> None:
-        """Hand text to the event loop (from the engine thread)."""
+        """Hand text, and the logprobs gathered since the last time, to the event loop (from the engine thread)."""
+        logprobs, self.logprobs = self.logprobs, []
         try:
-            self.loop.call_soon_threadsafe(self.outputs.put_nowait, (text, finish_reason, self.completion_tokens))
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait,
+                                           (text, finish_reason, self.completion_tokens, logprobs))
         except RuntimeError:  # the event loop has closed: nobody is listening any more
             pass
 
@@ -220,6 +224,7 @@ class Scheduler:
         """An Event's text to the job; a finished job leaves."""
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
+        job.logprobs += event.logprobs
         if event.finish_reason is not None:
             self._finish(job, event.finish_reason, text=event.text)
         elif event.text or job.every_token:
