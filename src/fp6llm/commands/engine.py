@@ -48,12 +48,13 @@ def _source(args):
     return ModelSource.random(args.random) if args.random else ModelSource.parse(args.model)  # None: default
 
 
-def _format_list(text: str) -> list:
-    from ..engine.load import check_format
-    names = [check_format(name.strip()) for name in text.split(",") if name.strip()]
+def _format_list(text: str, group_size, device) -> list:
+    """The WeightFormats of a comma-separated --formats (group_size: the quantized ones'), before any work."""
+    from ..formats import WeightFormat
+    names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise ValueError(f"no formats in {text!r}")
-    return names
+    return WeightFormat.parse_list(names, group_size, device)
 
 
 def _int_list(text: str, what: str) -> list:
@@ -126,7 +127,7 @@ def _generate_on(args, tp, device) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     source = _source(args)
-    fmt, group_size = source.weight_format(args.format, args.group_size)
+    weight_format = source.weight_format(args.format, args.group_size, device=device)
     config = source.config()
     tokenizer = source.tokenizer(config)
     # The cache holds what the longest prompt needs: every prompt is checked before the model loads.
@@ -136,7 +137,7 @@ def _generate_on(args, tp, device) -> None:
                      f"prompt {i}" if len(prompts) > 1 else "the prompt")
     seq_len = max(lengths) + args.max_new_tokens
     batch = min(args.batch_size, len(prompts))
-    check_fits(config, fmt, group_size, device, None, batch, seq_len, tp)
+    check_fits(config, weight_format, device, batch, seq_len, tp)
     rank0 = tp is None or tp.rank == 0
     say = print if rank0 else _quiet
     # Every rank must sample the same tokens: one seed for all of them.
@@ -144,7 +145,7 @@ def _generate_on(args, tp, device) -> None:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=seed)
     try:
-        engine = Engine(source.load_model(fmt, group_size, device, progress=rank0, tp=tp), tokenizer, batch,
+        engine = Engine(source.load_model(weight_format, device, progress=rank0, tp=tp), tokenizer, batch,
                         seq_len, cuda_graph=not args.no_cuda_graph)
         if len(prompts) == 1:
             say(printable(prompts[0]), end="", flush=True)
@@ -214,7 +215,7 @@ def _bench(args) -> None:
     from ..tp import process_group
 
     device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-    formats = _format_list(args.formats)
+    formats = _format_list(args.formats, args.group_size, device_type)
     batches = _int_list(args.batch or BENCH_BATCHES[device_type], "--batch")
     source = _source(args)
     prompt_len, gen_len = bench_lengths(args.prompt_len, args.gen_len, device_type,
@@ -248,7 +249,7 @@ def _eval(args) -> None:
     at_least("--ctx", args.ctx, 2)
     at_least("--max-tokens", args.max_tokens, 2)
     at_least("--batch-size", args.batch_size, 1)
-    formats = _format_list(args.formats)
+    formats = _format_list(args.formats, args.group_size, args.device)
     text = read_text_file(args.text, "--text")
     from ..engine import perplexity
 

@@ -124,7 +124,7 @@ def job_error(job: Job, watcher: asyncio.Task) -> ApiError:
     return ApiError(500, job.error or "the request was aborted", type="server_error")
 
 
-async def stream_events(jobs: list, fmt: CompletionFormat, include_usage: bool, every_token: bool,
+async def stream_events(jobs: list, answer: CompletionFormat, include_usage: bool, every_token: bool,
                         scheduler: Scheduler, watcher: asyncio.Task, count):
     """Server-sent events of a request's jobs: chunks as the text comes, each naming its choice (every_token: a
     chunk per token, with that choice's usage so far), the usage chunk if asked for, then [DONE]. A job that aborts
@@ -132,7 +132,7 @@ async def stream_events(jobs: list, fmt: CompletionFormat, include_usage: bool, 
     status = CLIENT_GONE
     try:
         for index in range(len(jobs)):
-            for chunk in fmt.first_chunks(index):
+            for chunk in answer.first_chunks(index):
                 yield sse(chunk)
         async with aclosing(merged_outputs(jobs)) as outputs:
             async for index, (text, reason, tokens) in outputs:
@@ -145,12 +145,12 @@ async def stream_events(jobs: list, fmt: CompletionFormat, include_usage: bool, 
                         yield f"data: {json.dumps(error.body())}\n\n"
                     break
                 if text or (every_token and reason is None):
-                    yield sse(fmt.chunk(text, usage=usage, index=index))
+                    yield sse(answer.chunk(text, usage=usage, index=index))
                 if reason is not None:
-                    yield sse(fmt.chunk("", reason, usage, index))
+                    yield sse(answer.chunk("", reason, usage, index))
             else:
                 if include_usage:
-                    yield sse(fmt.usage_chunk(total_usage(jobs)))
+                    yield sse(answer.usage_chunk(total_usage(jobs)))
                 status = 200
         yield SSE_DONE
     finally:  # also when the stream is closed early (the client left) or cancelled (shutdown)

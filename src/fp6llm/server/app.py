@@ -170,7 +170,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_seq_len - len(ids))
         return await generate(request, body, ids, max_tokens, ChatFormat(model_name))
 
-    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: CompletionFormat):
+    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, answer: CompletionFormat):
         """Run the request as ``body.n`` jobs (choice i samples with seed + i when a seed is given)."""
         stops = body.stop_strings()
         try:
@@ -183,25 +183,25 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
                     engine_request.stop_ids = frozenset()
                 engine_requests.append(engine_request)
         except ValueError as err:
-            param = "max_tokens" if 0 < len(prompt_ids) < engine.max_seq_len else fmt.prompt_field
+            param = "max_tokens" if 0 < len(prompt_ids) < engine.max_seq_len else answer.prompt_field
             raise ApiError(400, str(err).replace("max_new_tokens", "max_tokens"), param=param) from None
         options = body.stream_options
         every_token = bool(body.stream and options and options.continuous_usage_stats)
         jobs = []
         try:
             for engine_request in engine_requests:
-                jobs.append(scheduler.submit(engine_request, stops, fmt.id_prefix, every_token))
+                jobs.append(scheduler.submit(engine_request, stops, answer.id_prefix, every_token))
         except (QueueFull, ShuttingDown) as err:
             for job in jobs:  # all the choices or none
                 scheduler.cancel(job)
             if isinstance(err, QueueFull):
                 raise ApiError(503, str(err), type="server_error", code="queue_full", headers={"Retry-After": "1"})
             raise ApiError(503, str(err), type="server_error", code="shutting_down")
-        fmt.id = jobs[0].id
+        answer.id = jobs[0].id
         watcher = asyncio.create_task(cancel_on_disconnect(request, scheduler, jobs))
         if body.stream:
-            events = stream_events(jobs, fmt, bool(options and options.include_usage), every_token, scheduler, watcher,
-                                   lambda status: count(request, status))
+            events = stream_events(jobs, answer, bool(options and options.include_usage), every_token, scheduler,
+                                   watcher, lambda status: count(request, status))
             return StreamingResponse(events,
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
@@ -212,7 +212,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         if aborted is not None:
             raise job_error(aborted, watcher)
         count(request, 200)
-        return JSONResponse(fmt.response(results, total_usage(jobs)).model_dump())
+        return JSONResponse(answer.response(results, total_usage(jobs)).model_dump())
 
     return app
 
