@@ -14,7 +14,7 @@ import torch
 import fp6llm
 from fp6llm.cli import main
 from fp6llm.engine import ByteTokenizer, Engine, Request, SamplingParams, TextStream, sample
-from fp6llm.engine.bench import model_bytes
+from fp6llm.evals.throughput import model_bytes
 from fp6llm.engine.load import DoesNotFit, ModelSource, kv_cache_bytes, require_memory, weight_bytes
 from fp6llm.engine.sampling import filter_logits
 from fp6llm.models import ModelConfig, build_random

@@ -211,7 +211,7 @@ def _bench(args) -> None:
     check_output_dir(args.out, "--out")
     import torch
 
-    from ..engine import bench
+    from ..evals import throughput
     from ..tp import process_group
 
     device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
@@ -221,13 +221,13 @@ def _bench(args) -> None:
     prompt_len, gen_len = bench_lengths(args.prompt_len, args.gen_len, device_type,
                                         source.config().max_position_embeddings)
     with process_group(args.tp, args.device) as (tp, device):
-        result = bench.run_bench(source, formats, batches, prompt_len, gen_len, device, args.group_size,
+        result = throughput.run_bench(source, formats, batches, prompt_len, gen_len, device, args.group_size,
                                  cuda_graph=not args.no_cuda_graph, compile=args.compile,
                                  progress=tp is None or tp.rank == 0, tp=tp)
     if tp is not None and tp.rank != 0:
         return
-    print(bench.format_table(result))
-    for path in bench.write_results(result, args.out):
+    print(throughput.format_table(result))
+    for path in throughput.write_results(result, args.out):
         print(f"wrote {path}")
 
 
@@ -251,7 +251,7 @@ def _eval(args) -> None:
     at_least("--batch-size", args.batch_size, 1)
     formats = _format_list(args.formats, args.group_size, args.device)
     text = read_text_file(args.text, "--text")
-    from ..engine import perplexity
+    from ..evals import perplexity
 
     result = perplexity.run_eval(_source(args), formats, text, args.ctx, args.max_tokens, args.device,
                                  args.group_size, args.batch_size)

@@ -68,13 +68,13 @@ def _quantize(args) -> None:
 
 def _repack(source, weight_format, out_dir, args, dtype) -> dict:
     """A packed checkpoint (the embedded model, say) in another format (a WeightFormat): its de-quantized weights,
-    re-quantized (engine.bench.load_as); what stays unquantized is stored in dtype (default float16)."""
+    re-quantized (evals.throughput.load_as); what stays unquantized is stored in dtype (default float16)."""
     import time
     from dataclasses import replace
 
     import torch
 
-    from ..engine.bench import load_as
+    from ..evals.throughput import load_as
     from ..models.checkpoint import save_packed
     from ..models.loader import SafetensorsCheckpoint
 

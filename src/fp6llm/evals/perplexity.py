@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..formats import WeightFormat, resolve_device
-from .bench import free_memory, load_as, measured_as, model_bytes, row_label
-from .runner import drop_caches
-from .load import GB, ModelSource, check_fits
+from ..engine.load import GB, ModelSource, check_fits
+from ..engine.runner import drop_caches
+from .throughput import free_memory, load_as, measured_as, model_bytes, row_label
 
 REFERENCE = "fp16"
 

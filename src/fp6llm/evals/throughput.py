@@ -12,8 +12,6 @@ import datetime
 import gc
 import json
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -26,10 +24,11 @@ from ..formats import WeightFormat, resolve_device
 from ..nn import FPxLinear
 from ..quantize import quantize_weight
 from ..tp import TensorParallel
-from .generate import Engine, Request, Stats
-from .runner import drop_caches, synchronize
-from .load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, require_memory
-from .sampling import SamplingParams
+from ..engine.generate import Engine, Request, Stats
+from ..engine.runner import drop_caches
+from ..engine.load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, require_memory
+from ..engine.sampling import SamplingParams
+from .timing import copy_bandwidth, device_name
 
 WARMUP_STEPS = 3
 
@@ -91,27 +90,6 @@ class BenchRow:
     peak_gb: Optional[float] = None
     floor_fraction: Optional[float] = None
     note: str = ""
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of ``repeats`` copies."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    del src, dst
-    free_memory(device)
-    return 2 * nbytes / statistics.median(times)
 
 
 def free_memory(device: torch.device) -> None:
@@ -286,19 +264,20 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: dict, out_dir) -> tuple:
-    """bench results as e2e-<device>-<date>.md and .json in out_dir, or e2e-<device>-<date>-2.md/.json (3, ...)
-    when that day's files exist: an earlier run is never overwritten. Returns both paths."""
+def write_results(result: dict, out_dir, kind: str = "e2e", table=format_table) -> tuple:
+    """A benchmark's result as <kind>-<device>-<date>.md (``table(result)``) and .json in out_dir, or
+    <kind>-<device>-<date>-2.md/.json (3, ...) when that day's files exist: an earlier run is never overwritten.
+    result["setup"] names the device and date. Returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = "".join(c if c.isalnum() else "-" for c in result["setup"]["device"].lower()).strip("-")
-    name, run = f"e2e-{device}-{result['setup']['date']}", 1
+    device = "-".join("".join(c if c.isalnum() else " " for c in result["setup"]["device"].lower()).split())
+    name, run = f"{kind}-{device}-{result['setup']['date']}", 1
     while True:
         stem = out_dir / (name if run == 1 else f"{name}-{run}")
         md, js = Path(f"{stem}.md"), Path(f"{stem}.json")
         if not md.exists() and not js.exists():
             break
         run += 1
-    md.write_text(format_table(result) + "\n")
+    md.write_text(table(result) + "\n")
     js.write_text(json.dumps(result, indent=1) + "\n")
     return md, js
