@@ -346,8 +346,9 @@ def test_weight_format_parses_names_once_and_passes_its_value_through():
     assert (fp6.quantized, fp6.dtype, fp6.group_size, fp6.name) == (FPFormat(3, 2), torch.float32, 64, "e3m2")
     assert WeightFormat.parse(fp6) is fp6 and WeightFormat.parse(fp6, group_size=64) is fp6
     assert WeightFormat.parse(None, torch.bfloat16) == WeightFormat(FPFormat(3, 2), torch.bfloat16)  # the default
-    assert WeightFormat.parse("bf16") == WeightFormat(None, torch.bfloat16) == WeightFormat.float_weights(torch.bfloat16)
-    assert WeightFormat.parse("fp16").name == "fp16" and WeightFormat.parse("e2m1", device="cuda").dtype == torch.float16
+    bf16 = WeightFormat.parse("bf16")
+    assert bf16 == WeightFormat(None, torch.bfloat16) == WeightFormat.float_weights(torch.bfloat16)
+    assert bf16.name == "bf16" and WeightFormat.parse("e2m1", device="cuda").dtype == torch.float16
     with pytest.raises(ValueError, match="unknown format 'fp7'.*or fp16 / bf16 / fp32 for unquantized weights"):
         WeightFormat.parse("fp7")
     with pytest.raises(ValueError, match="format 'fp16' keeps torch.float16 weights but dtype=torch.float32"):

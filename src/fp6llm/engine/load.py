@@ -16,12 +16,13 @@ from torch import nn
 
 from ..formats import WeightFormat, resolve_device
 from ..models import NAMED_CONFIGS, ModelConfig, build_random, load_hf
+from ..models.checkpoint import TOKENIZER_FILES
 from ..models.loader import PACKED_META, SKIP, build_model, packed_format, read_hf_config, read_packed_meta
 from ..packing import padded_k, padded_n
 from ..tp import TensorParallel, apply_tensor_parallel, local_config
 from ..models.attention import BLOCK_SIZE
 from .generate import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_MAX_SEQ_LEN, Engine, default_num_blocks
-from .tokenizer import TOKENIZER_FILES, ByteTokenizer, load_tokenizer
+from .tokenizer import ByteTokenizer, load_tokenizer
 
 RANDOM_PREFIX = "random:"
 # The embedded default model: a small Llama trained on the stdlib's source, pre-packed in FP6 (data/*/README.md).
@@ -43,10 +44,12 @@ class ModelSource:
     random_name: Optional[str] = None
 
     @classmethod
-    def parse(cls, path_or_random: Union[str, Path, None] = None) -> "ModelSource":
-        """"random:NAME", a directory, or None for the embedded default model (DEFAULT_MODEL). Raises ValueError
-        for an unknown NAME (listing the names), FileNotFoundError / NotADirectoryError for a path that is not a
-        directory."""
+    def parse(cls, path_or_random: Union[str, Path, "ModelSource", None] = None) -> "ModelSource":
+        """"random:NAME", a directory, or None for the embedded default model (DEFAULT_MODEL); a ModelSource comes
+        back as it is. Raises ValueError for an unknown NAME (listing the names), FileNotFoundError /
+        NotADirectoryError for a path that is not a directory."""
+        if isinstance(path_or_random, ModelSource):
+            return path_or_random
         text = str(DEFAULT_MODEL if path_or_random is None else path_or_random)
         if text.startswith(RANDOM_PREFIX):
             return cls.random(text[len(RANDOM_PREFIX):])
@@ -168,11 +171,12 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
     """A ready Engine (``.generate(prompts, ...)``) for a model directory or "random:NAME".
 
     path_or_random: a Hugging Face checkpoint directory (quantized while loading), an fp6llm packed checkpoint
-    (fp6llm.json), or "random:NAME" with NAME in fp6llm.models.NAMED_CONFIGS (random weights, byte tokenizer).
-    fmt: "e3m2" (FP6, the default; a packed checkpoint's own format), any eXmY, or "fp16" / "bf16" / "fp32" for
-    unquantized weights. device: default CUDA when available. dtype: activations, default float16 on CUDA and
-    float32 elsewhere; a torch.dtype or its name. max_batch_size: sequences running at most; max_seq_len: positions
-    of one (default min(max_position_embeddings, 2048)). The paged KV cache holds max_batch_size x max_seq_len
+    (fp6llm.json), "random:NAME" with NAME in fp6llm.models.NAMED_CONFIGS (random weights, byte tokenizer), or a
+    ModelSource. fmt: "e3m2" (FP6, the default; a packed checkpoint's own format), any eXmY, or "fp16" / "bf16" /
+    "fp32" for unquantized weights; or a WeightFormat (then without group_size / dtype). device: default CUDA when
+    available. dtype: activations, default float16 on CUDA and float32 elsewhere; a torch.dtype or its name.
+    max_batch_size: sequences running at most; max_seq_len: positions of one (default min(max_position_embeddings,
+    2048)). The paged KV cache holds max_batch_size x max_seq_len
     positions, on CUDA at most what gpu_memory_utilization of the GPU's memory leaves after the weights (requests
     are admitted by free blocks). tp: this process's tensor-parallel rank (fp6llm.tp.process_group): the
     engine runs that rank's slice of the model, and every rank must make the same engine calls (engine.mirror).

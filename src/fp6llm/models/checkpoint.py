@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,7 +18,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
 from ..formats import FPFormat, WeightFormat, resolve_device
 from ..nn import FPxLinear
 from ..packing import LAYOUT_VERSION
@@ -26,9 +26,13 @@ from .loader import (INDEX_FILE, PACKED_META, SINGLE_FILE, HFSource, Safetensors
                      read_hf_config, stream_modules)
 
 MAX_SHARD_BYTES = 2 * 10**9
+# The files a checkpoint's tokenizer may consist of (what transformers' AutoTokenizer reads): a packed checkpoint
+# gets copies of those its source has, and a directory with none of them has no tokenizer (engine.load_tokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json", "config.json")
+                   "chat_template.json")
+# Copied with them: the EOS ids (generation_config.json) and the model type AutoTokenizer may look up (config.json).
+COPIED_FILES = TOKENIZER_FILES + ("generation_config.json", "config.json")
 
 
 class ShardWriter:
@@ -76,16 +80,25 @@ class ShardWriter:
 
 def copy_tokenizer_files(src_dir: Union[str, Path], out_dir: Union[str, Path]) -> list[str]:
     """Copy the tokenizer / generation / config files that exist in src_dir; returns their names."""
-    copied = [name for name in TOKENIZER_FILES if (Path(src_dir) / name).is_file()]
+    copied = [name for name in COPIED_FILES if (Path(src_dir) / name).is_file()]
     for name in copied:
         shutil.copy2(Path(src_dir) / name, Path(out_dir) / name)
     return copied
 
 
+def package_version() -> Optional[str]:
+    """fp6llm's version from its installed package metadata; None (fp6llm.json says null, not a guess) when there is
+    none, as in a source tree that was never installed."""
+    try:
+        return metadata.version("fp6llm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _write_meta(out_dir: Path, format_name: str, group_size: Optional[int], config: ModelConfig, source,
                 plan: Optional[dict] = None) -> None:
     meta = {"format": format_name, "group_size": group_size, "layout_version": LAYOUT_VERSION,
-            "source": None if source is None else str(source), "fp6llm_version": __version__,
+            "source": None if source is None else str(source), "fp6llm_version": package_version(),
             "config": config.to_dict()}
     if plan:  # per-layer formats (fp6llm.evals.plan); format / group_size are then the other layers' (none)
         meta["plan"] = plan

@@ -453,9 +453,6 @@ def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, WeightFormat,
         checkpoint.close()
 
 
-load_model = load_hf  # the one entry point for any model directory
-
-
 def read_packed_meta(model_dir: Union[str, Path]) -> dict:
     """fp6llm.json of a packed checkpoint, checked against its tensors (config sizes, planes: fp6llm.models.trust);
     ValueError if its layout version is not one this fp6llm reads (version 1 checkpoints are repacked to version 2

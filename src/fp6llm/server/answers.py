@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from .protocol import (ApiError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                        ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionResponse, Usage)
-from .scheduler import SHUTTING_DOWN, Job, Scheduler
+from .scheduler import AbortReason, Job, Scheduler
 
 SSE_DONE = "data: [DONE]\n\n"
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection (metrics only)
@@ -119,7 +119,7 @@ def job_error(job: Job, watcher: asyncio.Task) -> ApiError:
     """The error of an aborted job: the client left (499, for the metrics), shutdown (503), engine failure (500)."""
     if watcher.done() and not watcher.cancelled():
         return ApiError(CLIENT_GONE, "the client closed the connection", code="client_closed_request")
-    if job.error == SHUTTING_DOWN:
+    if job.abort_reason is AbortReason.SHUTDOWN:
         return ApiError(503, job.error, type="server_error", code="shutting_down")
     return ApiError(500, job.error or "the request was aborted", type="server_error")
 
