@@ -2,7 +2,7 @@
 
     python bench/kernel.py [--shapes all|70b|13b] [--ms 1,2,4,...] [--formats e3m2,...] [--dtypes fp16,bf16]
 
-Every case is checked against the PyTorch reference before it is timed. Times come from bench/timing.py (CUDA
+Every case is checked against the PyTorch reference before it is timed. Times come from fp6llm/evals/timing.py (CUDA
 graphs over rotating copies); the bandwidth floor is bytes moved (weights + scales + x + out) over the
 device-to-device copy bandwidth measured in the same run. Writes bench/results/kernel-<device>-<date>.{md,json}.
 """
@@ -13,19 +13,16 @@ import argparse
 import datetime
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import copies_needed, copy_bandwidth, describe_device, read_bandwidth, time_calls  # noqa: E402
-
-from fp6llm.formats import FPFormat  # noqa: E402
-from fp6llm.kernels.dispatch import choose_config, device_key  # noqa: E402
-from fp6llm.kernels.fpx_gemm import fpx_gemm  # noqa: E402
-from fp6llm.packing import pack  # noqa: E402
-from fp6llm.quantize import QuantizedWeight  # noqa: E402
+from fp6llm.evals.timing import copies_needed, copy_bandwidth, describe_device, read_bandwidth, time_calls
+from fp6llm.formats import FPFormat
+from fp6llm.kernels.dispatch import choose_config, device_key
+from fp6llm.kernels.fpx_gemm import fpx_gemm
+from fp6llm.packing import pack
+from fp6llm.quantize import QuantizedWeight
 
 SHAPES = {  # name: (N out, K in)
     "70b-qkv": (10240, 8192), "70b-o": (8192, 8192), "70b-up": (57344, 8192), "70b-down": (8192, 28672),

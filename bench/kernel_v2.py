@@ -3,7 +3,7 @@ the float reference, then times at M <= 16 against cuBLAS FP16/BF16 on the LLaMA
 
     python bench/kernel_v2.py [--ms 1,2,4,8,16] [--quick] [--out DIR]
 
-Times: bench/timing.py (CUDA graphs of >= 16 back-to-back calls over rotating operand copies, median of replays).
+Times: fp6llm/evals/timing.py (CUDA graphs of >= 16 back-to-back calls over rotating operand copies, median of replays).
 floor = (weight + scale + x + out bytes) / the faster of the copy and read bandwidths measured in this run / time.
 Writes kernel-v2-<device>-<date>.json (and .md) to --out.
 """
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from kernel import SHAPES, dense_calls, geomean, random_weight, rotating_calls  # noqa: E402
-from timing import copy_bandwidth, describe_device, read_bandwidth, time_calls  # noqa: E402
+from fp6llm.evals.timing import copy_bandwidth, describe_device, read_bandwidth, time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
 from fp6llm.kernels import fpx_cuda  # noqa: E402

@@ -24,9 +24,7 @@ import argparse
 import datetime
 import http.client
 import json
-import platform
 import random
-import re
 import signal
 import socket
 import statistics
@@ -39,6 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from fp6llm.evals.throughput import write_results
+from fp6llm.evals.timing import device_name
 
 STARTUP_S = 1800  # building and quantizing a random 70B takes minutes
 TOKEN_IDS = range(3, 259)  # the byte tokenizer's bytes; valid ids of every real vocabulary too
@@ -199,11 +200,6 @@ def summarize(fmt: str, clients: int, timings: list, seconds: float) -> Row:
 
 # ---- the run --------------------------------------------------------------------------------------------------------
 
-def device_name(device) -> str:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
-
-
 def bench_format(args, fmt: str, log_dir: Path) -> list:
     clients = args.clients
     server_args = ["--format", fmt]
@@ -256,17 +252,6 @@ def format_table(result: dict) -> str:
              TABLE_HEADER]
     lines += [format_row(Row(**row)) for row in result["rows"]]
     return "\n".join(lines)
-
-
-def write_results(result: dict, out_dir: Path) -> tuple:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = "".join(c if c.isalnum() else "-" for c in result["setup"]["device"].lower()).strip("-")
-    device = re.sub("-+", "-", device)
-    stem = out_dir / f"serve-{device}-{result['setup']['date']}"
-    md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
-    md.write_text(format_table(result) + "\n")
-    js.write_text(json.dumps(result, indent=1) + "\n")
-    return md, js
 
 
 def git_commit() -> str:
@@ -336,7 +321,7 @@ def main() -> None:
         for fmt in formats:
             result["rows"] += [asdict(row) for row in bench_format(args, fmt, Path(log_dir))]
     print(format_table(result))
-    for path in write_results(result, args.out):
+    for path in write_results(result, args.out, "serve", format_table):
         print(f"wrote {path}")
 
 

@@ -2,7 +2,7 @@
 
     python bench/tune.py [--shapes all] [--ms 1,2,...] [--out DIR]
 
-For each LLaMA layer shape and each M bucket it times every candidate configuration (bench/timing.py, fewer
+For each LLaMA layer shape and each M bucket it times every candidate configuration (fp6llm/evals/timing.py, fewer
 replays than bench/kernel.py) on e3m2 / fp16 and keeps the fastest. It also prints, per compiled variant, the
 registers, spills and whether the PTX uses wgmma (Hopper's warpgroup MMA) or mma.sync.
 """
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel import MS, SHAPES, check, dense_calls, fpx_calls, random_weight  # noqa: E402
-from timing import time_calls  # noqa: E402
+from fp6llm.evals.timing import time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
 from fp6llm.kernels import fpx_gemm as gemm_module  # noqa: E402

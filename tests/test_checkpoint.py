@@ -53,6 +53,22 @@ def test_save_load_is_bit_identical(hf_dir, tmp_path, fmt, group_size, gen):
     assert torch.equal(logits(model, tokens), logits(loaded, tokens))
 
 
+def test_the_recorded_version_is_the_installed_packages_or_null_from_a_source_tree(monkeypatch, tmp_path):
+    from importlib import metadata
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    model = build_random("tiny-llama", "e3m2", "cpu", progress=False)
+    save_packed(model, tmp_path / "installed")
+    installed = metadata.version("fp6llm")
+    assert json.loads((tmp_path / "installed" / "fp6llm.json").read_text())["fp6llm_version"] == installed
+    monkeypatch.setattr(metadata, "version", not_installed)
+    save_packed(model, tmp_path / "source-tree")
+    assert json.loads((tmp_path / "source-tree" / "fp6llm.json").read_text())["fp6llm_version"] is None
+    assert load_packed(tmp_path / "source-tree", device="cpu", progress=False) is not None  # null is readable
+
+
 def test_quantize_checkpoint_streams_the_same_weights(hf_dir, tmp_path):
     summary = quantize_checkpoint(hf_dir, tmp_path, "e3m2", device="cpu", progress=False, dtype=torch.float32)
     assert summary["bytes_out"] < summary["bytes_in"]

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from fp6llm.cli import build_parser, main
 from fp6llm.commands.engine import BENCH_LENGTHS, bench_lengths
-from fp6llm.engine import bench
+from fp6llm.evals import throughput as bench
 from fp6llm.engine.load import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,8 @@ def test_eval_and_bench_work_on_the_embedded_packed_model(tmp_path):
 
 
 def test_derived_formats_of_a_packed_checkpoint(tmp_path):
-    from fp6llm.engine import ModelSource, perplexity
+    from fp6llm.engine import ModelSource
+    from fp6llm.evals import perplexity
     from fp6llm.models import build_random, save_packed
     from fp6llm.nn import FPxLinear
 
@@ -240,3 +241,11 @@ def test_bench_results_never_overwrite_and_small_models_show_their_size(tmp_path
     assert "| e3m2 | 1 | 100 | 10.0 | 100.00 | 0.0162 | - | 0.0233 |" in bench.format_table(result)
     assert bench.row_line(row) == ("e3m2 batch 1: prefill 100 tok/s, decode 10.0 tok/s (100.00 ms/step, 0.02 of the "
                                    "floor)")
+
+
+def test_other_benchmarks_write_their_results_the_same_way(tmp_path):
+    """bench/serve.py's tables: their own kind and table, the same device naming and never-overwrite rule."""
+    result = {"setup": {"date": "2026-12-01", "device": "NVIDIA H200 (x)"}, "rows": []}
+    paths = [bench.write_results(result, tmp_path, "serve", lambda r: f"# {r['setup']['device']}") for _ in range(2)]
+    assert [p.name for p, _ in paths] == ["serve-nvidia-h200-x-2026-12-01.md", "serve-nvidia-h200-x-2026-12-01-2.md"]
+    assert paths[0][0].read_text() == "# NVIDIA H200 (x)\n" and json.loads(paths[1][1].read_text()) == result

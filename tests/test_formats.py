@@ -11,7 +11,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fp6llm.formats import FPFormat, code_value, decode, encode
+from fp6llm.formats import FPFormat, WeightFormat, code_value, decode, encode
 
 MAIN_FORMATS = ["e3m2", "e2m3", "e2m2", "e3m1", "e2m1"]
 # Every format the library accepts: e >= 1, m >= 0, 2 <= 1 + e + m <= 8.
@@ -337,3 +337,32 @@ def test_encode_matches_nearest_value_hypothesis(fmt, data, scale_exponent):
     bf16 = x.to(torch.bfloat16)
     bf16 = bf16[torch.isfinite(bf16)]
     assert_codes_equal(encode(bf16, fmt), nearest_codes(bf16, fmt), bf16, fmt)
+
+
+# ---- WeightFormat: the weights' storage, parsed once ----------------------------------------------------------------
+
+def test_weight_format_parses_names_once_and_passes_its_value_through():
+    fp6 = WeightFormat.parse("FP6", device="cpu", group_size=64)
+    assert (fp6.quantized, fp6.dtype, fp6.group_size, fp6.name) == (FPFormat(3, 2), torch.float32, 64, "e3m2")
+    assert WeightFormat.parse(fp6) is fp6 and WeightFormat.parse(fp6, group_size=64) is fp6
+    assert WeightFormat.parse(None, torch.bfloat16) == WeightFormat(FPFormat(3, 2), torch.bfloat16)  # the default
+    bf16 = WeightFormat.parse("bf16")
+    assert bf16 == WeightFormat(None, torch.bfloat16) == WeightFormat.float_weights(torch.bfloat16)
+    assert bf16.name == "bf16" and WeightFormat.parse("e2m1", device="cuda").dtype == torch.float16
+    with pytest.raises(ValueError, match="unknown format 'fp7'.*or fp16 / bf16 / fp32 for unquantized weights"):
+        WeightFormat.parse("fp7")
+    with pytest.raises(ValueError, match="format 'fp16' keeps torch.float16 weights but dtype=torch.float32"):
+        WeightFormat.parse("fp16", torch.float32)
+    with pytest.raises(ValueError, match="group_size=32 needs a quantized format, not 'fp32'"):
+        WeightFormat.parse("fp32", group_size=32)
+    with pytest.raises(ValueError, match="e3m2 weights are torch.float32 with group_size=64, not dtype=None, "
+                                         "group_size=32"):
+        WeightFormat.parse(fp6, group_size=32)
+    with pytest.raises(ValueError, match="float weights are float16, bfloat16 or float32, not torch.float64"):
+        WeightFormat.float_weights(torch.float64)
+
+
+def test_weight_format_list_gives_the_group_size_to_the_quantized_formats_only():
+    fp16, fp5 = WeightFormat.parse_list(["fp16", " fp5 "], 32, "cpu")
+    assert fp16 == WeightFormat(None, torch.float16) and fp5 == WeightFormat(FPFormat(2, 2), torch.float32, 32)
+    assert WeightFormat.parse_list([fp16, fp5], 32, "cpu") == [fp16, fp5]  # parsed values stay as they are

@@ -183,7 +183,7 @@ def random_text(gen, length: int) -> str:
 
 def nll(model, rows: list) -> float:
     """fp6llm's own perplexity code: summed negative log-likelihood of equal-length windows, each from its start."""
-    from fp6llm.engine.perplexity import score
+    from fp6llm.evals.perplexity import score
     return score(model, torch.tensor(rows))[0]
 
 
@@ -227,7 +227,7 @@ def test_lm_eval_generate_until_is_the_engines_greedy_text_cut_at_stop(lm, gen):
 
 
 def test_lm_eval_is_greedy_says_whether_each_token_is_the_argmax(lm, gen):
-    from fp6llm.engine.perplexity import score
+    from fp6llm.evals.perplexity import score
     context = lm.tok_encode(random_text(gen, 8))
     ids = list(context)
     for _ in range(5):  # greedy decoding by full forwards: the argmax after ids (a dummy last token is not read)

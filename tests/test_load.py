@@ -11,8 +11,8 @@ import torch
 
 import fp6llm
 from fp6llm.engine import ByteTokenizer, Engine
-from fp6llm.engine.bench import model_bytes
 from fp6llm.engine.load import DoesNotFit, ModelSource, kv_cache_bytes, require_memory, weight_bytes
+from fp6llm.evals.throughput import model_bytes
 from fp6llm.models import ModelConfig, build_random
 from fp6llm.models.checkpoint import quantize_checkpoint, save_packed
 from helpers import TINY_VOCAB as VOCAB

@@ -1,11 +1,11 @@
-"""fp6llm.quality: the Spearman helper, and FPx weights on a real sentence encoder (all-MiniLM-L6-v2)."""
+"""fp6llm.evals.embeddings: the Spearman helper, and FPx weights on a real sentence encoder (all-MiniLM-L6-v2)."""
 
 import math
 
 import pytest
 import torch
 
-from fp6llm import quality
+from fp6llm.evals import embeddings as quality
 
 # Measured 2026-11-25 (CPU, 64 sentences): e3m2 per-channel mean cosine 0.9941, e2m1 per-channel 0.9528.
 # The threshold leaves a margin of about 1.5x the measured distance from 1.

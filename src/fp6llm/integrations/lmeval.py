@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..engine import Engine, ModelSource
 from ..engine.generate import DEFAULT_MAX_SEQ_LEN, drop_caches
 from ..engine.load import DTYPES, check_fits
+from ..formats import resolve_device
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's own default for generate_until
@@ -79,16 +80,17 @@ class FP6LLM(TemplateLM):
             raise ValueError(f"batch_size must be a positive int or auto, got {batch_size!r}")
         self.batch_size = DEFAULT_BATCH_SIZE if auto else int(batch_size)
         source = ModelSource.parse(pretrained)
-        fmt, group_size = source.weight_format(format, None if group_size is None else int(group_size))
+        device = resolve_device(device)
+        weight_format = source.weight_format(format, None if group_size is None else int(group_size),
+                                             None if dtype is None else DTYPES[dtype], device)
         config = source.config()
         self.max_length = int(max_length or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN))
         if not 2 <= self.max_length <= config.max_position_embeddings:
             raise ValueError(f"max_length {self.max_length} must be in 2..{config.max_position_embeddings} (the "
                              f"model's max_position_embeddings)")
-        torch_dtype = None if dtype is None else DTYPES[dtype]
-        check_fits(config, fmt, group_size, device, torch_dtype, self.batch_size, self.max_length)
+        check_fits(config, weight_format, device, self.batch_size, self.max_length)
         self.fp6llm_tokenizer = source.tokenizer(config)
-        self.model = source.load_model(fmt, group_size, device, torch_dtype, progress=False)
+        self.model = source.load_model(weight_format, device, progress=False)
         self._device = next(p for p in self.model.parameters() if p.is_floating_point()).device
         eos = sorted(config.eos_token_ids) or sorted(self.fp6llm_tokenizer.eos_token_ids)
         if not eos:

@@ -2,7 +2,7 @@
 
 from .checkpoint import quantize_checkpoint, save_packed
 from .config import NAMED_CONFIGS, ModelConfig
-from .loader import build_model, build_random, load_hf, load_model, load_packed
+from .loader import build_model, build_random, load_hf, load_packed
 
-__all__ = ["ModelConfig", "NAMED_CONFIGS", "build_model", "build_random", "load_hf", "load_model", "load_packed",
+__all__ = ["ModelConfig", "NAMED_CONFIGS", "build_model", "build_random", "load_hf", "load_packed",
            "save_packed", "quantize_checkpoint"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Optional, Union
 
@@ -16,18 +18,21 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
-from ..formats import FPFormat
+from ..formats import FPFormat, WeightFormat, resolve_device
 from ..nn import FPxLinear
 from ..packing import LAYOUT_VERSION
 from .config import ModelConfig
-from .loader import (INDEX_FILE, PACKED_META, SINGLE_FILE, HFSource, SafetensorsCheckpoint, build_model, format_name,
-                     read_hf_config, resolve_format, stream_modules)
+from .loader import (INDEX_FILE, PACKED_META, SINGLE_FILE, HFSource, SafetensorsCheckpoint, build_model,
+                     read_hf_config, stream_modules)
 
 MAX_SHARD_BYTES = 2 * 10**9
+# The files a checkpoint's tokenizer may consist of (what transformers' AutoTokenizer reads): a packed checkpoint
+# gets copies of those its source has, and a directory with none of them has no tokenizer (engine.load_tokenizer).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json", "config.json")
+                   "chat_template.json")
+# Copied with them: the EOS ids (generation_config.json) and the model type AutoTokenizer may look up (config.json).
+COPIED_FILES = TOKENIZER_FILES + ("generation_config.json", "config.json")
 
 
 class ShardWriter:
@@ -75,16 +80,25 @@ class ShardWriter:
 
 def copy_tokenizer_files(src_dir: Union[str, Path], out_dir: Union[str, Path]) -> list[str]:
     """Copy the tokenizer / generation / config files that exist in src_dir; returns their names."""
-    copied = [name for name in TOKENIZER_FILES if (Path(src_dir) / name).is_file()]
+    copied = [name for name in COPIED_FILES if (Path(src_dir) / name).is_file()]
     for name in copied:
         shutil.copy2(Path(src_dir) / name, Path(out_dir) / name)
     return copied
 
 
-def _write_meta(out_dir: Path, fmt: str, group_size: Optional[int], config: ModelConfig, source,
+def package_version() -> Optional[str]:
+    """fp6llm's version from its installed package metadata; None (fp6llm.json says null, not a guess) when there is
+    none, as in a source tree that was never installed."""
+    try:
+        return metadata.version("fp6llm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _write_meta(out_dir: Path, format_name: str, group_size: Optional[int], config: ModelConfig, source,
                 plan: Optional[dict] = None) -> None:
-    meta = {"format": fmt, "group_size": group_size, "layout_version": LAYOUT_VERSION,
-            "source": None if source is None else str(source), "fp6llm_version": __version__,
+    meta = {"format": format_name, "group_size": group_size, "layout_version": LAYOUT_VERSION,
+            "source": None if source is None else str(source), "fp6llm_version": package_version(),
             "config": config.to_dict()}
     if plan:  # per-layer formats (fp6llm.evals.plan); format / group_size are then the other layers' (none)
         meta["plan"] = plan
@@ -98,7 +112,7 @@ def _model_format(model: nn.Module) -> tuple[str, Optional[int]]:
         raise ValueError(f"a packed checkpoint holds one format and group size; the model mixes {sorted(kinds)}")
     if kinds:
         return kinds.pop()
-    return format_name(None, model.lm_head.weight.dtype), None
+    return WeightFormat.float_weights(model.lm_head.weight.dtype).name, None
 
 
 def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, Path, None] = None,
@@ -110,7 +124,7 @@ def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fmt, group_size = _model_format(model)
+    format_name, group_size = _model_format(model)
     writer = ShardWriter(out_dir, max_shard_bytes)
     for name, tensor in model.state_dict().items():
         if not (model.config.tie_word_embeddings and name == "lm_head.weight"):
@@ -118,7 +132,7 @@ def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, 
     tensors, bytes_out, shards = writer.close()
     if source is not None:
         copy_tokenizer_files(source, out_dir)
-    _write_meta(out_dir, fmt, group_size, model.config, source)
+    _write_meta(out_dir, format_name, group_size, model.config, source)
     return {"tensors": tensors, "bytes_out": bytes_out, "shards": shards}
 
 
@@ -128,7 +142,8 @@ def _source_dtype(src_dir: Path) -> Optional[str]:
     return hf.get("torch_dtype") or hf.get("dtype")
 
 
-def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fmt: Union[str, FPFormat] = "e3m2",
+def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path],
+                        fmt: Union[str, FPFormat, WeightFormat] = "e3m2",
                         group_size: Optional[int] = None, device="cpu", max_shard_bytes: int = MAX_SHARD_BYTES,
                         progress: bool = True, dtype: Optional[torch.dtype] = None,
                         plan: Optional[dict] = None) -> dict:
@@ -150,16 +165,16 @@ def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fm
     if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
         raise ValueError(f"the output directory must differ from the source ({src_dir})")
     config = read_hf_config(src_dir)
-    fmt, weight_dtype, device = resolve_format(fmt, None, device, group_size)
-    if fmt is None:  # unquantized ("fp16" etc.): the format is the dtype
-        dtype = weight_dtype
+    weight_format = WeightFormat.parse(fmt, None, device, group_size)
+    if weight_format.quantized is None:  # unquantized ("fp16" etc.): the format is the dtype
+        dtype = weight_format.dtype
     elif dtype is None:
         dtype = torch.bfloat16 if _source_dtype(src_dir) == "bfloat16" else torch.float16
     checkpoint = SafetensorsCheckpoint(src_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, max_shard_bytes)
     try:
-        source = HFSource(checkpoint, config.arch, fmt, group_size, dtype, device)
+        source = HFSource(checkpoint, config.arch, replace(weight_format, dtype=dtype), resolve_device(device))
         source.layer_plan = plan or {}
         for name, module in stream_modules(build_model(config, "meta"), source, progress, "quantize"):
             for key, tensor in module.state_dict(prefix=f"{name}.").items():
@@ -168,7 +183,7 @@ def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path], fm
         checkpoint.close()
     tensors, bytes_out, shards = writer.close()
     copy_tokenizer_files(src_dir, out_dir)
-    name = format_name(fmt, dtype)
-    _write_meta(out_dir, name, group_size, config, src_dir.resolve(), plan)
+    _write_meta(out_dir, weight_format.name, weight_format.group_size, config, src_dir.resolve(), plan)
     return {"tensors": tensors, "bytes_in": checkpoint.bytes_read, "bytes_out": bytes_out, "shards": shards,
-            "seconds": time.perf_counter() - start, "format": name, "group_size": group_size}
+            "seconds": time.perf_counter() - start, "format": weight_format.name,
+            "group_size": weight_format.group_size}

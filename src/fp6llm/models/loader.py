@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import fused
-from ..formats import FPFormat
+from ..formats import DEFAULT_FORMAT, FPFormat, WeightFormat, resolve_device
 from ..nn import FPxLinear
 from ..packing import (LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_shape_v1, plane_widths,
                        tile_index, unpack, unpack_v1)
@@ -27,7 +27,6 @@ from .parallel import INPUT, TensorParallel, check_split, parallelize, plan, pla
 from .trust import check_config_tensors, check_packed_meta, check_planes, check_scales, read_json
 
 MODEL_CLASSES = {"llama": llama.Transformer, "opt": opt.Transformer}
-UNQUANTIZED = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 PACKED_META = "fp6llm.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,27 +41,6 @@ def build_model(config: ModelConfig, device=None) -> nn.Module:
     """The decoder of ``config.arch``, with freshly initialized weights on ``device`` ("meta": no memory)."""
     with torch.device(device or "cpu"):
         return MODEL_CLASSES[config.arch](config)
-
-
-def resolve_format(fmt, dtype: Optional[torch.dtype], device, group_size: Optional[int] = None):
-    """(FPFormat or None for unquantized, activation dtype, torch.device) from the user's choices.
-
-    fmt "fp16" / "bf16" / "fp32" keeps plain nn.Linear weights of that dtype (dtype must agree if given). Otherwise
-    dtype defaults to float16 on CUDA and float32 elsewhere.
-    """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if isinstance(fmt, str) and fmt.lower() in UNQUANTIZED:
-        weight_dtype = UNQUANTIZED[fmt.lower()]
-        if dtype is not None and dtype != weight_dtype:
-            raise ValueError(f"format {fmt!r} keeps {weight_dtype} weights but dtype={dtype} was asked for")
-        if group_size is not None:
-            raise ValueError(f"group_size={group_size} needs a quantized format, not {fmt!r}")
-        return None, weight_dtype, device
-    return FPFormat.parse(fmt), dtype or (torch.float16 if device.type == "cuda" else torch.float32), device
-
-
-def format_name(fmt: Optional[FPFormat], dtype: torch.dtype) -> str:
-    return fmt.name if fmt is not None else {v: k for k, v in UNQUANTIZED.items()}[dtype]
 
 
 class SafetensorsCheckpoint:
@@ -140,16 +118,16 @@ class Source:
     """Where a meta module's real tensors come from; ``module(name, meta_module)`` returns the real module.
 
     Subclasses say where one tensor comes from (``tensor``, or only its part ``index``); a Linear other than lm_head
-    is quantized to ``fmt`` (FPxLinear) unless fmt is None. dtype None keeps the tensors' own dtype. shards
+    is quantized to weight_format's (FPxLinear) unless it is float; every other tensor gets its dtype. shards
     ({module name: Split}, from parallel.plan): those Linears get only a tensor-parallel rank's slice. fused
     ({fused module name: parts}, fused.layout; stream_modules sets it): those Linears are stacked from their parts. layer_plan
     ({module name: {"format", "group_size", "scale_search"}}, a per-layer format plan as fp6llm.json stores it):
-    those Linears get their own format instead of fmt / group_size.
+    those Linears get their own format instead of weight_format's.
     """
 
-    def __init__(self, fmt: Optional[FPFormat], group_size: Optional[int], dtype: Optional[torch.dtype], device,
-                 shards: Optional[dict] = None):
-        self.fmt, self.group_size, self.dtype, self.device = fmt, group_size, dtype, device
+    def __init__(self, weight_format: WeightFormat, device: torch.device, shards: Optional[dict] = None):
+        self.fmt, self.group_size = weight_format.quantized, weight_format.group_size
+        self.dtype, self.device = weight_format.dtype, device
         self.shards = shards or {}
         self.fused: dict = {}
         self.layer_plan = {}
@@ -189,7 +167,7 @@ class Source:
         for pname, meta in list(module.named_parameters(recurse=False)):
             index = None if split is None else split.weight_index if pname == "weight" else split.bias_index
             value = self.tensor(f"{name}.{pname}", meta, index)
-            setattr(real, pname, nn.Parameter(value.to(self.dtype or value.dtype), requires_grad=False))
+            setattr(real, pname, nn.Parameter(value.to(self.dtype), requires_grad=False))
         return real
 
     def weight(self, name: str, like: torch.Tensor, split) -> tuple:
@@ -210,7 +188,7 @@ class Source:
         weight = weight if weight.dtype in FLOAT_DTYPES else weight.float()
         bias = None if module.bias is None else self.tensor(f"{name}.bias", module.bias,
                                                              None if split is None else split.bias_index)
-        bias = None if bias is None else bias.to(self.dtype or bias.dtype)
+        bias = None if bias is None else bias.to(self.dtype)
         return FPxLinear(quantize_weight(weight, fmt, group_size, absmax, scale_search), bias)
 
     def fused_rows(self, name: str, suffix: str, tail: tuple, read=None) -> torch.Tensor:
@@ -238,10 +216,10 @@ class Source:
         bias = None if module.bias is None else self.fused_rows(name, "bias", ())
         weight = self.fused_rows(name, "weight", (module.in_features,))
         if self.fmt is None:
-            weight, bias = (None if t is None else t.to(self.dtype or t.dtype) for t in (weight, bias))
+            weight, bias = (None if t is None else t.to(self.dtype) for t in (weight, bias))
             return fused.linear_of(weight, bias)
         weight = weight if weight.dtype in FLOAT_DTYPES else weight.float()
-        bias = None if bias is None else bias.to(self.dtype or bias.dtype)
+        bias = None if bias is None else bias.to(self.dtype)
         return FPxLinear(quantize_weight(weight, self.fmt, self.group_size), bias)
 
 
@@ -449,14 +427,15 @@ def _check_tensors(model_dir: Path, config: ModelConfig, prefixes: tuple, where:
         checkpoint.close()
 
 
-def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None, group_size: Optional[int] = None,
-            device=None, dtype: Optional[torch.dtype] = None, progress: bool = True,
+def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, WeightFormat, None] = None,
+            group_size: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None, progress: bool = True,
             tp: Optional[TensorParallel] = None) -> nn.Module:
     """Load a model directory: Hugging Face safetensors (quantized to ``fmt`` while loading, default e3m2), or an
     fp6llm packed checkpoint (a directory with fp6llm.json: loaded as packed, see load_packed).
 
-    fmt: an FPFormat name ("e3m2", "fp6", ...) or "fp16" / "bf16" / "fp32" for unquantized weights. dtype: the
-    activations' (and norms', embeddings', lm_head's) dtype, default float16 on CUDA, float32 on CPU. tp: load only
+    fmt: an FPFormat name ("e3m2", "fp6", ...) or "fp16" / "bf16" / "fp32" for unquantized weights, or a
+    WeightFormat (then without group_size / dtype). dtype: the activations' (and norms', embeddings', lm_head's)
+    dtype, default float16 on CUDA, float32 on CPU. tp: load only
     that tensor-parallel rank's slices (parallel.py; each rank quantizes its own). Returns the model in eval mode on
     ``device``; call ``setup_caches`` before running it.
     Raises FileNotFoundError (config.json, shards), ValueError (unsupported model, missing / misshapen tensors).
@@ -465,16 +444,13 @@ def load_hf(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None,
     if (model_dir / PACKED_META).is_file():
         return load_packed(model_dir, fmt, group_size, device, dtype, progress, tp)
     config = read_hf_config(model_dir)
-    fmt, dtype, device = resolve_format("e3m2" if fmt is None else fmt, dtype, device, group_size)
+    weight_format = WeightFormat.parse(fmt, dtype, device, group_size)
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:
-        source = HFSource(checkpoint, config.arch, fmt, group_size, dtype, device)
-        return materialize(build_model(config, "meta"), source, progress, f"load {format_name(fmt, dtype)}", tp)
+        source = HFSource(checkpoint, config.arch, weight_format, resolve_device(device))
+        return materialize(build_model(config, "meta"), source, progress, f"load {weight_format}", tp)
     finally:
         checkpoint.close()
-
-
-load_model = load_hf  # the one entry point for any model directory
 
 
 def read_packed_meta(model_dir: Union[str, Path]) -> dict:
@@ -490,7 +466,7 @@ def read_packed_meta(model_dir: Union[str, Path]) -> dict:
                          f"quantize on the source model")
     config = ModelConfig.from_dict(meta["config"], f"{where}: config")
     try:
-        fmt, _, _ = resolve_format(meta["format"], None, "cpu")
+        fmt = WeightFormat.parse(meta["format"]).quantized
     except ValueError as err:
         raise ValueError(f"{where}: format: {err}") from None
     # a per-layer plan mixes plane widths: each layer's planes are then checked by shape as they are read
@@ -498,33 +474,41 @@ def read_packed_meta(model_dir: Union[str, Path]) -> dict:
     return meta
 
 
-def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, None] = None,
+def packed_format(meta: dict, model_dir: Union[str, Path], fmt: Union[str, FPFormat, WeightFormat, None] = None,
+                  group_size: Optional[int] = None, dtype: Optional[torch.dtype] = None, device=None) -> WeightFormat:
+    """The WeightFormat of the packed checkpoint in model_dir (``meta``: its fp6llm.json), activations in dtype
+    (default as WeightFormat.parse). fmt / group_size, if given, must be the checkpoint's: ValueError otherwise,
+    naming both."""
+    if fmt is not None:
+        requested = WeightFormat.parse(fmt, dtype, device, group_size)
+        if requested.name != meta["format"]:
+            raise ValueError(f"{model_dir} is packed as {meta['format']}, not the requested {requested.name}")
+        dtype, group_size = requested.dtype, requested.group_size
+    if group_size is not None and group_size != meta.get("group_size"):
+        raise ValueError(f"{model_dir} is packed with group_size={meta.get('group_size')}, not {group_size}")
+    return WeightFormat.parse(meta["format"], dtype, device, meta.get("group_size"))
+
+
+def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, WeightFormat, None] = None,
                 group_size: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
                 progress: bool = True, tp: Optional[TensorParallel] = None) -> nn.Module:
     """Load an fp6llm packed checkpoint (planes + scales as written by save_packed / quantize_checkpoint), with no
     re-quantization. fmt / group_size, if given, must match the checkpoint's (ValueError otherwise). tp: read only
     that tensor-parallel rank's slices of the planes and scales (models/parallel.py)."""
     meta = read_packed_meta(model_dir)
-    packed_fmt = meta["format"]
-    if fmt is not None:
-        requested, weight_dtype, _ = resolve_format(fmt, None, "cpu")
-        if format_name(requested, weight_dtype) != packed_fmt:
-            raise ValueError(f"{model_dir} is packed as {packed_fmt}, not the requested {fmt}")
-    if group_size is not None and group_size != meta.get("group_size"):
-        raise ValueError(f"{model_dir} is packed with group_size={meta.get('group_size')}, not {group_size}")
+    weight_format = packed_format(meta, model_dir, fmt, group_size, dtype, device)
     config = ModelConfig.from_dict(meta["config"], str(Path(model_dir) / PACKED_META))
-    fmt, dtype, device = resolve_format(packed_fmt, dtype, device)
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:
-        source = PackedSource(checkpoint, fmt, meta.get("group_size"), dtype, device,
-                              layout_version=meta["layout_version"])
+        source = PackedSource(checkpoint, weight_format, resolve_device(device), layout_version=meta["layout_version"])
         source.layer_plan = meta.get("plan") or {}
-        return materialize(build_model(config, "meta"), source, progress, f"load packed {packed_fmt}", tp)
+        return materialize(build_model(config, "meta"), source, progress, f"load packed {weight_format}", tp)
     finally:
         checkpoint.close()
 
 
-def build_random(name_or_config: Union[str, ModelConfig], fmt: Union[str, FPFormat] = "e3m2", device=None,
+def build_random(name_or_config: Union[str, ModelConfig],
+                 fmt: Union[str, FPFormat, WeightFormat] = DEFAULT_FORMAT, device=None,
                  dtype: Optional[torch.dtype] = None, seed: int = 0, group_size: Optional[int] = None,
                  progress: bool = True, tp: Optional[TensorParallel] = None) -> nn.Module:
     """A model of a named (NAMED_CONFIGS) or given config with random weights (std 0.02), made on ``device`` one
@@ -532,6 +516,6 @@ def build_random(name_or_config: Union[str, ModelConfig], fmt: Union[str, FPForm
     only that tensor-parallel rank's slices (each weight is made whole, then sliced: the same weights at any
     degree)."""
     config = name_or_config if isinstance(name_or_config, ModelConfig) else ModelConfig.from_name(name_or_config)
-    fmt, dtype, device = resolve_format(fmt, dtype, device, group_size)
-    source = RandomSource(seed, fmt, group_size, dtype, device)
-    return materialize(build_model(config, "meta"), source, progress, f"random {format_name(fmt, dtype)}", tp)
+    weight_format = WeightFormat.parse(fmt, dtype, device, group_size)
+    source = RandomSource(seed, weight_format, resolve_device(device))
+    return materialize(build_model(config, "meta"), source, progress, f"random {weight_format}", tp)

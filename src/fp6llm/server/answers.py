@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from .protocol import (ApiError, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                        ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, ChatTopLogprob,
                        CompletionChoice, CompletionLogprobs, CompletionResponse, Usage)
-from .scheduler import SHUTTING_DOWN, Job, Scheduler
+from .scheduler import AbortReason, Job, Scheduler
 
 SSE_DONE = "data: [DONE]\n\n"
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection (metrics only)
@@ -186,12 +186,12 @@ def job_error(job: Job, watcher: asyncio.Task) -> ApiError:
     """The error of an aborted job: the client left (499, for the metrics), shutdown (503), engine failure (500)."""
     if watcher.done() and not watcher.cancelled():
         return ApiError(CLIENT_GONE, "the client closed the connection", code="client_closed_request")
-    if job.error == SHUTTING_DOWN:
+    if job.abort_reason is AbortReason.SHUTDOWN:
         return ApiError(503, job.error, type="server_error", code="shutting_down")
     return ApiError(500, job.error or "the request was aborted", type="server_error")
 
 
-async def stream_events(jobs: list, fmt: CompletionFormat, include_usage: bool, every_token: bool,
+async def stream_events(jobs: list, answer: CompletionFormat, include_usage: bool, every_token: bool,
                         scheduler: Scheduler, watcher: asyncio.Task, count):
     """Server-sent events of a request's jobs: chunks as the text comes, each naming its choice and carrying its
     tokens' logprobs when asked for (every_token: a chunk per token, with that choice's usage so far), the usage
@@ -201,7 +201,7 @@ async def stream_events(jobs: list, fmt: CompletionFormat, include_usage: bool, 
     started: set = set()
     try:
         for index in range(len(jobs)):
-            for chunk in fmt.first_chunks(index):
+            for chunk in answer.first_chunks(index):
                 yield sse(chunk)
         async with aclosing(merged_outputs(jobs)) as outputs:
             async for index, (text, reason, tokens, logprobs) in outputs:
@@ -215,16 +215,16 @@ async def stream_events(jobs: list, fmt: CompletionFormat, include_usage: bool, 
                     break
                 if index not in started:
                     started.add(index)
-                    echoed, echoed_items = fmt.prefix(job)
+                    echoed, echoed_items = answer.prefix(job)
                     if echoed or echoed_items:
-                        yield sse(fmt.chunk(echoed, index=index, logprobs=echoed_items))
+                        yield sse(answer.chunk(echoed, index=index, logprobs=echoed_items))
                 if text or logprobs or (every_token and reason is None):
-                    yield sse(fmt.chunk(text, usage=usage, index=index, logprobs=logprob_items(logprobs)))
+                    yield sse(answer.chunk(text, usage=usage, index=index, logprobs=logprob_items(logprobs)))
                 if reason is not None:
-                    yield sse(fmt.chunk("", reason, usage, index))
+                    yield sse(answer.chunk("", reason, usage, index))
             else:
                 if include_usage:
-                    yield sse(fmt.usage_chunk(total_usage(jobs)))
+                    yield sse(answer.usage_chunk(total_usage(jobs)))
                 status = 200
         yield SSE_DONE
     finally:  # also when the stream is closed early (the client left) or cancelled (shutdown)

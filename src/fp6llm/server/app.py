@@ -161,8 +161,8 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         # with echo, the engine computes the prompt's logprobs when they are asked for, and when max_tokens 0 makes
         # the prompt the whole answer (a request for nothing else would be refused)
         scoring = body.echo and (body.logprobs is not None or max_tokens == 0)
-        fmt = CompletionFormat(model_name, engine.tokenizer, body.logprobs is not None, echo)
-        return await generate(request, body, ids, max_tokens, fmt, body.logprobs,
+        answer = CompletionFormat(model_name, engine.tokenizer, body.logprobs is not None, echo)
+        return await generate(request, body, ids, max_tokens, answer, body.logprobs,
                               (body.logprobs or 0) if scoring else None)
 
     @app.post("/v1/chat/completions")
@@ -174,10 +174,11 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         check_text_length(engine, sum(len(m["content"]) for m in messages), "messages")
         ids = await asyncio.to_thread(chat_prompt_ids, engine.tokenizer, messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_seq_len - len(ids))
-        fmt = ChatFormat(model_name, engine.tokenizer, body.logprobs)
-        return await generate(request, body, ids, max_tokens, fmt, (body.top_logprobs or 0) if body.logprobs else None)
+        answer = ChatFormat(model_name, engine.tokenizer, body.logprobs)
+        return await generate(request, body, ids, max_tokens, answer,
+                              (body.top_logprobs or 0) if body.logprobs else None)
 
-    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, fmt: CompletionFormat,
+    async def generate(request: Request, body, prompt_ids: list, max_tokens: int, answer: CompletionFormat,
                        logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None):
         """Run the request as ``body.n`` jobs (choice i samples with seed + i when a seed is given), asking the
         engine for ``logprobs`` / ``prompt_logprobs`` alternatives (SamplingParams)."""
@@ -192,25 +193,25 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
                     engine_request.stop_ids = frozenset()
                 engine_requests.append(engine_request)
         except ValueError as err:
-            param = "max_tokens" if 0 < len(prompt_ids) < engine.max_seq_len else fmt.prompt_field
+            param = "max_tokens" if 0 < len(prompt_ids) < engine.max_seq_len else answer.prompt_field
             raise ApiError(400, str(err).replace("max_new_tokens", "max_tokens"), param=param) from None
         options = body.stream_options
         every_token = bool(body.stream and options and options.continuous_usage_stats)
         jobs = []
         try:
             for engine_request in engine_requests:
-                jobs.append(scheduler.submit(engine_request, stops, fmt.id_prefix, every_token))
+                jobs.append(scheduler.submit(engine_request, stops, answer.id_prefix, every_token))
         except (QueueFull, ShuttingDown) as err:
             for job in jobs:  # all the choices or none
                 scheduler.cancel(job)
             if isinstance(err, QueueFull):
                 raise ApiError(503, str(err), type="server_error", code="queue_full", headers={"Retry-After": "1"})
             raise ApiError(503, str(err), type="server_error", code="shutting_down")
-        fmt.id = jobs[0].id
+        answer.id = jobs[0].id
         watcher = asyncio.create_task(cancel_on_disconnect(request, scheduler, jobs))
         if body.stream:
-            events = stream_events(jobs, fmt, bool(options and options.include_usage), every_token, scheduler, watcher,
-                                   lambda status: count(request, status))
+            events = stream_events(jobs, answer, bool(options and options.include_usage), every_token, scheduler,
+                                   watcher, lambda status: count(request, status))
             return StreamingResponse(events,
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
@@ -221,7 +222,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, m
         if aborted is not None:
             raise job_error(aborted, watcher)
         count(request, 200)
-        return JSONResponse(fmt.response(jobs, results, total_usage(jobs)).model_dump())
+        return JSONResponse(answer.response(jobs, results, total_usage(jobs)).model_dump())
 
     return app
 

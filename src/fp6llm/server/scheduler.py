@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import logging
 import secrets
 import threading
@@ -36,7 +37,12 @@ class ShuttingDown(Exception):
     """The engine loop has stopped, or is closed for new requests (shutdown)."""
 
 
-SHUTTING_DOWN = "the server is shutting down"
+class AbortReason(enum.Enum):
+    """Why a job ended with "abort"; the value is the error a client is told (an engine failure adds its own)."""
+
+    CANCELLED = "cancelled"
+    SHUTDOWN = "the server is shutting down"
+    ENGINE_FAILED = "the engine failed"
 
 
 @dataclass(eq=False)
@@ -45,9 +51,9 @@ class Job:
 
     ``outputs`` (read on the event loop) receives (text, finish_reason, tokens generated so far, logprobs) for each
     token that adds text, or for every token with ``every_token``; finish_reason is None until the last one: "stop"
-    (EOS or a stop string), "length" (max_tokens), or "abort" (cancelled, shut down, or an engine error, then
-    ``error`` says which). logprobs: the TokenLogprob of each token since the last output (with
-    ``request.sampling.logprobs``; empty otherwise).
+    (EOS or a stop string), "length" (max_tokens), or "abort" (cancelled, shut down, or an engine error: then
+    ``abort_reason`` says which and ``error`` says it in words). logprobs: the TokenLogprob of each token since the
+    last output (with ``request.sampling.logprobs``; empty otherwise).
     """
 
     id: str
@@ -59,6 +65,7 @@ class Job:
     first_token_at: Optional[float] = None
     finished_at: Optional[float] = None
     finish_reason: Optional[str] = None
+    abort_reason: Optional[AbortReason] = None
     error: Optional[str] = None
     logprobs: list = field(default_factory=list)  # of the tokens not handed to the event loop yet
 
@@ -109,7 +116,7 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish every job with "abort" (error "the server is shutting down") and end the engine thread."""
+        """Finish every job with "abort" (AbortReason.SHUTDOWN) and end the engine thread."""
         with self._lock:
             self._stopping = True
             self._wake.notify()
@@ -129,7 +136,7 @@ class Scheduler:
         job = Job(f"{prefix}-{secrets.token_hex(12)}", request, asyncio.get_running_loop(), every_token)
         with self._lock:
             if self._stopping or self._closed:
-                raise ShuttingDown(SHUTTING_DOWN)
+                raise ShuttingDown(AbortReason.SHUTDOWN.value)
             bound = self.engine.max_batch_size + self.max_queue
             if self._in_flight - len(self._cancelled) >= bound:  # a cancelled job's place is free already
                 raise QueueFull(f"the server is at capacity ({bound} requests in flight: {self.engine.max_batch_size} "
@@ -150,8 +157,8 @@ class Scheduler:
                 self._wake.notify()
 
     def close(self) -> None:
-        """Stop admitting (shutdown): ``submit`` raises ShuttingDown and the waiting jobs finish with "abort" (error
-        SHUTTING_DOWN); the running ones go on until they finish or ``stop``."""
+        """Stop admitting (shutdown): ``submit`` raises ShuttingDown and the waiting jobs finish with "abort"
+        (AbortReason.SHUTDOWN); the running ones go on until they finish or ``stop``."""
         with self._lock:
             self._closed = True
             self._wake.notify()
@@ -187,12 +194,12 @@ class Scheduler:
                 self._waiting.clear()
             for job in cancelled:
                 self.engine.abort(job.request)
-                self._finish(job, "abort", "cancelled")
+                self._abort(job, AbortReason.CANCELLED)
             if self._closed:  # handed to the engine but not admitted yet (and with no output): refused too
                 refused += [self._running[r] for r in self.engine.waiting if r in self._running and not r.output_ids]
             for job in refused:
                 self.engine.abort(job.request)
-                self._finish(job, "abort", SHUTTING_DOWN)
+                self._abort(job, AbortReason.SHUTDOWN)
             try:
                 if admitted:
                     for job in admitted:
@@ -205,14 +212,14 @@ class Scheduler:
                 log.exception("engine step failed; failing %d requests", len(self._running))
                 for job in list(self._running.values()):
                     self.engine.abort(job.request)
-                    self._finish(job, "abort", f"the engine failed: {type(err).__name__}: {err}")
+                    self._abort(job, AbortReason.ENGINE_FAILED, f"{type(err).__name__}: {err}")
                 continue
         with self._lock:
             left = list(self._waiting) + list(self._running.values())
             self._waiting.clear()
         for job in left:
             self.engine.abort(job.request)
-            self._finish(job, "abort", SHUTTING_DOWN)
+            self._abort(job, AbortReason.SHUTDOWN)
 
     def _deliver_all(self, events: list) -> None:
         for event in events:
@@ -229,6 +236,12 @@ class Scheduler:
             self._finish(job, event.finish_reason, text=event.text)
         elif event.text or job.every_token:
             job.emit(event.text)
+
+    def _abort(self, job: Job, why: AbortReason, detail: str = "") -> None:
+        """Finish the job with "abort" for reason ``why``; its error is why's words (and ``detail``, if any)."""
+        if job.finish_reason is None:
+            job.abort_reason = why
+        self._finish(job, "abort", f"{why.value}: {detail}" if detail else why.value)
 
     def _finish(self, job: Job, reason: str, error: Optional[str] = None, text: str = "") -> None:
         if job.finish_reason is not None:

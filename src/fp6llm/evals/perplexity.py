@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models.loader import UNQUANTIZED
-from .bench import UNQUANTIZED_ON_CPU, canonical_format, free_memory, load_as, model_bytes, row_label
-from .runner import drop_caches
-from .load import GB, ModelSource, check_fits, check_format, quantized_group_size
+from ..formats import WeightFormat, resolve_device
+from ..engine.load import GB, ModelSource, check_fits
+from ..engine.runner import drop_caches
+from .throughput import free_memory, load_as, measured_as, model_bytes, row_label
 
 REFERENCE = "fp16"
 
@@ -83,29 +83,26 @@ def score(model, tokens: torch.Tensor, batch_size: int = 4, progress: bool = Fal
 
 def run_eval(source: ModelSource, formats: list, text: str, ctx: int = 512, max_tokens: Optional[int] = None,
              device=None, group_size: Optional[int] = None, batch_size: int = 4, progress: bool = True) -> dict:
-    """{"setup": {...}, "rows": [EvalRow dicts]}: the reference first, then each other format of ``formats``."""
-    for name in formats:
-        check_format(name)
+    """{"setup": {...}, "rows": [EvalRow dicts]}: the reference first, then each other format of ``formats``
+    (WeightFormats or their names: WeightFormat.parse_list, group_size is the quantized ones')."""
+    device = resolve_device(device)
+    requested = WeightFormat.parse_list(formats, group_size, device)
     config = source.config()
     if ctx > config.max_position_embeddings:
         raise ValueError(f"ctx {ctx} is beyond the model's max_position_embeddings {config.max_position_embeddings}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokens = windows(encode_long(source.tokenizer(config), text), ctx, max_tokens)
     meta = source.packed_meta()
-    first = REFERENCE if meta is None else meta["format"]
-    reference = UNQUANTIZED_ON_CPU.get(first, first) if device.type == "cpu" else first
-    names = [canonical_format(name) for name in formats]
-    left_out = [] if meta is None else [name for name in names if name in UNQUANTIZED]
-    order = [first] + [name for name in dict.fromkeys(names) if name != first and name not in left_out]
+    first, = WeightFormat.parse_list([REFERENCE if meta is None else meta["format"]], group_size, device)
+    reference = measured_as(first, device)
+    left_out = [] if meta is None else [f.name for f in requested if f.quantized is None]
+    order = [first] + [f for f in dict.fromkeys(requested) if f.name != first.name and f.name not in left_out]
     rows, reference_argmax = [], None
-    for name in order:
-        fmt = reference if name == first else name
-        cast = "" if fmt == name else f"as {fmt}"
-        label = row_label(name, cast)
-        fmt_group_size = quantized_group_size(fmt, group_size)
-        check_fits(config, fmt, fmt_group_size, device, None, batch_size, ctx)
-        model, derived = load_as(source, fmt, fmt_group_size, device, progress)
-        label = row_label(name, cast, derived)
+    for weight_format in order:
+        measured = reference if weight_format is first else weight_format
+        cast = "" if measured == weight_format else f"as {measured}"
+        check_fits(config, measured, device, batch_size, ctx)
+        model, derived = load_as(source, measured, device=device, progress=progress)
+        label = row_label(weight_format.name, cast, derived)
         try:
             weights = model_bytes(model)
             nll, argmax = score(model, tokens, batch_size, progress, f"eval {label}")
@@ -118,7 +115,7 @@ def run_eval(source: ModelSource, formats: list, text: str, ctx: int = 512, max_
         rows.append(EvalRow(label, weights / GB, math.exp(nll / count), nll / count,
                             (argmax == reference_argmax).float().mean().item(), count))
     setup = {"model": source.name, "device": str(device), "ctx": ctx, "windows": tokens.shape[0],
-             "predicted_tokens": tokens.shape[0] * (ctx - 1), "reference": reference, "group_size": group_size,
+             "predicted_tokens": tokens.shape[0] * (ctx - 1), "reference": reference.name, "group_size": group_size,
              "packed": None if meta is None else meta["format"], "left_out": left_out}
     return {"setup": setup, "rows": [asdict(row) for row in rows]}
 

@@ -12,8 +12,6 @@ import datetime
 import gc
 import json
 import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -22,45 +20,50 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.loader import format_name, resolve_format
+from ..engine.generate import Engine, Request, Stats
+from ..engine.load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, require_memory
+from ..engine.runner import drop_caches
+from ..engine.sampling import SamplingParams
+from ..formats import WeightFormat, resolve_device
+from ..models.parallel import TensorParallel
 from ..nn import FPxLinear
 from ..quantize import quantize_weight
-from ..models.parallel import TensorParallel
-from .generate import Engine, Request, Stats
-from .runner import drop_caches, synchronize
-from .load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_bytes, quantized_group_size, require_memory
-from .sampling import SamplingParams
+from .timing import copy_bandwidth, device_name
 
 WARMUP_STEPS = 3
-UNQUANTIZED_ON_CPU = {"fp16": "fp32", "bf16": "fp32"}  # half-precision matmuls on a CPU measure nothing useful
 
 
-def canonical_format(fmt: str) -> str:
-    """The one name of a format: "fp6" -> "e3m2", "FP16" -> "fp16"."""
-    quantized, dtype, _ = resolve_format(fmt, None, "cpu")
-    return format_name(quantized, dtype)
+def measured_as(weight_format: WeightFormat, device: torch.device) -> WeightFormat:
+    """The format a measurement on ``device`` runs: half-precision float weights as float32 on a CPU (its
+    half-precision matmuls are slow and not what a GPU computes); any other format as it is."""
+    if device.type == "cpu" and weight_format.quantized is None:
+        return WeightFormat.float_weights(torch.float32)
+    return weight_format
 
 
-def load_as(source: ModelSource, fmt: str, group_size: Optional[int], device, progress: bool = True,
+def load_as(source: ModelSource, fmt, group_size: Optional[int] = None, device=None, progress: bool = True,
             tp: Optional[TensorParallel] = None, dtype: Optional[torch.dtype] = None) -> tuple:
     """(model in ``fmt``, note): ``source.load_model``, or for a packed checkpoint of another format, a model
     derived from its de-quantized weights (the only weights it holds): fp16 / bf16 / fp32 keep them as plain
     weights, an eXmY format re-quantizes them. The note says so ("from e3m2"); "" when nothing was derived.
-    dtype: of the activations and unquantized tensors (default: float16 on CUDA, float32 elsewhere).
+    fmt: a WeightFormat, or its name with group_size and dtype (of the activations and unquantized tensors,
+    default float16 on CUDA, float32 elsewhere) for WeightFormat.parse.
 
     Raises ValueError for a derived format under tensor parallelism (the re-quantization needs whole weights).
     """
+    device = resolve_device(device)
+    weight_format = WeightFormat.parse(fmt, dtype, device, group_size)
     meta = source.packed_meta()
-    fmt = canonical_format(fmt)
-    if meta is None or (fmt == meta["format"] and group_size in (None, meta.get("group_size"))):
-        return source.load_model(fmt, group_size, device, dtype, progress=progress, tp=tp), ""
+    if meta is None or (weight_format.name == meta["format"]
+                        and weight_format.group_size in (None, meta.get("group_size"))):
+        return source.load_model(weight_format, device, progress=progress, tp=tp), ""
     if tp is not None and tp.world_size > 1:
-        raise ValueError(f"{source.path} is packed as {meta['format']}: {fmt} would be derived from its weights, "
-                         f"which needs --tp 1")
-    quantized, dtype, device = resolve_format(fmt, dtype, device, group_size)
-    model = source.load_model(None, None, device, dtype, progress=progress)
+        raise ValueError(f"{source.path} is packed as {meta['format']}: {weight_format} would be derived from its "
+                         f"weights, which needs --tp 1")
+    quantized, dtype, group_size = weight_format.quantized, weight_format.dtype, weight_format.group_size
+    model = source.load_model(source.weight_format(dtype=dtype, device=device), device, progress=progress)
     layers = [(name, module) for name, module in model.named_modules() if isinstance(module, FPxLinear)]
-    for name, layer in tqdm(layers, desc=f"derive {fmt}", unit="layer", disable=not progress):
+    for name, layer in tqdm(layers, desc=f"derive {weight_format}", unit="layer", disable=not progress):
         weight = layer.weight.dequantize(torch.float32)
         if quantized is None:
             derived = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device,
@@ -87,27 +90,6 @@ class BenchRow:
     peak_gb: Optional[float] = None
     floor_fraction: Optional[float] = None
     note: str = ""
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), median of ``repeats`` copies."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    del src, dst
-    free_memory(device)
-    return 2 * nbytes / statistics.median(times)
 
 
 def free_memory(device: torch.device) -> None:
@@ -178,6 +160,8 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
               compile: bool = False, tp: Optional[TensorParallel] = None) -> dict:
     """Every format x batch size, one model at a time. Returns {"setup": {...}, "rows": [BenchRow dicts]}.
 
+    formats: WeightFormats or their names (WeightFormat.parse_list: group_size is the quantized ones').
+
     tp: run as that tensor-parallel rank (every rank calls run_bench alike); its rows are per GPU: weights, peak
     memory and the floor count the rank's bytes (its slices, the replicated rest, its KV heads).
 
@@ -185,20 +169,20 @@ def run_bench(source: ModelSource, formats: list, batches: list, prompt_len: int
     gets a row that says "does not fit" and the run goes on.
     """
     config = source.config()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
     rows = []
-    for name in formats:
-        fmt = UNQUANTIZED_ON_CPU.get(name, name) if device.type == "cpu" else name
-        cast = "" if fmt == name else f"as {fmt}"
-        label = row_label(name, cast)
-        model, fmt_group_size = None, quantized_group_size(fmt, group_size)
+    for requested in WeightFormat.parse_list(formats, group_size, device):
+        weight_format = measured_as(requested, device)
+        cast = "" if weight_format == requested else f"as {weight_format}"
+        label = row_label(requested.name, cast)
+        model = None
         try:
-            check_fits(config, fmt, fmt_group_size, device, None, 1, prompt_len + gen_len, tp)
-            model, derived = load_as(source, fmt, fmt_group_size, device, progress, tp)
-            label = row_label(name, cast, derived)
+            check_fits(config, weight_format, device, 1, prompt_len + gen_len, tp)
+            model, derived = load_as(source, weight_format, device=device, progress=progress, tp=tp)
+            label = row_label(requested.name, cast, derived)
             weights, streamed = model_bytes(model), streamed_weight_bytes(model)
-            dtype = resolve_format(fmt, None, device)[1]
+            dtype = weight_format.dtype
             for batch in tqdm(batches, desc=f"bench {label}", unit="batch", disable=not progress):
                 row = BenchRow(label, batch, weight_gb=weights / GB)
                 try:
@@ -280,19 +264,20 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(result: dict, out_dir) -> tuple:
-    """bench results as e2e-<device>-<date>.md and .json in out_dir, or e2e-<device>-<date>-2.md/.json (3, ...)
-    when that day's files exist: an earlier run is never overwritten. Returns both paths."""
+def write_results(result: dict, out_dir, kind: str = "e2e", table=format_table) -> tuple:
+    """A benchmark's result as <kind>-<device>-<date>.md (``table(result)``) and .json in out_dir, or
+    <kind>-<device>-<date>-2.md/.json (3, ...) when that day's files exist: an earlier run is never overwritten.
+    result["setup"] names the device and date. Returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = "".join(c if c.isalnum() else "-" for c in result["setup"]["device"].lower()).strip("-")
-    name, run = f"e2e-{device}-{result['setup']['date']}", 1
+    device = "-".join("".join(c if c.isalnum() else " " for c in result["setup"]["device"].lower()).split())
+    name, run = f"{kind}-{device}-{result['setup']['date']}", 1
     while True:
         stem = out_dir / (name if run == 1 else f"{name}-{run}")
         md, js = Path(f"{stem}.md"), Path(f"{stem}.json")
         if not md.exists() and not js.exists():
             break
         run += 1
-    md.write_text(format_table(result) + "\n")
+    md.write_text(table(result) + "\n")
     js.write_text(json.dumps(result, indent=1) + "\n")
     return md, js
