@@ -120,17 +120,18 @@ class Runner:
         count = len(requests)
         rows = self.graph_rows(count) if self.use_cuda_graph else count
         width = self.max_blocks if self.static_width else max(len(r.blocks) for r in requests)
-        tokens = torch.zeros(rows, 1, dtype=torch.long)
-        positions = torch.zeros(rows, 1, dtype=torch.long)
-        tables = torch.full((rows, width), NULL_BLOCK, dtype=torch.int32)
-        seq_lens = torch.ones(rows, dtype=torch.int32)
-        slots = torch.full((rows, 1), self.padding_slot, dtype=torch.int32)
-        sampler_slots = torch.full((rows,), self.sampler.padding_slot, dtype=torch.long)
-        for row, request in enumerate(requests):
-            last = request.length - 1
-            tokens[row, 0], positions[row, 0], seq_lens[row] = request.token(last), last, request.length
-            slots[row, 0], sampler_slots[row] = self.slot(request, last), request.slot
-            tables[row, :len(request.blocks)] = torch.tensor(request.blocks, dtype=torch.int32)
+        # One tensor per field from Python lists (not a tensor op per row: ~0.4 ms a step at 32 rows on a CPU);
+        # rows past ``count`` pad a captured batch.
+        pad = rows - count
+        lasts = [request.length - 1 for request in requests]
+        tokens = torch.tensor([r.token(last) for r, last in zip(requests, lasts)] + [0] * pad)[:, None]
+        positions = torch.tensor(lasts + [0] * pad)[:, None]
+        seq_lens = torch.tensor([r.length for r in requests] + [1] * pad, dtype=torch.int32)
+        slots = torch.tensor([self.slot(r, last) for r, last in zip(requests, lasts)] + [self.padding_slot] * pad,
+                             dtype=torch.int32)[:, None]
+        sampler_slots = torch.tensor([r.slot for r in requests] + [self.sampler.padding_slot] * pad)
+        tables = torch.tensor([r.blocks + [NULL_BLOCK] * (width - len(r.blocks)) for r in requests]
+                              + [[NULL_BLOCK] * width] * pad, dtype=torch.int32)
         if not self.use_cuda_graph:
             kv = KVBatch(*(to_device(t, self.device) for t in (tables, seq_lens, slots)))
             inputs = (to_device(tokens, self.device), to_device(positions, self.device), kv)
