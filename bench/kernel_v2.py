@@ -33,6 +33,7 @@ from fp6llm.quantize import quantize_weight  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BLOCK_VARIANTS = ()  # set by --blocks
+FMA_SHIFTS_AB = False  # set by --fma-shifts
 
 
 def rel_err(out, ref) -> float:
@@ -58,10 +59,14 @@ def correctness(quick: bool) -> list:
                     cuda_out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split)
                     triton_out = fpx_gemm(x, qw.planes, qw.scales, bias, qw.fmt, n, k, None)
                     errs = (rel_err(cuda_out, ref), rel_err(triton_out, ref))
+                    if FMA_SHIFTS_AB:  # the variant must be right too
+                        errs += (rel_err(fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split,
+                                                              fma_shifts=not fpx_cuda.FMA_SHIFTS), ref),)
                     limit = 4e-3 if dtype == torch.float16 else 2e-2
                     ok = all(math.isfinite(e) and e < limit for e in errs)
                     rows.append({"fmt": fmt, "dtype": str(dtype)[6:], "m": m, "n": n, "k": k, "split": split,
-                                 "cuda_err": errs[0], "triton_err": errs[1], "ok": ok})
+                                 "cuda_err": errs[0], "triton_err": errs[1], "cuda_ab_err": errs[2:3] or None,
+                                 "ok": ok})
                     if not ok:
                         print(f"WRONG {rows[-1]}", flush=True)
     bad = [r for r in rows if not r["ok"]]
@@ -70,14 +75,16 @@ def correctness(quick: bool) -> list:
     return rows
 
 
-def calls_for(qw, m, dtype, kernel, min_blocks=None):
-    """kernel.rotating_calls of the CUDA small-M kernel ("cuda", with min_blocks) or the Triton kernel ("triton")."""
+def calls_for(qw, m, dtype, kernel, min_blocks=None, fma_shifts=None):
+    """kernel.rotating_calls of the CUDA small-M kernel ("cuda", with min_blocks and fma_shifts, default: the
+    module's) or the Triton kernel ("triton")."""
     n, k = qw.shape
     if kernel == "triton":
         return rotating_calls(qw, m, dtype, lambda x, p, s: fpx_gemm(x, p, s, None, qw.fmt, n, k, None))
     blocks = fpx_cuda.MIN_BLOCKS if min_blocks is None else min_blocks
+    shifts = fpx_cuda.FMA_SHIFTS if fma_shifts is None else fma_shifts
     return rotating_calls(qw, m, dtype, lambda x, p, s: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
-                                                                             min_blocks=blocks))
+                                                                             min_blocks=blocks, fma_shifts=shifts))
 
 
 def timing(ms, cases, bandwidth) -> list:
@@ -97,6 +104,10 @@ def timing(ms, cases, bandwidth) -> list:
                     calls, _ = calls_for(qw, m, dtype, "cuda", blocks)
                     row[f"cuda_b{blocks}_us"] = time_calls(calls) * 1e6
                     del calls
+                if FMA_SHIFTS_AB:  # A/B of the left shifts by kernel-parameter multipliers
+                    calls, _ = calls_for(qw, m, dtype, "cuda", fma_shifts=not fpx_cuda.FMA_SHIFTS)
+                    row["cuda_fma_shifts_ab_us"] = time_calls(calls) * 1e6
+                    del calls
                 dense, dense_bytes = dense_calls(n, k, m, dtype, "cuda")
                 row["cublas_us"] = time_calls(dense) * 1e6
                 row["cublas_floor"] = dense_bytes / bandwidth / (row["cublas_us"] / 1e6)
@@ -107,6 +118,8 @@ def timing(ms, cases, bandwidth) -> list:
                 row["triton_config"] = str(heuristic_config(m, n, k, 132))
                 rows.append(row)
                 variants = " ".join(f"b{b} {row[f'cuda_b{b}_us']:.1f}" for b in BLOCK_VARIANTS)
+                if FMA_SHIFTS_AB:
+                    variants += f" fma_shifts={not fpx_cuda.FMA_SHIFTS} {row['cuda_fma_shifts_ab_us']:.1f}"
                 print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%}) [{variants}]"
                       f"  triton {row['triton_us']:7.1f} us ({row['triton_floor']:4.0%})  cuBLAS {row['cublas_us']:7.1f} us"
                       f" ({row['cublas_floor']:4.0%})  cuda {row['cuda_speedup']:.2f}x  triton {row['triton_speedup']:.2f}x",
@@ -155,12 +168,15 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="three formats in the correctness sweep")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--blocks", default="", help="extra __launch_bounds__ minimum CTAs per SM to time, e.g. 7,8")
+    parser.add_argument("--fma-shifts", action="store_true",
+                        help="also check and time the CUDA kernel with the other fma_shifts setting")
     parser.add_argument("--mid", default="32,128,512,4096", help="M of the Triton-path rows ('' for none)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     started = time.time()
-    global BLOCK_VARIANTS
+    global BLOCK_VARIANTS, FMA_SHIFTS_AB
     BLOCK_VARIANTS = tuple(int(b) for b in args.blocks.split(",") if b)
+    FMA_SHIFTS_AB = args.fma_shifts
     checks = correctness(args.quick)
     copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
     bandwidth = max(copy_bw, read_bw)

@@ -49,16 +49,24 @@ def cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def disassemble(cubin: bytes) -> list[tuple[int, str, str, str]]:
-    """(address, opcode, modifiers, operands) of every instruction."""
+def _cuobjdump(cubin: bytes, option: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as file:
         file.write(cubin)
         path = file.name
     try:
-        text = subprocess.run([cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([cuobjdump(), option, path], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
-    return [(int(a, 16), op, mods, args) for a, op, mods, args in LINE.findall(text)]
+
+
+def disassemble(cubin: bytes) -> list[tuple[int, str, str, str]]:
+    """(address, opcode, modifiers, operands) of every instruction."""
+    return [(int(a, 16), op, mods, args) for a, op, mods, args in LINE.findall(_cuobjdump(cubin, "-sass"))]
+
+
+def registers(cubin: bytes) -> int:
+    """Registers per thread of the cubin's (first) kernel."""
+    return int(re.search(r"REG:(\d+)", _cuobjdump(cubin, "--dump-resource-usage")).group(1))
 
 
 def innermost_loop(instructions) -> list:
@@ -101,13 +109,14 @@ def report(name: str, cubin: bytes, warps: int, weights_per_iteration: int) -> d
         pipes[pipe_of(op)] += count
     per_weight = {pipe: count * 32 * warps / weights_per_iteration for pipe, count in pipes.items()}
     issued = sum(v for pipe, v in per_weight.items() if pipe != "control")
+    regs = registers(cubin)
     print(f"\n{name}: loop of {len(loop)} instructions per warp, {weights_per_iteration} weights per CTA-iteration, "
-          f"{warps} warps")
+          f"{warps} warps, {regs} registers")
     print("  mix: " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
     print("  lane-ops per weight: " + ", ".join(f"{pipe} {per_weight.get(pipe, 0):.2f}"
                                                for pipe in ("alu", "fma", "cvt", "lsu", "mma", "other", "control"))
           + f"; all issued {issued:.2f}")
-    return {"ops": dict(ops), "per_weight": per_weight, "issued": issued}
+    return {"ops": dict(ops), "per_weight": per_weight, "issued": issued, "registers": regs}
 
 
 def triton_cubin(fmt, dtype: str, config) -> bytes:
@@ -134,9 +143,9 @@ def triton_cubin(fmt, dtype: str, config) -> bytes:
     return compiled.asm["cubin"]
 
 
-def cuda_cubin(fmt, dtype: str, m: int) -> bytes:
+def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False) -> bytes:
     from fp6llm.kernels.fpx_cuda import kernel_source, nvrtc_compile
-    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False)
+    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False, fma_shifts=fma_shifts)
     try:
         return nvrtc_compile(source, "sm_90a")
     except RuntimeError as err:
@@ -155,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--m", type=int, default=1, help="rows of x (picks the configuration)")
     parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda"])
+    parser.add_argument("--fma-shifts", action="store_true",
+                        help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
     parser.add_argument("--json", help="also write the counts to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -171,7 +182,8 @@ def main(argv=None) -> int:
                                    config.num_warps, config.block_n * config.block_k)
     if args.kernel in ("both", "cuda"):
         # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
-        results["cuda"] = report("CUDA fpx_small_m (per warp)", cuda_cubin(fmt, args.dtype, args.m), 1, 2 * 16 * 128)
+        name = "CUDA fpx_small_m" + (", fma_shifts" if args.fma_shifts else "") + " (per warp)"
+        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts), 1, 2 * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     return 0

@@ -286,8 +286,9 @@ def test_cuda_small_m_kernel_matches_reference(gen, fmt, dtype, m):
     bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
     ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
     for split in (1, 3):
-        out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split)
-        assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
+        for fma_shifts in (False, True):  # left shifts by immediates / by kernel-parameter multipliers
+            out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, fma_shifts=fma_shifts)
+            assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype], (split, fma_shifts)
 
 
 @gpu

@@ -91,6 +91,22 @@ def test_cuda_small_m_kernel_compiles_and_fits_the_budget(tmp_path):
     for name in ("e2m3", "e2m2", "e2m1", "e3m1", "e4m3", "e2m4"):
         for bf16 in (False, True):
             assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True), "sm_90a")
+            assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True,
+                                                                 fma_shifts=True), "sm_90a")
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_cuda_fma_shifts_variant_fits_the_alu_budget(tmp_path):
+    """The fma_shifts variant (left shifts by kernel-parameter multipliers, which ptxas cannot turn into SHF):
+    e3m2, FP16, M <= 8: <= 1.2 ALU lane-ops per weight (built: 1.09) at <= 96 registers (5 CTAs of 4 warps per SM,
+    as the immediate variant's 91), and the multipliers it takes are exactly its left shifts."""
+    cuda = counts("cuda", tmp_path, "--fma-shifts")
+    assert cuda["per_weight"]["alu"] <= 1.2 and cuda["issued"] <= 2.3
+    assert cuda["ops"].get("SHF", 0) <= 8  # the left shifts left the ALU pipe
+    assert cuda["registers"] <= 96
+    assert fpx_cuda.shifts(E3M2) == (2, 4, 6, 8)
+    source = fpx_cuda.kernel_source(E3M2, False, 1, False, fma_shifts=True)
+    assert "POWER_PARAMS , u32 pw_2, u32 pw_4, u32 pw_6, u32 pw_8" in source and "shl_fma<" not in source
 
 
 def test_cuda_kernel_refuses_what_it_does_not_handle():

@@ -13,6 +13,7 @@ source and target.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import hashlib
 import math
@@ -43,21 +44,38 @@ def _hex(mask: int) -> str:
     return f"0x{mask:08X}u"
 
 
-def _extract(word: str, mask: int, r: int) -> str:
-    """C++ for rotl(word, r) & mask: no move, a left shift, a right shift or a rotate, whichever the mask needs."""
+def _extract(word: str, mask: int, r: int, fma_shifts: bool) -> str:
+    """C++ for rotl(word, r) & mask: no move, a left shift, a right shift or a rotate, whichever the mask needs; with
+    fma_shifts a left shift multiplies by the kernel parameter pw.p<r> instead of an immediate."""
     bits = [b for b in range(32) if mask >> b & 1]
     m = _hex(mask)
     if r == 0:
         return f"({word} & {m})"
     if min(bits) >= r:  # every kept bit comes from the left shift
-        return f"(shl_fma<{1 << r}u>({word}) & {m})"
+        return f"(shl_fma({word}, pw.p{r}) & {m})" if fma_shifts else f"(shl_fma<{1 << r}u>({word}) & {m})"
     if max(bits) < r:  # every kept bit wraps around: x >> (32 - r)
         return f"(shr_fma<{1 << r}u>({word}) & {m})"
     return f"rotl_masked<{1 << r}u, {m}>({word})"
 
 
-def dequant_source(fmt: FPFormat) -> str:
-    """C++ for the format's constants: Tile's plane registers, their loads, and dequant_tile (32 pairs per lane)."""
+def _extracts(plane, slot: int) -> list:
+    """(mask, rotation) of each move of one slot of a plane: one for a tied plane, else one per field."""
+    if plane.tied:
+        return [(plane.mask, plane.rotations[slot][0])]
+    return [(field.mask, r) for field, r in zip(plane.fields, plane.rotations[slot])]
+
+
+def shifts(fmt: FPFormat) -> tuple:
+    """The left shifts r of fmt's dequant_tile (fields moved by x << r alone), ascending: the fma_shifts variant
+    takes 2^r of each as a kernel parameter."""
+    return tuple(sorted({r for plane in placement(fmt) for slot in range(plane.slots)
+                         for mask, r in _extracts(plane, slot)
+                         if r and min(b for b in range(32) if mask >> b & 1) >= r}))
+
+
+def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
+    """C++ for the format's constants: Tile's plane registers, their loads, the kernel's Powers parameters (none
+    unless fma_shifts), and dequant_tile (32 pairs per lane)."""
     layout = placement(fmt)
     regs = " ".join(f"u32 w{p}[{2 * plane.width}];" for p, plane in enumerate(layout))
     loads = []
@@ -77,21 +95,25 @@ def dequant_source(fmt: FPFormat) -> str:
         terms = []
         for p, plane in enumerate(layout):
             word, slot = divmod(q, plane.slots)
-            extracts = [(plane.mask, plane.rotations[slot][0])] if plane.tied else \
-                [(field.mask, r) for field, r in zip(plane.fields, plane.rotations[slot])]
-            terms += [_extract(f"tile.w{p}[{word}]", mask, r) for mask, r in extracts]
+            terms += [_extract(f"tile.w{p}[{word}]", mask, r, fma_shifts) for mask, r in _extracts(plane, slot)]
         lines.append(f"    a[{q}] = {' | '.join(terms)};")
+    used = shifts(fmt) if fma_shifts else ()
     return "\n".join([
         f"#define PLANE_REGS {regs}",
+        "#define POWER_PARAMS " + "".join(f", u32 pw_{r}" for r in used),
+        "#define POWERS {" + ", ".join(f"pw_{r}" for r in used) + "}",
         "#define LOAD_PLANES " + " ".join(loads),
         "struct Tile;",
-    ]), "\n".join(["__device__ __forceinline__ void dequant_tile(const Tile& tile, u32 (&a)[32]) {", *lines, "}"])
+    ]), "\n".join(["struct Powers { " + " ".join(f"u32 p{r};" for r in used) + " };",
+        "__device__ __forceinline__ void dequant_tile(const Tile& tile, const Powers& pw, u32 (&a)[32]) {", *lines, "}"])
 
 
-def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0) -> str:
+def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
+                  fma_shifts: bool = False) -> str:
     """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. min_blocks > 0 asks
-    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks))."""
-    header, dequant = dequant_source(fmt)
+    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks));
+    fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the .cu file."""
+    header, dequant = dequant_source(fmt, fma_shifts)
     body = SOURCE.read_text()
     if min_blocks:
         body = body.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
@@ -201,11 +223,12 @@ def _registers(kernel) -> int:
     return value.value
 
 
-def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, device):
+def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
+            device):
     """(kernel, resident CTAs per SM by its registers) for this case, compiled and loaded once per process."""
-    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, torch.device(device).index)
+    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, torch.device(device).index)
     if key not in _KERNELS:
-        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks)
+        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks, fma_shifts)
         cubin = cached_cubin(source, _arch(device))
         with torch.cuda.device(device):
             kernel = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
@@ -223,6 +246,10 @@ def supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool
 
 
 MIN_BLOCKS = 0  # __launch_bounds__ minimum CTAs per SM (0: ptxas's choice, 80 registers: 6 CTAs)
+# Left shifts by kernel-parameter multipliers (kernel_source's fma_shifts): e3m2 1.48 -> 1.09 ALU lane-ops per weight
+# at 91 -> 94 registers (the same 5 CTAs per SM), but e2m3 91 -> 120 registers (4 CTAs); off until the device run
+# times both (bench/kernel_v2.py --fma-shifts), since the warps were latency-bound, not ALU-bound (ncu, 2026-12-01).
+FMA_SHIFTS = False
 
 
 def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int:
@@ -234,11 +261,12 @@ def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-                split: "int | None" = None, min_blocks: int = MIN_BLOCKS) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks override the defaults (tests,
-    benchmarks)."""
+                split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
+                fma_shifts: bool = FMA_SHIFTS) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts override the
+    defaults (tests, benchmarks)."""
     m = x.shape[0]
-    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, x.device)
+    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts, x.device)
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)
@@ -253,5 +281,13 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
-                 counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
+                 counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps,
+                 *(_powers(fmt) if fma_shifts else ())])
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _powers(fmt: FPFormat) -> tuple:
+    """The fma_shifts kernel's Powers parameters: 2^r for each of fmt's left shifts, as the C ints the launcher passes
+    (2^31 as its two's-complement bits, what the u32 parameter reads)."""
+    return tuple((1 << r) - (1 << 32) if r == 31 else 1 << r for r in shifts(fmt))

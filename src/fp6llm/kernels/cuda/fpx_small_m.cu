@@ -14,6 +14,7 @@
 // not depend on timing.
 //
 // Defined by the prepended header: N_BLOCKS_M (1: M <= 8, 2: M <= 16), IS_BF16, HAS_BIAS, PLANE_WIDTHS...,
+// Powers / POWER_PARAMS / POWERS (the multipliers dequant_tile uses, passed as kernel parameters),
 // LOAD_PLANES(kt) and dequant_tile().
 
 // No headers: NVRTC compiles this file alone (fp16/bf16 conversions are inline PTX).
@@ -39,11 +40,20 @@ __device__ __forceinline__ uint2 load_stream2(const u32* p) {
 
 // Field moves as integer multiplies by 2^r, so that they issue on the FMA pipe (IMAD) and leave the ALU pipe to the
 // masks (LOP3): x << r is the low word of x * 2^r, x >> (32 - r) its high word, and a rotate both (IMAD.WIDE).
-// dequant_tile (generated) picks the one whose bits survive the mask.
+// dequant_tile (generated) picks the one whose bits survive the mask. With an immediate multiplier ptxas turns about
+// half of the left shifts back into SHF (ALU pipe: 0.38 of e3m2's 1.48 ALU operations per weight, 2026-12-02); the
+// generator's fma_shifts variant passes those multipliers as kernel parameters (Powers), which ptxas cannot see, so
+// they stay IMADs (e3m2: 1.09 ALU per weight), for a few registers more.
 template <u32 POWER>
 __device__ __forceinline__ u32 shl_fma(u32 x) {  // x << r for POWER = 2^r
     u32 y;
     asm("mul.lo.u32 %0, %1, %2;" : "=r"(y) : "r"(x), "n"(POWER));
+    return y;
+}
+
+__device__ __forceinline__ u32 shl_fma(u32 x, u32 power) {  // x << r for power = 2^r, a kernel parameter
+    u32 y;
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(y) : "r"(x), "r"(power));
     return y;
 }
 
@@ -127,9 +137,10 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
 // core's latency (~30 cycles per dependent mma.sync) is not paid 8 times in a row per tile.
 #define CHAINS (4 / N_BLOCKS_M)  // measured on an H200 (2026-12-01): 1 chain 1.05-1.2x slower, 2 = 4 within noise
 
-__device__ __forceinline__ void compute_tile(const Tile& tile, float (&acc)[N_BLOCKS_M][CHAINS][4]) {
+__device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw,
+                                             float (&acc)[N_BLOCKS_M][CHAINS][4]) {
     u32 a[32];
-    dequant_tile(tile, a);
+    dequant_tile(tile, pw, a);
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks) {
         u32 frag[4] = {a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3]};
@@ -149,7 +160,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
             const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
             u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
-            int M, int N, int K, double scale_factor_d, int kps) {
+            int M, int N, int K, double scale_factor_d, int kps POWER_PARAMS) {
+    const Powers pw = POWERS;  // the multipliers 2^r of dequant_tile, one u32 parameter each
     const float scale_factor = (float)scale_factor_d;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
@@ -170,10 +182,10 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt0, kt0, lane);
         for (int kt = kt0; kt < kt1; kt += 2) {
             if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, x_row0, x_row1, base + kt + 1, kt + 1, lane);
-            compute_tile(even, chains);
+            compute_tile(even, pw, chains);
             if (kt + 1 >= kt1) break;
             if (kt + 2 < kt1) load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt + 2, kt + 2, lane);
-            compute_tile(odd, chains);
+            compute_tile(odd, pw, chains);
         }
     }
 
