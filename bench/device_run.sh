@@ -44,7 +44,7 @@ check)
     ;;
 kernel)
     gpu_only timeout 560 python3 bench/kernel_v2.py --ms 1,2,4,8,16 --mid 32,64,128,256,512,1024,4096 --fma-shifts \
-        --out "$out" \
+        --imad-rotate --out "$out" \
         2>&1 | tee "$out/kernel.log" | grep -E "correctness|WRONG|geo-mean|Error|error|dry run"
     ;;
 tune)  # small M first, then the mid-M buckets merged into the same table (each half bounded by the call limit)
@@ -75,7 +75,8 @@ serve | serve-mixed)  # the device image lacks fastapi/uvicorn/pydantic: carry .
         "${device[@]}" --out "$out" 2>&1 | tee "$out/$log.log" | grep -E "^\||wrote|rror" | tail -12
     ;;
 all-quick)
-    gpu_only timeout 150 python3 bench/kernel_v2.py --quick --ms 1,8,16 --mid 128 --fma-shifts --out "$out" 2>&1 \
+    gpu_only timeout 150 python3 bench/kernel_v2.py --quick --ms 1,8,16 --mid 128 --fma-shifts --imad-rotate \
+        --out "$out" 2>&1 \
         | tee "$out/kernel.log" | grep -E "correctness|WRONG|fp16 |geo-mean|M=128|Error|error|dry run" | grep -v "e2m3\|e2m1"
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x -m gpu . 2>&1 | tail -3)
     timeout 150 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \

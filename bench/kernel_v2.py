@@ -28,12 +28,14 @@ from fp6llm.evals.timing import copy_bandwidth, describe_device, read_bandwidth,
 from fp6llm.formats import FPFormat  # noqa: E402
 from fp6llm.kernels import fpx_cuda  # noqa: E402
 from fp6llm.kernels.dispatch import device_key, heuristic_config  # noqa: E402
+from fp6llm.kernels import fpx_gemm as gemm_module  # noqa: E402
 from fp6llm.kernels.fpx_gemm import fpx_gemm  # noqa: E402
 from fp6llm.quantize import quantize_weight  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BLOCK_VARIANTS = ()  # set by --blocks
 FMA_SHIFTS_AB = False  # set by --fma-shifts
+IMAD_ROTATE_AB = False  # set by --imad-rotate
 
 
 def rel_err(out, ref) -> float:
@@ -75,12 +77,14 @@ def correctness(quick: bool) -> list:
     return rows
 
 
-def calls_for(qw, m, dtype, kernel, min_blocks=None, fma_shifts=None):
+def calls_for(qw, m, dtype, kernel, min_blocks=None, fma_shifts=None, imad_rotate=None):
     """kernel.rotating_calls of the CUDA small-M kernel ("cuda", with min_blocks and fma_shifts, default: the
-    module's) or the Triton kernel ("triton")."""
+    module's) or the Triton kernel ("triton", with imad_rotate, default: the module's)."""
     n, k = qw.shape
     if kernel == "triton":
-        return rotating_calls(qw, m, dtype, lambda x, p, s: fpx_gemm(x, p, s, None, qw.fmt, n, k, None))
+        rotate = gemm_module.ROTATE_BY_MULTIPLY if imad_rotate is None else imad_rotate
+        return rotating_calls(qw, m, dtype, lambda x, p, s: fpx_gemm(x, p, s, None, qw.fmt, n, k, None,
+                                                                     imad_rotate=rotate))
     blocks = fpx_cuda.MIN_BLOCKS if min_blocks is None else min_blocks
     shifts = fpx_cuda.FMA_SHIFTS if fma_shifts is None else fma_shifts
     return rotating_calls(qw, m, dtype, lambda x, p, s: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
@@ -108,6 +112,10 @@ def timing(ms, cases, bandwidth) -> list:
                     calls, _ = calls_for(qw, m, dtype, "cuda", fma_shifts=not fpx_cuda.FMA_SHIFTS)
                     row["cuda_fma_shifts_ab_us"] = time_calls(calls) * 1e6
                     del calls
+                if IMAD_ROTATE_AB:  # A/B of the Triton kernel's field moves by multiplies
+                    calls, _ = calls_for(qw, m, dtype, "triton", imad_rotate=not gemm_module.ROTATE_BY_MULTIPLY)
+                    row["triton_imad_rotate_ab_us"] = time_calls(calls) * 1e6
+                    del calls
                 dense, dense_bytes = dense_calls(n, k, m, dtype, "cuda")
                 row["cublas_us"] = time_calls(dense) * 1e6
                 row["cublas_floor"] = dense_bytes / bandwidth / (row["cublas_us"] / 1e6)
@@ -120,6 +128,9 @@ def timing(ms, cases, bandwidth) -> list:
                 variants = " ".join(f"b{b} {row[f'cuda_b{b}_us']:.1f}" for b in BLOCK_VARIANTS)
                 if FMA_SHIFTS_AB:
                     variants += f" fma_shifts={not fpx_cuda.FMA_SHIFTS} {row['cuda_fma_shifts_ab_us']:.1f}"
+                if IMAD_ROTATE_AB:
+                    variants += f" triton imad_rotate={not gemm_module.ROTATE_BY_MULTIPLY} " \
+                                f"{row['triton_imad_rotate_ab_us']:.1f}"
                 print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%}) [{variants}]"
                       f"  triton {row['triton_us']:7.1f} us ({row['triton_floor']:4.0%})  cuBLAS {row['cublas_us']:7.1f} us"
                       f" ({row['cublas_floor']:4.0%})  cuda {row['cuda_speedup']:.2f}x  triton {row['triton_speedup']:.2f}x",
@@ -144,7 +155,14 @@ def timing_mid(ms, bandwidth) -> list:
             del dense
             rows.append({"shape": name, "m": m, "triton_us": t, "cublas_us": t_dense, "speedup": t_dense / t,
                          "config": str(heuristic_config(m, n, k, 132))})
-            print(f"{name:9} M={m:<5} triton {t:8.1f} us  cuBLAS {t_dense:8.1f} us  {t_dense / t:.2f}x", flush=True)
+            variant = ""
+            if IMAD_ROTATE_AB:  # A/B of the field moves by multiplies
+                calls, _ = calls_for(qw, m, torch.float16, "triton", imad_rotate=not gemm_module.ROTATE_BY_MULTIPLY)
+                rows[-1]["imad_rotate_ab_us"] = time_calls(calls) * 1e6
+                del calls
+                variant = f"  [imad_rotate={not gemm_module.ROTATE_BY_MULTIPLY} {rows[-1]['imad_rotate_ab_us']:.1f} us]"
+            print(f"{name:9} M={m:<5} triton {t:8.1f} us  cuBLAS {t_dense:8.1f} us  {t_dense / t:.2f}x{variant}",
+                  flush=True)
         del qw
         torch.cuda.empty_cache()
     return rows
@@ -170,13 +188,15 @@ def main(argv=None):
     parser.add_argument("--blocks", default="", help="extra __launch_bounds__ minimum CTAs per SM to time, e.g. 7,8")
     parser.add_argument("--fma-shifts", action="store_true",
                         help="also check and time the CUDA kernel with the other fma_shifts setting")
+    parser.add_argument("--imad-rotate", action="store_true",
+                        help="also time the Triton kernel with the other imad_rotate setting (small and mid M)")
     parser.add_argument("--mid", default="32,128,512,4096", help="M of the Triton-path rows ('' for none)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     started = time.time()
-    global BLOCK_VARIANTS, FMA_SHIFTS_AB
+    global BLOCK_VARIANTS, FMA_SHIFTS_AB, IMAD_ROTATE_AB
     BLOCK_VARIANTS = tuple(int(b) for b in args.blocks.split(",") if b)
-    FMA_SHIFTS_AB = args.fma_shifts
+    FMA_SHIFTS_AB, IMAD_ROTATE_AB = args.fma_shifts, args.imad_rotate
     checks = correctness(args.quick)
     copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
     bandwidth = max(copy_bw, read_bw)

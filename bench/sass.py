@@ -119,7 +119,7 @@ def report(name: str, cubin: bytes, warps: int, weights_per_iteration: int) -> d
     return {"ops": dict(ops), "per_weight": per_weight, "issued": issued, "registers": regs}
 
 
-def triton_cubin(fmt, dtype: str, config) -> bytes:
+def triton_cubin(fmt, dtype: str, config, imad_rotate: bool = False) -> bytes:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -127,7 +127,7 @@ def triton_cubin(fmt, dtype: str, config) -> bytes:
     from fp6llm.kernels import fpx_gemm as kernels
     constants = dict(kernels._plane_kwargs(fmt), GROUP_SIZE=0, HAS_BIAS=False, BLOCK_M=config.block_m,
                      BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k, USE_DOT=config.use_dot,
-                     EVEN_K=True, DOT_FP32=False, SWAP_AB=config.swap_ab)
+                     EVEN_K=True, DOT_FP32=False, SWAP_AB=config.swap_ab, IMAD_ROTATE=imad_rotate)
     t = "fp16" if dtype == "float16" else "bf16"
     signature = {"x_ptr": f"*{t}", "p0_ptr": "*i32", "p1_ptr": "*i32", "p2_ptr": "*i32", "rot_ptr": "*i32",
                  "scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": f"*{t}", "ws_ptr": "*fp32", "count_ptr": "*i32",
@@ -166,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda"])
     parser.add_argument("--fma-shifts", action="store_true",
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
+    parser.add_argument("--imad-rotate", action="store_true",
+                        help="the Triton kernel's variant with field moves as multiplies (fpx_gemm's imad_rotate)")
     parser.add_argument("--json", help="also write the counts to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -178,7 +180,8 @@ def main(argv=None) -> int:
     results = {}
     if args.kernel in ("both", "triton"):
         config = heuristic_config(args.m, 8192, 8192, 132)
-        results["triton"] = report(f"Triton fpx_gemm_kernel {config}", triton_cubin(fmt, args.dtype, config),
+        name = f"Triton fpx_gemm_kernel {config}" + (", imad_rotate" if args.imad_rotate else "")
+        results["triton"] = report(name, triton_cubin(fmt, args.dtype, config, args.imad_rotate),
                                    config.num_warps, config.block_n * config.block_k)
     if args.kernel in ("both", "cuda"):
         # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)

@@ -75,9 +75,13 @@ def test_every_dispatch_configuration_compiles_for_sm90a():
 
 
 def test_triton_small_m_loop_budget(tmp_path):
-    """Layout v2 in Triton: <= 2.6 ALU lane-ops per weight (v1: 3.3-3.45) for the default small-M configuration."""
+    """Layout v2 in Triton: <= 2.6 ALU lane-ops per weight (v1: 3.3-3.45) for the default small-M configuration; its
+    imad_rotate variant (field moves as multiplies): <= 2.2 ALU (built: 2.09), the moves on the FMA pipe."""
     triton = counts("triton", tmp_path)
     assert triton["per_weight"]["alu"] <= 2.6 and triton["per_weight"]["mma"] > 0
+    multiplied = counts("triton", tmp_path, "--imad-rotate")
+    assert multiplied["per_weight"]["alu"] <= 2.2
+    assert multiplied["per_weight"]["fma"] >= triton["per_weight"]["fma"] + 0.5  # where the moves went
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")

@@ -105,7 +105,8 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
         "#define LOAD_PLANES " + " ".join(loads),
         "struct Tile;",
     ]), "\n".join(["struct Powers { " + " ".join(f"u32 p{r};" for r in used) + " };",
-        "__device__ __forceinline__ void dequant_tile(const Tile& tile, const Powers& pw, u32 (&a)[32]) {", *lines, "}"])
+        "__device__ __forceinline__ void dequant_tile(const Tile& tile, const Powers& pw, u32 (&a)[32]) {",
+        *lines, "}"])
 
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,

@@ -42,6 +42,11 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 # two plain shifts on H200 70B shapes (2026-11-30, docs/kernel-notes.md). The interpreter runs no PTX: there the
 # portable form computes the same rotate.
 ROTATE_WITH_PTX = tl.constexpr(not INTERPRETER)
+# Field moves as 32 x 32 -> 64-bit multiplies by 2^r (IMAD.WIDE, FMA pipe) instead of funnel shifts (SHF, ALU pipe):
+# sm_90a, e3m2, FP16 (bench/sass.py, 2026-12-02): M = 1 config 2.53 -> 2.09 ALU and 1.11 -> 2.14 FMA lane-operations
+# per weight, 4.62 -> 5.22 issued; M = 128 3.61 -> 2.91 ALU, 4.95 -> 5.25 issued. Fewer ALU operations, more in
+# all: off until the device run times both (bench/kernel_v2.py --imad-rotate).
+ROTATE_BY_MULTIPLY = False
 
 
 @triton.jit
@@ -54,9 +59,30 @@ def _rotl(x, r):
 
 
 @triton.jit
+def _rotl_imad(x, power):
+    """uint32 x rotated left by r, given power = 2^r (uint32 bits of an int32 tensor broadcast against x): the low |
+    high word of one 32 x 32 -> 64-bit multiply, which issues on the FMA pipe (IMAD.WIDE) where shf.l.wrap takes
+    the ALU pipe."""
+    power = power.to(tl.uint32, bitcast=True) + tl.zeros_like(x)
+    if ROTATE_WITH_PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 w; .reg .b32 lo, hi; mul.wide.u32 w, $1, $2; mov.b64 {lo, hi}, w; or.b32 $0, lo, hi; }",
+            "=r,r,r", [x, power], dtype=tl.uint32, is_pure=True, pack=1)
+    return (x * power) | tl.umulhi(x, power)
+
+
+@triton.jit
+def _move(x, rotation, IMAD_ROTATE: tl.constexpr):
+    """x rotated by a table entry: r (a funnel shift) or, with IMAD_ROTATE, 2^r (a multiply)."""
+    if IMAD_ROTATE:
+        return _rotl_imad(x, rotation)
+    return _rotl(x, rotation)
+
+
+@triton.jit
 def _plane_pairs(plane_ptr, rot_ptr, n0, N, kt0, k_tiles,
                  PLANE: tl.constexpr, W: tl.constexpr, NX: tl.constexpr, MASK0: tl.constexpr, MASK1: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IMAD_ROTATE: tl.constexpr):
     """int32 [BLOCK_N, BLOCK_K // 2]: one plane's bits of each weight pair (k, k + 1) of the block, already at their
     FP16 positions (layout version 2, packing.py): rows n0 .. n0 + BLOCK_N - 1 (n0 a multiple of 16), K tiles
     kt0 .. kt0 + BLOCK_K / 128 - 1.
@@ -83,11 +109,12 @@ def _plane_pairs(plane_ptr, rot_ptr, n0, N, kt0, k_tiles,
     words = tl.reshape(tl.permute(words, (0, 1, 3, 2, 4)), (BN16, KT, 32, WORDS))
     x = words.to(tl.uint32, bitcast=True)[:, :, :, :, None]
     slot = tl.arange(0, SLOTS)
+    # the table holds each slot's rotations r, or 2^r with IMAD_ROTATE (_rotation_table)
     rot = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE)[None, None, None, None, :]
-    pairs = _rotl(x, rot).to(tl.int32, bitcast=True) & MASK0  # masks are int32 (a sign bit makes them negative)
+    pairs = _move(x, rot, IMAD_ROTATE).to(tl.int32, bitcast=True) & MASK0  # int32 masks: a sign bit is negative
     if NX > 1:
         rot1 = tl.load(rot_ptr + (PLANE * 16 + slot) * ROTATION_STRIDE + 1)[None, None, None, None, :]
-        pairs |= _rotl(x, rot1).to(tl.int32, bitcast=True) & MASK1
+        pairs |= _move(x, rot1, IMAD_ROTATE).to(tl.int32, bitcast=True) & MASK1
     # q = j * SLOTS + s = 4 ks + 2 rh + rl; lane = 4 g + t  ->  [BN16, rl, g, KT, t, ks, rh]
     pairs = tl.reshape(pairs, (BN16, KT, 8, 4, 8, 2, 2))
     pairs = tl.permute(pairs, (0, 6, 2, 1, 3, 4, 5))
@@ -100,16 +127,17 @@ def _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, n0, N, kt0, k_tiles,
                   NX0: tl.constexpr, NX1: tl.constexpr, NX2: tl.constexpr,
                   M00: tl.constexpr, M01: tl.constexpr, M10: tl.constexpr, M11: tl.constexpr,
                   M20: tl.constexpr, M21: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IMAD_ROTATE: tl.constexpr):
     """FP16 [BLOCK_N, BLOCK_K] tile = value(code) * 2^(bias - 15), from up to three planes (width 0 = absent):
     the OR of the planes' placed bits is each pair's fp16x2 register (two weights per 32-bit operation)."""
-    bits = _plane_pairs(p0_ptr, rot_ptr, n0, N, kt0, k_tiles, 0, W0, NX0, M00, M01, BLOCK_N, BLOCK_K, EVEN_K)
+    bits = _plane_pairs(p0_ptr, rot_ptr, n0, N, kt0, k_tiles, 0, W0, NX0, M00, M01, BLOCK_N, BLOCK_K, EVEN_K,
+                        IMAD_ROTATE)
     if W1 > 0:
         bits |= _plane_pairs(p1_ptr, rot_ptr, n0, N, kt0, k_tiles, 1, W1, NX1, M10, M11, BLOCK_N, BLOCK_K,
-                             EVEN_K)
+                             EVEN_K, IMAD_ROTATE)
     if W2 > 0:
         bits |= _plane_pairs(p2_ptr, rot_ptr, n0, N, kt0, k_tiles, 2, W2, NX2, M20, M21, BLOCK_N, BLOCK_K,
-                             EVEN_K)
+                             EVEN_K, IMAD_ROTATE)
     lo = (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
@@ -124,6 +152,7 @@ def fpx_gemm_kernel(
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_FP32: tl.constexpr, SWAP_AB: tl.constexpr,
+    IMAD_ROTATE: tl.constexpr,
 ):
     """One program: rows [BLOCK_M], channels [BLOCK_N], its 1/SPLIT_K share of K (in BLOCK_K steps)."""
     pid = tl.program_id(0)
@@ -156,7 +185,7 @@ def fpx_gemm_kernel(
             x_mask = x_mask & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // PLANE_TILE_K, k_tiles, W0, W1, W2,
-                          NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K)
+                          NX0, NX1, NX2, M00, M01, M10, M11, M20, M21, BLOCK_N, BLOCK_K, EVEN_K, IMAD_ROTATE)
         if GROUP_SIZE > 0 and GROUP_SIZE < BLOCK_K:  # several groups per block: scale the weights themselves
             groups = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + k0 // GROUP_SIZE
                              + tl.arange(0, BLOCK_K // GROUP_SIZE)[None, :], mask=n_mask[:, None], other=0.0)
@@ -229,7 +258,7 @@ def dequantize_kernel(
     n_mask = offs_n < N
     w = _dequant_tile(p0_ptr, p1_ptr, p2_ptr, rot_ptr, pid_n * BLOCK_N, N, k0 // PLANE_TILE_K,
                       tl.cdiv(K, PLANE_TILE_K), W0, W1, W2, NX0, NX1, NX2, M00, M01, M10, M11, M20, M21,
-                      BLOCK_N, BLOCK_K, EVEN_K).to(tl.float32)
+                      BLOCK_N, BLOCK_K, EVEN_K, False).to(tl.float32)
     if GROUP_SIZE > 0:  # a scale per element's group (BLOCK_K need not divide the group size, nor the reverse)
         scale = tl.load(scale_ptr + offs_n[:, None] * stride_scale_n + offs_k[None, :] // GROUP_SIZE,
                         mask=n_mask[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -276,8 +305,12 @@ def _placement_consts(fmt: FPFormat) -> tuple:
     return tuple(widths), tuple(extracts), tuple(tuple(m) for m in masks), table
 
 
-def _rotation_table(fmt: FPFormat, device) -> torch.Tensor:
-    """int32 [3 * 16 * 2] rotation table of fmt on device (made once per format and device, before any capture)."""
+def _rotation_table(fmt: FPFormat, device, powers: bool = False) -> torch.Tensor:
+    """int32 [3 * 16 * 2] rotation table of fmt on device: the rotations r, or with ``powers`` 2^r as int32 bits
+    (the IMAD_ROTATE kernels). Made once per format and device, before any capture."""
+    if powers:
+        return CONSTANTS.get(("powers", fmt), device, lambda: [
+            [[_signed32(1 << r) for r in slot] for slot in plane] for plane in _placement_consts(fmt)[3]])
     return CONSTANTS.get(("rotations", fmt), device, lambda: _placement_consts(fmt)[3])
 
 
@@ -309,11 +342,12 @@ def dequantize_planes(planes, scales: torch.Tensor, fmt: FPFormat, n: int, k: in
 
 
 def fpx_gemm(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-             group_size: "int | None", config: "KernelConfig | None" = None) -> torch.Tensor:
+             group_size: "int | None", config: "KernelConfig | None" = None,
+             imad_rotate: bool = ROTATE_BY_MULTIPLY) -> torch.Tensor:
     """out [M, N] = x [M, K] @ W.T (+ bias) in x's dtype. x float16/bfloat16 with unit column stride.
 
-    ``config`` overrides the dispatch table (tests use it to cover every path). Raises ValueError for a case
-    that kernel_supports rejects.
+    ``config`` overrides the dispatch table (tests use it to cover every path); ``imad_rotate`` moves fields with
+    multiplies instead of funnel shifts (ROTATE_BY_MULTIPLY). Raises ValueError for a case that kernel_supports rejects.
     """
     if not kernel_supports(fmt, group_size, x.dtype):
         raise ValueError(f"fpx_gemm does not handle {fmt.name}, group_size={group_size}, x {x.dtype}")
@@ -332,12 +366,13 @@ def fpx_gemm(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat,
         if config.split_k > 1 else (out, out)
     grid = (tiles * config.split_k,)
     fpx_gemm_kernel[grid](
-        x, padded[0], padded[1], padded[2], _rotation_table(fmt, x.device), scales,
+        x, padded[0], padded[1], padded[2], _rotation_table(fmt, x.device, imad_rotate), scales,
         bias if bias is not None else scales, out, ws, counts, m, n, k, x.stride(0), out.stride(0), scales.stride(0),
         2.0 ** (FP16_EXP_BIAS - fmt.bias), **_plane_kwargs(fmt), GROUP_SIZE=group_size or 0, HAS_BIAS=bias is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         USE_DOT=config.use_dot, EVEN_K=k % config.block_k == 0,
         DOT_FP32=config.use_dot and x.dtype == torch.bfloat16 and INTERPRETER, SWAP_AB=config.swap_ab,
+        IMAD_ROTATE=imad_rotate,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
