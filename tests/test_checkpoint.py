@@ -1,6 +1,7 @@
 """Packed checkpoints (save_packed, quantize_checkpoint, fp6llm quantize) and every loader error, once each."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,29 @@ def test_the_recorded_version_is_the_installed_packages_or_null_from_a_source_tr
     save_packed(model, tmp_path / "source-tree")
     assert json.loads((tmp_path / "source-tree" / "fp6llm.json").read_text())["fp6llm_version"] is None
     assert load_packed(tmp_path / "source-tree", device="cpu", progress=False) is not None  # null is readable
+
+
+def test_the_package_version_is_pyprojects_through_the_installed_metadata(monkeypatch):
+    """fp6llm.__version__ is the installed package's (pyproject.toml's, not a second copy); a source tree that was
+    never installed says it does not know."""
+    import importlib
+    from importlib import metadata
+
+    import fp6llm
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert fp6llm.__version__ == metadata.version("fp6llm") == pyproject["project"]["version"]
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", not_installed)
+    try:
+        assert importlib.reload(fp6llm).__version__ == "0+unknown"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(fp6llm)
+    assert fp6llm.__version__ == pyproject["project"]["version"]
 
 
 def test_quantize_checkpoint_streams_the_same_weights(hf_dir, tmp_path):

@@ -67,8 +67,11 @@ def test_derived_formats_of_a_packed_checkpoint(tmp_path):
     model = build_random("tiny-llama", "e3m2", "cpu", seed=3, progress=False)
     save_packed(model, tmp_path)
     source = ModelSource.parse(tmp_path)
+    generator_state = torch.random.get_rng_state()
     plain, note = bench.load_as(source, "fp32", None, "cpu", progress=False)
+    assert torch.equal(torch.random.get_rng_state(), generator_state)  # no Linear initialised only to be overwritten
     assert note == "from e3m2" and not any(isinstance(m, FPxLinear) for m in plain.modules())
+    assert not any(p.requires_grad for p in plain.parameters())
     assert torch.equal(plain.layers[0].mlp.down_proj.weight, model.layers[0].mlp.down_proj.weight.dequantize())
     requantized, note = bench.load_as(source, "fp5", 32, "cpu", progress=False)
     layer = requantized.layers[0].self_attn.qkv_proj

@@ -120,3 +120,21 @@ def test_fused_rows_are_the_parts_rows_in_order():
                                                      ("layers.0.self_attn.v_proj", 6 * head, 2 * head))
     assert layout["layers.1.mlp.gate_up_proj"] == (("layers.1.mlp.gate_proj", 0, 256),
                                                    ("layers.1.mlp.up_proj", 256, 256))
+
+
+def test_the_layout_is_what_the_model_class_declares():
+    """fused.layout reads the class's FUSED (a model without it has no fused projections) and sizes each part by its
+    TENSOR_PARALLEL features; a part that TENSOR_PARALLEL does not name, or a size off the config, is refused."""
+    assert fused.layout(torch.nn.Sequential(torch.nn.Linear(4, 4))) == {}
+    model = build_model(CONFIG, "meta")
+
+    class Undeclared(type(model)):
+        FUSED = {"mlp.gate_up_proj": ("mlp.gate_proj", "mlp.side_proj")}
+
+    model.__class__ = Undeclared
+    with pytest.raises(ValueError, match="Undeclared.FUSED names mlp.side_proj, which its TENSOR_PARALLEL does not"):
+        fused.layout(model)
+    model.__class__ = Undeclared.__mro__[1]
+    model.layers[1].mlp.gate_up_proj = torch.nn.Linear(CONFIG.dim, 3 * CONFIG.intermediate_size, device="meta")
+    with pytest.raises(ValueError, match=r"layers.1.mlp.gate_up_proj has 768 output features, its parts .* 512 by"):
+        fused.layout(model)

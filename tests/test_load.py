@@ -69,6 +69,30 @@ def test_load_hf_directory_generates_what_transformers_generates(hf_llama_dir, t
         fp6llm.load(packed, "e2m2")
 
 
+def test_a_tokenizer_already_loaded_is_not_read_again(hf_llama_dir, monkeypatch, capsys):
+    """load(tokenizer=...) takes the caller's; `fp6llm generate`, which reads it to check the prompts before the
+    model loads, hands it over: the checkpoint's tokenizer is read once."""
+    import importlib
+
+    from fp6llm.cli import main
+
+    engine_load = importlib.import_module("fp6llm.engine.load")  # the module, not fp6llm.engine's load()
+    path, _ = hf_llama_dir
+    reads, read = [], engine_load.load_tokenizer
+
+    def counted(*args, **kwargs):
+        reads.append(args)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(engine_load, "load_tokenizer", counted)
+    given = ModelSource.parse(path).tokenizer(ModelSource.parse(path).config())
+    engine = fp6llm.load(path, fmt="fp32", device="cpu", max_seq_len=64, progress=False, tokenizer=given)
+    assert engine.tokenizer is given and len(reads) == 1  # the read that made ``given``
+    assert main(["generate", "--model", str(path), "--format", "fp32", "--prompt", "It was", "--max-new-tokens",
+                 "2", "--batch-size", "1"]) == 0
+    assert capsys.readouterr().out.startswith("It was") and len(reads) == 2
+
+
 def test_packed_random_model_loads_with_the_byte_tokenizer(tiny_models, tmp_path):
     save_packed(tiny_models["tiny-llama", "e3m2"], tmp_path)
     engine = fp6llm.load(tmp_path, device="cpu", max_seq_len=64, progress=False)

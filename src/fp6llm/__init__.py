@@ -5,8 +5,20 @@ import torch until something needs it.
 """
 
 import importlib
+from importlib import metadata
+from typing import Optional
 
-__version__ = "0.1.0"
+
+def package_version() -> Optional[str]:
+    """fp6llm's version from its installed package metadata (pyproject.toml's, the one place it is written); None
+    when there is none, as in a source tree that was never installed."""
+    try:
+        return metadata.version("fp6llm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+__version__ = package_version() or "0+unknown"  # a PEP 440 version that says it is not known
 
 # public name -> the module of fp6llm that defines it
 _EXPORTS = {"FPFormat": "formats", "decode": "formats", "encode": "formats", "FPxLinear": "nn",

@@ -1,5 +1,9 @@
 """Fused projections: q/k/v as one linear (``qkv_proj``) and gate/up as one (``gate_up_proj``).
 
+Which projections are fused, and of which parts, each model class declares (``FUSED``, relative to each of its
+``layers``, beside ``TENSOR_PARALLEL``): each part is one of its tensor-parallel projections, whose features (query
+heads, KV heads, MLP hidden units) give the part's rows.
+
 A fused projection's weight is its parts' weights stacked by rows, in order, so one GEMM reads x once and writes
 one output that the model splits by its head counts (q | k | v) or in halves (gate | up). Checkpoints keep the
 parts' names (Hugging Face's q_proj, k_proj, ...; fp6llm's packed checkpoints of the unfused layout) and the loader
@@ -23,39 +27,40 @@ from .nn import FPxLinear
 from .packing import TILE_N, pack
 from .quantize import QuantizedWeight
 
-# A fused projection's name -> its parts' names (each in the model's TENSOR_PARALLEL), in the order of their rows.
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def part_rows(config, part: str) -> int:
-    """Output features of one part of a fused projection of a decoder of ``config``."""
-    if part == "q_proj":
-        return config.n_heads * config.head_dim
-    if part in ("k_proj", "v_proj"):
-        return config.n_kv_heads * config.head_dim
-    if part in ("gate_proj", "up_proj"):
-        return config.intermediate_size
-    raise ValueError(f"{part!r} is not a part of a fused projection ({sorted(FUSED)})")
+def features(config, kind: str) -> int:
+    """Output features of a column-parallel projection that splits ``kind`` (the features of a TENSOR_PARALLEL
+    role: "heads", "kv_heads" or "mlp") in a decoder of ``config``."""
+    sizes = {"heads": config.n_heads * config.head_dim, "kv_heads": config.n_kv_heads * config.head_dim,
+             "mlp": config.intermediate_size}
+    if kind not in sizes:
+        raise ValueError(f"{kind!r} is not a kind of projection features ({sorted(sizes)})")
+    return sizes[kind]
 
 
 def layout(model: nn.Module) -> dict:
     """{fused module name: ((part module name, first row, rows), ...)} of every fused projection in ``model``
-    (meta or real), by ``model.config``'s shapes; the part names are the unfused model's
-    ("layers.0.self_attn.q_proj"). Raises ValueError when a fused projection's size disagrees with the config."""
+    (meta or real), by its class's ``FUSED`` and ``TENSOR_PARALLEL`` and ``model.config``'s shapes; the part names
+    are the unfused model's ("layers.0.self_attn.q_proj"). A model that declares no FUSED has none. Raises
+    ValueError when a fused projection's size disagrees with the config."""
+    declared = getattr(type(model), "FUSED", {})
+    roles = getattr(type(model), "TENSOR_PARALLEL", {})
+    if not declared:
+        return {}
     fused = {}
-    for name, module in model.named_modules():
-        parent, _, child = name.rpartition(".")
-        if child not in FUSED or not isinstance(module, (nn.Linear, FPxLinear)):
-            continue
-        parts, offset = [], 0
-        for part in FUSED[child]:
-            rows = part_rows(model.config, part)
-            parts.append((f"{parent}.{part}" if parent else part, offset, rows))
-            offset += rows
-        if offset != module.out_features:
-            raise ValueError(f"{name} has {module.out_features} output features, its parts {FUSED[child]} "
-                             f"{offset} by the config")
-        fused[name] = tuple(parts)
+    for i in range(len(model.layers)):
+        for name, part_names in declared.items():
+            module = model.get_submodule(f"layers.{i}.{name}")
+            parts, offset = [], 0
+            for part in part_names:
+                if part not in roles:
+                    raise ValueError(f"{type(model).__name__}.FUSED names {part}, which its TENSOR_PARALLEL does not")
+                rows = features(model.config, roles[part][1])
+                parts.append((f"layers.{i}.{part}", offset, rows))
+                offset += rows
+            if offset != module.out_features:
+                raise ValueError(f"layers.{i}.{name} has {module.out_features} output features, its parts "
+                                 f"{part_names} {offset} by the config")
+            fused[f"layers.{i}.{name}"] = tuple(parts)
     return fused
 
 

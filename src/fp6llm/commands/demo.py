@@ -48,7 +48,8 @@ def _demo(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = ModelSource.parse(None)  # the embedded model; the prompt is checked before any work
     config = source.config()
-    check_length(len(source.tokenizer(config).encode(args.prompt)), args.max_new_tokens,
+    tokenizer = source.tokenizer(config)
+    check_length(len(tokenizer.encode(args.prompt)), args.max_new_tokens,
                  config.max_position_embeddings, config.max_position_embeddings, "the prompt")
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(args.size, args.size, generator=gen) * 0.02).to(device)
@@ -73,7 +74,7 @@ def _demo(args) -> None:
               f"{yerr:15.5f} {statistics.median(times) * 1e3:8.2f}")
     print(f"ms: median of {TIMED_CALLS} calls of fpx_linear on x [4, {args.size}] after a warm-up call")
 
-    engine = load(None, device=device, progress=False)
+    engine = load(source, device=device, progress=False, tokenizer=tokenizer)
     # Warm-up, untimed: decodes the weights once on a CPU (fp6llm.nn); compiles and captures the decode graph on a GPU.
     engine.generate(args.prompt, max_new_tokens=4)
     print(f"\nembedded model (FP6 e3m2, {device}), greedy, prompt {args.prompt!r}:\n")

@@ -108,7 +108,7 @@ def _generate_on(args, tp, device) -> None:
                   top_p=args.top_p, seed=seed)
     try:
         engine = load(source, weight_format, device=device, max_batch_size=batch, max_seq_len=seq_len,
-                      cuda_graph=not args.no_cuda_graph, progress=rank0, tp=tp)
+                      cuda_graph=not args.no_cuda_graph, progress=rank0, tp=tp, tokenizer=tokenizer)
         if len(prompts) == 1:
             say(printable(prompts[0]), end="", flush=True)
             engine.generate(prompts, **kwargs, stream=lambda d: say(printable(d.text), end="", flush=True))

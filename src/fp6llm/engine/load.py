@@ -167,7 +167,7 @@ def check_fits(config: ModelConfig, weight_format: WeightFormat, device, batch_s
 def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = None, group_size: Optional[int] = None,
          device=None, dtype: Optional[torch.dtype] = None, max_batch_size: int = 8, max_seq_len: Optional[int] = None,
          cuda_graph: bool = True, progress: bool = True, tp: Optional[TensorParallel] = None,
-         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION) -> Engine:
+         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION, tokenizer=None) -> Engine:
     """A ready Engine (``.generate(prompts, ...)``) for a model directory or "random:NAME".
 
     path_or_random: a Hugging Face checkpoint directory (quantized while loading), an fp6llm packed checkpoint
@@ -180,6 +180,8 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
     positions, on CUDA at most what gpu_memory_utilization of the GPU's memory leaves after the weights (requests
     are admitted by free blocks). tp: this process's tensor-parallel rank (engine.distributed.process_group): the
     engine runs that rank's slice of the model, and every rank must make the same engine calls (engine.mirror).
+    tokenizer: the source's tokenizer when the caller has it already (``ModelSource.tokenizer``, read to check
+    prompts before the model loads), so that it is not read twice; default: read here.
     Raises ValueError (unknown name or format), FileNotFoundError (no such directory, config or tokenizer),
     DoesNotFit (a MemoryError: weights + the cache of one sequence beyond the free GPU memory, both
     numbers said).
@@ -192,7 +194,7 @@ def load(path_or_random: Union[str, Path, None] = None, fmt: Optional[str] = Non
     device = resolve_device(device)
     weight_format = source.weight_format(fmt, group_size, dtype, device)
     config = source.config()
-    tokenizer = source.tokenizer(config)
+    tokenizer = source.tokenizer(config) if tokenizer is None else tokenizer
     seq_len = max_seq_len or min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
     check_fits(config, weight_format, device, 1, seq_len, tp)  # the cache takes what is left, >= 1 sequence
     model = source.load_model(weight_format, device, progress=progress, tp=tp)

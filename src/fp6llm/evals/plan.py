@@ -22,11 +22,14 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ..models.loader import MODEL_CLASSES
 from .baselines import Method
 from .lm import quantizable_linears
 
-# Projections that read the same input: a fused kernel (qkv, gate_up) holds them as one weight, one format.
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Projections that read the same input, by their last names: a decoder fuses them into one weight of one format
+# (its class's FUSED: q/k/v, gate/up).
+FUSED_GROUPS = tuple(dict.fromkeys(tuple(part.rpartition(".")[2] for part in parts)
+                                   for model_class in MODEL_CLASSES.values() for parts in model_class.FUSED.values()))
 BISECTION_STEPS = 60
 
 

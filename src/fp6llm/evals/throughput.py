@@ -25,6 +25,7 @@ from ..engine.load import GB, DoesNotFit, ModelSource, check_fits, kv_cache_byte
 from ..engine.runner import drop_caches
 from ..engine.sampling import SamplingParams
 from ..formats import WeightFormat, resolve_device
+from ..fused import linear_of
 from ..models.parallel import TensorParallel
 from ..nn import FPxLinear
 from ..quantize import quantize_weight
@@ -66,12 +67,8 @@ def load_as(source: ModelSource, fmt, group_size: Optional[int] = None, device=N
     for name, layer in tqdm(layers, desc=f"derive {weight_format}", unit="layer", disable=not progress):
         weight = layer.weight.dequantize(torch.float32)
         if quantized is None:
-            derived = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device,
-                                dtype=dtype)
-            derived.weight.data.copy_(weight)
-            if layer.bias is not None:
-                derived.bias.data.copy_(layer.bias)
-            derived.requires_grad_(False)
+            # the tensors themselves, in a Linear never initialised (no wasted fill, no draw from torch's generator)
+            derived = linear_of(weight.to(dtype), None if layer.bias is None else layer.bias.detach().to(dtype))
         else:
             derived = FPxLinear(quantize_weight(weight, quantized, group_size), layer.bias)
         parent, _, child = name.rpartition(".")

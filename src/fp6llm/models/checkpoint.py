@@ -10,7 +10,6 @@ import json
 import shutil
 import time
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 from typing import Optional, Union
 
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import package_version
 from ..formats import FPFormat, WeightFormat, resolve_device
 from ..nn import FPxLinear
 from ..packing import LAYOUT_VERSION
@@ -86,20 +86,11 @@ def copy_tokenizer_files(src_dir: Union[str, Path], out_dir: Union[str, Path]) -
     return copied
 
 
-def package_version() -> Optional[str]:
-    """fp6llm's version from its installed package metadata; None (fp6llm.json says null, not a guess) when there is
-    none, as in a source tree that was never installed."""
-    try:
-        return metadata.version("fp6llm")
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _write_meta(out_dir: Path, format_name: str, group_size: Optional[int], config: ModelConfig, source,
                 plan: Optional[dict] = None) -> None:
     meta = {"format": format_name, "group_size": group_size, "layout_version": LAYOUT_VERSION,
             "source": None if source is None else str(source), "fp6llm_version": package_version(),
-            "config": config.to_dict()}
+            "config": config.to_dict()}  # fp6llm_version null from a source tree never installed, not a guess
     if plan:  # per-layer formats (fp6llm.evals.plan); format / group_size are then the other layers' (none)
         meta["plan"] = plan
     (out_dir / PACKED_META).write_text(json.dumps(meta, indent=2) + "\n")

@@ -31,6 +31,9 @@ class Transformer(nn.Module):
                        "self_attn.v_proj": (OUTPUT, "kv_heads"), "self_attn.o_proj": (INPUT, "heads"),
                        "mlp.gate_proj": (OUTPUT, "mlp"), "mlp.up_proj": (OUTPUT, "mlp"),
                        "mlp.down_proj": (INPUT, "mlp")}
+    # The projections of each of ``layers`` that are one Linear of their parts' rows, in this order (fused.py).
+    FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -29,6 +29,7 @@ class Transformer(nn.Module):
     TENSOR_PARALLEL = {"self_attn.q_proj": (OUTPUT, "heads"), "self_attn.k_proj": (OUTPUT, "kv_heads"),
                        "self_attn.v_proj": (OUTPUT, "kv_heads"), "self_attn.out_proj": (INPUT, "heads"),
                        "fc1": (OUTPUT, "mlp"), "fc2": (INPUT, "mlp")}
+    FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}  # as llama's
 
     def __init__(self, config: ModelConfig):
         super().__init__()
