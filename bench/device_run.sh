@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
-#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | e2e | e2e70 | serve |
+#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | e2e | e2e70 | serve |
 #                                                           serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -9,7 +9,8 @@
 #             kernel tests compiled (not interpreted)
 #   kernel    bench/kernel_v2.py: CUDA small-M and Triton v2 against cuBLAS, every format, M <= 16 and mid M
 #   tune      bench/tune.py, M <= 64: the measured dispatch table for this GPU (OUT_DIR/<gpu>.json: copy it to
-#             src/fp6llm/kernels/configs/ and commit it); tune-mid: M = 128..4096 merged into the same file
+#             src/fp6llm/kernels/configs/ and commit it); tune-mid: M = 128..4096 merged into the same file;
+#             tune-more: e3m2 BF16 and e2m1 tables of their own (dispatch.table_for)
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
 #   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients, the server's default settings (run
@@ -55,6 +56,10 @@ tune-mid)
     gpu_only timeout 560 python3 bench/tune.py --ms 128,256,512,1024,4096 --merge --out "$out" 2>&1 \
         | tee "$out/tune-mid.log" | grep -E "^M=|wrote|Error|dry run"
     ;;
+tune-more)  # tables of their own for BF16 and a 4-bit format, merged into the same file
+    gpu_only timeout 560 python3 bench/tune.py --formats e3m2,e2m1 --dtypes bf16,fp16 --ms 32,128,512 --merge \
+        --out "$out" 2>&1 | tee "$out/tune-more.log" | grep -E "^M=|wrote|Error|dry run"
+    ;;
 e2e)
     timeout 560 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" "${e2e_shape[@]}" "${device[@]}" \
         --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\||wrote|rror" | tail -12
@@ -77,13 +82,15 @@ serve | serve-mixed)  # the device image lacks fastapi/uvicorn/pydantic: carry .
 all-quick)
     gpu_only timeout 150 python3 bench/kernel_v2.py --quick --ms 1,8,16 --mid 128 --fma-shifts --imad-rotate \
         --out "$out" 2>&1 \
-        | tee "$out/kernel.log" | grep -E "correctness|WRONG|fp16 |geo-mean|M=128|Error|error|dry run" | grep -v "e2m3\|e2m1"
+        | tee "$out/kernel.log" | grep -E "correctness|WRONG|fp16 |geo-mean|M=128|Error|error|dry run" \
+        | grep -v "e2m3\|e2m1"
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x -m gpu . 2>&1 | tail -3)
     timeout 150 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | tune-mid | e2e | e2e70 | serve | serve-mixed | all-quick)" >&2
+    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | e2e | e2e70 | serve | serve-mixed |" \
+         "all-quick)" >&2
     exit 2
     ;;
 esac

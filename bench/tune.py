@@ -1,9 +1,10 @@
 """Regenerate the measured dispatch table (src/fp6llm/kernels/configs/<gpu>.json) on the GPU at hand.
 
-    python bench/tune.py [--shapes all] [--ms 1,2,...] [--out DIR]
+    python bench/tune.py [--shapes all] [--ms 1,2,...] [--formats e3m2,...] [--dtypes fp16,bf16] [--out DIR]
 
-For each LLaMA layer shape and each M bucket it times every candidate configuration (fp6llm/evals/timing.py, fewer
-replays than bench/kernel.py) on e3m2 / fp16 and keeps the fastest. It also prints, per compiled variant, the
+For each format and dtype (one table each in the GPU's file; dispatch.table_for says which table a case without its
+own uses), each LLaMA layer shape and each M bucket it times every candidate configuration (fp6llm/evals/timing.py,
+fewer replays than bench/kernel.py) and keeps the fastest. It also prints, per compiled variant, the
 registers, spills and whether the PTX uses wgmma (Hopper's warpgroup MMA) or mma.sync.
 """
 
@@ -67,26 +68,31 @@ def compiled_report():
     return lines
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="all")
-    parser.add_argument("--ms", default=",".join(map(str, MS)))
-    parser.add_argument("--out", default=str(CONFIG_DIR))
-    parser.add_argument("--merge", action="store_true", help="keep the table's other M buckets")
-    args = parser.parse_args(argv)
-    fmt = FPFormat.parse("e3m2")
-    path = Path(args.out) / f"{device_key('cuda')}.json"
-    table = json.loads(path.read_text())["configs"] if args.merge and path.exists() else {}
-    for m in (int(v) for v in args.ms.split(",")):
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def read_tables(path: Path) -> dict:
+    """{"format/dtype": configs} of a table file in either form (dispatch._load_tables); {} without one."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    if "tables" in data:
+        return data["tables"]
+    return {f"{data.get('format', 'e3m2')}/{data.get('dtype', 'float16')}": data["configs"]}
+
+
+def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict) -> dict:
+    """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``."""
+    for m in ms:
         for name, (n, k) in SHAPES.items():
-            if args.shapes != "all" and not name.startswith(args.shapes):
+            if shapes != "all" and not name.startswith(shapes):
                 continue
             qw = random_weight(n, k, fmt, "cuda")
             results = []
             for config in candidates(m):
                 try:
-                    check(qw, m, torch.float16, config)
-                    calls, _ = fpx_calls(qw, m, torch.float16, config)
+                    check(qw, m, dtype, config)
+                    calls, _ = fpx_calls(qw, m, dtype, config)
                     results.append((time_calls(calls, replays=5), config))
                     del calls
                 except Exception as err:  # a config the compiler rejects (shared memory, registers) is skipped
@@ -95,17 +101,38 @@ def main(argv=None):
             best_t, best = results[0]
             table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = dict(best.__dict__, us=round(best_t * 1e6, 1))
             top = ", ".join(f"{t * 1e6:.1f}us {c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}"
-                            f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}{'S' if c.swap_ab else ''}"
-                            for t, c in results[:4])
-            dense, _ = dense_calls(n, k, m, torch.float16, "cuda")
+                            f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}"
+                            f"{'S' if c.swap_ab else ''}" for t, c in results[:4])
+            dense, _ = dense_calls(n, k, m, dtype, "cuda")
             t_dense = time_calls(dense, replays=5)
             del dense
-            print(f"M={m:<5} {name:9} cuBLAS {t_dense * 1e6:.1f}us ({t_dense / best_t:.2f}x) | {top}", flush=True)
+            print(f"M={m:<5} {name:9} {fmt.name} {str(dtype)[6:]} cuBLAS {t_dense * 1e6:.1f}us "
+                  f"({t_dense / best_t:.2f}x) | {top}", flush=True)
             del qw
             torch.cuda.empty_cache()
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="all")
+    parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--formats", default="e3m2", help="comma-separated formats, one table each (default e3m2)")
+    parser.add_argument("--dtypes", default="fp16", help="comma-separated activation dtypes: fp16, bf16")
+    parser.add_argument("--out", default=str(CONFIG_DIR))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the file's other tables and, in the tuned ones, the other M buckets")
+    args = parser.parse_args(argv)
+    path = Path(args.out) / f"{device_key('cuda')}.json"
+    tables = read_tables(path) if args.merge else {}
+    ms = [int(v) for v in args.ms.split(",")]
+    for fmt in (FPFormat.parse(f) for f in args.formats.split(",")):
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            key = f"{fmt.name}/{str(dtype)[6:]}"
+            tables[key] = tune_table(fmt, dtype, ms, args.shapes, tables.get(key, {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "format": "e3m2", "dtype": "float16",
-                                "configs": table}, indent=1))
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tables": tables}, indent=1))
     print(f"wrote {path}")
     print("\n".join(compiled_report()))
 

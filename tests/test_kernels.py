@@ -149,9 +149,14 @@ def table(tmp_path, monkeypatch):
     (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "format": "e3m2", "dtype": "float16",
                                                    "configs": configs}))
     monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
-    dispatch._load_table.cache_clear()
+    clear_tables()
     yield
-    dispatch._load_table.cache_clear()
+    clear_tables()
+
+
+def clear_tables():
+    dispatch._load_tables.cache_clear()
+    dispatch.table_for.cache_clear()
 
 
 def choose(m, n, k, group_size=None, device="cpu"):
@@ -191,6 +196,29 @@ def test_table_blocks_are_narrowed_to_divide_the_group(table):
     to the largest power of two dividing a group of 128 or more."""
     for group, block_k in [(None, 512), (32, 512), (64, 512), (1024, 512), (256, 256), (384, 128), (640, 128)]:
         assert choose(4, 4096, 4096, group) == dataclasses.replace(TABLE_4, block_k=block_k), group
+
+
+def test_each_format_and_dtype_takes_its_own_table_or_the_nearest(tmp_path, monkeypatch):
+    """A file of several tables: a case uses its own (format, dtype) table; without one, a table of a format with
+    the same plane widths and the same dtype (e2m3 -> e3m2, 4 + 2 bits), then one of the same dtype, then any."""
+    e3m2_fp16, e2m1_fp16, e3m2_bf16 = TABLE_1, TABLE_4, TABLE_4_WIDE
+    tables = {"e3m2/float16": {"1": {"4096x4096": config_to_dict(e3m2_fp16)}},
+              "e2m1/float16": {"1": {"4096x4096": config_to_dict(e2m1_fp16)}},
+              "e3m2/bfloat16": {"1": {"4096x4096": config_to_dict(e3m2_bf16)}}}
+    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
+    clear_tables()
+    try:
+        def pick(fmt, dtype):
+            return choose_config(1, 4096, 4096, FPFormat.parse(fmt), dtype, None, "cpu")
+        assert pick("e3m2", torch.float16) == e3m2_fp16
+        assert pick("e2m1", torch.float16) == e2m1_fp16  # its own, not e3m2's
+        assert pick("e3m2", torch.bfloat16) == e3m2_bf16
+        assert pick("e2m3", torch.float16) == e3m2_fp16  # same widths (4 + 2) as e3m2
+        assert dispatch.table_for("cpu", "e2m2", "float16")[0] in {("e3m2", "float16"), ("e2m1", "float16")}
+        assert dispatch.table_for("cpu", "e2m3", "bfloat16")[0] == ("e3m2", "bfloat16")
+    finally:
+        clear_tables()
 
 
 def test_shipped_table_is_found_by_the_gpu_name(monkeypatch):

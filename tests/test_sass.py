@@ -26,10 +26,10 @@ import sass
 import tune
 from pathlib import Path
 from fp6llm.formats import FPFormat
-from fp6llm.kernels.dispatch import M_BUCKETS, MIN_BLOCK_K, KernelConfig, _load_table, heuristic_config
+from fp6llm.kernels.dispatch import M_BUCKETS, MIN_BLOCK_K, KernelConfig, _load_tables, heuristic_config
 configs = set()
 for path in sorted((Path({configs!r})).glob("*.json")):
-    for shapes in _load_table(path.stem).values():
+    for shapes in (shapes for table in _load_tables(path.stem).values() for shapes in table.values()):
         for entry in shapes.values():
             entry = {{key: value for key, value in entry.items() if key != "us"}}
             entry["block_k"] = max(entry["block_k"], MIN_BLOCK_K)

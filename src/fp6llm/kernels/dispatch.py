@@ -1,9 +1,10 @@
 """Which kernel configuration runs a given (M, N, K, format, dtype, GPU): a measured table, not run-time autotuning.
 
 The table (kernels/configs/<gpu>.json, written by bench/tune.py on the device) maps an M bucket and a weight
-shape to the fastest configuration measured (on e3m2 / FP16: every format and dtype takes it); shapes it has not
-seen use the entry of the same M bucket nearest by log-distance of N and K, and GPUs it has not seen (or M buckets
-it has no entry for) use the rules in ``heuristic_config``.
+shape to the fastest configuration measured for a format and dtype (``table_for``: a case without its own table
+takes the nearest measured one: same plane widths, then same dtype, then any; the shipped H100 file holds e3m2 /
+FP16 only); shapes it has not seen use the entry of the same M bucket nearest by log-distance of N and K, and GPUs
+it has not seen (or M buckets it has no entry for) use the rules in ``heuristic_config``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..formats import FPFormat
+from ..packing import placement
 
 MIN_BLOCK_K = 128  # one K tile of the packed layout (packing.TILE_K)
 SMALL_GROUPS = (32, 64)  # group sizes under MIN_BLOCK_K: the kernel scales the de-quantized tile per group
@@ -56,11 +58,40 @@ def device_key(device) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _load_table(key: str) -> dict:
+def _load_tables(key: str) -> dict:
+    """{(format name, dtype name): {M bucket: {"NxK": entry}}} of GPU ``key``'s file; {} without one. A file holds one
+    table ("format", "dtype", "configs") or several ("tables": {"e3m2/float16": configs, ...}); bench/tune.py
+    writes either."""
     path = CONFIG_DIR / f"{key}.json"
     if not path.exists():
         return {}
-    return json.loads(path.read_text())["configs"]
+    data = json.loads(path.read_text())
+    if "tables" in data:
+        return {tuple(name.split("/")): configs for name, configs in data["tables"].items()}
+    return {(data.get("format", "e3m2"), data.get("dtype", "float16")): data["configs"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _plane_widths(name: str) -> tuple:
+    return tuple(plane.width for plane in placement(FPFormat.parse(name)))
+
+
+@functools.lru_cache(maxsize=None)
+def table_for(key: str, fmt_name: str, dtype_name: str) -> tuple:
+    """(the (format, dtype) whose measurements GPU ``key`` uses for this case, its table): the table measured on
+    this format and dtype; else one measured on a format of the same plane widths (the same bytes and nearly the
+    same instructions: e3m2 for e2m3) and this dtype; else one of this dtype; else any table of the GPU (a
+    measured configuration of another case beats the rules, 2026-11 H100 sweeps); ((None, None), {}) without one."""
+    tables = _load_tables(key)
+    widths = _plane_widths(fmt_name)
+    for matches in (lambda f, d: (f, d) == (fmt_name, dtype_name),
+                    lambda f, d: d == dtype_name and _plane_widths(f) == widths,
+                    lambda f, d: d == dtype_name,
+                    lambda f, d: True):
+        for (f, d), configs in sorted(tables.items()):
+            if matches(f, d):
+                return (f, d), configs
+    return (None, None), {}
 
 
 def _num_sms(device) -> int:
@@ -123,8 +154,9 @@ def _fit_group(config: KernelConfig, group_size: "int | None") -> KernelConfig:
 
 def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, group_size: "int | None",
                   device) -> KernelConfig:
-    """The configuration for this case: measured table entry when there is one, else heuristic_config."""
-    table = _load_table(device_key(device))
+    """The configuration for this case: the measured table entry when there is one (table_for says which table a
+    format and dtype use), else heuristic_config."""
+    _, table = table_for(device_key(device), fmt.name, str(dtype).removeprefix("torch."))
     bucket = str(m_bucket(m))
     candidates = table.get(bucket, {})
     if candidates:
