@@ -140,7 +140,8 @@ def test_integer_and_nf4_baselines_from_their_definitions(gen):
 @pytest.mark.parametrize("fmt, group_size", [("e2m3", None), ("e3m2", 32), ("mxfp6_e2m3", None)])
 def test_mse_scale_search_never_loses_to_absmax(fmt, group_size, gen):
     """The search keeps the absmax scale when nothing beats it, so each group's error can only go down; on
-    heavy-tailed rows it goes down overall (MX: at most equal). fake_quantize gives exactly quantize_weight's de-quantized values."""
+    heavy-tailed rows it goes down overall (MX: at most equal). fake_quantize gives exactly quantize_weight's
+    de-quantized values."""
     w = torch.randn(32, 128, generator=gen) * torch.rand(32, 128, generator=gen).pow(4) * 4  # heavy tails
     size = 32 if group_size or fmt.startswith("mx") else 128
     absmax_err = (fake_quantize(w, fmt, group_size) - w).view(32, -1, size).square().sum(-1)
