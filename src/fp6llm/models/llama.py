@@ -34,14 +34,16 @@ class Transformer(nn.Module):
     # The projections of each of ``layers`` that are one Linear of their parts' rows, in this order (fused.py).
     FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+    ARCH = "llama"  # a subclass (gemma3.py) names its own, and makes its own embedding and blocks
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.arch != "llama":
-            raise ValueError(f"llama.Transformer needs arch 'llama', got {config.arch!r}")
+        if config.arch != self.ARCH:
+            raise ValueError(f"{type(self).__module__.rpartition('.')[2]}.Transformer needs arch {self.ARCH!r}, "
+                             f"got {config.arch!r}")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.embed_tokens = self.embedding(config)
+        self.layers = nn.ModuleList(self.block(config, layer) for layer in range(config.n_layers))
         self.norm = Norm(config.dim, config.norm_eps, rms=True)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -79,13 +81,25 @@ class Transformer(nn.Module):
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
         x, delta = self.embed_tokens(tokens), None
-        rope = (self.rope_cos, self.rope_sin)
+        rope = self.rope_tables()
         if kv is None:
             kv = contiguous_kv_batch(input_pos, self.max_seq_len, self.block_size)
         for layer in self.layers:
             x, delta = layer(x, delta, input_pos, rope, kv)
         x, _ = self.norm(select_tokens(x, logits_at), select_tokens(delta, logits_at))
         return self.lm_head(x).float()
+
+
+    def embedding(self, config: ModelConfig) -> nn.Module:
+        return nn.Embedding(config.vocab_size, config.dim)
+
+    def block(self, config: ModelConfig, layer: int) -> nn.Module:
+        """Layer number ``layer`` of the decoder."""
+        return Block(config)
+
+    def rope_tables(self) -> tuple[Tensor, ...]:
+        """What each layer's attention turns q and k by: (cos, sin) [max_seq_len, head_dim / 2]."""
+        return self.rope_cos, self.rope_sin
 
 
 class Block(nn.Module):
@@ -158,3 +172,4 @@ def rope_frequencies(config: ModelConfig, device=None) -> Tensor:
     wavelen = 2 * math.pi / freqs
     smooth = ((old_context / wavelen - low) / (high - low)).clamp(0, 1)
     return (1 - smooth) * freqs / factor + smooth * freqs
+

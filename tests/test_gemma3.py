@@ -1,0 +1,120 @@
+"""models/gemma3.py against transformers' Gemma3ForCausalLM on the same random weights.
+
+The small configs have local (sliding-window) layers before and after a global one, a window shorter than the
+sequences, GQA, a query_pre_attn_scalar other than head_dim and (in one case) final logit soft-capping and linear
+RoPE scaling of the global layers, so that each of Gemma's differences from Llama is exercised. Tolerances: float32
+logits within 1e-4 (max abs) of transformers' eager float32 forward (both compute the same float32 operations in
+another order: ~1e-6 in practice); e3m2 weights within 0.3 of the float logits in relative Frobenius error
+(measured 0.15-0.2 over seeds: Gemma's post-norms rescale each small attention and MLP output to O(1), rounding
+error and all, where Llama's tiny configs see ~0.05; a wrong model is off by O(1)).
+"""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fp6llm.engine import Engine, Request  # noqa: E402
+from fp6llm.models import ModelConfig, build_model, load_hf  # noqa: E402
+from fp6llm.nn import FPxLinear  # noqa: E402
+from helpers import seeded  # noqa: E402
+
+ATOL = 1e-4
+QUANTIZED_RTOL = 0.3
+VOCAB = 256
+SLIDING, FULL = "sliding_attention", "full_attention"
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, sliding_window=6,
+             query_pre_attn_scalar=24, layer_types=[SLIDING, SLIDING, FULL, SLIDING])
+CASES = {
+    "plain": SMALL,
+    "softcap-linear-rope": dict(SMALL, final_logit_softcapping=3.0, rope_parameters={
+        FULL: {"rope_type": "linear", "factor": 4.0, "rope_theta": 100000.0},
+        SLIDING: {"rope_type": "default", "rope_theta": 500.0}}),
+}
+
+
+def save_gemma3(kwargs: dict, path, gen):
+    """transformers' Gemma3ForCausalLM of config ``kwargs`` with random weights (norms too: transformers starts them
+    at zero), saved as safetensors; returns it."""
+    def make():
+        config = transformers.Gemma3TextConfig(**kwargs, attn_implementation="eager")
+        model = transformers.Gemma3ForCausalLM(config).eval()
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 1:
+                    param.add_(torch.randn_like(param) * 0.1)
+        return model
+    model = seeded(gen, make)
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+@torch.no_grad()
+def run(model, tokens):
+    model.setup_caches(tokens.shape[0], 32)
+    return model(tokens, torch.arange(tokens.shape[1]).expand(*tokens.shape))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_transformers(case, tmp_path, gen):
+    hf = save_gemma3(CASES[case], tmp_path, gen)
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=gen)  # 20 > sliding_window: the window masks
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    model = load_hf(tmp_path, fmt="fp32", device="cpu", progress=False)
+    assert type(model).__module__ == "fp6llm.models.gemma3"
+    assert model.config.layer_types == tuple(CASES[case]["layer_types"])
+    ours = run(model, tokens)
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape
+    assert (ours - expected).abs().max() <= ATOL
+
+
+def test_greedy_generation_matches_transformers(tmp_path, gen):
+    """Engine's greedy tokens equal transformers' generate, past the window, for two prompts batched together."""
+    hf = save_gemma3(SMALL, tmp_path, gen)
+    model = load_hf(tmp_path, fmt="fp32", device="cpu", progress=False)
+    engine = Engine(model, None, max_batch_size=2, max_seq_len=40)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (5, 9)]
+    requests = [Request(prompt, 12) for prompt in prompts]
+    engine.add(requests)
+    while engine.active:
+        engine.step()
+    for prompt, request in zip(prompts, requests):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+        assert request.output_ids == out[0, len(prompt):].tolist()
+
+
+@torch.no_grad()
+def test_quantized_logits_are_close_to_float(tmp_path, gen):
+    """e3m2 weights within QUANTIZED_RTOL of the float logits, and e3m4's (two more mantissa bits) at least twice
+    closer: the error is the weights' rounding, not a path that only quantized models take."""
+    save_gemma3(CASES["softcap-linear-rope"], tmp_path, gen)
+    tokens = torch.randint(0, VOCAB, (1, 20), generator=gen)
+    reference = run(load_hf(tmp_path, fmt="fp32", device="cpu", progress=False), tokens)
+    errors = {}
+    for fmt in ("e3m2", "e3m4"):
+        model = load_hf(tmp_path, fmt=fmt, device="cpu", progress=False)
+        assert isinstance(model.layers[0].self_attn.qkv_proj, FPxLinear)
+        assert isinstance(model.layers[2].mlp.down_proj, FPxLinear)
+        errors[fmt] = ((run(model, tokens) - reference).norm() / reference.norm()).item()
+    assert 0 < errors["e3m2"] <= QUANTIZED_RTOL
+    assert errors["e3m4"] <= errors["e3m2"] / 2
+
+
+def test_config_round_trips_and_checks_layer_types(tmp_path):
+    hf = {"model_type": "gemma3_text", **SMALL, "sliding_window_pattern": 2}
+    del hf["layer_types"]  # configs written before layer_types: every pattern-th layer is global
+    config = ModelConfig.from_hf(hf)
+    assert config.layer_types == (SLIDING, FULL, SLIDING, FULL)
+    assert config.local_rope_theta == 10000.0 and config.rope_theta == 1000000.0
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert sum(p.numel() for p in build_model(config, "meta").parameters()) > 0
+    with pytest.raises(ValueError, match="layer_types"):
+        ModelConfig.from_hf({**hf, "layer_types": [SLIDING, "chunked_attention", FULL, FULL]})
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        ModelConfig.from_hf({**hf, "attn_logit_softcapping": 50.0})
