@@ -106,6 +106,21 @@ def test_quantized_logits_are_close_to_float(tmp_path, gen):
     assert errors["e3m4"] <= errors["e3m2"] / 2
 
 
+@torch.no_grad()
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(tmp_path, gen):
+    """In bfloat16 our logits are no further from transformers' float32 ones than twice transformers' own
+    bfloat16 logits are (relative Frobenius error: both ~0.015 measured)."""
+    hf = save_gemma3(CASES["softcap-linear-rope"], tmp_path, gen)
+    tokens = torch.randint(0, VOCAB, (1, 20), generator=gen)
+    expected = hf(tokens).logits
+    theirs = hf.to(torch.bfloat16)(tokens).logits.float()
+    model = load_hf(tmp_path, fmt="bf16", dtype=torch.bfloat16, device="cpu", progress=False)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    ours = run(model, tokens)
+    error = lambda logits: ((logits - expected).norm() / expected.norm()).item()  # noqa: E731
+    assert error(ours) <= 2 * error(theirs)
+
+
 def test_config_round_trips_and_checks_layer_types(tmp_path):
     hf = {"model_type": "gemma3_text", **SMALL, "sliding_window_pattern": 2}
     del hf["layer_types"]  # configs written before layer_types: every pattern-th layer is global

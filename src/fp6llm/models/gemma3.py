@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..decoder_ops import add_norm, rotary
+from ..quantize import FLOAT_DTYPES
 from . import llama
 from .attention import KVBatch
 from .config import ModelConfig
@@ -66,11 +67,17 @@ class Transformer(llama.Transformer):
 
 class ScaledEmbedding(nn.Embedding):
     """Token embeddings times sqrt(embedding_dim), the factor rounded to the table's dtype first (transformers'
-    Gemma3TextScaledWordEmbedding), so that float16 runs scale by the same number."""
+    Gemma3TextScaledWordEmbedding), so that float16 runs scale by the same number. The rounded factors are Python
+    floats made once (on the CPU, whatever device builds the module): no tensor is made per forward, which
+    torch.compile and CUDA graph capture would have to trace."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim)
+        scale = math.sqrt(embedding_dim)
+        self.scales = {dtype: float(torch.tensor(scale, dtype=dtype, device="cpu")) for dtype in FLOAT_DTYPES}
 
     def forward(self, tokens: Tensor) -> Tensor:
-        scale = float(torch.tensor(math.sqrt(self.embedding_dim), dtype=self.weight.dtype))
-        return super().forward(tokens) * scale
+        return super().forward(tokens) * self.scales[self.weight.dtype]
 
 
 class GemmaNorm(Norm):
