@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fp6llm.engine import Engine, Request  # noqa: E402
-from fp6llm.models import ModelConfig, build_model, load_hf  # noqa: E402
+from fp6llm.models import ModelConfig, build_model, load_hf, quantize_checkpoint  # noqa: E402
 from fp6llm.nn import FPxLinear  # noqa: E402
 from helpers import seeded  # noqa: E402
 
@@ -104,6 +104,20 @@ def test_quantized_logits_are_close_to_float(tmp_path, gen):
         errors[fmt] = ((run(model, tokens) - reference).norm() / reference.norm()).item()
     assert 0 < errors["e3m2"] <= QUANTIZED_RTOL
     assert errors["e3m4"] <= errors["e3m2"] / 2
+
+
+@torch.no_grad()
+def test_packed_checkpoint_loads_the_quantized_model(tmp_path, gen):
+    """fp6llm quantize's packed checkpoint (its fp6llm.json holds the layer types) gives the logits of quantizing
+    while loading, exactly (norms and embeddings kept in float32)."""
+    save_gemma3(CASES["softcap-linear-rope"], tmp_path / "hf", gen)
+    quantize_checkpoint(tmp_path / "hf", tmp_path / "packed", "e3m2", progress=False, dtype=torch.float32)
+    tokens = torch.randint(0, VOCAB, (1, 20), generator=gen)
+    packed = load_hf(tmp_path / "packed", device="cpu", progress=False)
+    assert packed.config == load_hf(tmp_path / "hf", fmt="e3m2", device="cpu", progress=False).config
+    torch.testing.assert_close(run(packed, tokens),
+                               run(load_hf(tmp_path / "hf", fmt="e3m2", device="cpu", progress=False), tokens),
+                               atol=0, rtol=0)
 
 
 @torch.no_grad()
