@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from fp6llm.engine import Engine, Request  # noqa: E402
 from fp6llm.models import ModelConfig, build_model, load_hf, quantize_checkpoint  # noqa: E402
+from fp6llm.models.parallel import TensorParallel, apply_tensor_parallel  # noqa: E402
 from fp6llm.nn import FPxLinear  # noqa: E402
 from helpers import seeded  # noqa: E402
 
@@ -133,6 +134,21 @@ def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(tmp_path, gen)
     ours = run(model, tokens)
     error = lambda logits: ((logits - expected).norm() / expected.norm()).item()  # noqa: E731
     assert error(ours) <= 2 * error(theirs)
+
+
+def test_each_tensor_parallel_rank_loads_what_slicing_the_whole_model_gives(tmp_path, gen):
+    """Per-rank loading of a Gemma-3 checkpoint (float32, e3m2 quantized per rank) is bit-identical to
+    apply_tensor_parallel over the whole model: its TENSOR_PARALLEL and FUSED (llama's) slice it, q_norm and k_norm
+    stay whole. Shapes: 2 of 4 heads x 64 and 128 of 256 hidden units per rank, whole 128-column tiles."""
+    save_gemma3(dict(SMALL, hidden_size=128, head_dim=64, intermediate_size=256), tmp_path, gen)
+    for rank in range(2):
+        for fmt in ("fp32", "e3m2"):
+            part = load_hf(tmp_path, fmt, device="cpu", progress=False, tp=TensorParallel(rank, 2))
+            whole = apply_tensor_parallel(load_hf(tmp_path, fmt, device="cpu", progress=False), rank, 2)
+            ours, theirs = part.state_dict(), whole.state_dict()
+            assert ours.keys() == theirs.keys()
+            assert all(torch.equal(tensor, theirs[name]) for name, tensor in ours.items())
+            assert part.config.n_heads == 2 and part.layers[0].self_attn.q_norm.weight.shape == (64,)
 
 
 def test_config_round_trips_and_checks_layer_types(tmp_path):
