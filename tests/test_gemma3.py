@@ -17,10 +17,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fp6llm.engine import Engine, Request  # noqa: E402
-from fp6llm.models import ModelConfig, build_model, load_hf, quantize_checkpoint  # noqa: E402
+from fp6llm.models import ModelConfig, build_model, build_random, load_hf, quantize_checkpoint  # noqa: E402
 from fp6llm.models.parallel import TensorParallel, apply_tensor_parallel  # noqa: E402
 from fp6llm.nn import FPxLinear  # noqa: E402
-from helpers import seeded  # noqa: E402
+from helpers import seed_of, seeded  # noqa: E402
 
 ATOL = 1e-4
 QUANTIZED_RTOL = 0.3
@@ -163,3 +163,27 @@ def test_config_round_trips_and_checks_layer_types(tmp_path):
         ModelConfig.from_hf({**hf, "layer_types": [SLIDING, "chunked_attention", FULL, FULL]})
     with pytest.raises(ValueError, match="attn_logit_softcapping"):
         ModelConfig.from_hf({**hf, "attn_logit_softcapping": 50.0})
+    with pytest.raises(ValueError, match="sliding_window=None"):
+        ModelConfig.from_hf({**hf, "sliding_window": None})
+
+
+def test_named_configs():
+    """gemma-3-270m has the real model's 268.1M parameters (tied embeddings counted once; 167.8M of them the
+    262144-token embedding); tiny-gemma3 runs through the Engine, quantized, from random weights."""
+    model = build_model(ModelConfig.from_name("gemma-3-270m"), "meta")
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(268.1, abs=0.05)
+    assert [layer.self_attn.sliding_window for layer in model.layers[:6]] == [512] * 5 + [None]
+
+
+def test_random_tiny_gemma3_generates_what_its_full_forward_argmaxes(gen):
+    model = build_random("tiny-gemma3", fmt="e3m2", device="cpu", seed=seed_of(gen), progress=False)
+    prompt = torch.randint(0, 512, (11,), generator=gen).tolist()
+    engine = Engine(model, None, max_batch_size=1, max_seq_len=32)
+    request = Request(prompt, 6)
+    engine.add([request])
+    while engine.active:
+        engine.step()
+    sequence = torch.tensor([prompt + request.output_ids])
+    logits = run(model, sequence)[0, len(prompt) - 1:-1]
+    assert request.output_ids == logits.argmax(-1).tolist()
+

@@ -91,6 +91,8 @@ class ModelConfig:
                                       or not set(self.layer_types) <= set(LAYER_TYPES)):
             raise ValueError(f"layer_types={list(self.layer_types)!r} must name {self.n_layers} layers, each one of "
                              f"{', '.join(LAYER_TYPES)}")
+        if self.arch == "gemma3" and "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("sliding_window=None, but layer_types has sliding_attention layers")
         if self.head_dim < 1:
             raise ValueError(f"head_dim={self.head_dim}: dim={self.dim} is smaller than n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -244,6 +246,8 @@ HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "opt", "gemma3_text")
 _LLAMA2 = dict(arch="llama", vocab_size=32000, max_position_embeddings=4096, eos_token_ids=(2,))
 _OPT = dict(arch="opt", vocab_size=50272, max_position_embeddings=2048, activation="relu", tie_word_embeddings=True,
             qkv_bias=True, o_bias=True, mlp_bias=True, position_offset=OPT_POSITION_OFFSET, eos_token_ids=(2,))
+_GEMMA3 = dict(arch="gemma3", norm_eps=1e-6, activation="gelu_tanh", tie_word_embeddings=True, rope_theta=1000000.0,
+               local_rope_theta=10000.0, eos_token_ids=(1, 106))
 
 # Real sizes for --random (the weights are random; the shapes and the bytes are the real models').
 NAMED_CONFIGS = {
@@ -254,9 +258,16 @@ NAMED_CONFIGS = {
                        intermediate_size=14336, rope_theta=500000.0, max_position_embeddings=8192,
                        eos_token_ids=(128001, 128009)),
     "opt-30b": dict(_OPT, dim=7168, n_layers=48, n_heads=56, intermediate_size=28672),
+    "gemma-3-270m": dict(_GEMMA3, vocab_size=262144, dim=640, n_layers=18, n_heads=4, n_kv_heads=1, head_dim=256,
+                         intermediate_size=2048, max_position_embeddings=32768, sliding_window=512,
+                         query_pre_attn_scalar=256,
+                         layer_types=(("sliding_attention",) * 5 + ("full_attention",)) * 3),
     # Tiny shapes for tests and demos: a second or so on a CPU.
     "tiny-llama": dict(arch="llama", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                        intermediate_size=128, max_position_embeddings=512, eos_token_ids=(2,)),
     "tiny-opt": dict(_OPT, vocab_size=512, dim=64, n_layers=2, n_heads=4, intermediate_size=128,
                      max_position_embeddings=512),
+    "tiny-gemma3": dict(_GEMMA3, vocab_size=512, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
+                        intermediate_size=128, max_position_embeddings=512, sliding_window=8, query_pre_attn_scalar=16,
+                        layer_types=("sliding_attention", "sliding_attention", "full_attention")),
 }
