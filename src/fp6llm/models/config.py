@@ -52,7 +52,8 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     # Gemma-3: each layer's kind (LAYER_TYPES; its sliding layers alone have sliding_window, and turn by
-    # local_rope_theta, unscaled), the query scale's denominator (None: head_dim), tanh soft-capping of the logits
+    # local_rope_theta (None: rope_theta), unscaled), the query scale's denominator (None: head_dim), the cap of
+    # the logits' tanh soft-capping (None: none)
     layer_types: tuple = ()
     local_rope_theta: Optional[float] = None
     query_pre_attn_scalar: Optional[float] = None

@@ -25,7 +25,7 @@ from ..quantize import FLOAT_DTYPES
 from . import llama
 from .attention import KVBatch
 from .config import ModelConfig
-from .llama import rope_frequencies
+from .llama import rope_table
 from .norm import Norm
 
 
@@ -47,10 +47,9 @@ class Transformer(llama.Transformer):
         super().setup_caches(*args, **kwargs)
         c = self.config
         local = dataclasses.replace(c, rope_theta=c.local_rope_theta or c.rope_theta, rope_scaling=None)
-        angles = torch.outer(torch.arange(self.max_seq_len, device=self.rope_cos.device, dtype=torch.float32),
-                             rope_frequencies(local, self.rope_cos.device))
-        self.register_buffer("local_rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("local_rope_sin", angles.sin(), persistent=False)
+        cos, sin = rope_table(local, self.max_seq_len, self.rope_cos.device)
+        self.register_buffer("local_rope_cos", cos, persistent=False)
+        self.register_buffer("local_rope_sin", sin, persistent=False)
 
     def rope_tables(self) -> tuple[Tensor, ...]:
         """(cos, sin) of the global layers, then (cos, sin) of the sliding ones."""

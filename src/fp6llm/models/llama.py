@@ -58,10 +58,9 @@ class Transformer(nn.Module):
         dtype and device default to the token embedding's.
         """
         device = setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device, num_blocks, block_size)
-        angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32),
-                             rope_frequencies(self.config, device))
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        cos, sin = rope_table(self.config, max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def use_local_config(self, config: ModelConfig) -> None:
         """Run as one tensor-parallel rank whose projections hold its slices: ``config`` has the rank's head counts
@@ -88,7 +87,6 @@ class Transformer(nn.Module):
             x, delta = layer(x, delta, input_pos, rope, kv)
         x, _ = self.norm(select_tokens(x, logits_at), select_tokens(delta, logits_at))
         return self.lm_head(x).float()
-
 
     def embedding(self, config: ModelConfig) -> nn.Module:
         return nn.Embedding(config.vocab_size, config.dim)
@@ -152,6 +150,12 @@ class MLP(nn.Module):
         return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up in one kernel
 
 
+def rope_table(config: ModelConfig, positions: int, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin float32 [positions, head_dim / 2] of the angles p * rope_frequencies(config) for p < positions."""
+    angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), rope_frequencies(config, device))
+    return angles.cos(), angles.sin()
+
+
 def rope_frequencies(config: ModelConfig, device=None) -> Tensor:
     """float32 [head_dim / 2]: theta^(-2i / head_dim), rescaled as config.rope_scaling says.
 
@@ -172,4 +176,3 @@ def rope_frequencies(config: ModelConfig, device=None) -> Tensor:
     wavelen = 2 * math.pi / freqs
     smooth = ((old_context / wavelen - low) / (high - low)).clamp(0, 1)
     return (1 - smooth) * freqs / factor + smooth * freqs
-
