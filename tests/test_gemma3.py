@@ -37,18 +37,19 @@ CASES = {
 }
 
 
+def randomized(model):
+    """``model`` in eval mode with its vectors (norms: transformers starts them at zero) made random too."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model.eval()
+
+
 def save_gemma3(kwargs: dict, path, gen):
-    """transformers' Gemma3ForCausalLM of config ``kwargs`` with random weights (norms too: transformers starts them
-    at zero), saved as safetensors; returns it."""
-    def make():
-        config = transformers.Gemma3TextConfig(**kwargs, attn_implementation="eager")
-        model = transformers.Gemma3ForCausalLM(config).eval()
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.dim() == 1:
-                    param.add_(torch.randn_like(param) * 0.1)
-        return model
-    model = seeded(gen, make)
+    """transformers' Gemma3ForCausalLM of config ``kwargs`` with random weights, saved as safetensors; returns it."""
+    config = transformers.Gemma3TextConfig(**kwargs, attn_implementation="eager")
+    model = seeded(gen, lambda: randomized(transformers.Gemma3ForCausalLM(config)))
     model.save_pretrained(path, safe_serialization=True)
     return model
 
@@ -71,6 +72,23 @@ def test_logits_match_transformers(case, tmp_path, gen):
     ours = run(model, tokens)
     assert ours.dtype == torch.float32 and ours.shape == expected.shape
     assert (ours - expected).abs().max() <= ATOL
+
+
+def test_the_multimodal_checkpoints_text_decoder_matches_transformers(tmp_path, gen):
+    """model_type gemma3 (Gemma3ForConditionalGeneration, a vision tower of its own layers beside the decoder):
+    its text_config and language_model tensors load, and text-only logits equal transformers'."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2, image_size=28,
+                  patch_size=14)  # more layers than the decoder: they must not be counted as its
+    config = transformers.Gemma3Config(text_config=dict(SMALL), vision_config=vision, mm_tokens_per_image=4,
+                                       attn_implementation="eager")
+    hf = seeded(gen, lambda: randomized(transformers.Gemma3ForConditionalGeneration(config)))
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=gen)
+    with torch.no_grad():
+        expected = hf(input_ids=tokens).logits
+    model = load_hf(tmp_path, fmt="fp32", device="cpu", progress=False)
+    assert model.config.n_layers == SMALL["num_hidden_layers"]
+    assert (run(model, tokens) - expected).abs().max() <= ATOL
 
 
 def test_greedy_generation_matches_transformers(tmp_path, gen):

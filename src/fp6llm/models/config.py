@@ -133,7 +133,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
-        """From a Hugging Face config.json (as a dict): model_type llama, mistral, qwen2, opt or gemma3_text.
+        """From a Hugging Face config.json (as a dict): model_type llama, mistral, qwen2, opt, gemma3_text, or gemma3
+        (the multimodal model's text_config; eos ids and tied embeddings from the outer config where it has them).
 
         Accepts both spellings of RoPE settings: transformers 4.x (rope_theta + rope_scaling with "type" or
         "rope_type") and 5.x (rope_parameters). Raises ValueError for another model_type (naming it) or for a
@@ -143,9 +144,15 @@ class ModelConfig:
         if not isinstance(hf, dict):
             raise ValueError(f"{where}: must be a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
+        if model_type == "gemma3":  # the multimodal model: its text decoder alone (the vision tower is not loaded)
+            if not isinstance(hf.get("text_config"), dict):
+                raise ValueError(f"{where}: model_type 'gemma3' needs a text_config object")
+            outer = {key: hf[key] for key in ("eos_token_id", "tie_word_embeddings") if hf.get(key) is not None}
+            hf, where = {**hf["text_config"], **outer, "model_type": "gemma3_text"}, f"{where}: text_config"
+            model_type = "gemma3_text"
         if model_type not in HF_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r} in {where}; supported: "
-                             f"{', '.join(HF_MODEL_TYPES)}")
+                             f"{', '.join(HF_MODEL_TYPES)}, gemma3")
         missing = [key for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                    "max_position_embeddings", "ffn_dim" if model_type == "opt" else
                                    "intermediate_size") if key not in hf]

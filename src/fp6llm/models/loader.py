@@ -31,7 +31,10 @@ PACKED_META = "fp6llm.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Where our module names sit in a Hugging Face checkpoint (lm_head is at the top level in every one).
-HF_PREFIXES = {"llama": ("model.",), "opt": ("model.decoder.", "decoder."), "gemma3": ("model.",)}
+# Gemma-3's multimodal checkpoints hold the text decoder under language_model.model. (as transformers 5 writes
+# them) or model.language_model. (its modules' own names), beside a vision tower that is not loaded.
+HF_PREFIXES = {"llama": ("model.",), "opt": ("model.decoder.", "decoder."),
+               "gemma3": ("model.", "language_model.model.", "model.language_model.")}
 RANDOM_STD = 0.02
 SKIP = "lm_head"  # the one Linear that stays unquantized
 ABSMAX_CHUNK_BYTES = 2**26  # rows read at a time to find the whole rows' absmax of a row-parallel slice
