@@ -1,4 +1,4 @@
-"""Compact decoders (Llama family, OPT) with a static per-row KV cache, and their loading / packing."""
+"""Compact decoders (Llama family, OPT, Gemma-3 text) with a static per-row KV cache, and their loading / packing."""
 
 from .checkpoint import quantize_checkpoint, save_packed
 from .config import NAMED_CONFIGS, ModelConfig

@@ -34,14 +34,16 @@ class Transformer(nn.Module):
     # The projections of each of ``layers`` that are one Linear of their parts' rows, in this order (fused.py).
     FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+    ARCH = "llama"  # a subclass (gemma3.py) names its own, and makes its own embedding and blocks
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.arch != "llama":
-            raise ValueError(f"llama.Transformer needs arch 'llama', got {config.arch!r}")
+        if config.arch != self.ARCH:
+            raise ValueError(f"{type(self).__module__.rpartition('.')[2]}.Transformer needs arch {self.ARCH!r}, "
+                             f"got {config.arch!r}")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.embed_tokens = self.embedding(config)
+        self.layers = nn.ModuleList(self.block(config, layer) for layer in range(config.n_layers))
         self.norm = Norm(config.dim, config.norm_eps, rms=True)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -56,10 +58,9 @@ class Transformer(nn.Module):
         dtype and device default to the token embedding's.
         """
         device = setup_kv_caches(self, max_batch_size, max_seq_len, dtype, device, num_blocks, block_size)
-        angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32),
-                             rope_frequencies(self.config, device))
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        cos, sin = rope_table(self.config, max_seq_len, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def use_local_config(self, config: ModelConfig) -> None:
         """Run as one tensor-parallel rank whose projections hold its slices: ``config`` has the rank's head counts
@@ -79,13 +80,24 @@ class Transformer(nn.Module):
         if self.max_seq_len == 0:
             raise RuntimeError("call setup_caches(max_batch_size, max_seq_len) before running the model")
         x, delta = self.embed_tokens(tokens), None
-        rope = (self.rope_cos, self.rope_sin)
+        rope = self.rope_tables()
         if kv is None:
             kv = contiguous_kv_batch(input_pos, self.max_seq_len, self.block_size)
         for layer in self.layers:
             x, delta = layer(x, delta, input_pos, rope, kv)
         x, _ = self.norm(select_tokens(x, logits_at), select_tokens(delta, logits_at))
         return self.lm_head(x).float()
+
+    def embedding(self, config: ModelConfig) -> nn.Module:
+        return nn.Embedding(config.vocab_size, config.dim)
+
+    def block(self, config: ModelConfig, layer: int) -> nn.Module:
+        """Layer number ``layer`` of the decoder."""
+        return Block(config)
+
+    def rope_tables(self) -> tuple[Tensor, ...]:
+        """What each layer's attention turns q and k by: (cos, sin) [max_seq_len, head_dim / 2]."""
+        return self.rope_cos, self.rope_sin
 
 
 class Block(nn.Module):
@@ -136,6 +148,12 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up in one kernel
+
+
+def rope_table(config: ModelConfig, positions: int, device=None) -> tuple[Tensor, Tensor]:
+    """cos, sin float32 [positions, head_dim / 2] of the angles p * rope_frequencies(config) for p < positions."""
+    angles = torch.outer(torch.arange(positions, device=device, dtype=torch.float32), rope_frequencies(config, device))
+    return angles.cos(), angles.sin()
 
 
 def rope_frequencies(config: ModelConfig, device=None) -> Tensor:

@@ -21,17 +21,20 @@ from ..nn import FPxLinear
 from ..packing import (LAYOUT_VERSION, SUPPORTED_LAYOUT_VERSIONS, pack, plane_shape, plane_shape_v1, plane_widths,
                        tile_index, unpack, unpack_v1)
 from ..quantize import FLOAT_DTYPES, QuantizedWeight, quantize_weight
-from . import llama, opt
+from . import gemma3, llama, opt
 from .config import HF_NAMES, ModelConfig
 from .parallel import INPUT, TensorParallel, check_split, parallelize, plan, plane_index, scale_index
 from .trust import check_config_tensors, check_packed_meta, check_planes, check_scales, read_json
 
-MODEL_CLASSES = {"llama": llama.Transformer, "opt": opt.Transformer}
+MODEL_CLASSES = {"llama": llama.Transformer, "opt": opt.Transformer, "gemma3": gemma3.Transformer}
 PACKED_META = "fp6llm.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Where our module names sit in a Hugging Face checkpoint (lm_head is at the top level in every one).
-HF_PREFIXES = {"llama": ("model.",), "opt": ("model.decoder.", "decoder.")}
+# Gemma-3's multimodal checkpoints hold the text decoder under language_model.model. (as transformers 5 writes
+# them) or model.language_model. (its modules' own names), beside a vision tower that is not loaded.
+HF_PREFIXES = {"llama": ("model.",), "opt": ("model.decoder.", "decoder."),
+               "gemma3": ("model.", "language_model.model.", "model.language_model.")}
 RANDOM_STD = 0.02
 SKIP = "lm_head"  # the one Linear that stays unquantized
 ABSMAX_CHUNK_BYTES = 2**26  # rows read at a time to find the whole rows' absmax of a row-parallel slice

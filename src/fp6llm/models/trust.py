@@ -35,12 +35,14 @@ def check_config_tensors(config: ModelConfig, names: Iterable[str], shape: Calla
     """
     names = set(names)
     field = (field_names or {}).get
-    layers = {int(found[1]) for name in names if (found := LAYER.search(name))}
+    embed = next((p + "embed_tokens.weight" for p in prefixes if p + "embed_tokens.weight" in names), None)
+    # only the decoder's layers count: a multimodal checkpoint's vision tower has layers of its own
+    scope = "" if embed is None else embed.removesuffix("embed_tokens.weight")
+    layers = {int(found[1]) for name in names if name.startswith(scope) and (found := LAYER.search(name))}
     present = max(layers) + 1 if layers else 0
     if present != config.n_layers:
         raise ValueError(f"{where}: {field('n_layers', 'n_layers')}={config.n_layers}, but the checkpoint's "
                          f"tensors hold {present} layers")
-    embed = next((p + "embed_tokens.weight" for p in prefixes if p + "embed_tokens.weight" in names), None)
     if embed is None:
         raise ValueError(f"{where}: the checkpoint has no embedding table ({prefixes[0]}embed_tokens.weight)")
     expected = (config.vocab_size, config.word_embed_proj_dim)
