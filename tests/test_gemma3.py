@@ -103,8 +103,9 @@ def test_greedy_generation_matches_transformers(tmp_path, gen):
         engine.step()
     for prompt, request in zip(prompts, requests):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
+            ids = torch.tensor([prompt])  # an explicit mask: a leading token 0 (= pad_token_id) is not padding
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
         assert request.output_ids == out[0, len(prompt):].tolist()
 
 

@@ -100,7 +100,10 @@ def test_generate_is_greedy_decoding_of_fp6llm_logits(tmp_path, gen):
     hf = load_quantizing(tmp_path)
     ours = load_hf(tmp_path, fmt="e3m2", device="cpu", progress=False)
     prompt = torch.randint(0, VOCAB, (1, 5), generator=gen)
-    generated = hf.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    # an explicit mask: without one, a prompt that starts with token 0 (= pad_token_id) would be taken for left
+    # padding and masked (seed 2379562164143160620)
+    generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                            pad_token_id=0)
     assert generated.shape == (1, 13) and torch.equal(generated[:, :5], prompt)
     logits = run(ours, generated[:, :-1])[0, 4:]  # fp6llm's predictions of the 8 new tokens
     picked = logits.gather(1, generated[0, 5:, None])[:, 0]
