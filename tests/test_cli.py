@@ -193,6 +193,30 @@ def test_ctrl_c_exits_130_with_one_line_at_any_point():
     assert "Traceback" not in err
 
 
+def test_a_ctrl_c_python_cannot_raise_prints_no_traceback():
+    """A KeyboardInterrupt raised where it cannot propagate (an import's weakref callback, seen in CI: Python prints
+    "Exception ignored ... Traceback") is quiet once the CLI's handler is installed; other such errors still show."""
+    code = """
+import signal, sys
+from fp6llm import cli
+signal.signal(signal.SIGINT, signal.default_int_handler)
+try:
+    cli._main(["no-such-command"])
+except SystemExit:
+    pass
+class Raises:
+    def __init__(self, error): self.error = error
+    def __del__(self): raise self.error
+Raises(KeyboardInterrupt())
+print("--", file=sys.stderr)
+Raises(ValueError("still shown"))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    before, after = result.stderr.split("--\n")
+    assert "Traceback" not in before and "KeyboardInterrupt" not in before
+    assert "ValueError: still shown" in after
+
+
 # ---- 6. quantize stores unquantized tensors in the activations' dtype -----------------------------------------------
 
 def test_quantize_an_fp32_source_stores_unquantized_tensors_as_fp16(tmp_path):

@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
 _interrupted = []
 
 
+def _quiet_unraisable(unraisable) -> None:
+    """sys.unraisablehook: a KeyboardInterrupt raised where Python cannot propagate it (an import's weakref callback,
+    seen in CI on 2026-12-02) is remembered by _on_sigint already, so it prints nothing (not "Exception ignored ...
+    Traceback"); anything else goes to the hook it replaced."""
+    if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+        return
+    _previous_unraisablehook[0](unraisable)
+
+
+_previous_unraisablehook = [sys.unraisablehook]
+
+
 def _on_sigint(signum, frame):
     # Remember it as well as raising: an import that swallows the KeyboardInterrupt (seen once while torch imported)
     # must not turn a Ctrl-C into a normal exit.
@@ -177,6 +189,9 @@ def _main(argv) -> int:
     name = "fp6llm"
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+        if sys.unraisablehook is not _quiet_unraisable:
+            _previous_unraisablehook[0] = sys.unraisablehook
+            sys.unraisablehook = _quiet_unraisable
     try:
         args = build_parser().parse_args(argv)
         name = f"fp6llm {args.command}"
