@@ -4,7 +4,6 @@ entry exists: split K when a wave of CTAs would leave SMs idle, not when the gri
 import pytest
 
 from fp6llm.kernels.dispatch import heuristic_config, waves_split
-from fp6llm.kernels.fpx_cuda import choose_split
 
 SMS = 132
 
@@ -39,9 +38,3 @@ def test_mid_m_heuristic_fills_the_sms():
     assert heuristic_config(128, 8192, 8192, SMS).split_k == 2
     assert heuristic_config(128, 15360, 5120, SMS).split_k == 1
     assert heuristic_config(512, 8192, 8192, SMS).split_k == 1
-
-
-def test_cuda_small_m_split():
-    """128 row blocks of 64 alone leave most of 132 x 6 CTA places empty: split; more resident CTAs, more split."""
-    assert choose_split(8192, 8192, 1, SMS, resident=6) > 1
-    assert choose_split(57344, 8192, 1, SMS, resident=8) <= choose_split(57344, 8192, 1, SMS, resident=6)

@@ -65,6 +65,11 @@ def plane_shape(n: int, k: int, width: int) -> tuple[int, int, int]:
     return (padded_n(n) // TILE_N, padded_k(k) // TILE_K, 2 * width * LANES)
 
 
+def signed32(word: int) -> int:
+    """A 32-bit word's bits as the int32 that stores them (planes, masks and kernel arguments are int32)."""
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def words_per_group(width: int) -> int:
     """A lane's words of one plane are stored in groups of this many (one 64/128-bit load each)."""
     return min(4, 2 * width)

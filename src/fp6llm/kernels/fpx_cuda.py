@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..formats import FPFormat
-from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, words_per_group
+from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, signed32, words_per_group
 from .dispatch import waves_split
 from .workspace import WORKSPACE
 
@@ -291,4 +291,4 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
 def _powers(fmt: FPFormat) -> tuple:
     """The fma_shifts kernel's Powers parameters: 2^r for each of fmt's left shifts, as the C ints the launcher passes
     (2^31 as its two's-complement bits, what the u32 parameter reads)."""
-    return tuple((1 << r) - (1 << 32) if r == 31 else 1 << r for r in shifts(fmt))
+    return tuple(signed32(1 << r) for r in shifts(fmt))

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..formats import FPFormat
-from ..packing import TILE_K, placement
+from ..packing import TILE_K, placement, signed32
 from .dispatch import MIN_BLOCK_K, SMALL_GROUPS, KernelConfig, choose_config
 from .workspace import CONSTANTS, WORKSPACE
 
@@ -280,10 +280,6 @@ def kernel_supports(fmt: FPFormat, group_size: "int | None", x_dtype: torch.dtyp
             and (group_size is None or group_size in SMALL_GROUPS or group_size % MIN_BLOCK_K == 0))
 
 
-def _signed32(mask: int) -> int:
-    return mask - (1 << 32) if mask >= 1 << 31 else mask
-
-
 @functools.lru_cache(maxsize=None)
 def _placement_consts(fmt: FPFormat) -> tuple:
     """(widths, extracts per plane, int32 masks [plane][extract], rotation table [3, 16, 2] as a list) of fmt's
@@ -293,13 +289,13 @@ def _placement_consts(fmt: FPFormat) -> tuple:
     for p, plane in enumerate(placement(fmt)):
         widths[p] = plane.width
         if plane.tied:  # one rotate moves every field of a slot: one mask for all of them
-            masks[p][0] = _signed32(plane.mask)
+            masks[p][0] = signed32(plane.mask)
             for slot, rotations in enumerate(plane.rotations):
                 table[p][slot][0] = rotations[0]
         else:
             extracts[p] = len(plane.fields)
             for f, field in enumerate(plane.fields):
-                masks[p][f] = _signed32(field.mask)
+                masks[p][f] = signed32(field.mask)
             for slot, rotations in enumerate(plane.rotations):
                 table[p][slot][:len(rotations)] = list(rotations)
     return tuple(widths), tuple(extracts), tuple(tuple(m) for m in masks), table
@@ -310,7 +306,7 @@ def _rotation_table(fmt: FPFormat, device, powers: bool = False) -> torch.Tensor
     (the IMAD_ROTATE kernels). Made once per format and device, before any capture."""
     if powers:
         return CONSTANTS.get(("powers", fmt), device, lambda: [
-            [[_signed32(1 << r) for r in slot] for slot in plane] for plane in _placement_consts(fmt)[3]])
+            [[signed32(1 << r) for r in slot] for slot in plane] for plane in _placement_consts(fmt)[3]])
     return CONSTANTS.get(("rotations", fmt), device, lambda: _placement_consts(fmt)[3])
 
 
