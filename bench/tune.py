@@ -23,7 +23,7 @@ from fp6llm.evals.timing import time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
 from fp6llm.kernels import fpx_gemm as gemm_module  # noqa: E402
-from fp6llm.kernels.dispatch import CONFIG_DIR, KernelConfig, device_key, m_bucket  # noqa: E402
+from fp6llm.kernels.dispatch import CONFIG_DIR, KernelConfig, device_key, m_bucket, tables_in  # noqa: E402
 
 
 def candidates(m: int):
@@ -71,16 +71,6 @@ def compiled_report():
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def read_tables(path: Path) -> dict:
-    """{"format/dtype": configs} of a table file in either form (dispatch._load_tables); {} without one."""
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text())
-    if "tables" in data:
-        return data["tables"]
-    return {f"{data.get('format', 'e3m2')}/{data.get('dtype', 'float16')}": data["configs"]}
-
-
 def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict) -> dict:
     """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``."""
     for m in ms:
@@ -124,7 +114,7 @@ def main(argv=None):
                         help="keep the file's other tables and, in the tuned ones, the other M buckets")
     args = parser.parse_args(argv)
     path = Path(args.out) / f"{device_key('cuda')}.json"
-    tables = read_tables(path) if args.merge else {}
+    tables = {"/".join(key): configs for key, configs in tables_in(path).items()} if args.merge else {}
     ms = [int(v) for v in args.ms.split(",")]
     for fmt in (FPFormat.parse(f) for f in args.formats.split(",")):
         for dtype_name in args.dtypes.split(","):

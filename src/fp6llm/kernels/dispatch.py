@@ -57,18 +57,22 @@ def device_key(device) -> str:
     return name.lower().replace("nvidia ", "").replace(" ", "-")
 
 
-@functools.lru_cache(maxsize=None)
-def _load_tables(key: str) -> dict:
-    """{(format name, dtype name): {M bucket: {"NxK": entry}}} of GPU ``key``'s file; {} without one. A file holds one
+def tables_in(path: Path) -> dict:
+    """{(format name, dtype name): {M bucket: {"NxK": entry}}} of a table file; {} without one. A file holds one
     table ("format", "dtype", "configs") or several ("tables": {"e3m2/float16": configs, ...}); bench/tune.py
-    writes either."""
-    path = CONFIG_DIR / f"{key}.json"
+    writes the second form."""
     if not path.exists():
         return {}
     data = json.loads(path.read_text())
     if "tables" in data:
         return {tuple(name.split("/")): configs for name, configs in data["tables"].items()}
     return {(data.get("format", "e3m2"), data.get("dtype", "float16")): data["configs"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tables(key: str) -> dict:
+    """tables_in of GPU ``key``'s file in CONFIG_DIR, read once."""
+    return tables_in(CONFIG_DIR / f"{key}.json")
 
 
 @functools.lru_cache(maxsize=None)
