@@ -156,15 +156,17 @@ def test_attention_work_follows_the_valid_tokens(monkeypatch, gen):
 
 
 def recorded_logits(engine, prompts, max_new_tokens):
-    """Greedy output ids of the prompts and the logits each step sampled from, per request."""
-    logits, sample = {}, engine._sample
+    """Greedy output ids of the prompts and the logits each step sampled from, per request (read where the engine
+    accepts a step's drawn tokens, before the next step can overwrite a captured graph's logits)."""
+    logits, accept = {}, engine._accept
 
-    def recording(requests, rows):
-        for request, row in zip(requests, rows):
-            logits.setdefault(request, []).append(row.float().cpu())
-        return sample(requests, rows)
+    def recording(drawn):
+        for requests, _, rows in drawn:
+            for request, row in zip(requests, rows):
+                logits.setdefault(request, []).append(row.float().cpu())
+        return accept(drawn)
 
-    engine._sample = recording
+    engine._accept = recording
     requests = [Request(p, max_new_tokens) for p in prompts]
     engine.add(requests)
     while engine.active:

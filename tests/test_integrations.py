@@ -153,8 +153,11 @@ def test_quantizing_while_loading_on_cuda_peaks_near_the_quantized_size(tmp_path
     model. A ~0.8 B-parameter random Llama: 1.6 GB in float16, ~0.6 GB in FP6."""
     config = transformers.LlamaConfig(vocab_size=256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=16,
                                       intermediate_size=5632)
-    with torch.device("cuda"):
-        model = seeded(gen, lambda: transformers.LlamaForCausalLM(config).half())
+    def build():  # the seed is drawn from gen (a CPU generator) outside the CUDA device context
+        with torch.device("cuda"):
+            return transformers.LlamaForCausalLM(config).half()
+
+    model = seeded(gen, build)
     model.save_pretrained(tmp_path)
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
