@@ -143,9 +143,10 @@ def triton_cubin(fmt, dtype: str, config, imad_rotate: bool = False) -> bytes:
     return compiled.asm["cubin"]
 
 
-def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False) -> bytes:
+def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bool = True) -> bytes:
     from fp6llm.kernels.fpx_cuda import kernel_source, nvrtc_compile
-    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False, fma_shifts=fma_shifts)
+    source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False, fma_shifts=fma_shifts,
+                           prefetch_x=prefetch_x)
     try:
         return nvrtc_compile(source, "sm_90a")
     except RuntimeError as err:
@@ -166,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda"])
     parser.add_argument("--fma-shifts", action="store_true",
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
+    parser.add_argument("--no-prefetch-x", action="store_true",
+                        help="the CUDA kernel's variant that reads x when its tile is computed (prefetch_x=False)")
     parser.add_argument("--imad-rotate", action="store_true",
                         help="the Triton kernel's variant with field moves as multiplies (fpx_gemm's imad_rotate)")
     parser.add_argument("--json", help="also write the counts to this file")
@@ -185,8 +188,10 @@ def main(argv=None) -> int:
                                    config.num_warps, config.block_n * config.block_k)
     if args.kernel in ("both", "cuda"):
         # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
-        name = "CUDA fpx_small_m" + (", fma_shifts" if args.fma_shifts else "") + " (per warp)"
-        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts), 1, 2 * 16 * 128)
+        name = "CUDA fpx_small_m" + (", fma_shifts" if args.fma_shifts else "") + \
+            (", x read at compute" if args.no_prefetch_x else "") + " (per warp)"
+        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts, not args.no_prefetch_x),
+                                 1, 2 * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     return 0

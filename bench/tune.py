@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import MS, SHAPES, check, dense_calls, fpx_calls, random_weight  # noqa: E402
+from kernel import MS, SHAPES, check, dense_calls, fpx_calls, random_weight, rotating_calls  # noqa: E402
 from fp6llm.evals.timing import time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
+from fp6llm.kernels import fpx_cuda  # noqa: E402
 from fp6llm.kernels import fpx_gemm as gemm_module  # noqa: E402
 from fp6llm.kernels.dispatch import CONFIG_DIR, KernelConfig, device_key, m_bucket, tables_in  # noqa: E402
 
@@ -69,10 +70,40 @@ def compiled_report():
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+CUDA_SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24)
 
 
-def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict) -> dict:
-    """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``."""
+def tune_cuda(qw, m: int, dtype) -> "dict | None":
+    """The CUDA small-M kernel's fastest launch (split x prefetch_x) for this weight and M, as the table's "cuda"
+    entry, each launch checked against the float32 reference first; None where the kernel does not take the case."""
+    n, k = qw.shape
+    x = torch.randn(m, k, device=qw.device, dtype=dtype)
+    if not fpx_cuda.supports(qw.fmt, qw.group_size, x, n, k):
+        return None
+    ref = x.float() @ qw.dequantize(torch.float32).T
+    launch = {}
+    calls, _ = rotating_calls(qw, m, dtype, lambda x, p, s: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
+                                                                                 **launch))
+    results = []
+    for prefetch_x in (True, False):
+        for split in [s for s in CUDA_SPLITS if s <= max(1, k // fpx_cuda.TILE_K // 4)]:
+            launch.update(split=split, prefetch_x=prefetch_x)
+            out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:
+                raise AssertionError(f"fpx_small_m wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
+                                     f"rel err {err:.3e}")
+            results.append((time_calls(calls, replays=5), split, prefetch_x))
+    results.sort()
+    t, split, prefetch_x = results[0]
+    print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{s}{'' if p else 'x'}" for t, s, p in results),
+          flush=True)
+    return {"split": split, "prefetch_x": prefetch_x, "us": round(t * 1e6, 1)}
+
+
+def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, cuda_too: bool = True) -> dict:
+    """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``; at M <= 16 also
+    the CUDA small-M kernel's fastest launch (the entry's "cuda": dispatch.small_m_backend picks the faster)."""
     for m in ms:
         for name, (n, k) in SHAPES.items():
             if shapes != "all" and not name.startswith(shapes):
@@ -89,15 +120,21 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict) 
                     print(f"  skip {config}: {type(err).__name__}: {str(err)[:120]}", flush=True)
             results.sort(key=lambda r: r[0])
             best_t, best = results[0]
-            table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = dict(best.__dict__, us=round(best_t * 1e6, 1))
+            entry = dict(best.__dict__, us=round(best_t * 1e6, 1))
+            cuda = tune_cuda(qw, m, dtype) if m <= fpx_cuda.MAX_M and cuda_too else None
+            if cuda is not None:
+                entry["cuda"] = cuda
+            table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = entry
             top = ", ".join(f"{t * 1e6:.1f}us {c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}"
                             f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}"
                             f"{'S' if c.swap_ab else ''}" for t, c in results[:4])
             dense, _ = dense_calls(n, k, m, dtype, "cuda")
             t_dense = time_calls(dense, replays=5)
             del dense
+            cuda_note = f" | cuda {cuda['us']:.1f}us s{cuda['split']}{'' if cuda['prefetch_x'] else 'x'} " \
+                f"({t_dense / cuda['us'] * 1e6:.2f}x)" if cuda else ""
             print(f"M={m:<5} {name:9} {fmt.name} {str(dtype)[6:]} cuBLAS {t_dense * 1e6:.1f}us "
-                  f"({t_dense / best_t:.2f}x) | {top}", flush=True)
+                  f"({t_dense / best_t:.2f}x) | {top}{cuda_note}", flush=True)
             del qw
             torch.cuda.empty_cache()
     return table
@@ -110,6 +147,7 @@ def main(argv=None):
     parser.add_argument("--formats", default="e3m2", help="comma-separated formats, one table each (default e3m2)")
     parser.add_argument("--dtypes", default="fp16", help="comma-separated activation dtypes: fp16, bf16")
     parser.add_argument("--out", default=str(CONFIG_DIR))
+    parser.add_argument("--no-cuda", action="store_true", help="time the Triton kernel alone")
     parser.add_argument("--merge", action="store_true",
                         help="keep the file's other tables and, in the tuned ones, the other M buckets")
     args = parser.parse_args(argv)
@@ -120,7 +158,7 @@ def main(argv=None):
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
             key = f"{fmt.name}/{str(dtype)[6:]}"
-            tables[key] = tune_table(fmt, dtype, ms, args.shapes, tables.get(key, {}))
+            tables[key] = tune_table(fmt, dtype, ms, args.shapes, tables.get(key, {}), not args.no_cuda)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tables": tables}, indent=1))
     print(f"wrote {path}")

@@ -157,6 +157,7 @@ def table(tmp_path, monkeypatch):
 def clear_tables():
     dispatch._load_tables.cache_clear()
     dispatch.table_for.cache_clear()
+    dispatch._small_m_entries.cache_clear()
 
 
 def choose(m, n, k, group_size=None, device="cpu"):
@@ -219,6 +220,51 @@ def test_each_format_and_dtype_takes_its_own_table_or_the_nearest(tmp_path, monk
         assert dispatch.table_for("cpu", "e2m3", "bfloat16")[0] == ("e3m2", "bfloat16")
     finally:
         clear_tables()
+
+
+def test_small_m_kernel_choice_comes_from_the_cuda_entries(tmp_path, monkeypatch):
+    """An M <= 16 entry's "cuda" (bench/tune.py): the backend is the faster of the two measured on the nearest shape
+    of the bucket; the CUDA launch (split, prefetch_x) is used for exactly the measured shape only; no "cuda" entry:
+    the CUDA kernel with its model; choose_config ignores the field."""
+    def entry(triton_us, cuda=None):
+        return dict(config_to_dict(TABLE_1), us=triton_us, **({"cuda": cuda} if cuda else {}))
+    tables = {"e3m2/float16": {
+        "1": {"4096x4096": entry(12.0)},
+        "8": {"4096x4096": entry(20.0, {"split": 3, "prefetch_x": False, "us": 12.5})},
+        "16": {"4096x4096": entry(20.0, {"split": 2, "prefetch_x": True, "us": 25.0}),
+               "57344x8192": entry(150.0, {"split": 4, "prefetch_x": True, "us": 120.0})}}}
+    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
+    clear_tables()
+    try:
+        e3m2, fp16 = FPFormat.parse("e3m2"), torch.float16
+        assert dispatch.small_m_backend(5, 4096, 4096, e3m2, fp16, "cpu") == "cuda"
+        assert dispatch.measured_small_m(8, 4096, 4096, e3m2, fp16, "cpu") == dispatch.SmallM(3, False, 12.5)
+        assert dispatch.small_m_backend(12, 4096, 4096, e3m2, fp16, "cpu") == "triton"  # 20 us < 25 us
+        assert dispatch.small_m_backend(16, 5120, 5120, e3m2, fp16, "cpu") == "triton"  # nearest: 4096 x 4096
+        assert dispatch.small_m_backend(16, 28672, 8192, e3m2, fp16, "cpu") == "cuda"  # nearest: 57344 x 8192
+        assert dispatch.measured_small_m(16, 28672, 8192, e3m2, fp16, "cpu") is None  # not this shape: the model
+        assert dispatch.measured_small_m(16, 57344, 8192, e3m2, fp16, "cpu") == dispatch.SmallM(4, True, 120.0)
+        assert dispatch.small_m_backend(1, 4096, 4096, e3m2, fp16, "cpu") == "cuda"  # unmeasured
+        assert dispatch.measured_small_m(1, 4096, 4096, e3m2, fp16, "cpu") is None
+        assert choose_config(8, 4096, 4096, e3m2, fp16, None, "cpu") == TABLE_1
+    finally:
+        clear_tables()
+
+
+def test_shipped_h200_table_measured_both_small_m_kernels():
+    """The H200 file: every M <= 16 entry of its e3m2 / FP16 table measured the CUDA kernel too, with a launch the
+    kernel takes (split <= K tiles / 4: the workspace's reservation)."""
+    tables = dispatch.tables_in(dispatch.CONFIG_DIR / "h200.json")
+    checked = 0
+    for bucket, shapes in tables[("e3m2", "float16")].items():
+        if int(bucket) > 16:
+            continue
+        for shape, entry in shapes.items():
+            k = int(shape.split("x")[1])
+            assert 1 <= entry["cuda"]["split"] <= max(1, k // 128 // 4) and entry["cuda"]["us"] > 0, (bucket, shape)
+            checked += 1
+    assert checked >= 5 * 8
 
 
 def test_shipped_table_is_found_by_the_gpu_name(monkeypatch):
@@ -331,9 +377,12 @@ def test_cuda_small_m_kernel_matches_reference(gen, fmt, dtype, m):
     bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
     ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
     for split in (1, 3):
-        for fma_shifts in (False, True):  # left shifts by immediates / by kernel-parameter multipliers
-            out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, fma_shifts=fma_shifts)
-            assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype], (split, fma_shifts)
+        for fma_shifts, prefetch_x in ((False, True), (True, True), (False, False)):  # shifts by immediates /
+            # multipliers; x read a tile ahead / at its tile's compute
+            out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, fma_shifts=fma_shifts,
+                                       prefetch_x=prefetch_x)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err < TOLERANCE[dtype], (split, fma_shifts, prefetch_x)
 
 
 @gpu

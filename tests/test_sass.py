@@ -97,6 +97,8 @@ def test_cuda_small_m_kernel_compiles_and_fits_the_budget(tmp_path):
             assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True), "sm_90a")
             assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True,
                                                                  fma_shifts=True), "sm_90a")
+            assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True,
+                                                                 prefetch_x=False), "sm_90a")
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")

@@ -1,7 +1,8 @@
 """``fpx_linear``: y = x @ dequantize(W).T + bias, as a torch custom op.
 
 The op ``fp6llm::fpx_linear`` has a PyTorch reference implementation (any device) and, on CUDA, the NVRTC-compiled
-small-M kernel of kernels/fpx_cuda.py for M <= 16 with per-channel scales, the Triton kernel of kernels/fpx_gemm.py
+small-M kernel of kernels/fpx_cuda.py for M <= 16 with per-channel scales (unless the GPU's table measured the
+Triton kernel faster for the case: dispatch.small_m_backend), the Triton kernel of kernels/fpx_gemm.py
 (when Triton is importable) for the other cases it handles; other CUDA cases de-quantize to x's dtype and call
 torch.matmul. A fake implementation gives torch.compile the output's shape and dtype
 without running anything.
@@ -49,6 +50,7 @@ try:
 except ImportError:  # no Triton: the reference serves every device
     fpx_gemm = None
 from .kernels import fpx_cuda
+from .kernels.dispatch import small_m_backend
 
 if fpx_gemm is not None:
     @fpx_linear_op.register_kernel("cuda")
@@ -60,7 +62,8 @@ if fpx_gemm is not None:
         rows = x.reshape(-1, k)
         if rows.stride(1) != 1:
             rows = rows.contiguous()
-        if fpx_cuda.supports(fmt, group_size or None, rows, n, k):  # M <= 16: the CUDA kernel (measured faster)
+        if fpx_cuda.supports(fmt, group_size or None, rows, n, k) and \
+                small_m_backend(rows.shape[0], n, k, fmt, x.dtype, x.device) == "cuda":  # M <= 16, measured faster
             return fpx_cuda.fpx_small_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
         return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(*x.shape[:-1], n)
 

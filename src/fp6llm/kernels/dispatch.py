@@ -167,7 +167,7 @@ def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, gro
         # nearest measured shape by log-distance of N and K
         best = min(candidates, key=lambda shape: sum(abs(math.log(int(a) / b)) for a, b in
                                                     zip(shape.split("x"), (n, k))))
-        entry = {key: value for key, value in candidates[best].items() if key != "us"}
+        entry = {key: value for key, value in candidates[best].items() if key not in ("us", "cuda")}
         entry["block_k"] = max(entry["block_k"], MIN_BLOCK_K)  # tables measured on layout 1 had 64-column blocks
         config = KernelConfig(**entry)
     else:
@@ -177,3 +177,57 @@ def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, gro
 
 def config_to_dict(config: KernelConfig) -> dict:
     return asdict(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CUDA small-M kernel (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an M <= 16 entry
+# "cuda": {"split": ..., "prefetch_x": ..., "us": ...}, its fastest measured launch for that shape.
+
+
+@dataclass(frozen=True)
+class SmallM:
+    split: int
+    prefetch_x: bool
+    us: float
+
+
+@functools.lru_cache(maxsize=4096)
+def _small_m_entries(key: str, fmt_name: str, dtype_name: str, bucket: int) -> dict:
+    """{(n, k): (triton us, SmallM)} of one M bucket's entries that measured the CUDA kernel."""
+    _, table = table_for(key, fmt_name, dtype_name)
+    found = {}
+    for shape, entry in table.get(str(bucket), {}).items():
+        if isinstance(entry.get("cuda"), dict):
+            cuda = entry["cuda"]
+            launch = SmallM(int(cuda["split"]), bool(cuda["prefetch_x"]), float(cuda["us"]))
+            found[tuple(int(v) for v in shape.split("x"))] = (float(entry.get("us", math.inf)), launch)
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _device_key_of(device_type: str, index: "int | None") -> str:
+    return device_key(torch.device(device_type, index) if index is not None else torch.device(device_type))
+
+
+def measured_small_m(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, device) -> "SmallM | None":
+    """The CUDA small-M kernel's fastest measured launch for exactly this shape, M bucket, format table and dtype on
+    this GPU; None when the table has none (the kernel's model then picks)."""
+    device = torch.device(device)
+    entries = _small_m_entries(_device_key_of(device.type, device.index), fmt.name,
+                               str(dtype).removeprefix("torch."), m_bucket(m))
+    found = entries.get((n, k))
+    return found[1] if found is not None else None
+
+
+def small_m_backend(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, device) -> str:
+    """"cuda" or "triton" for an M <= 16 case both kernels take: the faster one measured on the nearest shape (by
+    log-distance of N and K) of this M bucket; "cuda" without a measurement (it measured faster at M <= 8 on the
+    H100 and the H200; at M = 9..16 the tuned Triton kernel can win, 2026-12-02)."""
+    device = torch.device(device)
+    entries = _small_m_entries(_device_key_of(device.type, device.index), fmt.name,
+                               str(dtype).removeprefix("torch."), m_bucket(m))
+    if not entries:
+        return "cuda"
+    nearest = min(entries, key=lambda shape: abs(math.log(shape[0] / n)) + abs(math.log(shape[1] / k)))
+    triton_us, cuda = entries[nearest]
+    return "cuda" if cuda.us <= triton_us else "triton"

@@ -25,7 +25,7 @@ import torch
 
 from ..formats import FPFormat
 from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, signed32, words_per_group
-from .dispatch import waves_split
+from .dispatch import measured_small_m, waves_split
 from .workspace import WORKSPACE
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
@@ -110,10 +110,11 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
 
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
-                  fma_shifts: bool = False) -> str:
+                  fma_shifts: bool = False, prefetch_x: bool = True) -> str:
     """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. min_blocks > 0 asks
     ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks));
-    fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the .cu file."""
+    fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the .cu file; prefetch_x
+    False: x is read when its tile is computed, not a tile ahead (fewer registers)."""
     header, dequant = dequant_source(fmt, fma_shifts)
     body = SOURCE.read_text()
     if min_blocks:
@@ -121,7 +122,8 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     # dequant_tile needs the complete Tile: put it right after the struct's definition.
     marker = "__device__ __forceinline__ void load_tile("
     body = body.replace(marker, dequant + "\n\n" + marker, 1)
-    defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
+    defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
+               f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                f"// format {fmt.name}, layout 2 (packing.placement)", header.replace("struct Tile;", "")]
     return "\n".join(defines) + "\n" + body
 
@@ -225,11 +227,12 @@ def _registers(kernel) -> int:
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            device):
+            prefetch_x: bool, device):
     """(kernel, resident CTAs per SM by its registers) for this case, compiled and loaded once per process."""
-    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, torch.device(device).index)
+    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, torch.device(device).index)
     if key not in _KERNELS:
-        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks, fma_shifts)
+        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks, fma_shifts,
+                               prefetch_x)
         cubin = cached_cubin(source, _arch(device))
         with torch.cuda.device(device):
             kernel = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
@@ -263,13 +266,19 @@ def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
-                fma_shifts: bool = FMA_SHIFTS) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts override the
-    defaults (tests, benchmarks)."""
+                fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x
+    override the defaults (tests, benchmarks): the split and prefetch_x measured for this shape on this GPU
+    (dispatch.measured_small_m), else choose_split's model with prefetch_x on."""
     m = x.shape[0]
-    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts, x.device)
+    measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
+    if prefetch_x is None:
+        prefetch_x = measured.prefetch_x if measured is not None else True
+    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
+                               prefetch_x, x.device)
     if split is None:
-        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+        split = measured.split if measured is not None else \
+            choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)
     k_tiles = k // TILE_K
     kps = -(-k_tiles // split)

@@ -13,7 +13,8 @@
 // to arrive (an arrival counter, reset by that CTA: CUDA-graph safe) sums the partials in split order, so results do
 // not depend on timing.
 //
-// Defined by the prepended header: N_BLOCKS_M (1: M <= 8, 2: M <= 16), IS_BF16, HAS_BIAS, PLANE_WIDTHS...,
+// Defined by the prepended header: N_BLOCKS_M (1: M <= 8, 2: M <= 16), PREFETCH_X, IS_BF16, HAS_BIAS,
+// PLANE_WIDTHS...,
 // Powers / POWER_PARAMS / POWERS (the multipliers dequant_tile uses, passed as kernel parameters),
 // LOAD_PLANES(kt) and dequant_tile().
 
@@ -114,31 +115,53 @@ __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u3
 #endif
 }
 
+// PREFETCH_X 1: a tile's x columns are loaded with its weights, a tile ahead (registers: 16 per n8 block per
+// buffer); 0: at the start of its compute (an L1 hit, hidden behind the de-quantization), which frees 32 registers
+// at M > 8.
 struct Tile {
     PLANE_REGS  // u32 w0[2 * W0]; u32 w1[2 * W1]; ...
+#if PREFETCH_X
     uint4 x[N_BLOCKS_M][4];
+#endif
 };
 
-__device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0, const u32* __restrict__ p1,
-                                          const u32* __restrict__ p2, const uint4* __restrict__ x_row0,
-                                          const uint4* __restrict__ x_row1, long tile_index, int kt, int lane) {
-    LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
+struct XRows {  // lane 4 g + t's rows of x: g (n8 block 0) and g + 8 (block 1)
+    const uint4* __restrict__ row0;
+    const uint4* __restrict__ row1;
+};
+
+__device__ __forceinline__ void load_x(uint4 (&x)[N_BLOCKS_M][4], const XRows& rows, int kt, int lane) {
     const int col = kt * 16 + (lane & 3) * 4;  // in uint4 (8 halves): 128 columns = 16 uint4 per row
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        tile.x[0][i] = __ldg(x_row0 + col + i);
+        x[0][i] = __ldg(rows.row0 + col + i);
 #if N_BLOCKS_M > 1
-        tile.x[1][i] = __ldg(x_row1 + col + i);
+        x[1][i] = __ldg(rows.row1 + col + i);
 #endif
     }
+}
+
+__device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0, const u32* __restrict__ p1,
+                                          const u32* __restrict__ p2, const XRows& rows, long tile_index, int kt,
+                                          int lane) {
+    LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
+#if PREFETCH_X
+    load_x(tile.x, rows, kt, lane);
+#endif
 }
 
 // Independent accumulator chains per n8 block: consecutive k-steps' MMAs go to different chains, so the tensor
 // core's latency (~30 cycles per dependent mma.sync) is not paid 8 times in a row per tile.
 #define CHAINS (4 / N_BLOCKS_M)  // measured on an H200 (2026-12-01): 1 chain 1.05-1.2x slower, 2 = 4 within noise
 
-__device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw,
+__device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw, const XRows& rows, int kt, int lane,
                                              float (&acc)[N_BLOCKS_M][CHAINS][4]) {
+#if PREFETCH_X
+    const uint4 (&x)[N_BLOCKS_M][4] = tile.x;
+#else
+    uint4 x[N_BLOCKS_M][4];
+    load_x(x, rows, kt, lane);
+#endif
     u32 a[32];
     dequant_tile(tile, pw, a);
 #pragma unroll
@@ -150,7 +173,7 @@ __device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw,
 #endif
 #pragma unroll
         for (int b = 0; b < N_BLOCKS_M; ++b) {
-            const u32* xs = reinterpret_cast<const u32*>(&tile.x[b][0]);  // 16 words = 32 columns of row g
+            const u32* xs = reinterpret_cast<const u32*>(&x[b][0]);  // 16 words = 32 columns of row g
             mma(acc[b][ks % CHAINS], frag, xs[2 * ks], xs[2 * ks + 1]);
         }
     }
@@ -174,18 +197,18 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     if (row_tile < n_tiles && kt0 < kt1) {
         // Lanes past the last row of x read row M - 1 again (an L1 hit): the MMA columns they feed are outputs for
         // rows >= M, which are never stored, so they need no zeroing.
-        const uint4* x_row0 = reinterpret_cast<const uint4*>(x + (long)min(g, M - 1) * ldx);
-        const uint4* x_row1 = reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx);
+        const XRows rows = {reinterpret_cast<const uint4*>(x + (long)min(g, M - 1) * ldx),
+                            reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx)};
         const long base = (long)row_tile * k_tiles;
         // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
         Tile even, odd;
-        load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt0, kt0, lane);
+        load_tile(even, p0, p1, p2, rows, base + kt0, kt0, lane);
         for (int kt = kt0; kt < kt1; kt += 2) {
-            if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, x_row0, x_row1, base + kt + 1, kt + 1, lane);
-            compute_tile(even, pw, chains);
+            if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, rows, base + kt + 1, kt + 1, lane);
+            compute_tile(even, pw, rows, kt, lane, chains);
             if (kt + 1 >= kt1) break;
-            if (kt + 2 < kt1) load_tile(even, p0, p1, p2, x_row0, x_row1, base + kt + 2, kt + 2, lane);
-            compute_tile(odd, pw, chains);
+            if (kt + 2 < kt1) load_tile(even, p0, p1, p2, rows, base + kt + 2, kt + 2, lane);
+            compute_tile(odd, pw, rows, kt + 1, lane, chains);
         }
     }
 
