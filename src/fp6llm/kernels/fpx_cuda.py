@@ -259,9 +259,17 @@ FMA_SHIFTS = False
 def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int:
     """Split-K degree. Each warp is latency-bound (ncu on an H200, 2026-12-01: one instruction per ~14 cycles per
     warp, 0.5 eligible warps per scheduler), so a CTA's time is its K tiles whatever else runs beside it: the waves
-    model of dispatch.waves_split, with the partial sums (64 x M float32 written and read back) at M / 12 of a tile.
-    Every CTA keeps >= 4 K tiles."""
-    return waves_split(-(-n // ROWS_PER_CTA), k // TILE_K, num_sms, resident, partial_cost=m / 12)
+    model of dispatch.waves_split, with the partial sums (64 x M float32 written and read back) at M / 12 of a tile
+    and the last CTA's reduction at SUM_COST of a tile per split. Every CTA keeps >= 4 K tiles. A GPU's measured
+    table (bench/tune.py) overrides this for the shapes it timed (dispatch.measured_small_m)."""
+    return waves_split(-(-n // ROWS_PER_CTA), k // TILE_K, num_sms, resident, partial_cost=m / 12,
+                       sum_cost=SUM_COST)
+
+
+# The last CTA's reduction per split, in K tiles: four L2 round trips in flight (~0.4 us) per four splits, against
+# ~1.2 us per K tile (70b-qkv, M = 1, H200, 2026-12-02: 16 tiles in 20.6 us). An estimate, not yet fitted: with the
+# serial loop it replaced, split 56 ran 8192 x 28672 at M = 1 in 63 us against 49 us at split 5 (M = 8).
+SUM_COST = 0.1
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
