@@ -200,6 +200,16 @@ __device__ __forceinline__ void compute_step(const Step& step, const Powers& pw,
 #endif
 }
 
+// out[m, n] = v * scale[n] (x the format's exponent-bias factor) + bias[n], in the activation dtype.
+__device__ __forceinline__ void store_out(u16* __restrict__ out, int ldo, const float* __restrict__ scales,
+                                          const u16* __restrict__ bias, float scale_factor, int n, int m, float v) {
+    v *= scales[n] * scale_factor;
+#if HAS_BIAS
+    v += act_to_float(bias[n]);
+#endif
+    out[(long)m * ldo + n] = float_to_act(v);
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
             const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
@@ -256,13 +266,7 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int n = (row_tile + r) * 16 + g + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
-                    if (n < N && m < M) {
-                        float v = acc[r][b][i] * scales[n] * scale_factor;
-#if HAS_BIAS
-                        v += act_to_float(bias[n]);
-#endif
-                        out[(long)m * ldo + n] = float_to_act(v);
-                    }
+                    if (n < N && m < M) store_out(out, ldo, scales, bias, scale_factor, n, m, acc[r][b][i]);
                 }
         return;
     }
@@ -308,13 +312,7 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
                     v += a3;
                 }
                 for (; s < (int)gridDim.y; ++s) v += __ldcg(p + s * step);
-                if (n < N) {
-                    v *= scales[n] * scale_factor;
-#if HAS_BIAS
-                    v += act_to_float(bias[n]);
-#endif
-                    out[(long)m * ldo + n] = float_to_act(v);
-                }
+                if (n < N) store_out(out, ldo, scales, bias, scale_factor, n, m, v);
             }
     if (threadIdx.x == 0) counts[blockIdx.x] = 0;  // ready for the next launch or graph replay
 }

@@ -1,0 +1,289 @@
+// TC-FPx small-M kernel for Hopper (and any sm_80+ GPU): out[M, N] = x[M, K] @ W.T, M <= 16, W in layout 2.
+//
+// Compiled at run time through NVRTC (kernels/fpx_cuda.py prepends the format's constants and the generated
+// de-quantization function `dequant_tile`, both derived from packing.placement). Reads exactly the planes the
+// Triton kernel reads (packing.py, docs/layout.md): one 16 x 128 tile of a plane is 64 w contiguous words, lane l's
+// 2 w words at (j / G) * 32 G + l G + j % G (G = min(4, 2 w)), so a warp's loads are 128-bit and contiguous, and
+// after de-quantization lane l holds exactly its mma.m16n8k16 A fragments (pair q = 4 ks + r is register r of k-step
+// ks). The weight is the A operand (16 rows per warp), x^T the B operand (8 rows of x per n8 block; lane 4 g + t
+// loads row g's 32 contiguous columns 32 t .. 32 t + 31 of the tile: the k order both operands agree on).
+//
+// Grid: (ceil(N / 64), SPLIT). A CTA of 4 warps covers 64 rows (a 16-row tile per warp, sharing x through L1) and
+// K tiles [blockIdx.y * kps, ...). SPLIT > 1: each CTA writes its float32 partial to ws, the last CTA of a row block
+// to arrive (an arrival counter, reset by that CTA: CUDA-graph safe) sums the partials in split order, so results do
+// not depend on timing.
+//
+// Defined by the prepended header: N_BLOCKS_M (1: M <= 8, 2: M <= 16), PREFETCH_X, IS_BF16, HAS_BIAS,
+// PLANE_WIDTHS...,
+// Powers / POWER_PARAMS / POWERS (the multipliers dequant_tile uses, passed as kernel parameters),
+// LOAD_PLANES(kt) and dequant_tile().
+
+// No headers: NVRTC compiles this file alone (fp16/bf16 conversions are inline PTX).
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#define WARPS 4
+#define TILE_WORDS(w) (64 * (w))
+
+__device__ __forceinline__ uint4 load_stream(const u32* p) {
+    // Weights are read once: bypass L1, keep L1 for x.
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint2 load_stream2(const u32* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+// Field moves as integer multiplies by 2^r, so that they issue on the FMA pipe (IMAD) and leave the ALU pipe to the
+// masks (LOP3): x << r is the low word of x * 2^r, x >> (32 - r) its high word, and a rotate both (IMAD.WIDE).
+// dequant_tile (generated) picks the one whose bits survive the mask. With an immediate multiplier ptxas turns about
+// half of the left shifts back into SHF (ALU pipe: 0.38 of e3m2's 1.48 ALU operations per weight, 2026-12-02); the
+// generator's fma_shifts variant passes those multipliers as kernel parameters (Powers), which ptxas cannot see, so
+// they stay IMADs (e3m2: 1.09 ALU per weight), for a few registers more.
+template <u32 POWER>
+__device__ __forceinline__ u32 shl_fma(u32 x) {  // x << r for POWER = 2^r
+    u32 y;
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(y) : "r"(x), "n"(POWER));
+    return y;
+}
+
+__device__ __forceinline__ u32 shl_fma(u32 x, u32 power) {  // x << r for power = 2^r, a kernel parameter
+    u32 y;
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(y) : "r"(x), "r"(power));
+    return y;
+}
+
+template <u32 POWER>
+__device__ __forceinline__ u32 shr_fma(u32 x) {  // x >> (32 - r) for POWER = 2^r
+    u32 y;
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(y) : "r"(x), "n"(POWER));
+    return y;
+}
+
+template <u32 POWER, u32 MASK>
+__device__ __forceinline__ u32 rotl_masked(u32 x) {  // rotl(x, r) & MASK for POWER = 2^r
+    unsigned long long wide;
+    asm("mul.wide.u32 %0, %1, %2;" : "=l"(wide) : "r"(x), "n"(POWER));
+    return ((u32)wide | (u32)(wide >> 32)) & MASK;
+}
+
+__device__ __forceinline__ u32 to_bf16x2(u32 fp16x2) {
+    // Exact: every value(code) * 2^(bias - 15) of a <= 4-exponent-bit format is a normal BF16 number.
+    u32 out;
+    asm("{.reg .f16 lo, hi; .reg .f32 flo, fhi;\n\t"
+        "mov.b32 {lo, hi}, %1;\n\tcvt.f32.f16 flo, lo;\n\tcvt.f32.f16 fhi, hi;\n\t"
+        "cvt.rn.bf16x2.f32 %0, fhi, flo;}" : "=r"(out) : "r"(fp16x2));
+    return out;
+}
+
+__device__ __forceinline__ float act_to_float(u16 v) {
+#if IS_BF16
+    return __int_as_float((int)v << 16);
+#else
+    float f;
+    asm("{.reg .f16 h; mov.b16 h, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "h"(v));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ u16 float_to_act(float f) {
+    u16 v;
+#if IS_BF16
+    asm("{.reg .b16 h; cvt.rn.bf16.f32 h, %1; mov.b16 %0, h;}" : "=h"(v) : "f"(f));
+#else
+    asm("{.reg .f16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(v) : "f"(f));
+#endif
+    return v;
+}
+
+__device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if IS_BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// PREFETCH_X 1: a tile's x columns are loaded with its weights, a tile ahead (registers: 16 per n8 block per
+// buffer); 0: at the start of its compute (an L1 hit, hidden behind the de-quantization), which frees 32 registers
+// at M > 8.
+struct Tile {
+    PLANE_REGS  // u32 w0[2 * W0]; u32 w1[2 * W1]; ...
+#if PREFETCH_X
+    uint4 x[N_BLOCKS_M][4];
+#endif
+};
+
+struct XRows {  // lane 4 g + t's rows of x: g (n8 block 0) and g + 8 (block 1)
+    const uint4* __restrict__ row0;
+    const uint4* __restrict__ row1;
+};
+
+__device__ __forceinline__ void load_x(uint4 (&x)[N_BLOCKS_M][4], const XRows& rows, int kt, int lane) {
+    const int col = kt * 16 + (lane & 3) * 4;  // in uint4 (8 halves): 128 columns = 16 uint4 per row
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        x[0][i] = __ldg(rows.row0 + col + i);
+#if N_BLOCKS_M > 1
+        x[1][i] = __ldg(rows.row1 + col + i);
+#endif
+    }
+}
+
+__device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0, const u32* __restrict__ p1,
+                                          const u32* __restrict__ p2, const XRows& rows, long tile_index, int kt,
+                                          int lane) {
+    LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
+#if PREFETCH_X
+    load_x(tile.x, rows, kt, lane);
+#endif
+}
+
+// Independent accumulator chains per n8 block: consecutive k-steps' MMAs go to different chains, so the tensor
+// core's latency (~30 cycles per dependent mma.sync) is not paid 8 times in a row per tile.
+#define CHAINS (4 / N_BLOCKS_M)  // measured on an H200 (2026-12-01): 1 chain 1.05-1.2x slower, 2 = 4 within noise
+
+__device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw, const XRows& rows, int kt, int lane,
+                                             float (&acc)[N_BLOCKS_M][CHAINS][4]) {
+#if PREFETCH_X
+    const uint4 (&x)[N_BLOCKS_M][4] = tile.x;
+#else
+    uint4 x[N_BLOCKS_M][4];
+    load_x(x, rows, kt, lane);
+#endif
+    u32 a[32];
+    dequant_tile(tile, pw, a);
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+        u32 frag[4] = {a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3]};
+#if IS_BF16
+#pragma unroll
+        for (int r = 0; r < 4; ++r) frag[r] = to_bf16x2(frag[r]);
+#endif
+#pragma unroll
+        for (int b = 0; b < N_BLOCKS_M; ++b) {
+            const u32* xs = reinterpret_cast<const u32*>(&x[b][0]);  // 16 words = 32 columns of row g
+            mma(acc[b][ks % CHAINS], frag, xs[2 * ks], xs[2 * ks + 1]);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
+            const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
+            u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
+            int M, int N, int K, double scale_factor_d, int kps POWER_PARAMS) {
+    const Powers pw = POWERS;  // the multipliers 2^r of dequant_tile, one u32 parameter each
+    const float scale_factor = (float)scale_factor_d;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int k_tiles = (K + 127) / 128;
+    const int row_tile = blockIdx.x * WARPS + warp;  // 16-row tile of this warp
+    const int n_tiles = (N + 15) / 16;
+    const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
+
+    float chains[N_BLOCKS_M][CHAINS][4] = {};
+    if (row_tile < n_tiles && kt0 < kt1) {
+        // Lanes past the last row of x read row M - 1 again (an L1 hit): the MMA columns they feed are outputs for
+        // rows >= M, which are never stored, so they need no zeroing.
+        const XRows rows = {reinterpret_cast<const uint4*>(x + (long)min(g, M - 1) * ldx),
+                            reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx)};
+        const long base = (long)row_tile * k_tiles;
+        // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
+        Tile even, odd;
+        load_tile(even, p0, p1, p2, rows, base + kt0, kt0, lane);
+        for (int kt = kt0; kt < kt1; kt += 2) {
+            if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, rows, base + kt + 1, kt + 1, lane);
+            compute_tile(even, pw, rows, kt, lane, chains);
+            if (kt + 1 >= kt1) break;
+            if (kt + 2 < kt1) load_tile(even, p0, p1, p2, rows, base + kt + 2, kt + 2, lane);
+            compute_tile(odd, pw, rows, kt + 1, lane, chains);
+        }
+    }
+
+    float acc[N_BLOCKS_M][4];
+#pragma unroll
+    for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            acc[b][i] = chains[b][0][i];
+#pragma unroll
+            for (int c = 1; c < CHAINS; ++c) acc[b][i] += chains[b][c][i];
+        }
+    // acc[b][i]: weight row 16 row_tile + g + 8 (i / 2), x row 8 b + 2 t + i % 2.
+    const int n0 = row_tile * 16 + g;
+    if (gridDim.y == 1) {
+#pragma unroll
+        for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+                if (n < N && m < M) {
+                    float v = acc[b][i] * scales[n] * scale_factor;
+#if HAS_BIAS
+                    v += act_to_float(bias[n]);
+#endif
+                    out[(long)m * ldo + n] = float_to_act(v);
+                }
+            }
+        return;
+    }
+    // Split-K: publish this CTA's partial [64 rows x M], count arrivals, the last one reduces.
+    const int n_pad = gridDim.x * 64;
+    float* part = ws + (long)blockIdx.y * n_pad * M;
+#pragma unroll
+    for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = 8 * b + 2 * t + i % 2;
+            if (m < M) part[(long)(n0 + 8 * (i / 2)) * M + m] = acc[b][i];
+        }
+    __threadfence();
+    __syncthreads();
+    __shared__ int arrived;
+    if (threadIdx.x == 0) arrived = atomicAdd(counts + blockIdx.x, 1);
+    __syncthreads();
+    if (arrived != gridDim.y - 1) return;
+    __threadfence();
+#pragma unroll
+    for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+            if (m >= M) continue;
+            // The partials in split order (results independent of timing), four loads in flight at a time: a
+            // loop of dependent L2 round trips cost ~0.3 K tiles per split (M = 1, 8192 x 28672 at split 56).
+            const float* p = ws + (long)n * M + m;
+            const long step = (long)n_pad * M;
+            float v = 0.f;
+            int s = 0;
+            for (; s + 4 <= (int)gridDim.y; s += 4) {
+                const float a0 = __ldcg(p + s * step), a1 = __ldcg(p + (s + 1) * step),
+                            a2 = __ldcg(p + (s + 2) * step), a3 = __ldcg(p + (s + 3) * step);
+                v += a0;
+                v += a1;
+                v += a2;
+                v += a3;
+            }
+            for (; s < (int)gridDim.y; ++s) v += __ldcg(p + s * step);
+            if (n < N) {
+                v *= scales[n] * scale_factor;
+#if HAS_BIAS
+                v += act_to_float(bias[n]);
+#endif
+                out[(long)m * ldo + n] = float_to_act(v);
+            }
+        }
+    if (threadIdx.x == 0) counts[blockIdx.x] = 0;  // ready for the next launch or graph replay
+}
