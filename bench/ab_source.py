@@ -2,7 +2,8 @@
 
     python bench/ab_source.py OTHER.cu [--ms 1,8]
 
-Times (one row tile per warp: what both sources have) the package's kernels/cuda/fpx_small_m.cu and OTHER.cu (same macros; e.g. an earlier commit's file from
+Times the package's kernels/cuda/fpx_small_m.cu and OTHER.cu (one row tile per warp, what both have; same macros;
+e.g. an earlier commit's file from
 `git show REV:src/fp6llm/kernels/cuda/fpx_small_m.cu`) on the LLaMA shapes, alternating, each checked first.
 """
 
@@ -41,8 +42,8 @@ def main(argv=None):
                 out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, fmt, n, k, row_tiles=1)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 assert err < 1e-2, (name, shape, m, err)
-                calls, _ = rotating_calls(qw, m, torch.float16,
-                                          lambda x, p, s: fpx_cuda.fpx_small_m(x, p, s, None, fmt, n, k, row_tiles=1))
+                calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s: fpx_cuda.fpx_small_m(
+                    x, p, s, None, fmt, n, k, row_tiles=1))
                 times[name] = min(time_calls(calls, replays=7) for _ in range(2)) * 1e6
                 totals[name] += times[name]
                 del calls
