@@ -2,9 +2,10 @@
 
     python bench/ab_source.py OTHER.cu [--ms 1,8]
 
-Times the package's kernels/cuda/fpx_small_m.cu and OTHER.cu (one row tile per warp, what both have; same macros;
-e.g. an earlier commit's file from
-`git show REV:src/fp6llm/kernels/cuda/fpx_small_m.cu`) on the LLaMA shapes, alternating, each checked first.
+Times the package's kernels/cuda/fpx_small_m.cu and OTHER.cu (the same macros; e.g. an earlier or a candidate
+version, `git show REV:src/fp6llm/kernels/cuda/fpx_small_m.cu > /tmp/x.cu`, copied into the working tree so that
+it travels) on the LLaMA shapes, each checked against the float32 reference first. ptxas is sensitive to code
+around the main loop: a restructure for two row tiles per warp cost 3-14 % at M <= 8 (2026-12-02).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def main(argv=None):
             for name, path in sources.items():
                 fpx_cuda.SOURCE = path
                 fpx_cuda._KERNELS.clear()
-                out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, fmt, n, k, row_tiles=1)
+                out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, fmt, n, k)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 assert err < 1e-2, (name, shape, m, err)
                 calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s: fpx_cuda.fpx_small_m(
-                    x, p, s, None, fmt, n, k, row_tiles=1))
+                    x, p, s, None, fmt, n, k))
                 times[name] = min(time_calls(calls, replays=7) for _ in range(2)) * 1e6
                 totals[name] += times[name]
                 del calls

@@ -143,11 +143,10 @@ def triton_cubin(fmt, dtype: str, config, imad_rotate: bool = False) -> bytes:
     return compiled.asm["cubin"]
 
 
-def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bool = True,
-               row_tiles: int = 1) -> bytes:
+def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bool = True) -> bytes:
     from fp6llm.kernels.fpx_cuda import kernel_source, nvrtc_compile
     source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False, fma_shifts=fma_shifts,
-                           prefetch_x=prefetch_x, row_tiles=row_tiles)
+                           prefetch_x=prefetch_x)
     try:
         return nvrtc_compile(source, "sm_90a")
     except RuntimeError as err:
@@ -170,8 +169,6 @@ def main(argv=None) -> int:
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
     parser.add_argument("--no-prefetch-x", action="store_true",
                         help="the CUDA kernel's variant that reads x when its tile is computed (prefetch_x=False)")
-    parser.add_argument("--row-tiles", type=int, default=1, choices=(1, 2),
-                        help="the CUDA kernel's 16-row tiles per warp (2 reads x at compute)")
     parser.add_argument("--imad-rotate", action="store_true",
                         help="the Triton kernel's variant with field moves as multiplies (fpx_gemm's imad_rotate)")
     parser.add_argument("--json", help="also write the counts to this file")
@@ -192,11 +189,9 @@ def main(argv=None) -> int:
     if args.kernel in ("both", "cuda"):
         # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
         name = "CUDA fpx_small_m" + (", fma_shifts" if args.fma_shifts else "") + \
-            (", x read at compute" if args.no_prefetch_x or args.row_tiles > 1 else "") + \
-            (f", {args.row_tiles} row tiles" if args.row_tiles > 1 else "") + " (per warp)"
-        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts,
-                                                  not args.no_prefetch_x and args.row_tiles == 1, args.row_tiles),
-                                 1, 2 * 16 * 128 * args.row_tiles)
+            (", x read at compute" if args.no_prefetch_x else "") + " (per warp)"
+        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts, not args.no_prefetch_x),
+                                 1, 2 * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     return 0

@@ -74,9 +74,8 @@ CUDA_SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24)
 
 
 def tune_cuda(qw, m: int, dtype) -> "dict | None":
-    """The CUDA small-M kernel's fastest launch (split x prefetch_x x row_tiles) for this weight and M, as the
-    table's "cuda" entry, each launch checked against the float32 reference first; None where the kernel does not
-    take the case."""
+    """The CUDA small-M kernel's fastest launch (split x prefetch_x) for this weight and M, as the table's "cuda"
+    entry, each launch checked against the float32 reference first; None where the kernel does not take the case."""
     n, k = qw.shape
     x = torch.randn(m, k, device=qw.device, dtype=dtype)
     if not fpx_cuda.supports(qw.fmt, qw.group_size, x, n, k):
@@ -86,20 +85,20 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
     calls, _ = rotating_calls(qw, m, dtype, lambda x, p, s: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
                                                                                  **launch))
     results = []
-    for prefetch_x, row_tiles in ((True, 1), (False, 1), (False, 2)):
+    for prefetch_x in (True, False):
         for split in [s for s in CUDA_SPLITS if s <= max(1, k // fpx_cuda.TILE_K // 4)]:
-            launch.update(split=split, prefetch_x=prefetch_x, row_tiles=row_tiles)
+            launch.update(split=split, prefetch_x=prefetch_x)
             out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             if not err < 1e-2:
                 raise AssertionError(f"fpx_small_m wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
                                      f"rel err {err:.3e}")
-            results.append((time_calls(calls, replays=5), split, prefetch_x, row_tiles))
+            results.append((time_calls(calls, replays=5), split, prefetch_x))
     results.sort()
-    t, split, prefetch_x, row_tiles = results[0]
-    print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{s}{'' if p else 'x'}{'r2' if r == 2 else ''}"
-                                               for t, s, p, r in results), flush=True)
-    return {"split": split, "prefetch_x": prefetch_x, "row_tiles": row_tiles, "us": round(t * 1e6, 1)}
+    t, split, prefetch_x = results[0]
+    print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{s}{'' if p else 'x'}" for t, s, p in results),
+          flush=True)
+    return {"split": split, "prefetch_x": prefetch_x, "us": round(t * 1e6, 1)}
 
 
 def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, cuda_too: bool = True) -> dict:
@@ -132,8 +131,7 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
             dense, _ = dense_calls(n, k, m, dtype, "cuda")
             t_dense = time_calls(dense, replays=5)
             del dense
-            cuda_note = f" | cuda {cuda['us']:.1f}us s{cuda['split']}{'' if cuda['prefetch_x'] else 'x'}" \
-                f"{'r2' if cuda['row_tiles'] == 2 else ''} " \
+            cuda_note = f" | cuda {cuda['us']:.1f}us s{cuda['split']}{'' if cuda['prefetch_x'] else 'x'} " \
                 f"({t_dense / cuda['us'] * 1e6:.2f}x)" if cuda else ""
             print(f"M={m:<5} {name:9} {fmt.name} {str(dtype)[6:]} cuBLAS {t_dense * 1e6:.1f}us "
                   f"({t_dense / best_t:.2f}x) | {top}{cuda_note}", flush=True)

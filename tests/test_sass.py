@@ -98,10 +98,7 @@ def test_cuda_small_m_kernel_compiles_and_fits_the_budget(tmp_path):
             assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True,
                                                                  fma_shifts=True), "sm_90a")
             assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True,
-                                                                 prefetch_x=False, row_tiles=2), "sm_90a")
-    assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(E3M2, False, 1, False, prefetch_x=False), "sm_90a")
-    with pytest.raises(ValueError, match="row_tiles"):
-        fpx_cuda.kernel_source(E3M2, False, 2, False, prefetch_x=True, row_tiles=2)
+                                                                 prefetch_x=False), "sm_90a")
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")

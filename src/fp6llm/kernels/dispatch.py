@@ -181,7 +181,7 @@ def config_to_dict(config: KernelConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The CUDA small-M kernel (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an M <= 16 entry
-# "cuda": {"split": ..., "prefetch_x": ..., "row_tiles": ..., "us": ...}, its fastest measured launch for that shape.
+# "cuda": {"split": ..., "prefetch_x": ..., "us": ...}, its fastest measured launch for that shape.
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,6 @@ class SmallM:
     split: int
     prefetch_x: bool
     us: float
-    row_tiles: int = 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -200,8 +199,7 @@ def _small_m_entries(key: str, fmt_name: str, dtype_name: str, bucket: int) -> d
     for shape, entry in table.get(str(bucket), {}).items():
         if isinstance(entry.get("cuda"), dict):
             cuda = entry["cuda"]
-            launch = SmallM(int(cuda["split"]), bool(cuda["prefetch_x"]), float(cuda["us"]),
-                            int(cuda.get("row_tiles", 1)))
+            launch = SmallM(int(cuda["split"]), bool(cuda["prefetch_x"]), float(cuda["us"]))
             found[tuple(int(v) for v in shape.split("x"))] = (float(entry.get("us", math.inf)), launch)
     return found
 

@@ -31,7 +31,7 @@ from .workspace import WORKSPACE
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
 KERNEL_NAME = "fpx_small_m"
 WARPS = 4
-ROWS_PER_CTA = 16 * WARPS  # a 16-row tile per warp (x row_tiles)
+ROWS_PER_CTA = 16 * WARPS  # a 16-row tile per warp
 MAX_M = 16
 FP16_EXP_BIAS = 15
 
@@ -110,14 +110,11 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
 
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
-                  fma_shifts: bool = False, prefetch_x: bool = True, row_tiles: int = 1) -> str:
+                  fma_shifts: bool = False, prefetch_x: bool = True) -> str:
     """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. min_blocks > 0 asks
     ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks));
     fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the .cu file; prefetch_x
-    False: x is read when its tile is computed, not a tile ahead (fewer registers); row_tiles 2 (with prefetch_x
-    False): two 16-row tiles per warp share each read of x."""
-    if row_tiles not in (1, 2) or (row_tiles == 2 and prefetch_x):
-        raise ValueError(f"row_tiles must be 1, or 2 with prefetch_x False; got {row_tiles}, {prefetch_x}")
+    False: x is read when its tile is computed, not a tile ahead (fewer registers)."""
     header, dequant = dequant_source(fmt, fma_shifts)
     body = SOURCE.read_text()
     if min_blocks:
@@ -126,7 +123,6 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     marker = "__device__ __forceinline__ void load_tile("
     body = body.replace(marker, dequant + "\n\n" + marker, 1)
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
-               f"#define ROW_TILES {row_tiles}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                f"// format {fmt.name}, layout 2 (packing.placement)", header.replace("struct Tile;", "")]
     return "\n".join(defines) + "\n" + body
@@ -231,12 +227,12 @@ def _registers(kernel) -> int:
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, row_tiles: int, device):
+            prefetch_x: bool, device):
     """(kernel, resident CTAs per SM by its registers) for this case, compiled and loaded once per process."""
-    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, row_tiles, torch.device(device).index)
+    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, torch.device(device).index)
     if key not in _KERNELS:
         source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks, fma_shifts,
-                               prefetch_x, row_tiles)
+                               prefetch_x)
         cubin = cached_cubin(source, _arch(device))
         with torch.cuda.device(device):
             kernel = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
@@ -260,13 +256,13 @@ MIN_BLOCKS = 0  # __launch_bounds__ minimum CTAs per SM (0: ptxas's choice, 80 r
 FMA_SHIFTS = False
 
 
-def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6, row_tiles: int = 1) -> int:
+def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int:
     """Split-K degree. Each warp is latency-bound (ncu on an H200, 2026-12-01: one instruction per ~14 cycles per
     warp, 0.5 eligible warps per scheduler), so a CTA's time is its K tiles whatever else runs beside it: the waves
     model of dispatch.waves_split, with the partial sums (64 x M float32 written and read back) at M / 12 of a tile
     and the last CTA's reduction at SUM_COST of a tile per split. Every CTA keeps >= 4 K tiles. A GPU's measured
     table (bench/tune.py) overrides this for the shapes it timed (dispatch.measured_small_m)."""
-    return waves_split(-(-n // (ROWS_PER_CTA * row_tiles)), k // TILE_K, num_sms, resident, partial_cost=m / 12,
+    return waves_split(-(-n // ROWS_PER_CTA), k // TILE_K, num_sms, resident, partial_cost=m / 12,
                        sum_cost=SUM_COST)
 
 
@@ -278,33 +274,28 @@ SUM_COST = 0.1
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
-                fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
-                row_tiles: "int | None" = None) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
-    row_tiles override the defaults (tests, benchmarks): the launch measured for this shape on this GPU
-    (dispatch.measured_small_m), else choose_split's model with prefetch_x on and one row tile per warp."""
+                fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x
+    override the defaults (tests, benchmarks): the split and prefetch_x measured for this shape on this GPU
+    (dispatch.measured_small_m), else choose_split's model with prefetch_x on."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
-    if row_tiles is None:
-        row_tiles = measured.row_tiles if measured is not None and prefetch_x is None else 1
     if prefetch_x is None:
-        prefetch_x = (measured.prefetch_x if measured is not None else True) and row_tiles == 1
+        prefetch_x = measured.prefetch_x if measured is not None else True
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, row_tiles, x.device)
+                               prefetch_x, x.device)
     if split is None:
         split = measured.split if measured is not None else \
-            choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident,
-                         row_tiles)
-    row_blocks = -(-n // (ROWS_PER_CTA * row_tiles))
+            choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+    row_blocks = -(-n // ROWS_PER_CTA)
     k_tiles = k // TILE_K
     kps = -(-k_tiles // split)
     split = -(-k_tiles // kps)  # no empty CTAs
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # Reserve what this layer needs at any M <= 16 and either row_tiles (at most k_tiles / 4 splits of 16-row
-    # partials, rows padded to 128; a counter per 64 rows), so that a CUDA graph captured at another batch size never
-    # finds the workspace too small.
-    ws, counts = WORKSPACE.reserve(x.device, max(1, k_tiles // 4) * -(-n // 128) * 128 * MAX_M,
-                                   -(-n // ROWS_PER_CTA)) if split > 1 else (out, out)
+    # Reserve what this layer needs at any M <= 16 (at most k_tiles / 4 splits of 16-row partials), so that a CUDA
+    # graph captured at another batch size never finds the workspace too small.
+    ws, counts = WORKSPACE.reserve(x.device, max(1, k_tiles // 4) * row_blocks * ROWS_PER_CTA * MAX_M, row_blocks) \
+        if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,

@@ -8,12 +8,12 @@
 // ks). The weight is the A operand (16 rows per warp), x^T the B operand (8 rows of x per n8 block; lane 4 g + t
 // loads row g's 32 contiguous columns 32 t .. 32 t + 31 of the tile: the k order both operands agree on).
 //
-// Grid: (ceil(N / (64 ROW_TILES)), SPLIT). A CTA of 4 warps covers 64 ROW_TILES rows (ROW_TILES 16-row tiles per
-// warp, sharing x through L1; 2 halves the x each weight needs at M > 8) and K tiles [blockIdx.y * kps, ...). SPLIT > 1: each CTA writes its float32 partial to ws, the last CTA of a row block
+// Grid: (ceil(N / 64), SPLIT). A CTA of 4 warps covers 64 rows (a 16-row tile per warp, sharing x through L1) and
+// K tiles [blockIdx.y * kps, ...). SPLIT > 1: each CTA writes its float32 partial to ws, the last CTA of a row block
 // to arrive (an arrival counter, reset by that CTA: CUDA-graph safe) sums the partials in split order, so results do
 // not depend on timing.
 //
-// Defined by the prepended header: N_BLOCKS_M (1: M <= 8, 2: M <= 16), PREFETCH_X, ROW_TILES, IS_BF16, HAS_BIAS,
+// Defined by the prepended header: N_BLOCKS_M (1: M <= 8, 2: M <= 16), PREFETCH_X, IS_BF16, HAS_BIAS,
 // PLANE_WIDTHS...,
 // Powers / POWER_PARAMS / POWERS (the multipliers dequant_tile uses, passed as kernel parameters),
 // LOAD_PLANES(kt) and dequant_tile().
@@ -154,8 +154,14 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
 // core's latency (~30 cycles per dependent mma.sync) is not paid 8 times in a row per tile.
 #define CHAINS (4 / N_BLOCKS_M)  // measured on an H200 (2026-12-01): 1 chain 1.05-1.2x slower, 2 = 4 within noise
 
-__device__ __forceinline__ void compute_tile(const Tile& tile, const uint4 (&x)[N_BLOCKS_M][4], const Powers& pw,
+__device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw, const XRows& rows, int kt, int lane,
                                              float (&acc)[N_BLOCKS_M][CHAINS][4]) {
+#if PREFETCH_X
+    const uint4 (&x)[N_BLOCKS_M][4] = tile.x;
+#else
+    uint4 x[N_BLOCKS_M][4];
+    load_x(x, rows, kt, lane);
+#endif
     u32 a[32];
     dequant_tile(tile, pw, a);
 #pragma unroll
@@ -173,43 +179,6 @@ __device__ __forceinline__ void compute_tile(const Tile& tile, const uint4 (&x)[
     }
 }
 
-// ROW_TILES 16-row tiles per warp (1, or 2 with PREFETCH_X 0): one K step of all of them, x's columns read once.
-#if ROW_TILES > 1 && PREFETCH_X
-#error "ROW_TILES > 1 reads x at compute (PREFETCH_X 0)"
-#endif
-struct Step {
-    Tile tile[ROW_TILES];
-};
-
-__device__ __forceinline__ void load_step(Step& step, const u32* __restrict__ p0, const u32* __restrict__ p1,
-                                          const u32* __restrict__ p2, const XRows& rows, const long (&base)[ROW_TILES],
-                                          int kt, int lane) {
-#pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r) load_tile(step.tile[r], p0, p1, p2, rows, base[r] + kt, kt, lane);
-}
-
-__device__ __forceinline__ void compute_step(const Step& step, const Powers& pw, const XRows& rows, int kt, int lane,
-                                             float (&acc)[ROW_TILES][N_BLOCKS_M][CHAINS][4]) {
-#if PREFETCH_X
-    compute_tile(step.tile[0], step.tile[0].x, pw, acc[0]);
-#else
-    uint4 x[N_BLOCKS_M][4];
-    load_x(x, rows, kt, lane);
-#pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r) compute_tile(step.tile[r], x, pw, acc[r]);
-#endif
-}
-
-// out[m, n] = v * scale[n] (x the format's exponent-bias factor) + bias[n], in the activation dtype.
-__device__ __forceinline__ void store_out(u16* __restrict__ out, int ldo, const float* __restrict__ scales,
-                                          const u16* __restrict__ bias, float scale_factor, int n, int m, float v) {
-    v *= scales[n] * scale_factor;
-#if HAS_BIAS
-    v += act_to_float(bias[n]);
-#endif
-    out[(long)m * ldo + n] = float_to_act(v);
-}
-
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
             const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
@@ -220,68 +189,66 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int k_tiles = (K + 127) / 128;
-    const int row_tile = (blockIdx.x * WARPS + warp) * ROW_TILES;  // this warp's first 16-row tile
+    const int row_tile = blockIdx.x * WARPS + warp;  // 16-row tile of this warp
     const int n_tiles = (N + 15) / 16;
     const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
 
-    float chains[ROW_TILES][N_BLOCKS_M][CHAINS][4] = {};
+    float chains[N_BLOCKS_M][CHAINS][4] = {};
     if (row_tile < n_tiles && kt0 < kt1) {
         // Lanes past the last row of x read row M - 1 again (an L1 hit): the MMA columns they feed are outputs for
-        // rows >= M, which are never stored, so they need no zeroing. Likewise a row tile past the last reads the
-        // last one again (its outputs, rows >= N, are never stored).
+        // rows >= M, which are never stored, so they need no zeroing.
         const XRows rows = {reinterpret_cast<const uint4*>(x + (long)min(g, M - 1) * ldx),
                             reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx)};
-        long base[ROW_TILES];
-#pragma unroll
-        for (int r = 0; r < ROW_TILES; ++r) base[r] = (long)min(row_tile + r, n_tiles - 1) * k_tiles;
-        // Two register buffers in ping-pong: the next step's loads are in flight while this one is computed.
-        Step even, odd;
-        load_step(even, p0, p1, p2, rows, base, kt0, lane);
+        const long base = (long)row_tile * k_tiles;
+        // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
+        Tile even, odd;
+        load_tile(even, p0, p1, p2, rows, base + kt0, kt0, lane);
         for (int kt = kt0; kt < kt1; kt += 2) {
-            if (kt + 1 < kt1) load_step(odd, p0, p1, p2, rows, base, kt + 1, lane);
-            compute_step(even, pw, rows, kt, lane, chains);
+            if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, rows, base + kt + 1, kt + 1, lane);
+            compute_tile(even, pw, rows, kt, lane, chains);
             if (kt + 1 >= kt1) break;
-            if (kt + 2 < kt1) load_step(even, p0, p1, p2, rows, base, kt + 2, lane);
-            compute_step(odd, pw, rows, kt + 1, lane, chains);
+            if (kt + 2 < kt1) load_tile(even, p0, p1, p2, rows, base + kt + 2, kt + 2, lane);
+            compute_tile(odd, pw, rows, kt + 1, lane, chains);
         }
     }
 
-    float acc[ROW_TILES][N_BLOCKS_M][4];
+    float acc[N_BLOCKS_M][4];
 #pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r)
+    for (int b = 0; b < N_BLOCKS_M; ++b)
 #pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b)
+        for (int i = 0; i < 4; ++i) {
+            acc[b][i] = chains[b][0][i];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                acc[r][b][i] = chains[r][b][0][i];
-#pragma unroll
-                for (int c = 1; c < CHAINS; ++c) acc[r][b][i] += chains[r][b][c][i];
-            }
-    // acc[r][b][i]: weight row 16 (row_tile + r) + g + 8 (i / 2), x row 8 b + 2 t + i % 2.
+            for (int c = 1; c < CHAINS; ++c) acc[b][i] += chains[b][c][i];
+        }
+    // acc[b][i]: weight row 16 row_tile + g + 8 (i / 2), x row 8 b + 2 t + i % 2.
+    const int n0 = row_tile * 16 + g;
     if (gridDim.y == 1) {
 #pragma unroll
-        for (int r = 0; r < ROW_TILES; ++r)
-#pragma unroll
-            for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int n = (row_tile + r) * 16 + g + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
-                    if (n < N && m < M) store_out(out, ldo, scales, bias, scale_factor, n, m, acc[r][b][i]);
-                }
-        return;
-    }
-    // Split-K: publish this CTA's partial [ROWS_PER_CTA rows x M], count arrivals, the last one reduces.
-    const int n_pad = gridDim.x * (16 * WARPS * ROW_TILES);
-    float* part = ws + (long)blockIdx.y * n_pad * M;
-#pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r)
-#pragma unroll
         for (int b = 0; b < N_BLOCKS_M; ++b)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int m = 8 * b + 2 * t + i % 2;
-                if (m < M) part[(long)((row_tile + r) * 16 + g + 8 * (i / 2)) * M + m] = acc[r][b][i];
+                const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+                if (n < N && m < M) {
+                    float v = acc[b][i] * scales[n] * scale_factor;
+#if HAS_BIAS
+                    v += act_to_float(bias[n]);
+#endif
+                    out[(long)m * ldo + n] = float_to_act(v);
+                }
             }
+        return;
+    }
+    // Split-K: publish this CTA's partial [64 rows x M], count arrivals, the last one reduces.
+    const int n_pad = gridDim.x * 64;
+    float* part = ws + (long)blockIdx.y * n_pad * M;
+#pragma unroll
+    for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = 8 * b + 2 * t + i % 2;
+            if (m < M) part[(long)(n0 + 8 * (i / 2)) * M + m] = acc[b][i];
+        }
     __threadfence();
     __syncthreads();
     __shared__ int arrived;
@@ -290,29 +257,33 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     if (arrived != gridDim.y - 1) return;
     __threadfence();
 #pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r)
+    for (int b = 0; b < N_BLOCKS_M; ++b)
 #pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int n = (row_tile + r) * 16 + g + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
-                if (m >= M) continue;
-                // The partials in split order (results independent of timing), four loads in flight at a time: a
-                // loop of dependent L2 round trips cost ~0.3 K tiles per split (M = 1, 8192 x 28672 at split 56).
-                const float* p = ws + (long)n * M + m;
-                const long step = (long)n_pad * M;
-                float v = 0.f;
-                int s = 0;
-                for (; s + 4 <= (int)gridDim.y; s += 4) {
-                    const float a0 = __ldcg(p + s * step), a1 = __ldcg(p + (s + 1) * step),
-                                a2 = __ldcg(p + (s + 2) * step), a3 = __ldcg(p + (s + 3) * step);
-                    v += a0;
-                    v += a1;
-                    v += a2;
-                    v += a3;
-                }
-                for (; s < (int)gridDim.y; ++s) v += __ldcg(p + s * step);
-                if (n < N) store_out(out, ldo, scales, bias, scale_factor, n, m, v);
+        for (int i = 0; i < 4; ++i) {
+            const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+            if (m >= M) continue;
+            // The partials in split order (results independent of timing), four loads in flight at a time: a
+            // loop of dependent L2 round trips cost ~0.3 K tiles per split (M = 1, 8192 x 28672 at split 56).
+            const float* p = ws + (long)n * M + m;
+            const long step = (long)n_pad * M;
+            float v = 0.f;
+            int s = 0;
+            for (; s + 4 <= (int)gridDim.y; s += 4) {
+                const float a0 = __ldcg(p + s * step), a1 = __ldcg(p + (s + 1) * step),
+                            a2 = __ldcg(p + (s + 2) * step), a3 = __ldcg(p + (s + 3) * step);
+                v += a0;
+                v += a1;
+                v += a2;
+                v += a3;
             }
+            for (; s < (int)gridDim.y; ++s) v += __ldcg(p + s * step);
+            if (n < N) {
+                v *= scales[n] * scale_factor;
+#if HAS_BIAS
+                v += act_to_float(bias[n]);
+#endif
+                out[(long)m * ldo + n] = float_to_act(v);
+            }
+        }
     if (threadIdx.x == 0) counts[blockIdx.x] = 0;  // ready for the next launch or graph replay
 }
