@@ -156,6 +156,18 @@ def _fit_group(config: KernelConfig, group_size: "int | None") -> KernelConfig:
                         config.num_stages, config.use_dot, config.dequant_first, config.swap_ab)
 
 
+def _shape_of(key: str) -> tuple:
+    """(N, K) of a table's "NxK" key."""
+    n, k = key.split("x")
+    return int(n), int(k)
+
+
+def log_distance(shape: tuple, n: int, k: int) -> float:
+    """How far a measured (N, K) is from (n, k): |log(N / n)| + |log(K / k)| (a table's nearest entry serves a
+    shape it has not seen)."""
+    return abs(math.log(shape[0] / n)) + abs(math.log(shape[1] / k))
+
+
 def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, group_size: "int | None",
                   device) -> KernelConfig:
     """The configuration for this case: the measured table entry when there is one (table_for says which table a
@@ -164,9 +176,7 @@ def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, gro
     bucket = str(m_bucket(m))
     candidates = table.get(bucket, {})
     if candidates:
-        # nearest measured shape by log-distance of N and K
-        best = min(candidates, key=lambda shape: sum(abs(math.log(int(a) / b)) for a, b in
-                                                    zip(shape.split("x"), (n, k))))
+        best = min(candidates, key=lambda shape: log_distance(_shape_of(shape), n, k))
         entry = {key: value for key, value in candidates[best].items() if key not in ("us", "cuda")}
         entry["block_k"] = max(entry["block_k"], MIN_BLOCK_K)  # tables measured on layout 1 had 64-column blocks
         config = KernelConfig(**entry)
@@ -200,22 +210,19 @@ def _small_m_entries(key: str, fmt_name: str, dtype_name: str, bucket: int) -> d
         if isinstance(entry.get("cuda"), dict):
             cuda = entry["cuda"]
             launch = SmallM(int(cuda["split"]), bool(cuda["prefetch_x"]), float(cuda["us"]))
-            found[tuple(int(v) for v in shape.split("x"))] = (float(entry.get("us", math.inf)), launch)
+            found[_shape_of(shape)] = (float(entry.get("us", math.inf)), launch)
     return found
 
 
-@functools.lru_cache(maxsize=64)
-def _device_key_of(device_type: str, index: "int | None") -> str:
-    return device_key(torch.device(device_type, index) if index is not None else torch.device(device_type))
+def _small_m_entries_for(m: int, fmt: FPFormat, dtype: torch.dtype, device) -> dict:
+    """_small_m_entries of this case's table and M bucket on ``device``'s GPU."""
+    return _small_m_entries(device_key(device), fmt.name, str(dtype).removeprefix("torch."), m_bucket(m))
 
 
 def measured_small_m(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, device) -> "SmallM | None":
     """The CUDA small-M kernel's fastest measured launch for exactly this shape, M bucket, format table and dtype on
     this GPU; None when the table has none (the kernel's model then picks)."""
-    device = torch.device(device)
-    entries = _small_m_entries(_device_key_of(device.type, device.index), fmt.name,
-                               str(dtype).removeprefix("torch."), m_bucket(m))
-    found = entries.get((n, k))
+    found = _small_m_entries_for(m, fmt, dtype, device).get((n, k))
     return found[1] if found is not None else None
 
 
@@ -223,11 +230,9 @@ def small_m_backend(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, d
     """"cuda" or "triton" for an M <= 16 case both kernels take: the faster one measured on the nearest shape (by
     log-distance of N and K) of this M bucket; "cuda" without a measurement (it measured faster at M <= 8 on the
     H100 and the H200; at M = 9..16 the tuned Triton kernel can win, 2026-12-02)."""
-    device = torch.device(device)
-    entries = _small_m_entries(_device_key_of(device.type, device.index), fmt.name,
-                               str(dtype).removeprefix("torch."), m_bucket(m))
+    entries = _small_m_entries_for(m, fmt, dtype, device)
     if not entries:
         return "cuda"
-    nearest = min(entries, key=lambda shape: abs(math.log(shape[0] / n)) + abs(math.log(shape[1] / k)))
+    nearest = min(entries, key=lambda shape: log_distance(shape, n, k))
     triton_us, cuda = entries[nearest]
     return "cuda" if cuda.us <= triton_us else "triton"
