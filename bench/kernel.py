@@ -70,13 +70,18 @@ def dense_calls(n: int, k: int, m: int, dtype, device):
     return calls, bytes_per_call
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of ``out`` against ``ref`` (out taken to ref's dtype)."""
+    return ((out.to(ref.dtype) - ref).norm() / ref.norm()).item()
+
+
 def check(qw: QuantizedWeight, m: int, dtype, config=None) -> float:
     """Relative Frobenius error of fpx_gemm against the float32 reference on fresh random x (output poisoned)."""
     n, k = qw.shape
     x = torch.randn(m, k, device=qw.device, dtype=dtype)
     out = fpx_gemm(x, qw.planes, qw.scales, None, qw.fmt, n, k, None, config)
     ref = x.float() @ qw.dequantize(torch.float32).T
-    err = ((out.float() - ref).norm() / ref.norm()).item()
+    err = rel_err(out, ref)
     if not math.isfinite(err) or err > 1e-2:
         raise AssertionError(f"fpx_gemm wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype}: rel err {err:.3e}")
     return err

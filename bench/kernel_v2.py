@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from kernel import SHAPES, dense_calls, geomean, random_weight, rotating_calls  # noqa: E402
+from kernel import SHAPES, dense_calls, geomean, random_weight, rel_err, rotating_calls  # noqa: E402
 from fp6llm.evals.timing import copy_bandwidth, describe_device, read_bandwidth, time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
@@ -36,10 +36,6 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 BLOCK_VARIANTS = ()  # set by --blocks
 FMA_SHIFTS_AB = False  # set by --fma-shifts
 IMAD_ROTATE_AB = False  # set by --imad-rotate
-
-
-def rel_err(out, ref) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
 
 
 def correctness(quick: bool) -> list:

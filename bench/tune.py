@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import MS, SHAPES, check, dense_calls, fpx_calls, random_weight, rotating_calls  # noqa: E402
+from kernel import MS, SHAPES, check, dense_calls, fpx_calls, random_weight, rel_err, rotating_calls  # noqa: E402
 from fp6llm.evals.timing import time_calls  # noqa: E402
 
 from fp6llm.formats import FPFormat  # noqa: E402
@@ -89,7 +89,7 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
         for split in [s for s in CUDA_SPLITS if s <= max(1, k // fpx_cuda.TILE_K // 4)]:
             launch.update(split=split, prefetch_x=prefetch_x)
             out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch)
-            err = ((out.float() - ref).norm() / ref.norm()).item()
+            err = rel_err(out, ref)
             if not err < 1e-2:
                 raise AssertionError(f"fpx_small_m wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
                                      f"rel err {err:.3e}")
