@@ -29,6 +29,7 @@ from .dispatch import measured_small_m, waves_split
 from .workspace import WORKSPACE
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
+COMMON = Path(__file__).parent / "cuda" / "fpx_common.cuh"  # helpers both CUDA kernels use
 KERNEL_NAME = "fpx_small_m"
 WARPS = 4
 ROWS_PER_CTA = 16 * WARPS  # a 16-row tile per warp
@@ -116,7 +117,7 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the .cu file; prefetch_x
     False: x is read when its tile is computed, not a tile ahead (fewer registers)."""
     header, dequant = dequant_source(fmt, fma_shifts)
-    body = SOURCE.read_text()
+    body = COMMON.read_text() + "\n" + SOURCE.read_text()
     if min_blocks:
         body = body.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
     # dequant_tile needs the complete Tile: put it right after the struct's definition.

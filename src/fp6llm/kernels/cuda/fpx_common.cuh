@@ -1,0 +1,96 @@
+// Helpers shared by the TC-FPx CUDA kernels (fpx_small_m.cu, fpx_mid_m.cu): streaming loads, the field moves
+// as multiplies, fp16/bf16 conversions and mma.sync. kernels/fpx_cuda.py puts this text after the generated
+// defines and before the kernel's own source; it is one translation unit for NVRTC, with no headers (fp16/bf16 conversions are inline PTX).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ uint4 load_stream(const u32* p) {
+    // Weights are read once: bypass L1, keep L1 for x.
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ uint2 load_stream2(const u32* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+// Field moves as integer multiplies by 2^r, so that they issue on the FMA pipe (IMAD) and leave the ALU pipe to the
+// masks (LOP3): x << r is the low word of x * 2^r, x >> (32 - r) its high word, and a rotate both (IMAD.WIDE).
+// dequant_tile (generated) picks the one whose bits survive the mask. With an immediate multiplier ptxas turns about
+// half of the left shifts back into SHF (ALU pipe: 0.38 of e3m2's 1.48 ALU operations per weight, 2026-12-02); the
+// generator's fma_shifts variant passes those multipliers as kernel parameters (Powers), which ptxas cannot see, so
+// they stay IMADs (e3m2: 1.09 ALU per weight), for a few registers more.
+template <u32 POWER>
+__device__ __forceinline__ u32 shl_fma(u32 x) {  // x << r for POWER = 2^r
+    u32 y;
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(y) : "r"(x), "n"(POWER));
+    return y;
+}
+
+__device__ __forceinline__ u32 shl_fma(u32 x, u32 power) {  // x << r for power = 2^r, a kernel parameter
+    u32 y;
+    asm("mul.lo.u32 %0, %1, %2;" : "=r"(y) : "r"(x), "r"(power));
+    return y;
+}
+
+template <u32 POWER>
+__device__ __forceinline__ u32 shr_fma(u32 x) {  // x >> (32 - r) for POWER = 2^r
+    u32 y;
+    asm("mul.hi.u32 %0, %1, %2;" : "=r"(y) : "r"(x), "n"(POWER));
+    return y;
+}
+
+template <u32 POWER, u32 MASK>
+__device__ __forceinline__ u32 rotl_masked(u32 x) {  // rotl(x, r) & MASK for POWER = 2^r
+    unsigned long long wide;
+    asm("mul.wide.u32 %0, %1, %2;" : "=l"(wide) : "r"(x), "n"(POWER));
+    return ((u32)wide | (u32)(wide >> 32)) & MASK;
+}
+
+__device__ __forceinline__ u32 to_bf16x2(u32 fp16x2) {
+    // Exact: every value(code) * 2^(bias - 15) of a <= 4-exponent-bit format is a normal BF16 number.
+    u32 out;
+    asm("{.reg .f16 lo, hi; .reg .f32 flo, fhi;\n\t"
+        "mov.b32 {lo, hi}, %1;\n\tcvt.f32.f16 flo, lo;\n\tcvt.f32.f16 fhi, hi;\n\t"
+        "cvt.rn.bf16x2.f32 %0, fhi, flo;}" : "=r"(out) : "r"(fp16x2));
+    return out;
+}
+
+__device__ __forceinline__ float act_to_float(u16 v) {
+#if IS_BF16
+    return __int_as_float((int)v << 16);
+#else
+    float f;
+    asm("{.reg .f16 h; mov.b16 h, %1; cvt.f32.f16 %0, h;}" : "=f"(f) : "h"(v));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ u16 float_to_act(float f) {
+    u16 v;
+#if IS_BF16
+    asm("{.reg .b16 h; cvt.rn.bf16.f32 h, %1; mov.b16 %0, h;}" : "=h"(v) : "f"(f));
+#else
+    asm("{.reg .f16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(v) : "f"(f));
+#endif
+    return v;
+}
+
+__device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if IS_BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
