@@ -10,6 +10,7 @@ pass of the loop de-quantizes:
 
     python3 bench/sass.py                     # both kernels, e3m2, fp16, the default small-M configuration
     python3 bench/sass.py --format e2m3 --dtype bfloat16 --kernel cuda
+    python3 bench/sass.py --kernel mid --m 64 --row-tiles 1   # the mid-M kernel (cuda/fpx_mid_m.cu)
 
 Budget at the H200's floor (docs/kernel-notes.md): ~22-25 weights per SM-clock, so ~2.6-2.9 ALU lane-ops per weight
 (64 ALU lanes per SM-clock) and ~5.1-5.8 lane-ops per weight in all (128 issue lanes per SM-clock).
@@ -159,12 +160,20 @@ def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bo
             return out.read_bytes()
 
 
+def mid_cubin(fmt, dtype: str, m: int, row_tiles: int, warps: int) -> bytes:
+    from fp6llm.kernels.fpx_cuda import mid_blocks_m, mid_kernel_source, nvrtc_compile
+    return nvrtc_compile(mid_kernel_source(fmt, dtype == "bfloat16", mid_blocks_m(m), row_tiles, warps, False),
+                         "sm_90a", "fpx_mid_m.cu")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", default="e3m2")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--m", type=int, default=1, help="rows of x (picks the configuration)")
-    parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda"])
+    parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda", "mid"])
+    parser.add_argument("--row-tiles", type=int, default=2, help="the mid-M kernel's 16-row tiles per warp")
+    parser.add_argument("--warps", type=int, default=4, help="the mid-M kernel's warps per CTA")
     parser.add_argument("--fma-shifts", action="store_true",
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
     parser.add_argument("--no-prefetch-x", action="store_true",
@@ -192,6 +201,11 @@ def main(argv=None) -> int:
             (", x read at compute" if args.no_prefetch_x else "") + " (per warp)"
         results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts, not args.no_prefetch_x),
                                  1, 2 * 16 * 128)
+    if args.kernel == "mid":
+        # one warp, one loop pass = two K tiles of row_tiles 16 x 128 tiles, times the rows of x of one CTA
+        name = f"CUDA fpx_mid_m row_tiles={args.row_tiles} warps={args.warps} (per warp)"
+        results["mid"] = report(name, mid_cubin(fmt, args.dtype, args.m, args.row_tiles, args.warps), 1,
+                                2 * args.row_tiles * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     return 0

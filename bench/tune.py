@@ -1,6 +1,7 @@
 """Regenerate the measured dispatch table (src/fp6llm/kernels/configs/<gpu>.json) on the GPU at hand.
 
     python bench/tune.py [--shapes all] [--ms 1,2,...] [--formats e3m2,...] [--dtypes fp16,bf16] [--out DIR]
+    python bench/tune.py --cuda-only --ms 16,32,64,128   # add the CUDA kernels' launches to the file's entries
 
 For each format and dtype (one table each in the GPU's file; dispatch.table_for says which table a case without its
 own uses), each LLaMA layer shape and each M bucket it times every candidate configuration (fp6llm/evals/timing.py,
@@ -101,14 +102,73 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
     return {"split": split, "prefetch_x": prefetch_x, "us": round(t * 1e6, 1)}
 
 
-def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, cuda_too: bool = True) -> dict:
-    """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``; at M <= 16 also
-    the CUDA small-M kernel's fastest launch (the entry's "cuda": dispatch.small_m_backend picks the faster)."""
+# The mid-M kernel's launches worth timing: (row_tiles, warps). 64 rows of x with two row tiles needs 255 registers
+# and spills (sm_90a, compiled on a CPU, 2026-12-02): left out above 32 rows.
+MID_SHAPES = ((1, 4), (2, 4), (1, 8), (2, 8))
+MID_SPLITS = (1, 2, 3, 4, 6, 8)
+
+
+def tune_mid(qw, m: int, dtype) -> "dict | None":
+    """The CUDA mid-M kernel's fastest launch (row_tiles x warps x split) for this weight and M, each launch checked
+    against the float32 reference first; None where the kernel does not take the case."""
+    n, k = qw.shape
+    x = torch.randn(m, k, device=qw.device, dtype=dtype)
+    if not fpx_cuda.mid_supports(qw.fmt, qw.group_size, x, n, k):
+        return None
+    ref = x.float() @ qw.dequantize(torch.float32).T
+    launch = {}
+    calls, _ = rotating_calls(qw, m, dtype, lambda x, p, s: fpx_cuda.fpx_mid_m(x, p, s, None, qw.fmt, n, k,
+                                                                               **launch))
+    results = []
+    for row_tiles, warps in MID_SHAPES:
+        if row_tiles > 1 and fpx_cuda.mid_blocks_m(m) > 4:
+            continue
+        for split in [s for s in MID_SPLITS if s <= max(1, k // fpx_cuda.TILE_K // 4)]:
+            launch.update(split=split, row_tiles=row_tiles, warps=warps)
+            out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch)
+            err = rel_err(out, ref)
+            if not err < 1e-2:
+                raise AssertionError(f"fpx_mid_m wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
+                                     f"rel err {err:.3e}")
+            results.append((time_calls(calls, replays=5), split, row_tiles, warps))
+    results.sort()
+    t, split, row_tiles, warps = results[0]
+    print(f"  mid M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{s}r{r}w{w}" for t, s, r, w in results[:8]),
+          flush=True)
+    return {"kernel": "mid", "split": split, "row_tiles": row_tiles, "warps": warps, "us": round(t * 1e6, 1)}
+
+
+def best_cuda(qw, m: int, dtype) -> "dict | None":
+    """The faster of the CUDA small-M (M <= 16) and mid-M (M >= 9) kernels' best launches, as the entry's "cuda"."""
+    found = [r for r in (tune_cuda(qw, m, dtype) if m <= fpx_cuda.MAX_M else None,
+                         tune_mid(qw, m, dtype) if m > 8 else None) if r is not None]
+    return min(found, key=lambda r: r["us"]) if found else None
+
+
+def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, cuda_too: bool = True,
+               cuda_only: bool = False) -> dict:
+    """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``; up to M = 128
+    also the CUDA kernels' fastest launch (the entry's "cuda": dispatch.small_m_backend picks the faster).
+    cuda_only: keep ``table``'s Triton entries (they must be there) and time the CUDA kernels alone."""
     for m in ms:
         for name, (n, k) in SHAPES.items():
             if shapes != "all" and not name.startswith(shapes):
                 continue
             qw = random_weight(n, k, fmt, "cuda")
+            if cuda_only:
+                entry = table[str(m_bucket(m))][f"{n}x{k}"]
+                cuda = best_cuda(qw, m, dtype)
+                if cuda is not None:
+                    entry["cuda"] = cuda
+                    dense, _ = dense_calls(n, k, m, dtype, "cuda")
+                    t_dense = time_calls(dense, replays=5)
+                    del dense
+                    print(f"M={m:<5} {name:9} {fmt.name} {str(dtype)[6:]} cuBLAS {t_dense * 1e6:.1f}us | triton "
+                          f"{entry['us']:.1f}us ({t_dense / entry['us'] * 1e6:.2f}x) | cuda {cuda}"
+                          f" ({t_dense / cuda['us'] * 1e6:.2f}x)", flush=True)
+                del qw
+                torch.cuda.empty_cache()
+                continue
             results = []
             for config in candidates(m):
                 try:
@@ -121,7 +181,7 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
             results.sort(key=lambda r: r[0])
             best_t, best = results[0]
             entry = dict(best.__dict__, us=round(best_t * 1e6, 1))
-            cuda = tune_cuda(qw, m, dtype) if m <= fpx_cuda.MAX_M and cuda_too else None
+            cuda = best_cuda(qw, m, dtype) if m <= fpx_cuda.MID_MAX_M and cuda_too else None
             if cuda is not None:
                 entry["cuda"] = cuda
             table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = entry
@@ -131,8 +191,7 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
             dense, _ = dense_calls(n, k, m, dtype, "cuda")
             t_dense = time_calls(dense, replays=5)
             del dense
-            cuda_note = f" | cuda {cuda['us']:.1f}us s{cuda['split']}{'' if cuda['prefetch_x'] else 'x'} " \
-                f"({t_dense / cuda['us'] * 1e6:.2f}x)" if cuda else ""
+            cuda_note = f" | cuda {cuda} ({t_dense / cuda['us'] * 1e6:.2f}x)" if cuda else ""
             print(f"M={m:<5} {name:9} {fmt.name} {str(dtype)[6:]} cuBLAS {t_dense * 1e6:.1f}us "
                   f"({t_dense / best_t:.2f}x) | {top}{cuda_note}", flush=True)
             del qw
@@ -148,17 +207,20 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="fp16", help="comma-separated activation dtypes: fp16, bf16")
     parser.add_argument("--out", default=str(CONFIG_DIR))
     parser.add_argument("--no-cuda", action="store_true", help="time the Triton kernel alone")
+    parser.add_argument("--cuda-only", action="store_true",
+                        help="keep the file's Triton entries (implies --merge) and time the CUDA kernels alone")
     parser.add_argument("--merge", action="store_true",
                         help="keep the file's other tables and, in the tuned ones, the other M buckets")
     args = parser.parse_args(argv)
     path = Path(args.out) / f"{device_key('cuda')}.json"
-    tables = {"/".join(key): configs for key, configs in tables_in(path).items()} if args.merge else {}
+    tables = {"/".join(key): configs for key, configs in tables_in(path).items()} if args.merge or args.cuda_only else {}
     ms = [int(v) for v in args.ms.split(",")]
     for fmt in (FPFormat.parse(f) for f in args.formats.split(",")):
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
             key = f"{fmt.name}/{str(dtype)[6:]}"
-            tables[key] = tune_table(fmt, dtype, ms, args.shapes, tables.get(key, {}), not args.no_cuda)
+            tables[key] = tune_table(fmt, dtype, ms, args.shapes, tables.get(key, {}), not args.no_cuda,
+                                     args.cuda_only)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tables": tables}, indent=1))
     print(f"wrote {path}")

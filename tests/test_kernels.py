@@ -252,6 +252,45 @@ def test_small_m_kernel_choice_comes_from_the_cuda_entries(tmp_path, monkeypatch
         clear_tables()
 
 
+def test_mid_m_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monkeypatch):
+    """A "cuda" entry of kernel "mid" (bench/tune.py, M = 9..128): "mid" where it beat the Triton kernel on the
+    nearest shape, "triton" where it lost or nothing was measured above M = 16; its launch (split, row tiles, warps)
+    for exactly the measured shape; the small-M kernel ignores a "mid" launch; an unknown kernel is refused."""
+    def entry(triton_us, cuda):
+        return dict(config_to_dict(TABLE_1), us=triton_us, cuda=cuda)
+    mid = {"kernel": "mid", "split": 2, "row_tiles": 2, "warps": 8, "us": 30.0}
+    tables = {"e3m2/float16": {
+        "16": {"8192x8192": entry(40.0, mid)},
+        "32": {"8192x8192": entry(45.0, mid), "5120x5120": entry(20.0, dict(mid, us=25.0))}}}
+    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
+    clear_tables()
+    try:
+        e3m2, fp16 = FPFormat.parse("e3m2"), torch.float16
+        assert dispatch.small_m_backend(32, 8192, 8192, e3m2, fp16, "cpu") == "mid"
+        assert dispatch.small_m_backend(20, 10240, 8192, e3m2, fp16, "cpu") == "mid"  # nearest: 8192 x 8192
+        assert dispatch.small_m_backend(32, 5120, 5120, e3m2, fp16, "cpu") == "triton"  # 25 us > 20 us
+        assert dispatch.small_m_backend(16, 8192, 8192, e3m2, fp16, "cpu") == "mid"
+        assert dispatch.small_m_backend(64, 8192, 8192, e3m2, fp16, "cpu") == "triton"  # bucket 64 unmeasured
+        assert dispatch.measured_small_m(32, 8192, 8192, e3m2, fp16, "cpu") == \
+            dispatch.SmallM(2, True, 30.0, "mid", 2, 8)
+        with pytest.raises(ValueError, match="unknown CUDA kernel 'wide'"):
+            dispatch._launch({"kernel": "wide", "split": 1, "us": 1.0})
+    finally:
+        clear_tables()
+
+
+def test_mid_m_kernel_launch_arithmetic():
+    """x rows per CTA: all of them up to 64, else evenly over grid z; the split fits the reserved partials."""
+    from fp6llm.kernels import fpx_cuda
+    assert [fpx_cuda.mid_blocks_m(m) for m in (1, 9, 33, 64, 65, 72, 128)] == [1, 2, 5, 8, 5, 5, 8]
+    assert fpx_cuda.mid_split_cap(8192, 64, 64) == 16  # K tiles / 4
+    cap = fpx_cuda.mid_split_cap(57344, 128, 64)
+    assert cap * 57344 * 128 <= fpx_cuda.MID_WORKSPACE_FLOATS < (cap + 1) * 57344 * 128
+    assert fpx_cuda.choose_mid_split(8192, 8192, 32, 128, 132, 2) > 1  # 64 CTAs on 132 SMs: split
+    assert fpx_cuda.choose_mid_split(57344, 8192, 32, 128, 132, 2) == 1  # 448 CTAs: no split pays
+
+
 def test_shipped_h200_table_measured_both_small_m_kernels():
     """The H200 file: every M <= 16 entry of its e3m2 / FP16 table measured the CUDA kernel too, with a launch the
     kernel takes (split <= K tiles / 4: the workspace's reservation)."""
@@ -383,6 +422,45 @@ def test_cuda_small_m_kernel_matches_reference(gen, fmt, dtype, m):
                                        prefetch_x=prefetch_x)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             assert err < TOLERANCE[dtype], (split, fma_shifts, prefetch_x)
+
+
+@gpu
+@pytest.mark.parametrize("fmt", ["e3m2", "e2m1", "e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [9, 33, 72])
+def test_cuda_mid_m_kernel_matches_reference(gen, fmt, dtype, m):
+    """The mid-M kernel at every launch shape tune times (row tiles x warps), unsplit and split, with and without
+    bias; 200 rows (not a multiple of any CTA's rows), 6 K tiles (split 3: 2 per CTA), M = 72 in two z blocks."""
+    from fp6llm.kernels import fpx_cuda
+    n, k = 200, 768
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
+    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    for row_tiles, warps in ((1, 4), (2, 4), (1, 8), (2, 8)):
+        if row_tiles > 1 and fpx_cuda.mid_blocks_m(m) > 4:
+            continue
+        for split in (1, 3):
+            out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, row_tiles, warps)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            assert err < TOLERANCE[dtype], (row_tiles, warps, split)
+
+
+@gpu
+def test_cuda_mid_m_kernel_replays_in_a_graph(gen):
+    """The mid-M kernel's arrival counters (one per row block and z block) reset themselves."""
+    from fp6llm.kernels import fpx_cuda
+    qw = quantize_weight(torch.randn(1024, 2048, generator=gen) * 0.05, "e3m2").to("cuda")
+    x = torch.randn(100, 2048, generator=gen).to("cuda", torch.float16)
+    fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)  # warm-up: compile, workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)
+    for _ in range(3):
+        x.copy_(torch.randn(100, 2048, generator=gen).to("cuda", torch.float16))
+        graph.replay()
+        ref = x.double() @ qw.dequantize(torch.float64).T
+        assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16]
 
 
 @gpu

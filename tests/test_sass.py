@@ -5,6 +5,7 @@ docs/kernel-notes.md has the figures)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,33 @@ def test_cuda_fma_shifts_variant_fits_the_alu_budget(tmp_path):
     assert fpx_cuda.shifts(E3M2) == (2, 4, 6, 8)
     source = fpx_cuda.kernel_source(E3M2, False, 1, False, fma_shifts=True)
     assert "POWER_PARAMS , u32 pw_2, u32 pw_4, u32 pw_6, u32 pw_8" in source and "shl_fma<" not in source
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
+    """The mid-M kernel, e3m2, FP16, M = 32, two row tiles per warp: <= 1.6 ALU and <= 3.0 issued lane-ops per
+    weight (built: 1.48, 2.92), 8 k-steps x 2 K tiles x 2 row tiles x 4 n8 blocks of MMAs, no spills; the launch
+    shapes tune times compile for every kernel format and both dtypes with at most a few bytes of stack (e4m3 at
+    8 warps: ptxas keeps 128 registers and one 8-byte spill)."""
+    mid = counts("mid", tmp_path, "--m", "32", "--row-tiles", "2")
+    assert mid["per_weight"]["alu"] <= 1.6 and mid["issued"] <= 3.0
+    assert mid["ops"]["HMMA"] == 8 * 2 * 2 * 4 and "STL" not in mid["ops"]
+    assert mid["registers"] <= 200
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    import tune
+    for name in ("e3m2", "e2m3", "e2m1", "e4m3", "e2m4"):
+        for bf16 in (False, True):
+            for m in ((9, 64, 128) if name == "e3m2" and not bf16 else (33,)):
+                for row_tiles, warps in tune.MID_SHAPES if name == "e3m2" else tune.MID_SHAPES[1::2]:
+                    if row_tiles > 1 and fpx_cuda.mid_blocks_m(m) > 4:
+                        continue
+                    source = fpx_cuda.mid_kernel_source(FPFormat.parse(name), bf16, fpx_cuda.mid_blocks_m(m),
+                                                        row_tiles, warps, True)
+                    cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_mid_m.cu")
+                    usage = sass._cuobjdump(cubin, "--dump-resource-usage")
+                    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+                    assert "LOCAL:0" in usage and stack <= 16, (name, bf16, m, row_tiles, warps, usage)
 
 
 def test_cuda_kernel_refuses_what_it_does_not_handle():

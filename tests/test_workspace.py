@@ -24,6 +24,7 @@ def test_workspace_grows_and_is_reused():
     bigger, _ = ws.reserve("cpu", first.numel() + 1, 3)
     assert bigger.numel() > first.numel()
     assert ws.reserve("cpu", 10, 3)[0] is bigger  # never shrunk
+    assert any(old is first for old, _ in ws.retired)  # outgrown, not freed: a graph captured before may use it
 
 
 def test_workspace_refuses_to_grow_during_capture(capturing):

@@ -190,8 +190,9 @@ def config_to_dict(config: KernelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The CUDA small-M kernel (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an M <= 16 entry
-# "cuda": {"split": ..., "prefetch_x": ..., "us": ...}, its fastest measured launch for that shape.
+# The CUDA kernels (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an entry "cuda": the fastest
+# measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16) or of the mid-M kernel
+# ({"kernel": "mid", "split", "row_tiles", "warps", "us"}) for that shape.
 
 
 @dataclass(frozen=True)
@@ -199,18 +200,28 @@ class SmallM:
     split: int
     prefetch_x: bool
     us: float
+    kernel: str = "small"  # "small" (fpx_small_m) or "mid" (fpx_mid_m)
+    row_tiles: int = 1
+    warps: int = 4
+
+
+def _launch(cuda: dict) -> SmallM:
+    """A table entry's "cuda" field as a SmallM launch."""
+    kernel = str(cuda.get("kernel", "small"))
+    if kernel not in ("small", "mid"):
+        raise ValueError(f"unknown CUDA kernel {kernel!r} in a kernel table (known: small, mid)")
+    return SmallM(int(cuda["split"]), bool(cuda.get("prefetch_x", True)), float(cuda["us"]), kernel,
+                  int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)))
 
 
 @functools.lru_cache(maxsize=4096)
 def _small_m_entries(key: str, fmt_name: str, dtype_name: str, bucket: int) -> dict:
-    """{(n, k): (triton us, SmallM)} of one M bucket's entries that measured the CUDA kernel."""
+    """{(n, k): (triton us, SmallM)} of one M bucket's entries that measured a CUDA kernel."""
     _, table = table_for(key, fmt_name, dtype_name)
     found = {}
     for shape, entry in table.get(str(bucket), {}).items():
         if isinstance(entry.get("cuda"), dict):
-            cuda = entry["cuda"]
-            launch = SmallM(int(cuda["split"]), bool(cuda["prefetch_x"]), float(cuda["us"]))
-            found[_shape_of(shape)] = (float(entry.get("us", math.inf)), launch)
+            found[_shape_of(shape)] = (float(entry.get("us", math.inf)), _launch(entry["cuda"]))
     return found
 
 
@@ -220,19 +231,27 @@ def _small_m_entries_for(m: int, fmt: FPFormat, dtype: torch.dtype, device) -> d
 
 
 def measured_small_m(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, device) -> "SmallM | None":
-    """The CUDA small-M kernel's fastest measured launch for exactly this shape, M bucket, format table and dtype on
-    this GPU; None when the table has none (the kernel's model then picks)."""
+    """The fastest measured CUDA launch for exactly this shape, M bucket, format table and dtype on this GPU; None
+    when the table has none (the kernel's model then picks)."""
     found = _small_m_entries_for(m, fmt, dtype, device).get((n, k))
     return found[1] if found is not None else None
 
 
+SMALL_M_MAX = 16  # fpx_cuda.MAX_M: the small-M kernel's rows
+
+
 def small_m_backend(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, device) -> str:
-    """"cuda" or "triton" for an M <= 16 case both kernels take: the faster one measured on the nearest shape (by
-    log-distance of N and K) of this M bucket; "cuda" without a measurement (it measured faster at M <= 8 on the
-    H100 and the H200; at M = 9..16 the tuned Triton kernel can win, 2026-12-02)."""
+    """"cuda" (the small-M kernel), "mid" (the CUDA mid-M kernel) or "triton" for a case the CUDA kernels take:
+    the fastest measured on the nearest shape (by log-distance of N and K) of this M bucket. Without a measurement:
+    "cuda" at M <= 16 (it measured faster at M <= 8 on the H100 and the H200), "triton" above (the mid-M kernel runs
+    only where a table measured it faster)."""
     entries = _small_m_entries_for(m, fmt, dtype, device)
     if not entries:
-        return "cuda"
+        return "cuda" if m <= SMALL_M_MAX else "triton"
     nearest = min(entries, key=lambda shape: log_distance(shape, n, k))
     triton_us, cuda = entries[nearest]
-    return "cuda" if cuda.us <= triton_us else "triton"
+    if cuda.us > triton_us:
+        return "triton"
+    if cuda.kernel == "mid":
+        return "mid"
+    return "cuda" if m <= SMALL_M_MAX else "triton"

@@ -29,6 +29,7 @@ from .dispatch import measured_small_m, waves_split
 from .workspace import WORKSPACE
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
+MID_SOURCE = Path(__file__).parent / "cuda" / "fpx_mid_m.cu"
 COMMON = Path(__file__).parent / "cuda" / "fpx_common.cuh"  # helpers both CUDA kernels use
 KERNEL_NAME = "fpx_small_m"
 WARPS = 4
@@ -110,23 +111,38 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
         *lines, "}"])
 
 
-def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
-                  fma_shifts: bool = False, prefetch_x: bool = True) -> str:
-    """The whole translation unit for one (format, activation dtype, M blocks of 8, bias) case. min_blocks > 0 asks
-    ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 / (128 x min_blocks));
-    fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the .cu file; prefetch_x
-    False: x is read when its tile is computed, not a tile ahead (fewer registers)."""
+def _translation_unit(kernel_file: Path, fmt: FPFormat, defines: list, fma_shifts: bool = False) -> str:
+    """The generated defines, the shared helpers and the kernel's source with fmt's dequant_tile right after the
+    kernel's Tile struct (dequant_tile needs the complete Tile): one NVRTC translation unit."""
     header, dequant = dequant_source(fmt, fma_shifts)
-    body = COMMON.read_text() + "\n" + SOURCE.read_text()
-    if min_blocks:
-        body = body.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
-    # dequant_tile needs the complete Tile: put it right after the struct's definition.
+    body = COMMON.read_text() + "\n" + kernel_file.read_text()
     marker = "__device__ __forceinline__ void load_tile("
     body = body.replace(marker, dequant + "\n\n" + marker, 1)
+    return "\n".join(defines + [f"// format {fmt.name}, layout 2 (packing.placement)",
+                                header.replace("struct Tile;", "")]) + "\n" + body
+
+
+def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
+                  fma_shifts: bool = False, prefetch_x: bool = True) -> str:
+    """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
+    min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
+    (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
+    .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers)."""
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
-               f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
-               f"// format {fmt.name}, layout 2 (packing.placement)", header.replace("struct Tile;", "")]
-    return "\n".join(defines) + "\n" + body
+               f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}"]
+    source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
+    if min_blocks:
+        source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
+    return source
+
+
+def mid_kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, row_tiles: int, warps: int,
+                      has_bias: bool) -> str:
+    """The mid-M kernel's (cuda/fpx_mid_m.cu) translation unit: n_blocks_m n8 blocks of x rows per CTA (M per grid
+    z = 8 n_blocks_m), row_tiles 16-row weight tiles per warp, warps per CTA."""
+    defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define ROW_TILES {row_tiles}", f"#define WARPS {warps}",
+               f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}"]
+    return _translation_unit(MID_SOURCE, fmt, defines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,13 +205,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FP6LLM_CACHE_DIR", Path.home() / ".cache" / "fp6llm")) / "cuda"
 
 
-def cached_cubin(source: str, arch: str) -> bytes:
-    """The cubin of ``source`` for ``arch``: from the cache when its hash is there, else compiled and stored."""
+def cached_cubin(source: str, arch: str, name: str = KERNEL_NAME) -> bytes:
+    """The cubin of ``source`` (kernel ``name``) for ``arch``: from the cache when its hash is there, else compiled
+    and stored."""
     digest = hashlib.sha256(f"{arch}\n{source}".encode()).hexdigest()[:24]
-    path = cache_dir() / f"{KERNEL_NAME}-{arch}-{digest}.cubin"
+    path = cache_dir() / f"{name}-{arch}-{digest}.cubin"
     if path.exists():
         return path.read_bytes()
-    cubin = nvrtc_compile(source, arch)
+    cubin = nvrtc_compile(source, arch, f"{name}.cu")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -227,19 +244,25 @@ def _registers(kernel) -> int:
     return value.value
 
 
+def _load(key: tuple, source, name: str, warps: int, device):
+    """(kernel, resident CTAs per SM by its registers) of ``source()``'s kernel ``name``, compiled and loaded once
+    per process and ``key``."""
+    if key not in _KERNELS:
+        cubin = cached_cubin(source(), _arch(device), name)
+        with torch.cuda.device(device):
+            kernel = torch.cuda._utils._cuda_load_module(cubin, [name])[name]
+        per_warp = -(-_registers(kernel) * 32 // 256) * 256  # registers are allocated per warp in 256s
+        _KERNELS[key] = (kernel, max(1, min(32 // warps, 65536 // (per_warp * warps))))
+    return _KERNELS[key]
+
+
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
             prefetch_x: bool, device):
-    """(kernel, resident CTAs per SM by its registers) for this case, compiled and loaded once per process."""
-    key = (fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, torch.device(device).index)
-    if key not in _KERNELS:
-        source = kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks, fma_shifts,
-                               prefetch_x)
-        cubin = cached_cubin(source, _arch(device))
-        with torch.cuda.device(device):
-            kernel = torch.cuda._utils._cuda_load_module(cubin, [KERNEL_NAME])[KERNEL_NAME]
-        per_warp = -(-_registers(kernel) * 32 // 256) * 256  # registers are allocated per warp in 256s
-        _KERNELS[key] = (kernel, max(1, min(16, 65536 // (per_warp * WARPS))))
-    return _KERNELS[key]
+    """The small-M kernel for this case (see _load)."""
+    key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x,
+           torch.device(device).index)
+    return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
+                                            fma_shifts, prefetch_x), KERNEL_NAME, WARPS, device)
 
 
 def supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
@@ -281,6 +304,8 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     (dispatch.measured_small_m), else choose_split's model with prefetch_x on."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
+    if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
+        measured = None
     if prefetch_x is None:
         prefetch_x = measured.prefetch_x if measured is not None else True
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
@@ -310,3 +335,86 @@ def _powers(fmt: FPFormat) -> tuple:
     """The fma_shifts kernel's Powers parameters: 2^r for each of fmt's left shifts, as the C ints the launcher passes
     (2^31 as its two's-complement bits, what the u32 parameter reads)."""
     return tuple(signed32(1 << r) for r in shifts(fmt))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mid-M kernel (cuda/fpx_mid_m.cu): M up to MID_MAX_M, x rows in grid-z blocks of 8 n_blocks_m <= 64.
+
+MID_KERNEL_NAME = "fpx_mid_m"
+MID_MAX_M = 128
+MID_MAX_BLOCKS_M = 8  # n8 blocks of x rows per CTA: 64 rows, 32-64 accumulator registers per row tile
+MID_WORKSPACE_FLOATS = 1 << 24  # 64 MiB: the most split-K partials one mid-M launch may use (see fpx_mid_m)
+
+
+def mid_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether the mid-M kernel takes the case: what the small-M kernel takes, at 1 <= M <= MID_MAX_M."""
+    return x.dim() == 2 and 1 <= x.shape[0] <= MID_MAX_M and \
+        supports(fmt, group_size, x[:1] if x.shape[0] > MAX_M else x, n, k)
+
+
+def mid_blocks_m(m: int) -> int:
+    """n8 blocks of x rows per CTA for M rows: all of them up to 64, else as even a split over grid z as 8 blocks
+    allow (M = 72 runs 2 x 40 rows, not 64 + 8)."""
+    blocks = -(-m // 8)
+    z = -(-blocks // MID_MAX_BLOCKS_M)
+    return -(-blocks // z)
+
+
+def _mid_kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, row_tiles: int, warps: int, has_bias: bool,
+                device):
+    key = (MID_KERNEL_NAME, fmt, dtype, n_blocks_m, row_tiles, warps, has_bias, torch.device(device).index)
+    return _load(key, lambda: mid_kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, row_tiles, warps,
+                                                has_bias), MID_KERNEL_NAME, warps, device)
+
+
+def mid_split_cap(n_pad: int, m_pad: int, k_tiles: int) -> int:
+    """The largest split-K a mid-M launch may use: every CTA keeps >= 4 K tiles, and the partials (split x n_pad x
+    m_pad floats) fit MID_WORKSPACE_FLOATS, which is reserved whole for the layer on first use, so the workspace
+    never has to grow for a later M."""
+    return max(1, min(k_tiles // 4, MID_WORKSPACE_FLOATS // (n_pad * m_pad)))
+
+
+def choose_mid_split(n: int, k: int, m: int, rows_per_cta: int, num_sms: int, resident: int) -> int:
+    """Split-K by the waves model (dispatch.waves_split) over ceil(N / rows) x z CTAs; the partial of a CTA (rows x
+    8 n_blocks_m float32, written and read back) costs about M / 12 K tiles as in the small-M model."""
+    z = -(-m // (8 * mid_blocks_m(m)))
+    return waves_split(-(-n // rows_per_cta) * z, k // TILE_K, num_sms, resident, partial_cost=m / 12,
+                       sum_cost=SUM_COST)
+
+
+MID_ROW_TILES = 2  # defaults where no table measured the launch (unmeasured guesses, 2026-12-02)
+MID_WARPS = 4
+
+
+def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
+              split: "int | None" = None, row_tiles: "int | None" = None,
+              warps: "int | None" = None) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= MID_MAX_M, K] (see mid_supports); split / row_tiles / warps override the
+    launch measured for this shape on this GPU (dispatch.measured_cuda), else the defaults and the split model."""
+    m = x.shape[0]
+    measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
+    if measured is not None and measured.kernel == "mid":
+        row_tiles = measured.row_tiles if row_tiles is None else row_tiles
+        warps = measured.warps if warps is None else warps
+        split = measured.split if split is None else split
+    row_tiles = MID_ROW_TILES if row_tiles is None else row_tiles
+    warps = MID_WARPS if warps is None else warps
+    blocks = mid_blocks_m(m)
+    kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device)
+    rows_per_cta = 16 * row_tiles * warps
+    row_blocks, z = -(-n // rows_per_cta), -(-m // (8 * blocks))
+    n_pad, m_pad = row_blocks * rows_per_cta, z * 8 * blocks
+    k_tiles = k // TILE_K
+    if split is None:
+        split = choose_mid_split(n, k, m, rows_per_cta,
+                                 torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+    split = max(1, min(split, mid_split_cap(n_pad, m_pad, k_tiles)))
+    kps = -(-k_tiles // split)
+    split = -(-k_tiles // kps)  # no empty CTAs
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws, counts = WORKSPACE.reserve(x.device, MID_WORKSPACE_FLOATS, row_blocks * z) if split > 1 else (out, out)
+    padded = list(planes) + [planes[0]] * (3 - len(planes))
+    kernel(grid=(row_blocks, split, z), block=(warps * 32, 1, 1),
+           args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
+                 counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
+    return out

@@ -21,16 +21,23 @@ def _refuse_during_capture(what: str) -> None:
 
 class SplitWorkspace:
     """float32 split-K partials and int32 arrival counters of one device (the counters are back at zero after every
-    launch: the last CTA of a tile resets its counter). Grown, never shrunk; kernels on one stream can share it."""
+    launch: the last CTA of a tile resets its counter). Grown, never shrunk; kernels on one stream can share it.
+
+    A buffer that is outgrown stays allocated (``retired``): the engine captures its decode graphs one batch size
+    after another, and a graph captured at a small batch keeps the pointer it saw even when a larger batch's
+    warm-up grows the workspace afterwards (the CUDA mid-M kernel and the Triton kernel reserve by M)."""
 
     def __init__(self):
         self.buffers = {}
+        self.retired = []
 
     def reserve(self, device, ws_elems: int, counters: int) -> tuple:
         ws, counts = self.buffers.get(device, (None, None))
         if ws is not None and ws.numel() >= ws_elems and counts.numel() >= counters:
             return ws, counts
         _refuse_during_capture(f"the split-K workspace must grow to {ws_elems} floats and {counters} counters")
+        if ws is not None:
+            self.retired.append((ws, counts))  # a captured graph may still point here
         ws = torch.empty(max(ws_elems, 1 << 22, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
         counts = torch.zeros(max(counters, 4096, 0 if counts is None else counts.numel()), dtype=torch.int32,
                              device=device)

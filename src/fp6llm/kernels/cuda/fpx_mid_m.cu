@@ -1,0 +1,180 @@
+// TC-FPx mid-M kernel (Hopper, any sm_80+ GPU): out[M, N] = x[M, K] @ W.T for M = 9..128, W in layout 2.
+//
+// The small-M kernel (fpx_small_m.cu) with three changes, in a source of its own so that the small kernel's
+// schedule stays as measured (a parameterized source cost it 3-14 % at M <= 8, 2026-12-02):
+// - up to 8 n8 blocks of x rows per CTA (64 rows; grid z covers more), x read at compute time, a k-step pair at
+//   a time (one 16-byte L1 load per n8 block), never held a tile ahead;
+// - ROW_TILES 16-row weight tiles per warp, de-quantized once and multiplied with every n8 block: each read of x
+//   through L1 serves 16 x ROW_TILES rows (x is the larger stream at mid M: M / (8 ROW_TILES) bytes per weight);
+// - WARPS warps per CTA over 16 x ROW_TILES x WARPS rows, all on the same K tiles, so they share x in L1.
+// Lanes, fragments and the k order are the small kernel's: lane 4 g + t holds, after de-quantization, the
+// mma.m16n8k16 A fragments of its rows (pair q = 4 ks + r is register r of k-step ks), and reads row g of each n8
+// block at columns 32 t .. 32 t + 31 of a 128-column tile.
+//
+// Grid: (ceil(N / ROWS_PER_CTA), SPLIT, ceil(M / (8 N_BLOCKS_M))). SPLIT > 1: each CTA writes its float32 partial
+// [ROWS_PER_CTA x 8 N_BLOCKS_M] to ws at slab (z, split), the last CTA of (x, z) to arrive (an arrival counter,
+// reset by that CTA: CUDA-graph safe) sums the slabs in split order, so results do not depend on timing.
+//
+// Defined by the prepended header: N_BLOCKS_M, ROW_TILES, WARPS, IS_BF16, HAS_BIAS, PLANE_REGS, LOAD_PLANES and
+// (inserted after Tile) dequant_tile.
+
+#define ROWS_PER_CTA (16 * ROW_TILES * WARPS)
+#define M_PER_CTA (8 * N_BLOCKS_M)
+
+struct Tile {
+    PLANE_REGS  // u32 w0[2 * W0]; u32 w1[2 * W1]; ...
+};
+
+struct Group {  // a warp's ROW_TILES tiles of one K tile
+    Tile t[ROW_TILES];
+};
+
+__device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0, const u32* __restrict__ p1,
+                                          const u32* __restrict__ p2, long tile_index, int lane) {
+    LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
+}
+
+__device__ __forceinline__ void load_group(Group& group, const u32* __restrict__ p0, const u32* __restrict__ p1,
+                                           const u32* __restrict__ p2, const long (&base)[ROW_TILES], int kt,
+                                           int lane) {
+#pragma unroll
+    for (int r = 0; r < ROW_TILES; ++r) load_tile(group.t[r], p0, p1, p2, base[r] + kt, lane);
+}
+
+__device__ __forceinline__ void compute_group(const Group& group, const Powers& pw, const uint4* __restrict__ xq,
+                                              const int (&xrow)[N_BLOCKS_M], int kt, int lane,
+                                              float (&acc)[ROW_TILES][N_BLOCKS_M][4]) {
+    u32 a[ROW_TILES][32];
+#pragma unroll
+    for (int r = 0; r < ROW_TILES; ++r) dequant_tile(group.t[r], pw, a[r]);
+    const int col = kt * 16 + (lane & 3) * 4;  // in uint4 (8 halves): 128 columns = 16 uint4 per row
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {  // k-steps 2 p and 2 p + 1: columns 32 t + 8 p .. + 7 of each row
+        uint4 xv[N_BLOCKS_M];
+#pragma unroll
+        for (int b = 0; b < N_BLOCKS_M; ++b) xv[b] = __ldg(xq + xrow[b] + col + p);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int ks = 2 * p + h;
+#pragma unroll
+            for (int r = 0; r < ROW_TILES; ++r) {
+                u32 frag[4] = {a[r][4 * ks], a[r][4 * ks + 1], a[r][4 * ks + 2], a[r][4 * ks + 3]};
+#if IS_BF16
+#pragma unroll
+                for (int i = 0; i < 4; ++i) frag[i] = to_bf16x2(frag[i]);
+#endif
+#pragma unroll
+                for (int b = 0; b < N_BLOCKS_M; ++b)
+                    mma(acc[r][b], frag, h ? xv[b].z : xv[b].x, h ? xv[b].w : xv[b].y);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
+          const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
+          u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
+          int M, int N, int K, double scale_factor_d, int kps) {
+    const Powers pw = {};
+    const float scale_factor = (float)scale_factor_d;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int k_tiles = (K + 127) / 128;
+    const int n_tiles = (N + 15) / 16;
+    const int first_tile = (blockIdx.x * WARPS + warp) * ROW_TILES;  // this warp's first 16-row tile
+    const int m0 = blockIdx.z * M_PER_CTA;
+    const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
+
+    float acc[ROW_TILES][N_BLOCKS_M][4] = {};
+    if (first_tile < n_tiles && kt0 < kt1) {
+        // Tiles past the last row read the last tile again (their outputs are never stored); lanes past the last
+        // row of x read row M - 1 again (an L1 hit) for MMA columns that are outputs of rows >= M, never stored.
+        long base[ROW_TILES];
+#pragma unroll
+        for (int r = 0; r < ROW_TILES; ++r) base[r] = (long)min(first_tile + r, n_tiles - 1) * k_tiles;
+        int xrow[N_BLOCKS_M];  // in uint4 of x
+#pragma unroll
+        for (int b = 0; b < N_BLOCKS_M; ++b) xrow[b] = min(m0 + 8 * b + g, M - 1) * (ldx / 8);
+        const uint4* xq = reinterpret_cast<const uint4*>(x);
+        // Two register buffers in ping-pong: the next K tile's loads are in flight while this one is computed.
+        Group even, odd;
+        load_group(even, p0, p1, p2, base, kt0, lane);
+        for (int kt = kt0; kt < kt1; kt += 2) {
+            if (kt + 1 < kt1) load_group(odd, p0, p1, p2, base, kt + 1, lane);
+            compute_group(even, pw, xq, xrow, kt, lane, acc);
+            if (kt + 1 >= kt1) break;
+            if (kt + 2 < kt1) load_group(even, p0, p1, p2, base, kt + 2, lane);
+            compute_group(odd, pw, xq, xrow, kt + 1, lane, acc);
+        }
+    }
+
+    // acc[r][b][i]: weight row 16 (first_tile + r) + g + 8 (i / 2), x row m0 + 8 b + 2 t + i % 2.
+    if (gridDim.y == 1) {
+#pragma unroll
+        for (int r = 0; r < ROW_TILES; ++r)
+#pragma unroll
+            for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int n = 16 * (first_tile + r) + g + 8 * (i / 2), m = m0 + 8 * b + 2 * t + i % 2;
+                    if (n < N && m < M) {
+                        float v = acc[r][b][i] * scales[n] * scale_factor;
+#if HAS_BIAS
+                        v += act_to_float(bias[n]);
+#endif
+                        out[(long)m * ldo + n] = float_to_act(v);
+                    }
+                }
+        return;
+    }
+    // Split-K: publish this CTA's partial, count arrivals, the last one reduces.
+    const long slab = (long)gridDim.x * ROWS_PER_CTA * M_PER_CTA;  // one (z, split) partial, row-major [n][m - m0]
+    float* part = ws + ((long)blockIdx.z * gridDim.y + blockIdx.y) * slab;
+#pragma unroll
+    for (int r = 0; r < ROW_TILES; ++r)
+#pragma unroll
+        for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int n = 16 * (first_tile + r) + g + 8 * (i / 2), mm = 8 * b + 2 * t + i % 2;
+                if (m0 + mm < M) part[(long)n * M_PER_CTA + mm] = acc[r][b][i];
+            }
+    __threadfence();
+    __syncthreads();
+    __shared__ int arrived;
+    int* count = counts + blockIdx.z * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) arrived = atomicAdd(count, 1);
+    __syncthreads();
+    if (arrived != gridDim.y - 1) return;
+    __threadfence();
+    const float* first = ws + (long)blockIdx.z * gridDim.y * slab;
+#pragma unroll
+    for (int r = 0; r < ROW_TILES; ++r)
+#pragma unroll
+        for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int n = 16 * (first_tile + r) + g + 8 * (i / 2), mm = 8 * b + 2 * t + i % 2;
+                if (m0 + mm >= M || n >= N) continue;
+                // The partials in split order (results independent of timing), four loads in flight at a time.
+                const float* p = first + (long)n * M_PER_CTA + mm;
+                float v = 0.f;
+                int s = 0;
+                for (; s + 4 <= (int)gridDim.y; s += 4) {
+                    const float a0 = __ldcg(p + s * slab), a1 = __ldcg(p + (s + 1) * slab),
+                                a2 = __ldcg(p + (s + 2) * slab), a3 = __ldcg(p + (s + 3) * slab);
+                    v += a0;
+                    v += a1;
+                    v += a2;
+                    v += a3;
+                }
+                for (; s < (int)gridDim.y; ++s) v += __ldcg(p + s * slab);
+                v *= scales[n] * scale_factor;
+#if HAS_BIAS
+                v += act_to_float(bias[n]);
+#endif
+                out[(long)(m0 + mm) * ldo + n] = float_to_act(v);
+            }
+    if (threadIdx.x == 0) *count = 0;  // ready for the next launch or graph replay
+}
