@@ -2,8 +2,10 @@
 //
 // The small-M kernel (fpx_small_m.cu) with three changes, in a source of its own so that the small kernel's
 // schedule stays as measured (a parameterized source cost it 3-14 % at M <= 8, 2026-12-02):
-// - up to 8 n8 blocks of x rows per CTA (64 rows; grid z covers more), x read at compute time, a k-step pair at
-//   a time (one 16-byte L1 load per n8 block), never held a tile ahead;
+// - up to 8 n8 blocks of x rows per CTA (64 rows; grid z covers more), x staged in shared memory by cp.async a K
+//   tile ahead (two buffers; the CTA's warps share it), read a k-step pair at a time (one 16-byte LDS per n8
+//   block). Reading x through L1 at compute time instead (the first version) ran 2-3x slower than the Triton
+//   kernel at M = 32-64 (H200, 2026-12-02): each warp waited on its x loads;
 // - ROW_TILES 16-row weight tiles per warp, de-quantized once and multiplied with every n8 block: each read of x
 //   through L1 serves 16 x ROW_TILES rows (x is the larger stream at mid M: M / (8 ROW_TILES) bytes per weight);
 // - WARPS warps per CTA over 16 x ROW_TILES x WARPS rows, all on the same K tiles, so they share x in L1.
@@ -20,6 +22,50 @@
 
 #define ROWS_PER_CTA (16 * ROW_TILES * WARPS)
 #define M_PER_CTA (8 * N_BLOCKS_M)
+// One x row of a K tile in shared memory: 16 chunks of 16 bytes, padded to 17, chunk c stored at c ^ ((c >> 3) << 1):
+// the 8 lanes of a quarter-warp's LDS.128 (rows g, g + 1; t = 0..3; chunk 4 t + p) then hit 8 distinct bank groups.
+#define X_ROW 17
+#define X_BUFFER (M_PER_CTA * X_ROW)
+
+__device__ __forceinline__ int x_chunk(int c) { return c ^ ((c >> 3) << 1); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* global) {
+    unsigned addr;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(addr), "l"(global));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+
+// The CTA's copy of one K tile of x (rows m0 .. m0 + M_PER_CTA - 1; rows past M repeat row M - 1): thread i copies
+// chunk i % 16 of rows i / 16 + j (WARPS * 2), j < X_COPIES; its offsets are fixed for the kernel, only kt moves.
+#define THREADS (WARPS * 32)
+#define X_COPIES ((M_PER_CTA * 16 + THREADS - 1) / THREADS)
+
+struct XCopy {
+    int smem[X_COPIES];    // in uint4, within a buffer; -1: nothing to copy
+    long global[X_COPIES]; // in uint4, of x (column 0 of the thread's chunk)
+};
+
+__device__ __forceinline__ XCopy x_copy(int ldx_q, int m0, int M) {
+    XCopy copy;
+#pragma unroll
+    for (int j = 0; j < X_COPIES; ++j) {
+        const int i = threadIdx.x + j * THREADS, row = i / 16, c = i % 16;
+        copy.smem[j] = i < M_PER_CTA * 16 ? row * X_ROW + x_chunk(c) : -1;
+        copy.global[j] = (long)min(m0 + row, M - 1) * ldx_q + c;
+    }
+    return copy;
+}
+
+__device__ __forceinline__ void stage_x(uint4* xs, const uint4* __restrict__ xq, const XCopy& copy, int kt) {
+#pragma unroll
+    for (int j = 0; j < X_COPIES; ++j)
+        if ((M_PER_CTA * 16) % THREADS == 0 || copy.smem[j] >= 0)
+            cp_async16(xs + copy.smem[j], xq + copy.global[j] + kt * 16);
+    cp_async_commit();
+}
 
 struct Tile {
     PLANE_REGS  // u32 w0[2 * W0]; u32 w1[2 * W1]; ...
@@ -41,18 +87,19 @@ __device__ __forceinline__ void load_group(Group& group, const u32* __restrict__
     for (int r = 0; r < ROW_TILES; ++r) load_tile(group.t[r], p0, p1, p2, base[r] + kt, lane);
 }
 
-__device__ __forceinline__ void compute_group(const Group& group, const Powers& pw, const uint4* __restrict__ xq,
-                                              const int (&xrow)[N_BLOCKS_M], int kt, int lane,
+__device__ __forceinline__ void compute_group(const Group& group, const Powers& pw, const uint4* xs, int lane,
                                               float (&acc)[ROW_TILES][N_BLOCKS_M][4]) {
     u32 a[ROW_TILES][32];
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r) dequant_tile(group.t[r], pw, a[r]);
-    const int col = kt * 16 + (lane & 3) * 4;  // in uint4 (8 halves): 128 columns = 16 uint4 per row
+    const int t = lane % 4;
+    const uint4* mine = xs + (lane / 4) * X_ROW + 4 * t;  // row g, chunk 4 t (x_chunk keeps 4 t, swaps p's bit 1)
 #pragma unroll
     for (int p = 0; p < 4; ++p) {  // k-steps 2 p and 2 p + 1: columns 32 t + 8 p .. + 7 of each row
         uint4 xv[N_BLOCKS_M];
+        const int chunk = p ^ ((t >> 1) << 1);
 #pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b) xv[b] = __ldg(xq + xrow[b] + col + p);
+        for (int b = 0; b < N_BLOCKS_M; ++b) xv[b] = mine[8 * b * X_ROW + chunk];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int ks = 2 * p + h;
@@ -87,25 +134,33 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
 
     float acc[ROW_TILES][N_BLOCKS_M][4] = {};
-    if (first_tile < n_tiles && kt0 < kt1) {
-        // Tiles past the last row read the last tile again (their outputs are never stored); lanes past the last
-        // row of x read row M - 1 again (an L1 hit) for MMA columns that are outputs of rows >= M, never stored.
+    __shared__ uint4 xs[2][X_BUFFER];
+    if (kt0 < kt1) {  // every warp of the CTA stages x and passes the barriers, also one without rows
+        // Tiles past the last row read the last tile again (their outputs are never stored); rows past the last
+        // row of x repeat row M - 1 in the MMA columns of outputs for rows >= M, never stored.
+        const bool rows = first_tile < n_tiles;
         long base[ROW_TILES];
 #pragma unroll
         for (int r = 0; r < ROW_TILES; ++r) base[r] = (long)min(first_tile + r, n_tiles - 1) * k_tiles;
-        int xrow[N_BLOCKS_M];  // in uint4 of x
-#pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b) xrow[b] = min(m0 + 8 * b + g, M - 1) * (ldx / 8);
         const uint4* xq = reinterpret_cast<const uint4*>(x);
-        // Two register buffers in ping-pong: the next K tile's loads are in flight while this one is computed.
+        const XCopy copy = x_copy(ldx / 8, m0, M);
+        // x: two shared buffers, the next K tile's copy in flight while this one is computed; weights: two
+        // register buffers in ping-pong, likewise.
+        stage_x(xs[0], xq, copy, kt0);
         Group even, odd;
-        load_group(even, p0, p1, p2, base, kt0, lane);
+        if (rows) load_group(even, p0, p1, p2, base, kt0, lane);
         for (int kt = kt0; kt < kt1; kt += 2) {
-            if (kt + 1 < kt1) load_group(odd, p0, p1, p2, base, kt + 1, lane);
-            compute_group(even, pw, xq, xrow, kt, lane, acc);
+            cp_async_wait_all();
+            __syncthreads();  // x of kt is in; every warp is done with the buffer the next copy overwrites
+            if (kt + 1 < kt1) stage_x(xs[1], xq, copy, kt + 1);
+            if (rows && kt + 1 < kt1) load_group(odd, p0, p1, p2, base, kt + 1, lane);
+            if (rows) compute_group(even, pw, xs[0], lane, acc);
             if (kt + 1 >= kt1) break;
-            if (kt + 2 < kt1) load_group(even, p0, p1, p2, base, kt + 2, lane);
-            compute_group(odd, pw, xq, xrow, kt + 1, lane, acc);
+            cp_async_wait_all();
+            __syncthreads();
+            if (kt + 2 < kt1) stage_x(xs[0], xq, copy, kt + 2);
+            if (rows && kt + 2 < kt1) load_group(even, p0, p1, p2, base, kt + 2, lane);
+            if (rows) compute_group(odd, pw, xs[1], lane, acc);
         }
     }
 
