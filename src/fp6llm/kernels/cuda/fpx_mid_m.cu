@@ -38,32 +38,31 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* global) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
-// The CTA's copy of one K tile of x (rows m0 .. m0 + M_PER_CTA - 1; rows past M repeat row M - 1): thread i copies
-// chunk i % 16 of rows i / 16 + j (WARPS * 2), j < X_COPIES; its offsets are fixed for the kernel, only kt moves.
+// The CTA's copy of one K tile of x, rows m0 .. m0 + M_PER_CTA - 1: thread i copies chunk i % 16 of rows
+// i / 16 + j THREADS / 16, j < X_COPIES. Rows past M are not copied: their shared memory feeds only the MMA columns
+// of outputs for rows >= M, which are never stored, so whatever it holds is harmless.
 #define THREADS (WARPS * 32)
 #define X_COPIES ((M_PER_CTA * 16 + THREADS - 1) / THREADS)
+#define X_ROWS_STEP (THREADS / 16)
 
 struct XCopy {
-    int smem[X_COPIES];    // in uint4, within a buffer; -1: nothing to copy
-    long global[X_COPIES]; // in uint4, of x (column 0 of the thread's chunk)
+    const uint4* global;  // chunk c of the thread's first row, column 0 of the tile
+    long step;            // X_ROWS_STEP rows of x, in uint4
+    int smem;             // in uint4, within a buffer
+    int rows;             // rows of this CTA's x from the thread's first: copy j while j X_ROWS_STEP < rows
 };
 
-__device__ __forceinline__ XCopy x_copy(int ldx_q, int m0, int M) {
-    XCopy copy;
-#pragma unroll
-    for (int j = 0; j < X_COPIES; ++j) {
-        const int i = threadIdx.x + j * THREADS, row = i / 16, c = i % 16;
-        copy.smem[j] = i < M_PER_CTA * 16 ? row * X_ROW + x_chunk(c) : -1;
-        copy.global[j] = (long)min(m0 + row, M - 1) * ldx_q + c;
-    }
-    return copy;
+__device__ __forceinline__ XCopy x_copy(const uint4* __restrict__ xq, int ldx_q, int m0, int M) {
+    const int row = threadIdx.x / 16, c = threadIdx.x % 16;
+    return {xq + (long)(m0 + row) * ldx_q + c, (long)X_ROWS_STEP * ldx_q, row * X_ROW + x_chunk(c),
+            min(M - m0, M_PER_CTA) - row};
 }
 
-__device__ __forceinline__ void stage_x(uint4* xs, const uint4* __restrict__ xq, const XCopy& copy, int kt) {
+__device__ __forceinline__ void stage_x(uint4* xs, const XCopy& copy, int kt) {
 #pragma unroll
     for (int j = 0; j < X_COPIES; ++j)
-        if ((M_PER_CTA * 16) % THREADS == 0 || copy.smem[j] >= 0)
-            cp_async16(xs + copy.smem[j], xq + copy.global[j] + kt * 16);
+        if (j * X_ROWS_STEP < copy.rows)
+            cp_async16(xs + copy.smem + j * X_ROWS_STEP * X_ROW, copy.global + j * copy.step + kt * 16);
     cp_async_commit();
 }
 
@@ -92,14 +91,16 @@ __device__ __forceinline__ void compute_group(const Group& group, const Powers& 
     u32 a[ROW_TILES][32];
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r) dequant_tile(group.t[r], pw, a[r]);
-    const int t = lane % 4;
-    const uint4* mine = xs + (lane / 4) * X_ROW + 4 * t;  // row g, chunk 4 t (x_chunk keeps 4 t, swaps p's bit 1)
+    // Row g, chunk x_chunk(4 t + p) = 4 t + (p ^ sw), sw = 2 (t >> 1): chunks p = 0, 1 from base + sw, p = 2, 3 from
+    // base + 2 - sw, so every load is a lane base plus an immediate.
+    const int t = lane % 4, sw = (t >> 1) << 1;
+    const uint4* low = xs + (lane / 4) * X_ROW + 4 * t + sw;
+    const uint4* high = xs + (lane / 4) * X_ROW + 4 * t + 2 - sw;
 #pragma unroll
     for (int p = 0; p < 4; ++p) {  // k-steps 2 p and 2 p + 1: columns 32 t + 8 p .. + 7 of each row
         uint4 xv[N_BLOCKS_M];
-        const int chunk = p ^ ((t >> 1) << 1);
 #pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b) xv[b] = mine[8 * b * X_ROW + chunk];
+        for (int b = 0; b < N_BLOCKS_M; ++b) xv[b] = (p < 2 ? low : high)[8 * b * X_ROW + (p & 1)];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int ks = 2 * p + h;
@@ -142,23 +143,22 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         long base[ROW_TILES];
 #pragma unroll
         for (int r = 0; r < ROW_TILES; ++r) base[r] = (long)min(first_tile + r, n_tiles - 1) * k_tiles;
-        const uint4* xq = reinterpret_cast<const uint4*>(x);
-        const XCopy copy = x_copy(ldx / 8, m0, M);
+        const XCopy copy = x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M);
         // x: two shared buffers, the next K tile's copy in flight while this one is computed; weights: two
         // register buffers in ping-pong, likewise.
-        stage_x(xs[0], xq, copy, kt0);
+        stage_x(xs[0], copy, kt0);
         Group even, odd;
         if (rows) load_group(even, p0, p1, p2, base, kt0, lane);
         for (int kt = kt0; kt < kt1; kt += 2) {
             cp_async_wait_all();
             __syncthreads();  // x of kt is in; every warp is done with the buffer the next copy overwrites
-            if (kt + 1 < kt1) stage_x(xs[1], xq, copy, kt + 1);
+            if (kt + 1 < kt1) stage_x(xs[1], copy, kt + 1);
             if (rows && kt + 1 < kt1) load_group(odd, p0, p1, p2, base, kt + 1, lane);
             if (rows) compute_group(even, pw, xs[0], lane, acc);
             if (kt + 1 >= kt1) break;
             cp_async_wait_all();
             __syncthreads();
-            if (kt + 2 < kt1) stage_x(xs[0], xq, copy, kt + 2);
+            if (kt + 2 < kt1) stage_x(xs[0], copy, kt + 2);
             if (rows && kt + 2 < kt1) load_group(even, p0, p1, p2, base, kt + 2, lane);
             if (rows) compute_group(odd, pw, xs[1], lane, acc);
         }
