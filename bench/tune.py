@@ -137,9 +137,9 @@ def tune_mid(qw, m: int, dtype) -> "dict | None":
 
 
 def best_cuda(qw, m: int, dtype) -> "dict | None":
-    """The faster of the CUDA small-M (M <= 16) and mid-M (M >= 9) kernels' best launches, as the entry's "cuda"."""
-    found = [r for r in (tune_cuda(qw, m, dtype) if m <= fpx_cuda.MAX_M else None,
-                         tune_mid(qw, m, dtype) if m > 8 else None) if r is not None]
+    """The faster of the CUDA small-M (M <= 16) and mid-M kernels' best launches, as the entry's "cuda"."""
+    found = [r for r in (tune_cuda(qw, m, dtype) if m <= fpx_cuda.MAX_M else None, tune_mid(qw, m, dtype))
+             if r is not None]
     return min(found, key=lambda r: r["us"]) if found else None
 
 
