@@ -30,6 +30,7 @@ from fp6llm.kernels import fpx_cuda  # noqa: E402
 from fp6llm.kernels.dispatch import device_key, heuristic_config  # noqa: E402
 from fp6llm.kernels import fpx_gemm as gemm_module  # noqa: E402
 from fp6llm.kernels.fpx_gemm import fpx_gemm  # noqa: E402
+import fp6llm.ops  # noqa: E402,F401  (registers torch.ops.fp6llm.fpx_linear: the "dispatch" rows)
 from fp6llm.quantize import quantize_weight  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -77,6 +78,9 @@ def calls_for(qw, m, dtype, kernel, min_blocks=None, fma_shifts=None, imad_rotat
     """kernel.rotating_calls of the CUDA small-M kernel ("cuda", with min_blocks and fma_shifts, default: the
     module's) or the Triton kernel ("triton", with imad_rotate, default: the module's)."""
     n, k = qw.shape
+    if kernel == "dispatch":  # what fpx_linear runs: the table's pick of the small-M, mid-M and Triton kernels
+        return rotating_calls(qw, m, dtype, lambda x, p, s: torch.ops.fp6llm.fpx_linear(
+            x, list(p), s, None, qw.fmt.exp_bits, qw.fmt.man_bits, n, k, 0))
     if kernel == "triton":
         rotate = gemm_module.ROTATE_BY_MULTIPLY if imad_rotate is None else imad_rotate
         return rotating_calls(qw, m, dtype, lambda x, p, s: fpx_gemm(x, p, s, None, qw.fmt, n, k, None,
@@ -95,7 +99,7 @@ def timing(ms, cases, bandwidth) -> list:
             qw = random_weight(n, k, fmt, "cuda")
             for m in [m for m in ms if m in case_ms]:
                 row = {"shape": name, "n": n, "k": k, "m": m, "format": fmt.name, "dtype": dtype_name}
-                for kernel in ("cuda", "triton"):
+                for kernel in ("cuda", "triton", "dispatch"):
                     calls, nbytes = calls_for(qw, m, dtype, kernel)
                     row[f"{kernel}_us"] = time_calls(calls) * 1e6
                     row[f"{kernel}_floor"] = nbytes / bandwidth / (row[f"{kernel}_us"] / 1e6)
@@ -118,6 +122,7 @@ def timing(ms, cases, bandwidth) -> list:
                 del dense
                 row["cuda_speedup"] = row["cublas_us"] / row["cuda_us"]
                 row["triton_speedup"] = row["cublas_us"] / row["triton_us"]
+                row["dispatch_speedup"] = row["cublas_us"] / row["dispatch_us"]
                 row["split"] = None  # chosen inside fpx_small_m from the kernel's registers
                 row["triton_config"] = str(heuristic_config(m, n, k, 132))
                 rows.append(row)
@@ -129,7 +134,8 @@ def timing(ms, cases, bandwidth) -> list:
                                 f"{row['triton_imad_rotate_ab_us']:.1f}"
                 print(f"{name:9} M={m:<3} {fmt.name} {dtype_name}  cuda {row['cuda_us']:7.1f} us ({row['cuda_floor']:4.0%}) [{variants}]"
                       f"  triton {row['triton_us']:7.1f} us ({row['triton_floor']:4.0%})  cuBLAS {row['cublas_us']:7.1f} us"
-                      f" ({row['cublas_floor']:4.0%})  cuda {row['cuda_speedup']:.2f}x  triton {row['triton_speedup']:.2f}x",
+                      f" ({row['cublas_floor']:4.0%})  cuda {row['cuda_speedup']:.2f}x  triton {row['triton_speedup']:.2f}x"
+                      f"  dispatched {row['dispatch_us']:.1f} us {row['dispatch_speedup']:.2f}x",
                       flush=True)
             del qw
             torch.cuda.empty_cache()
@@ -167,8 +173,8 @@ def timing_mid(ms, bandwidth) -> list:
 def summary(rows) -> str:
     lines = []
     main = [r for r in rows if r["format"] == "e3m2" and r["dtype"] == "fp16"]
-    for kernel in ("cuda", "triton"):
-        sel = [r[f"{kernel}_speedup"] for r in main if r["m"] <= 16]
+    for kernel in ("cuda", "triton", "dispatch"):
+        sel = [r[f"{kernel}_speedup"] for r in main if r["m"] <= 16 and f"{kernel}_speedup" in r]
         m1 = [r for r in main if r["m"] == 1]
         if sel:
             lines.append(f"{kernel}: e3m2 fp16 M<=16 geo-mean {geomean(sel):.2f}x cuBLAS (min {min(sel):.2f}, max "
