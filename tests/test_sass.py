@@ -116,6 +116,7 @@ def test_cuda_fma_shifts_variant_fits_the_alu_budget(tmp_path):
     assert "POWER_PARAMS , u32 pw_2, u32 pw_4, u32 pw_6, u32 pw_8" in source and "shl_fma<" not in source
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
     """The mid-M kernel, e3m2, FP16, M = 32, two row tiles per warp: <= 1.8 ALU and <= 3.5 issued lane-ops per
@@ -129,10 +130,12 @@ def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
     import tune
+    # e3m2 FP16 at each launch shape at 16 and 64 rows of x (the smallest and largest CTAs); the other formats and
+    # BF16 at one (compile time: ~3 s per variant)
     for name in ("e3m2", "e2m3", "e2m1", "e4m3", "e2m4"):
         for bf16 in (False, True):
-            for m in ((9, 64, 128) if name == "e3m2" and not bf16 else (33,)):
-                for row_tiles, warps in tune.MID_SHAPES if name == "e3m2" else tune.MID_SHAPES[1::2]:
+            for m in ((16, 64) if name == "e3m2" and not bf16 else (33,)):
+                for row_tiles, warps in tune.MID_SHAPES if name == "e3m2" and not bf16 else ((2, 8),):
                     source = fpx_cuda.mid_kernel_source(FPFormat.parse(name), bf16, fpx_cuda.mid_blocks_m(m),
                                                         row_tiles, warps, True)
                     cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_mid_m.cu")
