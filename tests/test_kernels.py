@@ -284,6 +284,9 @@ def test_mid_m_kernel_launch_arithmetic():
     """x rows per CTA: all of them up to 64, else evenly over grid z; the split fits the reserved partials."""
     from fp6llm.kernels import fpx_cuda
     assert [fpx_cuda.mid_blocks_m(m) for m in (1, 9, 33, 64, 65, 72, 128)] == [1, 2, 5, 8, 5, 5, 8]
+    assert [fpx_cuda.mid_blocks_m(m, 2) for m in (1, 9, 33, 64)] == [1, 2, 2, 2]
+    with pytest.raises(ValueError, match="1 to 8 n8 blocks"):
+        fpx_cuda.mid_blocks_m(32, 9)
     assert fpx_cuda.mid_split_cap(8192, 64, 64) == 16  # K tiles / 4
     cap = fpx_cuda.mid_split_cap(57344, 128, 64)
     assert cap * 57344 * 128 <= fpx_cuda.MID_WORKSPACE_FLOATS < (cap + 1) * 57344 * 128
@@ -438,10 +441,10 @@ def test_cuda_mid_m_kernel_matches_reference(gen, fmt, dtype, m):
     bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
     ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
     for row_tiles, warps in ((1, 4), (2, 4), (1, 8), (2, 8)):
-        for split in (1, 3):
-            out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, row_tiles, warps)
+        for split, blocks in ((1, None), (3, None), (3, 2)):  # blocks 2: 16 rows of x per CTA, grid z the rest
+            out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, row_tiles, warps, blocks)
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err < TOLERANCE[dtype], (row_tiles, warps, split)
+            assert err < TOLERANCE[dtype], (row_tiles, warps, split, blocks)
 
 
 @gpu

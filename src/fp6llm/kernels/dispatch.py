@@ -192,7 +192,8 @@ def config_to_dict(config: KernelConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # The CUDA kernels (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an entry "cuda": the fastest
 # measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16) or of the mid-M kernel
-# ({"kernel": "mid", "split", "row_tiles", "warps", "us"}) for that shape.
+# ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) for that
+# shape.
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ class SmallM:
     kernel: str = "small"  # "small" (fpx_small_m) or "mid" (fpx_mid_m)
     row_tiles: int = 1
     warps: int = 4
+    blocks: int = 0  # mid: n8 blocks of x rows per CTA (0: as many as the kernel takes)
 
 
 def _launch(cuda: dict) -> SmallM:
@@ -211,7 +213,7 @@ def _launch(cuda: dict) -> SmallM:
     if kernel not in ("small", "mid"):
         raise ValueError(f"unknown CUDA kernel {kernel!r} in a kernel table (known: small, mid)")
     return SmallM(int(cuda["split"]), bool(cuda.get("prefetch_x", True)), float(cuda["us"]), kernel,
-                  int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)))
+                  int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -352,11 +352,13 @@ def mid_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> 
         supports(fmt, group_size, x[:1] if x.shape[0] > MAX_M else x, n, k)
 
 
-def mid_blocks_m(m: int) -> int:
-    """n8 blocks of x rows per CTA for M rows: all of them up to 64, else as even a split over grid z as 8 blocks
-    allow (M = 72 runs 2 x 40 rows, not 64 + 8)."""
+def mid_blocks_m(m: int, most: int = MID_MAX_BLOCKS_M) -> int:
+    """n8 blocks of x rows per CTA for M rows: all of them up to ``most`` (8: 64 rows), else as even a split over
+    grid z as that allows (M = 72 runs 2 x 40 rows, not 64 + 8)."""
+    if not 1 <= most <= MID_MAX_BLOCKS_M:
+        raise ValueError(f"the mid-M kernel takes 1 to {MID_MAX_BLOCKS_M} n8 blocks of x rows per CTA, not {most}")
     blocks = -(-m // 8)
-    z = -(-blocks // MID_MAX_BLOCKS_M)
+    z = -(-blocks // most)
     return -(-blocks // z)
 
 
@@ -388,18 +390,20 @@ MID_WARPS = 4
 
 def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, row_tiles: "int | None" = None,
-              warps: "int | None" = None) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= MID_MAX_M, K] (see mid_supports); split / row_tiles / warps override the
-    launch measured for this shape on this GPU (dispatch.measured_cuda), else the defaults and the split model."""
+              warps: "int | None" = None, blocks: "int | None" = None) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= MID_MAX_M, K] (see mid_supports); split / row_tiles / warps / blocks (n8
+    blocks of x rows per CTA, at most MID_MAX_BLOCKS_M) override the launch measured for this shape on this GPU
+    (dispatch.measured_small_m), else the defaults and the split model."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "mid":
         row_tiles = measured.row_tiles if row_tiles is None else row_tiles
         warps = measured.warps if warps is None else warps
         split = measured.split if split is None else split
+        blocks = (measured.blocks or None) if blocks is None else blocks
     row_tiles = MID_ROW_TILES if row_tiles is None else row_tiles
     warps = MID_WARPS if warps is None else warps
-    blocks = mid_blocks_m(m)
+    blocks = mid_blocks_m(m, MID_MAX_BLOCKS_M if blocks is None else blocks)
     kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device)
     rows_per_cta = 16 * row_tiles * warps
     row_blocks, z = -(-n // rows_per_cta), -(-m // (8 * blocks))
@@ -414,7 +418,7 @@ def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counts = WORKSPACE.reserve(x.device, MID_WORKSPACE_FLOATS, row_blocks * z) if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
-    kernel(grid=(row_blocks, split, z), block=(warps * 32, 1, 1),
+    kernel(grid=(z, row_blocks, split), block=(warps * 32, 1, 1),
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
                  counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
     return out

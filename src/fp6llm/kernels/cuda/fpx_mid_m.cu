@@ -13,7 +13,7 @@
 // mma.m16n8k16 A fragments of its rows (pair q = 4 ks + r is register r of k-step ks), and reads row g of each n8
 // block at columns 32 t .. 32 t + 31 of a 128-column tile.
 //
-// Grid: (ceil(N / ROWS_PER_CTA), SPLIT, ceil(M / (8 N_BLOCKS_M))). SPLIT > 1: each CTA writes its float32 partial
+// Grid: (ceil(M / (8 N_BLOCKS_M)), ceil(N / ROWS_PER_CTA), SPLIT). SPLIT > 1: each CTA writes its float32 partial
 // [ROWS_PER_CTA x 8 N_BLOCKS_M] to ws at slab (z, split), the last CTA of (x, z) to arrive (an arrival counter,
 // reset by that CTA: CUDA-graph safe) sums the slabs in split order, so results do not depend on timing.
 //
@@ -21,6 +21,13 @@
 // (inserted after Tile) dequant_tile.
 
 #define ROWS_PER_CTA (16 * ROW_TILES * WARPS)
+// Grid (z blocks, row blocks, splits): the z blocks of one row block are neighbours in launch order, so the CTAs that
+// read the same weight tiles for other rows of x run together and the second reads are L2 hits.
+#define Z_BLOCK blockIdx.x
+#define ROW_BLOCK blockIdx.y
+#define ROW_BLOCKS gridDim.y
+#define SPLIT_INDEX blockIdx.z
+#define SPLITS gridDim.z
 #define M_PER_CTA (8 * N_BLOCKS_M)
 // One x row of a K tile in shared memory: 16 chunks of 16 bytes, padded to 17, chunk c stored at c ^ ((c >> 3) << 1):
 // the 8 lanes of a quarter-warp's LDS.128 (rows g, g + 1; t = 0..3; chunk 4 t + p) then hit 8 distinct bank groups.
@@ -130,9 +137,9 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     const int g = lane / 4, t = lane % 4;
     const int k_tiles = (K + 127) / 128;
     const int n_tiles = (N + 15) / 16;
-    const int first_tile = (blockIdx.x * WARPS + warp) * ROW_TILES;  // this warp's first 16-row tile
-    const int m0 = blockIdx.z * M_PER_CTA;
-    const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
+    const int first_tile = (ROW_BLOCK * WARPS + warp) * ROW_TILES;  // this warp's first 16-row tile
+    const int m0 = Z_BLOCK * M_PER_CTA;
+    const int kt0 = SPLIT_INDEX * kps, kt1 = min(kt0 + kps, k_tiles);
 
     float acc[ROW_TILES][N_BLOCKS_M][4] = {};
     __shared__ uint4 xs[2][X_BUFFER];
@@ -165,7 +172,7 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     }
 
     // acc[r][b][i]: weight row 16 (first_tile + r) + g + 8 (i / 2), x row m0 + 8 b + 2 t + i % 2.
-    if (gridDim.y == 1) {
+    if (SPLITS == 1) {
 #pragma unroll
         for (int r = 0; r < ROW_TILES; ++r)
 #pragma unroll
@@ -184,8 +191,8 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         return;
     }
     // Split-K: publish this CTA's partial, count arrivals, the last one reduces.
-    const long slab = (long)gridDim.x * ROWS_PER_CTA * M_PER_CTA;  // one (z, split) partial, row-major [n][m - m0]
-    float* part = ws + ((long)blockIdx.z * gridDim.y + blockIdx.y) * slab;
+    const long slab = (long)ROW_BLOCKS * ROWS_PER_CTA * M_PER_CTA;  // one (z, split) partial, row-major [n][m - m0]
+    float* part = ws + ((long)Z_BLOCK * SPLITS + SPLIT_INDEX) * slab;
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r)
 #pragma unroll
@@ -198,12 +205,12 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     __threadfence();
     __syncthreads();
     __shared__ int arrived;
-    int* count = counts + blockIdx.z * gridDim.x + blockIdx.x;
+    int* count = counts + Z_BLOCK * ROW_BLOCKS + ROW_BLOCK;
     if (threadIdx.x == 0) arrived = atomicAdd(count, 1);
     __syncthreads();
-    if (arrived != gridDim.y - 1) return;
+    if (arrived != SPLITS - 1) return;
     __threadfence();
-    const float* first = ws + (long)blockIdx.z * gridDim.y * slab;
+    const float* first = ws + (long)Z_BLOCK * SPLITS * slab;
 #pragma unroll
     for (int r = 0; r < ROW_TILES; ++r)
 #pragma unroll
@@ -216,7 +223,7 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
                 const float* p = first + (long)n * M_PER_CTA + mm;
                 float v = 0.f;
                 int s = 0;
-                for (; s + 4 <= (int)gridDim.y; s += 4) {
+                for (; s + 4 <= (int)SPLITS; s += 4) {
                     const float a0 = __ldcg(p + s * slab), a1 = __ldcg(p + (s + 1) * slab),
                                 a2 = __ldcg(p + (s + 2) * slab), a3 = __ldcg(p + (s + 3) * slab);
                     v += a0;
@@ -224,7 +231,7 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
                     v += a2;
                     v += a3;
                 }
-                for (; s < (int)gridDim.y; ++s) v += __ldcg(p + s * slab);
+                for (; s < (int)SPLITS; ++s) v += __ldcg(p + s * slab);
                 v *= scales[n] * scale_factor;
 #if HAS_BIAS
                 v += act_to_float(bias[n]);
