@@ -171,37 +171,25 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         }
     }
 
-    // acc[r][b][i]: weight row 16 (first_tile + r) + g + 8 (i / 2), x row m0 + 8 b + 2 t + i % 2.
+    // acc[r][b][i] (flat: e = (r N_BLOCKS_M + b) 4 + i): weight row 16 (first_tile + r) + g + 8 (i / 2), x row
+    // m0 + 8 b + 2 t + i % 2.
+    const float* flat = &acc[0][0][0];
+#define ROW_OF(e) (16 * (first_tile + (e) / (4 * N_BLOCKS_M)) + g + 8 * ((e) % 4 / 2))
+#define X_ROW_OF(e) (8 * ((e) / 4 % N_BLOCKS_M) + 2 * t + (e) % 2)  // from m0
     if (SPLITS == 1) {
 #pragma unroll
-        for (int r = 0; r < ROW_TILES; ++r)
-#pragma unroll
-            for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int n = 16 * (first_tile + r) + g + 8 * (i / 2), m = m0 + 8 * b + 2 * t + i % 2;
-                    if (n < N && m < M) {
-                        float v = acc[r][b][i] * scales[n] * scale_factor;
-#if HAS_BIAS
-                        v += act_to_float(bias[n]);
-#endif
-                        out[(long)m * ldo + n] = float_to_act(v);
-                    }
-                }
+        for (int e = 0; e < ROW_TILES * N_BLOCKS_M * 4; ++e) {
+            const int n = ROW_OF(e), m = m0 + X_ROW_OF(e);
+            if (n < N && m < M) out[(long)m * ldo + n] = finish(flat[e], n, scales, scale_factor, bias);
+        }
         return;
     }
     // Split-K: publish this CTA's partial, count arrivals, the last one reduces.
     const long slab = (long)ROW_BLOCKS * ROWS_PER_CTA * M_PER_CTA;  // one (z, split) partial, row-major [n][m - m0]
     float* part = ws + ((long)Z_BLOCK * SPLITS + SPLIT_INDEX) * slab;
 #pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r)
-#pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int n = 16 * (first_tile + r) + g + 8 * (i / 2), mm = 8 * b + 2 * t + i % 2;
-                if (m0 + mm < M) part[(long)n * M_PER_CTA + mm] = acc[r][b][i];
-            }
+    for (int e = 0; e < ROW_TILES * N_BLOCKS_M * 4; ++e)
+        if (m0 + X_ROW_OF(e) < M) part[(long)ROW_OF(e) * M_PER_CTA + X_ROW_OF(e)] = flat[e];
     __threadfence();
     __syncthreads();
     __shared__ int arrived;
@@ -212,31 +200,13 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     __threadfence();
     const float* first = ws + (long)Z_BLOCK * SPLITS * slab;
 #pragma unroll
-    for (int r = 0; r < ROW_TILES; ++r)
-#pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int n = 16 * (first_tile + r) + g + 8 * (i / 2), mm = 8 * b + 2 * t + i % 2;
-                if (m0 + mm >= M || n >= N) continue;
-                // The partials in split order (results independent of timing), four loads in flight at a time.
-                const float* p = first + (long)n * M_PER_CTA + mm;
-                float v = 0.f;
-                int s = 0;
-                for (; s + 4 <= (int)SPLITS; s += 4) {
-                    const float a0 = __ldcg(p + s * slab), a1 = __ldcg(p + (s + 1) * slab),
-                                a2 = __ldcg(p + (s + 2) * slab), a3 = __ldcg(p + (s + 3) * slab);
-                    v += a0;
-                    v += a1;
-                    v += a2;
-                    v += a3;
-                }
-                for (; s < (int)SPLITS; ++s) v += __ldcg(p + s * slab);
-                v *= scales[n] * scale_factor;
-#if HAS_BIAS
-                v += act_to_float(bias[n]);
-#endif
-                out[(long)(m0 + mm) * ldo + n] = float_to_act(v);
-            }
+    for (int e = 0; e < ROW_TILES * N_BLOCKS_M * 4; ++e) {
+        const int n = ROW_OF(e), mm = X_ROW_OF(e);
+        if (m0 + mm < M && n < N)  // the partials in split order: results independent of timing
+            out[(long)(m0 + mm) * ldo + n] =
+                finish(sum_partials(first + (long)n * M_PER_CTA + mm, slab, SPLITS), n, scales, scale_factor, bias);
+    }
+#undef ROW_OF
+#undef X_ROW_OF
     if (threadIdx.x == 0) *count = 0;  // ready for the next launch or graph replay
 }

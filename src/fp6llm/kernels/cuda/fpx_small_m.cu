@@ -134,13 +134,7 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
-                if (n < N && m < M) {
-                    float v = acc[b][i] * scales[n] * scale_factor;
-#if HAS_BIAS
-                    v += act_to_float(bias[n]);
-#endif
-                    out[(long)m * ldo + n] = float_to_act(v);
-                }
+                if (n < N && m < M) out[(long)m * ldo + n] = finish(acc[b][i], n, scales, scale_factor, bias);
             }
         return;
     }
@@ -167,28 +161,9 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         for (int i = 0; i < 4; ++i) {
             const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
             if (m >= M) continue;
-            // The partials in split order (results independent of timing), four loads in flight at a time: a
-            // loop of dependent L2 round trips cost ~0.3 K tiles per split (M = 1, 8192 x 28672 at split 56).
-            const float* p = ws + (long)n * M + m;
-            const long step = (long)n_pad * M;
-            float v = 0.f;
-            int s = 0;
-            for (; s + 4 <= (int)gridDim.y; s += 4) {
-                const float a0 = __ldcg(p + s * step), a1 = __ldcg(p + (s + 1) * step),
-                            a2 = __ldcg(p + (s + 2) * step), a3 = __ldcg(p + (s + 3) * step);
-                v += a0;
-                v += a1;
-                v += a2;
-                v += a3;
-            }
-            for (; s < (int)gridDim.y; ++s) v += __ldcg(p + s * step);
-            if (n < N) {
-                v *= scales[n] * scale_factor;
-#if HAS_BIAS
-                v += act_to_float(bias[n]);
-#endif
-                out[(long)m * ldo + n] = float_to_act(v);
-            }
+            // The partials in split order (results independent of timing).
+            const float v = sum_partials(ws + (long)n * M + m, (long)n_pad * M, gridDim.y);
+            if (n < N) out[(long)m * ldo + n] = finish(v, n, scales, scale_factor, bias);
         }
     if (threadIdx.x == 0) counts[blockIdx.x] = 0;  // ready for the next launch or graph replay
 }
