@@ -150,3 +150,13 @@ def test_cuda_kernel_refuses_what_it_does_not_handle():
     split = fpx_cuda.choose_split(8192, 8192, 1, 132)  # 128 row blocks alone leave the SMs a CTA each
     assert split > 1 and 128 * split <= 132 * 6  # ... and one wave of 6 resident CTAs per SM, not 1.3 waves
     assert fpx_cuda.choose_split(57344, 8192, 1, 132, resident=8) < fpx_cuda.choose_split(57344, 8192, 1, 132)
+
+
+def test_cuda_sources_are_package_data():
+    """A wheel (not an editable install) must carry the CUDA sources that fpx_cuda compiles at run time."""
+    import tomllib
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fp6llm"]
+    package = Path(fpx_cuda.__file__).parent.parent
+    shipped = {path for pattern in data for path in package.glob(pattern)}
+    for source in (fpx_cuda.SOURCE, fpx_cuda.MID_SOURCE, fpx_cuda.COMMON):
+        assert source in shipped, source
