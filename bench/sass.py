@@ -160,10 +160,10 @@ def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bo
             return out.read_bytes()
 
 
-def mid_cubin(fmt, dtype: str, m: int, row_tiles: int, warps: int, stages: int = 2) -> bytes:
+def mid_cubin(fmt, dtype: str, m: int, row_tiles: int, warps: int) -> bytes:
     from fp6llm.kernels.fpx_cuda import mid_blocks_m, mid_kernel_source, nvrtc_compile
-    return nvrtc_compile(mid_kernel_source(fmt, dtype == "bfloat16", mid_blocks_m(m), row_tiles, warps, False,
-                                           stages), "sm_90a", "fpx_mid_m.cu")
+    return nvrtc_compile(mid_kernel_source(fmt, dtype == "bfloat16", mid_blocks_m(m), row_tiles, warps, False),
+                         "sm_90a", "fpx_mid_m.cu")
 
 
 def main(argv=None) -> int:
@@ -174,7 +174,6 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda", "mid"])
     parser.add_argument("--row-tiles", type=int, default=2, help="the mid-M kernel's 16-row tiles per warp")
     parser.add_argument("--warps", type=int, default=4, help="the mid-M kernel's warps per CTA")
-    parser.add_argument("--stages", type=int, default=2, help="the mid-M kernel's K tiles of weights in registers")
     parser.add_argument("--fma-shifts", action="store_true",
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
     parser.add_argument("--no-prefetch-x", action="store_true",
@@ -204,8 +203,8 @@ def main(argv=None) -> int:
                                  1, 2 * 16 * 128)
     if args.kernel == "mid":
         # one warp, one loop pass = two K tiles of row_tiles 16 x 128 tiles, times the rows of x of one CTA
-        name = f"CUDA fpx_mid_m row_tiles={args.row_tiles} warps={args.warps} stages={args.stages} (per warp)"
-        results["mid"] = report(name, mid_cubin(fmt, args.dtype, args.m, args.row_tiles, args.warps, args.stages), 1,
+        name = f"CUDA fpx_mid_m row_tiles={args.row_tiles} warps={args.warps} (per warp)"
+        results["mid"] = report(name, mid_cubin(fmt, args.dtype, args.m, args.row_tiles, args.warps), 1,
                                 2 * args.row_tiles * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))

@@ -106,7 +106,6 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
 # 2026-12-02) at 16 / 32 / 64 rows of x: one row tile 64 / 80 / 125, two 122 / 128 / 179.
 MID_SHAPES = ((1, 4), (2, 4), (1, 8), (2, 8))
 MID_SPLITS = (1, 2, 3, 4, 6, 8)
-MID_STAGES = (2, 3)  # K tiles of weights in registers (the loads 1 or 2 tiles ahead)
 
 
 def tune_mid(qw, m: int, dtype) -> "dict | None":
@@ -123,25 +122,22 @@ def tune_mid(qw, m: int, dtype) -> "dict | None":
     results = []
     # all rows of x in one CTA; above 16 rows also 16 per CTA (grid z blocks reading the same weights, L2 hits)
     for blocks in (fpx_cuda.MID_MAX_BLOCKS_M, 2) if m > 16 else (fpx_cuda.MID_MAX_BLOCKS_M,):
-        for stages in MID_STAGES:
-            for row_tiles, warps in MID_SHAPES:
-                for split in [s for s in MID_SPLITS if s <= max(1, k // fpx_cuda.TILE_K // 4)]:
-                    launch.update(split=split, row_tiles=row_tiles, warps=warps, blocks=blocks, stages=stages)
-                    out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch)
-                    err = rel_err(out, ref)
-                    if not err < 1e-2:
-                        raise AssertionError(f"fpx_mid_m wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
-                                             f"rel err {err:.3e}")
-                    results.append((time_calls(calls, replays=5), split, row_tiles, warps, blocks, stages))
+        for row_tiles, warps in MID_SHAPES:
+            for split in [s for s in MID_SPLITS if s <= max(1, k // fpx_cuda.TILE_K // 4)]:
+                launch.update(split=split, row_tiles=row_tiles, warps=warps, blocks=blocks)
+                out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch)
+                err = rel_err(out, ref)
+                if not err < 1e-2:
+                    raise AssertionError(f"fpx_mid_m wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
+                                         f"rel err {err:.3e}")
+                results.append((time_calls(calls, replays=5), split, row_tiles, warps, blocks))
     results.sort()
-    t, split, row_tiles, warps, blocks, stages = results[0]
-    print(f"  mid M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{s}r{r}w{w}b{b}st{st}"
-                                               for t, s, r, w, b, st in results[:8]), flush=True)
+    t, split, row_tiles, warps, blocks = results[0]
+    print(f"  mid M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{s}r{r}w{w}b{b}" for t, s, r, w, b in results[:8]),
+          flush=True)
     best = {"kernel": "mid", "split": split, "row_tiles": row_tiles, "warps": warps, "us": round(t * 1e6, 1)}
     if blocks != fpx_cuda.MID_MAX_BLOCKS_M:
         best["blocks"] = blocks
-    if stages != 2:
-        best["stages"] = stages
     return best
 
 

@@ -205,7 +205,6 @@ class SmallM:
     row_tiles: int = 1
     warps: int = 4
     blocks: int = 0  # mid: n8 blocks of x rows per CTA (0: as many as the kernel takes)
-    stages: int = 2  # mid: K tiles of weights in registers
 
 
 def _launch(cuda: dict) -> SmallM:
@@ -214,8 +213,7 @@ def _launch(cuda: dict) -> SmallM:
     if kernel not in ("small", "mid"):
         raise ValueError(f"unknown CUDA kernel {kernel!r} in a kernel table (known: small, mid)")
     return SmallM(int(cuda["split"]), bool(cuda.get("prefetch_x", True)), float(cuda["us"]), kernel,
-                  int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)),
-                  int(cuda.get("stages", 2)))
+                  int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)))
 
 
 @functools.lru_cache(maxsize=4096)

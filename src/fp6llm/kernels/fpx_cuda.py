@@ -137,14 +137,10 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
 
 
 def mid_kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, row_tiles: int, warps: int,
-                      has_bias: bool, stages: int = 2) -> str:
+                      has_bias: bool) -> str:
     """The mid-M kernel's (cuda/fpx_mid_m.cu) translation unit: n_blocks_m n8 blocks of x rows per CTA (M per grid
-    z = 8 n_blocks_m), row_tiles 16-row weight tiles per warp, warps per CTA, stages register buffers of weights
-    (the loads stages - 1 K tiles ahead)."""
-    if stages not in (2, 3):
-        raise ValueError(f"the mid-M kernel keeps 2 or 3 K tiles of weights in registers, not {stages}")
+    z = 8 n_blocks_m), row_tiles 16-row weight tiles per warp, warps per CTA."""
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define ROW_TILES {row_tiles}", f"#define WARPS {warps}",
-               f"#define WEIGHT_STAGES {stages}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}"]
     return _translation_unit(MID_SOURCE, fmt, defines)
 
@@ -367,10 +363,10 @@ def mid_blocks_m(m: int, most: int = MID_MAX_BLOCKS_M) -> int:
 
 
 def _mid_kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, row_tiles: int, warps: int, has_bias: bool,
-                stages: int, device):
-    key = (MID_KERNEL_NAME, fmt, dtype, n_blocks_m, row_tiles, warps, has_bias, stages, torch.device(device).index)
+                device):
+    key = (MID_KERNEL_NAME, fmt, dtype, n_blocks_m, row_tiles, warps, has_bias, torch.device(device).index)
     return _load(key, lambda: mid_kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, row_tiles, warps,
-                                                has_bias, stages), MID_KERNEL_NAME, warps, device)
+                                                has_bias), MID_KERNEL_NAME, warps, device)
 
 
 def mid_split_cap(n_pad: int, m_pad: int, k_tiles: int) -> int:
@@ -394,10 +390,9 @@ MID_WARPS = 4
 
 def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, row_tiles: "int | None" = None,
-              warps: "int | None" = None, blocks: "int | None" = None,
-              stages: "int | None" = None) -> torch.Tensor:
+              warps: "int | None" = None, blocks: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= MID_MAX_M, K] (see mid_supports); split / row_tiles / warps / blocks (n8
-    blocks of x rows per CTA, at most MID_MAX_BLOCKS_M) / stages (K tiles of weights in registers) override the launch measured for this shape on this GPU
+    blocks of x rows per CTA, at most MID_MAX_BLOCKS_M) override the launch measured for this shape on this GPU
     (dispatch.measured_small_m), else the defaults and the split model."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
@@ -406,12 +401,10 @@ def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         warps = measured.warps if warps is None else warps
         split = measured.split if split is None else split
         blocks = (measured.blocks or None) if blocks is None else blocks
-        stages = measured.stages if stages is None else stages
     row_tiles = MID_ROW_TILES if row_tiles is None else row_tiles
     warps = MID_WARPS if warps is None else warps
     blocks = mid_blocks_m(m, MID_MAX_BLOCKS_M if blocks is None else blocks)
-    kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None,
-                                   2 if stages is None else stages, x.device)
+    kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device)
     rows_per_cta = 16 * row_tiles * warps
     row_blocks, z = -(-n // rows_per_cta), -(-m // (8 * blocks))
     n_pad, m_pad = row_blocks * rows_per_cta, z * 8 * blocks

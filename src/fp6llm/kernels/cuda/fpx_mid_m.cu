@@ -17,7 +17,7 @@
 // [ROWS_PER_CTA x 8 N_BLOCKS_M] to ws at slab (z, split), the last CTA of (x, z) to arrive (an arrival counter,
 // reset by that CTA: CUDA-graph safe) sums the slabs in split order, so results do not depend on timing.
 //
-// Defined by the prepended header: N_BLOCKS_M, ROW_TILES, WARPS, WEIGHT_STAGES (2, 3), IS_BF16, HAS_BIAS, PLANE_REGS, LOAD_PLANES and
+// Defined by the prepended header: N_BLOCKS_M, ROW_TILES, WARPS, IS_BF16, HAS_BIAS, PLANE_REGS, LOAD_PLANES and
 // (inserted after Tile) dequant_tile.
 
 #define ROWS_PER_CTA (16 * ROW_TILES * WARPS)
@@ -151,38 +151,24 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
 #pragma unroll
         for (int r = 0; r < ROW_TILES; ++r) base[r] = (long)min(first_tile + r, n_tiles - 1) * k_tiles;
         const XCopy copy = x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M);
-        // x: two shared buffers, the next K tile's copy in flight while this one is computed; weights: a ring of
-        // WEIGHT_STAGES register buffers, the loads of the K tile WEIGHT_STAGES - 1 ahead in flight.
+        // x: two shared buffers, the next K tile's copy in flight while this one is computed; weights: two
+        // register buffers in ping-pong, likewise.
         stage_x(xs[0], copy, kt0);
-#define STEP(cur, ahead, k, buf)                                                                                \
-    cp_async_wait_all();                                                                                        \
-    __syncthreads(); /* x of k is in; every warp is done with the buffer the next copy overwrites */           \
-    if ((k) + 1 < kt1) stage_x(xs[(buf) ^ 1], copy, (k) + 1);                                                   \
-    if (rows && (k) + WEIGHT_STAGES - 1 < kt1) load_group(ahead, p0, p1, p2, base, (k) + WEIGHT_STAGES - 1, lane); \
-    if (rows) compute_group(cur, pw, xs[buf], lane, acc);
-#if WEIGHT_STAGES == 2
-        Group g0, g1;
-        if (rows) load_group(g0, p0, p1, p2, base, kt0, lane);
+        Group even, odd;
+        if (rows) load_group(even, p0, p1, p2, base, kt0, lane);
         for (int kt = kt0; kt < kt1; kt += 2) {
-            STEP(g0, g1, kt, 0)
+            cp_async_wait_all();
+            __syncthreads();  // x of kt is in; every warp is done with the buffer the next copy overwrites
+            if (kt + 1 < kt1) stage_x(xs[1], copy, kt + 1);
+            if (rows && kt + 1 < kt1) load_group(odd, p0, p1, p2, base, kt + 1, lane);
+            if (rows) compute_group(even, pw, xs[0], lane, acc);
             if (kt + 1 >= kt1) break;
-            STEP(g1, g0, kt + 1, 1)
+            cp_async_wait_all();
+            __syncthreads();
+            if (kt + 2 < kt1) stage_x(xs[0], copy, kt + 2);
+            if (rows && kt + 2 < kt1) load_group(even, p0, p1, p2, base, kt + 2, lane);
+            if (rows) compute_group(odd, pw, xs[1], lane, acc);
         }
-#elif WEIGHT_STAGES == 3
-        Group g0, g1, g2;
-        if (rows) load_group(g0, p0, p1, p2, base, kt0, lane);
-        if (rows && kt0 + 1 < kt1) load_group(g1, p0, p1, p2, base, kt0 + 1, lane);
-        for (int kt = kt0; kt < kt1; kt += 3) {
-            STEP(g0, g2, kt, (kt - kt0) & 1)
-            if (kt + 1 >= kt1) break;
-            STEP(g1, g0, kt + 1, (kt + 1 - kt0) & 1)
-            if (kt + 2 >= kt1) break;
-            STEP(g2, g1, kt + 2, (kt + 2 - kt0) & 1)
-        }
-#else
-#error "WEIGHT_STAGES must be 2 or 3"
-#endif
-#undef STEP
     }
 
     // acc[r][b][i] (flat: e = (r N_BLOCKS_M + b) 4 + i): weight row 16 (first_tile + r) + g + 8 (i / 2), x row
