@@ -1,8 +1,9 @@
-"""The CUDA C++ small-M kernel (kernels/cuda/fpx_small_m.cu), compiled at run time through NVRTC, cached by source hash.
+"""The CUDA C++ kernels, compiled at run time through NVRTC, cached by source hash:
 
-    out[M, N] = x[M, K] @ (decode(codes) * scale)[N, K].T (+ bias),  M <= 16, per-channel scales, K % 128 == 0
+    out[M, N] = x[M, K] @ (decode(codes) * scale)[N, K].T (+ bias),  per-channel scales, K % 128 == 0
 
-It reads the same layout-2 planes as the Triton kernel. The format enters as generated code: `dequant_source`
+fpx_small_m (kernels/cuda/fpx_small_m.cu) for M <= 16 and fpx_mid_m (kernels/cuda/fpx_mid_m.cu: x shared by a
+CTA's warps through shared memory) for M <= 128, both after the helpers of kernels/cuda/fpx_common.cuh. Each reads the same layout-2 planes as the Triton kernel. The format enters as generated code: `dequant_source`
 writes, from packing.placement, one line per weight pair (rotate + mask per plane, OR of the planes), so every
 shift amount and mask is an immediate and the compiler can issue plain left shifts on the FMA pipe. Users need no
 build step: NVRTC (libnvrtc, shipped with PyTorch's CUDA wheels or the nvidia-cuda-nvrtc package) compiles the
