@@ -120,9 +120,9 @@ def test_cuda_fma_shifts_variant_fits_the_alu_budget(tmp_path):
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
     """The mid-M kernel, e3m2, FP16, M = 32, two row tiles per warp: <= 1.8 ALU and <= 3.5 issued lane-ops per
-    weight (built: 1.66, 3.27), 8 k-steps x 2 K tiles x 2 row tiles x 4 n8 blocks of MMAs, no spills; the mid-M kernel compiles at the launch shapes tune times (the extremes at 64 rows of x), for
-    every kernel format and both dtypes, with at most a few bytes of stack (e4m3 at 8 warps: ptxas keeps 128
-    registers and one 8-byte spill)."""
+    weight (built: 1.66, 3.27), 8 k-steps x 2 K tiles x 2 row tiles x 4 n8 blocks of MMAs, no spills; it compiles
+    at the extreme launch shapes tune times at 64 rows of x, and for every kernel format and both dtypes, with at
+    most a few bytes of stack (ptxas keeps e4m3 at 8 warps to 128 registers with one 8-byte spill)."""
     mid = counts("mid", tmp_path, "--m", "32", "--row-tiles", "2")
     assert mid["per_weight"]["alu"] <= 1.8 and mid["issued"] <= 3.5
     assert mid["ops"]["HMMA"] == 8 * 2 * 2 * 4 and "STL" not in mid["ops"]
