@@ -239,7 +239,7 @@ def measured_small_m(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, 
     return found[1] if found is not None else None
 
 
-SMALL_M_MAX = 16  # fpx_cuda.MAX_M: the small-M kernel's rows
+SMALL_M_MAX = 16  # the small-M kernel's rows (fpx_cuda.MAX_M is this)
 
 
 def small_m_backend(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, device) -> str:

@@ -3,11 +3,12 @@
     out[M, N] = x[M, K] @ (decode(codes) * scale)[N, K].T (+ bias),  per-channel scales, K % 128 == 0
 
 fpx_small_m (kernels/cuda/fpx_small_m.cu) for M <= 16 and fpx_mid_m (kernels/cuda/fpx_mid_m.cu: x shared by a
-CTA's warps through shared memory) for M <= 128, both after the helpers of kernels/cuda/fpx_common.cuh. Each reads the same layout-2 planes as the Triton kernel. The format enters as generated code: `dequant_source`
-writes, from packing.placement, one line per weight pair (rotate + mask per plane, OR of the planes), so every
-shift amount and mask is an immediate and the compiler can issue plain left shifts on the FMA pipe. Users need no
-build step: NVRTC (libnvrtc, shipped with PyTorch's CUDA wheels or the nvidia-cuda-nvrtc package) compiles the
-source on first use; the cubin is kept under ~/.cache/fp6llm/cuda (FP6LLM_CACHE_DIR overrides) by the hash of its
+CTA's warps through shared memory) for M <= 128, both after the helpers of kernels/cuda/fpx_common.cuh. Each reads
+the same layout-2 planes as the Triton kernel. The format enters as generated code: `dequant_source` writes, from
+packing.placement, one line per weight pair (rotate + mask per plane, OR of the planes), so every shift amount and
+mask is an immediate and the compiler can issue plain left shifts on the FMA pipe. Users need no build step:
+NVRTC (libnvrtc, shipped with PyTorch's CUDA wheels or the nvidia-cuda-nvrtc package) compiles the source on first
+use; the cubin is kept under ~/.cache/fp6llm/cuda (FP6LLM_CACHE_DIR overrides) by the hash of its
 source and target.
 """
 
@@ -26,7 +27,7 @@ import torch
 
 from ..formats import FPFormat
 from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, signed32, words_per_group
-from .dispatch import measured_small_m, waves_split
+from .dispatch import SMALL_M_MAX, measured_small_m, waves_split
 from .workspace import WORKSPACE
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
@@ -35,7 +36,7 @@ COMMON = Path(__file__).parent / "cuda" / "fpx_common.cuh"  # helpers both CUDA 
 KERNEL_NAME = "fpx_small_m"
 WARPS = 4
 ROWS_PER_CTA = 16 * WARPS  # a 16-row tile per warp
-MAX_M = 16
+MAX_M = SMALL_M_MAX  # the small-M kernel's rows (dispatch picks by it too)
 FP16_EXP_BIAS = 15
 
 
@@ -253,7 +254,8 @@ def _load(key: tuple, source, name: str, warps: int, device):
         with torch.cuda.device(device):
             kernel = torch.cuda._utils._cuda_load_module(cubin, [name])[name]
         per_warp = -(-_registers(kernel) * 32 // 256) * 256  # registers are allocated per warp in 256s
-        _KERNELS[key] = (kernel, max(1, min(32 // warps, 65536 // (per_warp * warps))))
+        # an SM holds at most 64 warps (16 CTAs of 4: the small-M kernel's cap before the mid-M kernel came)
+        _KERNELS[key] = (kernel, max(1, min(64 // warps, 65536 // (per_warp * warps))))
     return _KERNELS[key]
 
 
@@ -266,12 +268,18 @@ def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, 
                                             fma_shifts, prefetch_x), KERNEL_NAME, WARPS, device)
 
 
-def supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
-    """Whether this kernel takes the case (else the Triton kernel does)."""
+def _takes(fmt: FPFormat, group_size, x: torch.Tensor, k: int, max_m: int) -> bool:
+    """Whether a CUDA kernel of up to ``max_m`` rows takes the case: sm_80+, per-channel scales, <= 4 exponent
+    bits, FP16/BF16 x of unit column stride, 16-byte aligned rows, K a multiple of the packed tile."""
     return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0) and hasattr(torch.cuda, "_utils")
             and group_size is None and fmt.exp_bits <= 4 and x.dtype in (torch.float16, torch.bfloat16)
-            and x.dim() == 2 and 1 <= x.shape[0] <= MAX_M and k % TILE_K == 0 and x.stride(1) == 1
+            and x.dim() == 2 and 1 <= x.shape[0] <= max_m and k % TILE_K == 0 and x.stride(1) == 1
             and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
+
+
+def supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether the small-M kernel takes the case (else the Triton kernel does)."""
+    return _takes(fmt, group_size, x, k, MAX_M)
 
 
 MIN_BLOCKS = 0  # __launch_bounds__ minimum CTAs per SM (0: ptxas's choice, 80 registers: 6 CTAs)
@@ -349,8 +357,7 @@ MID_WORKSPACE_FLOATS = 1 << 24  # 64 MiB: the most split-K partials one mid-M la
 
 def mid_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
     """Whether the mid-M kernel takes the case: what the small-M kernel takes, at 1 <= M <= MID_MAX_M."""
-    return x.dim() == 2 and 1 <= x.shape[0] <= MID_MAX_M and \
-        supports(fmt, group_size, x[:1] if x.shape[0] > MAX_M else x, n, k)
+    return _takes(fmt, group_size, x, k, MID_MAX_M)
 
 
 def mid_blocks_m(m: int, most: int = MID_MAX_BLOCKS_M) -> int:
