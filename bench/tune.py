@@ -74,32 +74,47 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CUDA_SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24)
 
 
-def tune_cuda(qw, m: int, dtype) -> "dict | None":
-    """The CUDA small-M kernel's fastest launch (split x prefetch_x) for this weight and M, as the table's "cuda"
-    entry, each launch checked against the float32 reference first; None where the kernel does not take the case."""
+def time_launches(qw, m: int, dtype, kernel, launches) -> "list | None":
+    """[(seconds, launch), ...] fastest first, of fpx_cuda's ``kernel`` ("fpx_small_m" or "fpx_mid_m") at each
+    launch (keyword arguments), each checked against the float32 reference before it is timed; None where the
+    kernel does not take the case."""
     n, k = qw.shape
     x = torch.randn(m, k, device=qw.device, dtype=dtype)
-    if not fpx_cuda.supports(qw.fmt, qw.group_size, x, n, k):
+    takes = fpx_cuda.supports if kernel == "fpx_small_m" else fpx_cuda.mid_supports
+    if not takes(qw.fmt, qw.group_size, x, n, k):
         return None
+    run = getattr(fpx_cuda, kernel)
     ref = x.float() @ qw.dequantize(torch.float32).T
-    launch = {}
-    calls, _ = rotating_calls(qw, m, dtype, lambda x, p, s: fpx_cuda.fpx_small_m(x, p, s, None, qw.fmt, n, k,
-                                                                                 **launch))
+    launch = {}  # the calls read the loop's current launch when they run
+    calls, _ = rotating_calls(qw, m, dtype, lambda x, p, s: run(x, p, s, None, qw.fmt, n, k, **launch))
     results = []
-    for prefetch_x in (True, False):
-        for split in [s for s in CUDA_SPLITS if s <= max(1, k // fpx_cuda.TILE_K // 4)]:
-            launch.update(split=split, prefetch_x=prefetch_x)
-            out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch)
-            err = rel_err(out, ref)
-            if not err < 1e-2:
-                raise AssertionError(f"fpx_small_m wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
-                                     f"rel err {err:.3e}")
-            results.append((time_calls(calls, replays=5), split, prefetch_x))
-    results.sort()
-    t, split, prefetch_x = results[0]
-    print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{s}{'' if p else 'x'}" for t, s, p in results),
-          flush=True)
-    return {"split": split, "prefetch_x": prefetch_x, "us": round(t * 1e6, 1)}
+    for launch in launches:
+        err = rel_err(run(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch), ref)
+        if not err < 1e-2:
+            raise AssertionError(f"{kernel} wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
+                                 f"rel err {err:.3e}")
+        results.append((time_calls(calls, replays=5), launch))
+    return sorted(results, key=lambda r: r[0])
+
+
+def _splits(k: int, choices) -> list:
+    """The split-K degrees of ``choices`` that leave every CTA >= 4 K tiles (the workspace's reservation)."""
+    return [s for s in choices if s <= max(1, k // fpx_cuda.TILE_K // 4)]
+
+
+def tune_cuda(qw, m: int, dtype) -> "dict | None":
+    """The CUDA small-M kernel's fastest launch (split x prefetch_x) for this weight and M, as the table's "cuda"
+    entry; None where the kernel does not take the case."""
+    n, k = qw.shape
+    results = time_launches(qw, m, dtype, "fpx_small_m", [dict(split=split, prefetch_x=prefetch_x)
+                                                          for prefetch_x in (True, False)
+                                                          for split in _splits(k, CUDA_SPLITS)])
+    if results is None:
+        return None
+    print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}{'' if l['prefetch_x'] else 'x'}"
+                                                for t, l in results), flush=True)
+    t, launch = results[0]
+    return dict(launch, us=round(t * 1e6, 1))
 
 
 # The mid-M kernel's launches worth timing: (row_tiles, warps); registers (sm_90a, e3m2, FP16, compiled on a CPU,
@@ -109,36 +124,29 @@ MID_SPLITS = (1, 2, 3, 4, 6, 8)
 
 
 def tune_mid(qw, m: int, dtype) -> "dict | None":
-    """The CUDA mid-M kernel's fastest launch (row_tiles x warps x split) for this weight and M, each launch checked
-    against the float32 reference first; None where the kernel does not take the case."""
+    """The CUDA mid-M kernel's fastest launch (rows of x per CTA x row_tiles x warps x split) for this weight and M;
+    None where the kernel does not take the case."""
     n, k = qw.shape
-    x = torch.randn(m, k, device=qw.device, dtype=dtype)
-    if not fpx_cuda.mid_supports(qw.fmt, qw.group_size, x, n, k):
-        return None
-    ref = x.float() @ qw.dequantize(torch.float32).T
-    launch = {}
-    calls, _ = rotating_calls(qw, m, dtype, lambda x, p, s: fpx_cuda.fpx_mid_m(x, p, s, None, qw.fmt, n, k,
-                                                                               **launch))
-    results = []
     # all rows of x in one CTA; above 16 rows also 16 per CTA (grid z blocks reading the same weights, L2 hits)
-    for blocks in (fpx_cuda.MID_MAX_BLOCKS_M, 2) if m > 16 else (fpx_cuda.MID_MAX_BLOCKS_M,):
-        for row_tiles, warps in MID_SHAPES:
-            for split in [s for s in MID_SPLITS if s <= max(1, k // fpx_cuda.TILE_K // 4)]:
-                launch.update(split=split, row_tiles=row_tiles, warps=warps, blocks=blocks)
-                out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch)
-                err = rel_err(out, ref)
-                if not err < 1e-2:
-                    raise AssertionError(f"fpx_mid_m wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
-                                         f"rel err {err:.3e}")
-                results.append((time_calls(calls, replays=5), split, row_tiles, warps, blocks))
-    results.sort()
-    t, split, row_tiles, warps, blocks = results[0]
-    print(f"  mid M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{s}r{r}w{w}b{b}" for t, s, r, w, b in results[:8]),
-          flush=True)
-    best = {"kernel": "mid", "split": split, "row_tiles": row_tiles, "warps": warps, "us": round(t * 1e6, 1)}
-    if blocks != fpx_cuda.MID_MAX_BLOCKS_M:
-        best["blocks"] = blocks
+    results = time_launches(qw, m, dtype, "fpx_mid_m", [
+        dict(split=split, row_tiles=row_tiles, warps=warps, blocks=blocks)
+        for blocks in ((fpx_cuda.MID_MAX_BLOCKS_M, 2) if m > 16 else (fpx_cuda.MID_MAX_BLOCKS_M,))
+        for row_tiles, warps in MID_SHAPES for split in _splits(k, MID_SPLITS)])
+    if results is None:
+        return None
+    print(f"  mid M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}r{l['row_tiles']}w{l['warps']}"
+                                               f"b{l['blocks']}" for t, l in results[:8]), flush=True)
+    t, launch = results[0]
+    best = {"kernel": "mid", **launch, "us": round(t * 1e6, 1)}
+    if launch["blocks"] == fpx_cuda.MID_MAX_BLOCKS_M:  # the default: not written
+        del best["blocks"]
     return best
+
+
+def cublas_seconds(n: int, k: int, m: int, dtype) -> float:
+    """cuBLAS FP16/BF16 (torch.matmul) on the same shape: the same-run baseline of every printed line."""
+    dense, _ = dense_calls(n, k, m, dtype, "cuda")
+    return time_calls(dense, replays=5)
 
 
 def best_cuda(qw, m: int, dtype) -> "dict | None":
@@ -163,9 +171,7 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
                 cuda = best_cuda(qw, m, dtype)
                 if cuda is not None:
                     entry["cuda"] = cuda
-                    dense, _ = dense_calls(n, k, m, dtype, "cuda")
-                    t_dense = time_calls(dense, replays=5)
-                    del dense
+                    t_dense = cublas_seconds(n, k, m, dtype)
                     print(f"M={m:<5} {name:9} {fmt.name} {str(dtype)[6:]} cuBLAS {t_dense * 1e6:.1f}us | triton "
                           f"{entry['us']:.1f}us ({t_dense / entry['us'] * 1e6:.2f}x) | cuda {cuda}"
                           f" ({t_dense / cuda['us'] * 1e6:.2f}x)", flush=True)
@@ -191,9 +197,7 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
             top = ", ".join(f"{t * 1e6:.1f}us {c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}"
                             f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}"
                             f"{'S' if c.swap_ab else ''}" for t, c in results[:4])
-            dense, _ = dense_calls(n, k, m, dtype, "cuda")
-            t_dense = time_calls(dense, replays=5)
-            del dense
+            t_dense = cublas_seconds(n, k, m, dtype)
             cuda_note = f" | cuda {cuda} ({t_dense / cuda['us'] * 1e6:.2f}x)" if cuda else ""
             print(f"M={m:<5} {name:9} {fmt.name} {str(dtype)[6:]} cuBLAS {t_dense * 1e6:.1f}us "
                   f"({t_dense / best_t:.2f}x) | {top}{cuda_note}", flush=True)

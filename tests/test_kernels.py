@@ -448,34 +448,20 @@ def test_cuda_mid_m_kernel_matches_reference(gen, fmt, dtype, m):
 
 
 @gpu
-def test_cuda_mid_m_kernel_replays_in_a_graph(gen):
-    """The mid-M kernel's arrival counters (one per row block and z block) reset themselves."""
+@pytest.mark.parametrize("kernel, m", [("fpx_small_m", 4), ("fpx_mid_m", 100)])
+def test_cuda_kernels_replay_in_a_graph(gen, kernel, m):
+    """Split-K arrival counters reset themselves (the mid-M kernel's: one per row block and z block): a captured
+    launch replays with fresh inputs."""
     from fp6llm.kernels import fpx_cuda
+    launch = getattr(fpx_cuda, kernel)
     qw = quantize_weight(torch.randn(1024, 2048, generator=gen) * 0.05, "e3m2").to("cuda")
-    x = torch.randn(100, 2048, generator=gen).to("cuda", torch.float16)
-    fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)  # warm-up: compile, workspace
+    x = torch.randn(m, 2048, generator=gen).to("cuda", torch.float16)
+    launch(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)  # warm-up: compile, workspace
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)
+        out = launch(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)
     for _ in range(3):
-        x.copy_(torch.randn(100, 2048, generator=gen).to("cuda", torch.float16))
-        graph.replay()
-        ref = x.double() @ qw.dequantize(torch.float64).T
-        assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16]
-
-
-@gpu
-def test_cuda_small_m_kernel_replays_in_a_graph(gen):
-    """Split-K arrival counters reset themselves: a captured launch replays with fresh inputs."""
-    from fp6llm.kernels import fpx_cuda
-    qw = quantize_weight(torch.randn(1024, 2048, generator=gen) * 0.05, "e3m2").to("cuda")
-    x = torch.randn(4, 2048, generator=gen).to("cuda", torch.float16)
-    fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)  # warm-up: compile, workspace
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)
-    for _ in range(3):
-        x.copy_(torch.randn(4, 2048, generator=gen).to("cuda", torch.float16))
+        x.copy_(torch.randn(m, 2048, generator=gen).to("cuda", torch.float16))
         graph.replay()
         ref = x.double() @ qw.dequantize(torch.float64).T
         assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16]
