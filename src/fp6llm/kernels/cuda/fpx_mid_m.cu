@@ -7,14 +7,15 @@
 //   block). Reading x through L1 at compute time instead (the first version) ran 2-3x slower than the Triton
 //   kernel at M = 32-64 (H200, 2026-12-02): each warp waited on its x loads;
 // - ROW_TILES 16-row weight tiles per warp, de-quantized once and multiplied with every n8 block: each read of x
-//   through L1 serves 16 x ROW_TILES rows (x is the larger stream at mid M: M / (8 ROW_TILES) bytes per weight);
-// - WARPS warps per CTA over 16 x ROW_TILES x WARPS rows, all on the same K tiles, so they share x in L1.
+//   from shared memory serves 16 x ROW_TILES rows (x is the larger stream at mid M: M / (8 ROW_TILES) bytes per
+//   weight);
+// - WARPS warps per CTA over 16 x ROW_TILES x WARPS rows, all on the same K tiles, so one copy of x serves them.
 // Lanes, fragments and the k order are the small kernel's: lane 4 g + t holds, after de-quantization, the
 // mma.m16n8k16 A fragments of its rows (pair q = 4 ks + r is register r of k-step ks), and reads row g of each n8
 // block at columns 32 t .. 32 t + 31 of a 128-column tile.
 //
 // Grid: (ceil(M / (8 N_BLOCKS_M)), ceil(N / ROWS_PER_CTA), SPLIT). SPLIT > 1: each CTA writes its float32 partial
-// [ROWS_PER_CTA x 8 N_BLOCKS_M] to ws at slab (z, split), the last CTA of (x, z) to arrive (an arrival counter,
+// [ROWS_PER_CTA x 8 N_BLOCKS_M] to ws at slab (z, split), the last CTA of (row block, z block) to arrive (an arrival counter,
 // reset by that CTA: CUDA-graph safe) sums the slabs in split order, so results do not depend on timing.
 //
 // Defined by the prepended header: N_BLOCKS_M, ROW_TILES, WARPS, IS_BF16, HAS_BIAS, PLANE_REGS, LOAD_PLANES and
