@@ -447,12 +447,40 @@ def test_cuda_mid_m_kernel_matches_reference(gen, fmt, dtype, m):
             assert err < TOLERANCE[dtype], (row_tiles, warps, split, blocks)
 
 
+hopper = pytest.mark.skipif(not CUDA or INTERPRETED or torch.cuda.get_device_capability() != (9, 0),
+                            reason="needs an sm_90 GPU (wgmma)")
+
+
+@hopper
+@pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 17), ("e3m2", torch.float16, 64),
+                                           ("e3m2", torch.bfloat16, 100), ("e3m2", torch.float16, 300),
+                                           ("e2m1", torch.bfloat16, 64), ("e4m3", torch.float16, 33)])
+def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
+    """The wgmma kernel, unsplit and split, 1 and 2 warpgroups, with and without bias; 200 rows (not a multiple of
+    a CTA's 64 or 128), 6 K tiles; x rows per CTA as dispatched, and 8 (M = 17: grid z of three, the last partial)
+    and 192 (M = 300: two z blocks, the last partial). The formats differ only in dequant_tile, which the other
+    CUDA kernels share and test for every format."""
+    from fp6llm.kernels import fpx_cuda
+    n, k = 200, 768
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
+    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    launches = [(1, None, 2), (3, None, 2), (2, None, 1)] + {17: [(2, 8, 2)], 300: [(1, 192, 2)]}.get(m, [])
+    for split, n_x, wgs in launches:
+        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < TOLERANCE[dtype], (split, n_x, wgs, err)
+
+
 @gpu
-@pytest.mark.parametrize("kernel, m", [("fpx_small_m", 4), ("fpx_mid_m", 100)])
+@pytest.mark.parametrize("kernel, m", [("fpx_small_m", 4), ("fpx_mid_m", 100), ("fpx_wgmma", 100)])
 def test_cuda_kernels_replay_in_a_graph(gen, kernel, m):
     """Split-K arrival counters reset themselves (the mid-M kernel's: one per row block and z block): a captured
     launch replays with fresh inputs."""
     from fp6llm.kernels import fpx_cuda
+    if kernel == "fpx_wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("wgmma needs an sm_90 GPU")
     launch = getattr(fpx_cuda, kernel)
     qw = quantize_weight(torch.randn(1024, 2048, generator=gen) * 0.05, "e3m2").to("cuda")
     x = torch.randn(m, 2048, generator=gen).to("cuda", torch.float16)

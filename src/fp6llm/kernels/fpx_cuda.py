@@ -430,3 +430,112 @@ def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
                  counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The wgmma kernel (cuda/fpx_wgmma.cu, sm_90a only): the weight as wgmma's register A operand, N_X rows of x per CTA
+# as its shared-memory B operand, grid z over more rows.
+
+WGMMA_SOURCE = Path(__file__).parent / "cuda" / "fpx_wgmma.cu"
+WGMMA_KERNEL_NAME = "fpx_wgmma"
+WGMMA_MAX_N_X = 192  # x rows per CTA: 96 accumulators per thread, 4 x 48 KiB of x buffers
+WGMMA_MAX_M = 4096
+WGMMA_WGS = 2  # warpgroups per CTA: 128 weight rows share each copy of x
+WGMMA_X_STAGES = 4  # as X_STAGES in the .cu file
+WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
+
+
+def wgmma_asm(n_x: int, bf16: bool) -> list:
+    """The defines of fpx_wgmma.cu's wgmma instruction for N_X = n_x: WGMMA_ASM (the PTX, A from registers, B by
+    descriptor, D += A B) and WGMMA_OUTS(d) (its n_x / 2 accumulator operands)."""
+    if not (8 <= n_x <= 256 and n_x % 8 == 0):
+        raise ValueError(f"wgmma takes N = 8..256 in steps of 8, not {n_x}")
+    acc, kind = n_x // 2, "bf16" if bf16 else "f16"
+    regs = ", ".join(f"%{i}" for i in range(acc))
+    ptx = (f"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 5}, 0;\\n"
+           f"wgmma.mma_async.sync.aligned.m64n{n_x}k16.f32.{kind}.{kind} {{{regs}}}, "
+           f"{{%{acc}, %{acc + 1}, %{acc + 2}, %{acc + 3}}}, %{acc + 4}, p, 1, 1, 0;\\n}}\\n")
+    return [f'#define WGMMA_ASM "{ptx}"',
+            "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
+
+
+def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = WGMMA_WGS) -> str:
+    """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
+    rows each) per CTA."""
+    if wgs not in (1, 2):
+        raise ValueError(f"the wgmma kernel runs 1 or 2 warpgroups per CTA, not {wgs}")
+    defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
+               f"#define HAS_BIAS {int(has_bias)}", *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
+    return _translation_unit(WGMMA_SOURCE, fmt, defines)
+
+
+def wgmma_shared_bytes(n_x: int) -> int:
+    """Dynamic shared memory of one CTA: X_STAGES K tiles of x (8 k-steps of n_x / 8 core matrices + 16 bytes)."""
+    return WGMMA_X_STAGES * 8 * (n_x * 32 + 16)
+
+
+def wgmma_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
+    """Whether the wgmma kernel takes the case: what the small-M kernel takes, on sm_90 (wgmma), M <= WGMMA_MAX_M."""
+    return (_takes(fmt, group_size, x, k, WGMMA_MAX_M)
+            and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
+def wgmma_n_x(m: int, most: int = 128) -> int:
+    """x rows per CTA for M rows: all of them (rounded up to 8) up to ``most``, else as even a split over grid z as
+    that allows (M = 160 at most 128 runs 2 x 80 rows, not 128 + 32)."""
+    if not 8 <= most <= WGMMA_MAX_N_X or most % 8:
+        raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {most}")
+    z = -(-m // most)
+    return -(-(-(-m // z)) // 8) * 8
+
+
+def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, torch.device(device).index)
+    fresh = key not in _KERNELS
+    kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs),
+                             WGMMA_KERNEL_NAME, 4 * wgs, device)
+    shared = wgmma_shared_bytes(n_x)
+    if fresh:
+        # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8): above 48 KiB a kernel must ask for it
+        libcuda = torch.cuda._utils._get_gpu_runtime_library()
+        if libcuda.cuFuncSetAttribute(kernel.func, 8, shared) != 0:
+            raise RuntimeError(f"fpx_wgmma: the device refused {shared} bytes of shared memory per CTA")
+        kernel._max_shared_mem_bytes = shared
+        smem_per_sm = torch.cuda.get_device_properties(device).shared_memory_per_multiprocessor
+        _KERNELS[key] = (kernel, max(1, min(resident, smem_per_sm // (shared + 1024))))
+    return _KERNELS[key] + (shared,)
+
+
+def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int, resident: int) -> int:
+    """Split-K by the waves model over ceil(N / 64 wgs) x z CTAs (as choose_mid_split)."""
+    z = -(-m // n_x)
+    return waves_split(-(-n // (64 * wgs)) * z, k // TILE_K, num_sms, resident, partial_cost=m / 12,
+                       sum_cost=SUM_COST)
+
+
+def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
+              split: "int | None" = None, n_x: "int | None" = None, wgs: int = WGMMA_WGS) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports); split / n_x (x rows per CTA, a
+    multiple of 8 up to WGMMA_MAX_N_X) / wgs override the defaults (the split model, all rows up to 128 per CTA)."""
+    m = x.shape[0]
+    n_x = wgmma_n_x(m) if n_x is None else n_x
+    if not 8 <= n_x <= WGMMA_MAX_N_X or n_x % 8:
+        raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
+    kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device)
+    rows_per_cta = 64 * wgs
+    row_blocks, z = -(-n // rows_per_cta), -(-m // n_x)
+    n_pad, m_pad = row_blocks * rows_per_cta, z * n_x
+    k_tiles = k // TILE_K
+    if split is None:
+        split = choose_wgmma_split(n, k, m, n_x, wgs,
+                                   torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+    split = max(1, min(split, mid_split_cap(n_pad, m_pad, k_tiles)))
+    kps = -(-k_tiles // split)
+    split = -(-k_tiles // kps)  # no empty CTAs
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws, counts = WORKSPACE.reserve(x.device, MID_WORKSPACE_FLOATS, row_blocks * z) if split > 1 else (out, out)
+    padded = list(planes) + [planes[0]] * (3 - len(planes))
+    kernel(grid=(z, row_blocks, split), block=(128 * wgs, 1, 1), shared_mem=shared,
+           args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
+                 counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
+    return out

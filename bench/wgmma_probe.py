@@ -1,0 +1,127 @@
+"""The CUDA wgmma kernel (kernels/cuda/fpx_wgmma.cu) on the GPU at hand: a correctness sweep against the float64
+reference, then timings against cuBLAS FP16 and the dispatched path (fpx_linear: Triton / de-quantize + cuBLAS)
+at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs over rotating operand copies).
+
+    python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|quick] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import SHAPES, dense_calls, random_weight, rotating_calls  # noqa: E402
+
+from fp6llm.evals.timing import time_calls  # noqa: E402
+from fp6llm.formats import FPFormat  # noqa: E402
+from fp6llm.kernels import fpx_cuda  # noqa: E402
+from fp6llm.ops import fpx_linear  # noqa: E402
+from fp6llm import quantize_weight  # noqa: E402
+
+
+def check(quick: bool) -> list:
+    """(case, relative error) of the wgmma kernel against x.double() @ W.T on fresh random inputs."""
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    cases = [("e3m2", torch.float16, 64, 64, 1, 2), ("e3m2", torch.float16, 17, 24, 1, 2),
+             ("e3m2", torch.float16, 100, 104, 3, 2), ("e3m2", torch.float16, 300, 128, 2, 2),
+             ("e3m2", torch.bfloat16, 64, 64, 2, 1), ("e2m1", torch.float16, 33, 40, 1, 1),
+             ("e4m3", torch.bfloat16, 200, 192, 3, 2), ("e2m3", torch.float16, 128, 128, 1, 2)]
+    for fmt, dtype, m, n_x, split, wgs in cases[:3] if quick else cases:
+        n, k = 200, 768
+        qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
+        x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+        bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
+        ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        results.append({"fmt": fmt, "dtype": str(dtype), "m": m, "n_x": n_x, "split": split, "wgs": wgs,
+                        "err": err, "ok": err < 2e-2})
+        print(f"check {fmt} {dtype} M={m} n_x={n_x} split={split} wgs={wgs}: rel err {err:.2e}", flush=True)
+    return results
+
+
+def timing(ms, shapes) -> list:
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for name in shapes:
+        n, k = SHAPES[name]
+        qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")
+        for m in ms:
+            dense, _ = dense_calls(n, k, m, torch.float16, "cuda")
+            t_dense = time_calls(dense, replays=5) * 1e6
+            del dense
+            calls, nbytes = rotating_calls(qw, m, torch.float16, lambda x, p, s: fpx_linear(x, qw.__class__(
+                p, s, qw.fmt, qw.shape, None)))
+            t_disp = time_calls(calls, replays=5) * 1e6
+            del calls
+            row = {"shape": name, "n": n, "k": k, "m": m, "cublas_us": t_dense, "dispatch_us": t_disp,
+                   "wgmma": []}
+            launches = []
+            for most in (64, 128, 192):
+                n_x = fpx_cuda.wgmma_n_x(m, most)
+                if any(l[0] == n_x for l in launches):
+                    continue
+                _, resident, _ = fpx_cuda._wgmma_kernel(qw.fmt, torch.float16, n_x, 2, False, qw.device)
+                auto = fpx_cuda.choose_wgmma_split(n, k, m, n_x, 2, sms, resident)
+                for split in sorted({1, 2, 4, auto}):
+                    launches.append((n_x, split, 2))
+            launches.append((fpx_cuda.wgmma_n_x(m, 64), 2, 1))
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            ref = x.float() @ qw.dequantize(torch.float32).T
+            for n_x, split, wgs in launches:
+                out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, split, n_x, wgs)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, a=(split, n_x, wgs):
+                                          fpx_cuda.fpx_wgmma(x, p, s, None, qw.fmt, n, k, *a))
+                t = time_calls(calls, replays=5) * 1e6
+                del calls
+                row["wgmma"].append({"n_x": n_x, "split": split, "wgs": wgs, "us": t, "err": err})
+            best = min(row["wgmma"], key=lambda r: r["us"])
+            row["best"] = best
+            print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
+                  f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, n_x {best['n_x']} s{best['split']} "
+                  f"wg{best['wgs']}, err {best['err']:.1e})  all: "
+                  + " ".join(f"{r['n_x']}/{r['split']}/{r['wgs']}:{r['us']:.0f}" for r in row["wgmma"]),
+                  flush=True)
+            rows.append(row)
+        del qw
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ms", default="32,64,128,256,512")
+    parser.add_argument("--shapes", default="all")
+    parser.add_argument("--out")
+    parser.add_argument("--check-only", action="store_true")
+    args = parser.parse_args(argv)
+    started = time.time()
+    checks = check(False)
+    if not all(c["ok"] for c in checks):
+        print("wgmma kernel WRONG: descriptor offsets swapped?", flush=True)
+        fpx_cuda.WGMMA_EXTRA_DEFINES[:] = ["#define X_LBO 256", "#define X_SBO 128"]
+        fpx_cuda._KERNELS.clear()
+        swapped = check(True)
+        print("with swapped offsets:", all(c["ok"] for c in swapped), flush=True)
+        return 1
+    if args.check_only:
+        return 0
+    shapes = list(SHAPES) if args.shapes == "all" else ["70b-o", "70b-up", "13b-o", "13b-qkv"]
+    rows = timing([int(m) for m in args.ms.split(",")], shapes)
+    result = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "checks": checks,
+              "rows": rows, "seconds": time.time() - started}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

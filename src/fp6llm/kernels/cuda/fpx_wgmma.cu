@@ -1,0 +1,238 @@
+// TC-FPx wgmma kernel (Hopper, sm_90a only): out[M, N] = x[M, K] @ W.T for mid M, W in layout 2.
+//
+// The weight is wgmma's register A operand: a warpgroup's four warps each de-quantize one 16 x 128 tile exactly as
+// the small-M kernel does, and the lane registers that come out (pair q = 4 ks + r is register r of k-step ks) are
+// the A fragments of wgmma.m64nN_Xk16 for rows 16 w .. 16 w + 15 of the warpgroup's 64 rows. x^T is the B operand,
+// N_X rows of x per CTA, from shared memory. Each weight tile is de-quantized once per CTA and multiplied with all
+// N_X rows (the mma.sync kernels re-issue one MMA per n8 block; here one instruction covers them all), and the
+// MMAs run asynchronously: a tile's wgmma runs while the warpgroup de-quantizes the next tile.
+//
+// x in shared memory: the weight fragments use the small kernel's k order (logical k 8 h + 2 t + j of k-step ks is
+// column 32 t + 4 ks + 2 h + j of the 128-column tile), so x is copied 4 bytes at a time (cp.async) into wgmma's
+// no-swizzle K-major layout in that order: per k-step a region of N_X / 8 core matrices of 8 rows x 16 bytes along
+// N (256 bytes apart: the descriptor's stride offset) and 2 along K (128 bytes apart: its leading offset); the
+// regions are padded by 16 bytes so that a warp's 32 copies (8 k-steps x 4 t of one row) hit 32 distinct banks.
+// X_STAGES buffers, x two K tiles ahead; weights in two register buffers, also two K tiles ahead.
+//
+// Grid: (ceil(M / N_X), ceil(N / ROWS_PER_CTA), SPLIT), split-K as in fpx_mid_m.cu (slabs per (z, split), the last
+// CTA of (row block, z block) to arrive sums them in split order; arrival counters reset by that CTA).
+//
+// Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
+// WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES and (after Tile) dequant_tile.
+
+#define WARPS (4 * WGS)
+#define THREADS (WARPS * 32)
+#define ROWS_PER_CTA (64 * WGS)
+#define Z_BLOCK blockIdx.x
+#define ROW_BLOCK blockIdx.y
+#define ROW_BLOCKS gridDim.y
+#define SPLIT_INDEX blockIdx.z
+#define SPLITS gridDim.z
+#define ACC (N_X / 2)
+#define X_STAGES 4
+#define KS_BYTES (N_X * 32 + 16)         // one k-step of a buffer: N_X / 8 core matrices of 256 bytes, padded
+#define X_STAGE_BYTES (8 * KS_BYTES)     // one K tile of x
+#define X_STEP_N (WARPS / 2)             // a thread copies rows n0, n0 + X_STEP_N, ...
+#define X_COPIES (N_X / X_STEP_N)
+
+__device__ __forceinline__ u32 smem_address(const void* p) {
+    u32 addr;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(p));
+    return addr;
+}
+
+__device__ __forceinline__ void cp_async4(u32 smem, const void* global) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(smem), "l"(global) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+
+// Keeps the compiler from moving reads or writes of the accumulators across the asynchronous MMAs.
+__device__ __forceinline__ void fence_accumulators(float (&d)[ACC]) {
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+
+// Matrix descriptor of shared address addr (no swizzle; leading offset 128 bytes: the next core matrix along K;
+// stride offset 256 bytes: the next 8 rows along N).
+#ifndef X_LBO
+#define X_LBO 128
+#define X_SBO 256
+#endif
+__device__ __forceinline__ unsigned long long x_descriptor(u32 addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(X_LBO >> 4) << 16) |
+           ((unsigned long long)(X_SBO >> 4) << 32);
+}
+
+__device__ __forceinline__ void wgmma_k16(float (&d)[ACC], u32 a0, u32 a1, u32 a2, u32 a3,
+                                          unsigned long long desc) {
+    asm volatile(WGMMA_ASM : WGMMA_OUTS(d) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
+}
+
+struct Tile {
+    PLANE_REGS  // u32 w0[2 * W0]; u32 w1[2 * W1]; ...
+};
+
+__device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0, const u32* __restrict__ p1,
+                                          const u32* __restrict__ p2, long tile_index, int lane) {
+    LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
+}
+
+// The thread's share of one K tile's copy: lane 8 t + ks copies word 16 t + 2 ks + h (h = warp parity) of rows
+// n0 + X_STEP_N j of the CTA's x rows, to k-step ks, core matrix h along K, word t of row n's 16 bytes. One pointer
+// walks the rows (a 64-bit add per copy); the shared offsets are immediates.
+struct XCopy {
+    const u32* src;  // x row m0 + n0, word 16 t + 2 ks + h of K tile 0
+    u32 step;        // X_STEP_N rows of x, in words
+    u32 dst;         // shared offset of row n0 in the thread's k-step and core matrix
+    bool full;       // all X_COPIES rows are rows of x (else the copies stop at row M - 1)
+    int rows;        // x rows from n0 to the CTA's last
+};
+
+__device__ __forceinline__ XCopy x_copy(const u32* __restrict__ xw, int ldx_w, int m0, int M) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int ks = lane & 7, t = lane >> 3, h = warp & 1, n0 = warp >> 1;
+    const int rows = min(M - m0, N_X) - n0;
+    return {xw + (long)(m0 + n0) * ldx_w + 16 * t + 2 * ks + h, (u32)(X_STEP_N * ldx_w),
+            (u32)(ks * KS_BYTES + h * 128 + n0 * 16 + t * 4), rows > X_STEP_N * (X_COPIES - 1), rows};
+}
+
+// Row n0 + n of the copy lands at (n >> 3) 256 + (n & 7) 16 from row n0's offset (n0 < X_STEP_N <= 8 - (n & 7)).
+#define X_ROW_OFFSET(n) (((n) >> 3) * 256 + ((n) & 7) * 16)
+
+__device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
+    const u32* p = copy.src + kt * 64;
+    const u32 dst = buffer + copy.dst;
+    if (copy.full) {  // warp-uniform: every z block but a last partial one
+#pragma unroll
+        for (int j = 0; j < X_COPIES; ++j, p += copy.step) cp_async4(dst + X_ROW_OFFSET(X_STEP_N * j), p);
+    } else {
+#pragma unroll
+        for (int j = 0; j < X_COPIES; ++j, p += copy.step)
+            if (X_STEP_N * j < copy.rows) cp_async4(dst + X_ROW_OFFSET(X_STEP_N * j), p);
+    }
+}
+
+__device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u32 buffer) {
+    const unsigned long long desc = x_descriptor(buffer);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks)
+        wgmma_k16(d, a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3], desc + ks * (KS_BYTES >> 4));
+    wgmma_commit();
+}
+
+__device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 (&a)[32]) {
+    dequant_tile(tile, pw, a);
+#if IS_BF16
+#pragma unroll
+    for (int i = 0; i < 32; ++i) a[i] = to_bf16x2(a[i]);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
+          const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
+          u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
+          int M, int N, int K, double scale_factor_d, int kps) {
+    extern __shared__ uint4 x_smem[];  // X_STAGES x X_STAGE_BYTES
+    const Powers pw = {};
+    const float scale_factor = (float)scale_factor_d;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int k_tiles = (K + 127) / 128;
+    const int n_tiles = (N + 15) / 16;
+    const int tile = ROW_BLOCK * WARPS + warp;  // this warp's 16-row tile
+    const int m0 = Z_BLOCK * N_X;
+    const int kt0 = SPLIT_INDEX * kps, kt1 = min(kt0 + kps, k_tiles);
+    const u32 smem = smem_address(x_smem);
+
+    float d[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) d[i] = 0.f;
+    if (kt0 < kt1) {
+        // Warps past the last tile de-quantize the last tile again (a warpgroup's wgmma needs all four; their
+        // outputs are never stored); x rows past M are not copied and feed only outputs for rows >= M.
+        const long base = (long)min(tile, n_tiles - 1) * k_tiles;
+        const XCopy copy = x_copy(reinterpret_cast<const u32*>(x), ldx / 2, m0, M);
+        stage_x(smem, copy, kt0);
+        cp_async_commit();
+        if (kt0 + 1 < kt1) stage_x(smem + X_STAGE_BYTES, copy, kt0 + 1);
+        cp_async_commit();
+        Tile even, odd;
+        u32 a_even[32], a_odd[32];
+        load_tile(even, p0, p1, p2, base + kt0, lane);
+        if (kt0 + 1 < kt1) load_tile(odd, p0, p1, p2, base + kt0 + 1, lane);
+        // One K tile: de-quantize it (its A buffer was last read by the wgmma of two tiles ago, which the previous
+        // step waited for), load the weights two tiles ahead into the freed registers, wait for x, stage x two
+        // tiles ahead into the buffer of two tiles ago (every warpgroup has waited for its wgmma: the barrier),
+        // issue this tile's 8 wgmma and wait for the previous tile's.
+#define STEP(KT, TILE, A)                                                                  \
+        {                                                                                  \
+            const int kt_ = (KT);                                                          \
+            dequant(TILE, pw, A);                                                          \
+            if (kt_ + 2 < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + 2, lane);          \
+            cp_async_wait<1>();                                                            \
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                   \
+            __syncthreads();                                                               \
+            if (kt_ + 2 < kt1) stage_x(smem + ((kt_ - kt0 + 2) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + 2); \
+            cp_async_commit();                                                             \
+            mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);              \
+            wgmma_wait<1>();                                                               \
+        }
+        for (int kt = kt0; kt < kt1; kt += 2) {
+            STEP(kt, even, a_even)
+            if (kt + 1 >= kt1) break;
+            STEP(kt + 1, odd, a_odd)
+        }
+#undef STEP
+        wgmma_wait<0>();
+        fence_accumulators(d);
+    }
+
+    // d[i]: weight row 16 tile + g + 8 ((i >> 1) & 1), x row m0 + 8 (i >> 2) + 2 t + (i & 1).
+#define ROW_OF(i) (16 * tile + g + 8 * (((i) >> 1) & 1))
+#define X_ROW_OF(i) (8 * ((i) >> 2) + 2 * t + ((i) & 1))  // from m0
+    if (SPLITS == 1) {
+#pragma unroll
+        for (int i = 0; i < ACC; ++i) {
+            const int n = ROW_OF(i), m = m0 + X_ROW_OF(i);
+            if (n < N && m < M) out[(long)m * ldo + n] = finish(d[i], n, scales, scale_factor, bias);
+        }
+        return;
+    }
+    // Split-K: publish this CTA's partial, count arrivals, the last one reduces.
+    const long slab = (long)ROW_BLOCKS * ROWS_PER_CTA * N_X;  // one (z, split) partial, row-major [n][m - m0]
+    float* part = ws + ((long)Z_BLOCK * SPLITS + SPLIT_INDEX) * slab;
+#pragma unroll
+    for (int i = 0; i < ACC; ++i)
+        if (m0 + X_ROW_OF(i) < M) part[(long)ROW_OF(i) * N_X + X_ROW_OF(i)] = d[i];
+    __threadfence();
+    __syncthreads();
+    __shared__ int arrived;
+    int* count = counts + Z_BLOCK * ROW_BLOCKS + ROW_BLOCK;
+    if (threadIdx.x == 0) arrived = atomicAdd(count, 1);
+    __syncthreads();
+    if (arrived != SPLITS - 1) return;
+    __threadfence();
+    const float* first = ws + (long)Z_BLOCK * SPLITS * slab;
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) {
+        const int n = ROW_OF(i), mm = X_ROW_OF(i);
+        if (m0 + mm < M && n < N)  // the partials in split order: results independent of timing
+            out[(long)(m0 + mm) * ldo + n] =
+                finish(sum_partials(first + (long)n * N_X + mm, slab, SPLITS), n, scales, scale_factor, bias);
+    }
+#undef ROW_OF
+#undef X_ROW_OF
+    if (threadIdx.x == 0) *count = 0;  // ready for the next launch or graph replay
+}
