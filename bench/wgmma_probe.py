@@ -2,7 +2,8 @@
 reference, then timings against cuBLAS FP16 and the dispatched path (fpx_linear: Triton / de-quantize + cuBLAS)
 at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs over rotating operand copies).
 
-    python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|quick] [--out FILE.json]
+    python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|70b-o,...] [--sweep split|pipeline]
+                                [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -47,9 +48,31 @@ def check(quick: bool) -> list:
     return results
 
 
-def timing(ms, shapes) -> list:
+def _compile(spec):
+    fmt, bf16, n_x, wgs, w_ahead, x_ahead = spec
+    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), bf16, n_x, False, wgs, w_ahead, x_ahead)
+    fpx_cuda.cached_cubin(source, "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
+
+
+def prewarm(specs) -> None:
+    """Compile the kernels the sweep will load, in parallel (NVRTC takes 2-30 s per kernel), into the disk cache."""
+    import concurrent.futures
+    with concurrent.futures.ProcessPoolExecutor(16) as pool:
+        list(pool.map(_compile, sorted(set(specs))))
+
+
+def launches_for(m: int, sweep: str) -> list:
+    """(n_x, split, wgs, w_ahead, x_ahead) to time at M."""
+    n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
+    if sweep == "pipeline":
+        return [(n_x, split, wgs, wa, xa) for n_x in n_xs for split in (1, 2) for wgs in (1, 2)
+                for wa, xa in ((2, 2), (4, 2), (4, 3))]
+    return [(n_x, split, 2, 2, 2) for n_x in n_xs for split in (1, 2, 4)]
+
+
+def timing(ms, shapes, sweep: str) -> list:
     rows = []
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    prewarm(("e3m2", False, l[0], l[2], l[3], l[4]) for m in ms for l in launches_for(m, sweep))
     for name in shapes:
         n, k = SHAPES[name]
         qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")
@@ -63,33 +86,22 @@ def timing(ms, shapes) -> list:
             del calls
             row = {"shape": name, "n": n, "k": k, "m": m, "cublas_us": t_dense, "dispatch_us": t_disp,
                    "wgmma": []}
-            launches = []
-            for most in (64, 128, 192):
-                n_x = fpx_cuda.wgmma_n_x(m, most)
-                if any(l[0] == n_x for l in launches):
-                    continue
-                _, resident, _ = fpx_cuda._wgmma_kernel(qw.fmt, torch.float16, n_x, 2, False, qw.device)
-                auto = fpx_cuda.choose_wgmma_split(n, k, m, n_x, 2, sms, resident)
-                for split in sorted({1, 2, 4, auto}):
-                    launches.append((n_x, split, 2))
-            launches.append((fpx_cuda.wgmma_n_x(m, 64), 2, 1))
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ qw.dequantize(torch.float32).T
-            for n_x, split, wgs in launches:
-                out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, split, n_x, wgs)
+            for launch in launches_for(m, sweep):
+                out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, *launch)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, a=(split, n_x, wgs):
+                calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, a=launch:
                                           fpx_cuda.fpx_wgmma(x, p, s, None, qw.fmt, n, k, *a))
                 t = time_calls(calls, replays=5) * 1e6
                 del calls
-                row["wgmma"].append({"n_x": n_x, "split": split, "wgs": wgs, "us": t, "err": err})
+                row["wgmma"].append(dict(zip(("n_x", "split", "wgs", "w_ahead", "x_ahead"), launch), us=t, err=err))
             best = min(row["wgmma"], key=lambda r: r["us"])
             row["best"] = best
             print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
-                  f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, n_x {best['n_x']} s{best['split']} "
-                  f"wg{best['wgs']}, err {best['err']:.1e})  all: "
-                  + " ".join(f"{r['n_x']}/{r['split']}/{r['wgs']}:{r['us']:.0f}" for r in row["wgmma"]),
-                  flush=True)
+                  f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, {best}) all: "
+                  + " ".join(f"{r['n_x']}/{r['split']}/{r['wgs']}/{r['w_ahead']}{r['x_ahead']}:{r['us']:.0f}"
+                             for r in row["wgmma"]), flush=True)
             rows.append(row)
         del qw
         torch.cuda.empty_cache()
@@ -102,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="all")
     parser.add_argument("--out")
     parser.add_argument("--check-only", action="store_true")
+    parser.add_argument("--sweep", default="split", choices=["split", "pipeline"])
     args = parser.parse_args(argv)
     started = time.time()
     checks = check(False)
@@ -114,8 +127,8 @@ def main(argv=None) -> int:
         return 1
     if args.check_only:
         return 0
-    shapes = list(SHAPES) if args.shapes == "all" else ["70b-o", "70b-up", "13b-o", "13b-qkv"]
-    rows = timing([int(m) for m in args.ms.split(",")], shapes)
+    shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    rows = timing([int(m) for m in args.ms.split(",")], shapes, args.sweep)
     result = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "checks": checks,
               "rows": rows, "seconds": time.time() - started}
     if args.out:

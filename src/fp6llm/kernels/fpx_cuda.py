@@ -441,7 +441,6 @@ WGMMA_KERNEL_NAME = "fpx_wgmma"
 WGMMA_MAX_N_X = 192  # x rows per CTA: 96 accumulators per thread, 4 x 48 KiB of x buffers
 WGMMA_MAX_M = 4096
 WGMMA_WGS = 2  # warpgroups per CTA: 128 weight rows share each copy of x
-WGMMA_X_STAGES = 4  # as X_STAGES in the .cu file
 WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
 
 
@@ -459,19 +458,25 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
             "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
 
 
-def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = WGMMA_WGS) -> str:
+def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = WGMMA_WGS,
+                        w_ahead: int = 2, x_ahead: int = 2) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
-    rows each) per CTA."""
+    rows each) per CTA, weights w_ahead (2 or 4) and x x_ahead K tiles in flight."""
     if wgs not in (1, 2):
         raise ValueError(f"the wgmma kernel runs 1 or 2 warpgroups per CTA, not {wgs}")
+    if w_ahead not in (2, 4) or x_ahead not in (1, 2, 3, 4):
+        raise ValueError(f"the wgmma kernel keeps 2 or 4 weight tiles and 1-4 x tiles in flight, not {w_ahead}, "
+                         f"{x_ahead}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
-               f"#define HAS_BIAS {int(has_bias)}", *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
+               f"#define HAS_BIAS {int(has_bias)}", f"#define W_AHEAD {w_ahead}", f"#define X_AHEAD {x_ahead}",
+               *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
 
-def wgmma_shared_bytes(n_x: int) -> int:
-    """Dynamic shared memory of one CTA: X_STAGES K tiles of x (8 k-steps of n_x / 8 core matrices + 16 bytes)."""
-    return WGMMA_X_STAGES * 8 * (n_x * 32 + 16)
+def wgmma_shared_bytes(n_x: int, x_ahead: int = 2) -> int:
+    """Dynamic shared memory of one CTA: x_ahead + 2 K tiles of x (8 k-steps of n_x / 8 core matrices + 16
+    bytes)."""
+    return (x_ahead + 2) * 8 * (n_x * 32 + 16)
 
 
 def wgmma_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
@@ -489,12 +494,15 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
     return -(-(-(-m // z)) // 8) * 8
 
 
-def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, torch.device(device).index)
+def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device,
+                  w_ahead: int = 2, x_ahead: int = 2):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, w_ahead, x_ahead, tuple(WGMMA_EXTRA_DEFINES),
+           torch.device(device).index)
     fresh = key not in _KERNELS
-    kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs),
+    kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
+                                                              w_ahead, x_ahead),
                              WGMMA_KERNEL_NAME, 4 * wgs, device)
-    shared = wgmma_shared_bytes(n_x)
+    shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8): above 48 KiB a kernel must ask for it
         libcuda = torch.cuda._utils._get_gpu_runtime_library()
@@ -514,14 +522,15 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-              split: "int | None" = None, n_x: "int | None" = None, wgs: int = WGMMA_WGS) -> torch.Tensor:
+              split: "int | None" = None, n_x: "int | None" = None, wgs: int = WGMMA_WGS, w_ahead: int = 2,
+              x_ahead: int = 2) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports); split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs override the defaults (the split model, all rows up to 128 per CTA)."""
     m = x.shape[0]
     n_x = wgmma_n_x(m) if n_x is None else n_x
     if not 8 <= n_x <= WGMMA_MAX_N_X or n_x % 8:
         raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
-    kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device)
+    kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, w_ahead, x_ahead)
     rows_per_cta = 64 * wgs
     row_blocks, z = -(-n // rows_per_cta), -(-m // n_x)
     n_pad, m_pad = row_blocks * rows_per_cta, z * n_x

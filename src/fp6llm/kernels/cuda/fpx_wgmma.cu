@@ -12,7 +12,7 @@
 // no-swizzle K-major layout in that order: per k-step a region of N_X / 8 core matrices of 8 rows x 16 bytes along
 // N (256 bytes apart: the descriptor's stride offset) and 2 along K (128 bytes apart: its leading offset); the
 // regions are padded by 16 bytes so that a warp's 32 copies (8 k-steps x 4 t of one row) hit 32 distinct banks.
-// X_STAGES buffers, x two K tiles ahead; weights in two register buffers, also two K tiles ahead.
+// x X_AHEAD K tiles ahead in X_AHEAD + 2 buffers; weights W_AHEAD tiles ahead in as many register buffers.
 //
 // Grid: (ceil(M / N_X), ceil(N / ROWS_PER_CTA), SPLIT), split-K as in fpx_mid_m.cu (slabs per (z, split), the last
 // CTA of (row block, z block) to arrive sums them in split order; arrival counters reset by that CTA).
@@ -29,7 +29,13 @@
 #define SPLIT_INDEX blockIdx.z
 #define SPLITS gridDim.z
 #define ACC (N_X / 2)
-#define X_STAGES 4
+#ifndef W_AHEAD
+#define W_AHEAD 2                        // K tiles of weights in flight (register buffers; even)
+#endif
+#ifndef X_AHEAD
+#define X_AHEAD 2                        // K tiles of x in flight
+#endif
+#define X_STAGES (X_AHEAD + 2)           // the tiles in flight, this one and the previous one (its wgmma may run)
 #define KS_BYTES (N_X * 32 + 16)         // one k-step of a buffer: N_X / 8 core matrices of 256 bytes, padded
 #define X_STAGE_BYTES (8 * KS_BYTES)     // one K tile of x
 #define X_STEP_N (WARPS / 2)             // a thread copies rows n0, n0 + X_STEP_N, ...
@@ -164,35 +170,40 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // outputs are never stored); x rows past M are not copied and feed only outputs for rows >= M.
         const long base = (long)min(tile, n_tiles - 1) * k_tiles;
         const XCopy copy = x_copy(reinterpret_cast<const u32*>(x), ldx / 2, m0, M);
-        stage_x(smem, copy, kt0);
-        cp_async_commit();
-        if (kt0 + 1 < kt1) stage_x(smem + X_STAGE_BYTES, copy, kt0 + 1);
-        cp_async_commit();
-        Tile even, odd;
-        u32 a_even[32], a_odd[32];
-        load_tile(even, p0, p1, p2, base + kt0, lane);
-        if (kt0 + 1 < kt1) load_tile(odd, p0, p1, p2, base + kt0 + 1, lane);
+#pragma unroll
+        for (int i = 0; i < X_AHEAD; ++i) {  // one commit group per K tile, empty ones too: uniform counts
+            if (kt0 + i < kt1) stage_x(smem + i * X_STAGE_BYTES, copy, kt0 + i);
+            cp_async_commit();
+        }
+        Tile w[W_AHEAD];
+        u32 a[2][32];
+#pragma unroll
+        for (int i = 0; i < W_AHEAD; ++i)
+            if (kt0 + i < kt1) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
         // One K tile: de-quantize it (its A buffer was last read by the wgmma of two tiles ago, which the previous
-        // step waited for), load the weights two tiles ahead into the freed registers, wait for x, stage x two
-        // tiles ahead into the buffer of two tiles ago (every warpgroup has waited for its wgmma: the barrier),
-        // issue this tile's 8 wgmma and wait for the previous tile's.
+        // step waited for), load the weights W_AHEAD tiles ahead into the freed registers, wait for x, stage x
+        // X_AHEAD tiles ahead into the buffer of two tiles ago or older (every warpgroup has waited for its
+        // wgmma: the barrier), issue this tile's 8 wgmma and wait for the previous tile's.
 #define STEP(KT, TILE, A)                                                                  \
         {                                                                                  \
             const int kt_ = (KT);                                                          \
             dequant(TILE, pw, A);                                                          \
-            if (kt_ + 2 < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + 2, lane);          \
-            cp_async_wait<1>();                                                            \
+            if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
+            cp_async_wait<X_AHEAD - 1>();                                                  \
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                   \
             __syncthreads();                                                               \
-            if (kt_ + 2 < kt1) stage_x(smem + ((kt_ - kt0 + 2) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + 2); \
+            if (kt_ + X_AHEAD < kt1)                                                       \
+                stage_x(smem + ((kt_ - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD); \
             cp_async_commit();                                                             \
             mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);              \
             wgmma_wait<1>();                                                               \
         }
-        for (int kt = kt0; kt < kt1; kt += 2) {
-            STEP(kt, even, a_even)
-            if (kt + 1 >= kt1) break;
-            STEP(kt + 1, odd, a_odd)
+        for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
+#pragma unroll
+            for (int i = 0; i < W_AHEAD; ++i) {  // W_AHEAD is even: the A buffers alternate
+                if (kt + i >= kt1) break;
+                STEP(kt + i, w[i], a[i % 2])
+            }
         }
 #undef STEP
         wgmma_wait<0>();
