@@ -1,4 +1,5 @@
-"""Launch the CUDA small-M kernel (or, with --mid, the mid-M kernel) a few times on one shape, for ncu:
+"""Launch the CUDA small-M kernel (or, with --mid, the mid-M kernel; with --wgmma, the wgmma kernel) a few times
+on one shape, for ncu:
 
     ncu --clock-control none --kernel-name fpx_small_m --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
@@ -24,17 +25,21 @@ parser.add_argument("--k", type=int, default=8192)
 parser.add_argument("--m", type=int, default=1)
 parser.add_argument("--split", type=int, default=None)
 parser.add_argument("--mid", action="store_true", help="the mid-M kernel (fpx_mid_m)")
+parser.add_argument("--wgmma", action="store_true", help="the wgmma kernel (fpx_wgmma)")
+parser.add_argument("--n-x", type=int, default=None, help="the wgmma kernel's x rows per CTA")
 parser.add_argument("--row-tiles", type=int, default=1)
 parser.add_argument("--warps", type=int, default=4)
 args = parser.parse_args()
 qw = random_weight(args.n, args.k, FPFormat.parse("e3m2"), "cuda")
 x = torch.randn(args.m, args.k, device="cuda", dtype=torch.float16)
 for _ in range(6):
-    if args.mid:
+    if args.wgmma:
+        fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split, args.n_x)
+    elif args.mid:
         fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split, args.row_tiles,
                            args.warps)
     else:
         fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split)
 torch.cuda.synchronize()
-if not args.mid:
+if not args.mid and not args.wgmma:
     print("split", args.split or fpx_cuda.choose_split(args.n, args.k, args.m, 132))

@@ -89,13 +89,14 @@ def timing(ms, shapes, sweep: str) -> list:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ qw.dequantize(torch.float32).T
             for launch in launches_for(m, sweep):
-                out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, *launch)
+                kw = dict(zip(("n_x", "split", "wgs", "w_ahead", "x_ahead"), launch))
+                out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, **kw)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
-                calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, a=launch:
-                                          fpx_cuda.fpx_wgmma(x, p, s, None, qw.fmt, n, k, *a))
+                calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, kw=kw:
+                                          fpx_cuda.fpx_wgmma(x, p, s, None, qw.fmt, n, k, **kw))
                 t = time_calls(calls, replays=5) * 1e6
                 del calls
-                row["wgmma"].append(dict(zip(("n_x", "split", "wgs", "w_ahead", "x_ahead"), launch), us=t, err=err))
+                row["wgmma"].append(dict(kw, us=t, err=err))
             best = min(row["wgmma"], key=lambda r: r["us"])
             row["best"] = best
             print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
