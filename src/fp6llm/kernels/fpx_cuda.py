@@ -459,9 +459,10 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = WGMMA_WGS,
-                        w_ahead: int = 2, x_ahead: int = 2) -> str:
+                        w_ahead: int = 2, x_ahead: int = 2, pending: int = 0) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
-    rows each) per CTA, weights w_ahead (2 or 4) and x x_ahead K tiles in flight."""
+    rows each) per CTA, weights w_ahead (2 or 4) and x x_ahead K tiles in flight, ``pending`` (0 or 1) tiles' wgmma
+    left running while the next tile is de-quantized (1 makes ptxas serialize the wgmma of each tile: C7513)."""
     if wgs not in (1, 2):
         raise ValueError(f"the wgmma kernel runs 1 or 2 warpgroups per CTA, not {wgs}")
     if w_ahead not in (2, 4) or x_ahead not in (1, 2, 3, 4):
@@ -469,14 +470,22 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"{x_ahead}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define W_AHEAD {w_ahead}", f"#define X_AHEAD {x_ahead}",
+               f"#define WGMMA_PENDING {pending}",
                *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
 
 def wgmma_shared_bytes(n_x: int, x_ahead: int = 2) -> int:
-    """Dynamic shared memory of one CTA: x_ahead + 2 K tiles of x (8 k-steps of n_x / 8 core matrices + 16
-    bytes)."""
-    return (x_ahead + 2) * 8 * (n_x * 32 + 16)
+    """Dynamic shared memory of one CTA: x_ahead + 2 K tiles of x (n_x rows x 256 bytes) and 1 KiB to align them."""
+    return (x_ahead + 2) * n_x * 256 + 1024
+
+
+def wgmma_x_order(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with each 128-column tile's columns in the wgmma kernel's k order: logical column 16 ks + 8 h + 2 t + j
+    (k-step ks of the MMA, its half h, lane t, element j) holds column 32 t + 4 ks + 2 h + j, the column layout 2
+    placed in that fragment position (see fpx_small_m.cu). A copy of x (M K 2 bytes read and written)."""
+    m, k = x.shape
+    return x.view(m, k // TILE_K, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
 
 
 def wgmma_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
@@ -495,12 +504,12 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device,
-                  w_ahead: int = 2, x_ahead: int = 2):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, w_ahead, x_ahead, tuple(WGMMA_EXTRA_DEFINES),
-           torch.device(device).index)
+                  w_ahead: int = 2, x_ahead: int = 2, pending: int = 0):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, w_ahead, x_ahead, pending,
+           tuple(WGMMA_EXTRA_DEFINES), torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              w_ahead, x_ahead),
+                                                              w_ahead, x_ahead, pending),
                              WGMMA_KERNEL_NAME, 4 * wgs, device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
@@ -523,14 +532,15 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, n_x: "int | None" = None, wgs: int = WGMMA_WGS, w_ahead: int = 2,
-              x_ahead: int = 2) -> torch.Tensor:
+              x_ahead: int = 2, pending: int = 0) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports); split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs override the defaults (the split model, all rows up to 128 per CTA)."""
     m = x.shape[0]
     n_x = wgmma_n_x(m) if n_x is None else n_x
     if not 8 <= n_x <= WGMMA_MAX_N_X or n_x % 8:
         raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
-    kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, w_ahead, x_ahead)
+    kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, w_ahead, x_ahead,
+                                             pending)
     rows_per_cta = 64 * wgs
     row_blocks, z = -(-n // rows_per_cta), -(-m // n_x)
     n_pad, m_pad = row_blocks * rows_per_cta, z * n_x
@@ -544,7 +554,8 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counts = WORKSPACE.reserve(x.device, MID_WORKSPACE_FLOATS, row_blocks * z) if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
+    xp = wgmma_x_order(x)
     kernel(grid=(z, row_blocks, split), block=(128 * wgs, 1, 1), shared_mem=shared,
-           args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
+           args=[xp, xp.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
                  counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
     return out

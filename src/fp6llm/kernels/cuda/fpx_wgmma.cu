@@ -7,11 +7,13 @@
 // N_X rows (the mma.sync kernels re-issue one MMA per n8 block; here one instruction covers them all), and the
 // MMAs run asynchronously: a tile's wgmma runs while the warpgroup de-quantizes the next tile.
 //
-// x in shared memory: the weight fragments use the small kernel's k order (logical k 8 h + 2 t + j of k-step ks is
-// column 32 t + 4 ks + 2 h + j of the 128-column tile), so x is copied 4 bytes at a time (cp.async) into wgmma's
-// no-swizzle K-major layout in that order: per k-step a region of N_X / 8 core matrices of 8 rows x 16 bytes along
-// N (256 bytes apart: the descriptor's stride offset) and 2 along K (128 bytes apart: its leading offset); the
-// regions are padded by 16 bytes so that a warp's 32 copies (8 k-steps x 4 t of one row) hit 32 distinct banks.
+// x: the weight fragments use the small kernel's k order (logical k 8 h + 2 t + j of k-step ks is column
+// 32 t + 4 ks + 2 h + j of a 128-column tile), so the launcher passes x with each tile's columns permuted into that
+// logical order (fpx_cuda.wgmma_x_order: one copy of x, M K 4 bytes moved); a K tile of a row is then 16 chunks of 16
+// bytes in wgmma's order, copied by cp.async into the canonical 128-byte-swizzled K-major layout (two atoms of 64
+// columns, N_X rows of 128 bytes each, chunk c of row n at c ^ (n & 7)): coalesced 16-byte reads, conflict-free
+// writes. Copying 4-byte words of unpermuted x instead (the first version) cost ~4 shared-memory wavefronts per
+// word and bound the kernel (ncu, H200, 2026-12-02: 1.1 of 1.4 us per K tile).
 // x X_AHEAD K tiles ahead in X_AHEAD + 2 buffers; weights W_AHEAD tiles ahead in as many register buffers.
 //
 // Grid: (ceil(M / N_X), ceil(N / ROWS_PER_CTA), SPLIT), split-K as in fpx_mid_m.cu (slabs per (z, split), the last
@@ -35,11 +37,14 @@
 #ifndef X_AHEAD
 #define X_AHEAD 2                        // K tiles of x in flight
 #endif
+#ifndef WGMMA_PENDING
+#define WGMMA_PENDING 1                  // wgmma groups left in flight at the end of a K tile
+#endif
 #define X_STAGES (X_AHEAD + 2)           // the tiles in flight, this one and the previous one (its wgmma may run)
-#define KS_BYTES (N_X * 32 + 16)         // one k-step of a buffer: N_X / 8 core matrices of 256 bytes, padded
-#define X_STAGE_BYTES (8 * KS_BYTES)     // one K tile of x
-#define X_STEP_N (WARPS / 2)             // a thread copies rows n0, n0 + X_STEP_N, ...
-#define X_COPIES (N_X / X_STEP_N)
+#define ATOM_BYTES (N_X * 128)           // 64 columns of the CTA's x rows, 128-byte swizzled
+#define X_STAGE_BYTES (2 * ATOM_BYTES)   // one K tile of x
+#define X_COPIES ((N_X * 16 + THREADS - 1) / THREADS)  // 16-byte chunks per thread per K tile (rows past N_X: none)
+#define X_ROWS_STEP (THREADS / 16)       // a thread copies chunk tid % 16 of rows tid / 16 + X_ROWS_STEP j
 
 __device__ __forceinline__ u32 smem_address(const void* p) {
     u32 addr;
@@ -47,8 +52,8 @@ __device__ __forceinline__ u32 smem_address(const void* p) {
     return addr;
 }
 
-__device__ __forceinline__ void cp_async4(u32 smem, const void* global) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(smem), "l"(global) : "memory");
+__device__ __forceinline__ void cp_async16(u32 smem, const void* global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem), "l"(global) : "memory");
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -70,13 +75,11 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[ACC]) {
 
 // Matrix descriptor of shared address addr (no swizzle; leading offset 128 bytes: the next core matrix along K;
 // stride offset 256 bytes: the next 8 rows along N).
-#ifndef X_LBO
-#define X_LBO 128
-#define X_SBO 256
-#endif
+// Matrix descriptor of shared address addr in a 128-byte-swizzled K-major atom (layout type 1, bits 62-63; stride
+// offset 1024 bytes: the next 8 rows; the leading offset is unused for this layout, 1 by convention).
 __device__ __forceinline__ unsigned long long x_descriptor(u32 addr) {
-    return (unsigned long long)((addr & 0x3FFFF) >> 4) | ((unsigned long long)(X_LBO >> 4) << 16) |
-           ((unsigned long long)(X_SBO >> 4) << 32);
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+           (1ull << 62);
 }
 
 __device__ __forceinline__ void wgmma_k16(float (&d)[ACC], u32 a0, u32 a1, u32 a2, u32 a3,
@@ -93,47 +96,49 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
     LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
 }
 
-// The thread's share of one K tile's copy: lane 8 t + ks copies word 16 t + 2 ks + h (h = warp parity) of rows
-// n0 + X_STEP_N j of the CTA's x rows, to k-step ks, core matrix h along K, word t of row n's 16 bytes. One pointer
-// walks the rows (a 64-bit add per copy); the shared offsets are immediates.
+// The thread's share of one K tile's copy: chunk c = tid % 16 (atom c / 8, chunk c % 8) of rows n = tid / 16 +
+// X_ROWS_STEP j, to atom offset n 128 + ((c % 8) ^ (n % 8)) 16; X_ROWS_STEP is a multiple of 8, so every row of
+// the thread has the same swizzle and the offsets are immediates.
 struct XCopy {
-    const u32* src;  // x row m0 + n0, word 16 t + 2 ks + h of K tile 0
-    u32 step;        // X_STEP_N rows of x, in words
-    u32 dst;         // shared offset of row n0 in the thread's k-step and core matrix
-    bool full;       // all X_COPIES rows are rows of x (else the copies stop at row M - 1)
-    int rows;        // x rows from n0 to the CTA's last
+    const uint4* src;  // permuted x row m0 + n, chunk c of K tile 0
+    u32 step;          // X_ROWS_STEP rows of x, in uint4
+    u32 dst;           // shared offset of the thread's first chunk in a buffer
+    int rows;          // x rows from the thread's first to the CTA's last: copy j while X_ROWS_STEP j < rows
 };
 
-__device__ __forceinline__ XCopy x_copy(const u32* __restrict__ xw, int ldx_w, int m0, int M) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int ks = lane & 7, t = lane >> 3, h = warp & 1, n0 = warp >> 1;
-    const int rows = min(M - m0, N_X) - n0;
-    return {xw + (long)(m0 + n0) * ldx_w + 16 * t + 2 * ks + h, (u32)(X_STEP_N * ldx_w),
-            (u32)(ks * KS_BYTES + h * 128 + n0 * 16 + t * 4), rows > X_STEP_N * (X_COPIES - 1), rows};
+__device__ __forceinline__ XCopy x_copy(const uint4* __restrict__ xq, int ldx_q, int m0, int M) {
+    const int n = threadIdx.x / 16, c = threadIdx.x % 16;
+    return {xq + (long)(m0 + n) * ldx_q + c, (u32)(X_ROWS_STEP * ldx_q),
+            (u32)((c / 8) * ATOM_BYTES + n * 128 + (((c % 8) ^ (n % 8)) * 16)), min(M - m0, N_X) - n};
 }
 
-// Row n0 + n of the copy lands at (n >> 3) 256 + (n & 7) 16 from row n0's offset (n0 < X_STEP_N <= 8 - (n & 7)).
-#define X_ROW_OFFSET(n) (((n) >> 3) * 256 + ((n) & 7) * 16)
-
 __device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
-    const u32* p = copy.src + kt * 64;
+    const uint4* p = copy.src + kt * 16;
     const u32 dst = buffer + copy.dst;
-    if (copy.full) {  // warp-uniform: every z block but a last partial one
+    if (copy.rows > X_ROWS_STEP * (X_COPIES - 1)) {  // every z block but a last partial one
 #pragma unroll
-        for (int j = 0; j < X_COPIES; ++j, p += copy.step) cp_async4(dst + X_ROW_OFFSET(X_STEP_N * j), p);
+        for (int j = 0; j < X_COPIES; ++j, p += copy.step) cp_async16(dst + j * X_ROWS_STEP * 128, p);
     } else {
 #pragma unroll
         for (int j = 0; j < X_COPIES; ++j, p += copy.step)
-            if (X_STEP_N * j < copy.rows) cp_async4(dst + X_ROW_OFFSET(X_STEP_N * j), p);
+            if (X_ROWS_STEP * j < copy.rows) cp_async16(dst + j * X_ROWS_STEP * 128, p);
     }
 }
 
 __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u32 buffer) {
-    const unsigned long long desc = x_descriptor(buffer);
+    // k-step ks: atom ks / 4, bytes 32 (ks % 4) of each row (the hardware applies the swizzle). The descriptors are
+    // made before the fence: a register of a wgmma defined inside its pipeline stage makes ptxas serialize every
+    // wgmma of the stage (C7513).
+    unsigned long long desc[8];
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+        desc[ks] = x_descriptor(buffer + (ks / 4) * ATOM_BYTES + (ks % 4) * 32);
+        asm volatile("" : "+l"(desc[ks]));
+    }
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks)
-        wgmma_k16(d, a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3], desc + ks * (KS_BYTES >> 4));
+        wgmma_k16(d, a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3], desc[ks]);
     wgmma_commit();
 }
 
@@ -150,7 +155,7 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
           const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
           u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
           int M, int N, int K, double scale_factor_d, int kps) {
-    extern __shared__ uint4 x_smem[];  // X_STAGES x X_STAGE_BYTES
+    extern __shared__ uint4 x_smem[];  // X_STAGES x X_STAGE_BYTES, from the first 1024-byte boundary
     const Powers pw = {};
     const float scale_factor = (float)scale_factor_d;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -160,7 +165,7 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     const int tile = ROW_BLOCK * WARPS + warp;  // this warp's 16-row tile
     const int m0 = Z_BLOCK * N_X;
     const int kt0 = SPLIT_INDEX * kps, kt1 = min(kt0 + kps, k_tiles);
-    const u32 smem = smem_address(x_smem);
+    const u32 smem = (smem_address(x_smem) + 1023) & ~1023u;  // swizzle atoms start at 1024-byte boundaries
 
     float d[ACC];
 #pragma unroll
@@ -169,7 +174,7 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // Warps past the last tile de-quantize the last tile again (a warpgroup's wgmma needs all four; their
         // outputs are never stored); x rows past M are not copied and feed only outputs for rows >= M.
         const long base = (long)min(tile, n_tiles - 1) * k_tiles;
-        const XCopy copy = x_copy(reinterpret_cast<const u32*>(x), ldx / 2, m0, M);
+        const XCopy copy = x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M);
 #pragma unroll
         for (int i = 0; i < X_AHEAD; ++i) {  // one commit group per K tile, empty ones too: uniform counts
             if (kt0 + i < kt1) stage_x(smem + i * X_STAGE_BYTES, copy, kt0 + i);
@@ -196,7 +201,7 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
                 stage_x(smem + ((kt_ - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD); \
             cp_async_commit();                                                             \
             mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);              \
-            wgmma_wait<1>();                                                               \
+            wgmma_wait<WGMMA_PENDING>();                                                   \
         }
         for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
 #pragma unroll
