@@ -66,7 +66,7 @@ def launches_for(m: int, sweep: str) -> list:
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
     if sweep == "pipeline":
         return [(n_x, split, wgs, 2, xa, pending) for n_x in n_xs for split in (1, 2) for wgs in (1, 2)
-                for xa in (1, 2) for pending in (0, 1)]
+                for xa in (1, 2) for pending in (0, 2)]
     return [(n_x, split, 2, 2, 2, 0) for n_x in n_xs for split in (1, 2, 4)]
 
 

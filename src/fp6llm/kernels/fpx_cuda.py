@@ -461,8 +461,10 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = WGMMA_WGS,
                         w_ahead: int = 2, x_ahead: int = 2, pending: int = 0) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
-    rows each) per CTA, weights w_ahead (2 or 4) and x x_ahead K tiles in flight, ``pending`` (0 or 1) tiles' wgmma
-    left running while the next tile is de-quantized (1 makes ptxas serialize the wgmma of each tile: C7513)."""
+    rows each) per CTA, weights w_ahead (2 or 4) and x x_ahead K tiles in flight; ``pending``: 0 waits for a tile's
+    wgmma before de-quantizing the next tile, 1 leaves them running while the next tile is de-quantized into the other
+    A buffer (ptxas then serializes the wgmma of each tile: C7513), 2 de-quantizes the next tile during the wgmma
+    into registers no wgmma reads and moves them after the wait."""
     if wgs not in (1, 2):
         raise ValueError(f"the wgmma kernel runs 1 or 2 warpgroups per CTA, not {wgs}")
     if w_ahead not in (2, 4) or x_ahead not in (1, 2, 3, 4):

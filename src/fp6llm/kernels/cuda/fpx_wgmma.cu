@@ -203,6 +203,37 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);              \
             wgmma_wait<WGMMA_PENDING>();                                                   \
         }
+#if WGMMA_PENDING == 2
+        // The next tile is de-quantized while this tile's wgmma run, into registers that no wgmma reads, and moved
+        // into the A registers after the wait (ptxas serializes a stage's wgmma if any of their input registers is
+        // written inside the stage: C7513).
+        u32 next[32];
+        dequant(w[0], pw, next);
+        if (kt0 + W_AHEAD < kt1) load_tile(w[0], p0, p1, p2, base + kt0 + W_AHEAD, lane);
+        for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
+#pragma unroll
+            for (int i = 0; i < W_AHEAD; ++i) {
+                const int kt_ = kt + i;
+                if (kt_ >= kt1) break;
+                u32 (&A)[32] = a[0];
+#pragma unroll
+                for (int r = 0; r < 32; ++r) asm volatile("mov.b32 %0, %1;" : "=r"(A[r]) : "r"(next[r]));
+                cp_async_wait<X_AHEAD - 1>();
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                __syncthreads();
+                if (kt_ + X_AHEAD < kt1)
+                    stage_x(smem + ((kt_ - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD);
+                cp_async_commit();
+                mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);
+                if (kt_ + 1 < kt1) {
+                    Tile& following = w[(i + 1) % W_AHEAD];
+                    dequant(following, pw, next);
+                    if (kt_ + 1 + W_AHEAD < kt1) load_tile(following, p0, p1, p2, base + kt_ + 1 + W_AHEAD, lane);
+                }
+                wgmma_wait<0>();
+            }
+        }
+#else
         for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
 #pragma unroll
             for (int i = 0; i < W_AHEAD; ++i) {  // W_AHEAD is even: the A buffers alternate
@@ -210,6 +241,7 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
                 STEP(kt + i, w[i], a[i % 2])
             }
         }
+#endif
 #undef STEP
         wgmma_wait<0>();
         fence_accumulators(d);
