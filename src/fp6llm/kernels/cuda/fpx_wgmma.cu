@@ -40,7 +40,11 @@
 #ifndef WGMMA_PENDING
 #define WGMMA_PENDING 1                  // wgmma groups left in flight at the end of a K tile
 #endif
-#define X_STAGES (X_AHEAD + 2)           // the tiles in flight, this one and the previous one (its wgmma may run)
+// The tiles in flight, this one, and with WGMMA_PENDING 1 the previous one (its wgmma may still run)
+#define X_STAGES (X_AHEAD + 1 + (WGMMA_PENDING == 1))
+#ifndef MIN_CTAS
+#define MIN_CTAS 1                       // __launch_bounds__: resident CTAs per SM ptxas must allow by registers
+#endif
 #define ATOM_BYTES (N_X * 128)           // 64 columns of the CTA's x rows, 128-byte swizzled
 #define X_STAGE_BYTES (2 * ATOM_BYTES)   // one K tile of x
 #define X_COPIES ((N_X * 16 + THREADS - 1) / THREADS)  // 16-byte chunks per thread per K tile (rows past N_X: none)
@@ -150,7 +154,7 @@ __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS)
 fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
           const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
           u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
