@@ -2,6 +2,7 @@
 
     python bench/tune.py [--shapes all] [--ms 1,2,...] [--formats e3m2,...] [--dtypes fp16,bf16] [--out DIR]
     python bench/tune.py --cuda-only --ms 16,32,64,128   # add the CUDA kernels' launches to the file's entries
+    python bench/tune.py --wgmma-only --ms 32,...,512     # add the wgmma kernel's launches where they are faster
 
 For each format and dtype (one table each in the GPU's file; dispatch.table_for says which table a case without its
 own uses), each LLaMA layer shape and each M bucket it times every candidate configuration (fp6llm/evals/timing.py,
@@ -80,7 +81,8 @@ def time_launches(qw, m: int, dtype, kernel, launches) -> "list | None":
     kernel does not take the case."""
     n, k = qw.shape
     x = torch.randn(m, k, device=qw.device, dtype=dtype)
-    takes = fpx_cuda.supports if kernel == "fpx_small_m" else fpx_cuda.mid_supports
+    takes = {"fpx_small_m": fpx_cuda.supports, "fpx_mid_m": fpx_cuda.mid_supports,
+             "fpx_wgmma": fpx_cuda.wgmma_supports}[kernel]
     if not takes(qw.fmt, qw.group_size, x, n, k):
         return None
     run = getattr(fpx_cuda, kernel)
@@ -143,6 +145,37 @@ def tune_mid(qw, m: int, dtype) -> "dict | None":
     return best
 
 
+WGMMA_SPLITS = (1, 2, 3, 4)
+WGMMA_TUNE_MAX_M = 512  # the largest M bucket the CUDA kernels are timed at (the wgmma kernel's)
+
+
+def wgmma_launches(m: int) -> list:
+    """The wgmma kernel's launches worth timing at M (bench/wgmma_probe.py's runs, H200, 2026-12-02): up to 64 and
+    up to 128 rows of x per CTA, one warpgroup with x one tile ahead and registers for 3-4 CTAs per SM, or x two
+    tiles ahead (more shared memory, fewer CTAs), or two warpgroups."""
+    shapes = []
+    for n_x in sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))}):
+        shapes += [dict(n_x=n_x, wgs=1, x_ahead=1, min_ctas=4 if n_x <= 64 else 3),
+                   dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=3 if n_x <= 64 else 1),
+                   dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=1)]
+    return shapes
+
+
+def tune_wgmma(qw, m: int, dtype) -> "dict | None":
+    """The CUDA wgmma kernel's fastest launch (wgmma_launches x split) for this weight and M; None where the kernel
+    does not take the case (not sm_90)."""
+    n, k = qw.shape
+    results = time_launches(qw, m, dtype, "fpx_wgmma", [dict(shape, split=split) for shape in wgmma_launches(m)
+                                                        for split in _splits(k, WGMMA_SPLITS)])
+    if results is None:
+        return None
+    print(f"  wgmma M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}n{l['n_x']}g{l['wgs']}"
+                                                 f"x{l['x_ahead']}c{l['min_ctas']}" for t, l in results[:8]),
+          flush=True)
+    t, launch = results[0]
+    return {"kernel": "wgmma", **launch, "us": round(t * 1e6, 1)}
+
+
 def cublas_seconds(n: int, k: int, m: int, dtype) -> float:
     """cuBLAS FP16/BF16 (torch.matmul) on the same shape: the same-run baseline of every printed line."""
     dense, _ = dense_calls(n, k, m, dtype, "cuda")
@@ -150,17 +183,22 @@ def cublas_seconds(n: int, k: int, m: int, dtype) -> float:
 
 
 def best_cuda(qw, m: int, dtype) -> "dict | None":
-    """The faster of the CUDA small-M (M <= 16) and mid-M kernels' best launches, as the entry's "cuda"."""
-    found = [r for r in (tune_cuda(qw, m, dtype) if m <= fpx_cuda.MAX_M else None, tune_mid(qw, m, dtype))
+    """The fastest of the CUDA small-M (M <= 16), mid-M (M <= 128) and wgmma (sm_90, M > 16) kernels' best
+    launches, as the entry's "cuda"."""
+    found = [r for r in (tune_cuda(qw, m, dtype) if m <= fpx_cuda.MAX_M else None,
+                         tune_mid(qw, m, dtype) if m <= fpx_cuda.MID_MAX_M else None,
+                         tune_wgmma(qw, m, dtype) if m > fpx_cuda.MAX_M else None)
              if r is not None]
     return min(found, key=lambda r: r["us"]) if found else None
 
 
 def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, cuda_too: bool = True,
-               cuda_only: bool = False) -> dict:
-    """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``; up to M = 128
-    also the CUDA kernels' fastest launch (the entry's "cuda": dispatch.small_m_backend picks the faster).
-    cuda_only: keep ``table``'s Triton entries (they must be there) and time the CUDA kernels alone."""
+               cuda_only: bool = False, wgmma_only: bool = False) -> dict:
+    """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``; up to M =
+    WGMMA_TUNE_MAX_M also the CUDA kernels' fastest launch (the entry's "cuda": dispatch.small_m_backend picks the
+    faster).
+    cuda_only: keep ``table``'s Triton entries (they must be there) and time the CUDA kernels alone; wgmma_only:
+    time the wgmma kernel alone and keep the faster of it and the entry's "cuda" launch."""
     for m in ms:
         for name, (n, k) in SHAPES.items():
             if shapes != "all" and not name.startswith(shapes):
@@ -168,7 +206,10 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
             qw = random_weight(n, k, fmt, "cuda")
             if cuda_only:
                 entry = table[str(m_bucket(m))][f"{n}x{k}"]
-                cuda = best_cuda(qw, m, dtype)
+                cuda = tune_wgmma(qw, m, dtype) if wgmma_only else best_cuda(qw, m, dtype)
+                if wgmma_only and isinstance(entry.get("cuda"), dict) and cuda is not None \
+                        and entry["cuda"]["us"] < cuda["us"]:
+                    cuda = entry["cuda"]  # the earlier CUDA launch stays: faster
                 if cuda is not None:
                     entry["cuda"] = cuda
                     t_dense = cublas_seconds(n, k, m, dtype)
@@ -190,7 +231,7 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
             results.sort(key=lambda r: r[0])
             best_t, best = results[0]
             entry = dict(best.__dict__, us=round(best_t * 1e6, 1))
-            cuda = best_cuda(qw, m, dtype) if m <= fpx_cuda.MID_MAX_M and cuda_too else None
+            cuda = best_cuda(qw, m, dtype) if m <= WGMMA_TUNE_MAX_M and cuda_too else None
             if cuda is not None:
                 entry["cuda"] = cuda
             table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = entry
@@ -216,18 +257,21 @@ def main(argv=None):
     parser.add_argument("--no-cuda", action="store_true", help="time the Triton kernel alone")
     parser.add_argument("--cuda-only", action="store_true",
                         help="keep the file's Triton entries (implies --merge) and time the CUDA kernels alone")
+    parser.add_argument("--wgmma-only", action="store_true",
+                        help="with --cuda-only: time the wgmma kernel alone, keep the faster of it and the entry's")
     parser.add_argument("--merge", action="store_true",
                         help="keep the file's other tables and, in the tuned ones, the other M buckets")
     args = parser.parse_args(argv)
     path = Path(args.out) / f"{device_key('cuda')}.json"
-    tables = {"/".join(key): configs for key, configs in tables_in(path).items()} if args.merge or args.cuda_only else {}
+    tables = {"/".join(key): configs for key, configs in tables_in(path).items()} if args.merge or args.cuda_only \
+        or args.wgmma_only else {}
     ms = [int(v) for v in args.ms.split(",")]
     for fmt in (FPFormat.parse(f) for f in args.formats.split(",")):
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
             key = f"{fmt.name}/{str(dtype)[6:]}"
             tables[key] = tune_table(fmt, dtype, ms, args.shapes, tables.get(key, {}), not args.no_cuda,
-                                     args.cuda_only)
+                                     args.cuda_only or args.wgmma_only, args.wgmma_only)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tables": tables}, indent=1))
     print(f"wrote {path}")

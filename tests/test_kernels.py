@@ -8,6 +8,7 @@ The dispatch tests read a measured table written to a temporary directory (the t
 """
 
 import dataclasses
+import itertools
 import json
 import os
 
@@ -278,6 +279,55 @@ def test_mid_m_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monk
             dispatch._launch({"kernel": "wide", "split": 1, "us": 1.0})
     finally:
         clear_tables()
+
+
+def test_wgmma_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monkeypatch):
+    """A "cuda" entry of kernel "wgmma" (bench/tune.py, M = 17..512): "wgmma" where it beat the Triton kernel on
+    the nearest shape, "triton" where it lost; its launch (split, x rows per CTA, warpgroups, x tiles ahead, CTAs per
+    SM) read back field by field."""
+    def entry(triton_us, cuda):
+        return dict(config_to_dict(TABLE_1), us=triton_us, cuda=cuda)
+    wgmma = {"kernel": "wgmma", "split": 2, "n_x": 128, "wgs": 1, "x_ahead": 2, "min_ctas": 3, "us": 50.0}
+    tables = {"e3m2/float16": {
+        "256": {"8192x8192": entry(60.0, wgmma), "5120x5120": entry(20.0, dict(wgmma, us=25.0))}}}
+    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
+    clear_tables()
+    try:
+        e3m2, fp16 = FPFormat.parse("e3m2"), torch.float16
+        assert dispatch.small_m_backend(256, 8192, 8192, e3m2, fp16, "cpu") == "wgmma"
+        assert dispatch.small_m_backend(200, 10240, 8192, e3m2, fp16, "cpu") == "wgmma"  # nearest: 8192 x 8192
+        assert dispatch.small_m_backend(256, 5120, 5120, e3m2, fp16, "cpu") == "triton"  # 25 us > 20 us
+        assert dispatch.small_m_backend(512, 8192, 8192, e3m2, fp16, "cpu") == "triton"  # bucket 512 unmeasured
+        assert dispatch.measured_small_m(256, 8192, 8192, e3m2, fp16, "cpu") == \
+            dispatch.SmallM(2, True, 50.0, "wgmma", n_x=128, wgs=1, x_ahead=2, min_ctas=3)
+    finally:
+        clear_tables()
+
+
+def test_wgmma_kernel_launch_arithmetic():
+    """x rows per CTA (multiples of 8, as even as the grid z allows), the instruction's operands, the shared memory
+    of a launch, the default launch, and x's column order: logical column 16 ks + 8 h + 2 t + j of a tile holds
+    column 32 t + 4 ks + 2 h + j (the small-M kernel's k order, which layout 2's fragments carry)."""
+    from fp6llm.kernels import fpx_cuda
+    assert [fpx_cuda.wgmma_n_x(m) for m in (1, 17, 64, 128, 129, 160, 300)] == [8, 24, 64, 128, 72, 80, 104]
+    assert [fpx_cuda.wgmma_n_x(m, 64) for m in (17, 64, 65, 100)] == [24, 64, 40, 56]
+    with pytest.raises(ValueError, match="8 to 192 x rows per CTA"):
+        fpx_cuda.wgmma_n_x(64, 200)
+    with pytest.raises(ValueError, match="N = 8..256"):
+        fpx_cuda.wgmma_asm(12, False)
+    defines = fpx_cuda.wgmma_asm(24, True)
+    assert "m64n24k16.f32.bf16.bf16 {%0, %1," in defines[0] and "%11}, {%12, %13, %14, %15}, %16, p" in defines[0]
+    assert defines[1].count('"+f"') == 12
+    assert fpx_cuda.wgmma_shared_bytes(128, 1) == 2 * 128 * 256 + 1024  # this tile and the next
+    assert fpx_cuda.wgmma_shared_bytes(64, 2, pending=1) == 4 * 64 * 256 + 1024
+    assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 1, "min_ctas": 4}
+    assert fpx_cuda.wgmma_launch(256)["n_x"] == 128
+    x = torch.arange(3 * 256, dtype=torch.float32).view(3, 256)
+    xp = fpx_cuda.wgmma_x_order(x)
+    for kt, ks, h, t, j in itertools.product(range(2), range(8), range(2), range(4), range(2)):
+        assert xp[2, 128 * kt + 16 * ks + 8 * h + 2 * t + j] == x[2, 128 * kt + 32 * t + 4 * ks + 2 * h + j]
+    assert sorted(xp[1].tolist()) == x[1].tolist()
 
 
 def test_mid_m_kernel_launch_arithmetic():

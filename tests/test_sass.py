@@ -143,6 +143,28 @@ def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
         assert "LOCAL:0" in usage and stack <= 16, (name, bf16, m, row_tiles, warps, usage)
 
 
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
+    """The wgmma kernel for sm_90a at the default launches of 64 and 128 rows of x (FP16, BF16) and at a 24-row,
+    two-warpgroup, biased e2m1 launch: no local memory, within the registers of its CTAs per SM, 16 HGMMA per loop
+    pass (8 k-steps x 2 K tiles), and ptxas did not serialize the wgmma (C7513: an input register of a wgmma
+    written inside its pipeline stage)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    cases = [("e3m2", False, 64, 1, 1, 4, False), ("e3m2", True, 128, 1, 1, 3, False),
+             ("e2m1", False, 24, 2, 2, 1, True)]
+    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias in cases:
+        source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, 2, x_ahead, 0, min_ctas)
+        log = []
+        cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
+        assert "C7513" not in log[0] and "serialized" not in log[0], log[0]
+        usage = sass._cuobjdump(cubin, "--dump-resource-usage")
+        assert "LOCAL:0" in usage, usage
+        assert sass.registers(cubin) * 128 * wgs * min_ctas <= 65536
+        loop = sass.innermost_loop(sass.disassemble(cubin))
+        assert sum(op == "HGMMA" for _, op, _, _ in loop) == 16
+
+
 def test_cuda_kernel_refuses_what_it_does_not_handle():
     x = torch.zeros(4, 256, dtype=torch.float16)  # on the CPU: never the CUDA kernel
     assert not fpx_cuda.supports(E3M2, None, x, 64, 256)
@@ -157,5 +179,5 @@ def test_cuda_sources_are_package_data():
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["fp6llm"]
     package = Path(fpx_cuda.__file__).parent.parent
     shipped = {path for pattern in data for path in package.glob(pattern)}
-    for source in (fpx_cuda.SOURCE, fpx_cuda.MID_SOURCE, fpx_cuda.COMMON):
+    for source in (fpx_cuda.SOURCE, fpx_cuda.MID_SOURCE, fpx_cuda.WGMMA_SOURCE, fpx_cuda.COMMON):
         assert source in shipped, source

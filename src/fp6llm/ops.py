@@ -2,8 +2,8 @@
 
 The op ``fp6llm::fpx_linear`` has a PyTorch reference implementation (any device) and, on CUDA, the NVRTC-compiled
 small-M kernel of kernels/fpx_cuda.py for M <= 16 with per-channel scales (unless the GPU's table measured the
-Triton kernel faster for the case: dispatch.small_m_backend), its mid-M kernel at M <= 128 where the table measured
-it fastest, the Triton kernel of kernels/fpx_gemm.py
+Triton kernel faster for the case: dispatch.small_m_backend), its mid-M kernel at M <= 128 and, on sm_90, its wgmma
+kernel where the table measured them fastest, the Triton kernel of kernels/fpx_gemm.py
 (when Triton is importable) for the other cases it handles; other CUDA cases de-quantize to x's dtype and call
 torch.matmul. A fake implementation gives torch.compile the output's shape and dtype
 without running anything.
@@ -63,12 +63,16 @@ if fpx_gemm is not None:
         rows = x.reshape(-1, k)
         if rows.stride(1) != 1:
             rows = rows.contiguous()
-        if fpx_cuda.mid_supports(fmt, group_size or None, rows, n, k):
+        mid = fpx_cuda.mid_supports(fmt, group_size or None, rows, n, k)  # M <= 128
+        wgmma = fpx_cuda.wgmma_supports(fmt, group_size or None, rows, n, k)  # sm_90, M <= 4096
+        if mid or wgmma:
             backend = small_m_backend(rows.shape[0], n, k, fmt, x.dtype, x.device)  # the faster one measured
             if backend == "cuda" and fpx_cuda.supports(fmt, group_size or None, rows, n, k):  # M <= 16
                 return fpx_cuda.fpx_small_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
-            if backend == "mid":
+            if backend == "mid" and mid:
                 return fpx_cuda.fpx_mid_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
+            if backend == "wgmma" and wgmma:
+                return fpx_cuda.fpx_wgmma(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
         return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(*x.shape[:-1], n)
 
 

@@ -192,8 +192,8 @@ def config_to_dict(config: KernelConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # The CUDA kernels (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an entry "cuda": the fastest
 # measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16) or of the mid-M kernel
-# ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) for that
-# shape.
+# ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) or of the
+# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90) for that shape.
 
 
 @dataclass(frozen=True)
@@ -201,19 +201,25 @@ class SmallM:
     split: int
     prefetch_x: bool
     us: float
-    kernel: str = "small"  # "small" (fpx_small_m) or "mid" (fpx_mid_m)
+    kernel: str = "small"  # "small" (fpx_small_m), "mid" (fpx_mid_m) or "wgmma" (fpx_wgmma)
     row_tiles: int = 1
     warps: int = 4
     blocks: int = 0  # mid: n8 blocks of x rows per CTA (0: as many as the kernel takes)
+    n_x: int = 0  # wgmma: x rows per CTA (0: the kernel's default)
+    wgs: int = 1  # wgmma: warpgroups per CTA
+    x_ahead: int = 1  # wgmma: K tiles of x in flight
+    min_ctas: int = 1  # wgmma: resident CTAs per SM the registers must allow
 
 
 def _launch(cuda: dict) -> SmallM:
     """A table entry's "cuda" field as a SmallM launch."""
     kernel = str(cuda.get("kernel", "small"))
-    if kernel not in ("small", "mid"):
-        raise ValueError(f"unknown CUDA kernel {kernel!r} in a kernel table (known: small, mid)")
+    if kernel not in ("small", "mid", "wgmma"):
+        raise ValueError(f"unknown CUDA kernel {kernel!r} in a kernel table (known: small, mid, wgmma)")
     return SmallM(int(cuda["split"]), bool(cuda.get("prefetch_x", True)), float(cuda["us"]), kernel,
-                  int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)))
+                  int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)),
+                  int(cuda.get("n_x", 0)), int(cuda.get("wgs", 1)), int(cuda.get("x_ahead", 1)),
+                  int(cuda.get("min_ctas", 1)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -243,10 +249,10 @@ SMALL_M_MAX = 16  # the small-M kernel's rows (fpx_cuda.MAX_M is this)
 
 
 def small_m_backend(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, device) -> str:
-    """"cuda" (the small-M kernel), "mid" (the CUDA mid-M kernel) or "triton" for a case the CUDA kernels take:
-    the fastest measured on the nearest shape (by log-distance of N and K) of this M bucket. Without a measurement:
-    "cuda" at M <= 16 (it measured faster at M <= 8 on the H100 and the H200), "triton" above (the mid-M kernel runs
-    only where a table measured it faster)."""
+    """"cuda" (the small-M kernel), "mid" (the CUDA mid-M kernel), "wgmma" (the CUDA wgmma kernel, sm_90) or
+    "triton" for a case the CUDA kernels take: the fastest measured on the nearest shape (by log-distance of N and K)
+    of this M bucket. Without a measurement: "cuda" at M <= 16 (it measured faster at M <= 8 on the H100 and the
+    H200), "triton" above (the mid-M and wgmma kernels run only where a table measured them faster)."""
     entries = _small_m_entries_for(m, fmt, dtype, device)
     if not entries:
         return "cuda" if m <= SMALL_M_MAX else "triton"
@@ -254,6 +260,6 @@ def small_m_backend(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, d
     triton_us, cuda = entries[nearest]
     if cuda.us > triton_us:
         return "triton"
-    if cuda.kernel == "mid":
-        return "mid"
+    if cuda.kernel in ("mid", "wgmma"):
+        return cuda.kernel
     return "cuda" if m <= SMALL_M_MAX else "triton"

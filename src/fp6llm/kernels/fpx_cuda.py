@@ -174,8 +174,10 @@ def _find_nvrtc() -> ctypes.CDLL:
     raise RuntimeError("NVRTC (libnvrtc) not found: install a CUDA build of PyTorch or `pip install nvidia-cuda-nvrtc`")
 
 
-def nvrtc_compile(source: str, arch: str = "sm_90a", name: str = "fpx_small_m.cu") -> bytes:
-    """Compile CUDA C++ to a cubin for ``arch`` with NVRTC; RuntimeError with the compiler log on failure."""
+def nvrtc_compile(source: str, arch: str = "sm_90a", name: str = "fpx_small_m.cu", log: "list | None" = None,
+                  options: tuple = ()) -> bytes:
+    """Compile CUDA C++ to a cubin for ``arch`` with NVRTC; RuntimeError with the compiler log on failure. ``log``
+    (a list) receives the log of a success too, e.g. ptxas's notes with options=("--ptxas-options=-v",)."""
     lib = _find_nvrtc()
     program = ctypes.c_void_p()
 
@@ -185,16 +187,19 @@ def nvrtc_compile(source: str, arch: str = "sm_90a", name: str = "fpx_small_m.cu
             raise RuntimeError(f"NVRTC {what} failed: {lib.nvrtcGetErrorString(result).decode()}")
 
     check(lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), name.encode(), 0, None, None), "create")
-    options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--use_fast_math", b"-default-device"]
+    options = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--use_fast_math", b"-default-device",
+               *(o.encode() for o in options)]
     c_options = (ctypes.c_char_p * len(options))(*options)
     result = lib.nvrtcCompileProgram(program, len(options), c_options)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    text = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(program, text)
+    if log is not None:
+        log.append(text.value.decode(errors="replace"))
     if result != 0:
-        size = ctypes.c_size_t()
-        lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
-        log = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetProgramLog(program, log)
         lib.nvrtcDestroyProgram(ctypes.byref(program))
-        raise RuntimeError(f"NVRTC could not compile {name} for {arch}:\n{log.value.decode(errors='replace')}")
+        raise RuntimeError(f"NVRTC could not compile {name} for {arch}:\n{text.value.decode(errors='replace')}")
     size = ctypes.c_size_t()
     check(lib.nvrtcGetCUBINSize(program, ctypes.byref(size)), "cubin size")
     cubin = ctypes.create_string_buffer(size.value)
@@ -440,7 +445,6 @@ WGMMA_SOURCE = Path(__file__).parent / "cuda" / "fpx_wgmma.cu"
 WGMMA_KERNEL_NAME = "fpx_wgmma"
 WGMMA_MAX_N_X = 192  # x rows per CTA: 96 accumulators per thread, 4 x 48 KiB of x buffers
 WGMMA_MAX_M = 4096
-WGMMA_WGS = 2  # warpgroups per CTA: 128 weight rows share each copy of x
 WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
 
 
@@ -458,7 +462,7 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
             "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
 
 
-def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = WGMMA_WGS,
+def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1,
                         w_ahead: int = 2, x_ahead: int = 2, pending: int = 0, min_ctas: int = 1) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
     rows each) per CTA, weights w_ahead (2 or 4) and x x_ahead K tiles in flight; ``pending``: 0 waits for a tile's
@@ -527,6 +531,14 @@ def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bia
     return _KERNELS[key] + (shared,)
 
 
+def wgmma_launch(m: int) -> dict:
+    """The wgmma kernel's launch where no table measured one: up to 64 rows of x per CTA at M <= 64, else up to 128;
+    one warpgroup per CTA, x one K tile ahead, registers for 4 (64 rows) or 3 (128 rows) CTAs per SM (the fastest
+    of bench/wgmma_probe.py's runs 3-5 on the H200, 2026-12-02)."""
+    n_x = wgmma_n_x(m, 64 if m <= 64 else 128)
+    return {"n_x": n_x, "wgs": 1, "x_ahead": 1, "min_ctas": 4 if n_x <= 64 else 3}
+
+
 def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int, resident: int) -> int:
     """Split-K by the waves model over ceil(N / 64 wgs) x z CTAs (as choose_mid_split)."""
     z = -(-m // n_x)
@@ -535,12 +547,25 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-              split: "int | None" = None, n_x: "int | None" = None, wgs: int = WGMMA_WGS, w_ahead: int = 2,
-              x_ahead: int = 2, pending: int = 0, min_ctas: int = 1) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports); split / n_x (x rows per CTA, a
-    multiple of 8 up to WGMMA_MAX_N_X) / wgs override the defaults (the split model, all rows up to 128 per CTA)."""
+              split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None, w_ahead: int = 2,
+              x_ahead: "int | None" = None, pending: int = 0, min_ctas: "int | None" = None) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
+    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
+    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model; w_ahead / pending are
+    for experiments (see wgmma_kernel_source)."""
     m = x.shape[0]
-    n_x = wgmma_n_x(m) if n_x is None else n_x
+    measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
+    if measured is not None and measured.kernel == "wgmma":
+        split = measured.split if split is None else split
+        n_x = (measured.n_x or None) if n_x is None else n_x
+        wgs = measured.wgs if wgs is None else wgs
+        x_ahead = measured.x_ahead if x_ahead is None else x_ahead
+        min_ctas = measured.min_ctas if min_ctas is None else min_ctas
+    default = wgmma_launch(m)
+    n_x = default["n_x"] if n_x is None else n_x
+    wgs = default["wgs"] if wgs is None else wgs
+    x_ahead = default["x_ahead"] if x_ahead is None else x_ahead
+    min_ctas = default["min_ctas"] if min_ctas is None else min_ctas
     if not 8 <= n_x <= WGMMA_MAX_N_X or n_x % 8:
         raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, w_ahead, x_ahead,
