@@ -161,6 +161,23 @@ def wgmma_launches(m: int) -> list:
     return shapes
 
 
+def _compile_wgmma(spec) -> None:
+    name, bf16, launch = spec
+    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, launch["n_x"], False, launch["wgs"], 2,
+                                          launch["x_ahead"], 0, launch["min_ctas"])
+    fpx_cuda.cached_cubin(source, "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
+
+
+def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
+    """Compile every wgmma launch the tuning will time, in parallel (NVRTC: 2-30 s per kernel), into the disk
+    cache the launches then load from."""
+    import concurrent.futures
+    specs = {(fmt.name, dtype == torch.bfloat16, tuple(sorted(launch.items())))
+             for m in ms if fpx_cuda.MAX_M < m <= WGMMA_TUNE_MAX_M for launch in wgmma_launches(m)}
+    with concurrent.futures.ProcessPoolExecutor(min(16, max(1, len(specs)))) as pool:
+        list(pool.map(_compile_wgmma, [(name, bf16, dict(launch)) for name, bf16, launch in sorted(specs)]))
+
+
 def tune_wgmma(qw, m: int, dtype) -> "dict | None":
     """The CUDA wgmma kernel's fastest launch (wgmma_launches x split) for this weight and M; None where the kernel
     does not take the case (not sm_90)."""
@@ -199,6 +216,8 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
     faster).
     cuda_only: keep ``table``'s Triton entries (they must be there) and time the CUDA kernels alone; wgmma_only:
     time the wgmma kernel alone and keep the faster of it and the entry's "cuda" launch."""
+    if cuda_too and torch.cuda.get_device_capability() == (9, 0):
+        prewarm_wgmma(fmt, dtype, ms)
     for m in ms:
         for name, (n, k) in SHAPES.items():
             if shapes != "all" and not name.startswith(shapes):
