@@ -5,7 +5,10 @@ import sys
 
 rows = list(csv.reader(line for line in sys.stdin if line.startswith('"')))
 header, body = rows[0], rows[1:]
-col = next(i for i, h in enumerate(header) if "Sampling" in h and "All" in h)
+print("header:", header[:40])
+col = next((i for i, h in enumerate(header) if "Sampl" in h and "All" in h), None)
+if col is None:
+    col = next(i for i, h in enumerate(header) if "Sampl" in h or "stall" in h.lower())
 src = next(i for i, h in enumerate(header) if h == "Source")
 addr = next((i for i, h in enumerate(header) if h == "Address"), 0)
 total = sum(float(r[col] or 0) for r in body if len(r) > col) or 1.0
