@@ -3,9 +3,8 @@ stall samples, with their share of all samples.   ncu ... --page source --csv --
 import csv
 import sys
 
-rows = list(csv.reader(line for line in sys.stdin if line.startswith('"')))
+rows = [r for r in csv.reader(line for line in sys.stdin if line.startswith('"')) if r and r[0] != "Kernel Name"]
 header, body = rows[0], rows[1:]
-print("header:", header[:40])
 col = next((i for i, h in enumerate(header) if "Sampl" in h and "All" in h), None)
 if col is None:
     col = next(i for i, h in enumerate(header) if "Sampl" in h or "stall" in h.lower())
