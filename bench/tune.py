@@ -152,12 +152,17 @@ WGMMA_TUNE_MAX_M = 512  # the largest M bucket the CUDA kernels are timed at (th
 def wgmma_launches(m: int) -> list:
     """The wgmma kernel's launches worth timing at M (bench/wgmma_probe.py's runs, H200, 2026-12-02): up to 64 and
     up to 128 rows of x per CTA, one warpgroup with x one tile ahead and registers for 3-4 CTAs per SM, or x two
-    tiles ahead (more shared memory, fewer CTAs), or two warpgroups."""
+    tiles ahead (more shared memory, fewer CTAs), or two warpgroups; at <= 64 rows also four warpgroups (256 weight
+    rows share each copy of x: a quarter of one warpgroup's x traffic, which bound it at M = 128) or two
+    warpgroups with registers for two CTAs."""
     shapes = []
     for n_x in sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))}):
         shapes += [dict(n_x=n_x, wgs=1, x_ahead=1, min_ctas=4 if n_x <= 64 else 3),
                    dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=3 if n_x <= 64 else 1),
                    dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=1)]
+        if n_x <= 64:
+            shapes += [dict(n_x=n_x, wgs=4, x_ahead=1, min_ctas=1), dict(n_x=n_x, wgs=4, x_ahead=2, min_ctas=1),
+                       dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=2)]
     return shapes
 
 

@@ -506,9 +506,9 @@ hopper = pytest.mark.skipif(not CUDA or INTERPRETED or torch.cuda.get_device_cap
                                            ("e3m2", torch.bfloat16, 100), ("e3m2", torch.float16, 300),
                                            ("e2m1", torch.bfloat16, 64), ("e4m3", torch.float16, 33)])
 def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
-    """The wgmma kernel, unsplit and split, 1 and 2 warpgroups, with and without bias; 200 rows (not a multiple of
-    a CTA's 64 or 128), 6 K tiles; x rows per CTA as dispatched, and 8 (M = 17: grid z of three, the last partial)
-    and 192 (M = 300: two z blocks, the last partial). The formats differ only in dequant_tile, which the other
+    """The wgmma kernel, unsplit and split, 1, 2 and 4 warpgroups, with and without bias; 200 rows (not a multiple
+    of a CTA's 64, 128 or 256), 6 K tiles; x rows per CTA as dispatched, and 8 (M = 17: grid z of three, the last
+    partial), 192 (M = 300: two z blocks, the last partial) and 64 with four warpgroups (M = 300: five z blocks). The formats differ only in dequant_tile, which the other
     CUDA kernels share and test for every format."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 768
@@ -516,7 +516,8 @@ def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
     x = torch.randn(m, k, generator=gen).to("cuda", dtype)
     bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
     ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
-    launches = [(1, None, 2), (3, None, 2), (2, None, 1)] + {17: [(2, 8, 2)], 300: [(1, 192, 2)]}.get(m, [])
+    launches = [(1, None, 2), (3, None, 2), (2, None, 1)] + {17: [(2, 8, 2)], 64: [(2, 64, 4)],
+                                                             300: [(1, 192, 2), (3, 64, 4)]}.get(m, [])
     for split, n_x, wgs in launches:
         out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
         err = ((out.double() - ref).norm() / ref.norm()).item()

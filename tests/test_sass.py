@@ -145,14 +145,14 @@ def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
-    """The wgmma kernel for sm_90a at the default launches of 64 and 128 rows of x (FP16, BF16) and at a 24-row,
-    two-warpgroup, biased e2m1 launch: no local memory, within the registers of its CTAs per SM, 16 HGMMA per loop
+    """The wgmma kernel for sm_90a at the default launches of 64 and 128 rows of x (FP16, BF16), a 24-row,
+    two-warpgroup, biased e2m1 launch and a four-warpgroup one: no local memory, within the registers of its CTAs per SM, 16 HGMMA per loop
     pass (8 k-steps x 2 K tiles), and ptxas did not serialize the wgmma (C7513: an input register of a wgmma
     written inside its pipeline stage)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
     cases = [("e3m2", False, 64, 1, 1, 4, False), ("e3m2", True, 128, 1, 1, 3, False),
-             ("e2m1", False, 24, 2, 2, 1, True)]
+             ("e2m1", False, 24, 2, 2, 1, True), ("e3m2", False, 64, 4, 1, 1, False)]
     for name, bf16, n_x, wgs, x_ahead, min_ctas, bias in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, 2, x_ahead, 0, min_ctas)
         log = []

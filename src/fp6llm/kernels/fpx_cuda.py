@@ -470,8 +470,8 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     A buffer (ptxas then serializes the wgmma of each tile: C7513), 2 de-quantizes the next tile during the wgmma
     into registers no wgmma reads and moves them after the wait; min_ctas: CTAs per SM the registers must allow
     (__launch_bounds__)."""
-    if wgs not in (1, 2):
-        raise ValueError(f"the wgmma kernel runs 1 or 2 warpgroups per CTA, not {wgs}")
+    if wgs not in (1, 2, 4):
+        raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
     if w_ahead not in (2, 4) or x_ahead not in (1, 2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 2 or 4 weight tiles and 1-4 x tiles in flight, not {w_ahead}, "
                          f"{x_ahead}")

@@ -130,6 +130,11 @@ __device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
 }
 
 __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u32 buffer) {
+#if ABLATE == 2
+#pragma unroll
+    for (int i = 0; i < 32; ++i) asm volatile("" :: "r"(a[i]));
+    return;
+#endif
     // k-step ks: atom ks / 4, bytes 32 (ks % 4) of each row (the hardware applies the swizzle). The descriptors are
     // made before the fence: a register of a wgmma defined inside its pipeline stage makes ptxas serialize every
     // wgmma of the stage (C7513).
@@ -146,7 +151,17 @@ __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u3
     wgmma_commit();
 }
 
+#ifndef ABLATE
+#define ABLATE 0  // bench only: 1 skips the de-quantization (A = raw plane words), 2 skips the wgmma
+#endif
+
 __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 (&a)[32]) {
+#if ABLATE == 1
+    const u32* raw = reinterpret_cast<const u32*>(&tile);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) a[i] = raw[i % (sizeof(Tile) / 4)];
+    return;
+#endif
     dequant_tile(tile, pw, a);
 #if IS_BF16
 #pragma unroll
