@@ -472,6 +472,9 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     (__launch_bounds__)."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
+    if 65536 // (128 * wgs * min_ctas) < n_x // 2 + 70:  # accumulators, A, two raw tiles, addresses
+        raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators per thread at {min_ctas} CTAs of "
+                         f"{wgs} warpgroups per SM ({65536 // (128 * wgs * min_ctas)} registers per thread)")
     if w_ahead not in (2, 4) or x_ahead not in (1, 2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 2 or 4 weight tiles and 1-4 x tiles in flight, not {w_ahead}, "
                          f"{x_ahead}")
@@ -561,11 +564,12 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         wgs = measured.wgs if wgs is None else wgs
         x_ahead = measured.x_ahead if x_ahead is None else x_ahead
         min_ctas = measured.min_ctas if min_ctas is None else min_ctas
-    default = wgmma_launch(m)
-    n_x = default["n_x"] if n_x is None else n_x
+    default = wgmma_launch(m) if n_x is None else dict(wgmma_launch(m), n_x=n_x, min_ctas=1)
+    n_x = default["n_x"]
+    if min_ctas is None:  # the default's CTAs per SM are for its own rows of x and warpgroups
+        min_ctas = default["min_ctas"] if wgs in (None, default["wgs"]) else 1
     wgs = default["wgs"] if wgs is None else wgs
     x_ahead = default["x_ahead"] if x_ahead is None else x_ahead
-    min_ctas = default["min_ctas"] if min_ctas is None else min_ctas
     if not 8 <= n_x <= WGMMA_MAX_N_X or n_x % 8:
         raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, w_ahead, x_ahead,
