@@ -168,8 +168,8 @@ def wgmma_launches(m: int) -> list:
 
 def _compile_wgmma(spec) -> None:
     name, bf16, launch = spec
-    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, launch["n_x"], False, launch["wgs"], 2,
-                                          launch["x_ahead"], 0, launch["min_ctas"])
+    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, launch["n_x"], False, launch["wgs"],
+                                          launch["x_ahead"], launch["min_ctas"])
     fpx_cuda.cached_cubin(source, "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
 
 

@@ -49,9 +49,8 @@ def check(quick: bool) -> list:
 
 
 def _compile(spec):
-    fmt, bf16, n_x, wgs, w_ahead, x_ahead, pending, min_ctas = spec
-    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), bf16, n_x, False, wgs, w_ahead, x_ahead, pending,
-                                          min_ctas)
+    fmt, bf16, n_x, wgs, x_ahead, min_ctas = spec
+    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), bf16, n_x, False, wgs, x_ahead, min_ctas)
     fpx_cuda.cached_cubin(source, "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
 
 
@@ -63,17 +62,17 @@ def prewarm(specs) -> None:
 
 
 def launches_for(m: int, sweep: str) -> list:
-    """(n_x, split, wgs, w_ahead, x_ahead, pending, min_ctas) to time at M."""
+    """(n_x, split, wgs, x_ahead, min_ctas) to time at M."""
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
     if sweep == "pipeline":
-        return [(n_x, split, 1, 2, xa, 0, min_ctas) for n_x in n_xs for split in (1, 2) for xa in (1, 2)
-                for min_ctas in ((1, 3, 4) if n_x <= 64 else (1, 3))]
-    return [(n_x, split, 2, 2, 2, 0, 1) for n_x in n_xs for split in (1, 2, 4)]
+        return [(n_x, split, wgs, xa, min_ctas) for n_x in n_xs for split in (1, 2) for xa in (1, 2)
+                for wgs, min_ctas in (((1, 1), (1, 3), (1, 4), (4, 1)) if n_x <= 64 else ((1, 1), (1, 3)))]
+    return [(n_x, split, 1, 1, 4 if n_x <= 64 else 3) for n_x in n_xs for split in (1, 2, 4)]
 
 
 def timing(ms, shapes, sweep: str) -> list:
     rows = []
-    prewarm(("e3m2", False, l[0], l[2], l[3], l[4], l[5], l[6]) for m in ms for l in launches_for(m, sweep))
+    prewarm(("e3m2", False, l[0], l[2], l[3], l[4]) for m in ms for l in launches_for(m, sweep))
     for name in shapes:
         n, k = SHAPES[name]
         qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")
@@ -90,7 +89,7 @@ def timing(ms, shapes, sweep: str) -> list:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ qw.dequantize(torch.float32).T
             for launch in launches_for(m, sweep):
-                kw = dict(zip(("n_x", "split", "wgs", "w_ahead", "x_ahead", "pending", "min_ctas"), launch))
+                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas"), launch))
                 out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, **kw)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, kw=kw:
@@ -102,7 +101,7 @@ def timing(ms, shapes, sweep: str) -> list:
             row["best"] = best
             print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
                   f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, {best}) all: "
-                  + " ".join(f"{r['n_x']}/{r['split']}/x{r['x_ahead']}c{r['min_ctas']}:{r['us']:.0f}"
+                  + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}:{r['us']:.0f}"
                              for r in row["wgmma"]), flush=True)
             rows.append(row)
         del qw

@@ -320,7 +320,7 @@ def test_wgmma_kernel_launch_arithmetic():
     assert "m64n24k16.f32.bf16.bf16 {%0, %1," in defines[0] and "%11}, {%12, %13, %14, %15}, %16, p" in defines[0]
     assert defines[1].count('"+f"') == 12
     assert fpx_cuda.wgmma_shared_bytes(128, 1) == 2 * 128 * 256 + 1024  # this tile and the next
-    assert fpx_cuda.wgmma_shared_bytes(64, 2, pending=1) == 4 * 64 * 256 + 1024
+    assert fpx_cuda.wgmma_shared_bytes(64, 2) == 3 * 64 * 256 + 1024
     assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 1, "min_ctas": 4}
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)

@@ -154,7 +154,7 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     cases = [("e3m2", False, 64, 1, 1, 4, False), ("e3m2", True, 128, 1, 1, 3, False),
              ("e2m1", False, 24, 2, 2, 1, True), ("e3m2", False, 64, 4, 1, 1, False)]
     for name, bf16, n_x, wgs, x_ahead, min_ctas, bias in cases:
-        source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, 2, x_ahead, 0, min_ctas)
+        source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas)
         log = []
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
         assert "C7513" not in log[0] and "serialized" not in log[0], log[0]

@@ -462,33 +462,26 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
             "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
 
 
-def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1,
-                        w_ahead: int = 2, x_ahead: int = 2, pending: int = 0, min_ctas: int = 1) -> str:
+def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
+                        min_ctas: int = 1) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
-    rows each) per CTA, weights w_ahead (2 or 4) and x x_ahead K tiles in flight; ``pending``: 0 waits for a tile's
-    wgmma before de-quantizing the next tile, 1 leaves them running while the next tile is de-quantized into the other
-    A buffer (ptxas then serializes the wgmma of each tile: C7513), 2 de-quantizes the next tile during the wgmma
-    into registers no wgmma reads and moves them after the wait; min_ctas: CTAs per SM the registers must allow
-    (__launch_bounds__)."""
+    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__)."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
     if 65536 // (128 * wgs * min_ctas) < n_x // 2 + 70:  # accumulators, A, two raw tiles, addresses
         raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators per thread at {min_ctas} CTAs of "
                          f"{wgs} warpgroups per SM ({65536 // (128 * wgs * min_ctas)} registers per thread)")
-    if w_ahead not in (2, 4) or x_ahead not in (1, 2, 3, 4):
-        raise ValueError(f"the wgmma kernel keeps 2 or 4 weight tiles and 1-4 x tiles in flight, not {w_ahead}, "
-                         f"{x_ahead}")
+    if x_ahead not in (1, 2, 3, 4):
+        raise ValueError(f"the wgmma kernel keeps 1-4 K tiles of x in flight, not {x_ahead}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
-               f"#define HAS_BIAS {int(has_bias)}", f"#define W_AHEAD {w_ahead}", f"#define X_AHEAD {x_ahead}",
-               f"#define WGMMA_PENDING {pending}", f"#define MIN_CTAS {min_ctas}",
+               f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
                *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
 
-def wgmma_shared_bytes(n_x: int, x_ahead: int = 2, pending: int = 0) -> int:
-    """Dynamic shared memory of one CTA: X_STAGES = x_ahead + 1 (+ 1 with pending 1) K tiles of x (n_x rows x 256
-    bytes) and 1 KiB to align them."""
-    return (x_ahead + 1 + (pending == 1)) * n_x * 256 + 1024
+def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
+    """Dynamic shared memory of one CTA: x_ahead + 1 K tiles of x (n_x rows x 256 bytes) and 1 KiB to align them."""
+    return (x_ahead + 1) * n_x * 256 + 1024
 
 
 def wgmma_x_order(x: torch.Tensor) -> torch.Tensor:
@@ -514,15 +507,15 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
     return -(-(-(-m // z)) // 8) * 8
 
 
-def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device,
-                  w_ahead: int = 2, x_ahead: int = 2, pending: int = 0, min_ctas: int = 1):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, w_ahead, x_ahead, pending, min_ctas,
-           tuple(WGMMA_EXTRA_DEFINES), torch.device(device).index)
+def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
+                  min_ctas: int = 1):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, tuple(WGMMA_EXTRA_DEFINES),
+           torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              w_ahead, x_ahead, pending, min_ctas),
+                                                              x_ahead, min_ctas),
                              WGMMA_KERNEL_NAME, 4 * wgs, device)
-    shared = wgmma_shared_bytes(n_x, x_ahead, pending)
+    shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8): above 48 KiB a kernel must ask for it
         libcuda = torch.cuda._utils._get_gpu_runtime_library()
@@ -550,12 +543,11 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
-              split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None, w_ahead: int = 2,
-              x_ahead: "int | None" = None, pending: int = 0, min_ctas: "int | None" = None) -> torch.Tensor:
+              split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
+              x_ahead: "int | None" = None, min_ctas: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
-    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model; w_ahead / pending are
-    for experiments (see wgmma_kernel_source)."""
+    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "wgmma":
@@ -572,8 +564,8 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     x_ahead = default["x_ahead"] if x_ahead is None else x_ahead
     if not 8 <= n_x <= WGMMA_MAX_N_X or n_x % 8:
         raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
-    kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, w_ahead, x_ahead,
-                                             pending, min_ctas)
+    kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
+                                             min_ctas)
     rows_per_cta = 64 * wgs
     row_blocks, z = -(-n // rows_per_cta), -(-m // n_x)
     n_pad, m_pad = row_blocks * rows_per_cta, z * n_x

@@ -4,8 +4,7 @@
 // the small-M kernel does, and the lane registers that come out (pair q = 4 ks + r is register r of k-step ks) are
 // the A fragments of wgmma.m64nN_Xk16 for rows 16 w .. 16 w + 15 of the warpgroup's 64 rows. x^T is the B operand,
 // N_X rows of x per CTA, from shared memory. Each weight tile is de-quantized once per CTA and multiplied with all
-// N_X rows (the mma.sync kernels re-issue one MMA per n8 block; here one instruction covers them all), and the
-// MMAs run asynchronously: a tile's wgmma runs while the warpgroup de-quantizes the next tile.
+// N_X rows (the mma.sync kernels re-issue one MMA per n8 block; here one instruction covers them all).
 //
 // x: the weight fragments use the small kernel's k order (logical k 8 h + 2 t + j of k-step ks is column
 // 32 t + 4 ks + 2 h + j of a 128-column tile), so the launcher passes x with each tile's columns permuted into that
@@ -14,7 +13,11 @@
 // columns, N_X rows of 128 bytes each, chunk c of row n at c ^ (n & 7)): coalesced 16-byte reads, conflict-free
 // writes. Copying 4-byte words of unpermuted x instead (the first version) cost ~4 shared-memory wavefronts per
 // word and bound the kernel (ncu, H200, 2026-12-02: 1.1 of 1.4 us per K tile).
-// x X_AHEAD K tiles ahead in X_AHEAD + 2 buffers; weights W_AHEAD tiles ahead in as many register buffers.
+// x X_AHEAD K tiles ahead in X_AHEAD + 1 buffers; weights two tiles ahead in two register buffers. A tile's wgmma
+// are waited for before the next tile (the other CTAs of the SM overlap them): leaving them running while the
+// next tile is de-quantized into the other A buffer makes ptxas serialize every wgmma (C7513: an input register
+// of a wgmma written inside its pipeline stage), and de-quantizing into plain registers moved after the wait
+// measured no faster (bench/results/wgmma-h200-2026-12-02/, runs 3-4); nor did four weight tiles in flight.
 //
 // Grid: (ceil(M / N_X), ceil(N / ROWS_PER_CTA), SPLIT), split-K as in fpx_mid_m.cu (slabs per (z, split), the last
 // CTA of (row block, z block) to arrive sums them in split order; arrival counters reset by that CTA).
@@ -31,17 +34,11 @@
 #define SPLIT_INDEX blockIdx.z
 #define SPLITS gridDim.z
 #define ACC (N_X / 2)
-#ifndef W_AHEAD
 #define W_AHEAD 2                        // K tiles of weights in flight (register buffers; even)
-#endif
 #ifndef X_AHEAD
 #define X_AHEAD 2                        // K tiles of x in flight
 #endif
-#ifndef WGMMA_PENDING
-#define WGMMA_PENDING 1                  // wgmma groups left in flight at the end of a K tile
-#endif
-// The tiles in flight, this one, and with WGMMA_PENDING 1 the previous one (its wgmma may still run)
-#define X_STAGES (X_AHEAD + 1 + (WGMMA_PENDING == 1))
+#define X_STAGES (X_AHEAD + 1)           // the tiles in flight and this one
 #ifndef MIN_CTAS
 #define MIN_CTAS 1                       // __launch_bounds__: resident CTAs per SM ptxas must allow by registers
 #endif
@@ -204,10 +201,9 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
 #pragma unroll
         for (int i = 0; i < W_AHEAD; ++i)
             if (kt0 + i < kt1) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
-        // One K tile: de-quantize it (its A buffer was last read by the wgmma of two tiles ago, which the previous
-        // step waited for), load the weights W_AHEAD tiles ahead into the freed registers, wait for x, stage x
-        // X_AHEAD tiles ahead into the buffer of two tiles ago or older (every warpgroup has waited for its
-        // wgmma: the barrier), issue this tile's 8 wgmma and wait for the previous tile's.
+        // One K tile: de-quantize it, load the weights W_AHEAD tiles ahead into the freed registers, wait for x,
+        // stage x X_AHEAD tiles ahead into the buffer of the previous tile (every warpgroup has waited for its
+        // wgmma: the barrier), issue this tile's 8 wgmma and wait for them.
 #define STEP(KT, TILE, A)                                                                  \
         {                                                                                  \
             const int kt_ = (KT);                                                          \
@@ -220,47 +216,15 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
                 stage_x(smem + ((kt_ - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD); \
             cp_async_commit();                                                             \
             mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);              \
-            wgmma_wait<WGMMA_PENDING>();                                                   \
+            wgmma_wait<0>();                                                               \
         }
-#if WGMMA_PENDING == 2
-        // The next tile is de-quantized while this tile's wgmma run, into registers that no wgmma reads, and moved
-        // into the A registers after the wait (ptxas serializes a stage's wgmma if any of their input registers is
-        // written inside the stage: C7513).
-        u32 next[32];
-        dequant(w[0], pw, next);
-        if (kt0 + W_AHEAD < kt1) load_tile(w[0], p0, p1, p2, base + kt0 + W_AHEAD, lane);
         for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
 #pragma unroll
             for (int i = 0; i < W_AHEAD; ++i) {
-                const int kt_ = kt + i;
-                if (kt_ >= kt1) break;
-                u32 (&A)[32] = a[0];
-#pragma unroll
-                for (int r = 0; r < 32; ++r) asm volatile("mov.b32 %0, %1;" : "=r"(A[r]) : "r"(next[r]));
-                cp_async_wait<X_AHEAD - 1>();
-                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                __syncthreads();
-                if (kt_ + X_AHEAD < kt1)
-                    stage_x(smem + ((kt_ - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD);
-                cp_async_commit();
-                mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);
-                if (kt_ + 1 < kt1) {
-                    Tile& following = w[(i + 1) % W_AHEAD];
-                    dequant(following, pw, next);
-                    if (kt_ + 1 + W_AHEAD < kt1) load_tile(following, p0, p1, p2, base + kt_ + 1 + W_AHEAD, lane);
-                }
-                wgmma_wait<0>();
-            }
-        }
-#else
-        for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
-#pragma unroll
-            for (int i = 0; i < W_AHEAD; ++i) {  // W_AHEAD is even: the A buffers alternate
                 if (kt + i >= kt1) break;
                 STEP(kt + i, w[i], a[i % 2])
             }
         }
-#endif
 #undef STEP
         wgmma_wait<0>();
         fence_accumulators(d);
