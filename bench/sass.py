@@ -166,14 +166,23 @@ def mid_cubin(fmt, dtype: str, m: int, row_tiles: int, warps: int) -> bytes:
                          "sm_90a", "fpx_mid_m.cu")
 
 
+def wgmma_cubin(fmt, dtype: str, m: int, wgs: int) -> bytes:
+    from fp6llm.kernels.fpx_cuda import nvrtc_compile, wgmma_kernel_source, wgmma_launch
+    launch = wgmma_launch(m)
+    return nvrtc_compile(wgmma_kernel_source(fmt, dtype == "bfloat16", launch["n_x"], False, wgs, launch["x_ahead"],
+                                             launch["min_ctas"] if wgs == launch["wgs"] else 1),
+                         "sm_90a", "fpx_wgmma.cu")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", default="e3m2")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     parser.add_argument("--m", type=int, default=1, help="rows of x (picks the configuration)")
-    parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda", "mid"])
+    parser.add_argument("--kernel", default="both", choices=["both", "triton", "cuda", "mid", "wgmma"])
     parser.add_argument("--row-tiles", type=int, default=2, help="the mid-M kernel's 16-row tiles per warp")
     parser.add_argument("--warps", type=int, default=4, help="the mid-M kernel's warps per CTA")
+    parser.add_argument("--wgs", type=int, default=1, help="the wgmma kernel's warpgroups per CTA")
     parser.add_argument("--fma-shifts", action="store_true",
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
     parser.add_argument("--no-prefetch-x", action="store_true",
@@ -206,6 +215,11 @@ def main(argv=None) -> int:
         name = f"CUDA fpx_mid_m row_tiles={args.row_tiles} warps={args.warps} (per warp)"
         results["mid"] = report(name, mid_cubin(fmt, args.dtype, args.m, args.row_tiles, args.warps), 1,
                                 2 * args.row_tiles * 16 * 128)
+    if args.kernel == "wgmma":
+        # one warp, one loop pass = two 16 x 128 tiles (the default launch for M: fpx_cuda.wgmma_launch); each
+        # weight is multiplied with all the CTA's rows of x, so these are per weight and CTA, not per MAC
+        name = f"CUDA fpx_wgmma wgs={args.wgs} (per warp)"
+        results["wgmma"] = report(name, wgmma_cubin(fmt, args.dtype, args.m, args.wgs), 1, 2 * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     return 0

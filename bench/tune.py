@@ -187,8 +187,13 @@ def tune_wgmma(qw, m: int, dtype) -> "dict | None":
     """The CUDA wgmma kernel's fastest launch (wgmma_launches x split) for this weight and M; None where the kernel
     does not take the case (not sm_90)."""
     n, k = qw.shape
+
+    def cap(shape):  # the split fpx_wgmma would clamp to (the reserved partials)
+        rows = 64 * shape["wgs"]
+        return fpx_cuda.mid_split_cap(-(-n // rows) * rows, -(-m // shape["n_x"]) * shape["n_x"], k // 128)
+
     results = time_launches(qw, m, dtype, "fpx_wgmma", [dict(shape, split=split) for shape in wgmma_launches(m)
-                                                        for split in _splits(k, WGMMA_SPLITS)])
+                                                        for split in _splits(k, WGMMA_SPLITS) if split <= cap(shape)])
     if results is None:
         return None
     print(f"  wgmma M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}n{l['n_x']}g{l['wgs']}"

@@ -361,6 +361,31 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
     assert checked >= 5 * 8
 
 
+def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
+    """Every "wgmma" launch in the H200 file (M = 32..512) is one the kernel builds (x rows per CTA a multiple of 8,
+    at most WGMMA_MAX_N_X; registers for its CTAs per SM), covers its bucket's rows in a grid z, and splits K within
+    the reserved partials."""
+    from fp6llm.kernels import fpx_cuda
+    tables = dispatch.tables_in(dispatch.CONFIG_DIR / "h200.json")
+    checked = 0
+    for bucket, shapes in tables[("e3m2", "float16")].items():
+        for shape, entry in shapes.items():
+            launch = dispatch._launch(entry["cuda"]) if isinstance(entry.get("cuda"), dict) else None
+            if launch is None or launch.kernel != "wgmma":
+                continue
+            n, k = map(int, shape.split("x"))
+            m = int(bucket)
+            assert 16 < m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
+            fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch.n_x, True, launch.wgs, launch.x_ahead,
+                                         launch.min_ctas)  # raises for a launch it cannot build
+            z = -(-m // launch.n_x)
+            row_blocks = -(-n // (64 * launch.wgs))
+            cap = fpx_cuda.mid_split_cap(row_blocks * 64 * launch.wgs, z * launch.n_x, k // 128)
+            assert 1 <= launch.split <= cap, (bucket, shape, launch)
+            checked += 1
+    assert checked >= 30
+
+
 def test_shipped_table_is_found_by_the_gpu_name(monkeypatch):
     """The H100 table is read for a device named as torch reports it: each measured shape gets its own entry (its
     time dropped; the entries of layout 1's 64-column blocks are the widening test's case)."""
