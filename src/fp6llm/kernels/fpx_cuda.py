@@ -419,21 +419,31 @@ def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     blocks = mid_blocks_m(m, MID_MAX_BLOCKS_M if blocks is None else blocks)
     kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device)
     rows_per_cta = 16 * row_tiles * warps
-    row_blocks, z = -(-n // rows_per_cta), -(-m // (8 * blocks))
-    n_pad, m_pad = row_blocks * rows_per_cta, z * 8 * blocks
-    k_tiles = k // TILE_K
     if split is None:
         split = choose_mid_split(n, k, m, rows_per_cta,
                                  torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
-    split = max(1, min(split, mid_split_cap(n_pad, m_pad, k_tiles)))
+    return _launch_split_k(kernel, x, x, planes, scales, bias, fmt, n, k, rows_per_cta, 8 * blocks, split,
+                           warps * 32)
+
+
+def _launch_split_k(kernel, x: torch.Tensor, x_arg: torch.Tensor, planes, scales, bias, fmt: FPFormat, n: int,
+                    k: int, rows_per_cta: int, m_per_cta: int, split: int, threads: int,
+                    shared: int = 0) -> torch.Tensor:
+    """Launch a kernel on grid (z blocks of m_per_cta rows of x, row blocks of rows_per_cta, splits) with the mid-M
+    kernels' arguments (x_arg as the kernel's x: the wgmma kernel's permuted copy); the split is capped by the
+    reserved partials (mid_split_cap) and trimmed so that no CTA is empty."""
+    m = x.shape[0]
+    row_blocks, z = -(-n // rows_per_cta), -(-m // m_per_cta)
+    k_tiles = k // TILE_K
+    split = max(1, min(split, mid_split_cap(row_blocks * rows_per_cta, z * m_per_cta, k_tiles)))
     kps = -(-k_tiles // split)
     split = -(-k_tiles // kps)  # no empty CTAs
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counts = WORKSPACE.reserve(x.device, MID_WORKSPACE_FLOATS, row_blocks * z) if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
-    kernel(grid=(z, row_blocks, split), block=(warps * 32, 1, 1),
-           args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
-                 counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
+    kernel(grid=(z, row_blocks, split), block=(threads, 1, 1), shared_mem=shared,
+           args=[x_arg, x_arg.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0),
+                 ws, counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
     return out
 
 
@@ -566,21 +576,8 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
                                              min_ctas)
-    rows_per_cta = 64 * wgs
-    row_blocks, z = -(-n // rows_per_cta), -(-m // n_x)
-    n_pad, m_pad = row_blocks * rows_per_cta, z * n_x
-    k_tiles = k // TILE_K
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs,
                                    torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
-    split = max(1, min(split, mid_split_cap(n_pad, m_pad, k_tiles)))
-    kps = -(-k_tiles // split)
-    split = -(-k_tiles // kps)  # no empty CTAs
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws, counts = WORKSPACE.reserve(x.device, MID_WORKSPACE_FLOATS, row_blocks * z) if split > 1 else (out, out)
-    padded = list(planes) + [planes[0]] * (3 - len(planes))
-    xp = wgmma_x_order(x)
-    kernel(grid=(z, row_blocks, split), block=(128 * wgs, 1, 1), shared_mem=shared,
-           args=[xp, xp.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
-                 counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
-    return out
+    return _launch_split_k(kernel, x, wgmma_x_order(x), planes, scales, bias, fmt, n, k, 64 * wgs, n_x, split,
+                           128 * wgs, shared)

@@ -1,4 +1,4 @@
-// Helpers shared by the TC-FPx CUDA kernels (fpx_small_m.cu, fpx_mid_m.cu): streaming loads, the field moves
+// Helpers shared by the TC-FPx CUDA kernels (fpx_small_m.cu, fpx_mid_m.cu, fpx_wgmma.cu): streaming loads, the field moves
 // as multiplies, fp16/bf16 conversions and mma.sync. kernels/fpx_cuda.py puts this text after the generated
 // defines and before the kernel's own source; it is one translation unit for NVRTC, with no headers (fp16/bf16 conversions are inline PTX).
 
@@ -123,3 +123,46 @@ __device__ __forceinline__ u16 finish(float v, int n, const float* __restrict__ 
     return float_to_act(v);
 }
 
+
+// The epilogue of a kernel on grid (z blocks, row blocks, splits) (fpx_wgmma.cu; fpx_mid_m.cu has its own copy):
+// a thread holds E float32 sums, v[e] for weight row row_of(e) and x row m0 + col_of(e) (col_of < m_per_cta).
+// One split: each is finished and stored. Split-K: each CTA publishes its partial [rows_per_cta x m_per_cta] to ws at slab (z, split),
+// counts its arrival (one counter per row block and z block), and the last CTA to arrive sums the slabs in split
+// order (results independent of timing) and resets the counter (ready for the next launch or graph replay).
+template <int E, class RowOf, class ColOf>
+__device__ __forceinline__ void store_outputs(const float* v, RowOf row_of, ColOf col_of, int m0, int m_per_cta,
+                                              int rows_per_cta, int M, int N, u16* __restrict__ out, int ldo,
+                                              float* __restrict__ ws, int* __restrict__ counts,
+                                              const float* __restrict__ scales, float scale_factor,
+                                              const u16* __restrict__ bias) {
+    if (gridDim.z == 1) {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const int n = row_of(e), m = m0 + col_of(e);
+            if (n < N && m < M) out[(long)m * ldo + n] = finish(v[e], n, scales, scale_factor, bias);
+        }
+        return;
+    }
+    const long slab = (long)gridDim.y * rows_per_cta * m_per_cta;  // one (z, split) partial, row-major [n][m - m0]
+    float* part = ws + ((long)blockIdx.x * gridDim.z + blockIdx.z) * slab;
+#pragma unroll
+    for (int e = 0; e < E; ++e)
+        if (m0 + col_of(e) < M) part[(long)row_of(e) * m_per_cta + col_of(e)] = v[e];
+    __threadfence();
+    __syncthreads();
+    __shared__ int arrived;
+    int* count = counts + blockIdx.x * gridDim.y + blockIdx.y;
+    if (threadIdx.x == 0) arrived = atomicAdd(count, 1);
+    __syncthreads();
+    if (arrived != gridDim.z - 1) return;
+    __threadfence();
+    const float* first = ws + (long)blockIdx.x * gridDim.z * slab;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const int n = row_of(e), mm = col_of(e);
+        if (m0 + mm < M && n < N)
+            out[(long)(m0 + mm) * ldo + n] =
+                finish(sum_partials(first + (long)n * m_per_cta + mm, slab, gridDim.z), n, scales, scale_factor, bias);
+    }
+    if (threadIdx.x == 0) *count = 0;
+}

@@ -231,39 +231,7 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     }
 
     // d[i]: weight row 16 tile + g + 8 ((i >> 1) & 1), x row m0 + 8 (i >> 2) + 2 t + (i & 1).
-#define ROW_OF(i) (16 * tile + g + 8 * (((i) >> 1) & 1))
-#define X_ROW_OF(i) (8 * ((i) >> 2) + 2 * t + ((i) & 1))  // from m0
-    if (SPLITS == 1) {
-#pragma unroll
-        for (int i = 0; i < ACC; ++i) {
-            const int n = ROW_OF(i), m = m0 + X_ROW_OF(i);
-            if (n < N && m < M) out[(long)m * ldo + n] = finish(d[i], n, scales, scale_factor, bias);
-        }
-        return;
-    }
-    // Split-K: publish this CTA's partial, count arrivals, the last one reduces.
-    const long slab = (long)ROW_BLOCKS * ROWS_PER_CTA * N_X;  // one (z, split) partial, row-major [n][m - m0]
-    float* part = ws + ((long)Z_BLOCK * SPLITS + SPLIT_INDEX) * slab;
-#pragma unroll
-    for (int i = 0; i < ACC; ++i)
-        if (m0 + X_ROW_OF(i) < M) part[(long)ROW_OF(i) * N_X + X_ROW_OF(i)] = d[i];
-    __threadfence();
-    __syncthreads();
-    __shared__ int arrived;
-    int* count = counts + Z_BLOCK * ROW_BLOCKS + ROW_BLOCK;
-    if (threadIdx.x == 0) arrived = atomicAdd(count, 1);
-    __syncthreads();
-    if (arrived != SPLITS - 1) return;
-    __threadfence();
-    const float* first = ws + (long)Z_BLOCK * SPLITS * slab;
-#pragma unroll
-    for (int i = 0; i < ACC; ++i) {
-        const int n = ROW_OF(i), mm = X_ROW_OF(i);
-        if (m0 + mm < M && n < N)  // the partials in split order: results independent of timing
-            out[(long)(m0 + mm) * ldo + n] =
-                finish(sum_partials(first + (long)n * N_X + mm, slab, SPLITS), n, scales, scale_factor, bias);
-    }
-#undef ROW_OF
-#undef X_ROW_OF
-    if (threadIdx.x == 0) *count = 0;  // ready for the next launch or graph replay
+    store_outputs<ACC>(d, [&](int i) { return 16 * tile + g + 8 * ((i >> 1) & 1); },
+                       [&](int i) { return 8 * (i >> 2) + 2 * t + (i & 1); }, m0, N_X, ROWS_PER_CTA, M, N, out, ldo,
+                       ws, counts, scales, scale_factor, bias);
 }
