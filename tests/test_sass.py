@@ -4,6 +4,7 @@ through NVRTC for every kernel format, and the main loops stay inside their per-
 docs/kernel-notes.md has the figures)."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -170,7 +171,24 @@ def test_cuda_kernel_refuses_what_it_does_not_handle():
     assert not fpx_cuda.supports(E3M2, None, x, 64, 256)
     split = fpx_cuda.choose_split(8192, 8192, 1, 132)  # 128 row blocks alone leave the SMs a CTA each
     assert split > 1 and 128 * split <= 132 * 6  # ... and one wave of 6 resident CTAs per SM, not 1.3 waves
-    assert fpx_cuda.choose_split(57344, 8192, 1, 132, resident=8) < fpx_cuda.choose_split(57344, 8192, 1, 132)
+
+
+def test_cuda_split_model_is_near_the_measured_best():
+    """choose_split against the H200's split sweeps of the small-M kernel (every shape x M of bench/tune.py, 11
+    splits each, x a tile ahead), at the CTAs per SM the kernel runs (5 at M <= 8, 4 above): the model's split
+    costs <= 1.02x the measured best in geo-mean and <= 1.10x on every case (fitted SUM_COST: 1.014x, 1.085x)."""
+    log = ROOT / "bench" / "results" / "tune-h200-2026-12-02" / "tune-small-cuda.log"
+    ratios = []
+    for line in log.read_text().splitlines():
+        found = re.match(r"\s+cuda M=(\d+) (\d+)x(\d+): (.*)", line)
+        if not found:
+            continue
+        m, n, k = map(int, found.groups()[:3])
+        times = {int(s): float(t) for t, s in re.findall(r"([\d.]+)us s(\d+)(?:,|$)", found.group(4))}
+        split = fpx_cuda.choose_split(n, k, m, 132, resident=5 if m <= 8 else 4)
+        ratios.append(times[min(times, key=lambda s: abs(s - split))] / min(times.values()))
+    assert len(ratios) >= 40
+    assert math.exp(sum(map(math.log, ratios)) / len(ratios)) <= 1.02 and max(ratios) <= 1.10
 
 
 def test_cuda_sources_are_package_data():

@@ -304,10 +304,12 @@ def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int
                        sum_cost=SUM_COST)
 
 
-# The last CTA's reduction per split, in K tiles: four L2 round trips in flight (~0.4 us) per four splits, against
-# ~1.2 us per K tile (70b-qkv, M = 1, H200, 2026-12-02: 16 tiles in 20.6 us). An estimate, not yet fitted: with the
-# serial loop it replaced, split 56 ran 8192 x 28672 at M = 1 in 63 us against 49 us at split 5 (M = 8).
-SUM_COST = 0.1
+# The last CTA's reduction per split, in K tiles: fitted to the H200's split sweeps of the small-M kernel
+# (bench/results/tune-h200-2026-12-02/tune-small-cuda.log and tune-bf16-cuda.log: 40 + 24 shape x M cases, each
+# timed at 11 splits), with the residents the kernel runs at (5 CTAs per SM at M <= 8, 4 above). The model's split
+# then costs a geo-mean 1.014x (FP16) / 1.010x (BF16) the measured best, at most 1.085x / 1.049x; with the earlier
+# unfitted 0.1: 1.021x / 1.015x, at most 1.139x / 1.093x. Only shapes without a table entry use the model.
+SUM_COST = 0.4
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
