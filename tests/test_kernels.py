@@ -321,7 +321,7 @@ def test_wgmma_kernel_launch_arithmetic():
     assert defines[1].count('"+f"') == 12
     assert fpx_cuda.wgmma_shared_bytes(128, 1) == 2 * 128 * 256 + 1024  # this tile and the next
     assert fpx_cuda.wgmma_shared_bytes(64, 2) == 3 * 64 * 256 + 1024
-    assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 1, "min_ctas": 4}
+    assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3}
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)
     assert fpx_cuda.wgmma_launch(256)["n_x"] == 128

@@ -541,10 +541,10 @@ def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bia
 
 def wgmma_launch(m: int) -> dict:
     """The wgmma kernel's launch where no table measured one: up to 64 rows of x per CTA at M <= 64, else up to 128;
-    one warpgroup per CTA, x one K tile ahead, registers for 4 (64 rows) or 3 (128 rows) CTAs per SM (the fastest
-    of bench/wgmma_probe.py's runs 3-5 on the H200, 2026-12-02)."""
+    one warpgroup per CTA with x two K tiles ahead, registers for 3 CTAs per SM at <= 64 rows (else 1): the most
+    frequent winners of the H200 table (bench/tune.py, 2026-12-02: 10 of 18 entries at <= 64 rows, 11 of 21 above)."""
     n_x = wgmma_n_x(m, 64 if m <= 64 else 128)
-    return {"n_x": n_x, "wgs": 1, "x_ahead": 1, "min_ctas": 4 if n_x <= 64 else 3}
+    return {"n_x": n_x, "wgs": 1, "x_ahead": 2, "min_ctas": 3 if n_x <= 64 else 1}
 
 
 def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int, resident: int) -> int:
