@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
-#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | e2e | e2e70 | serve |
-#                                                           serve-mixed | all-quick
+#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | wgmma | e2e | e2e-mid |
+#                                                           e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -11,7 +11,10 @@
 #   tune      bench/tune.py, M <= 64: the measured dispatch table for this GPU (OUT_DIR/<gpu>.json: copy it to
 #             src/fp6llm/kernels/configs/ and commit it); tune-mid: M = 128..4096 merged into the same file;
 #             tune-more: e3m2 BF16 and e2m1 tables of their own (dispatch.table_for)
-#   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens
+#   wgmma     the wgmma kernel (sm_90): its GPU tests, then bench/tune.py --wgmma-only for the e3m2 BF16 table
+#             (M = 32/128/512, the buckets it has) merged into OUT_DIR/<gpu>.json (copy the file in first)
+#   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens;
+#             e2e-mid: batch 32/64/128, prompt 128 + 32 new tokens (the wgmma kernel's batches)
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
 #   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients, the server's default settings (run
 #             bench/serve_wheels.sh here first and carry .whl); serve-mixed: 8/32 clients, prompts of 64-2048 tokens
@@ -60,6 +63,17 @@ tune-more)  # tables of their own for BF16 and a 4-bit format, merged into the s
     gpu_only timeout 560 python3 bench/tune.py --formats e3m2,e2m1 --dtypes bf16,fp16 --ms 32,128,512 --merge \
         --out "$out" 2>&1 | tee "$out/tune-more.log" | grep -E "^M=|wrote|Error|dry run"
     ;;
+wgmma)
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q test_kernels.py -k "wgmma or graph" \
+        2>&1 | tail -3)
+    gpu_only timeout 350 python3 bench/tune.py --wgmma-only --formats e3m2 --dtypes bf16 --ms 32,128,512 \
+        --out "$out" 2>&1 | tee "$out/tune-wgmma-bf16.log" | grep -E "^M=|wrote|Error|dry run"
+    ;;
+e2e-mid)
+    timeout 560 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 32,64,128 \
+        --prompt-len 128 --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e-mid.log" \
+        | grep -E "^\||wrote|rror" | tail -12
+    ;;
 e2e)
     timeout 560 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" "${e2e_shape[@]}" "${device[@]}" \
         --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\||wrote|rror" | tail -12
@@ -89,8 +103,8 @@ all-quick)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | e2e | e2e70 | serve | serve-mixed |" \
-         "all-quick)" >&2
+    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | wgmma | e2e | e2e-mid | e2e70 | serve |" \
+         "serve-mixed | all-quick)" >&2
     exit 2
     ;;
 esac
