@@ -11,8 +11,9 @@
 #   tune      bench/tune.py, M <= 64: the measured dispatch table for this GPU (OUT_DIR/<gpu>.json: copy it to
 #             src/fp6llm/kernels/configs/ and commit it); tune-mid: M = 128..4096 merged into the same file;
 #             tune-more: e3m2 BF16 and e2m1 tables of their own (dispatch.table_for)
-#   wgmma     the wgmma kernel (sm_90): its GPU tests, then bench/tune.py --wgmma-only for the e3m2 BF16 table
-#             (M = 32/128/512, the buckets it has) merged into OUT_DIR/<gpu>.json (copy the file in first)
+#   wgmma     the wgmma kernel (sm_90): its GPU tests, then bench/tune.py --wgmma-only at M = 16 (e3m2 FP16:
+#             against the small-M and mid-M kernels) and for the e3m2 BF16 table (M = 32/128/512, the buckets it
+#             has), merged into OUT_DIR/<gpu>.json (copy the file in first)
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens;
 #             e2e-mid: batch 32/64/128, prompt 128 + 32 new tokens (the wgmma kernel's batches)
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
@@ -66,7 +67,9 @@ tune-more)  # tables of their own for BF16 and a 4-bit format, merged into the s
 wgmma)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q test_kernels.py -k "wgmma or graph" \
         2>&1 | tail -3)
-    gpu_only timeout 350 python3 bench/tune.py --wgmma-only --formats e3m2 --dtypes bf16 --ms 32,128,512 \
+    gpu_only timeout 150 python3 bench/tune.py --wgmma-only --formats e3m2 --dtypes fp16 --ms 16 \
+        --out "$out" 2>&1 | tee "$out/tune-wgmma-m16.log" | grep -E "^M=|wrote|Error|dry run"
+    gpu_only timeout 300 python3 bench/tune.py --wgmma-only --formats e3m2 --dtypes bf16 --ms 32,128,512 \
         --out "$out" 2>&1 | tee "$out/tune-wgmma-bf16.log" | grep -E "^M=|wrote|Error|dry run"
     ;;
 e2e-mid)

@@ -147,6 +147,8 @@ def tune_mid(qw, m: int, dtype) -> "dict | None":
 
 WGMMA_SPLITS = (1, 2, 3, 4)
 WGMMA_TUNE_MAX_M = 512  # the largest M bucket the CUDA kernels are timed at (the wgmma kernel's)
+WGMMA_TUNE_MIN_M = 9  # the wgmma kernel is timed from M = 9 (16 rows of x per CTA: untried against the small-M and
+# mid-M kernels there as of 2026-12-02)
 
 
 def wgmma_launches(m: int) -> list:
@@ -178,7 +180,7 @@ def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     cache the launches then load from."""
     import concurrent.futures
     specs = {(fmt.name, dtype == torch.bfloat16, tuple(sorted(launch.items())))
-             for m in ms if fpx_cuda.MAX_M < m <= WGMMA_TUNE_MAX_M for launch in wgmma_launches(m)}
+             for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for launch in wgmma_launches(m)}
     with concurrent.futures.ProcessPoolExecutor(min(16, max(1, len(specs)))) as pool:
         list(pool.map(_compile_wgmma, [(name, bf16, dict(launch)) for name, bf16, launch in sorted(specs)]))
 
@@ -210,11 +212,11 @@ def cublas_seconds(n: int, k: int, m: int, dtype) -> float:
 
 
 def best_cuda(qw, m: int, dtype) -> "dict | None":
-    """The fastest of the CUDA small-M (M <= 16), mid-M (M <= 128) and wgmma (sm_90, M > 16) kernels' best
+    """The fastest of the CUDA small-M (M <= 16), mid-M (M <= 128) and wgmma (sm_90, M >= 9) kernels' best
     launches, as the entry's "cuda"."""
     found = [r for r in (tune_cuda(qw, m, dtype) if m <= fpx_cuda.MAX_M else None,
                          tune_mid(qw, m, dtype) if m <= fpx_cuda.MID_MAX_M else None,
-                         tune_wgmma(qw, m, dtype) if m > fpx_cuda.MAX_M else None)
+                         tune_wgmma(qw, m, dtype) if m >= WGMMA_TUNE_MIN_M else None)
              if r is not None]
     return min(found, key=lambda r: r["us"]) if found else None
 

@@ -282,7 +282,7 @@ def test_mid_m_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monk
 
 
 def test_wgmma_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monkeypatch):
-    """A "cuda" entry of kernel "wgmma" (bench/tune.py, M = 17..512): "wgmma" where it beat the Triton kernel on
+    """A "cuda" entry of kernel "wgmma" (bench/tune.py, M = 9..512): "wgmma" where it beat the Triton kernel on
     the nearest shape, "triton" where it lost; its launch (split, x rows per CTA, warpgroups, x tiles ahead, CTAs per
     SM) read back field by field."""
     def entry(triton_us, cuda):
@@ -362,7 +362,7 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
-    """Every "wgmma" launch in the H200 file (M = 32..512) is one the kernel builds (x rows per CTA a multiple of 8,
+    """Every "wgmma" launch in the H200 file (M = 9..512) is one the kernel builds (x rows per CTA a multiple of 8,
     at most WGMMA_MAX_N_X; registers for its CTAs per SM), covers its bucket's rows in a grid z, and splits K within
     the reserved partials."""
     from fp6llm.kernels import fpx_cuda
@@ -375,7 +375,7 @@ def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
                 continue
             n, k = map(int, shape.split("x"))
             m = int(bucket)
-            assert 16 < m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
+            assert 8 < m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
             fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch.n_x, True, launch.wgs, launch.x_ahead,
                                          launch.min_ctas)  # raises for a launch it cannot build
             z = -(-m // launch.n_x)

@@ -193,7 +193,8 @@ def config_to_dict(config: KernelConfig) -> dict:
 # The CUDA kernels (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an entry "cuda": the fastest
 # measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16) or of the mid-M kernel
 # ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) or of the
-# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90) for that shape.
+# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90, M >= 9) for that
+# shape.
 
 
 @dataclass(frozen=True)
