@@ -167,11 +167,10 @@ def mid_cubin(fmt, dtype: str, m: int, row_tiles: int, warps: int) -> bytes:
 
 
 def wgmma_cubin(fmt, dtype: str, m: int, wgs: int) -> bytes:
-    from fp6llm.kernels.fpx_cuda import nvrtc_compile, wgmma_kernel_source, wgmma_launch
-    launch = wgmma_launch(m)
+    from fp6llm.kernels.fpx_cuda import nvrtc_compile, wgmma_kernel_source, wgmma_resolve
+    launch = wgmma_resolve(m, wgs=wgs)
     return nvrtc_compile(wgmma_kernel_source(fmt, dtype == "bfloat16", launch["n_x"], False, wgs, launch["x_ahead"],
-                                             launch["min_ctas"] if wgs == launch["wgs"] else 1),
-                         "sm_90a", "fpx_wgmma.cu")
+                                             launch["min_ctas"]), "sm_90a", "fpx_wgmma.cu")
 
 
 def main(argv=None) -> int:

@@ -169,33 +169,34 @@ def wgmma_launches(m: int) -> list:
 
 
 def _compile_wgmma(spec) -> None:
-    name, bf16, launch = spec
-    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, launch["n_x"], False, launch["wgs"],
-                                          launch["x_ahead"], launch["min_ctas"])
+    name, bf16, n_x, wgs, x_ahead, min_ctas = spec
+    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas)
     fpx_cuda.cached_cubin(source, "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
 
 
-def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
-    """Compile every wgmma launch the tuning will time, in parallel (NVRTC: 2-30 s per kernel), into the disk
-    cache the launches then load from."""
+def compile_wgmma(specs) -> None:
+    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas), ...) in parallel
+    (NVRTC: 2-30 s per kernel) into the disk cache the launches then load from."""
     import concurrent.futures
-    specs = {(fmt.name, dtype == torch.bfloat16, tuple(sorted(launch.items())))
-             for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for launch in wgmma_launches(m)}
+    specs = sorted(set(specs))
     with concurrent.futures.ProcessPoolExecutor(min(16, max(1, len(specs)))) as pool:
-        list(pool.map(_compile_wgmma, [(name, bf16, dict(launch)) for name, bf16, launch in sorted(specs)]))
+        list(pool.map(_compile_wgmma, specs))
+
+
+def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
+    """Compile every wgmma launch the tuning will time (compile_wgmma)."""
+    compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"])
+                  for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
 
 
 def tune_wgmma(qw, m: int, dtype) -> "dict | None":
     """The CUDA wgmma kernel's fastest launch (wgmma_launches x split) for this weight and M; None where the kernel
     does not take the case (not sm_90)."""
     n, k = qw.shape
-
-    def cap(shape):  # the split fpx_wgmma would clamp to (the reserved partials)
-        rows = 64 * shape["wgs"]
-        return fpx_cuda.mid_split_cap(-(-n // rows) * rows, -(-m // shape["n_x"]) * shape["n_x"], k // 128)
-
-    results = time_launches(qw, m, dtype, "fpx_wgmma", [dict(shape, split=split) for shape in wgmma_launches(m)
-                                                        for split in _splits(k, WGMMA_SPLITS) if split <= cap(shape)])
+    # only the splits fpx_wgmma keeps (it clamps to the reserved partials)
+    results = time_launches(qw, m, dtype, "fpx_wgmma", [
+        dict(shape, split=split) for shape in wgmma_launches(m) for split in _splits(k, WGMMA_SPLITS)
+        if split <= fpx_cuda.grid_split_cap(n, m, k, 64 * shape["wgs"], shape["n_x"])])
     if results is None:
         return None
     print(f"  wgmma M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}n{l['n_x']}g{l['wgs']}"

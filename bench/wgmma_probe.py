@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel import SHAPES, dense_calls, random_weight, rotating_calls  # noqa: E402
+from tune import compile_wgmma  # noqa: E402
 
 from fp6llm.evals.timing import time_calls  # noqa: E402
 from fp6llm.formats import FPFormat  # noqa: E402
@@ -48,19 +49,6 @@ def check(quick: bool) -> list:
     return results
 
 
-def _compile(spec):
-    fmt, bf16, n_x, wgs, x_ahead, min_ctas = spec
-    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), bf16, n_x, False, wgs, x_ahead, min_ctas)
-    fpx_cuda.cached_cubin(source, "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
-
-
-def prewarm(specs) -> None:
-    """Compile the kernels the sweep will load, in parallel (NVRTC takes 2-30 s per kernel), into the disk cache."""
-    import concurrent.futures
-    with concurrent.futures.ProcessPoolExecutor(16) as pool:
-        list(pool.map(_compile, sorted(set(specs))))
-
-
 def launches_for(m: int, sweep: str) -> list:
     """(n_x, split, wgs, x_ahead, min_ctas) to time at M."""
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
@@ -72,7 +60,7 @@ def launches_for(m: int, sweep: str) -> list:
 
 def timing(ms, shapes, sweep: str) -> list:
     rows = []
-    prewarm(("e3m2", False, l[0], l[2], l[3], l[4]) for m in ms for l in launches_for(m, sweep))
+    compile_wgmma(("e3m2", False, l[0], l[2], l[3], l[4]) for m in ms for l in launches_for(m, sweep))
     for name in shapes:
         n, k = SHAPES[name]
         qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")

@@ -7,6 +7,7 @@ dtype, 2^-11 and 2^-8 relative, dominates; accumulation is float32).
 The dispatch tests read a measured table written to a temporary directory (the test device's key is "cpu").
 """
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -161,6 +162,24 @@ def clear_tables():
     dispatch._small_m_entries.cache_clear()
 
 
+@contextlib.contextmanager
+def tables_file(tmp_path, monkeypatch, tables: dict):
+    """dispatch reading ``tables`` ({"fmt/dtype": {bucket: {"NxK": entry}}}) as the test device's file in tmp_path;
+    the real tables are read again afterwards."""
+    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
+    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
+    clear_tables()
+    try:
+        yield
+    finally:
+        clear_tables()
+
+
+def table_entry(triton_us, cuda=None):
+    """A table entry: the Triton launch TABLE_1 at triton_us, and the CUDA launch ``cuda`` if any."""
+    return dict(config_to_dict(TABLE_1), us=triton_us, **({"cuda": cuda} if cuda else {}))
+
+
 def choose(m, n, k, group_size=None, device="cpu"):
     return choose_config(m, n, k, FPFormat.parse("e3m2"), torch.float16, group_size, device)
 
@@ -207,10 +226,7 @@ def test_each_format_and_dtype_takes_its_own_table_or_the_nearest(tmp_path, monk
     tables = {"e3m2/float16": {"1": {"4096x4096": config_to_dict(e3m2_fp16)}},
               "e2m1/float16": {"1": {"4096x4096": config_to_dict(e2m1_fp16)}},
               "e3m2/bfloat16": {"1": {"4096x4096": config_to_dict(e3m2_bf16)}}}
-    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
-    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
-    clear_tables()
-    try:
+    with tables_file(tmp_path, monkeypatch, tables):
         def pick(fmt, dtype):
             return choose_config(1, 4096, 4096, FPFormat.parse(fmt), dtype, None, "cpu")
         assert pick("e3m2", torch.float16) == e3m2_fp16
@@ -219,25 +235,18 @@ def test_each_format_and_dtype_takes_its_own_table_or_the_nearest(tmp_path, monk
         assert pick("e2m3", torch.float16) == e3m2_fp16  # same widths (4 + 2) as e3m2
         assert dispatch.table_for("cpu", "e2m2", "float16")[0] in {("e3m2", "float16"), ("e2m1", "float16")}
         assert dispatch.table_for("cpu", "e2m3", "bfloat16")[0] == ("e3m2", "bfloat16")
-    finally:
-        clear_tables()
 
 
 def test_small_m_kernel_choice_comes_from_the_cuda_entries(tmp_path, monkeypatch):
     """An M <= 16 entry's "cuda" (bench/tune.py): the backend is the faster of the two measured on the nearest shape
     of the bucket; the CUDA launch (split, prefetch_x) is used for exactly the measured shape only; no "cuda" entry:
     the CUDA kernel with its model; choose_config ignores the field."""
-    def entry(triton_us, cuda=None):
-        return dict(config_to_dict(TABLE_1), us=triton_us, **({"cuda": cuda} if cuda else {}))
     tables = {"e3m2/float16": {
-        "1": {"4096x4096": entry(12.0)},
-        "8": {"4096x4096": entry(20.0, {"split": 3, "prefetch_x": False, "us": 12.5})},
-        "16": {"4096x4096": entry(20.0, {"split": 2, "prefetch_x": True, "us": 25.0}),
-               "57344x8192": entry(150.0, {"split": 4, "prefetch_x": True, "us": 120.0})}}}
-    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
-    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
-    clear_tables()
-    try:
+        "1": {"4096x4096": table_entry(12.0)},
+        "8": {"4096x4096": table_entry(20.0, {"split": 3, "prefetch_x": False, "us": 12.5})},
+        "16": {"4096x4096": table_entry(20.0, {"split": 2, "prefetch_x": True, "us": 25.0}),
+               "57344x8192": table_entry(150.0, {"split": 4, "prefetch_x": True, "us": 120.0})}}}
+    with tables_file(tmp_path, monkeypatch, tables):
         e3m2, fp16 = FPFormat.parse("e3m2"), torch.float16
         assert dispatch.small_m_backend(5, 4096, 4096, e3m2, fp16, "cpu") == "cuda"
         assert dispatch.measured_small_m(8, 4096, 4096, e3m2, fp16, "cpu") == dispatch.SmallM(3, False, 12.5)
@@ -249,24 +258,17 @@ def test_small_m_kernel_choice_comes_from_the_cuda_entries(tmp_path, monkeypatch
         assert dispatch.small_m_backend(1, 4096, 4096, e3m2, fp16, "cpu") == "cuda"  # unmeasured
         assert dispatch.measured_small_m(1, 4096, 4096, e3m2, fp16, "cpu") is None
         assert choose_config(8, 4096, 4096, e3m2, fp16, None, "cpu") == TABLE_1
-    finally:
-        clear_tables()
 
 
 def test_mid_m_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monkeypatch):
     """A "cuda" entry of kernel "mid" (bench/tune.py, M = 9..128): "mid" where it beat the Triton kernel on the
     nearest shape, "triton" where it lost or nothing was measured above M = 16; its launch (split, row tiles, warps)
     for exactly the measured shape; the small-M kernel ignores a "mid" launch; an unknown kernel is refused."""
-    def entry(triton_us, cuda):
-        return dict(config_to_dict(TABLE_1), us=triton_us, cuda=cuda)
     mid = {"kernel": "mid", "split": 2, "row_tiles": 2, "warps": 8, "us": 30.0}
     tables = {"e3m2/float16": {
-        "16": {"8192x8192": entry(40.0, mid)},
-        "32": {"8192x8192": entry(45.0, mid), "5120x5120": entry(20.0, dict(mid, us=25.0))}}}
-    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
-    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
-    clear_tables()
-    try:
+        "16": {"8192x8192": table_entry(40.0, mid)},
+        "32": {"8192x8192": table_entry(45.0, mid), "5120x5120": table_entry(20.0, dict(mid, us=25.0))}}}
+    with tables_file(tmp_path, monkeypatch, tables):
         e3m2, fp16 = FPFormat.parse("e3m2"), torch.float16
         assert dispatch.small_m_backend(32, 8192, 8192, e3m2, fp16, "cpu") == "mid"
         assert dispatch.small_m_backend(20, 10240, 8192, e3m2, fp16, "cpu") == "mid"  # nearest: 8192 x 8192
@@ -277,23 +279,16 @@ def test_mid_m_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monk
             dispatch.SmallM(2, True, 30.0, "mid", 2, 8)
         with pytest.raises(ValueError, match="unknown CUDA kernel 'wide'"):
             dispatch._launch({"kernel": "wide", "split": 1, "us": 1.0})
-    finally:
-        clear_tables()
 
 
 def test_wgmma_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monkeypatch):
     """A "cuda" entry of kernel "wgmma" (bench/tune.py, M = 9..512): "wgmma" where it beat the Triton kernel on
     the nearest shape, "triton" where it lost; its launch (split, x rows per CTA, warpgroups, x tiles ahead, CTAs per
     SM) read back field by field."""
-    def entry(triton_us, cuda):
-        return dict(config_to_dict(TABLE_1), us=triton_us, cuda=cuda)
     wgmma = {"kernel": "wgmma", "split": 2, "n_x": 128, "wgs": 1, "x_ahead": 2, "min_ctas": 3, "us": 50.0}
     tables = {"e3m2/float16": {
-        "256": {"8192x8192": entry(60.0, wgmma), "5120x5120": entry(20.0, dict(wgmma, us=25.0))}}}
-    (tmp_path / "cpu.json").write_text(json.dumps({"device": "cpu", "tables": tables}))
-    monkeypatch.setattr(dispatch, "CONFIG_DIR", tmp_path)
-    clear_tables()
-    try:
+        "256": {"8192x8192": table_entry(60.0, wgmma), "5120x5120": table_entry(20.0, dict(wgmma, us=25.0))}}}
+    with tables_file(tmp_path, monkeypatch, tables):
         e3m2, fp16 = FPFormat.parse("e3m2"), torch.float16
         assert dispatch.small_m_backend(256, 8192, 8192, e3m2, fp16, "cpu") == "wgmma"
         assert dispatch.small_m_backend(200, 10240, 8192, e3m2, fp16, "cpu") == "wgmma"  # nearest: 8192 x 8192
@@ -301,8 +296,6 @@ def test_wgmma_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monk
         assert dispatch.small_m_backend(512, 8192, 8192, e3m2, fp16, "cpu") == "triton"  # bucket 512 unmeasured
         assert dispatch.measured_small_m(256, 8192, 8192, e3m2, fp16, "cpu") == \
             dispatch.SmallM(2, True, 50.0, "wgmma", n_x=128, wgs=1, x_ahead=2, min_ctas=3)
-    finally:
-        clear_tables()
 
 
 def test_wgmma_kernel_launch_arithmetic():
@@ -378,9 +371,7 @@ def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
             assert 8 < m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
             fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch.n_x, True, launch.wgs, launch.x_ahead,
                                          launch.min_ctas)  # raises for a launch it cannot build
-            z = -(-m // launch.n_x)
-            row_blocks = -(-n // (64 * launch.wgs))
-            cap = fpx_cuda.mid_split_cap(row_blocks * 64 * launch.wgs, z * launch.n_x, k // 128)
+            cap = fpx_cuda.grid_split_cap(n, m, k, 64 * launch.wgs, launch.n_x)
             assert 1 <= launch.split <= cap, (bucket, shape, launch)
             checked += 1
     assert checked >= 30
@@ -535,8 +526,8 @@ hopper = pytest.mark.skipif(not CUDA or INTERPRETED or torch.cuda.get_device_cap
 def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
     """The wgmma kernel, unsplit and split, 1, 2 and 4 warpgroups, with and without bias; 200 rows (not a multiple
     of a CTA's 64, 128 or 256), 6 K tiles; x rows per CTA as dispatched, and 8 (M = 17: grid z of three, the last
-    partial), 192 (M = 300: two z blocks, the last partial) and 64 with four warpgroups (M = 300: five z blocks). The formats differ only in dequant_tile, which the other
-    CUDA kernels share and test for every format."""
+    partial), 192 (M = 300: two z blocks, the last partial) and 64 with four warpgroups (M = 300: five z blocks).
+    The formats differ only in dequant_tile, which the other CUDA kernels share and test for every format."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 768
     qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")

@@ -391,12 +391,23 @@ def mid_split_cap(n_pad: int, m_pad: int, k_tiles: int) -> int:
     return max(1, min(k_tiles // 4, MID_WORKSPACE_FLOATS // (n_pad * m_pad)))
 
 
-def choose_mid_split(n: int, k: int, m: int, rows_per_cta: int, num_sms: int, resident: int) -> int:
+def grid_split_cap(n: int, m: int, k: int, rows_per_cta: int, m_per_cta: int) -> int:
+    """mid_split_cap of a launch on grid (z blocks of m_per_cta rows of x, row blocks of rows_per_cta): the split
+    _launch_split_k clamps to."""
+    return mid_split_cap(-(-n // rows_per_cta) * rows_per_cta, -(-m // m_per_cta) * m_per_cta, k // TILE_K)
+
+
+def _grid_waves_split(n: int, k: int, m: int, rows_per_cta: int, m_per_cta: int, num_sms: int,
+                      resident: int) -> int:
     """Split-K by the waves model (dispatch.waves_split) over ceil(N / rows) x z CTAs; the partial of a CTA (rows x
-    8 n_blocks_m float32, written and read back) costs about M / 12 K tiles as in the small-M model."""
-    z = -(-m // (8 * mid_blocks_m(m)))
-    return waves_split(-(-n // rows_per_cta) * z, k // TILE_K, num_sms, resident, partial_cost=m / 12,
-                       sum_cost=SUM_COST)
+    m_per_cta float32, written and read back) costs about M / 12 K tiles as in the small-M model."""
+    return waves_split(-(-n // rows_per_cta) * -(-m // m_per_cta), k // TILE_K, num_sms, resident,
+                       partial_cost=m / 12, sum_cost=SUM_COST)
+
+
+def choose_mid_split(n: int, k: int, m: int, rows_per_cta: int, num_sms: int, resident: int) -> int:
+    """The mid-M kernel's split-K at the default rows of x per CTA (_grid_waves_split)."""
+    return _grid_waves_split(n, k, m, rows_per_cta, 8 * mid_blocks_m(m), num_sms, resident)
 
 
 MID_ROW_TILES = 2  # defaults where no table measured the launch (unmeasured guesses, 2026-12-02)
@@ -433,11 +444,11 @@ def _launch_split_k(kernel, x: torch.Tensor, x_arg: torch.Tensor, planes, scales
                     shared: int = 0) -> torch.Tensor:
     """Launch a kernel on grid (z blocks of m_per_cta rows of x, row blocks of rows_per_cta, splits) with the mid-M
     kernels' arguments (x_arg as the kernel's x: the wgmma kernel's permuted copy); the split is capped by the
-    reserved partials (mid_split_cap) and trimmed so that no CTA is empty."""
+    reserved partials (grid_split_cap) and trimmed so that no CTA is empty."""
     m = x.shape[0]
     row_blocks, z = -(-n // rows_per_cta), -(-m // m_per_cta)
     k_tiles = k // TILE_K
-    split = max(1, min(split, mid_split_cap(row_blocks * rows_per_cta, z * m_per_cta, k_tiles)))
+    split = max(1, min(split, grid_split_cap(n, m, k, rows_per_cta, m_per_cta)))
     kps = -(-k_tiles // split)
     split = -(-k_tiles // kps)  # no empty CTAs
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -510,11 +521,15 @@ def wgmma_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -
             and torch.cuda.get_device_capability(x.device) == (9, 0))
 
 
+def _check_n_x(n_x: int) -> None:
+    if not 8 <= n_x <= WGMMA_MAX_N_X or n_x % 8:
+        raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
+
+
 def wgmma_n_x(m: int, most: int = 128) -> int:
     """x rows per CTA for M rows: all of them (rounded up to 8) up to ``most``, else as even a split over grid z as
     that allows (M = 160 at most 128 runs 2 x 80 rows, not 128 + 32)."""
-    if not 8 <= most <= WGMMA_MAX_N_X or most % 8:
-        raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {most}")
+    _check_n_x(most)
     z = -(-m // most)
     return -(-(-(-m // z)) // 8) * 8
 
@@ -547,11 +562,22 @@ def wgmma_launch(m: int) -> dict:
     return {"n_x": n_x, "wgs": 1, "x_ahead": 2, "min_ctas": 3 if n_x <= 64 else 1}
 
 
+def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_ahead: "int | None" = None,
+                  min_ctas: "int | None" = None) -> dict:
+    """A wgmma launch with wgmma_launch(m)'s values where none is given; its CTAs per SM only with its own rows of x
+    and warpgroups (other ones get 1: the default's registers may not hold their accumulators)."""
+    default = wgmma_launch(m) if n_x is None else dict(wgmma_launch(m), n_x=n_x, min_ctas=1)
+    if min_ctas is None:
+        min_ctas = default["min_ctas"] if wgs in (None, default["wgs"]) else 1
+    launch = {"n_x": default["n_x"], "wgs": default["wgs"] if wgs is None else wgs,
+              "x_ahead": default["x_ahead"] if x_ahead is None else x_ahead, "min_ctas": min_ctas}
+    _check_n_x(launch["n_x"])
+    return launch
+
+
 def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int, resident: int) -> int:
-    """Split-K by the waves model over ceil(N / 64 wgs) x z CTAs (as choose_mid_split)."""
-    z = -(-m // n_x)
-    return waves_split(-(-n // (64 * wgs)) * z, k // TILE_K, num_sms, resident, partial_cost=m / 12,
-                       sum_cost=SUM_COST)
+    """The wgmma kernel's split-K (_grid_waves_split over 64 wgs weight rows and n_x rows of x per CTA)."""
+    return _grid_waves_split(n, k, m, 64 * wgs, n_x, num_sms, resident)
 
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
@@ -568,14 +594,8 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         wgs = measured.wgs if wgs is None else wgs
         x_ahead = measured.x_ahead if x_ahead is None else x_ahead
         min_ctas = measured.min_ctas if min_ctas is None else min_ctas
-    default = wgmma_launch(m) if n_x is None else dict(wgmma_launch(m), n_x=n_x, min_ctas=1)
-    n_x = default["n_x"]
-    if min_ctas is None:  # the default's CTAs per SM are for its own rows of x and warpgroups
-        min_ctas = default["min_ctas"] if wgs in (None, default["wgs"]) else 1
-    wgs = default["wgs"] if wgs is None else wgs
-    x_ahead = default["x_ahead"] if x_ahead is None else x_ahead
-    if not 8 <= n_x <= WGMMA_MAX_N_X or n_x % 8:
-        raise ValueError(f"the wgmma kernel takes 8 to {WGMMA_MAX_N_X} x rows per CTA in steps of 8, not {n_x}")
+    launch = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas)
+    n_x, wgs, x_ahead, min_ctas = launch["n_x"], launch["wgs"], launch["x_ahead"], launch["min_ctas"]
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
                                              min_ctas)
     if split is None:
