@@ -193,6 +193,32 @@ def test_ctrl_c_exits_130_with_one_line_at_any_point():
     assert "Traceback" not in err
 
 
+def test_a_ctrl_c_after_the_status_is_decided_still_exits_130(tmp_path):
+    """A Ctrl-C that lands after the command finished, as main returns or Python tears down (CI, 2026-12-02: the
+    process ended by SIGINT, status -2), ends the process with 130 and no traceback."""
+    code = f"""
+import os, signal, sys
+from fp6llm import cli
+real = cli._main
+def then_ctrl_c(argv):
+    status = real(argv)
+    os.kill(os.getpid(), signal.SIGINT)
+    return status
+cli._main = then_ctrl_c
+sys.argv = ["fp6llm", "quantize", {str(tmp_path / "missing")!r}, {str(tmp_path / "out")!r}]
+sys.exit(cli.main())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+def test_main_called_from_python_gives_the_sigint_handler_back(tmp_path):
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_ctrl_c_python_cannot_raise_prints_no_traceback():
     """A KeyboardInterrupt raised where it cannot propagate (an import's weakref callback, seen in CI: Python prints
     "Exception ignored ... Traceback") is quiet once the CLI's handler is installed; other such errors still show."""

@@ -170,11 +170,34 @@ def _on_sigint(signum, frame):
     # Remember it as well as raising: an import that swallows the KeyboardInterrupt (seen once while torch imported)
     # must not turn a Ctrl-C into a normal exit.
     _interrupted.append(signum)
-    raise KeyboardInterrupt
+    if not _decided:
+        raise KeyboardInterrupt
+    # The exit status is decided (main is returning or the interpreter is tearing down): a KeyboardInterrupt raised
+    # now would escape main and Python would end by SIGINT (status -2, seen in CI on 2026-12-02), so end at once.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a flush interrupted mid-write (reentrant call): what was written stays written
+            pass
+    os._exit(INTERRUPTED_STATUS)
+
+
+_decided = False  # set once _main knows its exit status; _on_sigint raises only before
 
 
 def main(argv=None) -> int:
-    status = _main(argv)
+    """The command line: ``argv`` (sys.argv[1:] when None) -> exit status. Called from Python (``argv`` given), it
+    gives the caller's SIGINT handler back on return; the console script keeps the CLI's through the teardown."""
+    global _decided
+    previous = signal.getsignal(signal.SIGINT)
+    _decided = False
+    _interrupted.clear()
+    try:
+        status = _main(argv)
+    finally:
+        _decided = True
+        if argv is not None and previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
     distributed = sys.modules.get("fp6llm.engine.distributed")  # imported only by --tp runs
     if distributed is not None and distributed.left_group:
         # a tensor-parallel rank: its work is done and written; skip the interpreter teardown that can abort in
@@ -186,6 +209,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
+    global _decided
     name = "fp6llm"
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
@@ -193,9 +217,12 @@ def _main(argv) -> int:
             _previous_unraisablehook[0] = sys.unraisablehook
             sys.unraisablehook = _quiet_unraisable
     try:
-        args = build_parser().parse_args(argv)
-        name = f"fp6llm {args.command}"
-        args.run(args)
+        try:
+            args = build_parser().parse_args(argv)
+            name = f"fp6llm {args.command}"
+            args.run(args)
+        finally:
+            _decided = True  # from here on a Ctrl-C is recorded (or ends the process), never raised
     except USER_ERRORS as err:
         print(f"{name}: error: {err}", file=sys.stderr)
         return 2
