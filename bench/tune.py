@@ -157,17 +157,22 @@ def wgmma_launches(m: int) -> list:
     tiles ahead (more shared memory, fewer CTAs), or two warpgroups; at <= 64 rows also four warpgroups (256 weight
     rows share each copy of x: a quarter of one warpgroup's x traffic, which bound it at M = 128) or two
     warpgroups with registers for two CTAs. And the bulk path (x by bulk copies into an mbarrier ring, no CTA
-    barrier; unmeasured as of 2026-12-03): alone, multicast to clusters of 2 and of 4 row blocks."""
+    barrier; unmeasured as of 2026-12-03): alone, multicast to clusters of 2 and of 4 row blocks, two warpgroups
+    (one de-quantizes while the other's wgmma run), and above M = 128 up to 256 rows of x per CTA."""
     shapes = []
     for n_x in sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))}):
         shapes += [dict(n_x=n_x, wgs=1, x_ahead=1, min_ctas=4 if n_x <= 64 else 3),
                    dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=3 if n_x <= 64 else 1),
                    dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=1)]
-        shapes += [dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=3 if n_x <= 64 else 1, cluster=cluster)
-                   for cluster in (1, 2, 4)]
         if n_x <= 64:
             shapes += [dict(n_x=n_x, wgs=4, x_ahead=1, min_ctas=1), dict(n_x=n_x, wgs=4, x_ahead=2, min_ctas=1),
                        dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=2)]
+        shapes += [dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=3 if n_x <= 64 else 1, cluster=cluster)
+                   for cluster in (1, 2, 4)] + [dict(n_x=n_x, wgs=2, x_ahead=2, min_ctas=1, cluster=2)]
+    if m > 128:  # the bulk path at up to 256 rows of x per CTA: each weight tile de-quantized half as often
+        n_x = fpx_cuda.wgmma_n_x(m, 256)
+        shapes += [dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=1, cluster=2),
+                   dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=1, cluster=2)]
     return shapes
 
 
@@ -228,12 +233,13 @@ def best_cuda(qw, m: int, dtype) -> "dict | None":
 
 
 def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, cuda_too: bool = True,
-               cuda_only: bool = False, wgmma_only: bool = False) -> dict:
+               cuda_only: bool = False, wgmma_only: bool = False, saved=None) -> dict:
     """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``; up to M =
     WGMMA_TUNE_MAX_M also the CUDA kernels' fastest launch (the entry's "cuda": dispatch.small_m_backend picks the
     faster).
     cuda_only: keep ``table``'s Triton entries (they must be there) and time the CUDA kernels alone; wgmma_only:
-    time the wgmma kernel alone and keep the faster of it and the entry's "cuda" launch."""
+    time the wgmma kernel alone and keep the faster of it and the entry's "cuda" launch. saved(): called after
+    each shape's entry is in ``table`` (main writes the file: a run cut short keeps what it measured)."""
     if cuda_too and torch.cuda.get_device_capability() == (9, 0):
         prewarm_wgmma(fmt, dtype, ms)
     for m in ms:
@@ -249,6 +255,8 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
                     cuda = entry["cuda"]  # the earlier CUDA launch stays: faster
                 if cuda is not None:
                     entry["cuda"] = cuda
+                    if saved is not None:
+                        saved()
                     t_dense = cublas_seconds(n, k, m, dtype)
                     print(f"M={m:<5} {name:9} {fmt.name} {str(dtype)[6:]} cuBLAS {t_dense * 1e6:.1f}us | triton "
                           f"{entry['us']:.1f}us ({t_dense / entry['us'] * 1e6:.2f}x) | cuda {cuda}"
@@ -272,6 +280,8 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
             if cuda is not None:
                 entry["cuda"] = cuda
             table.setdefault(str(m_bucket(m)), {})[f"{n}x{k}"] = entry
+            if saved is not None:
+                saved()
             top = ", ".join(f"{t * 1e6:.1f}us {c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}w{c.num_warps}"
                             f"st{c.num_stages}{'' if c.use_dot else 'r'}{'D' if c.dequant_first else ''}"
                             f"{'S' if c.swap_ab else ''}" for t, c in results[:4])
@@ -303,14 +313,21 @@ def main(argv=None):
     tables = {"/".join(key): configs for key, configs in tables_in(path).items()} if args.merge or args.cuda_only \
         or args.wgmma_only else {}
     ms = [int(v) for v in args.ms.split(",")]
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # the whole file, replaced in one rename: a run killed mid-write leaves the last complete one
+        part = path.with_suffix(".json.part")
+        part.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tables": tables}, indent=1))
+        part.replace(path)
+
     for fmt in (FPFormat.parse(f) for f in args.formats.split(",")):
         for dtype_name in args.dtypes.split(","):
             dtype = DTYPES[dtype_name]
             key = f"{fmt.name}/{str(dtype)[6:]}"
-            tables[key] = tune_table(fmt, dtype, ms, args.shapes, tables.get(key, {}), not args.no_cuda,
-                                     args.cuda_only or args.wgmma_only, args.wgmma_only)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "tables": tables}, indent=1))
+            tables[key] = tables.get(key, {})  # tune_table fills this dict in place; save() writes it as it grows
+            tune_table(fmt, dtype, ms, args.shapes, tables[key], not args.no_cuda, args.cuda_only or args.wgmma_only,
+                       args.wgmma_only, save)
+    save()
     print(f"wrote {path}")
     print("\n".join(compiled_report()))
 

@@ -306,8 +306,10 @@ def test_wgmma_kernel_launch_arithmetic():
     from fp6llm.kernels import fpx_cuda
     assert [fpx_cuda.wgmma_n_x(m) for m in (1, 17, 64, 128, 129, 160, 300)] == [8, 24, 64, 128, 72, 80, 104]
     assert [fpx_cuda.wgmma_n_x(m, 64) for m in (17, 64, 65, 100)] == [24, 64, 40, 56]
-    with pytest.raises(ValueError, match="8 to 192 x rows per CTA"):
-        fpx_cuda.wgmma_n_x(64, 200)
+    with pytest.raises(ValueError, match="8 to 256 x rows per CTA"):
+        fpx_cuda.wgmma_n_x(64, 264)
+    with pytest.raises(ValueError, match="more than a CTA's"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 256, False, 1, x_ahead=3)
     with pytest.raises(ValueError, match="N = 8..256"):
         fpx_cuda.wgmma_asm(12, False)
     defines = fpx_cuda.wgmma_asm(24, True)

@@ -466,7 +466,8 @@ def _launch_split_k(kernel, x: torch.Tensor, x_arg: torch.Tensor, planes, scales
 
 WGMMA_SOURCE = Path(__file__).parent / "cuda" / "fpx_wgmma.cu"
 WGMMA_KERNEL_NAME = "fpx_wgmma"
-WGMMA_MAX_N_X = 192  # x rows per CTA: 96 accumulators per thread, 4 x 48 KiB of x buffers
+WGMMA_MAX_N_X = 256  # x rows per CTA: 128 accumulators per thread (238 registers), 3 x 64 KiB of x buffers
+WGMMA_MAX_SHARED = 227 * 1024  # an sm_90 CTA's most dynamic shared memory
 WGMMA_MAX_M = 4096
 WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
 
@@ -503,6 +504,10 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"{wgs} warpgroups per SM ({65536 // (128 * wgs * min_ctas)} registers per thread)")
     if x_ahead not in (1, 2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 1-4 K tiles of x in flight, not {x_ahead}")
+    if wgmma_shared_bytes(n_x, x_ahead) > WGMMA_MAX_SHARED:
+        raise ValueError(f"the wgmma kernel's x buffers for {n_x} rows {x_ahead} tiles ahead take "
+                         f"{wgmma_shared_bytes(n_x, x_ahead)} bytes of shared memory, more than a CTA's "
+                         f"{WGMMA_MAX_SHARED}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
                *([f"#define CLUSTER {cluster}"] if cluster else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
