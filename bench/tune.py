@@ -157,7 +157,8 @@ def wgmma_launches(m: int) -> list:
     tiles ahead (more shared memory, fewer CTAs), or two warpgroups; at <= 64 rows also four warpgroups (256 weight
     rows share each copy of x: a quarter of one warpgroup's x traffic, which bound it at M = 128) or two
     warpgroups with registers for two CTAs. And the bulk path (x by bulk copies into an mbarrier ring, no CTA
-    barrier; unmeasured as of 2026-12-03): alone, multicast to clusters of 2 and of 4 row blocks, two warpgroups
+    barrier; unmeasured as of 2026-12-03): alone, multicast to clusters of 2, 4 and 8 row blocks (each CTA copied
+    its x from L2 every K tile: 5.3x the weight bytes at M = 128, 70b-up, 2026-12-02), two warpgroups
     (one de-quantizes while the other's wgmma run), and above M = 128 up to 256 rows of x per CTA."""
     shapes = []
     for n_x in sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))}):
@@ -168,11 +169,12 @@ def wgmma_launches(m: int) -> list:
             shapes += [dict(n_x=n_x, wgs=4, x_ahead=1, min_ctas=1), dict(n_x=n_x, wgs=4, x_ahead=2, min_ctas=1),
                        dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=2)]
         shapes += [dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=3 if n_x <= 64 else 1, cluster=cluster)
-                   for cluster in (1, 2, 4)] + [dict(n_x=n_x, wgs=2, x_ahead=2, min_ctas=1, cluster=2)]
+                   for cluster in (1, 2, 4, 8)]
+        shapes += [dict(n_x=n_x, wgs=2, x_ahead=2, min_ctas=1, cluster=cluster) for cluster in (2, 4)]
     if m > 128:  # the bulk path at up to 256 rows of x per CTA: each weight tile de-quantized half as often
         n_x = fpx_cuda.wgmma_n_x(m, 256)
-        shapes += [dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=1, cluster=2),
-                   dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=1, cluster=2)]
+        shapes += [dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=1, cluster=4),
+                   dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=1, cluster=4)]
     return shapes
 
 

@@ -61,7 +61,7 @@ def launches_for(m: int, sweep: str) -> list:
                 for wgs, min_ctas in (((1, 1), (1, 3), (1, 4), (4, 1)) if n_x <= 64 else ((1, 1), (1, 3)))]
     if sweep == "bulk":  # the cp.async path's default against the bulk path alone and multicast
         return [(n_x, split, 1, xa, 3 if n_x <= 64 else 1, cluster) for n_x in n_xs for split in (1, 2)
-                for cluster, xa in ((0, 2), (1, 2), (2, 2), (4, 2), (2, 3))]
+                for cluster, xa in ((0, 2), (1, 2), (2, 2), (4, 2), (8, 2), (4, 3))]
     return [(n_x, split, 1, 1, 4 if n_x <= 64 else 3, 0) for n_x in n_xs for split in (1, 2, 4)]
 
 

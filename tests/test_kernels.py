@@ -319,7 +319,8 @@ def test_wgmma_kernel_launch_arithmetic():
     assert fpx_cuda.wgmma_shared_bytes(64, 2) == 3 * 64 * 256 + 1024
     assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3, "cluster": 0}
     assert [fpx_cuda.wgmma_cluster(c, n, wgs) for c, n, wgs in ((4, 256, 1), (4, 200, 1), (4, 200, 2), (2, 192, 1),
-                                                                 (4, 64, 1), (0, 64, 1))] == [4, 4, 2, 1, 1, 0]
+                                                                 (4, 64, 1), (0, 64, 1), (8, 5120, 1))] == \
+        [4, 4, 2, 1, 1, 0, 8]
     with pytest.raises(ValueError, match="cluster of"):
         fpx_cuda.wgmma_resolve(64, cluster=3)
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
@@ -573,19 +574,20 @@ def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
 @pytest.mark.parametrize("dtype, m, bias", [(torch.float16, 17, True), (torch.float16, 128, False),
                                             (torch.bfloat16, 300, True)])
 def test_cuda_wgmma_kernel_bulk_x_matches_reference(gen, dtype, m, bias):
-    """The wgmma kernel's bulk path (x by cp.async.bulk into an mbarrier ring, multicast over clusters of 1, 2 and 4
-    row blocks), unsplit and split, 1 and 2 warpgroups, x 1-3 tiles ahead; 256 weight rows (4 row blocks: clusters
-    of 4), 200 (4 blocks of 64, 2 of 128: a cluster of 4 runs as 2), 10 K tiles (more than the ring's stages: the
-    empty barriers' phases turn over)."""
+    """The wgmma kernel's bulk path (x by cp.async.bulk into an mbarrier ring, multicast over clusters of 1-8
+    row blocks), unsplit and split, 1 and 2 warpgroups, x 1-3 tiles ahead; 512 weight rows (8 row blocks: every
+    cluster size), 200 (4 blocks of 64, 2 of 128: clusters of 8 run as 4, of 4 with two warpgroups as 2); 10 K
+    tiles (more than the ring's stages: the empty barriers' phases turn over)."""
     from fp6llm.kernels import fpx_cuda
     k = 1280
     x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-    for n in (256, 200):
+    for n in (512, 200):
         qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "e3m2").to("cuda")
         b = torch.randn(n, generator=gen).to("cuda", dtype) if bias else None
         ref = x.double() @ qw.dequantize(torch.float64).T + (0 if b is None else b.double())
         for cluster, split, n_x, wgs, x_ahead in ((1, 1, None, 1, 2), (2, 1, None, 1, 1), (4, 1, None, 1, 3),
-                                                  (2, 3, 64, 1, 2), (4, 2, None, 2, 1), (1, 5, 8, 1, 2)):
+                                                  (2, 3, 64, 1, 2), (4, 2, None, 2, 1), (1, 5, 8, 1, 2),
+                                                  (8, 1, None, 1, 2)):
             out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, b, qw.fmt, n, k, split, n_x, wgs, x_ahead, 1, cluster)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             assert err < TOLERANCE[dtype], (n, cluster, split, n_x, wgs, x_ahead, err)

@@ -486,7 +486,7 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
             "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
 
 
-WGMMA_CLUSTERS = (0, 1, 2, 4)  # 0: x by cp.async; 1, 2, 4: bulk copies into an mbarrier ring, multicast over so many
+WGMMA_CLUSTERS = (0, 1, 2, 4, 8)  # 0: x by cp.async; 1-8: bulk copies into an mbarrier ring, multicast over so many
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
@@ -494,7 +494,7 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
     rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); x by
     cp.async from every thread (cluster 0) or by bulk copies of wgmma_x_image's tiles, multicast to ``cluster``
-    neighbouring row blocks (1, 2, 4)."""
+    neighbouring row blocks (1, 2, 4, 8: the portable cluster sizes)."""
     if cluster not in WGMMA_CLUSTERS:
         raise ValueError(f"the wgmma kernel's x copies take a cluster of {WGMMA_CLUSTERS}, not {cluster}")
     if wgs not in (1, 2, 4):
