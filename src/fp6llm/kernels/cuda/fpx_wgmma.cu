@@ -195,16 +195,20 @@ __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u3
     // k-step ks: atom ks / 4, bytes 32 (ks % 4) of each row (the hardware applies the swizzle). The descriptors are
     // made before the fence: a register of a wgmma defined inside its pipeline stage makes ptxas serialize every
     // wgmma of the stage (C7513).
-    unsigned long long desc[8];
+    // Only the address field (bits 0-13: address / 16) differs between them, and it cannot carry: the
+    // descriptor of buffer + offset is the buffer's plus offset / 16 (one add, not the mask, shift and or).
+    const u32 base = (u32)x_descriptor(buffer);
+    u32 lo[8];
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks) {
-        desc[ks] = x_descriptor(buffer + (ks / 4) * ATOM_BYTES + (ks % 4) * 32);
-        asm volatile("" : "+l"(desc[ks]));
+        lo[ks] = base + (((ks / 4) * ATOM_BYTES + (ks % 4) * 32) >> 4);
+        asm volatile("" : "+r"(lo[ks]));
     }
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks)
-        wgmma_k16(d, a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3], desc[ks]);
+        wgmma_k16(d, a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3],
+                  (x_descriptor(0) & 0xFFFFFFFF00000000ull) | lo[ks]);
     wgmma_commit();
 }
 
