@@ -105,16 +105,21 @@ def _splits(k: int, choices) -> list:
 
 
 def tune_cuda(qw, m: int, dtype) -> "dict | None":
-    """The CUDA small-M kernel's fastest launch (split x prefetch_x) for this weight and M, as the table's "cuda"
-    entry; None where the kernel does not take the case."""
+    """The CUDA small-M kernel's fastest launch (split x prefetch_x, and on sm_90 splits of 2..8 summed in a
+    cluster: unmeasured as of 2026-12-03) for this weight and M, as the table's "cuda" entry; None where the kernel
+    does not take the case."""
     n, k = qw.shape
-    results = time_launches(qw, m, dtype, "fpx_small_m", [dict(split=split, prefetch_x=prefetch_x)
-                                                          for prefetch_x in (True, False)
-                                                          for split in _splits(k, CUDA_SPLITS)])
+    launches = [dict(split=split, prefetch_x=prefetch_x) for prefetch_x in (True, False)
+                for split in _splits(k, CUDA_SPLITS)]
+    if torch.cuda.get_device_capability() >= (9, 0):
+        launches += [dict(split=split, prefetch_x=True, cluster_split=True) for split in _splits(k, CUDA_SPLITS)
+                     if 2 <= split <= fpx_cuda.CLUSTER_SPLIT_MAX]
+    results = time_launches(qw, m, dtype, "fpx_small_m", launches)
     if results is None:
         return None
     print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}{'' if l['prefetch_x'] else 'x'}"
-                                                for t, l in results), flush=True)
+                                                f"{'c' if l.get('cluster_split') else ''}" for t, l in results),
+          flush=True)
     t, launch = results[0]
     return dict(launch, us=round(t * 1e6, 1))
 

@@ -524,6 +524,48 @@ def test_cuda_small_m_kernel_matches_reference(gen, fmt, dtype, m):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_cuda_small_m_kernel_cluster_split_equals_the_workspace_sums(gen, dtype, m):
+    """Split-K in a cluster (sm_90: the row block's CTAs sum each other's partials in shared memory) at splits 2..8
+    (8 K tiles: split 3 runs as 3 CTAs of 3, 3, 2 tiles) gives, bit for bit, the workspace path's sums (the same
+    partials added in split order), near the float64 reference; 200 rows (a partial last row block); a captured
+    graph replays it with fresh x."""
+    from fp6llm.kernels import fpx_cuda
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread block clusters need sm_90")
+    n, k = 200, 1024
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "e3m2").to("cuda")
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
+    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    for split in (2, 3, 4, 8):
+        out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, cluster_split=True)
+        assert torch.equal(out, fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split,
+                                                     cluster_split=False)), split
+        assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype], split
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, 4, cluster_split=True)
+    x.copy_(torch.randn(m, k, generator=gen).to("cuda", dtype))
+    graph.replay()
+    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
+
+
+def test_cuda_small_m_cluster_split_launch():
+    """The cluster variant takes 2..8 CTAs per row block (the portable cluster size) and a table entry's
+    "cluster_split" reads back."""
+    from fp6llm.kernels import fpx_cuda
+    with pytest.raises(ValueError, match="2 to 8 CTAs per row block, not 9"):
+        fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, 1, False, cluster_split=9)
+    assert "#define CLUSTER_SPLIT 4" in fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, 1, False,
+                                                               cluster_split=4)
+    assert dispatch._launch({"split": 4, "cluster_split": True, "us": 9.0}).cluster_split
+    assert not dispatch._launch({"split": 4, "us": 9.0}).cluster_split
+
+
+@gpu
 @pytest.mark.parametrize("fmt", ["e3m2", "e2m1", "e4m3"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [9, 33, 72])

@@ -145,6 +145,21 @@ def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_cuda_small_m_cluster_split_compiles():
+    """The small-M kernel's split-K in a cluster for sm_90a (M <= 8 at 8 CTAs per cluster, M <= 16 at 2, with
+    bias): no local memory, the two cluster barriers, the loads of the other CTAs' partials, no global atomics."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    for n_blocks_m, split in ((1, 8), (2, 2)):
+        source = fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, n_blocks_m, True, cluster_split=split)
+        cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_small_m.cu")
+        assert "LOCAL:0" in sass._cuobjdump(cubin, "--dump-resource-usage")
+        ops = [op for _, op, _, _ in sass.disassemble(cubin)]
+        assert ops.count("UCGABAR_ARV") == 2 and ops.count("UCGABAR_WAIT") == 2, split
+        assert "LD" in ops and not any(op.startswith("ATOM") or op.startswith("RED") for op in ops)
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     """The wgmma kernel for sm_90a at the default launches of 64 and 128 rows of x (FP16, BF16), a 24-row,
     two-warpgroup, biased e2m1 launch, a four-warpgroup one and two of the bulk path (clusters of 1 and 4): no local memory, within the registers of its CTAs per SM, 16 HGMMA per loop

@@ -124,14 +124,22 @@ def _translation_unit(kernel_file: Path, fmt: FPFormat, defines: list, fma_shift
                                 header.replace("struct Tile;", "")]) + "\n" + body
 
 
+CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes at most 8 CTAs per row block
+
+
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
-                  fma_shifts: bool = False, prefetch_x: bool = True) -> str:
+                  fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
-    .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers)."""
+    .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers);
+    cluster_split 2..8 (sm_90): a launch of exactly that split, its CTAs of a row block a cluster that sums the
+    partials in shared memory."""
+    if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
+        raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
-               f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}"]
+               f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
+               *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
@@ -265,12 +273,12 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device):
+            prefetch_x: bool, device, cluster_split: int = 0):
     """The small-M kernel for this case (see _load)."""
-    key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x,
+    key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split,
            torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x), KERNEL_NAME, WARPS, device)
+                                            fma_shifts, prefetch_x, cluster_split), KERNEL_NAME, WARPS, device)
 
 
 def _takes(fmt: FPFormat, group_size, x: torch.Tensor, k: int, max_m: int) -> bool:
@@ -314,30 +322,41 @@ SUM_COST = 0.4
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
-                fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None) -> torch.Tensor:
-    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x
-    override the defaults (tests, benchmarks): the split and prefetch_x measured for this shape on this GPU
-    (dispatch.measured_small_m), else choose_split's model with prefetch_x on."""
+                fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
+                cluster_split: "bool | None" = None) -> torch.Tensor:
+    """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
+    cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
+    this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
+    partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
+    cluster and sum their partials in shared memory (no workspace)."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
         measured = None
     if prefetch_x is None:
         prefetch_x = measured.prefetch_x if measured is not None else True
-    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device)
+    if cluster_split is None:
+        cluster_split = measured.cluster_split if measured is not None else False
     if split is None:
-        split = measured.split if measured is not None else \
-            choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
-    row_blocks = -(-n // ROWS_PER_CTA)
+        split = measured.split if measured is not None else None
     k_tiles = k // TILE_K
+    cluster = 0
+    if cluster_split and split is not None and torch.cuda.get_device_capability(x.device) >= (9, 0):
+        kps = -(-k_tiles // split)
+        cluster = -(-k_tiles // kps)  # the split it runs (no empty CTAs)
+        cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
+    kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
+                               prefetch_x, x.device, cluster)
+    if split is None:
+        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+    row_blocks = -(-n // ROWS_PER_CTA)
     kps = -(-k_tiles // split)
     split = -(-k_tiles // kps)  # no empty CTAs
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     # Reserve what this layer needs at any M <= 16 (at most k_tiles / 4 splits of 16-row partials), so that a CUDA
     # graph captured at another batch size never finds the workspace too small.
     ws, counts = WORKSPACE.reserve(x.device, max(1, k_tiles // 4) * row_blocks * ROWS_PER_CTA * MAX_M, row_blocks) \
-        if split > 1 else (out, out)
+        if split > 1 and not cluster else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
            args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,

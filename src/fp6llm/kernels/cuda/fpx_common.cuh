@@ -5,6 +5,30 @@
 typedef unsigned int u32;
 typedef unsigned short u16;
 
+__device__ __forceinline__ u32 smem_address(const void* p) {  // the shared-window address of p
+    u32 addr;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(p));
+    return addr;
+}
+
+// Thread block clusters (sm_90): the wgmma kernel's multicast of x, the small-M kernel's split-K in shared memory.
+__device__ __forceinline__ void cluster_sync() {  // every thread of every CTA of the cluster
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 rank;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return rank;
+}
+
+__device__ __forceinline__ float load_cluster(u32 addr, u32 cta) {  // the float at shared address addr of CTA cta
+    float v;
+    asm volatile("{\n\t.reg .b32 remote;\n\tmapa.shared::cluster.u32 remote, %1, %2;\n\t"
+                 "ld.shared::cluster.f32 %0, [remote];\n\t}" : "=f"(v) : "r"(addr), "r"(cta) : "memory");
+    return v;
+}
+
 __device__ __forceinline__ uint4 load_stream(const u32* p) {
     // Weights are read once: bypass L1, keep L1 for x.
     uint4 v;

@@ -11,7 +11,8 @@
 // Grid: (ceil(N / 64), SPLIT). A CTA of 4 warps covers 64 rows (a 16-row tile per warp, sharing x through L1) and
 // K tiles [blockIdx.y * kps, ...). SPLIT > 1: each CTA writes its float32 partial to ws, the last CTA of a row block
 // to arrive (an arrival counter, reset by that CTA: CUDA-graph safe) sums the partials in split order, so results do
-// not depend on timing.
+// not depend on timing; or (CLUSTER_SPLIT, sm_90, SPLIT <= 8) the row block's CTAs are a cluster and sum each
+// other's partials from shared memory.
 //
 // Defined by the prepended header: N_BLOCKS_M (1: M <= 8, 2: M <= 16), PREFETCH_X, IS_BF16, HAS_BIAS,
 // PLANE_WIDTHS...,
@@ -19,6 +20,14 @@
 // LOAD_PLANES(kt) and dequant_tile().
 
 #define WARPS 4
+#ifndef CLUSTER_SPLIT
+#define CLUSTER_SPLIT 0  // > 0 (sm_90): the SPLIT = CLUSTER_SPLIT CTAs of a row block are a cluster (see the epilogue)
+#endif
+#if CLUSTER_SPLIT
+#define CLUSTER_DIMS __cluster_dims__(1, CLUSTER_SPLIT, 1)
+#else
+#define CLUSTER_DIMS
+#endif
 
 // PREFETCH_X 1: a tile's x columns are loaded with its weights, a tile ahead (registers: 16 per n8 block per
 // buffer); 0: at the start of its compute (an L1 hit, hidden behind the de-quantization), which frees 32 registers
@@ -84,7 +93,7 @@ __device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WARPS * 32)
 fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
             const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
             u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
@@ -138,6 +147,29 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
             }
         return;
     }
+#if CLUSTER_SPLIT
+    // Split-K in the cluster of the row block's CLUSTER_SPLIT CTAs: each leaves its partial [64 rows x 8 N_BLOCKS_M]
+    // in its shared memory, and CTA r sums rows r, r + SPLIT, ... of every CTA's (distributed shared memory) in
+    // split order (the same sums, bit for bit, as the workspace path below): no global partials, fences, counters.
+    __shared__ float partial[64 * 8 * N_BLOCKS_M];
+#pragma unroll
+    for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            partial[(16 * warp + g + 8 * (i / 2)) * 8 * N_BLOCKS_M + 8 * b + 2 * t + i % 2] = acc[b][i];
+    cluster_sync();
+    const int rank = blockIdx.y;  // the cluster's rank: its CTAs are (x, 0 .. SPLIT - 1)
+    const int rows = (64 - rank + CLUSTER_SPLIT - 1) / CLUSTER_SPLIT;
+    for (int e = threadIdx.x; e < rows * M; e += WARPS * 32) {
+        const int row = rank + CLUSTER_SPLIT * (e / M), m = e % M, n = blockIdx.x * 64 + row;
+        const u32 addr = smem_address(&partial[row * 8 * N_BLOCKS_M + m]);
+        float v = 0.f;
+#pragma unroll
+        for (int s = 0; s < CLUSTER_SPLIT; ++s) v += load_cluster(addr, s);
+        if (n < N) out[(long)m * ldo + n] = finish(v, n, scales, scale_factor, bias);
+    }
+    cluster_sync();  // no CTA leaves while another may still read its partial
+#else
     // Split-K: publish this CTA's partial [64 rows x M], count arrivals, the last one reduces.
     const int n_pad = gridDim.x * 64;
     float* part = ws + (long)blockIdx.y * n_pad * M;
@@ -166,4 +198,5 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
             if (n < N) out[(long)m * ldo + n] = finish(v, n, scales, scale_factor, bias);
         }
     if (threadIdx.x == 0) counts[blockIdx.x] = 0;  // ready for the next launch or graph replay
+#endif
 }

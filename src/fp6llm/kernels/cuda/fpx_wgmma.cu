@@ -59,12 +59,6 @@
 #define X_COPIES ((N_X * 16 + THREADS - 1) / THREADS)  // 16-byte chunks per thread per K tile (rows past N_X: none)
 #define X_ROWS_STEP (THREADS / 16)       // a thread copies chunk tid % 16 of rows tid / 16 + X_ROWS_STEP j
 
-__device__ __forceinline__ u32 smem_address(const void* p) {
-    u32 addr;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(addr) : "l"(p));
-    return addr;
-}
-
 __device__ __forceinline__ void cp_async16(u32 smem, const void* global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem), "l"(global) : "memory");
 }
@@ -110,16 +104,6 @@ __device__ __forceinline__ void bulk_copy_multicast(u32 dst, const void* src, u3
     // to dst and bar at the same shared offsets in every CTA of the mask
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
                  "[%0], [%1], %2, [%3], %4;" :: "r"(dst), "l"(src), "r"(bytes), "r"(bar), "h"(ctas) : "memory");
-}
-
-__device__ __forceinline__ void cluster_sync() {  // every thread of every CTA of the cluster
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ u32 cluster_rank() {
-    u32 rank;
-    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    return rank;
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
