@@ -640,7 +640,8 @@ def test_cuda_wgmma_kernel_bulk_x_matches_reference(gen, dtype, m, bias):
                                        ("fpx_wgmma_bulk", 100)])
 def test_cuda_kernels_replay_in_a_graph(gen, kernel, m):
     """Split-K arrival counters reset themselves (the mid-M kernel's: one per row block and z block): a captured
-    launch replays with fresh inputs."""
+    launch replays with fresh inputs; an eager launch between capture and replay is right too (the bulk path's
+    index tensors, first made inside the capture, are not kept from it)."""
     from fp6llm.kernels import fpx_cuda
     if kernel.startswith("fpx_wgmma") and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("wgmma needs an sm_90 GPU")
@@ -650,9 +651,14 @@ def test_cuda_kernels_replay_in_a_graph(gen, kernel, m):
     qw = quantize_weight(torch.randn(1024, 2048, generator=gen) * 0.05, "e3m2").to("cuda")
     x = torch.randn(m, 2048, generator=gen).to("cuda", torch.float16)
     launch(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)  # warm-up: compile, workspace
+    if kernel == "fpx_wgmma_bulk":
+        fpx_cuda._SWIZZLE_INDEX.clear()  # the x image's index tensors first made inside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = launch(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)
+    eager = launch(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)  # before any replay
+    ref = x.double() @ qw.dequantize(torch.float64).T
+    assert ((eager.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16]
     for _ in range(3):
         x.copy_(torch.randn(m, 2048, generator=gen).to("cuda", torch.float16))
         graph.replay()

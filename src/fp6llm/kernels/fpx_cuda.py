@@ -549,6 +549,20 @@ def wgmma_x_order(x: torch.Tensor) -> torch.Tensor:
 _SWIZZLE_INDEX = {}
 
 
+def _swizzle_index(device) -> tuple:
+    """The index tensors of wgmma_x_image's swizzle: row r % 8 reads chunk (kq, h) ^ r at position (kq, h)
+    (chunk c = 2 kq + h). Kept per device, but not when made inside a CUDA graph capture: there the aranges only
+    run when the graph replays, so an eager call before that would read unwritten memory."""
+    if device in _SWIZZLE_INDEX:
+        return _SWIZZLE_INDEX[device]
+    r = torch.arange(8, device=device).view(8, 1, 1)
+    index = (r, torch.arange(4, device=device).view(1, 4, 1) ^ (r >> 1),
+             torch.arange(2, device=device).view(1, 1, 2) ^ (r & 1))
+    if not (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _SWIZZLE_INDEX[device] = index
+    return index
+
+
 def wgmma_x_image(x: torch.Tensor, n_x: int) -> torch.Tensor:
     """x [M, K] as the bulk path's image of the kernel's shared x buffers: [z block][K tile][atom][row][128 bytes],
     each K tile of a z block (n_x rows, zero past M) contiguous, so that one flat copy per tile fills a stage. Row
@@ -559,12 +573,7 @@ def wgmma_x_image(x: torch.Tensor, n_x: int) -> torch.Tensor:
     z, k_tiles = -(-m // n_x), k // TILE_K
     if z * n_x != m:
         x = torch.nn.functional.pad(x, (0, 0, 0, z * n_x - m))
-    key = x.device
-    if key not in _SWIZZLE_INDEX:  # row r % 8 reads chunk (kq, h) ^ r at position (kq, h): c = 2 kq + h
-        r = torch.arange(8, device=x.device).view(8, 1, 1)
-        _SWIZZLE_INDEX[key] = (r, torch.arange(4, device=x.device).view(1, 4, 1) ^ (r >> 1),
-                               torch.arange(2, device=x.device).view(1, 1, 2) ^ (r & 1))
-    r, kq, h = _SWIZZLE_INDEX[key]
+    r, kq, h = _swizzle_index(x.device)
     # column 32 t + 4 ks + 2 h + j of a tile, ks = 4 a + kq -> (z, K tile, atom a, rows n // 8, n % 8, kq, h, t, j)
     view = x.view(z, n_x // 8, 8, k_tiles, 4, 2, 4, 2, 2).permute(0, 3, 5, 1, 2, 6, 7, 4, 8)
     return view[:, :, :, :, r, kq, h].reshape(z, k_tiles * n_x * 128)
