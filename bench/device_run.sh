@@ -2,7 +2,7 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | bulk |
-#                       cluster-split | wgmma | wgmma-more | e2e | e2e-mid | e2e70 | serve | serve-mixed | all-quick
+#                       tail | wgmma | wgmma-more | e2e | e2e-mid | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -14,8 +14,9 @@
 #   bulk      the wgmma kernel's bulk path (x by cp.async.bulk into an mbarrier ring, clusters; first GPU run): its
 #             GPU tests, then bench/wgmma_probe.py --sweep bulk at M = 64/128/256 on four shapes (against the
 #             cp.async path's default launch, cuBLAS and the dispatched path)
-#   cluster-split  the small-M kernel's split-K summed in a cluster (sm_90; first GPU run): its GPU tests, then
-#             bench/cluster_split_ab.py at M = 1/8/16 (each shape's table split, against the workspace path)
+#   tail      the small-M kernel's fixed costs (sm_90; first GPU run): split-K summed in a cluster and programmatic
+#             dependent launch, their GPU tests, then bench/small_m_tail_ab.py at M = 1/8/16 (each shape's table
+#             split; against the plain kernel, cuBLAS and the floor)
 #   wgmma     the wgmma kernel (sm_90): its GPU tests (stops if they fail: tune times the bulk path too), then
 #             bench/tune.py --wgmma-only for e3m2 FP16 at M = 128/256/512 (the bulk path's launches), merged into
 #             OUT_DIR/<gpu>.json (copy the file in first; tune rewrites it after every shape); wgmma-more: M = 16
@@ -77,11 +78,11 @@ bulk)
         --shapes 70b-up,70b-o,13b-qkv,13b-down --out "$out/wgmma-bulk.json" 2>&1 | tee "$out/wgmma-bulk.log" \
         | grep -E "check|M=|WRONG|rror" | tail -40
     ;;
-cluster-split)
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 120 python3 -m pytest -q -x test_kernels.py -k "cluster_split" \
-        2>&1 | tail -15) || { echo "cluster split-K tests failed: no timing"; exit 1; }
-    gpu_only timeout 300 python3 bench/cluster_split_ab.py --out "$out/cluster-split.json" 2>&1 \
-        | tee "$out/cluster-split.log" | tail -30
+tail)
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 120 python3 -m pytest -q -x test_kernels.py \
+        -k "cluster_split or pdl or launch_ex" 2>&1 | tail -15) || { echo "tail tests failed: no timing"; exit 1; }
+    gpu_only timeout 360 python3 bench/small_m_tail_ab.py --out "$out/small-m-tail.json" 2>&1 \
+        | tee "$out/small-m-tail.log" | tail -30
     ;;
 wgmma)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q -x test_kernels.py -k "wgmma or graph" \
@@ -129,7 +130,7 @@ all-quick)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | cluster-split | wgmma | wgmma-more | e2e | e2e-mid | e2e70 | serve |" \
+    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | tail | wgmma | wgmma-more | e2e | e2e-mid | e2e70 | serve |" \
          "serve-mixed | all-quick)" >&2
     exit 2
     ;;

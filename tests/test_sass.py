@@ -145,6 +145,27 @@ def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_cuda_small_m_pdl_touches_nothing_but_weights_before_its_wait():
+    """The small-M kernel's PDL variant for sm_90a: in program order, nothing reads or writes memory before the
+    grid-dependency wait (ACQBULK) but the weights' L2 prefetches (UBLKPF, one per plane); the trigger for the next
+    grid (PREEXIT) comes after it; the K loop is the plain kernel's (same instruction count)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    memory = ("LDG", "STG", "LD", "ST", "LDS", "STS", "ATOM", "ATOMG", "RED", "LDGSTS", "UBLKCP")
+    for n_blocks_m in (1, 2):
+        cubins = [fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, n_blocks_m, True,
+                                                                pdl=pdl), "sm_90a", "fpx_small_m.cu")
+                  for pdl in (False, True)]
+        ops = [op for _, op, _, _ in sass.disassemble(cubins[1])]
+        wait = ops.index("ACQBULK")
+        assert ops.count("ACQBULK") == 1 and ops[:wait].count("UBLKPF") == 2
+        assert not [op for op in ops[:wait] if op in memory], ops[:wait]
+        assert ops.index("PREEXIT") > wait
+        plain, pdl = (len(sass.innermost_loop(sass.disassemble(c))) for c in cubins)
+        assert abs(plain - pdl) <= 16, (n_blocks_m, plain, pdl)
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_small_m_cluster_split_compiles():
     """The small-M kernel's split-K in a cluster for sm_90a (M <= 8 at 8 CTAs per cluster, M <= 16 at 2, with
     bias): no local memory, the two cluster barriers, the loads of the other CTAs' partials, no global atomics."""

@@ -102,8 +102,12 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
             terms += [_extract(f"tile.w{p}[{word}]", mask, r, fma_shifts) for mask, r in _extracts(plane, slot)]
         lines.append(f"    a[{q}] = {' | '.join(terms)};")
     used = shifts(fmt) if fma_shifts else ()
+    # into L2, TILES tiles from plane tile TILE_INDEX of every plane (a plane's tiles of one row tile are contiguous)
+    prefetch = " ".join(f"prefetch_l2(p{p} + (TILE_INDEX) * {64 * plane.width}, (TILES) * {256 * plane.width});"
+                        for p, plane in enumerate(layout))
     return "\n".join([
         f"#define PLANE_REGS {regs}",
+        f"#define PREFETCH_PLANES(TILE_INDEX, TILES) {prefetch}",
         "#define POWER_PARAMS " + "".join(f", u32 pw_{r}" for r in used),
         "#define POWERS {" + ", ".join(f"pw_{r}" for r in used) + "}",
         "#define LOAD_PLANES " + " ".join(loads),
@@ -128,18 +132,21 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
-                  fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0) -> str:
+                  fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
+                  pdl: bool = False) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
     .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers);
     cluster_split 2..8 (sm_90): a launch of exactly that split, its CTAs of a row block a cluster that sums the
-    partials in shared memory."""
+    partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
+    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex)."""
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
-               *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else [])]
+               *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
+               *(["#define PDL 1"] if pdl else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
@@ -245,6 +252,54 @@ def cached_cubin(source: str, arch: str, name: str = KERNEL_NAME) -> bytes:
 _KERNELS: dict = {}
 
 
+class LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute (cuda.h): an id, 4 bytes of padding, a 64-byte value union."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_ubyte * 64)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h), the argument of cuLaunchKernelEx."""
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+def kernel_arguments(args) -> tuple:
+    """(void* array, the C values it points at) of a kernel's arguments, as torch's _CudaKernel passes them:
+    a CUDA tensor as its data pointer, an int as a C int, a float as a C double."""
+    values = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            values.append(ctypes.c_void_p(arg.data_ptr()))
+        elif isinstance(arg, bool) or not isinstance(arg, (int, float)):
+            raise TypeError(f"a kernel argument must be a tensor, an int or a float, not {type(arg).__name__}")
+        else:
+            values.append(ctypes.c_int(arg) if isinstance(arg, int) else ctypes.c_double(arg))
+    array = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+    return array, values
+
+
+def launch_ex(kernel, grid, block, args, shared_mem: int = 0, pdl: bool = False) -> None:
+    """Launch a loaded kernel through cuLaunchKernelEx on the current stream; pdl: with programmatic stream
+    serialization (the grid may start while the previous kernel of the stream drains: only for a kernel that
+    waits with griddepcontrol before it reads what that kernel writes, kernel_source's pdl)."""
+    array, values = kernel_arguments(args)
+    attributes = (LaunchAttribute * 1)()
+    attributes[0].id = LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    ctypes.memmove(attributes[0].value, ctypes.byref(ctypes.c_int(1)), 4)
+    config = LaunchConfig(*grid, *block, shared_mem, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
+                          attributes, 1 if pdl else 0)
+    libcuda = torch.cuda._utils._get_gpu_runtime_library()
+    result = libcuda.cuLaunchKernelEx(ctypes.byref(config), kernel.func, array, None)
+    if result != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {result}")
+    del values  # the array pointed at them until the launch returned
+
+
 def _arch(device) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
@@ -273,12 +328,13 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False):
     """The small-M kernel for this case (see _load)."""
-    key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split,
+    key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
            torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split), KERNEL_NAME, WARPS, device)
+                                            fma_shifts, prefetch_x, cluster_split, pdl), KERNEL_NAME, WARPS,
+                 device)
 
 
 def _takes(fmt: FPFormat, group_size, x: torch.Tensor, k: int, max_m: int) -> bool:
@@ -323,12 +379,14 @@ SUM_COST = 0.4
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
-                cluster_split: "bool | None" = None) -> torch.Tensor:
+                cluster_split: "bool | None" = None, pdl: bool = False) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
-    cluster and sum their partials in shared memory (no workspace)."""
+    cluster and sum their partials in shared memory (no workspace). pdl (sm_90, opt-in: the caller promises that
+    no kernel just before this one writes the weights): launched with programmatic stream serialization, its
+    weights' first tiles are prefetched while the previous kernel drains."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
@@ -345,8 +403,9 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         kps = -(-k_tiles // split)
         cluster = -(-k_tiles // kps)  # the split it runs (no empty CTAs)
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
+    pdl = pdl and torch.cuda.get_device_capability(x.device) >= (9, 0)
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster)
+                               prefetch_x, x.device, cluster, pdl)
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)
@@ -358,10 +417,12 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     ws, counts = WORKSPACE.reserve(x.device, max(1, k_tiles // 4) * row_blocks * ROWS_PER_CTA * MAX_M, row_blocks) \
         if split > 1 and not cluster else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
-    kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1),
-           args=[x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
-                 counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps,
-                 *(_powers(fmt) if fma_shifts else ())])
+    args = [x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws, counts, m,
+            n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps, *(_powers(fmt) if fma_shifts else ())]
+    if pdl:
+        launch_ex(kernel, (row_blocks, split, 1), (WARPS * 32, 1, 1), args, pdl=True)
+    else:
+        kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1), args=args)
     return out
 
 

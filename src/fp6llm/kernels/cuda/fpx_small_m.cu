@@ -23,6 +23,10 @@
 #ifndef CLUSTER_SPLIT
 #define CLUSTER_SPLIT 0  // > 0 (sm_90): the SPLIT = CLUSTER_SPLIT CTAs of a row block are a cluster (see the epilogue)
 #endif
+#ifndef PDL
+#define PDL 0  // 1 (sm_90): a grid that may start before the previous kernel of its stream completed (see the kernel)
+#endif
+#define PDL_PREFETCH_TILES 4  // PDL: K tiles of each warp's weights prefetched into L2 before the wait
 #if CLUSTER_SPLIT
 #define CLUSTER_DIMS __cluster_dims__(1, CLUSTER_SPLIT, 1)
 #else
@@ -107,6 +111,14 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     const int n_tiles = (N + 15) / 16;
     const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
 
+#if PDL
+    // Launched with programmatic stream serialization, this grid may run while the previous kernel (the one that
+    // writes x, or may still read memory that becomes out or ws) drains: until griddep_wait() only the weights
+    // (written by no kernel of a step) are touched, their first tiles prefetched into L2.
+    if (lane == 0 && row_tile < n_tiles && kt0 < kt1)
+        PREFETCH_PLANES((long)row_tile * k_tiles + kt0, min(kt1 - kt0, PDL_PREFETCH_TILES))
+    griddep_wait();
+#endif
     float chains[N_BLOCKS_M][CHAINS][4] = {};
     if (row_tile < n_tiles && kt0 < kt1) {
         // Lanes past the last row of x read row M - 1 again (an L1 hit): the MMA columns they feed are outputs for
@@ -126,6 +138,9 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         }
     }
 
+#if PDL
+    griddep_launch_dependents();  // the next grid's CTAs may start (and prefetch) while this one finishes
+#endif
     float acc[N_BLOCKS_M][4];
 #pragma unroll
     for (int b = 0; b < N_BLOCKS_M; ++b)
