@@ -213,6 +213,36 @@ sys.exit(cli.main())
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
 
 
+def test_an_error_after_a_swallowed_ctrl_c_is_reported_as_the_interrupt():
+    """A Ctrl-C that something caught (an import interrupted half way), then an error it causes later (CI,
+    2026-12-03: numpy.linalg's half-made lazy import recursed without end): the interrupt's line and 130, no
+    traceback. The same error with no Ctrl-C before it still shows its traceback."""
+    code = """
+import os, signal, sys
+from fp6llm import cli
+def boom(args):
+    if args.ctrl_c:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            import time; time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # swallowed, as an import's machinery may
+    raise RecursionError("maximum recursion depth exceeded")
+def add(parser):
+    parser.add_argument("--ctrl-c", action="store_true")
+    parser.set_defaults(run=boom)
+cli._load_commands()
+cli.COMMANDS["boom"] = ("boom", add)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+    interrupted = subprocess.run([sys.executable, "-c", code, "boom", "--ctrl-c"], capture_output=True, text=True,
+                                 timeout=60)
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert interrupted.stderr.strip().splitlines() == ["fp6llm boom: interrupted"]
+    failed = subprocess.run([sys.executable, "-c", code, "boom"], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1 and "Traceback" in failed.stderr and "RecursionError" in failed.stderr
+
+
 def test_main_called_from_python_gives_the_sigint_handler_back(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2

@@ -5,20 +5,17 @@ import torch until something needs it.
 """
 
 import importlib
-from importlib import metadata
 from typing import Optional
 
 
 def package_version() -> Optional[str]:
     """fp6llm's version from its installed package metadata (pyproject.toml's, the one place it is written); None
     when there is none, as in a source tree that was never installed."""
-    try:
+    from importlib import metadata  # ~20 ms of imports: only when asked (`fp6llm` starts fast: its Ctrl-C handler
+    try:  # is installed sooner)
         return metadata.version("fp6llm")
     except metadata.PackageNotFoundError:
         return None
-
-
-__version__ = package_version() or "0+unknown"  # a PEP 440 version that says it is not known
 
 # public name -> the module of fp6llm that defines it
 _EXPORTS = {"FPFormat": "formats", "decode": "formats", "encode": "formats", "FPxLinear": "nn",
@@ -27,7 +24,10 @@ _EXPORTS = {"FPFormat": "formats", "decode": "formats", "encode": "formats", "FP
 
 
 def __getattr__(name: str):
-    """A public name (or a submodule, e.g. fp6llm.ops), imported when first asked for."""
+    """A public name (or a submodule, e.g. fp6llm.ops), imported when first asked for; __version__ read from the
+    package metadata when first asked for ("0+unknown", a PEP 440 version that says it is not known, without)."""
+    if name == "__version__":  # not kept: it follows the installed metadata (a reinstall, a test's stand-in)
+        return package_version() or "0+unknown"
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     elif not name.startswith("__"):

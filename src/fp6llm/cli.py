@@ -223,12 +223,20 @@ def _main(argv) -> int:
             args.run(args)
         finally:
             _decided = True  # from here on a Ctrl-C is recorded (or ends the process), never raised
-    except USER_ERRORS as err:
-        print(f"{name}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return INTERRUPTED_STATUS
+    except Exception as err:
+        if _interrupted:
+            # An error after a Ctrl-C that something swallowed is its fallout, not a bug to report: a
+            # KeyboardInterrupt inside an import leaves the module half made (CI, 2026-12-03: numpy.linalg's
+            # lazy import then recursed without end when torch._dynamo touched it).
+            print(f"{name}: interrupted", file=sys.stderr)
+            return INTERRUPTED_STATUS
+        if isinstance(err, USER_ERRORS):
+            print(f"{name}: error: {err}", file=sys.stderr)
+            return 2
+        raise
     if _interrupted:
         print(f"{name}: interrupted", file=sys.stderr)
         return INTERRUPTED_STATUS
