@@ -183,19 +183,13 @@ def wgmma_launches(m: int) -> list:
     return shapes
 
 
-def _compile_wgmma(spec) -> None:
-    name, bf16, n_x, wgs, x_ahead, min_ctas, cluster = spec
-    source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas, cluster)
-    fpx_cuda.cached_cubin(source, "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
-
-
 def compile_wgmma(specs) -> None:
     """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas, cluster), ...) in
-    parallel (NVRTC: 2-30 s per kernel) into the disk cache the launches then load from."""
-    import concurrent.futures
-    specs = sorted(set(specs))
-    with concurrent.futures.ProcessPoolExecutor(min(16, max(1, len(specs)))) as pool:
-        list(pool.map(_compile_wgmma, specs))
+    parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
+    fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas,
+                                                      cluster)
+                         for name, bf16, n_x, wgs, x_ahead, min_ctas, cluster in set(specs)],
+                        "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
 
 
 def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:

@@ -674,13 +674,17 @@ def test_cuda_wgmma_kernel_bulk_x_matches_reference(gen, dtype, m, bias):
     from fp6llm.kernels import fpx_cuda
     k = 1280
     x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    launches = ((1, 1, None, 1, 2), (2, 1, None, 1, 1), (4, 1, None, 1, 3), (2, 3, 64, 1, 2), (4, 2, None, 2, 1),
+                (1, 5, 8, 1, 2), (8, 1, None, 1, 2))
+    fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(  # the ~10 kernels at once, not one after another
+        FPFormat.parse("e3m2"), dtype == torch.bfloat16, fpx_cuda.wgmma_resolve(m, n_x)["n_x"], bias, wgs, x_ahead, 1,
+        fpx_cuda.wgmma_cluster(cluster, n, wgs)) for n in (512, 200) for cluster, _, n_x, wgs, x_ahead in launches],
+        fpx_cuda._arch(x.device), fpx_cuda.WGMMA_KERNEL_NAME)
     for n in (512, 200):
         qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "e3m2").to("cuda")
         b = torch.randn(n, generator=gen).to("cuda", dtype) if bias else None
         ref = x.double() @ qw.dequantize(torch.float64).T + (0 if b is None else b.double())
-        for cluster, split, n_x, wgs, x_ahead in ((1, 1, None, 1, 2), (2, 1, None, 1, 1), (4, 1, None, 1, 3),
-                                                  (2, 3, 64, 1, 2), (4, 2, None, 2, 1), (1, 5, 8, 1, 2),
-                                                  (8, 1, None, 1, 2)):
+        for cluster, split, n_x, wgs, x_ahead in launches:
             out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, b, qw.fmt, n, k, split, n_x, wgs, x_ahead, 1, cluster)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             assert err < TOLERANCE[dtype], (n, cluster, split, n_x, wgs, x_ahead, err)

@@ -145,6 +145,22 @@ def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_precompile_fills_the_disk_cache_in_parallel(tmp_path, monkeypatch):
+    """fpx_cuda.precompile: each source compiled once, in worker processes, into the cache the launches load from
+    (cached_cubin then returns the stored cubin); a second call compiles nothing."""
+    monkeypatch.setenv("FP6LLM_CACHE_DIR", str(tmp_path))
+    sources = [fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, 1, bias) for bias in (False, True)]
+    fpx_cuda.precompile(sources + sources[:1], "sm_90a", "fpx_small_m", workers=2)
+    cached = sorted((tmp_path / "cuda").iterdir())
+    assert len(cached) == 2 and all(path.stat().st_size > 1000 for path in cached)
+    stamps = [path.stat().st_mtime_ns for path in cached]
+    fpx_cuda.precompile(sources, "sm_90a", "fpx_small_m", workers=2)
+    assert [path.stat().st_mtime_ns for path in cached] == stamps
+    assert {fpx_cuda.cached_cubin(source, "sm_90a", "fpx_small_m") for source in sources} == \
+        {path.read_bytes() for path in cached}
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_small_m_pdl_touches_nothing_but_weights_before_its_wait():
     """The small-M kernel's PDL variant for sm_90a: in program order, nothing reads or writes memory before the
     grid-dependency wait (ACQBULK) but the weights' L2 prefetches (UBLKPF, one per plane); the trigger for the next
