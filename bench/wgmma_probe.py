@@ -38,7 +38,15 @@ def check(quick: bool) -> list:
     cases = [case + (0,) for case in cases] + [  # the bulk path: clusters of 1, 2, 4 row blocks
         ("e3m2", torch.float16, 64, 64, 1, 1, 1), ("e3m2", torch.float16, 100, 104, 3, 1, 2),
         ("e3m2", torch.bfloat16, 300, 128, 2, 2, 2), ("e3m2", torch.float16, 17, 24, 1, 1, 4)]
-    for fmt, dtype, m, n_x, split, wgs, cluster in cases[:3] if quick else cases:
+    cases = cases[:3] if quick else cases
+    sources = []
+    for fmt, dtype, m, n_x, split, wgs, cluster in cases:  # the kernels the checks launch, compiled at once
+        launch = fpx_cuda.wgmma_resolve(m, n_x, wgs, cluster=cluster)
+        sources.append(fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), dtype == torch.bfloat16, n_x, m % 2 == 1,
+                                                    wgs, launch["x_ahead"], launch["min_ctas"],
+                                                    fpx_cuda.wgmma_cluster(cluster, 200, wgs)))
+    fpx_cuda.precompile(sources, fpx_cuda._arch("cuda"), fpx_cuda.WGMMA_KERNEL_NAME)
+    for fmt, dtype, m, n_x, split, wgs, cluster in cases:
         n, k = 200, 768
         qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
         x = torch.randn(m, k, generator=gen).to("cuda", dtype)
