@@ -2,7 +2,7 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | bulk |
-#                       tail | wgmma | wgmma-more | e2e | e2e-mid | e2e70 | serve | serve-mixed | all-quick
+#                       tail | wgmma | wgmma-more | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -23,6 +23,7 @@
 #             (against the small-M and mid-M kernels) and the e3m2 BF16 table (M = 32/128/512)
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens;
 #             e2e-mid: batch 32/64/128, prompt 128 + 32 new tokens (the wgmma kernel's batches)
+#             e2e-pdl: e3m2 at batch 1/8/16 with and without --programmatic-launch (the small-M kernel by PDL)
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
 #   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients, the server's default settings (run
 #             bench/serve_wheels.sh here first and carry .whl); serve-mixed: 8/32 clients, prompts of 64-2048 tokens
@@ -101,6 +102,13 @@ e2e-mid)
         --prompt-len 128 --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e-mid.log" \
         | grep -E "^\||wrote|rror" | tail -12
     ;;
+e2e-pdl)  # the FP6 decode step with and without programmatic dependent launch of the small-M kernel, one call
+    for flag in "" --programmatic-launch; do
+        timeout 270 python3 -m fp6llm bench --random "$model13" --formats e3m2 --batch 1,8,16 --prompt-len 128 \
+            --gen-len 32 $flag "${device[@]}" --out "$out" 2>&1 | tee -a "$out/e2e-pdl.log" \
+            | grep -E "^\||wrote|rror|programmatic" | tail -6
+    done
+    ;;
 e2e)
     timeout 560 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" "${e2e_shape[@]}" "${device[@]}" \
         --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\||wrote|rror" | tail -12
@@ -130,7 +138,7 @@ all-quick)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | tail | wgmma | wgmma-more | e2e | e2e-mid | e2e70 | serve |" \
+    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | tail | wgmma | wgmma-more | e2e | e2e-mid | e2e-pdl | e2e70 | serve |" \
          "serve-mixed | all-quick)" >&2
     exit 2
     ;;

@@ -34,8 +34,27 @@ def test_cli_bench_writes_results(capsys, tmp_path):
                                                                    ("e3m2", 1), ("e3m2", 3)]
     assert all(r["decode_tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["floor_fraction"] > 0
                for r in result["rows"])
-    assert result["setup"]["copy_bandwidth_gb_s"] > 0
+    assert result["setup"]["copy_bandwidth_gb_s"] > 0 and result["setup"]["programmatic_launch"] is False
     assert "| e3m2 | 3 |" in md.read_text()
+
+
+def test_cli_bench_programmatic_launch_is_recorded_and_scoped(capsys, tmp_path, monkeypatch):
+    """--programmatic-launch: the small-M kernel's PDL default is on during the run only (fpx_cuda.PDL; on a CPU it
+    changes nothing else), and the results say it was."""
+    from fp6llm.kernels import fpx_cuda
+    seen = []
+    real = fpx_cuda.programmatic_launch
+
+    def spy(enabled=True):
+        seen.append(enabled)
+        return real(enabled)
+    monkeypatch.setattr(fpx_cuda, "programmatic_launch", spy)
+    assert main(["bench", "--random", "tiny-llama", "--formats", "e3m2", "--batch", "1", "--prompt-len", "8",
+                 "--gen-len", "2", "--out", str(tmp_path), "--programmatic-launch"]) == 0
+    assert seen == [True] and fpx_cuda.PDL is False
+    (js,) = tmp_path.glob("e2e-cpu-*.json")
+    assert json.loads(js.read_text())["setup"]["programmatic_launch"] is True
+    assert "programmatic dependent launch" in next(tmp_path.glob("e2e-cpu-*.md")).read_text()
 
 
 def test_cli_eval_prints_perplexity_per_format(capsys, tmp_path):

@@ -14,6 +14,7 @@ source and target.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -397,17 +398,33 @@ def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int
 SUM_COST = 0.4
 
 
+PDL = False  # fpx_small_m's pdl where a call gives none: programmatic_launch() sets it
+
+
+@contextlib.contextmanager
+def programmatic_launch(enabled: bool = True):
+    """Within: the small-M kernel launches with programmatic dependent launch where its caller does not say (PDL;
+    sm_90, not yet measured). Only around work whose weights no kernel writes (an engine's decode steps, their
+    CUDA graph captures): the kernel reads its weights before it waits for the previous kernel."""
+    global PDL
+    previous, PDL = PDL, enabled
+    try:
+        yield
+    finally:
+        PDL = previous
+
+
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
-                cluster_split: "bool | None" = None, pdl: bool = False) -> torch.Tensor:
+                cluster_split: "bool | None" = None, pdl: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
     cluster and sum their partials in shared memory (no workspace). pdl (sm_90, opt-in: the caller promises that
-    no kernel just before this one writes the weights): launched with programmatic stream serialization, its
-    weights' first tiles are prefetched while the previous kernel drains."""
+    no kernel just before this one writes the weights; None: PDL, see programmatic_launch): launched with
+    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
@@ -424,7 +441,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         kps = -(-k_tiles // split)
         cluster = -(-k_tiles // kps)  # the split it runs (no empty CTAs)
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
-    pdl = pdl and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    pdl = (PDL if pdl is None else pdl) and torch.cuda.get_device_capability(x.device) >= (9, 0)
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
                                prefetch_x, x.device, cluster, pdl)
     if split is None:
