@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
-#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | bulk |
-#                       tail | wgmma | wgmma-more | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick
+#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | bulk | tail |
+#       wgmma | wgmma-more | wgmma-bf16 | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -20,7 +20,7 @@
 #   wgmma     the wgmma kernel (sm_90): its GPU tests (stops if they fail: tune times the bulk path too), then
 #             bench/tune.py --wgmma-only for e3m2 FP16 at M = 128/256/512 (the bulk path's launches), merged into
 #             OUT_DIR/<gpu>.json (copy the file in first; tune rewrites it after every shape); wgmma-more: M = 16
-#             (against the small-M and mid-M kernels) and the e3m2 BF16 table (M = 32/128/512)
+#             (against the small-M and mid-M kernels); wgmma-bf16: the e3m2 BF16 table (M = 32/128/512)
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens;
 #             e2e-mid: batch 32/64/128, prompt 128 + 32 new tokens (the wgmma kernel's batches)
 #             e2e-pdl: e3m2 at batch 1/8/16 with and without --programmatic-launch (the small-M kernel by PDL)
@@ -92,9 +92,11 @@ wgmma)
         --out "$out" 2>&1 | tee "$out/tune-wgmma-fp16.log" | grep -E "^M=|wrote|Error|dry run"
     ;;
 wgmma-more)
-    gpu_only timeout 150 python3 bench/tune.py --wgmma-only --formats e3m2 --dtypes fp16 --ms 16 \
+    gpu_only timeout 540 python3 bench/tune.py --wgmma-only --formats e3m2 --dtypes fp16 --ms 16 \
         --out "$out" 2>&1 | tee "$out/tune-wgmma-m16.log" | grep -E "^M=|wrote|Error|dry run"
-    gpu_only timeout 400 python3 bench/tune.py --wgmma-only --formats e3m2 --dtypes bf16 --ms 32,128,512 \
+    ;;
+wgmma-bf16)
+    gpu_only timeout 560 python3 bench/tune.py --wgmma-only --formats e3m2 --dtypes bf16 --ms 32,128,512 \
         --out "$out" 2>&1 | tee "$out/tune-wgmma-bf16.log" | grep -E "^M=|wrote|Error|dry run"
     ;;
 e2e-mid)
@@ -138,8 +140,8 @@ all-quick)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | tail | wgmma | wgmma-more | e2e | e2e-mid | e2e-pdl | e2e70 | serve |" \
-         "serve-mixed | all-quick)" >&2
+    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | tail | wgmma | wgmma-more |" \
+         "wgmma-bf16 | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;
 esac
