@@ -16,7 +16,8 @@
 #             cp.async path's default launch, cuBLAS and the dispatched path)
 #   tail      the small-M kernel's fixed costs (sm_90; first GPU run): split-K summed in a cluster and programmatic
 #             dependent launch, their GPU tests, then bench/small_m_tail_ab.py at M = 1/8/16 (each shape's table
-#             split; against the plain kernel, cuBLAS and the floor)
+#             split; against the plain kernel, cuBLAS and the floor); and whether the tensor cores keep BF16
+#             subnormal inputs (bench/bf16_subnormal_probe.py: decides a cheaper BF16 de-quantization)
 #   wgmma     the wgmma kernel (sm_90): its GPU tests (stops if they fail: tune times the bulk path too), then
 #             bench/tune.py --wgmma-only for e3m2 FP16 at M = 128/256/512 (the bulk path's launches), merged into
 #             OUT_DIR/<gpu>.json (copy the file in first; tune rewrites it after every shape); wgmma-more: M = 16
@@ -82,6 +83,7 @@ bulk)
 tail)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 120 python3 -m pytest -q -x test_kernels.py \
         -k "cluster_split or pdl or launch_ex" 2>&1 | tail -15) || { echo "tail tests failed: no timing"; exit 1; }
+    gpu_only timeout 60 python3 bench/bf16_subnormal_probe.py 2>&1 | tee "$out/bf16-subnormal.log"
     gpu_only timeout 360 python3 bench/small_m_tail_ab.py --out "$out/small-m-tail.json" 2>&1 \
         | tee "$out/small-m-tail.log" | tail -30
     ;;
