@@ -87,20 +87,19 @@ def test_triton_small_m_loop_budget(tmp_path):
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
-def test_cuda_small_m_kernel_compiles_and_fits_the_budget(tmp_path):
+def test_cuda_small_m_kernel_compiles_and_fits_the_budget(tmp_path, monkeypatch):
     """The CUDA kernel for M <= 8, e3m2, FP16: <= 1.5 ALU and <= 2.3 issued lane-ops per weight (built: 1.47, 2.16);
-    every kernel format and both dtypes compile through NVRTC."""
+    every kernel format and both dtypes compile through NVRTC (in parallel, into an empty cache)."""
     cuda = counts("cuda", tmp_path)
     assert cuda["per_weight"]["alu"] <= 1.5
     assert cuda["issued"] <= 2.3
     assert cuda["ops"]["HMMA"] == 16  # 8 k-steps x 2 tiles, one n8 block
-    for name in ("e2m3", "e2m2", "e2m1", "e3m1", "e4m3", "e2m4"):
-        for bf16 in (False, True):
-            assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True), "sm_90a")
-            assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True,
-                                                                 fma_shifts=True), "sm_90a")
-            assert fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True,
-                                                                 prefetch_x=False), "sm_90a")
+    monkeypatch.setenv("FP6LLM_CACHE_DIR", str(tmp_path / "cache"))
+    sources = [fpx_cuda.kernel_source(FPFormat.parse(name), bf16, 2, True, **variant)
+               for name in ("e2m3", "e2m2", "e2m1", "e3m1", "e4m3", "e2m4") for bf16 in (False, True)
+               for variant in ({}, {"fma_shifts": True}, {"prefetch_x": False})]
+    fpx_cuda.precompile(sources, "sm_90a", fpx_cuda.KERNEL_NAME, workers=os.cpu_count() or 1)
+    assert len(list((tmp_path / "cache" / "cuda").iterdir())) == len(set(sources)) == 36
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
@@ -119,7 +118,7 @@ def test_cuda_fma_shifts_variant_fits_the_alu_budget(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
-def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
+def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path, monkeypatch):
     """The mid-M kernel, e3m2, FP16, M = 32, two row tiles per warp: <= 1.8 ALU and <= 3.5 issued lane-ops per
     weight (built: 1.66, 3.27), 8 k-steps x 2 K tiles x 2 row tiles x 4 n8 blocks of MMAs, no spills; it compiles
     at the extreme launch shapes tune times at 64 rows of x, and for every kernel format and both dtypes, with at
@@ -136,10 +135,13 @@ def test_cuda_mid_m_kernel_compiles_and_fits_the_budget(tmp_path):
     cases = [("e3m2", False, 64, tune.MID_SHAPES[0]), ("e3m2", False, 64, tune.MID_SHAPES[-1]),
              ("e3m2", False, 16, (1, 8)), ("e3m2", True, 33, (2, 8))]
     cases += [(name, False, 33, (1, 4)) for name in ("e2m3", "e2m1", "e4m3", "e2m4")]
-    for name, bf16, m, (row_tiles, warps) in cases:
-        source = fpx_cuda.mid_kernel_source(FPFormat.parse(name), bf16, fpx_cuda.mid_blocks_m(m), row_tiles, warps,
-                                            True)
-        usage = sass._cuobjdump(fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_mid_m.cu"), "--dump-resource-usage")
+    sources = [fpx_cuda.mid_kernel_source(FPFormat.parse(name), bf16, fpx_cuda.mid_blocks_m(m), row_tiles, warps,
+                                          True) for name, bf16, m, (row_tiles, warps) in cases]
+    monkeypatch.setenv("FP6LLM_CACHE_DIR", str(tmp_path / "cache"))  # compiled in parallel into an empty cache
+    fpx_cuda.precompile(sources, "sm_90a", fpx_cuda.MID_KERNEL_NAME, workers=os.cpu_count() or 1)
+    for (name, bf16, m, (row_tiles, warps)), source in zip(cases, sources):
+        usage = sass._cuobjdump(fpx_cuda.cached_cubin(source, "sm_90a", fpx_cuda.MID_KERNEL_NAME),
+                                "--dump-resource-usage")
         stack = int(re.search(r"STACK:(\d+)", usage).group(1))
         assert "LOCAL:0" in usage and stack <= 16, (name, bf16, m, row_tiles, warps, usage)
 
