@@ -31,7 +31,7 @@ parser.add_argument("--wgs", type=int, default=2, help="the wgmma kernel's warpg
 parser.add_argument("--x-ahead", type=int, default=2, help="the wgmma kernel's x tiles in flight")
 parser.add_argument("--min-ctas", type=int, default=1, help="the wgmma kernel's CTAs per SM by registers")
 parser.add_argument("--cluster", type=int, default=0,
-                    help="the wgmma kernel's x copies: 0 cp.async, 1/2/4 bulk copies multicast over so many CTAs")
+                    help="the wgmma kernel's x copies: 0 cp.async, 1/2/4/8 bulk copies multicast over so many CTAs")
 parser.add_argument("--row-tiles", type=int, default=1)
 parser.add_argument("--warps", type=int, default=4)
 args = parser.parse_args()

@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warps", type=int, default=4, help="the mid-M kernel's warps per CTA")
     parser.add_argument("--wgs", type=int, default=1, help="the wgmma kernel's warpgroups per CTA")
     parser.add_argument("--cluster", type=int, default=0,
-                        help="the wgmma kernel's x copies: 0 cp.async, 1/2/4 bulk copies multicast over so many CTAs")
+                        help="the wgmma kernel's x copies: 0 cp.async, 1/2/4/8 bulk copies multicast over so many CTAs")
     parser.add_argument("--fma-shifts", action="store_true",
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
     parser.add_argument("--no-prefetch-x", action="store_true",

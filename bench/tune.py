@@ -195,7 +195,8 @@ def compile_wgmma(specs) -> None:
 def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     """Compile every wgmma launch the tuning will time (compile_wgmma)."""
     compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"],
-                   l.get("cluster", 0)) for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
+                   l.get("cluster", 0))
+                  for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
 
 
 def tune_wgmma(qw, m: int, dtype) -> "dict | None":

@@ -193,9 +193,8 @@ def main(argv=None) -> int:
     _decided = False
     _interrupted.clear()
     try:
-        status = _main(argv)
+        status = _main(argv)  # it sets _decided once its status is known
     finally:
-        _decided = True
         if argv is not None and previous is signal.default_int_handler:
             signal.signal(signal.SIGINT, previous)
     distributed = sys.modules.get("fp6llm.engine.distributed")  # imported only by --tp runs

@@ -195,7 +195,7 @@ def config_to_dict(config: KernelConfig) -> dict:
 # the split's CTAs summed their partials in a cluster) or of the mid-M kernel
 # ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) or of the
 # wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90, M >= 9, and
-# "cluster" where x came by bulk copies: 1, 2 or 4 CTAs per multicast) for that shape.
+# "cluster" where x came by bulk copies: 1, 2, 4 or 8 CTAs per multicast) for that shape.
 
 
 @dataclass(frozen=True)

@@ -436,12 +436,13 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     if split is None:
         split = measured.split if measured is not None else None
     k_tiles = k // TILE_K
+    hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)  # clusters, programmatic launch
     cluster = 0
-    if cluster_split and split is not None and torch.cuda.get_device_capability(x.device) >= (9, 0):
+    if cluster_split and split is not None and hopper:
         kps = -(-k_tiles // split)
         cluster = -(-k_tiles // kps)  # the split it runs (no empty CTAs)
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
-    pdl = (PDL if pdl is None else pdl) and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    pdl = (PDL if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
                                prefetch_x, x.device, cluster, pdl)
     if split is None:

@@ -281,7 +281,7 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         const long base = (long)min(tile, n_tiles - 1) * k_tiles;
         const int nk = kt1 - kt0;
         const char* x_tiles = reinterpret_cast<const char*>(x) + (long)Z_BLOCK * ldx * 2 +
-                              (long)kt0 * X_STAGE_BYTES + rank * (X_STAGE_BYTES / CLUSTER);
+                              (long)kt0 * X_STAGE_BYTES + rank * SLICE_BYTES;
         if (threadIdx.x == 0)
             for (int j = 0; j < X_AHEAD && j < nk; ++j) produce_x(j, smem, full0, empty0, x_tiles, rank);
         Tile w[W_AHEAD];
