@@ -6,8 +6,12 @@ f16 -> f32 conversions and one pack (the small-M loop: 473 instructions per pass
 
     python bench/bf16_subnormal_probe.py
 
-Prints whether products of BF16 subnormal weights came out right through torch.matmul in BF16 (cuBLAS, the
-tensor cores our kernels' mma.sync / wgmma run on). Needs a CUDA GPU.
+Two cases, both through torch.matmul in BF16 (cuBLAS: the tensor cores our kernels' mma.sync / wgmma run on):
+(1) BF16 subnormal weights times 2^100 (products normal float32 numbers): are subnormal inputs kept? (2) what the
+kernel would feed them: every e3m2 / e2m3 / e2m1 code as its shifted pattern (value x 2^(bias - 127)) against
+activations of unit size, so the products themselves lie in float32's subnormal range (~2^-138 .. 2^-116): are
+subnormal products and sums kept? Only if both are does the cheaper de-quantization keep FP16-path accuracy.
+Needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ def main() -> int:
     err = ((out - exact).norm() / exact.norm()).item()
     print(f"{torch.cuda.get_device_name()}: BF16 subnormal weights x 2^100 through torch.matmul: rel err {err:.2e}, "
           f"{flushed:.0%} of outputs zero -> tensor cores {'KEEP' if err < 1e-2 else 'FLUSH'} BF16 subnormal inputs")
+    kept = err < 1e-2
+    from fp6llm.formats import FPFormat, value_table
+    for name in ("e3m2", "e2m3", "e2m1"):
+        fmt = FPFormat.parse(name)
+        table = value_table(fmt, torch.float64)
+        codes = torch.randint(0, fmt.num_codes, (512, 1024))
+        w = (table[codes] * 2.0 ** (fmt.bias - 127))  # exactly representable in BF16 (<= 7 mantissa bits)
+        w16 = w.to(torch.bfloat16)
+        assert torch.equal(w16.double(), w), "the shifted values are BF16 numbers"
+        x = torch.randn(1024, 16, dtype=torch.float64).to(torch.bfloat16)
+        exact = (table[codes] @ x.double())
+        out = (w16.cuda() @ x.cuda()).double().cpu() * 2.0 ** (127 - fmt.bias)  # BF16 output: 2^-8 relative
+        err = ((out - exact).norm() / exact.norm()).item()
+        ok = err < 1e-2
+        kept = kept and ok
+        print(f"{name} shifted (value x 2^{fmt.bias - 127}) @ randn through torch.matmul, x 2^{127 - fmt.bias}: "
+              f"rel err {err:.2e} -> {'KEPT' if ok else 'LOST'} (subnormal products and sums)")
+    print(f"cheaper BF16 de-quantization: {'SOUND' if kept else 'NOT SOUND'} on this GPU")
     return 0
 
 
