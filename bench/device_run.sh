@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
-#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | bulk | tail | bf16 |
+#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | bulk | tail |
 #       wgmma | wgmma-more | wgmma-bf16 | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -18,9 +18,6 @@
 #             dependent launch, their GPU tests, then bench/small_m_tail_ab.py at M = 1/8/16 (each shape's table
 #             split; against the plain kernel, cuBLAS and the floor); and whether the tensor cores keep BF16
 #             subnormal inputs (bench/bf16_subnormal_probe.py: decides a cheaper BF16 de-quantization)
-#   bf16      BF16 de-quantized straight to BF16 registers (fpx_cuda.BF16_DIRECT, sm_90): its GPU tests, then
-#             bench/bf16_direct_ab.py (small-M at M = 1/8/16, wgmma at 64/128; e3m2, e2m3, e2m1) against the converting
-#             path and cuBLAS BF16
 #   wgmma     the wgmma kernel (sm_90): its GPU tests (stops if they fail: tune times the bulk path too), then
 #             bench/tune.py --wgmma-only for e3m2 FP16 at M = 128/256/512 (the bulk path's launches), merged into
 #             OUT_DIR/<gpu>.json (copy the file in first; tune rewrites it after every shape); wgmma-more: M = 16
@@ -90,13 +87,6 @@ tail)
     gpu_only timeout 360 python3 bench/small_m_tail_ab.py --out "$out/small-m-tail.json" 2>&1 \
         | tee "$out/small-m-tail.log" | tail -30
     ;;
-bf16)  # BF16 de-quantized straight to BF16 (fpx_cuda.BF16_DIRECT) against the converting path, first GPU run
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \
-        -k "bf16_direct or (small_m_kernel_matches and bfloat16)" 2>&1 | tail -4) \
-        || { echo "bf16 direct tests failed: no timing"; exit 1; }
-    gpu_only timeout 400 python3 bench/bf16_direct_ab.py --out "$out/bf16-direct.json" 2>&1 \
-        | tee "$out/bf16-direct.log" | tail -40
-    ;;
 wgmma)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q -x test_kernels.py -k "wgmma or graph" \
         2>&1 | tail -3) || { echo "wgmma tests failed: no tuning"; exit 1; }
@@ -152,7 +142,7 @@ all-quick)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | tail | bf16 | wgmma | wgmma-more |" \
+    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | tail | wgmma | wgmma-more |" \
          "wgmma-bf16 | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;

@@ -148,11 +148,10 @@ def triton_cubin(fmt, dtype: str, config, imad_rotate: bool = False) -> bytes:
     return compiled.asm["cubin"]
 
 
-def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bool = True,
-               direct: bool = True) -> bytes:
+def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bool = True) -> bytes:
     from fp6llm.kernels.fpx_cuda import kernel_source, nvrtc_compile
     source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False, fma_shifts=fma_shifts,
-                           prefetch_x=prefetch_x, bf16_direct=direct and dtype == "bfloat16")
+                           prefetch_x=prefetch_x)
     try:
         return nvrtc_compile(source, "sm_90a")
     except RuntimeError as err:
@@ -165,18 +164,17 @@ def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bo
             return out.read_bytes()
 
 
-def mid_cubin(fmt, dtype: str, m: int, row_tiles: int, warps: int, direct: bool = True) -> bytes:
+def mid_cubin(fmt, dtype: str, m: int, row_tiles: int, warps: int) -> bytes:
     from fp6llm.kernels.fpx_cuda import mid_blocks_m, mid_kernel_source, nvrtc_compile
-    return nvrtc_compile(mid_kernel_source(fmt, dtype == "bfloat16", mid_blocks_m(m), row_tiles, warps, False,
-                                           direct and dtype == "bfloat16"), "sm_90a", "fpx_mid_m.cu")
+    return nvrtc_compile(mid_kernel_source(fmt, dtype == "bfloat16", mid_blocks_m(m), row_tiles, warps, False),
+                         "sm_90a", "fpx_mid_m.cu")
 
 
-def wgmma_cubin(fmt, dtype: str, m: int, wgs: int, cluster: int = 0, direct: bool = True) -> bytes:
+def wgmma_cubin(fmt, dtype: str, m: int, wgs: int, cluster: int = 0) -> bytes:
     from fp6llm.kernels.fpx_cuda import nvrtc_compile, wgmma_kernel_source, wgmma_resolve
     launch = wgmma_resolve(m, wgs=wgs, cluster=cluster)
     return nvrtc_compile(wgmma_kernel_source(fmt, dtype == "bfloat16", launch["n_x"], False, wgs, launch["x_ahead"],
-                                             launch["min_ctas"], launch["cluster"], direct and dtype == "bfloat16"),
-                         "sm_90a", "fpx_wgmma.cu")
+                                             launch["min_ctas"], launch["cluster"]), "sm_90a", "fpx_wgmma.cu")
 
 
 def main(argv=None) -> int:
@@ -196,9 +194,6 @@ def main(argv=None) -> int:
                         help="the CUDA kernel's variant that reads x when its tile is computed (prefetch_x=False)")
     parser.add_argument("--imad-rotate", action="store_true",
                         help="the Triton kernel's variant with field moves as multiplies (fpx_gemm's imad_rotate)")
-    parser.add_argument("--bf16-convert", action="store_true",
-                        help="BF16: the CUDA kernels' FP16 de-quantization converted to BF16 (what GPUs before sm_90 "
-                             "run), not the direct one (fpx_cuda.BF16_DIRECT)")
     parser.add_argument("--json", help="also write the counts to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -209,8 +204,6 @@ def main(argv=None) -> int:
     fmt = FPFormat.parse(args.format)
     print(f"{fmt.name}, {args.dtype}, M = {args.m}, sm_90a")
     results = {}
-    direct = not args.bf16_convert
-    convert = ", BF16 by conversion" if args.bf16_convert and args.dtype == "bfloat16" else ""
     if args.kernel in ("both", "triton"):
         config = heuristic_config(args.m, 8192, 8192, 132)
         name = f"Triton fpx_gemm_kernel {config}" + (", imad_rotate" if args.imad_rotate else "")
@@ -219,19 +212,19 @@ def main(argv=None) -> int:
     if args.kernel in ("both", "cuda"):
         # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
         name = "CUDA fpx_small_m" + (", fma_shifts" if args.fma_shifts else "") + \
-            (", x read at compute" if args.no_prefetch_x else "") + convert + " (per warp)"
-        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts, not args.no_prefetch_x,
-                                                  direct), 1, 2 * 16 * 128)
+            (", x read at compute" if args.no_prefetch_x else "") + " (per warp)"
+        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts, not args.no_prefetch_x),
+                                 1, 2 * 16 * 128)
     if args.kernel == "mid":
         # one warp, one loop pass = two K tiles of row_tiles 16 x 128 tiles, times the rows of x of one CTA
-        name = f"CUDA fpx_mid_m row_tiles={args.row_tiles} warps={args.warps}{convert} (per warp)"
-        results["mid"] = report(name, mid_cubin(fmt, args.dtype, args.m, args.row_tiles, args.warps, direct), 1,
+        name = f"CUDA fpx_mid_m row_tiles={args.row_tiles} warps={args.warps} (per warp)"
+        results["mid"] = report(name, mid_cubin(fmt, args.dtype, args.m, args.row_tiles, args.warps), 1,
                                 2 * args.row_tiles * 16 * 128)
     if args.kernel == "wgmma":
         # one warp, one loop pass = two 16 x 128 tiles (the default launch for M: fpx_cuda.wgmma_launch); each
         # weight is multiplied with all the CTA's rows of x, so these are per weight and CTA, not per MAC
-        name = f"CUDA fpx_wgmma wgs={args.wgs} cluster={args.cluster}{convert} (per warp)"
-        results["wgmma"] = report(name, wgmma_cubin(fmt, args.dtype, args.m, args.wgs, args.cluster, direct), 1,
+        name = f"CUDA fpx_wgmma wgs={args.wgs} cluster={args.cluster} (per warp)"
+        results["wgmma"] = report(name, wgmma_cubin(fmt, args.dtype, args.m, args.wgs, args.cluster), 1,
                                   2 * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fp6llm.formats import FPFormat, value_table
-from fp6llm.packing import (LANES, TILE_K, TILE_N, WORD_BITS, _rotr_mask, bf16_pairs, fp16_pairs, pack, padded_k, padded_n,
+from fp6llm.packing import (LANES, TILE_K, TILE_N, WORD_BITS, _rotr_mask, fp16_pairs, pack, padded_k, padded_n,
                             placement, plane_shape, plane_widths, tile_index, unpack, unpack_v1, words_per_group)
 
 ALL_FORMATS = [FPFormat(e, m) for e in range(1, 8) for m in range(8) if 2 <= 1 + e + m <= 8]
@@ -62,25 +62,6 @@ def test_fp16_pairs_are_exact_fp16_numbers(fmt, gen):
     got = halves.view(torch.float16).double()
     expected = value_table(fmt).double()[codes.long()] * 2.0 ** (fmt.bias - 15)
     assert torch.equal(got, expected)
-
-
-@pytest.mark.parametrize("fmt", KERNEL_FORMATS)
-def test_bf16_pairs_are_exact_bf16_numbers(fmt, gen):
-    """The conversion-free BF16 de-quantization (magnitude fields moved 3 bits less, the sign as before) gives BF16
-    value(code) * 2^(bias - 127) for every code, subnormals included, and differs from the FP16 registers only in
-    where the bits sit."""
-    n, k = 20, 256
-    codes = random_codes(n, k, fmt, gen)
-    codes[0, : min(k, 2**fmt.bits)] = torch.arange(min(k, 2**fmt.bits), dtype=torch.uint8)  # every code once
-    planes = pack(codes, fmt)
-    pairs = bf16_pairs(planes, fmt, n, k)
-    halves = torch.stack([pairs & 0xFFFF, pairs >> 16], dim=-1).view(n, -1)[:, :k].to(torch.int16)
-    got = halves.view(torch.bfloat16).double()
-    expected = value_table(fmt).double()[codes.long()] * 2.0 ** (fmt.bias - 127)
-    assert torch.equal(got, expected)
-    fp16 = fp16_pairs(planes, fmt, n, k)
-    signs = 0x80008000
-    assert torch.equal(pairs & signs, fp16 & signs) and torch.equal(pairs & ~signs, (fp16 & ~signs) >> 3)
 
 
 def test_fragment_order_puts_each_weight_where_layout_md_says():

@@ -325,54 +325,24 @@ def _check_planes(planes, fmt: FPFormat, n: int, k: int):
                              f"{tuple(plane.shape)}")
 
 
-BF16_SHIFT = 3  # BF16's exponent field is 3 bits wider than FP16's: the magnitude sits 3 bits lower
+def fp16_pairs(planes, fmt: "FPFormat | str", n: int, k: int) -> torch.Tensor:
+    """int64 [N, K_pad / 2]: each pair's fp16x2 register exactly as the kernels de-quantize it (bit-exact twin).
 
-
-def extracts(plane: PlanePlacement, slot: int, bf16: bool = False) -> list:
-    """(mask, r) of each move rotl(word, r) & mask that de-quantizes one slot of a plane (the kernels' code is
-    generated from this): one for a tied plane, else one per field. bf16: the BF16 pattern of value(code) *
-    2^(bias - 127) instead of the FP16 one of value(code) * 2^(bias - 15): for a format of <= 4 exponent and <= 7
-    mantissa bits it is the FP16 pattern with the magnitude 3 bits lower and the sign where it was (FP16's exponent
-    field E means 2^(E - 15), BF16's 2^(E - 127); subnormals m 2^-24 map to m 2^-136: the same 2^-112), so each
-    magnitude field moves by r - 3 under a mask 3 bits lower, and a tied plane's sign field moves on its own."""
-    if bf16:
-        return [(field.mask, r) if field.target == FP16_SIGN_BIT
-                else (field.mask >> BF16_SHIFT, (r - BF16_SHIFT) % WORD_BITS)
-                for field, r in zip(plane.fields, plane.rotations[slot])]
-    if plane.tied:
-        return [(plane.mask, plane.rotations[slot][0])]
-    return [(field.mask, r) for field, r in zip(plane.fields, plane.rotations[slot])]
-
-
-def _pairs(planes, fmt: FPFormat, n: int, k: int, bf16: bool) -> torch.Tensor:
+    Per plane and slot: rotl(word, rotation) & field mask, OR-ed over fields and planes. The low 16 bits are the
+    even column's FP16 number value(code) * 2^(bias - 15), the high 16 bits the odd column's.
+    """
+    fmt = FPFormat.parse(fmt)
     _check_planes(planes, fmt, n, k)
-    if bf16 and (fmt.exp_bits > 4 or fmt.man_bits > 7):
-        raise ValueError(f"{fmt.name}: the BF16 pattern needs <= 4 exponent and <= 7 mantissa bits")
     pairs = None
     for tensor, plane in zip(planes, placement(fmt)):
         words = _lane_words(tensor, plane.width)
         lanes = torch.zeros(*words.shape[:3], PAIRS_PER_LANE, dtype=torch.int64, device=words.device)
         for slot in range(plane.slots):
-            for mask, r in extracts(plane, slot, bf16):
-                lanes[..., slot::plane.slots] |= _rotl(words, r) & mask
+            for f, field in enumerate(plane.fields):
+                lanes[..., slot::plane.slots] |= _rotl(words, plane.rotations[slot][f]) & field.mask
         part = _from_tiles(lanes)
         pairs = part if pairs is None else pairs | part
     return pairs[:n]
-
-
-def fp16_pairs(planes, fmt: "FPFormat | str", n: int, k: int) -> torch.Tensor:
-    """int64 [N, K_pad / 2]: each pair's fp16x2 register exactly as the kernels de-quantize it (bit-exact twin).
-
-    Per plane and slot: rotl(word, rotation) & field mask (extracts), OR-ed over fields and planes. The low 16 bits
-    are the even column's FP16 number value(code) * 2^(bias - 15), the high 16 bits the odd column's.
-    """
-    return _pairs(planes, FPFormat.parse(fmt), n, k, bf16=False)
-
-
-def bf16_pairs(planes, fmt: "FPFormat | str", n: int, k: int) -> torch.Tensor:
-    """int64 [N, K_pad / 2]: each pair's bf16x2 register as the BF16 kernels de-quantize it without conversions
-    (extracts with bf16): value(code) * 2^(bias - 127) per half, FPx subnormals as BF16 subnormals."""
-    return _pairs(planes, FPFormat.parse(fmt), n, k, bf16=True)
 
 
 def unpack(planes, fmt: "FPFormat | str", k: int, n: "int | None" = None) -> torch.Tensor:

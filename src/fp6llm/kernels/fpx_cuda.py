@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..formats import FPFormat
-from ..packing import LANES, PAIRS_PER_LANE, TILE_K, extracts, placement, signed32, words_per_group
+from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, signed32, words_per_group
 from .dispatch import SMALL_M_MAX, measured_small_m, waves_split
 from .workspace import WORKSPACE
 
@@ -39,7 +39,6 @@ WARPS = 4
 ROWS_PER_CTA = 16 * WARPS  # a 16-row tile per warp
 MAX_M = SMALL_M_MAX  # the small-M kernel's rows (dispatch picks by it too)
 FP16_EXP_BIAS = 15
-BF16_EXP_BIAS = 127
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,18 +63,24 @@ def _extract(word: str, mask: int, r: int, fma_shifts: bool) -> str:
     return f"rotl_masked<{1 << r}u, {m}>({word})"
 
 
-def shifts(fmt: FPFormat, bf16_direct: bool = False) -> tuple:
+def _extracts(plane, slot: int) -> list:
+    """(mask, rotation) of each move of one slot of a plane: one for a tied plane, else one per field."""
+    if plane.tied:
+        return [(plane.mask, plane.rotations[slot][0])]
+    return [(field.mask, r) for field, r in zip(plane.fields, plane.rotations[slot])]
+
+
+def shifts(fmt: FPFormat) -> tuple:
     """The left shifts r of fmt's dequant_tile (fields moved by x << r alone), ascending: the fma_shifts variant
     takes 2^r of each as a kernel parameter."""
     return tuple(sorted({r for plane in placement(fmt) for slot in range(plane.slots)
-                         for mask, r in extracts(plane, slot, bf16_direct)
+                         for mask, r in _extracts(plane, slot)
                          if r and min(b for b in range(32) if mask >> b & 1) >= r}))
 
 
-def dequant_source(fmt: FPFormat, fma_shifts: bool = False, bf16_direct: bool = False) -> tuple:
+def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
     """C++ for the format's constants: Tile's plane registers, their loads, the kernel's Powers parameters (none
-    unless fma_shifts), and dequant_tile (32 pairs per lane: packing.extracts of each slot, FP16 registers, or with
-    bf16_direct the BF16 registers of value x 2^(bias - 127), packing.bf16_pairs)."""
+    unless fma_shifts), and dequant_tile (32 pairs per lane)."""
     layout = placement(fmt)
     regs = " ".join(f"u32 w{p}[{2 * plane.width}];" for p, plane in enumerate(layout))
     loads = []
@@ -95,10 +100,9 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False, bf16_direct: bool = 
         terms = []
         for p, plane in enumerate(layout):
             word, slot = divmod(q, plane.slots)
-            terms += [_extract(f"tile.w{p}[{word}]", mask, r, fma_shifts)
-                      for mask, r in extracts(plane, slot, bf16_direct)]
+            terms += [_extract(f"tile.w{p}[{word}]", mask, r, fma_shifts) for mask, r in _extracts(plane, slot)]
         lines.append(f"    a[{q}] = {' | '.join(terms)};")
-    used = shifts(fmt, bf16_direct) if fma_shifts else ()
+    used = shifts(fmt) if fma_shifts else ()
     # into L2, TILES tiles from plane tile TILE_INDEX of every plane (a plane's tiles of one row tile are contiguous)
     prefetch = " ".join(f"prefetch_l2(p{p} + (TILE_INDEX) * {64 * plane.width}, (TILES) * {256 * plane.width});"
                         for p, plane in enumerate(layout))
@@ -114,13 +118,10 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False, bf16_direct: bool = 
         *lines, "}"])
 
 
-def _translation_unit(kernel_file: Path, fmt: FPFormat, defines: list, fma_shifts: bool = False,
-                      bf16_direct: bool = False) -> str:
+def _translation_unit(kernel_file: Path, fmt: FPFormat, defines: list, fma_shifts: bool = False) -> str:
     """The generated defines, the shared helpers and the kernel's source with fmt's dequant_tile right after the
-    kernel's Tile struct (dequant_tile needs the complete Tile): one NVRTC translation unit. bf16_direct (BF16
-    kernels): dequant_tile builds BF16 registers itself, the kernel converts nothing (BF16_DIRECT)."""
-    header, dequant = dequant_source(fmt, fma_shifts, bf16_direct)
-    defines = defines + (["#define BF16_DIRECT 1"] if bf16_direct else [])
+    kernel's Tile struct (dequant_tile needs the complete Tile): one NVRTC translation unit."""
+    header, dequant = dequant_source(fmt, fma_shifts)
     body = COMMON.read_text() + "\n" + kernel_file.read_text()
     marker = "__device__ __forceinline__ void load_tile("
     body = body.replace(marker, dequant + "\n\n" + marker, 1)
@@ -133,61 +134,33 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False, bf16_direct: bool = False) -> str:
+                  pdl: bool = False) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
     .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers);
     cluster_split 2..8 (sm_90): a launch of exactly that split, its CTAs of a row block a cluster that sums the
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
-    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex);
-    bf16_direct (BF16): de-quantized straight to BF16 (see BF16_DIRECT), launched with scale_factor(fmt, True)."""
-    _check_direct(bf16, bf16_direct)
+    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex)."""
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
                *(["#define PDL 1"] if pdl else [])]
-    source = _translation_unit(SOURCE, fmt, defines, fma_shifts, bf16_direct)
+    source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
     return source
 
 
 def mid_kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, row_tiles: int, warps: int,
-                      has_bias: bool, bf16_direct: bool = False) -> str:
+                      has_bias: bool) -> str:
     """The mid-M kernel's (cuda/fpx_mid_m.cu) translation unit: n_blocks_m n8 blocks of x rows per CTA (M per grid
-    z = 8 n_blocks_m), row_tiles 16-row weight tiles per warp, warps per CTA; bf16_direct as kernel_source's."""
-    _check_direct(bf16, bf16_direct)
+    z = 8 n_blocks_m), row_tiles 16-row weight tiles per warp, warps per CTA."""
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define ROW_TILES {row_tiles}", f"#define WARPS {warps}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}"]
-    return _translation_unit(MID_SOURCE, fmt, defines, bf16_direct=bf16_direct)
-
-
-# BF16 kernels on sm_90 de-quantize straight to BF16 registers (packing.bf16_pairs: the FP16 pattern's magnitude 3
-# bits lower, value x 2^(bias - 127), FPx subnormals as BF16 subnormals; 2^(127 - bias) goes into the row scale's
-# factor) instead of building FP16 and converting each pair (two f16 -> f32 conversions and a pack: 192 of the
-# small-M loop's 473 instructions per pass at M <= 8). Sound only where the tensor cores keep BF16 subnormal inputs
-# and float32 subnormal products: bench/bf16_subnormal_probe.py measured both on an H200 (2026-12-03); other GPUs
-# keep the conversions until it runs there.
-BF16_DIRECT = True
-
-
-def _check_direct(bf16: bool, bf16_direct: bool) -> None:
-    if bf16_direct and not bf16:
-        raise ValueError("bf16_direct is a BF16 kernel's de-quantization; this kernel is FP16")
-
-
-def bf16_direct(dtype: torch.dtype, device) -> bool:
-    """Whether the kernels de-quantize straight to BF16 for x of this dtype on this device (BF16_DIRECT)."""
-    return BF16_DIRECT and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def scale_factor(fmt: FPFormat, direct: bool = False) -> float:
-    """The kernels' per-output factor: 2^(15 - bias) for the FP16 pattern's value x 2^(bias - 15), 2^(127 - bias)
-    for the direct BF16 pattern's value x 2^(bias - 127) (a float32 number for every format the kernels take)."""
-    return float(2.0 ** ((BF16_EXP_BIAS if direct else FP16_EXP_BIAS) - fmt.bias))
+    return _translation_unit(MID_SOURCE, fmt, defines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,12 +350,12 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, direct: bool = False):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False):
     """The small-M kernel for this case (see _load)."""
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           direct, torch.device(device).index)
+           torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl, direct), KERNEL_NAME, WARPS,
+                                            fma_shifts, prefetch_x, cluster_split, pdl), KERNEL_NAME, WARPS,
                  device)
 
 
@@ -444,18 +417,15 @@ def programmatic_launch(enabled: bool = True):
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
-                cluster_split: "bool | None" = None, pdl: "bool | None" = None,
-                direct: "bool | None" = None) -> torch.Tensor:
+                cluster_split: "bool | None" = None, pdl: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
     cluster and sum their partials in shared memory (no workspace). pdl (sm_90, opt-in: the caller promises that
     no kernel just before this one writes the weights; None: PDL, see programmatic_launch): launched with
-    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains.
-    direct (BF16 x; None: bf16_direct's answer): de-quantized straight to BF16 (BF16_DIRECT)."""
+    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains."""
     m = x.shape[0]
-    direct = bf16_direct(x.dtype, x.device) if direct is None else direct
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
         measured = None
@@ -474,7 +444,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
     pdl = (PDL if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster, pdl, direct)
+                               prefetch_x, x.device, cluster, pdl)
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)
@@ -487,7 +457,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         if split > 1 and not cluster else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     args = [x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws, counts, m,
-            n, k, scale_factor(fmt, direct), kps, *(_powers(fmt, direct) if fma_shifts else ())]
+            n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps, *(_powers(fmt) if fma_shifts else ())]
     if pdl:
         launch_ex(kernel, (row_blocks, split, 1), (WARPS * 32, 1, 1), args, pdl=True)
     else:
@@ -496,10 +466,10 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
 
 
 @functools.lru_cache(maxsize=None)
-def _powers(fmt: FPFormat, direct: bool = False) -> tuple:
+def _powers(fmt: FPFormat) -> tuple:
     """The fma_shifts kernel's Powers parameters: 2^r for each of fmt's left shifts, as the C ints the launcher passes
     (2^31 as its two's-complement bits, what the u32 parameter reads)."""
-    return tuple(signed32(1 << r) for r in shifts(fmt, direct))
+    return tuple(signed32(1 << r) for r in shifts(fmt))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -527,10 +497,10 @@ def mid_blocks_m(m: int, most: int = MID_MAX_BLOCKS_M) -> int:
 
 
 def _mid_kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, row_tiles: int, warps: int, has_bias: bool,
-                device, direct: bool = False):
-    key = (MID_KERNEL_NAME, fmt, dtype, n_blocks_m, row_tiles, warps, has_bias, direct, torch.device(device).index)
+                device):
+    key = (MID_KERNEL_NAME, fmt, dtype, n_blocks_m, row_tiles, warps, has_bias, torch.device(device).index)
     return _load(key, lambda: mid_kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, row_tiles, warps,
-                                                has_bias, direct), MID_KERNEL_NAME, warps, device)
+                                                has_bias), MID_KERNEL_NAME, warps, device)
 
 
 def mid_split_cap(n_pad: int, m_pad: int, k_tiles: int) -> int:
@@ -565,13 +535,11 @@ MID_WARPS = 4
 
 def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, row_tiles: "int | None" = None,
-              warps: "int | None" = None, blocks: "int | None" = None,
-              direct: "bool | None" = None) -> torch.Tensor:
+              warps: "int | None" = None, blocks: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= MID_MAX_M, K] (see mid_supports); split / row_tiles / warps / blocks (n8
     blocks of x rows per CTA, at most MID_MAX_BLOCKS_M) override the launch measured for this shape on this GPU
-    (dispatch.measured_small_m), else the defaults and the split model; direct as fpx_small_m's."""
+    (dispatch.measured_small_m), else the defaults and the split model."""
     m = x.shape[0]
-    direct = bf16_direct(x.dtype, x.device) if direct is None else direct
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "mid":
         row_tiles = measured.row_tiles if row_tiles is None else row_tiles
@@ -581,18 +549,18 @@ def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     row_tiles = MID_ROW_TILES if row_tiles is None else row_tiles
     warps = MID_WARPS if warps is None else warps
     blocks = mid_blocks_m(m, MID_MAX_BLOCKS_M if blocks is None else blocks)
-    kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device, direct)
+    kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device)
     rows_per_cta = 16 * row_tiles * warps
     if split is None:
         split = choose_mid_split(n, k, m, rows_per_cta,
                                  torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     return _launch_split_k(kernel, x, x, planes, scales, bias, fmt, n, k, rows_per_cta, 8 * blocks, split,
-                           warps * 32, direct=direct)
+                           warps * 32)
 
 
 def _launch_split_k(kernel, x: torch.Tensor, x_arg: torch.Tensor, planes, scales, bias, fmt: FPFormat, n: int,
                     k: int, rows_per_cta: int, m_per_cta: int, split: int, threads: int,
-                    shared: int = 0, direct: bool = False) -> torch.Tensor:
+                    shared: int = 0) -> torch.Tensor:
     """Launch a kernel on grid (z blocks of m_per_cta rows of x, row blocks of rows_per_cta, splits) with the mid-M
     kernels' arguments (x_arg as the kernel's x: the wgmma kernel's permuted copy); the split is capped by the
     reserved partials (grid_split_cap) and trimmed so that no CTA is empty."""
@@ -607,7 +575,7 @@ def _launch_split_k(kernel, x: torch.Tensor, x_arg: torch.Tensor, planes, scales
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     kernel(grid=(z, row_blocks, split), block=(threads, 1, 1), shared_mem=shared,
            args=[x_arg, x_arg.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0),
-                 ws, counts, m, n, k, scale_factor(fmt, direct), kps])
+                 ws, counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
     return out
 
 
@@ -641,12 +609,11 @@ WGMMA_CLUSTERS = (0, 1, 2, 4, 8)  # 0: x by cp.async; 1-8: bulk copies into an m
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
-                        min_ctas: int = 1, cluster: int = 0, bf16_direct: bool = False) -> str:
+                        min_ctas: int = 1, cluster: int = 0) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
     rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); x by
     cp.async from every thread (cluster 0) or by bulk copies of wgmma_x_image's tiles, multicast to ``cluster``
-    neighbouring row blocks (1, 2, 4, 8: the portable cluster sizes); bf16_direct as kernel_source's."""
-    _check_direct(bf16, bf16_direct)
+    neighbouring row blocks (1, 2, 4, 8: the portable cluster sizes)."""
     if cluster not in WGMMA_CLUSTERS:
         raise ValueError(f"the wgmma kernel's x copies take a cluster of {WGMMA_CLUSTERS}, not {cluster}")
     if wgs not in (1, 2, 4):
@@ -663,7 +630,7 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
                *([f"#define CLUSTER {cluster}"] if cluster else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
-    return _translation_unit(WGMMA_SOURCE, fmt, defines, bf16_direct=bf16_direct)
+    return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
 
 def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
@@ -732,12 +699,12 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
-                  min_ctas: int = 1, cluster: int = 0, direct: bool = False):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, cluster, direct,
+                  min_ctas: int = 1, cluster: int = 0):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, cluster,
            tuple(WGMMA_EXTRA_DEFINES), torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              x_ahead, min_ctas, cluster, direct),
+                                                              x_ahead, min_ctas, cluster),
                              WGMMA_KERNEL_NAME, 4 * wgs, device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
@@ -792,13 +759,11 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
               x_ahead: "int | None" = None, min_ctas: "int | None" = None,
-              cluster: "int | None" = None, direct: "bool | None" = None) -> torch.Tensor:
+              cluster: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas / cluster override the launch measured for this
-    shape on this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model; direct as
-    fpx_small_m's."""
+    shape on this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model."""
     m = x.shape[0]
-    direct = bf16_direct(x.dtype, x.device) if direct is None else direct
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "wgmma":
         split = measured.split if split is None else split
@@ -811,10 +776,10 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     n_x, wgs, x_ahead, min_ctas = launch["n_x"], launch["wgs"], launch["x_ahead"], launch["min_ctas"]
     cluster = wgmma_cluster(launch["cluster"], n, wgs)
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
-                                             min_ctas, cluster, direct)
+                                             min_ctas, cluster)
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs,
                                    torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     x_arg = wgmma_x_image(x, n_x) if cluster else wgmma_x_order(x)
     return _launch_split_k(kernel, x, x_arg, planes, scales, bias, fmt, n, k, 64 * wgs, n_x, split, 128 * wgs,
-                           shared, direct)
+                           shared)

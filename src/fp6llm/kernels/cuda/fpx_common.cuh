@@ -2,10 +2,6 @@
 // as multiplies, fp16/bf16 conversions and mma.sync. kernels/fpx_cuda.py puts this text after the generated
 // defines and before the kernel's own source; it is one translation unit for NVRTC, with no headers (fp16/bf16 conversions are inline PTX).
 
-#ifndef BF16_DIRECT
-#define BF16_DIRECT 0  // 1: dequant_tile builds BF16 registers (value x 2^(bias - 127)), nothing converts them
-#endif
-
 typedef unsigned int u32;
 typedef unsigned short u16;
 

@@ -115,7 +115,7 @@ __device__ __forceinline__ void compute_group(const Group& group, const Powers& 
 #pragma unroll
             for (int r = 0; r < ROW_TILES; ++r) {
                 u32 frag[4] = {a[r][4 * ks], a[r][4 * ks + 1], a[r][4 * ks + 2], a[r][4 * ks + 3]};
-#if IS_BF16 && !BF16_DIRECT  // BF16_DIRECT: dequant_tile built BF16 already
+#if IS_BF16
 #pragma unroll
                 for (int i = 0; i < 4; ++i) frag[i] = to_bf16x2(frag[i]);
 #endif

@@ -85,7 +85,7 @@ __device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw,
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks) {
         u32 frag[4] = {a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3]};
-#if IS_BF16 && !BF16_DIRECT  // BF16_DIRECT: dequant_tile built BF16 already
+#if IS_BF16
 #pragma unroll
         for (int r = 0; r < 4; ++r) frag[r] = to_bf16x2(frag[r]);
 #endif

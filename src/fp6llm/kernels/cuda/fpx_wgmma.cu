@@ -208,7 +208,7 @@ __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 
     return;
 #endif
     dequant_tile(tile, pw, a);
-#if IS_BF16 && !BF16_DIRECT  // BF16_DIRECT: dequant_tile built BF16 already
+#if IS_BF16
 #pragma unroll
     for (int i = 0; i < 32; ++i) a[i] = to_bf16x2(a[i]);
 #endif
