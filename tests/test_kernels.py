@@ -369,17 +369,22 @@ def test_mid_m_kernel_launch_arithmetic():
 
 def test_shipped_h200_table_measured_both_small_m_kernels():
     """The H200 file: every M <= 16 entry of its e3m2 / FP16 table measured the CUDA kernel too, with a launch the
-    kernel takes (split <= K tiles / 4: the workspace's reservation)."""
+    kernel takes (split <= K tiles / 4: the workspace's reservation; split-K in a cluster only at splits of 2..8,
+    the cluster sizes the kernel builds, as measured on 15360 x 5120 at M = 1 and 8, 2026-12-03)."""
+    from fp6llm.kernels import fpx_cuda
     tables = dispatch.tables_in(dispatch.CONFIG_DIR / "h200.json")
-    checked = 0
+    checked = clustered = 0
     for bucket, shapes in tables[("e3m2", "float16")].items():
         if int(bucket) > 16:
             continue
         for shape, entry in shapes.items():
             k = int(shape.split("x")[1])
             assert 1 <= entry["cuda"]["split"] <= max(1, k // 128 // 4) and entry["cuda"]["us"] > 0, (bucket, shape)
+            if entry["cuda"].get("cluster_split"):
+                assert 2 <= entry["cuda"]["split"] <= fpx_cuda.CLUSTER_SPLIT_MAX, (bucket, shape)
+                clustered += 1
             checked += 1
-    assert checked >= 5 * 8
+    assert checked >= 5 * 8 and clustered == 2
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
