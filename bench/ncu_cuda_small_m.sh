@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where the CUDA small-M kernel (fpx_small_m) spends its time (ncu counters; run on the device): per case N:K:M:SPLIT
 # stall reasons per issued instruction, occupancy, active vs elapsed cycles, DRAM / L2 / L1 throughput; then the SASS
-# lines with the most stall samples for the first case.   bash bench/ncu_cuda_small_m.sh N:K:M:SPLIT [...]
+# lines with the most stall samples for the first case. A fifth field "mid" profiles the mid-M kernel (fpx_mid_m,
+# one row tile, 8 warps) instead.   bash bench/ncu_cuda_small_m.sh N:K:M:SPLIT[:mid] [...]
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 s=smsp__average_warps_issue_stalled_
@@ -16,17 +17,20 @@ for reason in long_scoreboard barrier wait short_scoreboard mio_throttle lg_thro
 done
 first=1
 for case in "$@"; do
-    IFS=: read -r n k m split <<< "$case"
-    echo "=== ${n}x${k} M=${m} split ${split}"
-    ncu --clock-control none --kernel-name fpx_small_m --launch-skip 3 --launch-count 1 --metrics "$metrics" \
-        python3 bench/profile_cuda_small_m.py --n "$n" --k "$k" --m "$m" --split "$split" 2>&1 \
+    IFS=: read -r n k m split kind <<< "$case"
+    name=fpx_small_m extra=()
+    [[ ${kind:-} == mid ]] && name=fpx_mid_m extra=(--mid --row-tiles 1 --warps 8)
+    echo "=== $name ${n}x${k} M=${m} split ${split}"
+    ncu --clock-control none --kernel-name "$name" --launch-skip 3 --launch-count 1 --metrics "$metrics" \
+        python3 bench/profile_cuda_small_m.py --n "$n" --k "$k" --m "$m" --split "$split" "${extra[@]}" 2>&1 \
         | grep -E "^\s+(gpu__|sm__|gpc__|dram__|smsp__|launch__|lts__|l1tex__)" \
         | sed "s/${s}//; s/_per_issue_active.ratio//" | awk '{print $1, $NF}'
     if [[ $first == 1 ]]; then
         first=0
-        ncu --clock-control none --kernel-name fpx_small_m --launch-skip 3 --launch-count 1 --section SourceCounters \
+        ncu --clock-control none --kernel-name "$name" --launch-skip 3 --launch-count 1 --section SourceCounters \
             --page source --csv --print-source sass \
-            python3 bench/profile_cuda_small_m.py --n "$n" --k "$k" --m "$m" --split "$split" 2>/dev/null \
+            python3 bench/profile_cuda_small_m.py --n "$n" --k "$k" --m "$m" --split "$split" "${extra[@]}" \
+            2>/dev/null \
             | python3 bench/ncu_sass_stalls.py 30
     fi
 done
