@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
-#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | bulk | tail |
+#   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
 #       wgmma | wgmma-more | wgmma-bf16 | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -11,17 +11,14 @@
 #   tune      bench/tune.py, M <= 64: the measured dispatch table for this GPU (OUT_DIR/<gpu>.json: copy it to
 #             src/fp6llm/kernels/configs/ and commit it); tune-mid: M = 128..4096 merged into the same file;
 #             tune-more: e3m2 BF16 and e2m1 tables of their own (dispatch.table_for)
-#   bulk      the wgmma kernel's bulk path (x by cp.async.bulk into an mbarrier ring, clusters; first GPU run): its
-#             GPU tests, then bench/wgmma_probe.py --sweep bulk at M = 64/128/256 on four shapes (against the
-#             cp.async path's default launch, cuBLAS and the dispatched path)
 #   tail      the small-M kernel's fixed costs (sm_90; first GPU run): split-K summed in a cluster and programmatic
 #             dependent launch, their GPU tests, then bench/small_m_tail_ab.py at M = 1/8/16 (each shape's table
 #             split; against the plain kernel, cuBLAS and the floor); and whether the tensor cores keep BF16
 #             subnormal inputs (bench/bf16_subnormal_probe.py: decides a cheaper BF16 de-quantization)
-#   wgmma     the wgmma kernel (sm_90): its GPU tests (stops if they fail: tune times the bulk path too), then
-#             bench/tune.py --wgmma-only for e3m2 FP16 at M = 128/256/512 (the bulk path's launches), merged into
-#             OUT_DIR/<gpu>.json (copy the file in first; tune rewrites it after every shape); wgmma-more: M = 16
-#             (against the small-M and mid-M kernels); wgmma-bf16: the e3m2 BF16 table (M = 32/128/512)
+#   wgmma     the wgmma kernel (sm_90): its GPU tests (stops if they fail), then bench/tune.py --wgmma-only for e3m2
+#             FP16 at M = 128/256/512, merged into OUT_DIR/<gpu>.json (copy the file in first; tune rewrites it
+#             after every shape); wgmma-more: M = 16 (against the small-M and mid-M kernels); wgmma-bf16: the e3m2
+#             BF16 table (M = 32/128/512)
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens;
 #             e2e-mid: batch 32/64/128, prompt 128 + 32 new tokens (the wgmma kernel's batches)
 #             e2e-pdl: e3m2 at batch 1/8/16 with and without --programmatic-launch (the small-M kernel by PDL)
@@ -72,13 +69,6 @@ tune-mid)
 tune-more)  # tables of their own for BF16 and a 4-bit format, merged into the same file
     gpu_only timeout 560 python3 bench/tune.py --formats e3m2,e2m1 --dtypes bf16,fp16 --ms 32,128,512 --merge \
         --out "$out" 2>&1 | tee "$out/tune-more.log" | grep -E "^M=|wrote|Error|dry run"
-    ;;
-bulk)
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py -k "bulk" 2>&1 \
-        | tail -15) || { echo "bulk path tests failed: no timing"; exit 1; }
-    gpu_only timeout 400 python3 bench/wgmma_probe.py --sweep bulk --ms 64,128,256 \
-        --shapes 70b-up,70b-o,13b-qkv,13b-down --out "$out/wgmma-bulk.json" 2>&1 | tee "$out/wgmma-bulk.log" \
-        | grep -E "check|M=|WRONG|rror" | tail -40
     ;;
 tail)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 120 python3 -m pytest -q -x test_kernels.py \
@@ -142,7 +132,7 @@ all-quick)
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\|" | tail -8
     ;;
 *)
-    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | bulk | tail | wgmma | wgmma-more |" \
+    echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
          "wgmma-bf16 | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;

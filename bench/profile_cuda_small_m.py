@@ -30,8 +30,6 @@ parser.add_argument("--n-x", type=int, default=None, help="the wgmma kernel's x 
 parser.add_argument("--wgs", type=int, default=2, help="the wgmma kernel's warpgroups per CTA")
 parser.add_argument("--x-ahead", type=int, default=2, help="the wgmma kernel's x tiles in flight")
 parser.add_argument("--min-ctas", type=int, default=1, help="the wgmma kernel's CTAs per SM by registers")
-parser.add_argument("--cluster", type=int, default=0,
-                    help="the wgmma kernel's x copies: 0 cp.async, 1/2/4/8 bulk copies multicast over so many CTAs")
 parser.add_argument("--row-tiles", type=int, default=1)
 parser.add_argument("--warps", type=int, default=4)
 args = parser.parse_args()
@@ -40,7 +38,7 @@ x = torch.randn(args.m, args.k, device="cuda", dtype=torch.float16)
 for _ in range(6):
     if args.wgmma:
         fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split, args.n_x, args.wgs,
-                           x_ahead=args.x_ahead, min_ctas=args.min_ctas, cluster=args.cluster)
+                           x_ahead=args.x_ahead, min_ctas=args.min_ctas)
     elif args.mid:
         fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split, args.row_tiles,
                            args.warps)

@@ -85,8 +85,8 @@ def innermost_loop(instructions) -> list:
             loops.append((start, i))
     if not loops:
         raise ValueError("no loop found in the kernel")
-    # an out-of-line retry (an mbarrier wait's, placed after the kernel's end) branches back into the loop body:
-    # its span holds the EXIT, which the K loop's never does
+    # an out-of-line retry (a wait loop ptxas placed after the kernel's end, as it does for mbarrier waits) branches
+    # back into the loop body: its span holds the EXIT, which the K loop's never does
     loops = [span for span in loops
              if not any(op == "EXIT" for _, op, _, _ in instructions[span[0]:span[1] + 1])] or loops
 
@@ -170,11 +170,11 @@ def mid_cubin(fmt, dtype: str, m: int, row_tiles: int, warps: int) -> bytes:
                          "sm_90a", "fpx_mid_m.cu")
 
 
-def wgmma_cubin(fmt, dtype: str, m: int, wgs: int, cluster: int = 0) -> bytes:
+def wgmma_cubin(fmt, dtype: str, m: int, wgs: int) -> bytes:
     from fp6llm.kernels.fpx_cuda import nvrtc_compile, wgmma_kernel_source, wgmma_resolve
-    launch = wgmma_resolve(m, wgs=wgs, cluster=cluster)
+    launch = wgmma_resolve(m, wgs=wgs)
     return nvrtc_compile(wgmma_kernel_source(fmt, dtype == "bfloat16", launch["n_x"], False, wgs, launch["x_ahead"],
-                                             launch["min_ctas"], launch["cluster"]), "sm_90a", "fpx_wgmma.cu")
+                                             launch["min_ctas"]), "sm_90a", "fpx_wgmma.cu")
 
 
 def main(argv=None) -> int:
@@ -186,8 +186,6 @@ def main(argv=None) -> int:
     parser.add_argument("--row-tiles", type=int, default=2, help="the mid-M kernel's 16-row tiles per warp")
     parser.add_argument("--warps", type=int, default=4, help="the mid-M kernel's warps per CTA")
     parser.add_argument("--wgs", type=int, default=1, help="the wgmma kernel's warpgroups per CTA")
-    parser.add_argument("--cluster", type=int, default=0,
-                        help="the wgmma kernel's x copies: 0 cp.async, 1/2/4/8 bulk copies multicast over so many CTAs")
     parser.add_argument("--fma-shifts", action="store_true",
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
     parser.add_argument("--no-prefetch-x", action="store_true",
@@ -223,9 +221,8 @@ def main(argv=None) -> int:
     if args.kernel == "wgmma":
         # one warp, one loop pass = two 16 x 128 tiles (the default launch for M: fpx_cuda.wgmma_launch); each
         # weight is multiplied with all the CTA's rows of x, so these are per weight and CTA, not per MAC
-        name = f"CUDA fpx_wgmma wgs={args.wgs} cluster={args.cluster} (per warp)"
-        results["wgmma"] = report(name, wgmma_cubin(fmt, args.dtype, args.m, args.wgs, args.cluster), 1,
-                                  2 * 16 * 128)
+        name = f"CUDA fpx_wgmma wgs={args.wgs} (per warp)"
+        results["wgmma"] = report(name, wgmma_cubin(fmt, args.dtype, args.m, args.wgs), 1, 2 * 16 * 128)
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     return 0

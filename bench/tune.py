@@ -161,10 +161,7 @@ def wgmma_launches(m: int) -> list:
     up to 128 rows of x per CTA, one warpgroup with x one tile ahead and registers for 3-4 CTAs per SM, or x two
     tiles ahead (more shared memory, fewer CTAs), or two warpgroups; at <= 64 rows also four warpgroups (256 weight
     rows share each copy of x: a quarter of one warpgroup's x traffic, which bound it at M = 128) or two
-    warpgroups with registers for two CTAs. And the bulk path (x by bulk copies into an mbarrier ring, no CTA
-    barrier; unmeasured as of 2026-12-03): alone, multicast to clusters of 2, 4 and 8 row blocks (each CTA copied
-    its x from L2 every K tile: 5.3x the weight bytes at M = 128, 70b-up, 2026-12-02), two warpgroups
-    (one de-quantizes while the other's wgmma run), and above M = 128 up to 256 rows of x per CTA."""
+    warpgroups with registers for two CTAs."""
     shapes = []
     for n_x in sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))}):
         shapes += [dict(n_x=n_x, wgs=1, x_ahead=1, min_ctas=4 if n_x <= 64 else 3),
@@ -173,29 +170,20 @@ def wgmma_launches(m: int) -> list:
         if n_x <= 64:
             shapes += [dict(n_x=n_x, wgs=4, x_ahead=1, min_ctas=1), dict(n_x=n_x, wgs=4, x_ahead=2, min_ctas=1),
                        dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=2)]
-        shapes += [dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=3 if n_x <= 64 else 1, cluster=cluster)
-                   for cluster in (1, 2, 4, 8)]
-        shapes += [dict(n_x=n_x, wgs=2, x_ahead=2, min_ctas=1, cluster=cluster) for cluster in (2, 4)]
-    if m > 128:  # the bulk path at up to 256 rows of x per CTA: each weight tile de-quantized half as often
-        n_x = fpx_cuda.wgmma_n_x(m, 256)
-        shapes += [dict(n_x=n_x, wgs=1, x_ahead=2, min_ctas=1, cluster=4),
-                   dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=1, cluster=4)]
     return shapes
 
 
 def compile_wgmma(specs) -> None:
-    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas, cluster), ...) in
-    parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
-    fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas,
-                                                      cluster)
-                         for name, bf16, n_x, wgs, x_ahead, min_ctas, cluster in set(specs)],
+    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas), ...) in parallel
+    (fpx_cuda.precompile) into the disk cache the launches then load from."""
+    fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas)
+                         for name, bf16, n_x, wgs, x_ahead, min_ctas in set(specs)],
                         "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
 
 
 def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     """Compile every wgmma launch the tuning will time (compile_wgmma)."""
-    compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"],
-                   l.get("cluster", 0))
+    compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"])
                   for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
 
 
@@ -210,9 +198,7 @@ def tune_wgmma(qw, m: int, dtype) -> "dict | None":
     if results is None:
         return None
     print(f"  wgmma M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}n{l['n_x']}g{l['wgs']}"
-                                                 f"x{l['x_ahead']}c{l['min_ctas']}"
-                                                 + (f"b{l['cluster']}" if l.get("cluster") else "")
-                                                 for t, l in results[:8]),
+                                                 f"x{l['x_ahead']}c{l['min_ctas']}" for t, l in results[:8]),
           flush=True)
     t, launch = results[0]
     return {"kernel": "wgmma", **launch, "us": round(t * 1e6, 1)}

@@ -2,7 +2,7 @@
 reference, then timings against cuBLAS FP16 and the dispatched path (fpx_linear: Triton / de-quantize + cuBLAS)
 at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs over rotating operand copies).
 
-    python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|70b-o,...] [--sweep split|pipeline|bulk]
+    python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|70b-o,...] [--sweep split|pipeline]
                                 [--out FILE.json]
 """
 
@@ -35,47 +35,39 @@ def check(quick: bool) -> list:
              ("e3m2", torch.float16, 100, 104, 3, 2), ("e3m2", torch.float16, 300, 128, 2, 2),
              ("e3m2", torch.bfloat16, 64, 64, 2, 1), ("e2m1", torch.float16, 33, 40, 1, 1),
              ("e4m3", torch.bfloat16, 200, 192, 3, 2), ("e2m3", torch.float16, 128, 128, 1, 2)]
-    cases = [case + (0,) for case in cases] + [  # the bulk path: clusters of 1, 2, 4 row blocks
-        ("e3m2", torch.float16, 64, 64, 1, 1, 1), ("e3m2", torch.float16, 100, 104, 3, 1, 2),
-        ("e3m2", torch.bfloat16, 300, 128, 2, 2, 2), ("e3m2", torch.float16, 17, 24, 1, 1, 4)]
     cases = cases[:3] if quick else cases
     sources = []
-    for fmt, dtype, m, n_x, split, wgs, cluster in cases:  # the kernels the checks launch, compiled at once
-        launch = fpx_cuda.wgmma_resolve(m, n_x, wgs, cluster=cluster)
+    for fmt, dtype, m, n_x, split, wgs in cases:  # the kernels the checks launch, compiled at once
+        launch = fpx_cuda.wgmma_resolve(m, n_x, wgs)
         sources.append(fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), dtype == torch.bfloat16, n_x, m % 2 == 1,
-                                                    wgs, launch["x_ahead"], launch["min_ctas"],
-                                                    fpx_cuda.wgmma_cluster(cluster, 200, wgs)))
+                                                    wgs, launch["x_ahead"], launch["min_ctas"]))
     fpx_cuda.precompile(sources, fpx_cuda._arch("cuda"), fpx_cuda.WGMMA_KERNEL_NAME)
-    for fmt, dtype, m, n_x, split, wgs, cluster in cases:
+    for fmt, dtype, m, n_x, split, wgs in cases:
         n, k = 200, 768
         qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
         x = torch.randn(m, k, generator=gen).to("cuda", dtype)
         bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
         ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
-        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, cluster=cluster)
+        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         results.append({"fmt": fmt, "dtype": str(dtype), "m": m, "n_x": n_x, "split": split, "wgs": wgs,
-                        "cluster": cluster, "err": err, "ok": err < 2e-2})
-        print(f"check {fmt} {dtype} M={m} n_x={n_x} split={split} wgs={wgs} cluster={cluster}: rel err {err:.2e}",
-              flush=True)
+                        "err": err, "ok": err < 2e-2})
+        print(f"check {fmt} {dtype} M={m} n_x={n_x} split={split} wgs={wgs}: rel err {err:.2e}", flush=True)
     return results
 
 
 def launches_for(m: int, sweep: str) -> list:
-    """(n_x, split, wgs, x_ahead, min_ctas, cluster) to time at M."""
+    """(n_x, split, wgs, x_ahead, min_ctas) to time at M."""
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
     if sweep == "pipeline":
-        return [(n_x, split, wgs, xa, min_ctas, 0) for n_x in n_xs for split in (1, 2) for xa in (1, 2)
+        return [(n_x, split, wgs, xa, min_ctas) for n_x in n_xs for split in (1, 2) for xa in (1, 2)
                 for wgs, min_ctas in (((1, 1), (1, 3), (1, 4), (4, 1)) if n_x <= 64 else ((1, 1), (1, 3)))]
-    if sweep == "bulk":  # the cp.async path's default against the bulk path alone and multicast
-        return [(n_x, split, 1, xa, 3 if n_x <= 64 else 1, cluster) for n_x in n_xs for split in (1, 2)
-                for cluster, xa in ((0, 2), (1, 2), (2, 2), (4, 2), (8, 2), (4, 3))]
-    return [(n_x, split, 1, 1, 4 if n_x <= 64 else 3, 0) for n_x in n_xs for split in (1, 2, 4)]
+    return [(n_x, split, 1, 1, 4 if n_x <= 64 else 3) for n_x in n_xs for split in (1, 2, 4)]
 
 
 def timing(ms, shapes, sweep: str) -> list:
     rows = []
-    compile_wgmma(("e3m2", False, l[0], l[2], l[3], l[4], l[5]) for m in ms for l in launches_for(m, sweep))
+    compile_wgmma(("e3m2", False, l[0], l[2], l[3], l[4]) for m in ms for l in launches_for(m, sweep))
     for name in shapes:
         n, k = SHAPES[name]
         qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")
@@ -92,7 +84,7 @@ def timing(ms, shapes, sweep: str) -> list:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ qw.dequantize(torch.float32).T
             for launch in launches_for(m, sweep):
-                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas", "cluster"), launch))
+                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas"), launch))
                 out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, **kw)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, kw=kw:
@@ -104,8 +96,8 @@ def timing(ms, shapes, sweep: str) -> list:
             row["best"] = best
             print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
                   f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, {best}) all: "
-                  + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}b{r['cluster']}:"
-                             f"{r['us']:.0f}" for r in row["wgmma"]), flush=True)
+                  + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}:{r['us']:.0f}"
+                             for r in row["wgmma"]), flush=True)
             rows.append(row)
         del qw
         torch.cuda.empty_cache()
@@ -118,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="all")
     parser.add_argument("--out")
     parser.add_argument("--check-only", action="store_true")
-    parser.add_argument("--sweep", default="split", choices=["split", "pipeline", "bulk"])
+    parser.add_argument("--sweep", default="split", choices=["split", "pipeline"])
     args = parser.parse_args(argv)
     started = time.time()
     checks = check(False)

@@ -9,7 +9,6 @@ The dispatch tests read a measured table written to a temporary directory (the t
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -285,8 +284,9 @@ def test_mid_m_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monk
 def test_wgmma_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monkeypatch):
     """A "cuda" entry of kernel "wgmma" (bench/tune.py, M = 9..512): "wgmma" where it beat the Triton kernel on
     the nearest shape, "triton" where it lost; its launch (split, x rows per CTA, warpgroups, x tiles ahead, CTAs per
-    SM) read back field by field."""
+    SM) read back field by field; the "cluster" of tables written before the bulk path was taken out is ignored."""
     wgmma = {"kernel": "wgmma", "split": 2, "n_x": 128, "wgs": 1, "x_ahead": 2, "min_ctas": 3, "us": 50.0}
+    assert dispatch._launch(dict(wgmma, cluster=0)) == dispatch._launch(wgmma)
     tables = {"e3m2/float16": {
         "256": {"8192x8192": table_entry(60.0, wgmma), "5120x5120": table_entry(20.0, dict(wgmma, us=25.0))}}}
     with tables_file(tmp_path, monkeypatch, tables):
@@ -317,12 +317,7 @@ def test_wgmma_kernel_launch_arithmetic():
     assert defines[1].count('"+f"') == 12
     assert fpx_cuda.wgmma_shared_bytes(128, 1) == 2 * 128 * 256 + 1024  # this tile and the next
     assert fpx_cuda.wgmma_shared_bytes(64, 2) == 3 * 64 * 256 + 1024
-    assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3, "cluster": 0}
-    assert [fpx_cuda.wgmma_cluster(c, n, wgs) for c, n, wgs in ((4, 256, 1), (4, 200, 1), (4, 200, 2), (2, 192, 1),
-                                                                 (4, 64, 1), (0, 64, 1), (8, 5120, 1))] == \
-        [4, 4, 2, 1, 1, 0, 8]
-    with pytest.raises(ValueError, match="cluster of"):
-        fpx_cuda.wgmma_resolve(64, cluster=3)
+    assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3}
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)
     assert fpx_cuda.wgmma_launch(256)["n_x"] == 128
@@ -331,26 +326,6 @@ def test_wgmma_kernel_launch_arithmetic():
     for kt, ks, h, t, j in itertools.product(range(2), range(8), range(2), range(4), range(2)):
         assert xp[2, 128 * kt + 16 * ks + 8 * h + 2 * t + j] == x[2, 128 * kt + 32 * t + 4 * ks + 2 * h + j]
     assert sorted(xp[1].tolist()) == x[1].tolist()
-
-
-def test_wgmma_x_image_is_the_shared_buffers_the_cp_async_path_fills():
-    """The bulk path's image of x: K tile kt of z block z is the bytes the cp.async path leaves in a stage (fpx_wgmma.cu
-    x_copy / stage_x: chunk c of permuted row n at atom c // 8, byte 128 n + 16 ((c % 8) ^ (n % 8))), rows past M
-    zero; M = 19 at 8 rows per CTA (three z blocks, the last partial) and M = 24 at 24 (one, no padding)."""
-    from fp6llm.kernels import fpx_cuda
-    for m, n_x in ((19, 8), (24, 24)):
-        x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(torch.float16)
-        image = fpx_cuda.wgmma_x_image(x, n_x)
-        z = -(-m // n_x)
-        assert image.shape == (z, 3 * n_x * 128) and image.is_contiguous()
-        permuted = fpx_cuda.wgmma_x_order(x)
-        for zb, kt in itertools.product(range(z), range(3)):
-            stage = torch.zeros(2, n_x, 8, 8, dtype=x.dtype)  # [atom][row][position][8 elements]
-            for n, c in itertools.product(range(n_x), range(16)):
-                if zb * n_x + n < m:
-                    stage[c // 8, n, (c % 8) ^ (n % 8)] = permuted[zb * n_x + n, 128 * kt + 8 * c:128 * kt + 8 * c + 8]
-            tile = image[zb, kt * n_x * 128:(kt + 1) * n_x * 128]
-            assert torch.equal(tile, stage.flatten()), (m, n_x, zb, kt)
 
 
 def test_mid_m_kernel_launch_arithmetic():
@@ -668,51 +643,18 @@ def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
         assert err < TOLERANCE[dtype], (split, n_x, wgs, err)
 
 
-@hopper
-@pytest.mark.parametrize("dtype, m, bias", [(torch.float16, 17, True), (torch.float16, 128, False),
-                                            (torch.bfloat16, 300, True)])
-def test_cuda_wgmma_kernel_bulk_x_matches_reference(gen, dtype, m, bias):
-    """The wgmma kernel's bulk path (x by cp.async.bulk into an mbarrier ring, multicast over clusters of 1-8
-    row blocks), unsplit and split, 1 and 2 warpgroups, x 1-3 tiles ahead; 512 weight rows (8 row blocks: every
-    cluster size), 200 (4 blocks of 64, 2 of 128: clusters of 8 run as 4, of 4 with two warpgroups as 2); 10 K
-    tiles (more than the ring's stages: the empty barriers' phases turn over)."""
-    from fp6llm.kernels import fpx_cuda
-    k = 1280
-    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-    launches = ((1, 1, None, 1, 2), (2, 1, None, 1, 1), (4, 1, None, 1, 3), (2, 3, 64, 1, 2), (4, 2, None, 2, 1),
-                (1, 5, 8, 1, 2), (8, 1, None, 1, 2))
-    fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(  # the ~10 kernels at once, not one after another
-        FPFormat.parse("e3m2"), dtype == torch.bfloat16, fpx_cuda.wgmma_resolve(m, n_x)["n_x"], bias, wgs, x_ahead, 1,
-        fpx_cuda.wgmma_cluster(cluster, n, wgs)) for n in (512, 200) for cluster, _, n_x, wgs, x_ahead in launches],
-        fpx_cuda._arch(x.device), fpx_cuda.WGMMA_KERNEL_NAME)
-    for n in (512, 200):
-        qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "e3m2").to("cuda")
-        b = torch.randn(n, generator=gen).to("cuda", dtype) if bias else None
-        ref = x.double() @ qw.dequantize(torch.float64).T + (0 if b is None else b.double())
-        for cluster, split, n_x, wgs, x_ahead in launches:
-            out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, b, qw.fmt, n, k, split, n_x, wgs, x_ahead, 1, cluster)
-            err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err < TOLERANCE[dtype], (n, cluster, split, n_x, wgs, x_ahead, err)
-
-
 @gpu
-@pytest.mark.parametrize("kernel, m", [("fpx_small_m", 4), ("fpx_mid_m", 100), ("fpx_wgmma", 100),
-                                       ("fpx_wgmma_bulk", 100)])
+@pytest.mark.parametrize("kernel, m", [("fpx_small_m", 4), ("fpx_mid_m", 100), ("fpx_wgmma", 100)])
 def test_cuda_kernels_replay_in_a_graph(gen, kernel, m):
     """Split-K arrival counters reset themselves (the mid-M kernel's: one per row block and z block): a captured
-    launch replays with fresh inputs; an eager launch between capture and replay is right too (the bulk path's
-    index tensors, first made inside the capture, are not kept from it)."""
+    launch replays with fresh inputs; an eager launch between capture and replay is right too."""
     from fp6llm.kernels import fpx_cuda
-    if kernel.startswith("fpx_wgmma") and torch.cuda.get_device_capability() != (9, 0):
+    if kernel == "fpx_wgmma" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("wgmma needs an sm_90 GPU")
-    launch = getattr(fpx_cuda, kernel.removesuffix("_bulk"))
-    if kernel == "fpx_wgmma_bulk":
-        launch = functools.partial(launch, cluster=2)
+    launch = getattr(fpx_cuda, kernel)
     qw = quantize_weight(torch.randn(1024, 2048, generator=gen) * 0.05, "e3m2").to("cuda")
     x = torch.randn(m, 2048, generator=gen).to("cuda", torch.float16)
     launch(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)  # warm-up: compile, workspace
-    if kernel == "fpx_wgmma_bulk":
-        fpx_cuda._SWIZZLE_INDEX.clear()  # the x image's index tensors first made inside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = launch(x, qw.planes, qw.scales, None, qw.fmt, 1024, 2048, 4)

@@ -194,8 +194,9 @@ def config_to_dict(config: KernelConfig) -> dict:
 # measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16, and "cluster_split": true where
 # the split's CTAs summed their partials in a cluster) or of the mid-M kernel
 # ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) or of the
-# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90, M >= 9, and
-# "cluster" where x came by bulk copies: 1, 2, 4 or 8 CTAs per multicast) for that shape.
+# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90, M >= 9) for that
+# shape. Other keys are ignored: tables written before the wgmma kernel's bulk path was taken out (2026-12-03) carry
+# "cluster" in wgmma entries.
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,6 @@ class SmallM:
     wgs: int = 1  # wgmma: warpgroups per CTA
     x_ahead: int = 1  # wgmma: K tiles of x in flight
     min_ctas: int = 1  # wgmma: resident CTAs per SM the registers must allow
-    cluster: int = 0  # wgmma: 0 x by cp.async; 1, 2, 4, 8 bulk copies multicast to so many CTAs
     cluster_split: bool = False  # small: the split's CTAs of a row block a cluster summing in shared memory
 
 
@@ -223,7 +223,7 @@ def _launch(cuda: dict) -> SmallM:
     return SmallM(int(cuda["split"]), bool(cuda.get("prefetch_x", True)), float(cuda["us"]), kernel,
                   int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)),
                   int(cuda.get("n_x", 0)), int(cuda.get("wgs", 1)), int(cuda.get("x_ahead", 1)),
-                  int(cuda.get("min_ctas", 1)), int(cuda.get("cluster", 0)), bool(cuda.get("cluster_split", False)))
+                  int(cuda.get("min_ctas", 1)), bool(cuda.get("cluster_split", False)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -605,17 +605,10 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
             "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
 
 
-WGMMA_CLUSTERS = (0, 1, 2, 4, 8)  # 0: x by cp.async; 1-8: bulk copies into an mbarrier ring, multicast over so many
-
-
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
-                        min_ctas: int = 1, cluster: int = 0) -> str:
+                        min_ctas: int = 1) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
-    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); x by
-    cp.async from every thread (cluster 0) or by bulk copies of wgmma_x_image's tiles, multicast to ``cluster``
-    neighbouring row blocks (1, 2, 4, 8: the portable cluster sizes)."""
-    if cluster not in WGMMA_CLUSTERS:
-        raise ValueError(f"the wgmma kernel's x copies take a cluster of {WGMMA_CLUSTERS}, not {cluster}")
+    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__)."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
     if 65536 // (128 * wgs * min_ctas) < n_x // 2 + 70:  # accumulators, A, two raw tiles, addresses
@@ -629,7 +622,7 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"{WGMMA_MAX_SHARED}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
-               *([f"#define CLUSTER {cluster}"] if cluster else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
+               *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
 
@@ -644,39 +637,6 @@ def wgmma_x_order(x: torch.Tensor) -> torch.Tensor:
     placed in that fragment position (see fpx_small_m.cu). A copy of x (M K 2 bytes read and written)."""
     m, k = x.shape
     return x.view(m, k // TILE_K, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
-
-
-_SWIZZLE_INDEX = {}
-
-
-def _swizzle_index(device) -> tuple:
-    """The index tensors of wgmma_x_image's swizzle: row r % 8 reads chunk (kq, h) ^ r at position (kq, h)
-    (chunk c = 2 kq + h). Kept per device, but not when made inside a CUDA graph capture: there the aranges only
-    run when the graph replays, so an eager call before that would read unwritten memory."""
-    if device in _SWIZZLE_INDEX:
-        return _SWIZZLE_INDEX[device]
-    r = torch.arange(8, device=device).view(8, 1, 1)
-    index = (r, torch.arange(4, device=device).view(1, 4, 1) ^ (r >> 1),
-             torch.arange(2, device=device).view(1, 1, 2) ^ (r & 1))
-    if not (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _SWIZZLE_INDEX[device] = index
-    return index
-
-
-def wgmma_x_image(x: torch.Tensor, n_x: int) -> torch.Tensor:
-    """x [M, K] as the bulk path's image of the kernel's shared x buffers: [z block][K tile][atom][row][128 bytes],
-    each K tile of a z block (n_x rows, zero past M) contiguous, so that one flat copy per tile fills a stage. Row
-    n of an atom holds its 8 chunks of 16 bytes in the 128-byte swizzle (chunk c at position c ^ (n % 8)), the
-    chunks in wgmma_x_order's k order (atom a, chunk c: k-steps 4 a + c // 2, half c % 2). Returned as
-    [z blocks, K tiles n_x 128] (stride 0: a z block); one copy of x (two where M is not a multiple of n_x)."""
-    m, k = x.shape
-    z, k_tiles = -(-m // n_x), k // TILE_K
-    if z * n_x != m:
-        x = torch.nn.functional.pad(x, (0, 0, 0, z * n_x - m))
-    r, kq, h = _swizzle_index(x.device)
-    # column 32 t + 4 ks + 2 h + j of a tile, ks = 4 a + kq -> (z, K tile, atom a, rows n // 8, n % 8, kq, h, t, j)
-    view = x.view(z, n_x // 8, 8, k_tiles, 4, 2, 4, 2, 2).permute(0, 3, 5, 1, 2, 6, 7, 4, 8)
-    return view[:, :, :, :, r, kq, h].reshape(z, k_tiles * n_x * 128)
 
 
 def wgmma_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
@@ -699,12 +659,12 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
-                  min_ctas: int = 1, cluster: int = 0):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, cluster,
-           tuple(WGMMA_EXTRA_DEFINES), torch.device(device).index)
+                  min_ctas: int = 1):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, tuple(WGMMA_EXTRA_DEFINES),
+           torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              x_ahead, min_ctas, cluster),
+                                                              x_ahead, min_ctas),
                              WGMMA_KERNEL_NAME, 4 * wgs, device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
@@ -723,32 +683,20 @@ def wgmma_launch(m: int) -> dict:
     one warpgroup per CTA with x two K tiles ahead, registers for 3 CTAs per SM at <= 64 rows (else 1): the most
     frequent winners of the H200 table (bench/tune.py, 2026-12-02: 10 of 18 entries at <= 64 rows, 11 of 21 above)."""
     n_x = wgmma_n_x(m, 64 if m <= 64 else 128)
-    return {"n_x": n_x, "wgs": 1, "x_ahead": 2, "min_ctas": 3 if n_x <= 64 else 1, "cluster": 0}
+    return {"n_x": n_x, "wgs": 1, "x_ahead": 2, "min_ctas": 3 if n_x <= 64 else 1}
 
 
 def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_ahead: "int | None" = None,
-                  min_ctas: "int | None" = None, cluster: "int | None" = None) -> dict:
+                  min_ctas: "int | None" = None) -> dict:
     """A wgmma launch with wgmma_launch(m)'s values where none is given; its CTAs per SM only with its own rows of x
     and warpgroups (other ones get 1: the default's registers may not hold their accumulators)."""
     default = wgmma_launch(m) if n_x is None else dict(wgmma_launch(m), n_x=n_x, min_ctas=1)
     if min_ctas is None:
         min_ctas = default["min_ctas"] if wgs in (None, default["wgs"]) else 1
     launch = {"n_x": default["n_x"], "wgs": default["wgs"] if wgs is None else wgs,
-              "x_ahead": default["x_ahead"] if x_ahead is None else x_ahead, "min_ctas": min_ctas,
-              "cluster": default["cluster"] if cluster is None else cluster}
+              "x_ahead": default["x_ahead"] if x_ahead is None else x_ahead, "min_ctas": min_ctas}
     _check_n_x(launch["n_x"])
-    if launch["cluster"] not in WGMMA_CLUSTERS:
-        raise ValueError(f"the wgmma kernel's x copies take a cluster of {WGMMA_CLUSTERS}, not {launch['cluster']}")
     return launch
-
-
-def wgmma_cluster(cluster: int, n: int, wgs: int) -> int:
-    """The CTAs per cluster a launch of ``cluster`` runs at N rows: halved until it divides the row blocks (a grid
-    must be whole clusters); 0 (no clusters: the cp.async path) stays 0."""
-    row_blocks = -(-n // (64 * wgs))
-    while cluster > 1 and row_blocks % cluster:
-        cluster //= 2
-    return cluster
 
 
 def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int, resident: int) -> int:
@@ -758,11 +706,10 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
-              x_ahead: "int | None" = None, min_ctas: "int | None" = None,
-              cluster: "int | None" = None) -> torch.Tensor:
+              x_ahead: "int | None" = None, min_ctas: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
-    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas / cluster override the launch measured for this
-    shape on this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model."""
+    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
+    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "wgmma":
@@ -771,15 +718,12 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         wgs = measured.wgs if wgs is None else wgs
         x_ahead = measured.x_ahead if x_ahead is None else x_ahead
         min_ctas = measured.min_ctas if min_ctas is None else min_ctas
-        cluster = measured.cluster if cluster is None else cluster
-    launch = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, cluster)
+    launch = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas)
     n_x, wgs, x_ahead, min_ctas = launch["n_x"], launch["wgs"], launch["x_ahead"], launch["min_ctas"]
-    cluster = wgmma_cluster(launch["cluster"], n, wgs)
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
-                                             min_ctas, cluster)
+                                             min_ctas)
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs,
                                    torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
-    x_arg = wgmma_x_image(x, n_x) if cluster else wgmma_x_order(x)
-    return _launch_split_k(kernel, x, x_arg, planes, scales, bias, fmt, n, k, 64 * wgs, n_x, split, 128 * wgs,
-                           shared)
+    return _launch_split_k(kernel, x, wgmma_x_order(x), planes, scales, bias, fmt, n, k, 64 * wgs, n_x, split,
+                           128 * wgs, shared)

@@ -11,15 +11,9 @@ __device__ __forceinline__ u32 smem_address(const void* p) {  // the shared-wind
     return addr;
 }
 
-// Thread block clusters (sm_90): the wgmma kernel's multicast of x, the small-M kernel's split-K in shared memory.
+// Thread block clusters (sm_90): the small-M kernel's split-K in shared memory.
 __device__ __forceinline__ void cluster_sync() {  // every thread of every CTA of the cluster
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-
-__device__ __forceinline__ u32 cluster_rank() {
-    u32 rank;
-    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-    return rank;
 }
 
 __device__ __forceinline__ float load_cluster(u32 addr, u32 cta) {  // the float at shared address addr of CTA cta

@@ -19,15 +19,6 @@
 // of a wgmma written inside its pipeline stage), and de-quantizing into plain registers moved after the wait
 // measured no faster (bench/results/wgmma-h200-2026-12-02/, runs 3-4); nor did four weight tiles in flight.
 //
-// CLUSTER >= 1 (the bulk path; 0 is the cp.async path above): the launcher writes x as an image of the shared
-// buffers (fpx_cuda.wgmma_x_image: per z block and K tile, the two swizzled atoms, contiguous), so one K tile of x
-// is one bulk copy (cp.async.bulk, the async proxy, no tensor map) that completes on the stage's "full" mbarrier;
-// thread 0 issues it X_AHEAD tiles ahead, once the stage's "empty" mbarrier says every warp that read its previous
-// tile is done (each warp arrives after its wgmma wait). No CTA barrier in the main loop: warpgroups run out of
-// step. With CLUSTER > 1, CLUSTER neighbouring row blocks (same z block and split: the same x tiles) form a thread
-// block cluster; each CTA copies 1/CLUSTER of every tile and multicasts it into all of them (one L2 read of x per
-// cluster instead of per CTA), so a stage is refilled only when the warps of every CTA of the cluster released it.
-//
 // Grid: (ceil(M / N_X), ceil(N / ROWS_PER_CTA), SPLIT), split-K as in fpx_mid_m.cu (slabs per (z, split), the last
 // CTA of (row block, z block) to arrive sums them in split order; arrival counters reset by that CTA).
 //
@@ -51,9 +42,6 @@
 #ifndef MIN_CTAS
 #define MIN_CTAS 1                       // __launch_bounds__: resident CTAs per SM ptxas must allow by registers
 #endif
-#ifndef CLUSTER
-#define CLUSTER 0                        // 0: x by cp.async from every thread; >= 1: bulk copies, CTAs per cluster
-#endif
 #define ATOM_BYTES (N_X * 128)           // 64 columns of the CTA's x rows, 128-byte swizzled
 #define X_STAGE_BYTES (2 * ATOM_BYTES)   // one K tile of x
 #define X_COPIES ((N_X * 16 + THREADS - 1) / THREADS)  // 16-byte chunks per thread per K tile (rows past N_X: none)
@@ -67,44 +55,6 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-
-// mbarriers (shared addresses) and bulk copies for the CLUSTER >= 1 path.
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {  // this thread's arrival, and bytes to come
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {  // until the phase of this parity completed
-    asm volatile("{\n\t.reg .pred done;\n\tWAIT:\n\t"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
-                 "@!done bra WAIT;\n\t}" :: "r"(bar), "r"(parity) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-
-// On the barrier at bar in cluster CTA cta; release at CTA scope (the default, as CUTLASS's ClusterBarrier): the
-// reads it orders are the wgmma's, complete at the wait before it; .release.cluster cost a MEMBAR per arrival.
-__device__ __forceinline__ void mbar_arrive_in(u32 bar, u32 cta) {
-    asm volatile("{\n\t.reg .b32 remote;\n\tmapa.shared::cluster.u32 remote, %0, %1;\n\t"
-                 "mbarrier.arrive.shared::cluster.b64 _, [remote];\n\t}"
-                 :: "r"(bar), "r"(cta) : "memory");
-}
-
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void bulk_copy_multicast(u32 dst, const void* src, u32 bytes, u32 bar, u16 ctas) {
-    // to dst and bar at the same shared offsets in every CTA of the mask
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster "
-                 "[%0], [%1], %2, [%3], %4;" :: "r"(dst), "l"(src), "r"(bytes), "r"(bar), "h"(ctas) : "memory");
-}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
@@ -214,31 +164,7 @@ __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 
 #endif
 }
 
-#if CLUSTER >= 1
-#define SLICE_BYTES (X_STAGE_BYTES / CLUSTER)  // the part of a K tile of x each CTA of a cluster copies
-
-// Thread 0: tile kt0 + j of the CTA's x image (x_tiles: tile kt0, the rank's slice) into stage j % X_STAGES, once
-// the stage's tile j - X_STAGES was released by every warp of the cluster (its empty phase j / X_STAGES - 1).
-__device__ __forceinline__ void produce_x(int j, u32 smem, u32 full0, u32 empty0, const char* x_tiles, u32 rank) {
-    const int s = j % X_STAGES;
-    if (j >= X_STAGES) mbar_wait(empty0 + 8 * s, ((j / X_STAGES) - 1) & 1);
-    mbar_expect_tx(full0 + 8 * s, X_STAGE_BYTES);  // this CTA's stage fills from every CTA's slice
-#if CLUSTER > 1
-    bulk_copy_multicast(smem + s * X_STAGE_BYTES + rank * SLICE_BYTES, x_tiles + (long)j * X_STAGE_BYTES,
-                        SLICE_BYTES, full0 + 8 * s, (u16)((1 << CLUSTER) - 1));
-#else
-    bulk_copy(smem + s * X_STAGE_BYTES, x_tiles + (long)j * X_STAGE_BYTES, X_STAGE_BYTES, full0 + 8 * s);
-#endif
-}
-#endif
-
-#if CLUSTER > 1
-#define CLUSTER_DIMS __cluster_dims__(1, CLUSTER, 1)
-#else
-#define CLUSTER_DIMS
-#endif
-
-extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(THREADS, MIN_CTAS)
+extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS)
 fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
           const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
           u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
@@ -258,73 +184,6 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     float d[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; ++i) d[i] = 0.f;
-#if CLUSTER >= 1
-    // x: ldx is the image's z-block stride (elements); stages' full barriers (the producer's arrival and the
-    // tile's bytes), then their empty ones (every warp of every CTA of the cluster, after its wgmma wait)
-    __shared__ __align__(8) unsigned long long x_bars[2 * X_STAGES];
-    const u32 full0 = smem_address(x_bars), empty0 = full0 + 8 * X_STAGES;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < X_STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 1);
-            mbar_init(empty0 + 8 * s, WARPS * CLUSTER);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-#if CLUSTER > 1
-    cluster_sync();  // every CTA's barriers exist before any CTA multicasts into it
-    const u32 rank = cluster_rank();
-#else
-    __syncthreads();
-    const u32 rank = 0;
-#endif
-    if (kt0 < kt1) {
-        const long base = (long)min(tile, n_tiles - 1) * k_tiles;
-        const int nk = kt1 - kt0;
-        const char* x_tiles = reinterpret_cast<const char*>(x) + (long)Z_BLOCK * ldx * 2 +
-                              (long)kt0 * X_STAGE_BYTES + rank * SLICE_BYTES;
-        if (threadIdx.x == 0)
-            for (int j = 0; j < X_AHEAD && j < nk; ++j) produce_x(j, smem, full0, empty0, x_tiles, rank);
-        Tile w[W_AHEAD];
-        u32 a[2][32];
-#pragma unroll
-        for (int i = 0; i < W_AHEAD; ++i)
-            if (i < nk) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
-        // One K tile: thread 0 refills the stage of the previous tile with x X_AHEAD tiles ahead; de-quantize,
-        // load the weights W_AHEAD tiles ahead, wait for this tile's x, issue its 8 wgmma, wait for them and
-        // release the stage (lane r of each warp arrives at cluster CTA r's empty barrier).
-#define STEP(J, TILE, A)                                                                   \
-        {                                                                                  \
-            const int j_ = (J), s_ = j_ % X_STAGES;                                        \
-            if (threadIdx.x == 0 && j_ + X_AHEAD < nk)                                     \
-                produce_x(j_ + X_AHEAD, smem, full0, empty0, x_tiles, rank);               \
-            dequant(TILE, pw, A);                                                          \
-            if (j_ + W_AHEAD < nk) load_tile(TILE, p0, p1, p2, base + kt0 + j_ + W_AHEAD, lane); \
-            mbar_wait(full0 + 8 * s_, (j_ / X_STAGES) & 1);                                \
-            mma_tile(d, A, smem + s_ * X_STAGE_BYTES);                                     \
-            wgmma_wait<0>();                                                               \
-            RELEASE(empty0 + 8 * s_);                                                      \
-        }
-#if CLUSTER > 1
-#define RELEASE(BAR) if (lane < CLUSTER) mbar_arrive_in(BAR, lane)
-#else
-#define RELEASE(BAR) if (lane == 0) mbar_arrive(BAR)
-#endif
-        for (int j = 0; j < nk; j += W_AHEAD) {
-#pragma unroll
-            for (int i = 0; i < W_AHEAD; ++i) {
-                if (j + i >= nk) break;
-                STEP(j + i, w[i], a[i % 2])
-            }
-        }
-#undef STEP
-#undef RELEASE
-        wgmma_wait<0>();
-        fence_accumulators(d);
-    }
-#if CLUSTER > 1
-    cluster_sync();  // no CTA leaves while a neighbour may still arrive at its barriers
-#endif
-#else
     if (kt0 < kt1) {
         // Warps past the last tile de-quantize the last tile again (a warpgroup's wgmma needs all four; their
         // outputs are never stored); x rows past M are not copied and feed only outputs for rows >= M.
@@ -368,7 +227,6 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         wgmma_wait<0>();
         fence_accumulators(d);
     }
-#endif
 
     // d[i]: weight row 16 tile + g + 8 ((i >> 1) & 1), x row m0 + 8 (i >> 2) + 2 t + (i & 1).
     store_outputs<ACC>(d, [&](int i) { return 16 * tile + g + 8 * ((i >> 1) & 1); },
