@@ -6,9 +6,12 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
   partials from shared memory) instead of the workspace (partials to global memory, a fence, an arrival counter,
   the last CTA sums), at each shape's split from the GPU's table where it is 2..8;
 - programmatic dependent launch (PDL: a call's CTAs start, and prefetch their first weight tiles into L2, while
-  the previous call drains).
+  the previous call drains);
+- weight tiles kept prefetched into L2 4 or 8 K tiles ahead of the register loads (l2-4, l2-8: more bytes in
+  flight per warp without registers; ncu showed the kernel short of them at M = 16).
 
-    python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8] [--out FILE.json]
+    python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8]
+                                    [--variants plain,cluster,...] [--out FILE.json]
 
 Against cuBLAS FP16 and the bandwidth floor (the faster of the copy and read bandwidths measured in the run). Needs
 an sm_90 GPU. Each variant is checked against the plain kernel (bit-identical sums) before it is timed.
@@ -34,7 +37,9 @@ from fp6llm.kernels import fpx_cuda  # noqa: E402
 from fp6llm.kernels.dispatch import measured_small_m  # noqa: E402
 
 VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(cluster_split=True, pdl=False),
-            "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True)}
+            "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True),
+            "l2-4": dict(cluster_split=False, pdl=False, l2_ahead=4),
+            "l2-8": dict(cluster_split=False, pdl=False, l2_ahead=8)}
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:
@@ -52,8 +57,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ms", default="1,8,16")
     parser.add_argument("--shapes", default="all")
     parser.add_argument("--splits", default="table", help="'table' (each shape's measured split) or a list")
+    parser.add_argument("--variants", default="plain,cluster,pdl,cluster+pdl",
+                        help=f"the first is the baseline; of {','.join(VARIANTS)}")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         parser.error("needs an sm_90 GPU (thread block clusters, programmatic dependent launch)")
     fmt = FPFormat.parse("e3m2")
@@ -71,7 +79,7 @@ def main(argv=None) -> int:
             for split in splits_for(m, n, k, fmt, args.splits):
                 row = {"shape": name, "n": n, "k": k, "m": m, "split": split, "cublas_us": t_dense, "equal": True}
                 plain = None
-                for variant, kw in VARIANTS.items():
+                for variant, kw in variants.items():
                     if kw["cluster_split"] and not 2 <= split <= fpx_cuda.CLUSTER_SPLIT_MAX:
                         continue
 
@@ -86,16 +94,17 @@ def main(argv=None) -> int:
                     del calls
                 rows.append(row)
                 timed = "  ".join(f"{v} {row[f'{v}_us']:6.1f} us ({row['floor_us'] / row[f'{v}_us']:.0%})"
-                                  for v in VARIANTS if f"{v}_us" in row)
+                                  for v in variants if f"{v}_us" in row)
                 print(f"{name:9} M={m:<3} split {split}: {timed}  cuBLAS {t_dense:6.1f} us  "
                       f"{'same sums' if row['equal'] else 'SUMS DIFFER'}", flush=True)
         del qw
         torch.cuda.empty_cache()
-    for variant in list(VARIANTS)[1:]:
-        ratios = [r["plain_us"] / r[f"{variant}_us"] for r in rows if f"{variant}_us" in r]
+    base = next(iter(variants))
+    for variant in list(variants)[1:]:
+        ratios = [r[f"{base}_us"] / r[f"{variant}_us"] for r in rows if f"{variant}_us" in r]
         if ratios:
             geo = math.exp(sum(map(math.log, ratios)) / len(ratios))
-            print(f"{variant} over plain: geo-mean {geo:.3f}x over {len(ratios)} cases "
+            print(f"{variant} over {base}: geo-mean {geo:.3f}x over {len(ratios)} cases "
                   f"({min(ratios):.3f}-{max(ratios):.3f}x)")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0),
