@@ -6,9 +6,7 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
   partials from shared memory) instead of the workspace (partials to global memory, a fence, an arrival counter,
   the last CTA sums), at each shape's split from the GPU's table where it is 2..8;
 - programmatic dependent launch (PDL: a call's CTAs start, and prefetch their first weight tiles into L2, while
-  the previous call drains);
-- weight tiles kept prefetched into L2 4 or 8 K tiles ahead of the register loads (l2-4, l2-8: more bytes in
-  flight per warp without registers; ncu showed the kernel short of them at M = 16).
+  the previous call drains).
 
     python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8]
                                     [--variants plain,cluster,...] [--out FILE.json]
@@ -37,9 +35,7 @@ from fp6llm.kernels import fpx_cuda  # noqa: E402
 from fp6llm.kernels.dispatch import measured_small_m  # noqa: E402
 
 VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(cluster_split=True, pdl=False),
-            "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True),
-            "l2-4": dict(cluster_split=False, pdl=False, l2_ahead=4),
-            "l2-8": dict(cluster_split=False, pdl=False, l2_ahead=8)}
+            "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True)}
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:

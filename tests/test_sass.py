@@ -103,16 +103,6 @@ def test_cuda_small_m_kernel_compiles_and_fits_the_budget(tmp_path, monkeypatch)
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
-def test_cuda_small_m_l2_prefetch_variant_compiles():
-    """l2_ahead: one L2 prefetch per plane (UBLKPF) in each loop pass of two tiles, registers unchanged at M <= 8."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import sass
-    cubin = fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(E3M2, False, 1, False, l2_ahead=4), "sm_90a")
-    loop = sass.innermost_loop(sass.disassemble(cubin))
-    assert sum(op == "UBLKPF" for _, op, _, _ in loop) == 2 and sass.registers(cubin) <= 96
-
-
-@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_fma_shifts_variant_fits_the_alu_budget(tmp_path):
     """The fma_shifts variant (left shifts by kernel-parameter multipliers, which ptxas cannot turn into SHF):
     e3m2, FP16, M <= 8: <= 1.2 ALU lane-ops per weight (built: 1.09) at <= 96 registers (5 CTAs of 4 warps per SM,

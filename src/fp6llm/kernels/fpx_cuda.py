@@ -134,21 +134,20 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False, l2_ahead: int = 0) -> str:
+                  pdl: bool = False) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
     .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers);
     cluster_split 2..8 (sm_90): a launch of exactly that split, its CTAs of a row block a cluster that sums the
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
-    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex);
-    l2_ahead > 0 (sm_90): each warp keeps its weight tiles that many K tiles ahead prefetched into L2."""
+    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex)."""
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
-               *(["#define PDL 1"] if pdl else []), *([f"#define L2_AHEAD {l2_ahead}"] if l2_ahead else [])]
+               *(["#define PDL 1"] if pdl else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
@@ -351,13 +350,13 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, l2_ahead: int = 0):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False):
     """The small-M kernel for this case (see _load)."""
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           l2_ahead, torch.device(device).index)
+           torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl, l2_ahead), KERNEL_NAME,
-                 WARPS, device)
+                                            fma_shifts, prefetch_x, cluster_split, pdl), KERNEL_NAME, WARPS,
+                 device)
 
 
 def _takes(fmt: FPFormat, group_size, x: torch.Tensor, k: int, max_m: int) -> bool:
@@ -400,7 +399,6 @@ SUM_COST = 0.4
 
 
 PDL = False  # fpx_small_m's pdl where a call gives none: programmatic_launch() sets it
-L2_AHEAD = 0  # fpx_small_m's l2_ahead where a call gives none (0: off until the device run measures it)
 
 
 @contextlib.contextmanager
@@ -419,16 +417,14 @@ def programmatic_launch(enabled: bool = True):
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
-                cluster_split: "bool | None" = None, pdl: "bool | None" = None,
-                l2_ahead: "int | None" = None) -> torch.Tensor:
+                cluster_split: "bool | None" = None, pdl: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
     cluster and sum their partials in shared memory (no workspace). pdl (sm_90, opt-in: the caller promises that
     no kernel just before this one writes the weights; None: PDL, see programmatic_launch): launched with
-    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains.
-    l2_ahead (sm_90; None: L2_AHEAD): weight tiles kept prefetched into L2 that many K tiles ahead of the loads."""
+    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
@@ -447,9 +443,8 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster = -(-k_tiles // kps)  # the split it runs (no empty CTAs)
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
     pdl = (PDL if pdl is None else pdl) and hopper
-    l2_ahead = (L2_AHEAD if l2_ahead is None else l2_ahead) if hopper else 0
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster, pdl, l2_ahead)
+                               prefetch_x, x.device, cluster, pdl)
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)

@@ -27,9 +27,6 @@
 #define PDL 0  // 1 (sm_90): a grid that may start before the previous kernel of its stream completed (see the kernel)
 #endif
 #define PDL_PREFETCH_TILES 4  // PDL: K tiles of each warp's weights prefetched into L2 before the wait
-#ifndef L2_AHEAD
-#define L2_AHEAD 0  // > 0 (sm_90): lane 0 keeps the warp's weight tiles this many K tiles ahead prefetched into L2
-#endif
 #if CLUSTER_SPLIT
 #define CLUSTER_DIMS __cluster_dims__(1, CLUSTER_SPLIT, 1)
 #else
@@ -132,17 +129,7 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
         Tile even, odd;
         load_tile(even, p0, p1, p2, rows, base + kt0, kt0, lane);
-#if L2_AHEAD
-        // The register loads cover one tile of DRAM latency; with ~4 warps per scheduler that leaves too few bytes
-        // in flight (ncu, H200, M = 16: 20 % of the warps active, 7 long-scoreboard stall cycles per instruction,
-        // DRAM 32 % busy). Bulk prefetches into L2 add L2_AHEAD tiles per warp in flight without registers.
-        if (lane == 0 && kt0 + 1 < kt1) PREFETCH_PLANES(base + kt0 + 1, min(kt1 - kt0 - 1, L2_AHEAD))
-#endif
         for (int kt = kt0; kt < kt1; kt += 2) {
-#if L2_AHEAD
-            if (lane == 0 && kt + 1 + L2_AHEAD < kt1)
-                PREFETCH_PLANES(base + kt + 1 + L2_AHEAD, min(kt1 - (kt + 1 + L2_AHEAD), 2))
-#endif
             if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, rows, base + kt + 1, kt + 1, lane);
             compute_tile(even, pw, rows, kt, lane, chains);
             if (kt + 1 >= kt1) break;
