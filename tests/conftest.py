@@ -8,8 +8,13 @@ No test draws from torch's global generator: what initializes from it (nn.Linear
 
 import os
 import random
+import signal
 import sys
 from pathlib import Path
+
+# A suite started in the background (`cmd &` in a script) inherits SIGINT ignored, and so would the CLI processes
+# the Ctrl-C tests start: give the test process, and through it its children, Python's own handler whatever started it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Before anything imports triton: kernels run in Triton's interpreter on machines without a GPU.
 os.environ.setdefault("TRITON_INTERPRET", "1")
