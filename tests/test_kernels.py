@@ -565,6 +565,54 @@ def test_cuda_small_m_kernel_pdl_chain_reads_the_previous_output(gen, m):
         assert torch.equal(out, chain(x, False, split, cluster)), split
 
 
+@gpu
+@pytest.mark.parametrize("fmt", ["e3m2", "e3m3", "e2m1", "e4m3"])
+@pytest.mark.parametrize("m", [1, 9, 16])
+def test_cuda_small_m_kernel_weight_ring_equals_the_register_path(gen, fmt, m):
+    """The weight ring (each warp's tiles through shared memory by cp.async, 2..6 stages ahead; e3m3 has 8-byte
+    copies) gives, bit for bit, the register path's sums: CTAs of fewer K tiles than stages (split 3 of 8 tiles:
+    3, 3, 2), of more (split 1), with the split summed in a cluster, and replayed in a graph with fresh x."""
+    from fp6llm.kernels import fpx_cuda
+    n, k = 200, 1024
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
+    x = torch.randn(m, k, generator=gen).to("cuda", torch.float16)
+    bias = torch.randn(n, generator=gen).to("cuda", torch.float16) if m % 2 else None
+    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    for split, cluster in ((1, False), (3, False), (4, hopper)):
+        plain = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, prefetch_x=False,
+                                     cluster_split=cluster, wstages=0)
+        for wstages in (2, 3, 4, 6):
+            if fpx_cuda.ring_bytes(qw.fmt, wstages) + 4096 > fpx_cuda.STATIC_SHARED:
+                continue
+            out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, cluster_split=cluster,
+                                       wstages=wstages)
+            assert torch.equal(out, plain), (split, cluster, wstages)
+        assert ((plain.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16], split
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, 3, wstages=4)
+    x.copy_(torch.randn(m, k, generator=gen).to("cuda", torch.float16))
+    graph.replay()
+    assert torch.equal(out, fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, 3, wstages=0))
+
+
+def test_cuda_small_m_weight_ring_launch():
+    """The weight ring takes 2 stages up to what static shared memory holds beside the cluster partials (e3m2: 7,
+    e4m3: 5), reads x at compute time whatever prefetch_x says, and a table entry's "wstages" reads back."""
+    from fp6llm.kernels import fpx_cuda
+    e3m2, e4m3 = FPFormat.parse("e3m2"), FPFormat.parse("e4m3")
+    assert fpx_cuda.ring_bytes(e3m2, 4) == 4 * 4 * 16 * 128 * 6 // 8
+    for fmt, stages, most in ((e3m2, 1, 7), (e3m2, 8, 7), (e4m3, 6, 5)):
+        with pytest.raises(ValueError, match=f"2 to {most} stages for {fmt.name}, not {stages}"):
+            fpx_cuda.kernel_source(fmt, False, 1, False, wstages=stages)
+    source = fpx_cuda.kernel_source(e3m2, False, 2, False, prefetch_x=True, wstages=7)
+    assert "#define WSTAGES 7" in source and "#define PREFETCH_X 0" in source
+    assert "WSTAGES" not in fpx_cuda.kernel_source(e3m2, False, 2, False).split("// format")[0]
+    assert dispatch._launch({"split": 4, "wstages": 4, "us": 9.0}).wstages == 4
+    assert dispatch._launch({"split": 4, "us": 9.0}).wstages == 0
+
+
 def test_launch_ex_structures_match_cuda_h():
     """cuLaunchKernelEx's structures as cuda.h lays them out (CUlaunchConfig: 7 unsigned, the stream at 32, the
     attributes at 40, their count at 48, 56 bytes; CUlaunchAttribute: id, 4 bytes of padding, a 64-byte value) and

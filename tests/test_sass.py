@@ -199,6 +199,32 @@ def test_cuda_small_m_cluster_split_compiles():
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_cuda_small_m_weight_ring_compiles():
+    """The small-M kernel's weight ring for sm_90a (e3m2 at M <= 8 and 16, 4 stages; e3m3 with its 8-byte copies, 3
+    stages; with bias and a cluster split): no local memory; the weights come by cp.async (LDGSTS: a tile's 16-byte
+    copies per stage of the unrolled loop) and are read back from shared memory (LDS), not by LDG; the registers
+    stay below the register path's (96 / 124 at M <= 8 / 16)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    for fmt, n_blocks_m, wstages, cluster, most in (("e3m2", 1, 4, 0, 80), ("e3m2", 2, 4, 0, 96),
+                                                     ("e3m3", 1, 3, 2, 96)):
+        fmt = FPFormat.parse(fmt)
+        source = fpx_cuda.kernel_source(fmt, False, n_blocks_m, True, cluster_split=cluster, wstages=wstages)
+        cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_small_m.cu")
+        assert "LOCAL:0" in sass._cuobjdump(cubin, "--dump-resource-usage")
+        assert sass.registers(cubin) <= most, (fmt.name, n_blocks_m)
+        instructions = sass.innermost_loop(sass.disassemble(cubin))
+        loop = [op for _, op, _, _ in instructions]
+        copies = len(fpx_cuda.dequant_source(fmt)[0].split("ring_copy")[1:])
+        assert loop.count("LDGSTS") == wstages * copies, (fmt.name, loop.count("LDGSTS"))
+        # LDS.128 / LDS.64 read the words back (ptxas adds bare `LDS RZ, [RZ]` before the copies that refill a
+        # stage: the wait for this lane's earlier reads of it)
+        assert sum(op == "LDS" and bool(mod) for _, op, mod, _ in instructions) == wstages * copies
+        # the loop's only global loads are x's (4 uint4 per n8 block per tile)
+        assert loop.count("LDG") == wstages * 4 * n_blocks_m, (fmt.name, loop.count("LDG"))
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     """The wgmma kernel for sm_90a at the default launches of 64 and 128 rows of x (FP16, BF16), a 24-row,
     two-warpgroup, biased e2m1 launch and a four-warpgroup one: no local memory, within the registers of its CTAs

@@ -83,18 +83,27 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
     unless fma_shifts), and dequant_tile (32 pairs per lane)."""
     layout = placement(fmt)
     regs = " ".join(f"u32 w{p}[{2 * plane.width}];" for p, plane in enumerate(layout))
-    loads = []
+    loads, copies, reads = [], [], []
+    plane_offset = 0  # words of the earlier planes in a warp's ring stage (one tile of every plane, as in memory)
     for p, plane in enumerate(layout):
         words, group = 2 * plane.width, words_per_group(plane.width)
         for first in range(0, words, group):
-            offset = f"tile_index * {64 * plane.width} + {first // group * LANES * group} + lane * {group}"
+            inner = f"{first // group * LANES * group} + lane * {group}"
+            offset = f"tile_index * {64 * plane.width} + {inner}"
+            fields = ["x", "y", "z", "w"][:group]
+            moves = " ".join(f"tile.w{p}[{first + i}] = v.{f};" for i, f in enumerate(fields))
             if group == 4:
-                loads.append(f"{{ uint4 v = load_stream(p{p} + {offset}); tile.w{p}[{first}] = v.x; "
-                             f"tile.w{p}[{first + 1}] = v.y; tile.w{p}[{first + 2}] = v.z; "
-                             f"tile.w{p}[{first + 3}] = v.w; }}")
+                loads.append(f"{{ uint4 v = load_stream(p{p} + {offset}); {moves} }}")
             else:
-                loads.append(f"{{ uint2 v = load_stream2(p{p} + {offset}); tile.w{p}[{first}] = v.x; "
-                             f"tile.w{p}[{first + 1}] = v.y; }}")
+                loads.append(f"{{ uint2 v = load_stream2(p{p} + {offset}); {moves} }}")
+            # the same words through a warp's ring stage (fpx_small_m.cu, WSTAGES): lane l copies and reads back
+            # exactly the words it would load, so no lane waits for another
+            copies.append(f"ring_copy{4 * group}((DST) + 4 * ({plane_offset} + {inner}), "
+                          f"p{p} + (TILE_INDEX) * {64 * plane.width} + {inner});")
+            kind = "uint4" if group == 4 else "uint2"
+            reads.append(f"{{ {kind} v = *reinterpret_cast<const {kind}*>((SRC) + {plane_offset} + {inner}); "
+                         f"{moves} }}")
+        plane_offset += 64 * plane.width
     lines = []
     for q in range(PAIRS_PER_LANE):
         terms = []
@@ -112,6 +121,9 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
         "#define POWER_PARAMS " + "".join(f", u32 pw_{r}" for r in used),
         "#define POWERS {" + ", ".join(f"pw_{r}" for r in used) + "}",
         "#define LOAD_PLANES " + " ".join(loads),
+        f"#define TILE_WORDS {plane_offset}",
+        "#define COPY_PLANES(DST, TILE_INDEX) " + " ".join(copies),
+        "#define READ_PLANES(SRC) " + " ".join(reads),
         "struct Tile;",
     ]), "\n".join(["struct Powers { " + " ".join(f"u32 p{r};" for r in used) + " };",
         "__device__ __forceinline__ void dequant_tile(const Tile& tile, const Powers& pw, u32 (&a)[32]) {",
@@ -134,24 +146,46 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False) -> str:
+                  pdl: bool = False, wstages: int = 0) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
     .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers);
     cluster_split 2..8 (sm_90): a launch of exactly that split, its CTAs of a row block a cluster that sums the
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
-    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex)."""
+    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex);
+    wstages >= 2: each warp streams its weights through a ring of that many tiles in shared memory, wstages - 1
+    tiles ahead (0: two register buffers, one tile ahead), with x read at compute time (prefetch_x ignored)."""
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
+    check_wstages(fmt, wstages)
+    prefetch_x = prefetch_x and not wstages  # the ring's loop reads x at compute time
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
-               *(["#define PDL 1"] if pdl else [])]
+               *(["#define PDL 1"] if pdl else []),
+               *([f"#define WSTAGES {wstages}"] if wstages else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
     return source
+
+
+WSTAGES = 0  # fpx_small_m's weight ring where neither the call nor the GPU's table says (0: registers, one tile ahead)
+STATIC_SHARED = 48 * 1024  # a CTA's static shared memory at most
+
+
+def ring_bytes(fmt: FPFormat, wstages: int) -> int:
+    """Shared memory of the small-M kernel's weight ring: wstages tiles of every warp (16 x 128 codes of fmt's bits)."""
+    return wstages * WARPS * 16 * TILE_K * fmt.bits // 8
+
+
+def check_wstages(fmt: FPFormat, wstages: int) -> None:
+    """Refuses a weight ring the small-M kernel cannot build (fewer than 2 stages, or past static shared memory
+    with the cluster split's partials beside it)."""
+    if wstages and (wstages < 2 or ring_bytes(fmt, wstages) + 64 * 16 * 4 > STATIC_SHARED):
+        most = (STATIC_SHARED - 64 * 16 * 4) // ring_bytes(fmt, 1)
+        raise ValueError(f"the small-M kernel's weight ring takes 2 to {most} stages for {fmt.name}, not {wstages}")
 
 
 def mid_kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, row_tiles: int, warps: int,
@@ -350,12 +384,12 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, wstages: int = 0):
     """The small-M kernel for this case (see _load)."""
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           torch.device(device).index)
+           wstages, torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl), KERNEL_NAME, WARPS,
+                                            fma_shifts, prefetch_x, cluster_split, pdl, wstages), KERNEL_NAME, WARPS,
                  device)
 
 
@@ -417,14 +451,16 @@ def programmatic_launch(enabled: bool = True):
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
-                cluster_split: "bool | None" = None, pdl: "bool | None" = None) -> torch.Tensor:
+                cluster_split: "bool | None" = None, pdl: "bool | None" = None,
+                wstages: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
     cluster and sum their partials in shared memory (no workspace). pdl (sm_90, opt-in: the caller promises that
     no kernel just before this one writes the weights; None: PDL, see programmatic_launch): launched with
-    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains."""
+    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains.
+    wstages: the weight ring's stages (kernel_source; None: the table's, else WSTAGES)."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
@@ -435,6 +471,9 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster_split = measured.cluster_split if measured is not None else False
     if split is None:
         split = measured.split if measured is not None else None
+    if wstages is None:
+        wstages = measured.wstages if measured is not None else WSTAGES
+    prefetch_x = prefetch_x and not wstages
     k_tiles = k // TILE_K
     hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)  # clusters, programmatic launch
     cluster = 0
@@ -444,7 +483,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
     pdl = (PDL if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster, pdl)
+                               prefetch_x, x.device, cluster, pdl, wstages)
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)
