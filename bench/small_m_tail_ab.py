@@ -44,7 +44,13 @@ VARIANTS = {"plain": dict(cluster_split=False, pdl=False, wstages=0),
             "plainx": dict(cluster_split=False, pdl=False, wstages=0, prefetch_x=False),
             # the weight ring: each warp's tiles through N stages of shared memory (fpx_small_m.cu, WSTAGES)
             **{f"ring{n}": dict(cluster_split=False, pdl=False, wstages=n) for n in (2, 3, 4, 5, 6)},
-            "cluster+ring4": dict(cluster_split=True, pdl=False, wstages=4)}
+            "cluster+ring4": dict(cluster_split=True, pdl=False, wstages=4),
+            # the ring with the next tile read into registers (and its x loaded) during this one's compute, registers
+            # capped at 5 CTAs per SM (96); "x": x read at compute time (at M > 8 the cap spills otherwise)
+            **{f"ahead{n}": dict(cluster_split=False, pdl=False, wstages=n, ring_ahead=True, min_blocks=5)
+               for n in (2, 4, 6)},
+            **{f"ahead{n}x": dict(cluster_split=False, pdl=False, wstages=n, ring_ahead=True, min_blocks=5,
+                                  prefetch_x=False) for n in (2, 4, 6)}}
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:

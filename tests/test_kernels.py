@@ -570,7 +570,8 @@ def test_cuda_small_m_kernel_pdl_chain_reads_the_previous_output(gen, m):
 @pytest.mark.parametrize("m", [1, 9, 16])
 def test_cuda_small_m_kernel_weight_ring_equals_the_register_path(gen, fmt, m):
     """The weight ring (each warp's tiles through shared memory by cp.async, 2..6 stages ahead; e3m3 has 8-byte
-    copies) gives, bit for bit, the register path's sums: CTAs of fewer K tiles than stages (split 3 of 8 tiles:
+    copies), also reading a tile ahead into registers (ring_ahead, x a tile ahead or not, registers capped at 5 CTAs
+    per SM), gives, bit for bit, the register path's sums: CTAs of fewer K tiles than stages (split 3 of 8 tiles:
     3, 3, 2), of more (split 1), with the split summed in a cluster, and replayed in a graph with fresh x."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1024
@@ -582,12 +583,14 @@ def test_cuda_small_m_kernel_weight_ring_equals_the_register_path(gen, fmt, m):
     for split, cluster in ((1, False), (3, False), (4, hopper)):
         plain = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, prefetch_x=False,
                                      cluster_split=cluster, wstages=0)
-        for wstages in (2, 3, 4, 6):
+        for wstages, ahead in ((2, False), (3, False), (4, False), (6, False), (2, True), (4, True), (6, True)):
             if fpx_cuda.ring_bytes(qw.fmt, wstages) + 4096 > fpx_cuda.STATIC_SHARED:
                 continue
-            out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, cluster_split=cluster,
-                                       wstages=wstages)
-            assert torch.equal(out, plain), (split, cluster, wstages)
+            for prefetch_x in (True, False) if ahead else (False,):
+                out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, cluster_split=cluster,
+                                           wstages=wstages, ring_ahead=ahead, prefetch_x=prefetch_x,
+                                           min_blocks=5 if ahead else 0)
+                assert torch.equal(out, plain), (split, cluster, wstages, ahead, prefetch_x)
         assert ((plain.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16], split
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -609,6 +612,10 @@ def test_cuda_small_m_weight_ring_launch():
     source = fpx_cuda.kernel_source(e3m2, False, 2, False, prefetch_x=True, wstages=7)
     assert "#define WSTAGES 7" in source and "#define PREFETCH_X 0" in source
     assert "WSTAGES" not in fpx_cuda.kernel_source(e3m2, False, 2, False).split("// format")[0]
+    with pytest.raises(ValueError, match="even number of stages, not 3"):
+        fpx_cuda.kernel_source(e3m2, False, 1, False, wstages=3, ring_ahead=True)
+    assert "#define PREFETCH_X 1" in fpx_cuda.kernel_source(e3m2, False, 1, False, wstages=4, ring_ahead=True)
+    assert dispatch._launch({"split": 4, "wstages": 4, "ring_ahead": True, "us": 9.0}).ring_ahead
     assert dispatch._launch({"split": 4, "wstages": 4, "us": 9.0}).wstages == 4
     assert dispatch._launch({"split": 4, "us": 9.0}).wstages == 0
 

@@ -201,17 +201,20 @@ def test_cuda_small_m_cluster_split_compiles():
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_small_m_weight_ring_compiles():
     """The small-M kernel's weight ring for sm_90a (e3m2 at M <= 8 and 16, 4 stages; e3m3 with its 8-byte copies, 3
-    stages; with bias and a cluster split): no local memory; the weights come by cp.async (LDGSTS: a tile's 16-byte
+    stages; with bias and a cluster split; reading a tile ahead): no local memory or stack; the weights come by cp.async (LDGSTS: a tile's 16-byte
     copies per stage of the unrolled loop) and are read back from shared memory (LDS), not by LDG; the registers
     stay below the register path's (96 / 124 at M <= 8 / 16)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
-    for fmt, n_blocks_m, wstages, cluster, most in (("e3m2", 1, 4, 0, 80), ("e3m2", 2, 4, 0, 96),
-                                                     ("e3m3", 1, 3, 2, 96)):
+    for fmt, n_blocks_m, wstages, cluster, ahead, most in (
+            ("e3m2", 1, 4, 0, False, 80), ("e3m2", 2, 4, 0, False, 96), ("e3m3", 1, 3, 2, False, 96),
+            ("e3m2", 1, 4, 0, True, 96)):  # ring_ahead at 5 CTAs per SM
         fmt = FPFormat.parse(fmt)
-        source = fpx_cuda.kernel_source(fmt, False, n_blocks_m, True, cluster_split=cluster, wstages=wstages)
+        source = fpx_cuda.kernel_source(fmt, False, n_blocks_m, True, min_blocks=5 if ahead else 0,
+                                        cluster_split=cluster, wstages=wstages, ring_ahead=ahead)
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_small_m.cu")
-        assert "LOCAL:0" in sass._cuobjdump(cubin, "--dump-resource-usage")
+        usage = sass._cuobjdump(cubin, "--dump-resource-usage")
+        assert "LOCAL:0" in usage and "STACK:0" in usage, (fmt.name, n_blocks_m, ahead)
         assert sass.registers(cubin) <= most, (fmt.name, n_blocks_m)
         instructions = sass.innermost_loop(sass.disassemble(cubin))
         loop = [op for _, op, _, _ in instructions]

@@ -214,6 +214,7 @@ class SmallM:
     min_ctas: int = 1  # wgmma: resident CTAs per SM the registers must allow
     cluster_split: bool = False  # small: the split's CTAs of a row block a cluster summing in shared memory
     wstages: int = 0  # small: stages of the per-warp weight ring in shared memory (0: two register buffers)
+    ring_ahead: bool = False  # small: the ring's next tile read into registers during this one's compute
 
 
 def _launch(cuda: dict) -> SmallM:
@@ -224,7 +225,8 @@ def _launch(cuda: dict) -> SmallM:
     return SmallM(int(cuda["split"]), bool(cuda.get("prefetch_x", True)), float(cuda["us"]), kernel,
                   int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)),
                   int(cuda.get("n_x", 0)), int(cuda.get("wgs", 1)), int(cuda.get("x_ahead", 1)),
-                  int(cuda.get("min_ctas", 1)), bool(cuda.get("cluster_split", False)), int(cuda.get("wstages", 0)))
+                  int(cuda.get("min_ctas", 1)), bool(cuda.get("cluster_split", False)), int(cuda.get("wstages", 0)),
+                  bool(cuda.get("ring_ahead", False)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -146,7 +146,7 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False, wstages: int = 0) -> str:
+                  pdl: bool = False, wstages: int = 0, ring_ahead: bool = False) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
@@ -155,22 +155,26 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
     touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex);
     wstages >= 2: each warp streams its weights through a ring of that many tiles in shared memory, wstages - 1
-    tiles ahead (0: two register buffers, one tile ahead), with x read at compute time (prefetch_x ignored)."""
+    tiles ahead (0: two register buffers, one tile ahead), with x read at compute time (prefetch_x ignored) unless
+    ring_ahead (an even wstages): the next tile read from the ring into the other of two register buffers, and its
+    x loaded (prefetch_x), while this one is computed."""
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
-    check_wstages(fmt, wstages)
-    prefetch_x = prefetch_x and not wstages  # the ring's loop reads x at compute time
+    check_wstages(fmt, wstages, ring_ahead)
+    prefetch_x = prefetch_x and (ring_ahead or not wstages)  # the plain ring's loop reads x at compute time
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
                *(["#define PDL 1"] if pdl else []),
-               *([f"#define WSTAGES {wstages}"] if wstages else [])]
+               *([f"#define WSTAGES {wstages}"] if wstages else []),
+               *(["#define RING_AHEAD 1"] if wstages and ring_ahead else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
     return source
 
 
+RING_AHEAD = False  # fpx_small_m's ring_ahead where neither the call nor the table says
 WSTAGES = 0  # fpx_small_m's weight ring where neither the call nor the GPU's table says (0: registers, one tile ahead)
 STATIC_SHARED = 48 * 1024  # a CTA's static shared memory at most
 
@@ -180,12 +184,14 @@ def ring_bytes(fmt: FPFormat, wstages: int) -> int:
     return wstages * WARPS * 16 * TILE_K * fmt.bits // 8
 
 
-def check_wstages(fmt: FPFormat, wstages: int) -> None:
-    """Refuses a weight ring the small-M kernel cannot build (fewer than 2 stages, or past static shared memory
-    with the cluster split's partials beside it)."""
+def check_wstages(fmt: FPFormat, wstages: int, ring_ahead: bool = False) -> None:
+    """Refuses a weight ring the small-M kernel cannot build (fewer than 2 stages, past static shared memory with
+    the cluster split's partials beside it, or ring_ahead at an odd number)."""
     if wstages and (wstages < 2 or ring_bytes(fmt, wstages) + 64 * 16 * 4 > STATIC_SHARED):
         most = (STATIC_SHARED - 64 * 16 * 4) // ring_bytes(fmt, 1)
         raise ValueError(f"the small-M kernel's weight ring takes 2 to {most} stages for {fmt.name}, not {wstages}")
+    if wstages % 2 and ring_ahead:
+        raise ValueError(f"the weight ring reading a tile ahead takes an even number of stages, not {wstages}")
 
 
 def mid_kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, row_tiles: int, warps: int,
@@ -384,12 +390,14 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, wstages: int = 0):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, wstages: int = 0,
+            ring_ahead: bool = False):
     """The small-M kernel for this case (see _load)."""
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           wstages, torch.device(device).index)
+           wstages, ring_ahead, torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl, wstages), KERNEL_NAME, WARPS,
+                                            fma_shifts, prefetch_x, cluster_split, pdl, wstages, ring_ahead),
+                 KERNEL_NAME, WARPS,
                  device)
 
 
@@ -452,7 +460,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
                 cluster_split: "bool | None" = None, pdl: "bool | None" = None,
-                wstages: "int | None" = None) -> torch.Tensor:
+                wstages: "int | None" = None, ring_ahead: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
@@ -460,7 +468,8 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     cluster and sum their partials in shared memory (no workspace). pdl (sm_90, opt-in: the caller promises that
     no kernel just before this one writes the weights; None: PDL, see programmatic_launch): launched with
     programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains.
-    wstages: the weight ring's stages (kernel_source; None: the table's, else WSTAGES)."""
+    wstages, ring_ahead: the weight ring's stages and whether it reads a tile ahead (kernel_source; None: the
+    table's, else WSTAGES / RING_AHEAD)."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
@@ -473,7 +482,10 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         split = measured.split if measured is not None else None
     if wstages is None:
         wstages = measured.wstages if measured is not None else WSTAGES
-    prefetch_x = prefetch_x and not wstages
+    if ring_ahead is None:
+        ring_ahead = measured.ring_ahead if measured is not None else RING_AHEAD
+    ring_ahead = bool(ring_ahead and wstages)
+    prefetch_x = prefetch_x and (ring_ahead or not wstages)
     k_tiles = k // TILE_K
     hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)  # clusters, programmatic launch
     cluster = 0
@@ -483,7 +495,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
     pdl = (PDL if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster, pdl, wstages)
+                               prefetch_x, x.device, cluster, pdl, wstages, ring_ahead)
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)

@@ -30,8 +30,14 @@
 #ifndef WSTAGES
 #define WSTAGES 0  // >= 2: weights through a per-warp ring of WSTAGES tiles in shared memory (see ring_fill)
 #endif
-#if WSTAGES && PREFETCH_X
-#error "the weight ring reads x at compute time: PREFETCH_X 0"
+#ifndef RING_AHEAD
+#define RING_AHEAD 0  // 1: the weight ring's next tile read into registers (and its x loaded) during this one's compute
+#endif
+#if WSTAGES && PREFETCH_X && !RING_AHEAD
+#error "the weight ring without RING_AHEAD reads x at compute time: PREFETCH_X 0"
+#endif
+#if WSTAGES && RING_AHEAD && WSTAGES % 2
+#error "the weight ring with RING_AHEAD takes an even number of stages (its two register buffers alternate)"
 #endif
 #if CLUSTER_SPLIT
 #define CLUSTER_DIMS __cluster_dims__(1, CLUSTER_SPLIT, 1)
@@ -177,6 +183,33 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
             if (kt0 + s < kt1) ring_fill(ring_addr, s, p0, p1, p2, base + kt0 + s, lane);
             ring_commit();
         }
+#if RING_AHEAD
+        // Tile j (= kt - kt0) is read from stage j % WSTAGES into buffer j % 2 while tile j - 1 is computed; the call
+        // that reads tile j refills the stage tile j - 1 was read from (its words are in registers) with tile
+        // j + WSTAGES - 1.
+        Tile buf[2];
+        auto ring_load = [&](Tile& tile, int stage, int kt) {
+            ring_wait();
+            const u32* src = ring + stage * RING_STRIDE;
+            READ_PLANES(src)
+            if (kt + WSTAGES - 1 < kt1)
+                ring_fill(ring_addr, (stage + WSTAGES - 1) % WSTAGES, p0, p1, p2, base + kt + WSTAGES - 1, lane);
+            ring_commit();
+#if PREFETCH_X
+            load_x(tile.x, rows, kt, lane);
+#endif
+        };
+        ring_load(buf[0], 0, kt0);
+        for (int kt_pass = kt0; kt_pass < kt1; kt_pass += WSTAGES) {
+#pragma unroll
+            for (int s = 0; s < WSTAGES; ++s) {  // unrolled: stages and buffers are constants
+                const int kt = kt_pass + s;
+                if (kt >= kt1) break;
+                if (kt + 1 < kt1) ring_load(buf[(s + 1) % 2], (s + 1) % WSTAGES, kt + 1);
+                compute_tile(buf[s % 2], pw, rows, kt, lane, chains);
+            }
+        }
+#else
         for (int kt_pass = kt0; kt_pass < kt1; kt_pass += WSTAGES) {
 #pragma unroll
             for (int s = 0; s < WSTAGES; ++s) {  // unrolled: stage offsets are immediates
@@ -192,6 +225,7 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
                 compute_tile(tile, pw, rows, kt, lane, chains);
             }
         }
+#endif
 #else
         // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
         Tile even, odd;
