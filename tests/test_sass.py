@@ -249,6 +249,38 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
         assert sum(op == "HGMMA" for _, op, _, _ in loop) == 16
 
 
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_cuda_wgmma_a_smem_kernel_keeps_one_tile_of_wgmma_in_flight():
+    """The wgmma kernel's a_smem variant (weights stored to shared memory, both wgmma operands from there) for
+    sm_90a at 64 and 128 rows of x, one and two warpgroups, FP16 and BF16: no local memory, within the registers
+    of its CTAs per SM, per loop pass (2 K tiles) 16 STSM (8 stmatrix.x4 per warp and tile) and 16 HGMMA in two
+    groups (one scoreboard release per tile, so ptxas did not serialize them: no C7513), and the loop's only wgmma
+    waits leave one group running (WARPGROUP.DEPBAR.LE gsb0, 0x1: the next tile's de-quantization overlaps it)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    cases = [("e3m2", False, 64, 1, 2, 2, False), ("e3m2", True, 64, 1, 1, 1, True),
+             ("e3m2", False, 64, 2, 2, 1, False), ("e2m1", True, 64, 2, 1, 1, False),
+             ("e3m2", False, 128, 1, 2, 1, False), ("e3m2", True, 128, 1, 1, 1, False),
+             ("e3m2", False, 128, 2, 2, 1, True), ("e3m2", True, 128, 2, 1, 1, False)]
+    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias in cases:
+        source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas,
+                                              a_smem=True)
+        assert "#define A_SMEM 1" in source and "#define WGMMA_SS_ASM" in source
+        log = []
+        cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
+        assert "C7513" not in log[0] and "serialized" not in log[0], log[0]
+        usage = sass._cuobjdump(cubin, "--dump-resource-usage")
+        assert "LOCAL:0" in usage, usage
+        assert sass.registers(cubin) * 128 * wgs * min_ctas <= 65536
+        loop = sass.innermost_loop(sass.disassemble(cubin))
+        case = (name, bf16, n_x, wgs)
+        assert sum(op == "HGMMA" for _, op, _, _ in loop) == 16, case
+        assert sum(op == "HGMMA" and "gsb0" in args for _, op, _, args in loop) == 2, case
+        assert sum(op == "STSM" for _, op, _, _ in loop) == 16, case
+        waits = [args for _, op, mods, args in loop if op == "WARPGROUP" and mods.startswith(".DEPBAR")]
+        assert len(waits) == 2 and all(args.replace(" ", "") == "gsb0,0x1" for args in waits), (case, waits)
+
+
 def test_cuda_kernel_refuses_what_it_does_not_handle():
     x = torch.zeros(4, 256, dtype=torch.float16)  # on the CPU: never the CUDA kernel
     assert not fpx_cuda.supports(E3M2, None, x, 64, 256)

@@ -194,7 +194,8 @@ def config_to_dict(config: KernelConfig) -> dict:
 # measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16, "wstages" where its weight ring won, and "cluster_split": true where
 # the split's CTAs summed their partials in a cluster) or of the mid-M kernel
 # ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) or of the
-# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90, M >= 9) for that
+# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, and "a_smem": true where
+# the weight through shared memory won; sm_90, M >= 9) for that
 # shape. Other keys are ignored: tables written before the wgmma kernel's bulk path was taken out (2026-12-03) carry
 # "cluster" in wgmma entries.
 
@@ -215,6 +216,7 @@ class SmallM:
     cluster_split: bool = False  # small: the split's CTAs of a row block a cluster summing in shared memory
     wstages: int = 0  # small: stages of the per-warp weight ring in shared memory (0: two register buffers)
     ring_ahead: bool = False  # small: the ring's next tile read into registers during this one's compute
+    a_smem: bool = False  # wgmma: the weight tile through shared memory, both wgmma operands from there
 
 
 def _launch(cuda: dict) -> SmallM:
@@ -226,7 +228,7 @@ def _launch(cuda: dict) -> SmallM:
                   int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)),
                   int(cuda.get("n_x", 0)), int(cuda.get("wgs", 1)), int(cuda.get("x_ahead", 1)),
                   int(cuda.get("min_ctas", 1)), bool(cuda.get("cluster_split", False)), int(cuda.get("wstages", 0)),
-                  bool(cuda.get("ring_ahead", False)))
+                  bool(cuda.get("ring_ahead", False)), bool(cuda.get("a_smem", False)))
 
 
 @functools.lru_cache(maxsize=4096)

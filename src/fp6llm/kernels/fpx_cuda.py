@@ -642,9 +642,10 @@ WGMMA_MAX_M = 4096
 WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
 
 
-def wgmma_asm(n_x: int, bf16: bool) -> list:
+def wgmma_asm(n_x: int, bf16: bool, a_smem: bool = False) -> list:
     """The defines of fpx_wgmma.cu's wgmma instruction for N_X = n_x: WGMMA_ASM (the PTX, A from registers, B by
-    descriptor, D += A B) and WGMMA_OUTS(d) (its n_x / 2 accumulator operands)."""
+    descriptor, D += A B) and WGMMA_OUTS(d) (its n_x / 2 accumulator operands); with a_smem also WGMMA_SS_ASM (A and
+    B both by descriptor, both K-major: transpose flags 0)."""
     if not (8 <= n_x <= 256 and n_x % 8 == 0):
         raise ValueError(f"wgmma takes N = 8..256 in steps of 8, not {n_x}")
     acc, kind = n_x // 2, "bf16" if bf16 else "f16"
@@ -652,14 +653,24 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
     ptx = (f"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 5}, 0;\\n"
            f"wgmma.mma_async.sync.aligned.m64n{n_x}k16.f32.{kind}.{kind} {{{regs}}}, "
            f"{{%{acc}, %{acc + 1}, %{acc + 2}, %{acc + 3}}}, %{acc + 4}, p, 1, 1, 0;\\n}}\\n")
-    return [f'#define WGMMA_ASM "{ptx}"',
-            "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
+    defines = [f'#define WGMMA_ASM "{ptx}"',
+               "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
+    if a_smem:
+        ss = (f"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 2}, 0;\\n"
+              f"wgmma.mma_async.sync.aligned.m64n{n_x}k16.f32.{kind}.{kind} {{{regs}}}, "
+              f"%{acc}, %{acc + 1}, p, 1, 1, 0, 0;\\n}}\\n")
+        defines.append(f'#define WGMMA_SS_ASM "{ss}"')
+    return defines
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
-                        min_ctas: int = 1) -> str:
+                        min_ctas: int = 1, a_smem: bool = False) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
-    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__)."""
+    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__).
+    a_smem (A_SMEM 1): each de-quantized weight tile is stored (stmatrix) to one of three shared A buffers per
+    warpgroup and both wgmma operands come from shared memory, left running while the next tile is de-quantized
+    (x_ahead + 2 x stages: the previous tile's may still be read); without it the weight is the register A operand
+    and each tile's wgmma are waited for. Raises ValueError where the buffers exceed a CTA's shared memory."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
     if 65536 // (128 * wgs * min_ctas) < n_x // 2 + 70:  # accumulators, A, two raw tiles, addresses
@@ -667,18 +678,24 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"{wgs} warpgroups per SM ({65536 // (128 * wgs * min_ctas)} registers per thread)")
     if x_ahead not in (1, 2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 1-4 K tiles of x in flight, not {x_ahead}")
-    if wgmma_shared_bytes(n_x, x_ahead) > WGMMA_MAX_SHARED:
-        raise ValueError(f"the wgmma kernel's x buffers for {n_x} rows {x_ahead} tiles ahead take "
-                         f"{wgmma_shared_bytes(n_x, x_ahead)} bytes of shared memory, more than a CTA's "
-                         f"{WGMMA_MAX_SHARED}")
+    shared = wgmma_shared_bytes(n_x, x_ahead, wgs, a_smem)
+    if shared > WGMMA_MAX_SHARED:
+        raise ValueError(f"the wgmma kernel's {'x and A' if a_smem else 'x'} buffers for {n_x} rows {x_ahead} tiles "
+                         f"ahead take {shared} bytes of shared memory, more than a CTA's {WGMMA_MAX_SHARED}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
-               *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
+               *(["#define A_SMEM 1"] if a_smem else []), *wgmma_asm(n_x, bf16, a_smem), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
 
-def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
-    """Dynamic shared memory of one CTA: x_ahead + 1 K tiles of x (n_x rows x 256 bytes) and 1 KiB to align them."""
+WGMMA_A_BUFFERS = 3  # a_smem: a warpgroup's weight tiles in shared memory (fpx_wgmma.cu's A_BUFS)
+
+
+def wgmma_shared_bytes(n_x: int, x_ahead: int = 1, wgs: int = 1, a_smem: bool = False) -> int:
+    """Dynamic shared memory of one CTA: x_ahead + 1 K tiles of x (n_x rows x 256 bytes) and 1 KiB to align them;
+    with a_smem x_ahead + 2 tiles of x and WGMMA_A_BUFFERS weight tiles (64 rows x 256 bytes) per warpgroup."""
+    if a_smem:
+        return (x_ahead + 2) * n_x * 256 + wgs * WGMMA_A_BUFFERS * 64 * 256 + 1024
     return (x_ahead + 1) * n_x * 256 + 1024
 
 
@@ -710,14 +727,14 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
-                  min_ctas: int = 1):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, tuple(WGMMA_EXTRA_DEFINES),
+                  min_ctas: int = 1, a_smem: bool = False):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, a_smem, tuple(WGMMA_EXTRA_DEFINES),
            torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              x_ahead, min_ctas),
+                                                              x_ahead, min_ctas, a_smem),
                              WGMMA_KERNEL_NAME, 4 * wgs, device)
-    shared = wgmma_shared_bytes(n_x, x_ahead)
+    shared = wgmma_shared_bytes(n_x, x_ahead, wgs, a_smem)
     if fresh:
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8): above 48 KiB a kernel must ask for it
         libcuda = torch.cuda._utils._get_gpu_runtime_library()
@@ -757,10 +774,12 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
-              x_ahead: "int | None" = None, min_ctas: "int | None" = None) -> torch.Tensor:
+              x_ahead: "int | None" = None, min_ctas: "int | None" = None,
+              a_smem: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
-    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
-    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model."""
+    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas / a_smem (the weight through shared memory,
+    wgmma_kernel_source) override the launch measured for this shape on this GPU (dispatch.measured_small_m), else
+    the defaults (wgmma_launch, a_smem off) and the split model."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "wgmma":
@@ -769,10 +788,11 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         wgs = measured.wgs if wgs is None else wgs
         x_ahead = measured.x_ahead if x_ahead is None else x_ahead
         min_ctas = measured.min_ctas if min_ctas is None else min_ctas
+        a_smem = measured.a_smem if a_smem is None else a_smem
     launch = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas)
     n_x, wgs, x_ahead, min_ctas = launch["n_x"], launch["wgs"], launch["x_ahead"], launch["min_ctas"]
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
-                                             min_ctas)
+                                             min_ctas, bool(a_smem))
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs,
                                    torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
