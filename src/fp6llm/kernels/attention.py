@@ -10,7 +10,8 @@ one tile), so each K/V block is loaded once per group, not once per query head. 
 (FlashAttention) one: a running max m, a running sum l and an unnormalized accumulator per query row.
 
 - ``paged_decode``: one query token per row. Grid (B, Hkv, SPLITS): FlashDecoding's split-KV, each program takes
-  an equal share of the row's valid blocks and writes a partial (acc, m, l); a few torch ops combine the splits.
+  an equal share of the row's valid blocks and writes a partial (acc, m, l); one more kernel combines the splits
+  (with one split the program stores the output itself).
   A long context is spread over SPLITS programs instead of one, which keeps the GPU busy at small batch.
 - ``paged_prefill``: T query tokens per row (a prompt chunk after its cached prefix). Grid (B, Hkv,
   cdiv(T, BLOCK_T)); each program loops over the blocks up to its last query's position (causal).
@@ -63,12 +64,13 @@ def _attend_block(q, k_cache, v_cache, block_tables, b, kv_head, block_index, qu
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, acc_ptr, ml_ptr, sm_scale, window,
-                   stride_qb, stride_qh, stride_tb, stride_cb, stride_cs, stride_ch, stride_pb,
-                   GROUPS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr):
+def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, acc_ptr, ml_ptr, out_ptr, sm_scale,
+                   window, stride_qb, stride_qh, stride_tb, stride_cb, stride_cs, stride_ch, stride_pb, stride_ob,
+                   stride_oh, GROUPS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr):
     """Program (b, kv_head, split): the GROUPS query heads of kv_head over the split's share of row b's blocks.
-    Writes acc [B, H, SPLITS, BLOCK_D] (unnormalized) and ml [B, H, SPLITS, 2] (running max, sum)."""
+    SPLITS > 1: writes acc [B, H, SPLITS, BLOCK_D] (unnormalized) and ml [B, H, SPLITS, 2] (running max, sum) for
+    _combine_kernel; SPLITS == 1: the normalized output, out [B, H, 1, D] in its dtype."""
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = kv_head * GROUPS + tl.arange(0, BLOCK_G)
     head_mask = tl.arange(0, BLOCK_G) < GROUPS
@@ -90,10 +92,33 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
         m_i, l_i, acc = _attend_block(q, k_cache, v_cache, block_tables, b, kv_head, block_index, query_pos,
                                       seq_len, window, m_i, l_i, acc, sm_scale, stride_tb, stride_cb, stride_cs,
                                       stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32)
-    row = (b * GROUPS * tl.num_programs(1) + heads) * SPLITS + split  # [B, H, SPLITS] flattened
-    tl.store(acc_ptr + row[:, None] * BLOCK_D + dims[None, :], acc, mask=head_mask[:, None])
-    tl.store(ml_ptr + row * 2, m_i, mask=head_mask)
-    tl.store(ml_ptr + row * 2 + 1, l_i, mask=head_mask)
+    if SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=head_mask[:, None] & (dims[None, :] < HEAD_DIM))
+    else:
+        row = (b * GROUPS * tl.num_programs(1) + heads) * SPLITS + split  # [B, H, SPLITS] flattened
+        tl.store(acc_ptr + row[:, None] * BLOCK_D + dims[None, :], acc, mask=head_mask[:, None])
+        tl.store(ml_ptr + row * 2, m_i, mask=head_mask)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=head_mask)
+
+
+@triton.jit
+def _combine_kernel(acc_ptr, ml_ptr, out_ptr, H, stride_ob, stride_oh, SPLITS: tl.constexpr,
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Program (b H + h): the splits' partials of row b, head h combined, out = sum_s e^(m_s - M) acc_s /
+    sum_s e^(m_s - M) l_s with M = max_s m_s, stored in out's dtype (one launch where torch ops took nine)."""
+    row = tl.program_id(0)
+    b, h = row // H, row % H
+    s = tl.arange(0, BLOCK_S)
+    valid = s < SPLITS
+    m = tl.load(ml_ptr + (row * SPLITS + s) * 2, mask=valid, other=MASKED)
+    l_s = tl.load(ml_ptr + (row * SPLITS + s) * 2 + 1, mask=valid, other=0.0)
+    weight = tl.where(valid, tl.exp(m - tl.max(m, axis=0)), 0.0)
+    dims = tl.arange(0, BLOCK_D)
+    acc = tl.load(acc_ptr + (row * SPLITS + s)[:, None] * BLOCK_D + dims[None, :], mask=valid[:, None], other=0.0)
+    out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * l_s, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 @triton.jit
@@ -165,18 +190,21 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
     groups, block_g, block_d = _check(q, k_cache, block_tables)
     n_kv, block_size = k_cache.shape[2], k_cache.shape[1]
     splits = splits or decode_splits(block_tables.shape[1], b * n_kv)
-    acc = torch.empty(b, h, splits, block_d, dtype=torch.float32, device=q.device)
-    ml = torch.empty(b, h, splits, 2, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
+    if splits == 1:  # the program normalizes and stores the output itself
+        acc = ml = out
+    else:
+        acc = torch.empty(b, h, splits, block_d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(b, h, splits, 2, dtype=torch.float32, device=q.device)
     _decode_kernel[(b, n_kv, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, input_pos, acc, ml, d ** -0.5, sliding_window or NO_WINDOW,
+        q, k_cache, v_cache, block_tables, seq_lens, input_pos, acc, ml, out, d ** -0.5, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        input_pos.stride(0), GROUPS=groups, SPLITS=splits, BLOCK_G=block_g, BLOCK_SIZE=block_size, BLOCK_D=block_d,
-        HEAD_DIM=d, DOT_FP32=_dot_fp32(q))
-    # combine the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s
-    m, l = ml[..., 0], ml[..., 1]
-    weight = torch.exp(m - m.amax(dim=2, keepdim=True))
-    out = (weight[..., None] * acc).sum(dim=2) / (weight * l).sum(dim=2)[..., None]
-    return out[..., :d].to(q.dtype).reshape(b, h, 1, d)
+        input_pos.stride(0), out.stride(0), out.stride(1), GROUPS=groups, SPLITS=splits, BLOCK_G=block_g,
+        BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q))
+    if splits > 1:
+        _combine_kernel[(b * h,)](acc, ml, out, h, out.stride(0), out.stride(1), SPLITS=splits,
+                                  BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=d)
+    return out
 
 
 def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
