@@ -2,8 +2,8 @@
 # Where the CUDA small-M kernel (fpx_small_m) spends its time (ncu counters; run on the device): per case N:K:M:SPLIT
 # stall reasons per issued instruction, occupancy, active vs elapsed cycles, DRAM / L2 / L1 throughput; then the SASS
 # lines with the most stall samples for the first case. A fifth field "mid" profiles the mid-M kernel (fpx_mid_m,
-# one row tile, 8 warps) instead; "x" the small-M kernel reading x at compute time; "ringN" its weight ring of N.
-#   bash bench/ncu_cuda_small_m.sh N:K:M:SPLIT[:mid|x|ringN] [...]
+# one row tile, 8 warps) instead; "x" the small-M kernel reading x at compute time.
+#   bash bench/ncu_cuda_small_m.sh N:K:M:SPLIT[:mid|x] [...]
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 s=smsp__average_warps_issue_stalled_
@@ -22,7 +22,6 @@ for case in "$@"; do
     name=fpx_small_m extra=()
     [[ ${kind:-} == mid ]] && name=fpx_mid_m extra=(--mid --row-tiles 1 --warps 8)
     [[ ${kind:-} == x ]] && extra=(--no-prefetch-x)
-    [[ ${kind:-} == ring* ]] && extra=(--wstages "${kind#ring}")
     echo "=== $name ${n}x${k} M=${m} split ${split}"
     ncu --clock-control none --kernel-name "$name" --launch-skip 3 --launch-count 1 --metrics "$metrics" \
         python3 bench/profile_cuda_small_m.py --n "$n" --k "$k" --m "$m" --split "$split" "${extra[@]}" 2>&1 \

@@ -32,7 +32,6 @@ parser.add_argument("--x-ahead", type=int, default=2, help="the wgmma kernel's x
 parser.add_argument("--min-ctas", type=int, default=1, help="the wgmma kernel's CTAs per SM by registers")
 parser.add_argument("--row-tiles", type=int, default=1)
 parser.add_argument("--warps", type=int, default=4)
-parser.add_argument("--wstages", type=int, default=0, help="the small-M kernel's weight ring stages (0: registers)")
 parser.add_argument("--no-prefetch-x", action="store_true", help="the small-M kernel reads x at compute time")
 args = parser.parse_args()
 qw = random_weight(args.n, args.k, FPFormat.parse("e3m2"), "cuda")
@@ -46,7 +45,7 @@ for _ in range(6):
                            args.warps)
     else:
         fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split,
-                             prefetch_x=not args.no_prefetch_x, wstages=args.wstages)
+                             prefetch_x=not args.no_prefetch_x)
 torch.cuda.synchronize()
 if not args.mid and not args.wgmma:
     print("split", args.split or fpx_cuda.choose_split(args.n, args.k, args.m, 132))

@@ -148,11 +148,10 @@ def triton_cubin(fmt, dtype: str, config, imad_rotate: bool = False) -> bytes:
     return compiled.asm["cubin"]
 
 
-def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bool = True,
-               wstages: int = 0, ring_ahead: bool = False) -> bytes:
+def cuda_cubin(fmt, dtype: str, m: int, fma_shifts: bool = False, prefetch_x: bool = True) -> bytes:
     from fp6llm.kernels.fpx_cuda import kernel_source, nvrtc_compile
     source = kernel_source(fmt, dtype == "bfloat16", 1 if m <= 8 else 2, False, fma_shifts=fma_shifts,
-                           prefetch_x=prefetch_x, wstages=wstages, ring_ahead=ring_ahead)
+                           prefetch_x=prefetch_x)
     try:
         return nvrtc_compile(source, "sm_90a")
     except RuntimeError as err:
@@ -191,10 +190,6 @@ def main(argv=None) -> int:
                         help="the CUDA kernel's variant with left shifts by kernel-parameter multipliers")
     parser.add_argument("--no-prefetch-x", action="store_true",
                         help="the CUDA kernel's variant that reads x when its tile is computed (prefetch_x=False)")
-    parser.add_argument("--wstages", type=int, default=0,
-                        help="the CUDA kernel's weight ring in shared memory, this many tiles (0: registers)")
-    parser.add_argument("--ring-ahead", action="store_true",
-                        help="the weight ring's next tile read into registers during this one's compute")
     parser.add_argument("--imad-rotate", action="store_true",
                         help="the Triton kernel's variant with field moves as multiplies (fpx_gemm's imad_rotate)")
     parser.add_argument("--json", help="also write the counts to this file")
@@ -213,14 +208,11 @@ def main(argv=None) -> int:
         results["triton"] = report(name, triton_cubin(fmt, args.dtype, config, args.imad_rotate),
                                    config.num_warps, config.block_n * config.block_k)
     if args.kernel in ("both", "cuda"):
-        # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers), or the weight ring's
-        # stages (its loop is unrolled over them)
+        # one warp, one loop pass = two 16 x 128 tiles (the ping-pong of register buffers)
         name = "CUDA fpx_small_m" + (", fma_shifts" if args.fma_shifts else "") + \
-            (", x read at compute" if args.no_prefetch_x else "") + \
-            (f", weight ring of {args.wstages}" if args.wstages else "") + \
-            (" read a tile ahead" if args.ring_ahead else "") + " (per warp)"
-        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts, not args.no_prefetch_x,
-                                                  args.wstages, args.ring_ahead), 1, max(2, args.wstages) * 16 * 128)
+            (", x read at compute" if args.no_prefetch_x else "") + " (per warp)"
+        results["cuda"] = report(name, cuda_cubin(fmt, args.dtype, args.m, args.fma_shifts, not args.no_prefetch_x),
+                                 1, 2 * 16 * 128)
     if args.kernel == "mid":
         # one warp, one loop pass = two K tiles of row_tiles 16 x 128 tiles, times the rows of x of one CTA
         name = f"CUDA fpx_mid_m row_tiles={args.row_tiles} warps={args.warps} (per warp)"

@@ -6,9 +6,7 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
   partials from shared memory) instead of the workspace (partials to global memory, a fence, an arrival counter,
   the last CTA sums), at each shape's split from the GPU's table where it is 2..8;
 - programmatic dependent launch (PDL: a call's CTAs start, and prefetch their first weight tiles into L2, while
-  the previous call drains);
-- the weight ring (ring2 .. ring6: each warp's weight tiles by cp.async through that many stages of shared
-  memory, more bytes in flight than the register ping-pong's one tile ahead).
+  the previous call drains).
 
     python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8]
                                     [--variants plain,cluster,...] [--out FILE.json]
@@ -36,21 +34,8 @@ from fp6llm.formats import FPFormat  # noqa: E402
 from fp6llm.kernels import fpx_cuda  # noqa: E402
 from fp6llm.kernels.dispatch import measured_small_m  # noqa: E402
 
-VARIANTS = {"plain": dict(cluster_split=False, pdl=False, wstages=0),
-            "cluster": dict(cluster_split=True, pdl=False, wstages=0),
-            "pdl": dict(cluster_split=False, pdl=True, wstages=0),
-            "cluster+pdl": dict(cluster_split=True, pdl=True, wstages=0),
-            # x read at compute time (the register path's prefetch_x=False, which the weight ring also does)
-            "plainx": dict(cluster_split=False, pdl=False, wstages=0, prefetch_x=False),
-            # the weight ring: each warp's tiles through N stages of shared memory (fpx_small_m.cu, WSTAGES)
-            **{f"ring{n}": dict(cluster_split=False, pdl=False, wstages=n) for n in (2, 3, 4, 5, 6)},
-            "cluster+ring4": dict(cluster_split=True, pdl=False, wstages=4),
-            # the ring with the next tile read into registers (and its x loaded) during this one's compute, registers
-            # capped at 5 CTAs per SM (96); "x": x read at compute time (at M > 8 the cap spills otherwise)
-            **{f"ahead{n}": dict(cluster_split=False, pdl=False, wstages=n, ring_ahead=True, min_blocks=5)
-               for n in (2, 4, 6)},
-            **{f"ahead{n}x": dict(cluster_split=False, pdl=False, wstages=n, ring_ahead=True, min_blocks=5,
-                                  prefetch_x=False) for n in (2, 4, 6)}}
+VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(cluster_split=True, pdl=False),
+            "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True)}
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:

@@ -1,12 +1,9 @@
 """The CUDA wgmma kernel (kernels/cuda/fpx_wgmma.cu) on the GPU at hand: a correctness sweep against the float64
 reference, then timings against cuBLAS FP16 and the dispatched path (fpx_linear: Triton / de-quantize + cuBLAS)
 at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs over rotating operand copies).
---a-smem also checks and times every launch with the weight through shared memory (fpx_wgmma's a_smem: SS wgmma
-left running while the next tile is de-quantized) and prints both times and register / a_smem (> 1: a_smem faster);
-launches whose a_smem buffers exceed a CTA's shared memory (four warpgroups) are timed on the register path only.
 
     python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|70b-o,...] [--sweep split|pipeline]
-                                [--a-smem] [--out FILE.json]
+                                [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -30,14 +27,8 @@ from fp6llm.ops import fpx_linear  # noqa: E402
 from fp6llm import quantize_weight  # noqa: E402
 
 
-def a_smem_fits(n_x: int, wgs: int, x_ahead: int) -> bool:
-    """Whether the a_smem variant of this launch fits a CTA's shared memory."""
-    return fpx_cuda.wgmma_shared_bytes(n_x, x_ahead, wgs, a_smem=True) <= fpx_cuda.WGMMA_MAX_SHARED
-
-
-def check(quick: bool, a_smem: bool = False) -> list:
-    """(case, relative error) of the wgmma kernel against x.double() @ W.T on fresh random inputs; with a_smem each
-    case that fits also with the weight through shared memory."""
+def check(quick: bool) -> list:
+    """(case, relative error) of the wgmma kernel against x.double() @ W.T on fresh random inputs."""
     gen = torch.Generator().manual_seed(0)
     results = []
     cases = [("e3m2", torch.float16, 64, 64, 1, 2), ("e3m2", torch.float16, 17, 24, 1, 2),
@@ -45,27 +36,23 @@ def check(quick: bool, a_smem: bool = False) -> list:
              ("e3m2", torch.bfloat16, 64, 64, 2, 1), ("e2m1", torch.float16, 33, 40, 1, 1),
              ("e4m3", torch.bfloat16, 200, 192, 3, 2), ("e2m3", torch.float16, 128, 128, 1, 2)]
     cases = cases[:3] if quick else cases
-    variants = [(case, smem) for case in cases for smem in ((False, True) if a_smem else (False,))
-                if not smem or a_smem_fits(case[3], case[5],
-                                           fpx_cuda.wgmma_resolve(case[2], case[3], case[5])["x_ahead"])]
     sources = []
-    for (fmt, dtype, m, n_x, split, wgs), smem in variants:  # the kernels the checks launch, compiled at once
+    for fmt, dtype, m, n_x, split, wgs in cases:  # the kernels the checks launch, compiled at once
         launch = fpx_cuda.wgmma_resolve(m, n_x, wgs)
         sources.append(fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), dtype == torch.bfloat16, n_x, m % 2 == 1,
-                                                    wgs, launch["x_ahead"], launch["min_ctas"], smem))
+                                                    wgs, launch["x_ahead"], launch["min_ctas"]))
     fpx_cuda.precompile(sources, fpx_cuda._arch("cuda"), fpx_cuda.WGMMA_KERNEL_NAME)
-    for (fmt, dtype, m, n_x, split, wgs), smem in variants:
+    for fmt, dtype, m, n_x, split, wgs in cases:
         n, k = 200, 768
         qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
         x = torch.randn(m, k, generator=gen).to("cuda", dtype)
         bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
         ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
-        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, a_smem=smem)
+        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         results.append({"fmt": fmt, "dtype": str(dtype), "m": m, "n_x": n_x, "split": split, "wgs": wgs,
-                        "a_smem": smem, "err": err, "ok": err < 2e-2})
-        print(f"check {fmt} {dtype} M={m} n_x={n_x} split={split} wgs={wgs}{' a_smem' if smem else ''}: "
-              f"rel err {err:.2e}", flush=True)
+                        "err": err, "ok": err < 2e-2})
+        print(f"check {fmt} {dtype} M={m} n_x={n_x} split={split} wgs={wgs}: rel err {err:.2e}", flush=True)
     return results
 
 
@@ -78,25 +65,9 @@ def launches_for(m: int, sweep: str) -> list:
     return [(n_x, split, 1, 1, 4 if n_x <= 64 else 3) for n_x in n_xs for split in (1, 2, 4)]
 
 
-def time_wgmma(qw, x, ref, n: int, k: int, m: int, kw: dict) -> tuple:
-    """(us, relative error against ref) of one fpx_wgmma launch kw on rotating copies of the weight."""
-    out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, **kw)
-    err = ((out.float() - ref).norm() / ref.norm()).item()
-    calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s: fpx_cuda.fpx_wgmma(x, p, s, None, qw.fmt, n, k,
-                                                                                     **kw))
-    t = time_calls(calls, replays=5) * 1e6
-    del calls
-    return t, err
-
-
-def timing(ms, shapes, sweep: str, a_smem: bool = False) -> list:
+def timing(ms, shapes, sweep: str) -> list:
     rows = []
     compile_wgmma(("e3m2", False, l[0], l[2], l[3], l[4]) for m in ms for l in launches_for(m, sweep))
-    if a_smem:
-        fpx_cuda.precompile(sorted({fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, l[0], False, l[2],
-                                                                 l[3], l[4], a_smem=True)
-                                    for m in ms for l in launches_for(m, sweep) if a_smem_fits(l[0], l[2], l[3])}),
-                            "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
     for name in shapes:
         n, k = SHAPES[name]
         qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")
@@ -114,27 +85,19 @@ def timing(ms, shapes, sweep: str, a_smem: bool = False) -> list:
             ref = x.float() @ qw.dequantize(torch.float32).T
             for launch in launches_for(m, sweep):
                 kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas"), launch))
-                t, err = time_wgmma(qw, x, ref, n, k, m, kw)
-                result = dict(kw, us=t, err=err)
-                if a_smem and a_smem_fits(kw["n_x"], kw["wgs"], kw["x_ahead"]):  # the same launch, weight via smem
-                    result["a_smem_us"], result["a_smem_err"] = time_wgmma(qw, x, ref, n, k, m, dict(kw, a_smem=True))
-                row["wgmma"].append(result)
+                out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, **kw)
+                err = ((out.float() - ref).norm() / ref.norm()).item()
+                calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, kw=kw:
+                                          fpx_cuda.fpx_wgmma(x, p, s, None, qw.fmt, n, k, **kw))
+                t = time_calls(calls, replays=5) * 1e6
+                del calls
+                row["wgmma"].append(dict(kw, us=t, err=err))
             best = min(row["wgmma"], key=lambda r: r["us"])
             row["best"] = best
             print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
                   f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, {best}) all: "
                   + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}:{r['us']:.0f}"
                              for r in row["wgmma"]), flush=True)
-            timed = [r for r in row["wgmma"] if "a_smem_us" in r]
-            if timed:
-                best_smem = min(timed, key=lambda r: r["a_smem_us"])
-                row["best_a_smem"] = best_smem
-                print(f"{'':9} a_smem best {best_smem['a_smem_us']:7.1f} ({t_dense / best_smem['a_smem_us']:.2f}x "
-                      f"cuBLAS, register best / a_smem best {best['us'] / best_smem['a_smem_us']:.2f}, max err "
-                      f"{max(r['a_smem_err'] for r in timed):.1e}) register|a_smem (ratio): "
-                      + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}:"
-                                 f"{r['us']:.0f}|{r['a_smem_us']:.0f}({r['us'] / r['a_smem_us']:.2f})" for r in timed),
-                      flush=True)
             rows.append(row)
         del qw
         torch.cuda.empty_cache()
@@ -148,18 +111,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out")
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--sweep", default="split", choices=["split", "pipeline"])
-    parser.add_argument("--a-smem", action="store_true",
-                        help="also check and time each launch with the weight through shared memory (a_smem)")
     args = parser.parse_args(argv)
     started = time.time()
-    checks = check(False, args.a_smem)
+    checks = check(False)
     if not all(c["ok"] for c in checks):
         print("wgmma kernel WRONG", flush=True)
         return 1
     if args.check_only:
         return 0
     shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
-    rows = timing([int(m) for m in args.ms.split(",")], shapes, args.sweep, args.a_smem)
+    rows = timing([int(m) for m in args.ms.split(",")], shapes, args.sweep)
     result = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "checks": checks,
               "rows": rows, "seconds": time.time() - started}
     if args.out:

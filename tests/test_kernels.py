@@ -328,30 +328,6 @@ def test_wgmma_kernel_launch_arithmetic():
     assert sorted(xp[1].tolist()) == x[1].tolist()
 
 
-def test_wgmma_a_smem_launch_arithmetic():
-    """a_smem: the SS instruction (both operands by descriptor, K-major: transpose flags 0, 0) only where asked,
-    x_ahead + 2 stages of x and three 16 KiB weight tiles per warpgroup, four warpgroups refused for shared
-    memory, the register path's source without A_SMEM, and the table key read into SmallM (off by default)."""
-    from fp6llm.kernels import dispatch, fpx_cuda
-    assert fpx_cuda.wgmma_asm(24, True, a_smem=False) == fpx_cuda.wgmma_asm(24, True)
-    defines = fpx_cuda.wgmma_asm(24, True, a_smem=True)
-    assert defines[:2] == fpx_cuda.wgmma_asm(24, True) and defines[2].startswith("#define WGMMA_SS_ASM")
-    assert "m64n24k16.f32.bf16.bf16 {%0, %1," in defines[2] and "%11}, %12, %13, p, 1, 1, 0, 0;" in defines[2]
-    assert "setp.ne.b32 p, %14, 0" in defines[2]
-    assert fpx_cuda.wgmma_shared_bytes(128, 2, 1, a_smem=True) == 4 * 128 * 256 + 3 * 64 * 256 + 1024
-    assert fpx_cuda.wgmma_shared_bytes(128, 2, 2, a_smem=True) == 4 * 128 * 256 + 2 * 3 * 64 * 256 + 1024
-    assert fpx_cuda.wgmma_shared_bytes(128, 2, 2, a_smem=True) <= fpx_cuda.WGMMA_MAX_SHARED
-    assert fpx_cuda.wgmma_shared_bytes(64, 1, 4) == fpx_cuda.wgmma_shared_bytes(64, 1)  # wgs: only the A buffers
-    with pytest.raises(ValueError, match="x and A buffers .* more than a CTA's"):
-        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, a_smem=True)
-    e3m2 = FPFormat.parse("e3m2")
-    assert "#define A_SMEM 1" not in fpx_cuda.wgmma_kernel_source(e3m2, False, 64, False)
-    assert "#define A_SMEM 1" in fpx_cuda.wgmma_kernel_source(e3m2, False, 64, False, a_smem=True)
-    entry = {"kernel": "wgmma", "split": 2, "n_x": 128, "wgs": 1, "x_ahead": 2, "min_ctas": 1, "us": 50.0}
-    assert not dispatch._launch(entry).a_smem
-    assert dispatch._launch(dict(entry, a_smem=True)).a_smem
-
-
 def test_mid_m_kernel_launch_arithmetic():
     """x rows per CTA: all of them up to 64, else evenly over grid z; the split fits the reserved partials."""
     from fp6llm.kernels import fpx_cuda
@@ -589,61 +565,6 @@ def test_cuda_small_m_kernel_pdl_chain_reads_the_previous_output(gen, m):
         assert torch.equal(out, chain(x, False, split, cluster)), split
 
 
-@gpu
-@pytest.mark.parametrize("fmt", ["e3m2", "e3m3", "e2m1", "e4m3"])
-@pytest.mark.parametrize("m", [1, 9, 16])
-def test_cuda_small_m_kernel_weight_ring_equals_the_register_path(gen, fmt, m):
-    """The weight ring (each warp's tiles through shared memory by cp.async, 2..6 stages ahead; e3m3 has 8-byte
-    copies), also reading a tile ahead into registers (ring_ahead, x a tile ahead or not, registers capped at 5 CTAs
-    per SM), gives, bit for bit, the register path's sums: CTAs of fewer K tiles than stages (split 3 of 8 tiles:
-    3, 3, 2), of more (split 1), with the split summed in a cluster, and replayed in a graph with fresh x."""
-    from fp6llm.kernels import fpx_cuda
-    n, k = 200, 1024
-    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
-    x = torch.randn(m, k, generator=gen).to("cuda", torch.float16)
-    bias = torch.randn(n, generator=gen).to("cuda", torch.float16) if m % 2 else None
-    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
-    hopper = torch.cuda.get_device_capability() >= (9, 0)
-    for split, cluster in ((1, False), (3, False), (4, hopper)):
-        plain = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, prefetch_x=False,
-                                     cluster_split=cluster, wstages=0)
-        for wstages, ahead in ((2, False), (3, False), (4, False), (6, False), (2, True), (4, True), (6, True)):
-            if fpx_cuda.ring_bytes(qw.fmt, wstages) + 4096 > fpx_cuda.STATIC_SHARED:
-                continue
-            for prefetch_x in (True, False) if ahead else (False,):
-                out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, cluster_split=cluster,
-                                           wstages=wstages, ring_ahead=ahead, prefetch_x=prefetch_x,
-                                           min_blocks=5 if ahead else 0)
-                assert torch.equal(out, plain), (split, cluster, wstages, ahead, prefetch_x)
-        assert ((plain.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16], split
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, 3, wstages=4)
-    x.copy_(torch.randn(m, k, generator=gen).to("cuda", torch.float16))
-    graph.replay()
-    assert torch.equal(out, fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, 3, wstages=0))
-
-
-def test_cuda_small_m_weight_ring_launch():
-    """The weight ring takes 2 stages up to what static shared memory holds beside the cluster partials (e3m2: 7,
-    e4m3: 5), reads x at compute time whatever prefetch_x says, and a table entry's "wstages" reads back."""
-    from fp6llm.kernels import fpx_cuda
-    e3m2, e4m3 = FPFormat.parse("e3m2"), FPFormat.parse("e4m3")
-    assert fpx_cuda.ring_bytes(e3m2, 4) == 4 * 4 * 16 * 128 * 6 // 8
-    for fmt, stages, most in ((e3m2, 1, 7), (e3m2, 8, 7), (e4m3, 6, 5)):
-        with pytest.raises(ValueError, match=f"2 to {most} stages for {fmt.name}, not {stages}"):
-            fpx_cuda.kernel_source(fmt, False, 1, False, wstages=stages)
-    source = fpx_cuda.kernel_source(e3m2, False, 2, False, prefetch_x=True, wstages=7)
-    assert "#define WSTAGES 7" in source and "#define PREFETCH_X 0" in source
-    assert "WSTAGES" not in fpx_cuda.kernel_source(e3m2, False, 2, False).split("// format")[0]
-    with pytest.raises(ValueError, match="even number of stages, not 3"):
-        fpx_cuda.kernel_source(e3m2, False, 1, False, wstages=3, ring_ahead=True)
-    assert "#define PREFETCH_X 1" in fpx_cuda.kernel_source(e3m2, False, 1, False, wstages=4, ring_ahead=True)
-    assert dispatch._launch({"split": 4, "wstages": 4, "ring_ahead": True, "us": 9.0}).ring_ahead
-    assert dispatch._launch({"split": 4, "wstages": 4, "us": 9.0}).wstages == 4
-    assert dispatch._launch({"split": 4, "us": 9.0}).wstages == 0
-
-
 def test_launch_ex_structures_match_cuda_h():
     """cuLaunchKernelEx's structures as cuda.h lays them out (CUlaunchConfig: 7 unsigned, the stream at 32, the
     attributes at 40, their count at 48, 56 bytes; CUlaunchAttribute: id, 4 bytes of padding, a 64-byte value) and
@@ -720,53 +641,6 @@ def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
         out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < TOLERANCE[dtype], (split, n_x, wgs, err)
-
-
-@hopper
-@pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 64), ("e3m2", torch.bfloat16, 64),
-                                           ("e3m2", torch.float16, 128), ("e3m2", torch.bfloat16, 128),
-                                           ("e3m2", torch.float16, 200), ("e2m1", torch.bfloat16, 200)])
-def test_cuda_wgmma_a_smem_kernel_matches_reference(gen, fmt, dtype, m):
-    """The wgmma kernel with the weight through shared memory (a_smem: wgmma left running across K tiles, three A
-    buffers per warpgroup, x_ahead + 2 x stages) against the float64 reference: 200 weight rows (not a multiple of
-    a CTA's 64 or 128), 10 K tiles (unsplit: every A buffer and x stage reused three times or more), splits 1-4
-    (split 4: 3, 3, 3 and 1 tiles per CTA; split 5: 2 each), one and two warpgroups, x 1-3 tiles ahead, bias in
-    BF16; x rows per CTA as dispatched, and 128 at M = 200 (two z blocks, the last 72 rows)."""
-    from fp6llm.kernels import fpx_cuda
-    n, k = 200, 1280
-    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
-    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-    bias = torch.randn(n, generator=gen).to("cuda", dtype) if dtype == torch.bfloat16 else None
-    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
-    launches = [(1, None, 1, 2), (1, None, 2, 1), (4, None, 1, 2), (5, None, 2, 2), (2, None, 1, 3)]
-    launches += {200: [(1, 128, 1, 2), (3, 128, 2, 1)]}.get(m, [(3, 64, 2, 2)])
-    for split, n_x, wgs, x_ahead in launches:
-        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
-                                 a_smem=True)
-        err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err < TOLERANCE[dtype], (split, n_x, wgs, x_ahead, err)
-
-
-@hopper
-def test_cuda_wgmma_a_smem_kernel_replays_in_a_graph(gen):
-    """The a_smem wgmma kernel split 4 ways, captured once, replayed with fresh x (its split-K counters reset)."""
-    from fp6llm.kernels import fpx_cuda
-    m, n, k = 128, 1024, 2048
-    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "e3m2").to("cuda")
-    x = torch.randn(m, k, generator=gen).to("cuda", torch.float16)
-
-    def launch():
-        return fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, 4, a_smem=True)
-
-    launch()  # warm-up: compile, workspace
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = launch()
-    for _ in range(3):
-        x.copy_(torch.randn(m, k, generator=gen).to("cuda", torch.float16))
-        graph.replay()
-        ref = x.double() @ qw.dequantize(torch.float64).T
-        assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[torch.float16]
 
 
 @gpu

@@ -199,35 +199,6 @@ def test_cuda_small_m_cluster_split_compiles():
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
-def test_cuda_small_m_weight_ring_compiles():
-    """The small-M kernel's weight ring for sm_90a (e3m2 at M <= 8 and 16, 4 stages; e3m3 with its 8-byte copies, 3
-    stages; with bias and a cluster split; reading a tile ahead): no local memory or stack; the weights come by cp.async (LDGSTS: a tile's 16-byte
-    copies per stage of the unrolled loop) and are read back from shared memory (LDS), not by LDG; the registers
-    stay below the register path's (96 / 124 at M <= 8 / 16)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import sass
-    for fmt, n_blocks_m, wstages, cluster, ahead, most in (
-            ("e3m2", 1, 4, 0, False, 80), ("e3m2", 2, 4, 0, False, 96), ("e3m3", 1, 3, 2, False, 96),
-            ("e3m2", 1, 4, 0, True, 96)):  # ring_ahead at 5 CTAs per SM
-        fmt = FPFormat.parse(fmt)
-        source = fpx_cuda.kernel_source(fmt, False, n_blocks_m, True, min_blocks=5 if ahead else 0,
-                                        cluster_split=cluster, wstages=wstages, ring_ahead=ahead)
-        cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_small_m.cu")
-        usage = sass._cuobjdump(cubin, "--dump-resource-usage")
-        assert "LOCAL:0" in usage and "STACK:0" in usage, (fmt.name, n_blocks_m, ahead)
-        assert sass.registers(cubin) <= most, (fmt.name, n_blocks_m)
-        instructions = sass.innermost_loop(sass.disassemble(cubin))
-        loop = [op for _, op, _, _ in instructions]
-        copies = len(fpx_cuda.dequant_source(fmt)[0].split("ring_copy")[1:])
-        assert loop.count("LDGSTS") == wstages * copies, (fmt.name, loop.count("LDGSTS"))
-        # LDS.128 / LDS.64 read the words back (ptxas adds bare `LDS RZ, [RZ]` before the copies that refill a
-        # stage: the wait for this lane's earlier reads of it)
-        assert sum(op == "LDS" and bool(mod) for _, op, mod, _ in instructions) == wstages * copies
-        # the loop's only global loads are x's (4 uint4 per n8 block per tile)
-        assert loop.count("LDG") == wstages * 4 * n_blocks_m, (fmt.name, loop.count("LDG"))
-
-
-@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     """The wgmma kernel for sm_90a at the default launches of 64 and 128 rows of x (FP16, BF16), a 24-row,
     two-warpgroup, biased e2m1 launch and a four-warpgroup one: no local memory, within the registers of its CTAs
@@ -247,38 +218,6 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
         assert sass.registers(cubin) * 128 * wgs * min_ctas <= 65536
         loop = sass.innermost_loop(sass.disassemble(cubin))
         assert sum(op == "HGMMA" for _, op, _, _ in loop) == 16
-
-
-@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
-def test_cuda_wgmma_a_smem_kernel_keeps_one_tile_of_wgmma_in_flight():
-    """The wgmma kernel's a_smem variant (weights stored to shared memory, both wgmma operands from there) for
-    sm_90a at 64 and 128 rows of x, one and two warpgroups, FP16 and BF16: no local memory, within the registers
-    of its CTAs per SM, per loop pass (2 K tiles) 16 STSM (8 stmatrix.x4 per warp and tile) and 16 HGMMA in two
-    groups (one scoreboard release per tile, so ptxas did not serialize them: no C7513), and the loop's only wgmma
-    waits leave one group running (WARPGROUP.DEPBAR.LE gsb0, 0x1: the next tile's de-quantization overlaps it)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import sass
-    cases = [("e3m2", False, 64, 1, 2, 2, False), ("e3m2", True, 64, 1, 1, 1, True),
-             ("e3m2", False, 64, 2, 2, 1, False), ("e2m1", True, 64, 2, 1, 1, False),
-             ("e3m2", False, 128, 1, 2, 1, False), ("e3m2", True, 128, 1, 1, 1, False),
-             ("e3m2", False, 128, 2, 2, 1, True), ("e3m2", True, 128, 2, 1, 1, False)]
-    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias in cases:
-        source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas,
-                                              a_smem=True)
-        assert "#define A_SMEM 1" in source and "#define WGMMA_SS_ASM" in source
-        log = []
-        cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
-        assert "C7513" not in log[0] and "serialized" not in log[0], log[0]
-        usage = sass._cuobjdump(cubin, "--dump-resource-usage")
-        assert "LOCAL:0" in usage, usage
-        assert sass.registers(cubin) * 128 * wgs * min_ctas <= 65536
-        loop = sass.innermost_loop(sass.disassemble(cubin))
-        case = (name, bf16, n_x, wgs)
-        assert sum(op == "HGMMA" for _, op, _, _ in loop) == 16, case
-        assert sum(op == "HGMMA" and "gsb0" in args for _, op, _, args in loop) == 2, case
-        assert sum(op == "STSM" for _, op, _, _ in loop) == 16, case
-        waits = [args for _, op, mods, args in loop if op == "WARPGROUP" and mods.startswith(".DEPBAR")]
-        assert len(waits) == 2 and all(args.replace(" ", "") == "gsb0,0x1" for args in waits), (case, waits)
 
 
 def test_cuda_kernel_refuses_what_it_does_not_handle():

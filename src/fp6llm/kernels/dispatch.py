@@ -191,11 +191,10 @@ def config_to_dict(config: KernelConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The CUDA kernels (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an entry "cuda": the fastest
-# measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16, "wstages" where its weight ring won, and "cluster_split": true where
+# measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16, and "cluster_split": true where
 # the split's CTAs summed their partials in a cluster) or of the mid-M kernel
 # ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) or of the
-# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, and "a_smem": true where
-# the weight through shared memory won; sm_90, M >= 9) for that
+# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90, M >= 9) for that
 # shape. Other keys are ignored: tables written before the wgmma kernel's bulk path was taken out (2026-12-03) carry
 # "cluster" in wgmma entries.
 
@@ -214,9 +213,6 @@ class SmallM:
     x_ahead: int = 1  # wgmma: K tiles of x in flight
     min_ctas: int = 1  # wgmma: resident CTAs per SM the registers must allow
     cluster_split: bool = False  # small: the split's CTAs of a row block a cluster summing in shared memory
-    wstages: int = 0  # small: stages of the per-warp weight ring in shared memory (0: two register buffers)
-    ring_ahead: bool = False  # small: the ring's next tile read into registers during this one's compute
-    a_smem: bool = False  # wgmma: the weight tile through shared memory, both wgmma operands from there
 
 
 def _launch(cuda: dict) -> SmallM:
@@ -227,8 +223,7 @@ def _launch(cuda: dict) -> SmallM:
     return SmallM(int(cuda["split"]), bool(cuda.get("prefetch_x", True)), float(cuda["us"]), kernel,
                   int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)),
                   int(cuda.get("n_x", 0)), int(cuda.get("wgs", 1)), int(cuda.get("x_ahead", 1)),
-                  int(cuda.get("min_ctas", 1)), bool(cuda.get("cluster_split", False)), int(cuda.get("wstages", 0)),
-                  bool(cuda.get("ring_ahead", False)), bool(cuda.get("a_smem", False)))
+                  int(cuda.get("min_ctas", 1)), bool(cuda.get("cluster_split", False)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -83,27 +83,18 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
     unless fma_shifts), and dequant_tile (32 pairs per lane)."""
     layout = placement(fmt)
     regs = " ".join(f"u32 w{p}[{2 * plane.width}];" for p, plane in enumerate(layout))
-    loads, copies, reads = [], [], []
-    plane_offset = 0  # words of the earlier planes in a warp's ring stage (one tile of every plane, as in memory)
+    loads = []
     for p, plane in enumerate(layout):
         words, group = 2 * plane.width, words_per_group(plane.width)
         for first in range(0, words, group):
-            inner = f"{first // group * LANES * group} + lane * {group}"
-            offset = f"tile_index * {64 * plane.width} + {inner}"
-            fields = ["x", "y", "z", "w"][:group]
-            moves = " ".join(f"tile.w{p}[{first + i}] = v.{f};" for i, f in enumerate(fields))
+            offset = f"tile_index * {64 * plane.width} + {first // group * LANES * group} + lane * {group}"
             if group == 4:
-                loads.append(f"{{ uint4 v = load_stream(p{p} + {offset}); {moves} }}")
+                loads.append(f"{{ uint4 v = load_stream(p{p} + {offset}); tile.w{p}[{first}] = v.x; "
+                             f"tile.w{p}[{first + 1}] = v.y; tile.w{p}[{first + 2}] = v.z; "
+                             f"tile.w{p}[{first + 3}] = v.w; }}")
             else:
-                loads.append(f"{{ uint2 v = load_stream2(p{p} + {offset}); {moves} }}")
-            # the same words through a warp's ring stage (fpx_small_m.cu, WSTAGES): lane l copies and reads back
-            # exactly the words it would load, so no lane waits for another
-            copies.append(f"ring_copy{4 * group}((DST) + 4 * ({plane_offset} + {inner}), "
-                          f"p{p} + (TILE_INDEX) * {64 * plane.width} + {inner});")
-            kind = "uint4" if group == 4 else "uint2"
-            reads.append(f"{{ {kind} v = *reinterpret_cast<const {kind}*>((SRC) + {plane_offset} + {inner}); "
-                         f"{moves} }}")
-        plane_offset += 64 * plane.width
+                loads.append(f"{{ uint2 v = load_stream2(p{p} + {offset}); tile.w{p}[{first}] = v.x; "
+                             f"tile.w{p}[{first + 1}] = v.y; }}")
     lines = []
     for q in range(PAIRS_PER_LANE):
         terms = []
@@ -121,9 +112,6 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
         "#define POWER_PARAMS " + "".join(f", u32 pw_{r}" for r in used),
         "#define POWERS {" + ", ".join(f"pw_{r}" for r in used) + "}",
         "#define LOAD_PLANES " + " ".join(loads),
-        f"#define TILE_WORDS {plane_offset}",
-        "#define COPY_PLANES(DST, TILE_INDEX) " + " ".join(copies),
-        "#define READ_PLANES(SRC) " + " ".join(reads),
         "struct Tile;",
     ]), "\n".join(["struct Powers { " + " ".join(f"u32 p{r};" for r in used) + " };",
         "__device__ __forceinline__ void dequant_tile(const Tile& tile, const Powers& pw, u32 (&a)[32]) {",
@@ -146,52 +134,24 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False, wstages: int = 0, ring_ahead: bool = False) -> str:
+                  pdl: bool = False) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
     .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers);
     cluster_split 2..8 (sm_90): a launch of exactly that split, its CTAs of a row block a cluster that sums the
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
-    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex);
-    wstages >= 2: each warp streams its weights through a ring of that many tiles in shared memory, wstages - 1
-    tiles ahead (0: two register buffers, one tile ahead), with x read at compute time (prefetch_x ignored) unless
-    ring_ahead (an even wstages): the next tile read from the ring into the other of two register buffers, and its
-    x loaded (prefetch_x), while this one is computed."""
+    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex)."""
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
-    check_wstages(fmt, wstages, ring_ahead)
-    prefetch_x = prefetch_x and (ring_ahead or not wstages)  # the plain ring's loop reads x at compute time
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
-               *(["#define PDL 1"] if pdl else []),
-               *([f"#define WSTAGES {wstages}"] if wstages else []),
-               *(["#define RING_AHEAD 1"] if wstages and ring_ahead else [])]
+               *(["#define PDL 1"] if pdl else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
     return source
-
-
-RING_AHEAD = False  # fpx_small_m's ring_ahead where neither the call nor the table says
-WSTAGES = 0  # fpx_small_m's weight ring where neither the call nor the GPU's table says (0: registers, one tile ahead)
-STATIC_SHARED = 48 * 1024  # a CTA's static shared memory at most
-
-
-def ring_bytes(fmt: FPFormat, wstages: int) -> int:
-    """Shared memory of the small-M kernel's weight ring: wstages tiles of every warp (16 x 128 codes of fmt's bits)."""
-    return wstages * WARPS * 16 * TILE_K * fmt.bits // 8
-
-
-def check_wstages(fmt: FPFormat, wstages: int, ring_ahead: bool = False) -> None:
-    """Refuses a weight ring the small-M kernel cannot build (fewer than 2 stages, past static shared memory with
-    the cluster split's partials beside it, or ring_ahead at an odd number)."""
-    if wstages and (wstages < 2 or ring_bytes(fmt, wstages) + 64 * 16 * 4 > STATIC_SHARED):
-        most = (STATIC_SHARED - 64 * 16 * 4) // ring_bytes(fmt, 1)
-        raise ValueError(f"the small-M kernel's weight ring takes 2 to {most} stages for {fmt.name}, not {wstages}")
-    if wstages % 2 and ring_ahead:
-        raise ValueError(f"the weight ring reading a tile ahead takes an even number of stages, not {wstages}")
 
 
 def mid_kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, row_tiles: int, warps: int,
@@ -390,14 +350,12 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, wstages: int = 0,
-            ring_ahead: bool = False):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False):
     """The small-M kernel for this case (see _load)."""
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           wstages, ring_ahead, torch.device(device).index)
+           torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl, wstages, ring_ahead),
-                 KERNEL_NAME, WARPS,
+                                            fma_shifts, prefetch_x, cluster_split, pdl), KERNEL_NAME, WARPS,
                  device)
 
 
@@ -459,17 +417,14 @@ def programmatic_launch(enabled: bool = True):
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
-                cluster_split: "bool | None" = None, pdl: "bool | None" = None,
-                wstages: "int | None" = None, ring_ahead: "bool | None" = None) -> torch.Tensor:
+                cluster_split: "bool | None" = None, pdl: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
     cluster and sum their partials in shared memory (no workspace). pdl (sm_90, opt-in: the caller promises that
     no kernel just before this one writes the weights; None: PDL, see programmatic_launch): launched with
-    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains.
-    wstages, ring_ahead: the weight ring's stages and whether it reads a tile ahead (kernel_source; None: the
-    table's, else WSTAGES / RING_AHEAD)."""
+    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
@@ -480,12 +435,6 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster_split = measured.cluster_split if measured is not None else False
     if split is None:
         split = measured.split if measured is not None else None
-    if wstages is None:
-        wstages = measured.wstages if measured is not None else WSTAGES
-    if ring_ahead is None:
-        ring_ahead = measured.ring_ahead if measured is not None else RING_AHEAD
-    ring_ahead = bool(ring_ahead and wstages)
-    prefetch_x = prefetch_x and (ring_ahead or not wstages)
     k_tiles = k // TILE_K
     hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)  # clusters, programmatic launch
     cluster = 0
@@ -495,7 +444,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
     pdl = (PDL if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster, pdl, wstages, ring_ahead)
+                               prefetch_x, x.device, cluster, pdl)
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)
@@ -642,10 +591,9 @@ WGMMA_MAX_M = 4096
 WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
 
 
-def wgmma_asm(n_x: int, bf16: bool, a_smem: bool = False) -> list:
+def wgmma_asm(n_x: int, bf16: bool) -> list:
     """The defines of fpx_wgmma.cu's wgmma instruction for N_X = n_x: WGMMA_ASM (the PTX, A from registers, B by
-    descriptor, D += A B) and WGMMA_OUTS(d) (its n_x / 2 accumulator operands); with a_smem also WGMMA_SS_ASM (A and
-    B both by descriptor, both K-major: transpose flags 0)."""
+    descriptor, D += A B) and WGMMA_OUTS(d) (its n_x / 2 accumulator operands)."""
     if not (8 <= n_x <= 256 and n_x % 8 == 0):
         raise ValueError(f"wgmma takes N = 8..256 in steps of 8, not {n_x}")
     acc, kind = n_x // 2, "bf16" if bf16 else "f16"
@@ -653,24 +601,14 @@ def wgmma_asm(n_x: int, bf16: bool, a_smem: bool = False) -> list:
     ptx = (f"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 5}, 0;\\n"
            f"wgmma.mma_async.sync.aligned.m64n{n_x}k16.f32.{kind}.{kind} {{{regs}}}, "
            f"{{%{acc}, %{acc + 1}, %{acc + 2}, %{acc + 3}}}, %{acc + 4}, p, 1, 1, 0;\\n}}\\n")
-    defines = [f'#define WGMMA_ASM "{ptx}"',
-               "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
-    if a_smem:
-        ss = (f"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 2}, 0;\\n"
-              f"wgmma.mma_async.sync.aligned.m64n{n_x}k16.f32.{kind}.{kind} {{{regs}}}, "
-              f"%{acc}, %{acc + 1}, p, 1, 1, 0, 0;\\n}}\\n")
-        defines.append(f'#define WGMMA_SS_ASM "{ss}"')
-    return defines
+    return [f'#define WGMMA_ASM "{ptx}"',
+            "#define WGMMA_OUTS(d) " + ", ".join(f'"+f"(d[{i}])' for i in range(acc))]
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
-                        min_ctas: int = 1, a_smem: bool = False) -> str:
+                        min_ctas: int = 1) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
-    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__).
-    a_smem (A_SMEM 1): each de-quantized weight tile is stored (stmatrix) to one of three shared A buffers per
-    warpgroup and both wgmma operands come from shared memory, left running while the next tile is de-quantized
-    (x_ahead + 2 x stages: the previous tile's may still be read); without it the weight is the register A operand
-    and each tile's wgmma are waited for. Raises ValueError where the buffers exceed a CTA's shared memory."""
+    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__)."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
     if 65536 // (128 * wgs * min_ctas) < n_x // 2 + 70:  # accumulators, A, two raw tiles, addresses
@@ -678,24 +616,18 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"{wgs} warpgroups per SM ({65536 // (128 * wgs * min_ctas)} registers per thread)")
     if x_ahead not in (1, 2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 1-4 K tiles of x in flight, not {x_ahead}")
-    shared = wgmma_shared_bytes(n_x, x_ahead, wgs, a_smem)
-    if shared > WGMMA_MAX_SHARED:
-        raise ValueError(f"the wgmma kernel's {'x and A' if a_smem else 'x'} buffers for {n_x} rows {x_ahead} tiles "
-                         f"ahead take {shared} bytes of shared memory, more than a CTA's {WGMMA_MAX_SHARED}")
+    if wgmma_shared_bytes(n_x, x_ahead) > WGMMA_MAX_SHARED:
+        raise ValueError(f"the wgmma kernel's x buffers for {n_x} rows {x_ahead} tiles ahead take "
+                         f"{wgmma_shared_bytes(n_x, x_ahead)} bytes of shared memory, more than a CTA's "
+                         f"{WGMMA_MAX_SHARED}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
-               *(["#define A_SMEM 1"] if a_smem else []), *wgmma_asm(n_x, bf16, a_smem), *WGMMA_EXTRA_DEFINES]
+               *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
 
-WGMMA_A_BUFFERS = 3  # a_smem: a warpgroup's weight tiles in shared memory (fpx_wgmma.cu's A_BUFS)
-
-
-def wgmma_shared_bytes(n_x: int, x_ahead: int = 1, wgs: int = 1, a_smem: bool = False) -> int:
-    """Dynamic shared memory of one CTA: x_ahead + 1 K tiles of x (n_x rows x 256 bytes) and 1 KiB to align them;
-    with a_smem x_ahead + 2 tiles of x and WGMMA_A_BUFFERS weight tiles (64 rows x 256 bytes) per warpgroup."""
-    if a_smem:
-        return (x_ahead + 2) * n_x * 256 + wgs * WGMMA_A_BUFFERS * 64 * 256 + 1024
+def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
+    """Dynamic shared memory of one CTA: x_ahead + 1 K tiles of x (n_x rows x 256 bytes) and 1 KiB to align them."""
     return (x_ahead + 1) * n_x * 256 + 1024
 
 
@@ -727,14 +659,14 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
-                  min_ctas: int = 1, a_smem: bool = False):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, a_smem, tuple(WGMMA_EXTRA_DEFINES),
+                  min_ctas: int = 1):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, tuple(WGMMA_EXTRA_DEFINES),
            torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              x_ahead, min_ctas, a_smem),
+                                                              x_ahead, min_ctas),
                              WGMMA_KERNEL_NAME, 4 * wgs, device)
-    shared = wgmma_shared_bytes(n_x, x_ahead, wgs, a_smem)
+    shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8): above 48 KiB a kernel must ask for it
         libcuda = torch.cuda._utils._get_gpu_runtime_library()
@@ -774,12 +706,10 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
-              x_ahead: "int | None" = None, min_ctas: "int | None" = None,
-              a_smem: "bool | None" = None) -> torch.Tensor:
+              x_ahead: "int | None" = None, min_ctas: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
-    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas / a_smem (the weight through shared memory,
-    wgmma_kernel_source) override the launch measured for this shape on this GPU (dispatch.measured_small_m), else
-    the defaults (wgmma_launch, a_smem off) and the split model."""
+    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
+    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "wgmma":
@@ -788,11 +718,10 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         wgs = measured.wgs if wgs is None else wgs
         x_ahead = measured.x_ahead if x_ahead is None else x_ahead
         min_ctas = measured.min_ctas if min_ctas is None else min_ctas
-        a_smem = measured.a_smem if a_smem is None else a_smem
     launch = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas)
     n_x, wgs, x_ahead, min_ctas = launch["n_x"], launch["wgs"], launch["x_ahead"], launch["min_ctas"]
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
-                                             min_ctas, bool(a_smem))
+                                             min_ctas)
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs,
                                    torch.cuda.get_device_properties(x.device).multi_processor_count, resident)

@@ -27,18 +27,6 @@
 #define PDL 0  // 1 (sm_90): a grid that may start before the previous kernel of its stream completed (see the kernel)
 #endif
 #define PDL_PREFETCH_TILES 4  // PDL: K tiles of each warp's weights prefetched into L2 before the wait
-#ifndef WSTAGES
-#define WSTAGES 0  // >= 2: weights through a per-warp ring of WSTAGES tiles in shared memory (see ring_fill)
-#endif
-#ifndef RING_AHEAD
-#define RING_AHEAD 0  // 1: the weight ring's next tile read into registers (and its x loaded) during this one's compute
-#endif
-#if WSTAGES && PREFETCH_X && !RING_AHEAD
-#error "the weight ring without RING_AHEAD reads x at compute time: PREFETCH_X 0"
-#endif
-#if WSTAGES && RING_AHEAD && WSTAGES % 2
-#error "the weight ring with RING_AHEAD takes an even number of stages (its two register buffers alternate)"
-#endif
 #if CLUSTER_SPLIT
 #define CLUSTER_DIMS __cluster_dims__(1, CLUSTER_SPLIT, 1)
 #else
@@ -79,38 +67,6 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
     load_x(tile.x, rows, kt, lane);
 #endif
 }
-
-#if WSTAGES
-// The weight ring (WSTAGES >= 2): each warp streams its K tiles into its own WSTAGES stages of shared memory by
-// cp.async, WSTAGES - 1 tiles ahead, where the register ping-pong keeps one tile in flight: more bytes in flight per
-// warp without registers (ncu, 2026-12-03: at M = 16 and on short CTAs the kernel waited on DRAM with too few). A lane
-// copies and reads back exactly the words it would load, so it only waits for its own copies (cp.async.wait_group):
-// no barrier, warps run as freely as before.
-#define RING_STRIDE (WARPS * TILE_WORDS)  // words from one stage of a warp to its next
-
-__device__ __forceinline__ void ring_copy16(u32 smem, const u32* global) {  // weights: L2 only, as load_stream
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem), "l"(global) : "memory");
-}
-
-__device__ __forceinline__ void ring_copy8(u32 smem, const u32* global) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(smem), "l"(global) : "memory");
-}
-
-__device__ __forceinline__ void ring_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-__device__ __forceinline__ void ring_wait() {  // this lane's copies of all but the WSTAGES - 2 newest tiles landed
-    asm volatile("cp.async.wait_group %0;" :: "n"(WSTAGES - 2) : "memory");
-}
-
-// Stage s of this warp's ring: words ring + s * RING_STRIDE, shared address ring_addr + 4 * s * RING_STRIDE.
-__device__ __forceinline__ void ring_fill(u32 ring_addr, int stage, const u32* __restrict__ p0,
-                                          const u32* __restrict__ p1, const u32* __restrict__ p2, long tile_index,
-                                          int lane) {
-    const u32 dst = ring_addr + 4u * (u32)(stage * RING_STRIDE);
-    COPY_PLANES(dst, tile_index)
-}
-
-#endif
 
 // Independent accumulator chains per n8 block: consecutive k-steps' MMAs go to different chains, so the tensor
 // core's latency (~30 cycles per dependent mma.sync) is not paid 8 times in a row per tile.
@@ -170,63 +126,6 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         const XRows rows = {reinterpret_cast<const uint4*>(x + (long)min(g, M - 1) * ldx),
                             reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx)};
         const long base = (long)row_tile * k_tiles;
-#if WSTAGES
-        // The weight ring: tiles kt0 .. kt0 + WSTAGES - 2 copied ahead, then per tile: wait for its copies, read it
-        // into registers, refill the stage the previous tile left (its registers are consumed) with the tile
-        // WSTAGES - 1 ahead (one commit group per tile, empty past the CTA's last, so that ring_wait's count holds),
-        // compute. x is read at compute time (an L1 hit).
-        __shared__ __align__(16) u32 ring_words[WSTAGES * RING_STRIDE];
-        const u32* ring = ring_words + warp * TILE_WORDS;
-        const u32 ring_addr = smem_address(ring);
-#pragma unroll
-        for (int s = 0; s < WSTAGES - 1; ++s) {
-            if (kt0 + s < kt1) ring_fill(ring_addr, s, p0, p1, p2, base + kt0 + s, lane);
-            ring_commit();
-        }
-#if RING_AHEAD
-        // Tile j (= kt - kt0) is read from stage j % WSTAGES into buffer j % 2 while tile j - 1 is computed; the call
-        // that reads tile j refills the stage tile j - 1 was read from (its words are in registers) with tile
-        // j + WSTAGES - 1.
-        Tile buf[2];
-        auto ring_load = [&](Tile& tile, int stage, int kt) {
-            ring_wait();
-            const u32* src = ring + stage * RING_STRIDE;
-            READ_PLANES(src)
-            if (kt + WSTAGES - 1 < kt1)
-                ring_fill(ring_addr, (stage + WSTAGES - 1) % WSTAGES, p0, p1, p2, base + kt + WSTAGES - 1, lane);
-            ring_commit();
-#if PREFETCH_X
-            load_x(tile.x, rows, kt, lane);
-#endif
-        };
-        ring_load(buf[0], 0, kt0);
-        for (int kt_pass = kt0; kt_pass < kt1; kt_pass += WSTAGES) {
-#pragma unroll
-            for (int s = 0; s < WSTAGES; ++s) {  // unrolled: stages and buffers are constants
-                const int kt = kt_pass + s;
-                if (kt >= kt1) break;
-                if (kt + 1 < kt1) ring_load(buf[(s + 1) % 2], (s + 1) % WSTAGES, kt + 1);
-                compute_tile(buf[s % 2], pw, rows, kt, lane, chains);
-            }
-        }
-#else
-        for (int kt_pass = kt0; kt_pass < kt1; kt_pass += WSTAGES) {
-#pragma unroll
-            for (int s = 0; s < WSTAGES; ++s) {  // unrolled: stage offsets are immediates
-                const int kt = kt_pass + s;
-                if (kt >= kt1) break;
-                ring_wait();
-                Tile tile;
-                const u32* src = ring + s * RING_STRIDE;
-                READ_PLANES(src)
-                if (kt + WSTAGES - 1 < kt1)
-                    ring_fill(ring_addr, (s + WSTAGES - 1) % WSTAGES, p0, p1, p2, base + kt + WSTAGES - 1, lane);
-                ring_commit();
-                compute_tile(tile, pw, rows, kt, lane, chains);
-            }
-        }
-#endif
-#else
         // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
         Tile even, odd;
         load_tile(even, p0, p1, p2, rows, base + kt0, kt0, lane);
@@ -237,7 +136,6 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
             if (kt + 2 < kt1) load_tile(even, p0, p1, p2, rows, base + kt + 2, kt + 2, lane);
             compute_tile(odd, pw, rows, kt + 1, lane, chains);
         }
-#endif
     }
 
 #if PDL

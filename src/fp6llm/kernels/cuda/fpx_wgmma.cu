@@ -19,21 +19,11 @@
 // of a wgmma written inside its pipeline stage), and de-quantizing into plain registers moved after the wait
 // measured no faster (bench/results/wgmma-h200-2026-12-02/, runs 3-4); nor did four weight tiles in flight.
 //
-// A_SMEM 1 (fpx_cuda's a_smem, opt-in): the weight goes through shared memory instead, so that a warpgroup
-// de-quantizes the next K tile (integer ALU) while the tensor cores run this one. Each warp stores its fragments
-// with stmatrix (8 x4 per tile) into a K-major, 128-byte-swizzled A buffer laid out exactly as x's stages (64 rows
-// of 128 bytes per atom, two atoms per tile), and the 8 wgmma per tile read both operands by descriptor (SS). A
-// tile's wgmma group is left running: each tile waits only for the group before the previous one
-// (wgmma_wait<1>), hence three A buffers per warpgroup and X_AHEAD + 2 x stages (the comment above the A_SMEM
-// STEP: which wait retires which reader before each buffer is written, with one CTA barrier per tile).
-// Shared memory: X_STAGES x X_STAGE_BYTES + WGS x A_BUFS x A_BUF_BYTES.
-//
 // Grid: (ceil(M / N_X), ceil(N / ROWS_PER_CTA), SPLIT), split-K as in fpx_mid_m.cu (slabs per (z, split), the last
 // CTA of (row block, z block) to arrive sums them in split order; arrival counters reset by that CTA).
 //
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
-// WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES and (after Tile) dequant_tile;
-// optionally X_AHEAD, MIN_CTAS, A_SMEM (with WGMMA_SS_ASM: the instruction with A by descriptor too).
+// WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES and (after Tile) dequant_tile.
 
 #define WARPS (4 * WGS)
 #define THREADS (WARPS * 32)
@@ -48,14 +38,7 @@
 #ifndef X_AHEAD
 #define X_AHEAD 2                        // K tiles of x in flight
 #endif
-#ifndef A_SMEM
-#define A_SMEM 0                         // 1: the weight tile through shared memory, wgmma A by descriptor (SS)
-#endif
-#if A_SMEM
-#define X_STAGES (X_AHEAD + 2)           // ... and the previous tile's, which its wgmma may still read
-#else
 #define X_STAGES (X_AHEAD + 1)           // the tiles in flight and this one
-#endif
 #ifndef MIN_CTAS
 #define MIN_CTAS 1                       // __launch_bounds__: resident CTAs per SM ptxas must allow by registers
 #endif
@@ -63,9 +46,6 @@
 #define X_STAGE_BYTES (2 * ATOM_BYTES)   // one K tile of x
 #define X_COPIES ((N_X * 16 + THREADS - 1) / THREADS)  // 16-byte chunks per thread per K tile (rows past N_X: none)
 #define X_ROWS_STEP (THREADS / 16)       // a thread copies chunk tid % 16 of rows tid / 16 + X_ROWS_STEP j
-#define A_ATOM_BYTES (64 * 128)          // A_SMEM: 64 columns of a warpgroup's 64 weight rows, 128-byte swizzled
-#define A_BUF_BYTES (2 * A_ATOM_BYTES)   // A_SMEM: one K tile of a warpgroup's weights
-#define A_BUFS 3                         // A_SMEM: this tile's, and the two the wgmma in flight may read
 
 __device__ __forceinline__ void cp_async16(u32 smem, const void* global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem), "l"(global) : "memory");
@@ -166,58 +146,6 @@ __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u3
     wgmma_commit();
 }
 
-#if A_SMEM
-__device__ __forceinline__ void wgmma_ss_k16(float (&d)[ACC], unsigned long long desc_a, unsigned long long desc_b) {
-    asm volatile(WGMMA_SS_ASM : WGMMA_OUTS(d) : "l"(desc_a), "l"(desc_b), "r"(1));
-}
-
-__device__ __forceinline__ void stmatrix_x4(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};"
-                 :: "r"(addr), "r"(r0), "r"(r1), "r"(r2), "r"(r3) : "memory");
-}
-
-// The lane's stmatrix addresses in an A buffer for k-steps ks % 4 = 0..3 (k-steps 4..7: one atom further). Lane i
-// gives row i % 8 of matrix i / 8, and matrix j of k-step ks is rows 8 (j & 1) .. + 7, columns 16 ks + 8 (j >> 1)
-// .. + 7 of the warp's 16 rows: warpgroup row n = 16 (warp % 4) + i % 8 + 8 ((i / 8) & 1), 16-byte chunk
-// 2 (ks % 4) + i / 16 of atom ks / 4, stored at chunk ^ (n % 8) as x is. n % 8 = i % 8: each 8-lane phase writes
-// 8 distinct 16-byte columns of 128-byte rows, all 32 banks once.
-__device__ __forceinline__ void a_offsets(u32 (&offsets)[4], int warp, int lane) {
-    const int n = 16 * (warp % 4) + lane % 8 + 8 * ((lane / 8) & 1);
-#pragma unroll
-    for (int s = 0; s < 4; ++s) offsets[s] = n * 128 + (((2 * s + lane / 16) ^ (lane % 8)) * 16);
-}
-
-// The warp's 16 x 128 de-quantized tile (register r of k-step ks: a[4 ks + r], the mma A fragment, = stmatrix's
-// matrix r) into the warpgroup's A buffer, K-major in the canonical 128-byte swizzle: the layout of x's stages.
-__device__ __forceinline__ void store_a(const u32 (&a)[32], u32 buffer, const u32 (&offsets)[4]) {
-#pragma unroll
-    for (int ks = 0; ks < 8; ++ks)
-        stmatrix_x4(buffer + offsets[ks % 4] + (ks / 4) * A_ATOM_BYTES, a[4 * ks], a[4 * ks + 1], a[4 * ks + 2],
-                    a[4 * ks + 3]);
-}
-
-// One K tile's 8 wgmma with both operands in shared memory, committed as one group and left running. k-step ks of
-// either operand is at atom ks / 4, bytes 32 (ks % 4) of each row (descriptors as in mma_tile).
-__device__ __forceinline__ void mma_tile_ss(float (&d)[ACC], u32 a_buffer, u32 x_buffer) {
-#if ABLATE == 2
-    return;
-#endif
-    const u32 base_a = (u32)x_descriptor(a_buffer), base_x = (u32)x_descriptor(x_buffer);
-    u32 lo_a[8], lo_x[8];
-#pragma unroll
-    for (int ks = 0; ks < 8; ++ks) {
-        lo_a[ks] = base_a + (((ks / 4) * A_ATOM_BYTES + (ks % 4) * 32) >> 4);
-        lo_x[ks] = base_x + (((ks / 4) * ATOM_BYTES + (ks % 4) * 32) >> 4);
-        asm volatile("" : "+r"(lo_a[ks]), "+r"(lo_x[ks]));
-    }
-    const unsigned long long hi = x_descriptor(0) & 0xFFFFFFFF00000000ull;
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < 8; ++ks) wgmma_ss_k16(d, hi | lo_a[ks], hi | lo_x[ks]);
-    wgmma_commit();
-}
-#endif
-
 #ifndef ABLATE
 #define ABLATE 0  // bench only: 1 skips the de-quantization (A = raw plane words), 2 skips the wgmma
 #endif
@@ -241,8 +169,7 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
           const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
           u16* __restrict__ out, int ldo, float* __restrict__ ws, int* __restrict__ counts,
           int M, int N, int K, double scale_factor_d, int kps) {
-    extern __shared__ uint4 x_smem[];  // X_STAGES x X_STAGE_BYTES, from the first 1024-byte boundary (A_SMEM:
-                                       // then WGS x A_BUFS x A_BUF_BYTES)
+    extern __shared__ uint4 x_smem[];  // X_STAGES x X_STAGE_BYTES, from the first 1024-byte boundary
     const Powers pw = {};
     const float scale_factor = (float)scale_factor_d;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -268,49 +195,6 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             cp_async_commit();
         }
         Tile w[W_AHEAD];
-#if A_SMEM
-        u32 a[32];
-        u32 a_lane[4];
-        a_offsets(a_lane, warp, lane);
-        // the warpgroup's A_BUFS buffers, after the x stages (1024-byte aligned: X_STAGE_BYTES is N_X 256)
-        const u32 a_smem = smem + X_STAGES * X_STAGE_BYTES + (warp / 4) * A_BUFS * A_BUF_BYTES;
-#pragma unroll
-        for (int i = 0; i < W_AHEAD; ++i)
-            if (kt0 + i < kt1) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
-        // One K tile i = kt - kt0, one wgmma group per tile, every thread waits at most one group behind:
-        // - A buffer i % 3 was last read by tile i - 3, retired by every thread's wgmma_wait<1> of tile i - 1 (then
-        //   pending: tiles <= i - 2), which comes before tile i - 1's barrier: stmatrix into it at once.
-        // - wgmma_wait<1> here (pending: tiles <= i - 1) retires tile i - 2 and leaves tile i - 1 running; after
-        //   the barrier no thread's tile i - 2 is pending, so the x stage it read ((i + X_AHEAD) % (X_AHEAD + 2))
-        //   takes tile i + X_AHEAD. Tile i - 1 still reads its x stage and A buffer, neither written here.
-        // - The barrier also publishes the A buffer (stmatrix, generic proxy: fence.proxy.async first) and x's
-        //   stage (this thread's cp.async groups waited for, then the fence) to the warpgroup's wgmma.
-        // Tile i's wgmma are left running: the next tile's de-quantization overlaps them.
-#define STEP(KT, TILE)                                                                     \
-        {                                                                                  \
-            const int kt_ = (KT), i_ = kt_ - kt0;                                          \
-            dequant(TILE, pw, a);                                                          \
-            if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
-            const u32 a_buffer = a_smem + (i_ % A_BUFS) * A_BUF_BYTES;                     \
-            store_a(a, a_buffer, a_lane);                                                  \
-            wgmma_wait<1>();                                                               \
-            cp_async_wait<X_AHEAD - 1>();                                                  \
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                   \
-            __syncthreads();                                                               \
-            if (kt_ + X_AHEAD < kt1)                                                       \
-                stage_x(smem + ((i_ + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD); \
-            cp_async_commit();                                                             \
-            mma_tile_ss(d, a_buffer, smem + (i_ % X_STAGES) * X_STAGE_BYTES);              \
-        }
-        for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
-#pragma unroll
-            for (int i = 0; i < W_AHEAD; ++i) {
-                if (kt + i >= kt1) break;
-                STEP(kt + i, w[i])
-            }
-        }
-#undef STEP
-#else
         u32 a[2][32];
 #pragma unroll
         for (int i = 0; i < W_AHEAD; ++i)
@@ -340,7 +224,6 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             }
         }
 #undef STEP
-#endif
         wgmma_wait<0>();
         fence_accumulators(d);
     }
