@@ -1,7 +1,8 @@
-"""Paged decode attention (kernels/attention.py) on the GPU at hand, per split-KV factor and num_warps: llama-2-13b's
+"""Paged decode attention (kernels/attention.py) on the GPU at hand, per split-KV factor and keys per loop step: llama-2-13b's
 heads (40 query and KV heads of 128), rows of one context length, against the bytes of K and V it must read.
 
     python bench/attention_decode.py [--batches 1,8,32,64] [--contexts 160,1024] [--splits 1,2,4,8,16]
+                                     [--keys 16,64]
                                      [--table-blocks N] [--out FILE.json]
 
 Each case is checked against the split 1 result (same output within 1e-2) and timed as a CUDA graph of repeated
@@ -42,6 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--contexts", default="160,1024")
     parser.add_argument("--splits", default="1,2,4,8,16")
+    parser.add_argument("--keys", default="16,64", help="keys per loop step (multiples of the cache block)")
     parser.add_argument("--table-blocks", type=int, default=0)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -52,19 +54,21 @@ def main(argv=None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             q, k_cache, v_cache, tables, seq_lens, pos = case(batch, context, 40, 128, args.table_blocks)
             nbytes = 2 * batch * context * 40 * 128 * 2
-            default = attention.decode_splits(tables.shape[1], batch * 40)
-            base = attention.paged_decode(q, k_cache, v_cache, tables, seq_lens, pos, None, splits=1)
-            line = []
-            for splits in sorted({int(s) for s in args.splits.split(",")} | {default}):
-                out = attention.paged_decode(q, k_cache, v_cache, tables, seq_lens, pos, None, splits=splits)
-                same = bool(torch.allclose(out, base, atol=1e-2, rtol=1e-2))
-                t = time_calls([lambda s=splits: attention.paged_decode(q, k_cache, v_cache, tables, seq_lens, pos,
-                                                                          None, splits=s)]) * 1e6
-                rows.append({"batch": batch, "context": context, "splits": splits, "us": t, "default": default,
-                             "gbs": nbytes / t / 1e3, "same": same})
-                line.append(f"{splits}{'*' if splits == default else ''}: {t:6.1f} us ({nbytes / t / 1e3:5.0f} GB/s)"
-                            f"{'' if same else ' DIFFERS'}")
-            print(f"context {context:5} batch {batch:3}  " + "  ".join(line), flush=True)
+            default = attention.decode_splits(-(-tables.shape[1] * 16 // attention.decode_keys(16)), batch * 40)
+            base = attention.paged_decode(q, k_cache, v_cache, tables, seq_lens, pos, None, splits=1, keys=16)
+            for keys in (int(k) for k in args.keys.split(",")):
+                line = []
+                for splits in sorted({int(s) for s in args.splits.split(",")} | {default}):
+                    out = attention.paged_decode(q, k_cache, v_cache, tables, seq_lens, pos, None, splits=splits,
+                                                 keys=keys)
+                    same = bool(torch.allclose(out, base, atol=1e-2, rtol=1e-2))
+                    t = time_calls([lambda s=splits, n=keys: attention.paged_decode(
+                        q, k_cache, v_cache, tables, seq_lens, pos, None, splits=s, keys=n)]) * 1e6
+                    rows.append({"batch": batch, "context": context, "keys": keys, "splits": splits, "us": t,
+                                 "default": default, "gbs": nbytes / t / 1e3, "same": same})
+                    line.append(f"{splits}{'*' if splits == default else ''}: {t:6.1f} us "
+                                f"({nbytes / t / 1e3:5.0f} GB/s){'' if same else ' DIFFERS'}")
+                print(f"context {context:5} batch {batch:3} keys {keys:3}  " + "  ".join(line), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0),
                                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))

@@ -104,12 +104,16 @@ def test_decode_kernel_matches_the_reference(gen, dtype, groups, window, head_di
     q, k_cache, v_cache, tables, seq_lens, pos, dk, dv = paged_case(gen, lengths, 2, groups, head_dim, dtype)
     expected = dense_attention(q, dk, dv, pos, window)
     to = dict(device=DEVICE)
-    for splits in (1, 3, 4, 16):  # one program per row and KV head (it stores the output); split-KV with the
-        # combine kernel, 16 splits leaving most programs of a short row without blocks
+    # one program per row and KV head (it stores the output); split-KV with the combine kernel, 16 splits leaving
+    # most programs of a short row without keys; one cache block or several per loop step
+    for splits, keys in ((1, 16), (3, 16), (1, 64), (3, 64), (4, 32), (16, 64)):
         out = paged_decode(q.to(**to), k_cache.to(**to), v_cache.to(**to), tables.to(**to), seq_lens.to(**to),
-                           pos.to(**to), window, splits=splits)
+                           pos.to(**to), window, splits=splits, keys=keys)
         assert out.dtype == dtype and out.shape == q.shape
-        assert relative_error(out.cpu(), expected) < TOL[dtype], splits
+        assert relative_error(out.cpu(), expected) < TOL[dtype], (splits, keys)
+    with pytest.raises(ValueError, match="multiple of the cache block"):
+        paged_decode(q.to(**to), k_cache.to(**to), v_cache.to(**to), tables.to(**to), seq_lens.to(**to),
+                     pos.to(**to), window, keys=24)
 
 
 @runs_kernel

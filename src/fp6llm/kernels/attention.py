@@ -36,21 +36,24 @@ MASKED = tl.constexpr(-1.0e30)  # a finite "minus infinity": a fully masked bloc
 @triton.jit
 def _attend_block(q, k_cache, v_cache, block_tables, b, kv_head, block_index, query_pos, seq_len, window, m_i, l_i,
                   acc, sm_scale, stride_tb, stride_cb, stride_cs, stride_ch, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr):
-    """One cache block of the online softmax: q [ROWS, BLOCK_D] with positions query_pos [ROWS]."""
-    block = tl.load(block_tables + b * stride_tb + block_index).to(tl.int64)  # block * stride can pass 2**31
-    offsets = tl.arange(0, BLOCK_SIZE)
+                  BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr, KEYS: tl.constexpr):
+    """One chunk of the online softmax, KEYS keys (KEYS / BLOCK_SIZE whole cache blocks): q [ROWS, BLOCK_D] with
+    positions query_pos [ROWS]; block_index counts chunks."""
     dims = tl.arange(0, BLOCK_D)
-    key_pos = block_index * BLOCK_SIZE + offsets
-    # K/V of this block: [BLOCK_SIZE, BLOCK_D] at k_cache[block, offset, kv_head, :]
-    kv_offsets = block * stride_cb + offsets[:, None] * stride_cs + kv_head * stride_ch + dims[None, :]
-    kv_mask = (key_pos[:, None] < seq_len) & (dims[None, :] < HEAD_DIM)
+    key_pos = block_index * KEYS + tl.arange(0, KEYS)
+    in_row = key_pos < seq_len
+    # each key's cache block (a block's keys load the same entry: cache hits); block * stride can pass 2**31
+    block = tl.load(block_tables + b * stride_tb + key_pos // BLOCK_SIZE, mask=in_row, other=0).to(tl.int64)
+    # K/V of these keys: [KEYS, BLOCK_D] at k_cache[block, offset, kv_head, :]
+    kv_offsets = block[:, None] * stride_cb + (key_pos % BLOCK_SIZE)[:, None] * stride_cs + kv_head * stride_ch + \
+        dims[None, :]
+    kv_mask = in_row[:, None] & (dims[None, :] < HEAD_DIM)
     k = tl.load(k_cache + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(v_cache + kv_offsets, mask=kv_mask, other=0.0)
     k, v = k.to(q.dtype), v.to(q.dtype)
     if DOT_FP32:  # Triton 3.6's interpreter gets bf16 tl.dot wrong; fp32 operands hold bf16 values exactly
         q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * sm_scale  # [ROWS, BLOCK_SIZE]
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.float32) * sm_scale  # [ROWS, KEYS]
     visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < seq_len)
     if window > 0:
         visible = visible & (key_pos[None, :] > query_pos[:, None] - window)
@@ -67,7 +70,8 @@ def _attend_block(q, k_cache, v_cache, block_tables, b, kv_head, block_index, qu
 def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, acc_ptr, ml_ptr, out_ptr, sm_scale,
                    window, stride_qb, stride_qh, stride_tb, stride_cb, stride_cs, stride_ch, stride_pb, stride_ob,
                    stride_oh, GROUPS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """Program (b, kv_head, split): the GROUPS query heads of kv_head over the split's share of row b's blocks.
     SPLITS > 1: writes acc [B, H, SPLITS, BLOCK_D] (unnormalized) and ml [B, H, SPLITS, 2] (running max, sum) for
     _combine_kernel; SPLITS == 1: the normalized output, out [B, H, 1, D] in its dtype."""
@@ -80,8 +84,9 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
     position = tl.load(input_pos + b * stride_pb)
     seq_len = tl.minimum(tl.load(seq_lens + b), position + 1)
     query_pos = tl.zeros([BLOCK_G], dtype=tl.int32) + position
-    first = tl.where(window > 0, tl.maximum(position - window + 1, 0) // BLOCK_SIZE, 0)  # the window's first block
-    last = tl.cdiv(seq_len, BLOCK_SIZE)
+    # in chunks of BLOCK_N keys (BLOCK_N / BLOCK_SIZE cache blocks): fewer, larger steps of the loop below
+    first = tl.where(window > 0, tl.maximum(position - window + 1, 0) // BLOCK_N, 0)  # the window's first chunk
+    last = tl.cdiv(seq_len, BLOCK_N)
     per_split = tl.cdiv(last - first, SPLITS)
     start = first + split * per_split
     stop = tl.minimum(start + per_split, last)
@@ -91,7 +96,7 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
     for block_index in range(start, stop):
         m_i, l_i, acc = _attend_block(q, k_cache, v_cache, block_tables, b, kv_head, block_index, query_pos,
                                       seq_len, window, m_i, l_i, acc, sm_scale, stride_tb, stride_cb, stride_cs,
-                                      stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32)
+                                      stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32, BLOCK_N)
     if SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty),
@@ -151,7 +156,7 @@ def _prefill_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, 
     for block_index in range(first, last):
         m_i, l_i, acc = _attend_block(q, k_cache, v_cache, block_tables, b, kv_head, block_index, query_pos,
                                       seq_len, window, m_i, l_i, acc, sm_scale, stride_tb, stride_cb, stride_cs,
-                                      stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32)
+                                      stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32, BLOCK_SIZE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + tokens[:, None] * stride_ot + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
@@ -175,21 +180,35 @@ def _check(q: Tensor, k_cache: Tensor, block_tables: Tensor) -> tuple:
     return groups, max(16, triton.next_power_of_2(groups)), max(16, triton.next_power_of_2(d))
 
 
+DECODE_KEYS = 64  # keys per step of the decode kernel's loop (a multiple of the cache's BLOCK_SIZE)
+
+
+def decode_keys(block_size: int) -> int:
+    """Keys per loop step of the decode kernel: DECODE_KEYS, a whole number of cache blocks."""
+    return max(block_size, DECODE_KEYS // block_size * block_size)
+
+
 def decode_splits(max_blocks: int, batch_kv_heads: int, target_programs: int = 256) -> int:
     """Split-KV factor: enough programs to fill a GPU (~target_programs) without splits of less than one block."""
     return max(1, min(max_blocks, target_programs // max(1, batch_kv_heads), 16))
 
 
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                 input_pos: Tensor, sliding_window: Optional[int] = None, splits: Optional[int] = None) -> Tensor:
+                 input_pos: Tensor, sliding_window: Optional[int] = None, splits: Optional[int] = None,
+                 keys: Optional[int] = None) -> Tensor:
     """Decode attention: q [B, H, 1, D] -> [B, H, 1, D] in q's dtype; reads ceil(seq_len / BLOCK_SIZE) blocks of
-    each row (from the window's first block with a sliding window). Raises ValueError for mismatched shapes."""
+    each row (from the window's first block with a sliding window), ``keys`` per loop step (default decode_keys).
+    Raises ValueError for mismatched shapes."""
     b, h, t, d = q.shape
     if t != 1:
         raise ValueError(f"paged_decode takes one query token per row, got {t}")
     groups, block_g, block_d = _check(q, k_cache, block_tables)
     n_kv, block_size = k_cache.shape[2], k_cache.shape[1]
-    splits = splits or decode_splits(block_tables.shape[1], b * n_kv)
+    keys = decode_keys(block_size) if keys is None else keys
+    if keys % block_size or keys & (keys - 1):
+        raise ValueError(f"keys per step must be a power of 2 and a multiple of the cache block ({block_size}), "
+                         f"not {keys}")
+    splits = splits or decode_splits(-(-block_tables.shape[1] * block_size // keys), b * n_kv)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
     if splits == 1:  # the program normalizes and stores the output itself
         acc = ml = out
@@ -200,7 +219,7 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
         q, k_cache, v_cache, block_tables, seq_lens, input_pos, acc, ml, out, d ** -0.5, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         input_pos.stride(0), out.stride(0), out.stride(1), GROUPS=groups, SPLITS=splits, BLOCK_G=block_g,
-        BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q))
+        BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q), BLOCK_N=keys)
     if splits > 1:
         _combine_kernel[(b * h,)](acc, ml, out, h, out.stride(0), out.stride(1), SPLITS=splits,
                                   BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=d)
