@@ -222,3 +222,45 @@ def test_cache_write_kernel_stores_each_token_in_its_slot(gen, dtype):
     write_kv_kernel(*caches, slots.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
     for cache, reference in zip(caches, expected):
         assert torch.equal(cache.cpu().nan_to_num(7.0), reference.nan_to_num(7.0))
+
+
+@runs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_q, n_kv", [(4, 4), (6, 2), (5, 1)])  # MHA, GQA, heads that straddle a program's 4
+def test_rotary_and_cache_write_kernel_equals_rotary_then_write(gen, dtype, n_q, n_kv):
+    """The fused kernel (q and k rotated, k and v into their slots, one launch) gives, bit for bit, what the
+    rotary op and the cache write give one after the other: the q it returns and every slot of both caches (the
+    untouched ones keep their NaN); a padded head dimension (D = 24); the Attention module's argument checks."""
+    from fp6llm.decoder_ops import rotary_reference
+    from fp6llm.kernels.attention import write_kv_kernel
+    from fp6llm.kernels.rotary import rotary, rotary_write_kv
+    from fp6llm.models.attention import PagedKVCache, write_kv_reference
+
+    b, t, d, pool = 2, 5, 24, 6
+    qkv = torch.randn(b, t, n_q + 2 * n_kv, d, generator=gen).to(dtype)
+    positions = torch.randint(0, 40, (b, t), generator=gen)
+    angles = torch.outer(torch.arange(40, dtype=torch.float32), torch.rand(d // 2, generator=gen))
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.randperm(pool * BLOCK, generator=gen)[:b * t].view(b, t).to(torch.int32)
+    on = [x.to(DEVICE) for x in (qkv, positions, cos, sin, slots)]
+    # the two kernels one after the other
+    rotated = rotary(on[0][:, :, :n_q + n_kv], *on[1:4])
+    expected = [torch.full((pool, BLOCK, n_kv, d), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2)]
+    write_kv_kernel(*expected, on[4], rotated[:, :, n_q:], on[0][:, :, n_q + n_kv:])
+    caches = [torch.full_like(expected[0], float("nan")) for _ in range(2)]
+    q = rotary_write_kv(*on[:4], *caches, on[4], n_q)
+    assert torch.equal(q, rotated[:, :, :n_q])
+    for cache, reference in zip(caches, expected):
+        assert torch.equal(cache.nan_to_num(7.0), reference.nan_to_num(7.0))
+    # the module's op on the CPU: its reference, rotary then write
+    cache = PagedKVCache(pool, BLOCK, n_kv, d, dtype)
+    q = cache.rotate_and_write(slots, qkv, n_q, positions, cos, sin)
+    rotated = rotary_reference(qkv[:, :, :n_q + n_kv], positions, cos, sin)
+    caches = [torch.zeros_like(cache.k_cache) for _ in range(2)]
+    write_kv_reference(*caches, slots, rotated[:, :, n_q:], qkv[:, :, n_q + n_kv:])
+    assert torch.equal(q, rotated[:, :, :n_q]) and torch.equal(cache.k_cache, caches[0]) \
+        and torch.equal(cache.v_cache, caches[1])
+    with pytest.raises(ValueError, match=r"qkv must be \[B, T, "):
+        cache.rotate_and_write(slots, qkv[:, :, 1:], n_q, positions, cos, sin)
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        cache.rotate_and_write(slots[:, :2], qkv, n_q, positions, cos, sin)

@@ -47,9 +47,24 @@ class PagedKVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def write(self, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store k, v [B, T, Hkv, D] at the slots slot_mapping [B, T] (the one place new keys enter the cache, so a
-        fused rotary-embedding kernel can take it over)."""
+        """Store k, v [B, T, Hkv, D] at the slots slot_mapping [B, T] (models whose k is not rotated as it enters the
+        cache; Llama's go through rotate_and_write)."""
         write_kv(self.k_cache, self.v_cache, slot_mapping, k, v)
+
+    def rotate_and_write(self, slot_mapping: Tensor, qkv: Tensor, n_q: int, positions: Tensor, cos: Tensor,
+                         sin: Tensor) -> Tensor:
+        """A fused qkv projection's output [B, T, n_q + 2 Hkv, D]: returns its q heads rotated (rotary, positions
+        [B, T] in the table cos, sin), and stores its k heads rotated and its v heads at the slots slot_mapping
+        [B, T] (write), in one op. Raises ValueError for shapes other than those."""
+        from ..decoder_ops import check_rotary_args
+        n_kv = self.k_cache.shape[2]
+        if qkv.dim() != 4 or qkv.shape[2] != n_q + 2 * n_kv or qkv.shape[3] != self.k_cache.shape[3]:
+            raise ValueError(f"qkv must be [B, T, {n_q} + 2 x {n_kv}, {self.k_cache.shape[3]}] for this cache, got "
+                             f"{tuple(qkv.shape)}")
+        check_rotary_args(qkv, positions, cos, sin)
+        if slot_mapping.shape != qkv.shape[:2]:
+            raise ValueError(f"slot_mapping must be {tuple(qkv.shape[:2])}, got {tuple(slot_mapping.shape)}")
+        return rotary_write_kv(qkv, positions, cos, sin, self.k_cache, self.v_cache, slot_mapping, n_q)
 
     def attend(self, q: Tensor, input_pos: Tensor, kv: KVBatch, sliding_window: Optional[int] = None) -> Tensor:
         """q [B, H, T, D] over the cached keys/values of each row -> [B, T, H * D]."""
@@ -70,6 +85,23 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, k: Tensor, 
     """Store k, v [B, T, Hkv, D] at the slots slot_mapping [B, T] of the caches (one op: the reference here, one
     Triton kernel on CUDA)."""
     write_kv_reference(k_cache, v_cache, slot_mapping, k, v)
+
+
+@torch.library.custom_op("fp6llm::rotary_write_kv", mutates_args=("k_cache", "v_cache"))
+def rotary_write_kv(qkv: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                    slot_mapping: Tensor, n_q: int) -> Tensor:
+    """PagedKVCache.rotate_and_write's op: the reference here (rotary, then write_kv), one Triton kernel on CUDA
+    (kernels/rotary.py)."""
+    from ..decoder_ops import rotary_reference
+    n_kv = (qkv.shape[2] - n_q) // 2
+    rotated = rotary_reference(qkv[:, :, :n_q + n_kv], positions, cos, sin)
+    write_kv_reference(k_cache, v_cache, slot_mapping, rotated[:, :, n_q:], qkv[:, :, n_q + n_kv:])
+    return rotated[:, :, :n_q].contiguous()
+
+
+@rotary_write_kv.register_fake
+def _(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_q):
+    return qkv.new_empty(*qkv.shape[:2], n_q, qkv.shape[3])
 
 
 def paged_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
@@ -115,6 +147,11 @@ if paged_decode is not None:
     @write_kv.register_kernel("cuda")
     def _(k_cache, v_cache, slot_mapping, k, v):
         write_kv_kernel(k_cache, v_cache, slot_mapping, k, v)
+
+    @rotary_write_kv.register_kernel("cuda")
+    def _(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_q):
+        from ..kernels.rotary import rotary_write_kv as kernel
+        return kernel(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_q)
 
     @paged_attention_op.register_kernel("cuda")
     def _(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):

@@ -3,8 +3,9 @@
 Module names follow Hugging Face's (embed_tokens, layers.i.self_attn.o_proj, ..., norm, lm_head) without the
 "model." prefix, so a checkpoint maps by name and every projection is an nn.Linear that quantize_model can swap.
 Two are fused (fp6llm/fused.py): self_attn.qkv_proj holds q_proj's, k_proj's and v_proj's rows, mlp.gate_up_proj
-gate_proj's and up_proj's; the loader stacks them from those names. A decode step launches ~11 kernels per layer on
-CUDA (tests/test_launches.py): norms, rotary and silu(gate) * up are one kernel each (decoder_ops.py).
+gate_proj's and up_proj's; the loader stacks them from those names. A decode step launches ~10 kernels per layer on
+CUDA (tests/test_launches.py, docs/decode-launches.md): norms and silu(gate) * up are one kernel each (decoder_ops.py),
+rotary of q and k with the cache write of k and v one more (models/attention.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..decoder_ops import rotary, silu_mul
+from ..decoder_ops import silu_mul
 from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
 from .norm import Norm
@@ -132,10 +133,8 @@ class Attention(nn.Module):
         """x [B, T, dim]; rope: the model's tables cos, sin [max_seq_len, head_dim / 2]; kv: the rows' cache blocks."""
         b, t, _ = x.shape
         qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim)
-        rotated = self.n_heads + self.n_kv_heads  # q's and k's heads turn in one launch
-        q, k = rotary(qkv[:, :, :rotated], input_pos, *rope).split([self.n_heads, self.n_kv_heads], dim=2)
-        v = qkv[:, :, rotated:]
-        self.kv_cache.write(kv.slot_mapping, k, v)
+        # q's and k's heads turn and k, v enter the cache in one launch
+        q = self.kv_cache.rotate_and_write(kv.slot_mapping, qkv, self.n_heads, input_pos, *rope)
         return self.o_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, self.sliding_window))
 
 
