@@ -23,6 +23,17 @@ BLOCK_H = 4  # heads per program
 
 
 @triton.jit
+def _halves_and_angles(x_ptr, pos_ptr, cos_ptr, sin_ptr, b, i, heads, cols, col_mask, mask, half, stride_b, stride_t,
+                       stride_h, pos_stride_b, pos_stride_t, table_stride):
+    """Token (b, i)'s heads as halves x1, x2 [BLOCK_H, BLOCK_HALF] and its position's cos, sin [1, BLOCK_HALF]."""
+    position = tl.load(pos_ptr + b * pos_stride_b + i * pos_stride_t)
+    cos = tl.load(cos_ptr + position * table_stride + cols, mask=col_mask, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + position * table_stride + cols, mask=col_mask, other=0.0)[None, :]
+    src = x_ptr + b * stride_b + i * stride_t + heads[:, None].to(tl.int64) * stride_h + cols[None, :]
+    return tl.load(src, mask=mask, other=0.0), tl.load(src + half, mask=mask, other=0.0), cos, sin
+
+
+@triton.jit
 def rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, t, h, half, stride_b, stride_t, stride_h,
                   pos_stride_b, pos_stride_t, table_stride, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     token = tl.program_id(0)
@@ -31,12 +42,8 @@ def rotary_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, t, h, half, stride_
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < half
     mask = (heads < h)[:, None] & col_mask[None, :]
-    position = tl.load(pos_ptr + b * pos_stride_b + i * pos_stride_t)
-    cos = tl.load(cos_ptr + position * table_stride + cols, mask=col_mask, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + position * table_stride + cols, mask=col_mask, other=0.0)[None, :]
-    src = x_ptr + b * stride_b + i * stride_t + heads[:, None].to(tl.int64) * stride_h + cols[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + half, mask=mask, other=0.0)
+    x1, x2, cos, sin = _halves_and_angles(x_ptr, pos_ptr, cos_ptr, sin_ptr, b, i, heads, cols, col_mask, mask, half,
+                                          stride_b, stride_t, stride_h, pos_stride_b, pos_stride_t, table_stride)
     first = x1.to(tl.float32) * cos - x2.to(tl.float32) * sin
     second = x2.to(tl.float32) * cos + x1.to(tl.float32) * sin
     dst = out_ptr + (token.to(tl.int64) * h + heads[:, None]) * 2 * half + cols[None, :]
@@ -69,12 +76,8 @@ def rotary_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_cache, v_cach
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < half
     mask = (heads < n_q + 2 * n_kv)[:, None] & col_mask[None, :]
-    position = tl.load(pos_ptr + b * pos_stride_b + i * pos_stride_t)
-    cos = tl.load(cos_ptr + position * table_stride + cols, mask=col_mask, other=0.0)[None, :]
-    sin = tl.load(sin_ptr + position * table_stride + cols, mask=col_mask, other=0.0)[None, :]
-    src = x_ptr + b * stride_b + i * stride_t + heads[:, None].to(tl.int64) * stride_h + cols[None, :]
-    x1 = tl.load(src, mask=mask, other=0.0)
-    x2 = tl.load(src + half, mask=mask, other=0.0)
+    x1, x2, cos, sin = _halves_and_angles(x_ptr, pos_ptr, cos_ptr, sin_ptr, b, i, heads, cols, col_mask, mask, half,
+                                          stride_b, stride_t, stride_h, pos_stride_b, pos_stride_t, table_stride)
     rotate = (heads < n_q + n_kv)[:, None]  # q's and k's heads turn, v's do not
     first = tl.where(rotate, x1.to(tl.float32) * cos - x2.to(tl.float32) * sin, x1.to(tl.float32)).to(x1.dtype)
     second = tl.where(rotate, x2.to(tl.float32) * cos + x1.to(tl.float32) * sin, x2.to(tl.float32)).to(x1.dtype)
