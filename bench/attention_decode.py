@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             q, k_cache, v_cache, tables, seq_lens, pos = case(batch, context, 40, 128, args.table_blocks)
             nbytes = 2 * batch * context * 40 * 128 * 2
-            default = attention.decode_splits(-(-tables.shape[1] * 16 // attention.decode_keys(16)), batch * 40)
+            _, default = attention.decode_launch(tables.shape[1], k_cache.shape[1], batch * 40)
             base = attention.paged_decode(q, k_cache, v_cache, tables, seq_lens, pos, None, splits=1, keys=16)
             for keys in (int(k) for k in args.keys.split(",")):
                 line = []

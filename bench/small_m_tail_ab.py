@@ -57,6 +57,9 @@ def main(argv=None) -> int:
                         help=f"the first is the baseline; of {','.join(VARIANTS)}")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.variants.split(",") if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         parser.error("needs an sm_90 GPU (thread block clusters, programmatic dependent launch)")

@@ -193,6 +193,18 @@ def decode_splits(max_blocks: int, batch_kv_heads: int, target_programs: int = 2
     return max(1, min(max_blocks, target_programs // max(1, batch_kv_heads), 16))
 
 
+def decode_launch(table_width: int, block_size: int, batch_kv_heads: int, keys: Optional[int] = None,
+                  splits: Optional[int] = None) -> tuple:
+    """(keys per loop step, splits) of paged_decode for a block table of table_width blocks of block_size
+    positions: the given ones, else decode_keys and decode_splits over the table's chunks of that many keys.
+    Raises ValueError for keys that are not a power of 2 and a multiple of block_size."""
+    keys = decode_keys(block_size) if keys is None else keys
+    if keys % block_size or keys & (keys - 1):
+        raise ValueError(f"keys per step must be a power of 2 and a multiple of the cache block ({block_size}), "
+                         f"not {keys}")
+    return keys, splits or decode_splits(-(-table_width * block_size // keys), batch_kv_heads)
+
+
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                  input_pos: Tensor, sliding_window: Optional[int] = None, splits: Optional[int] = None,
                  keys: Optional[int] = None) -> Tensor:
@@ -204,11 +216,7 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
         raise ValueError(f"paged_decode takes one query token per row, got {t}")
     groups, block_g, block_d = _check(q, k_cache, block_tables)
     n_kv, block_size = k_cache.shape[2], k_cache.shape[1]
-    keys = decode_keys(block_size) if keys is None else keys
-    if keys % block_size or keys & (keys - 1):
-        raise ValueError(f"keys per step must be a power of 2 and a multiple of the cache block ({block_size}), "
-                         f"not {keys}")
-    splits = splits or decode_splits(-(-block_tables.shape[1] * block_size // keys), b * n_kv)
+    keys, splits = decode_launch(block_tables.shape[1], block_size, b * n_kv, keys, splits)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
     if splits == 1:  # the program normalizes and stores the output itself
         acc = ml = out

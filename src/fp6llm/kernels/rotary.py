@@ -62,7 +62,6 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: tor
     return out
 
 
-
 @triton.jit
 def rotary_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_cache, v_cache, slot_ptr, t, n_q, n_kv, half,
                         stride_b, stride_t, stride_h, pos_stride_b, pos_stride_t, table_stride, slot_stride_b,
