@@ -21,7 +21,8 @@
 #             BF16 table (M = 32/128/512)
 #   e2e       fp6llm bench, llama-2-13b FP16 vs e3m2, batch 1/8/32/128, prompt 512 + 128 new tokens;
 #             e2e-mid: batch 32/64/128, prompt 128 + 32 new tokens (the wgmma kernel's batches)
-#             e2e-pdl: e3m2 at batch 1/8/16 with and without --programmatic-launch (the small-M kernel by PDL)
+#             e2e-pdl: FP16 and e3m2 at batch 1/8/32 with programmatic dependent launch (the default) and with
+#             --no-programmatic-launch
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
 #   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients, the server's default settings (run
 #             bench/serve_wheels.sh here first and carry .whl); serve-mixed: 8/32 clients, prompts of 64-2048 tokens
@@ -96,9 +97,9 @@ e2e-mid)
         --prompt-len 128 --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e-mid.log" \
         | grep -E "^\||wrote|rror" | tail -12
     ;;
-e2e-pdl)  # the FP6 decode step with and without programmatic dependent launch of the small-M kernel, one call
-    for flag in "" --programmatic-launch; do
-        timeout 270 python3 -m fp6llm bench --random "$model13" --formats e3m2 --batch 1,8,16 --prompt-len 128 \
+e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
+    for flag in "" --no-programmatic-launch; do
+        timeout 270 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \
             --gen-len 32 $flag "${device[@]}" --out "$out" 2>&1 | tee -a "$out/e2e-pdl.log" \
             | grep -E "^\||wrote|rror|programmatic" | tail -6
     done

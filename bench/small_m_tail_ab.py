@@ -5,8 +5,8 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
 - split-K summed in a thread block cluster (fpx_small_m.cu, CLUSTER_SPLIT: the row block's CTAs add each other's
   partials from shared memory) instead of the workspace (partials to global memory, a fence, an arrival counter,
   the last CTA sums), at each shape's split from the GPU's table where it is 2..8;
-- programmatic dependent launch (PDL: a call's CTAs start, and prefetch their first weight tiles into L2, while
-  the previous call drains).
+- programmatic dependent launch (PDL: a call's CTAs start while the previous call drains, and wait for it before
+  they touch memory).
 
     python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8]
                                     [--variants plain,cluster,...] [--out FILE.json]

@@ -161,7 +161,8 @@ def wgmma_launches(m: int) -> list:
     up to 128 rows of x per CTA, one warpgroup with x one tile ahead and registers for 3-4 CTAs per SM, or x two
     tiles ahead (more shared memory, fewer CTAs), or two warpgroups; at <= 64 rows also four warpgroups (256 weight
     rows share each copy of x: a quarter of one warpgroup's x traffic, which bound it at M = 128) or two
-    warpgroups with registers for two CTAs."""
+    warpgroups with registers for two CTAs; above 128 rows also two warpgroups on up to 256 rows of x (a 128 x 256
+    tile: each copy of x serves 128 weight rows, each weight 256 rows of x)."""
     shapes = []
     for n_x in sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))}):
         shapes += [dict(n_x=n_x, wgs=1, x_ahead=1, min_ctas=4 if n_x <= 64 else 3),
@@ -170,6 +171,9 @@ def wgmma_launches(m: int) -> list:
         if n_x <= 64:
             shapes += [dict(n_x=n_x, wgs=4, x_ahead=1, min_ctas=1), dict(n_x=n_x, wgs=4, x_ahead=2, min_ctas=1),
                        dict(n_x=n_x, wgs=2, x_ahead=1, min_ctas=2)]
+    if m > 128:  # 128 weight rows x up to 256 rows of x per CTA (bench/wgmma_probe.py --sweep wide, 2026-12-03)
+        wide = fpx_cuda.wgmma_n_x(m, 256)
+        shapes += [dict(n_x=wide, wgs=2, x_ahead=1, min_ctas=1), dict(n_x=wide, wgs=2, x_ahead=2, min_ctas=1)]
     return shapes
 
 

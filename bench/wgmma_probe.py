@@ -4,6 +4,8 @@ at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs ov
 
     python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|70b-o,...] [--sweep split|pipeline]
                                 [--out FILE.json]
+
+--sweep wide: up to 256 rows of x per CTA (one or two warpgroups) against the 128-row launches, at M >= 256.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def check(quick: bool) -> list:
 def launches_for(m: int, sweep: str) -> list:
     """(n_x, split, wgs, x_ahead, min_ctas) to time at M."""
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
+    if sweep == "wide":  # up to 256 rows of x per CTA (a 128 x 256 tile at two warpgroups) against the 128-row winners
+        wide = fpx_cuda.wgmma_n_x(m, 256)
+        narrow = fpx_cuda.wgmma_n_x(m, 128)
+        return ([(narrow, split, 1, xa, mc) for split in (1, 2) for xa, mc in ((1, 3), (2, 1))]
+                + [(narrow, split, 2, 1, 1) for split in (1, 2)]
+                + [(wide, split, wgs, xa, 1) for split in (1, 2) for wgs in (1, 2) for xa in (1, 2)])
     if sweep == "pipeline":
         return [(n_x, split, wgs, xa, min_ctas) for n_x in n_xs for split in (1, 2) for xa in (1, 2)
                 for wgs, min_ctas in (((1, 1), (1, 3), (1, 4), (4, 1)) if n_x <= 64 else ((1, 1), (1, 3)))]
@@ -110,7 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="all")
     parser.add_argument("--out")
     parser.add_argument("--check-only", action="store_true")
-    parser.add_argument("--sweep", default="split", choices=["split", "pipeline"])
+    parser.add_argument("--sweep", default="split", choices=["split", "pipeline", "wide"])
     args = parser.parse_args(argv)
     started = time.time()
     checks = check(False)

@@ -38,23 +38,26 @@ def test_cli_bench_writes_results(capsys, tmp_path):
     assert "| e3m2 | 3 |" in md.read_text()
 
 
-def test_cli_bench_programmatic_launch_is_recorded_and_scoped(capsys, tmp_path, monkeypatch):
-    """--programmatic-launch: the small-M kernel's PDL default is on during the run only (fpx_cuda.PDL; on a CPU it
-    changes nothing else), and the results say it was."""
-    from fp6llm.kernels import fpx_cuda
+def test_cli_bench_programmatic_launch_is_scoped_and_recorded(capsys, tmp_path, monkeypatch):
+    """Programmatic dependent launch is on by default (launch.PDL) and --no-programmatic-launch turns it off for the
+    run only; the results say whether the run used it (never on a CPU, which has none)."""
+    from fp6llm.kernels import launch
     seen = []
-    real = fpx_cuda.programmatic_launch
+    real = launch.programmatic_launch
 
-    def spy(enabled=True):
-        seen.append(enabled)
-        return real(enabled)
-    monkeypatch.setattr(fpx_cuda, "programmatic_launch", spy)
-    assert main(["bench", "--random", "tiny-llama", "--formats", "e3m2", "--batch", "1", "--prompt-len", "8",
-                 "--gen-len", "2", "--out", str(tmp_path), "--programmatic-launch"]) == 0
-    assert seen == [True] and fpx_cuda.PDL is False
-    (js,) = tmp_path.glob("e2e-cpu-*.json")
-    assert json.loads(js.read_text())["setup"]["programmatic_launch"] is True
-    assert "programmatic dependent launch" in next(tmp_path.glob("e2e-cpu-*.md")).read_text()
+    def spy(on=True):
+        seen.append(on)
+        return real(on)
+    monkeypatch.setattr(launch, "programmatic_launch", spy)
+    monkeypatch.setattr(launch, "PDL", True)
+    for flag in ([], ["--no-programmatic-launch"]):
+        out = tmp_path / str(len(flag))
+        assert main(["bench", "--random", "tiny-llama", "--formats", "e3m2", "--batch", "1", "--prompt-len", "8",
+                     "--gen-len", "2", "--out", str(out), *flag]) == 0
+        (js,) = out.glob("e2e-cpu-*.json")
+        assert json.loads(js.read_text())["setup"]["programmatic_launch"] is False
+        assert "programmatic dependent launch" not in next(out.glob("e2e-cpu-*.md")).read_text()
+    assert seen == [True, False] and launch.PDL is True
 
 
 def test_cli_eval_prints_perplexity_per_format(capsys, tmp_path):

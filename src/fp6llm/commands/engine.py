@@ -164,10 +164,9 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps on CUDA too")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (one compilation "
                                                                "per batch size; minutes on large models)")
-    parser.add_argument("--programmatic-launch", action="store_true",
-                        help="launch the FPx small-batch CUDA kernel with programmatic dependent launch (Hopper; "
-                             "experimental, not yet measured: each layer's first weights load while the previous "
-                             "kernel drains)")
+    parser.add_argument("--no-programmatic-launch", action="store_true",
+                        help="launch the kernels without programmatic dependent launch (on by default on Hopper: "
+                             "each kernel starts while the previous one drains; FP6LLM_PDL=0 turns it off too)")
     tp_argument(parser)
     parser.set_defaults(run=_bench)
 
@@ -186,12 +185,13 @@ def _bench(args) -> None:
     source = model_source(args)
     prompt_len, gen_len = bench_lengths(args.prompt_len, args.gen_len, device_type,
                                         source.config().max_position_embeddings)
-    from ..kernels.fpx_cuda import programmatic_launch
-    with process_group(args.tp, args.device) as (tp, device), programmatic_launch(args.programmatic_launch):
+    from ..kernels import launch
+    pdl = launch.PDL and not args.no_programmatic_launch
+    with process_group(args.tp, args.device) as (tp, device), launch.programmatic_launch(pdl):
         result = throughput.run_bench(source, formats, batches, prompt_len, gen_len, device, args.group_size,
                                       cuda_graph=not args.no_cuda_graph, compile=args.compile,
                                       progress=tp is None or tp.rank == 0, tp=tp)
-    result["setup"]["programmatic_launch"] = args.programmatic_launch
+        result["setup"]["programmatic_launch"] = launch.enabled(device or device_type)  # used where the GPU has it
     if tp is not None and tp.rank != 0:
         return
     print(throughput.format_table(result))

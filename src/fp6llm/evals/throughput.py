@@ -245,7 +245,7 @@ def format_table(result: dict) -> str:
              f"prompt {s['prompt_len']} tokens, {s['gen_len']} new tokens per row (greedy, no EOS stop); decode "
              f"steps {'as CUDA graphs' if s['cuda_graph'] else 'eager'}"
              f"{' of torch.compile-d forwards' if s.get('compile') else ''}"
-             f"{'; FPx small-batch kernel by programmatic dependent launch' if s.get('programmatic_launch') else ''}"
+             f"{'; kernels by programmatic dependent launch (Hopper)' if s.get('programmatic_launch') else ''}"
              f"; copy bandwidth "
              f"{s['copy_bandwidth_gb_s']:.1f} GB/s (read + write); floor = (weights + KV read per step) / copy "
              f"bandwidth / measured step time; torch {s['torch']}", "",

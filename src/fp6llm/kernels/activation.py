@@ -11,12 +11,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from . import launch
 
 BLOCK = 1024  # features per program
 
 
 @triton.jit
-def silu_mul_kernel(gate_up_ptr, out_ptr, inner, row_stride, BLOCK: tl.constexpr):
+def silu_mul_kernel(gate_up_ptr, out_ptr, inner, row_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inner
@@ -37,6 +43,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         rows = rows.contiguous()
     out = torch.empty(*gate_up.shape[:-1], inner, dtype=gate_up.dtype, device=gate_up.device)
     if out.numel():
-        silu_mul_kernel[(rows.shape[0], triton.cdiv(inner, BLOCK))](rows, out, inner, rows.stride(0), BLOCK=BLOCK)
+        silu_mul_kernel[(rows.shape[0], triton.cdiv(inner, BLOCK))](rows, out, inner, rows.stride(0), BLOCK=BLOCK,
+                                                                     **launch.triton_options(rows.device))
     return out
 

@@ -26,7 +26,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
+
+from . import launch
 
 NO_WINDOW = 0  # the sliding_window argument of the kernels when there is none
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,10 +74,13 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
                    window, stride_qb, stride_qh, stride_tb, stride_cb, stride_cs, stride_ch, stride_pb, stride_ob,
                    stride_oh, GROUPS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Program (b, kv_head, split): the GROUPS query heads of kv_head over the split's share of row b's blocks.
     SPLITS > 1: writes acc [B, H, SPLITS, BLOCK_D] (unnormalized) and ml [B, H, SPLITS, 2] (running max, sum) for
     _combine_kernel; SPLITS == 1: the normalized output, out [B, H, 1, D] in its dtype."""
+    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = kv_head * GROUPS + tl.arange(0, BLOCK_G)
     head_mask = tl.arange(0, BLOCK_G) < GROUPS
@@ -110,9 +116,12 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
 
 @triton.jit
 def _combine_kernel(acc_ptr, ml_ptr, out_ptr, H, stride_ob, stride_oh, SPLITS: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """Program (b H + h): the splits' partials of row b, head h combined, out = sum_s e^(m_s - M) acc_s /
     sum_s e^(m_s - M) l_s with M = max_s m_s, stored in out's dtype (one launch where torch ops took nine)."""
+    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0)
     b, h = row // H, row % H
     s = tl.arange(0, BLOCK_S)
@@ -227,10 +236,12 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
         q, k_cache, v_cache, block_tables, seq_lens, input_pos, acc, ml, out, d ** -0.5, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         input_pos.stride(0), out.stride(0), out.stride(1), GROUPS=groups, SPLITS=splits, BLOCK_G=block_g,
-        BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q), BLOCK_N=keys)
+        BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q), BLOCK_N=keys,
+        **launch.triton_options(q.device))
     if splits > 1:
         _combine_kernel[(b * h,)](acc, ml, out, h, out.stride(0), out.stride(1), SPLITS=splits,
-                                  BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=d)
+                                  BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=d,
+                                  **launch.triton_options(q.device))
     return out
 
 

@@ -14,7 +14,6 @@ source and target.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import glob
@@ -28,6 +27,7 @@ import torch
 
 from ..formats import FPFormat
 from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, signed32, words_per_group
+from . import launch
 from .dispatch import SMALL_M_MAX, measured_small_m, waves_split
 from .workspace import WORKSPACE
 
@@ -103,12 +103,8 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
             terms += [_extract(f"tile.w{p}[{word}]", mask, r, fma_shifts) for mask, r in _extracts(plane, slot)]
         lines.append(f"    a[{q}] = {' | '.join(terms)};")
     used = shifts(fmt) if fma_shifts else ()
-    # into L2, TILES tiles from plane tile TILE_INDEX of every plane (a plane's tiles of one row tile are contiguous)
-    prefetch = " ".join(f"prefetch_l2(p{p} + (TILE_INDEX) * {64 * plane.width}, (TILES) * {256 * plane.width});"
-                        for p, plane in enumerate(layout))
     return "\n".join([
         f"#define PLANE_REGS {regs}",
-        f"#define PREFETCH_PLANES(TILE_INDEX, TILES) {prefetch}",
         "#define POWER_PARAMS " + "".join(f", u32 pw_{r}" for r in used),
         "#define POWERS {" + ", ".join(f"pw_{r}" for r in used) + "}",
         "#define LOAD_PLANES " + " ".join(loads),
@@ -141,7 +137,7 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers);
     cluster_split 2..8 (sm_90): a launch of exactly that split, its CTAs of a row block a cluster that sums the
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
-    touches anything but its weights, so it may be launched with programmatic stream serialization (launch_ex)."""
+    touches memory, so it may be launched with programmatic stream serialization (launch_ex)."""
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
@@ -155,11 +151,13 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
 
 
 def mid_kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, row_tiles: int, warps: int,
-                      has_bias: bool) -> str:
+                      has_bias: bool, pdl: bool = False) -> str:
     """The mid-M kernel's (cuda/fpx_mid_m.cu) translation unit: n_blocks_m n8 blocks of x rows per CTA (M per grid
-    z = 8 n_blocks_m), row_tiles 16-row weight tiles per warp, warps per CTA."""
+    z = 8 n_blocks_m), row_tiles 16-row weight tiles per warp, warps per CTA; pdl (sm_90): it waits for the
+    previous grid before its first memory access (launch_ex's pdl)."""
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define ROW_TILES {row_tiles}", f"#define WARPS {warps}",
-               f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}"]
+               f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
+               *(["#define PDL 1"] if pdl else [])]
     return _translation_unit(MID_SOURCE, fmt, defines)
 
 
@@ -398,21 +396,6 @@ def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int
 SUM_COST = 0.4
 
 
-PDL = False  # fpx_small_m's pdl where a call gives none: programmatic_launch() sets it
-
-
-@contextlib.contextmanager
-def programmatic_launch(enabled: bool = True):
-    """Within: the small-M kernel launches with programmatic dependent launch where its caller does not say (PDL;
-    sm_90, not yet measured). Only around work whose weights no kernel writes (an engine's decode steps, their
-    CUDA graph captures): the kernel reads its weights before it waits for the previous kernel."""
-    global PDL
-    previous, PDL = PDL, enabled
-    try:
-        yield
-    finally:
-        PDL = previous
-
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
@@ -422,9 +405,9 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
-    cluster and sum their partials in shared memory (no workspace). pdl (sm_90, opt-in: the caller promises that
-    no kernel just before this one writes the weights; None: PDL, see programmatic_launch): launched with
-    programmatic stream serialization, its weights' first tiles are prefetched while the previous kernel drains."""
+    cluster and sum their partials in shared memory (no workspace). pdl (sm_90; None: launch.enabled, see
+    kernels/launch.py): launched with programmatic stream serialization, it may start while the previous kernel
+    drains, and waits for it before it touches memory."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
@@ -442,7 +425,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         kps = -(-k_tiles // split)
         cluster = -(-k_tiles // kps)  # the split it runs (no empty CTAs)
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
-    pdl = (PDL if pdl is None else pdl) and hopper
+    pdl = (launch.enabled(x.device) if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
                                prefetch_x, x.device, cluster, pdl)
     if split is None:
@@ -497,10 +480,10 @@ def mid_blocks_m(m: int, most: int = MID_MAX_BLOCKS_M) -> int:
 
 
 def _mid_kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, row_tiles: int, warps: int, has_bias: bool,
-                device):
-    key = (MID_KERNEL_NAME, fmt, dtype, n_blocks_m, row_tiles, warps, has_bias, torch.device(device).index)
+                device, pdl: bool = False):
+    key = (MID_KERNEL_NAME, fmt, dtype, n_blocks_m, row_tiles, warps, has_bias, pdl, torch.device(device).index)
     return _load(key, lambda: mid_kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, row_tiles, warps,
-                                                has_bias), MID_KERNEL_NAME, warps, device)
+                                                has_bias, pdl), MID_KERNEL_NAME, warps, device)
 
 
 def mid_split_cap(n_pad: int, m_pad: int, k_tiles: int) -> int:
@@ -535,10 +518,10 @@ MID_WARPS = 4
 
 def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, row_tiles: "int | None" = None,
-              warps: "int | None" = None, blocks: "int | None" = None) -> torch.Tensor:
+              warps: "int | None" = None, blocks: "int | None" = None, pdl: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= MID_MAX_M, K] (see mid_supports); split / row_tiles / warps / blocks (n8
     blocks of x rows per CTA, at most MID_MAX_BLOCKS_M) override the launch measured for this shape on this GPU
-    (dispatch.measured_small_m), else the defaults and the split model."""
+    (dispatch.measured_small_m), else the defaults and the split model; pdl (None: launch.enabled) as fpx_small_m's."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "mid":
@@ -549,18 +532,19 @@ def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     row_tiles = MID_ROW_TILES if row_tiles is None else row_tiles
     warps = MID_WARPS if warps is None else warps
     blocks = mid_blocks_m(m, MID_MAX_BLOCKS_M if blocks is None else blocks)
-    kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device)
+    pdl = launch.enabled(x.device) if pdl is None else pdl
+    kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device, pdl)
     rows_per_cta = 16 * row_tiles * warps
     if split is None:
         split = choose_mid_split(n, k, m, rows_per_cta,
                                  torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     return _launch_split_k(kernel, x, x, planes, scales, bias, fmt, n, k, rows_per_cta, 8 * blocks, split,
-                           warps * 32)
+                           warps * 32, pdl=pdl)
 
 
 def _launch_split_k(kernel, x: torch.Tensor, x_arg: torch.Tensor, planes, scales, bias, fmt: FPFormat, n: int,
                     k: int, rows_per_cta: int, m_per_cta: int, split: int, threads: int,
-                    shared: int = 0) -> torch.Tensor:
+                    shared: int = 0, pdl: bool = False) -> torch.Tensor:
     """Launch a kernel on grid (z blocks of m_per_cta rows of x, row blocks of rows_per_cta, splits) with the mid-M
     kernels' arguments (x_arg as the kernel's x: the wgmma kernel's permuted copy); the split is capped by the
     reserved partials (grid_split_cap) and trimmed so that no CTA is empty."""
@@ -573,9 +557,12 @@ def _launch_split_k(kernel, x: torch.Tensor, x_arg: torch.Tensor, planes, scales
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counts = WORKSPACE.reserve(x.device, MID_WORKSPACE_FLOATS, row_blocks * z) if split > 1 else (out, out)
     padded = list(planes) + [planes[0]] * (3 - len(planes))
-    kernel(grid=(z, row_blocks, split), block=(threads, 1, 1), shared_mem=shared,
-           args=[x_arg, x_arg.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0),
-                 ws, counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps])
+    args = [x_arg, x_arg.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
+            counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps]
+    if pdl:
+        launch_ex(kernel, (z, row_blocks, split), (threads, 1, 1), args, shared, pdl=True)
+    else:
+        kernel(grid=(z, row_blocks, split), block=(threads, 1, 1), shared_mem=shared, args=args)
     return out
 
 
@@ -606,9 +593,10 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
-                        min_ctas: int = 1) -> str:
+                        min_ctas: int = 1, pdl: bool = False) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
-    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__)."""
+    rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); pdl
+    (sm_90): it waits for the previous grid before its first memory access (launch_ex's pdl)."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
     if 65536 // (128 * wgs * min_ctas) < n_x // 2 + 70:  # accumulators, A, two raw tiles, addresses
@@ -622,7 +610,7 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"{WGMMA_MAX_SHARED}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
-               *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
+               *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
 
@@ -659,12 +647,12 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
-                  min_ctas: int = 1):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, tuple(WGMMA_EXTRA_DEFINES),
+                  min_ctas: int = 1, pdl: bool = False):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, pdl, tuple(WGMMA_EXTRA_DEFINES),
            torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              x_ahead, min_ctas),
+                                                              x_ahead, min_ctas, pdl),
                              WGMMA_KERNEL_NAME, 4 * wgs, device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
@@ -693,10 +681,10 @@ def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_
     default = wgmma_launch(m) if n_x is None else dict(wgmma_launch(m), n_x=n_x, min_ctas=1)
     if min_ctas is None:
         min_ctas = default["min_ctas"] if wgs in (None, default["wgs"]) else 1
-    launch = {"n_x": default["n_x"], "wgs": default["wgs"] if wgs is None else wgs,
-              "x_ahead": default["x_ahead"] if x_ahead is None else x_ahead, "min_ctas": min_ctas}
-    _check_n_x(launch["n_x"])
-    return launch
+    resolved = {"n_x": default["n_x"], "wgs": default["wgs"] if wgs is None else wgs,
+                "x_ahead": default["x_ahead"] if x_ahead is None else x_ahead, "min_ctas": min_ctas}
+    _check_n_x(resolved["n_x"])
+    return resolved
 
 
 def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int, resident: int) -> int:
@@ -706,10 +694,12 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
-              x_ahead: "int | None" = None, min_ctas: "int | None" = None) -> torch.Tensor:
+              x_ahead: "int | None" = None, min_ctas: "int | None" = None,
+              pdl: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
-    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model."""
+    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model; pdl (None:
+    launch.enabled) as fpx_small_m's."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "wgmma":
@@ -718,12 +708,13 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         wgs = measured.wgs if wgs is None else wgs
         x_ahead = measured.x_ahead if x_ahead is None else x_ahead
         min_ctas = measured.min_ctas if min_ctas is None else min_ctas
-    launch = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas)
-    n_x, wgs, x_ahead, min_ctas = launch["n_x"], launch["wgs"], launch["x_ahead"], launch["min_ctas"]
+    resolved = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas)
+    n_x, wgs, x_ahead, min_ctas = resolved["n_x"], resolved["wgs"], resolved["x_ahead"], resolved["min_ctas"]
+    pdl = launch.enabled(x.device) if pdl is None else pdl
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
-                                             min_ctas)
+                                             min_ctas, pdl)
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs,
                                    torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     return _launch_split_k(kernel, x, wgmma_x_order(x), planes, scales, bias, fmt, n, k, 64 * wgs, n_x, split,
-                           128 * wgs, shared)
+                           128 * wgs, shared, pdl)

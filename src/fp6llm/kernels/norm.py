@@ -20,13 +20,20 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from . import launch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
 def add_norm_kernel(x_ptr, delta_ptr, weight_ptr, bias_ptr, out_ptr, total_ptr, d, x_stride, delta_stride, eps,
-                    HAS_DELTA: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr):
+                    HAS_DELTA: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                    PDL: tl.constexpr):
+    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d
@@ -74,6 +81,7 @@ def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tenso
         add_norm_kernel[(rows_x.shape[0],)](
             rows_x, rows_delta, weight, weight if bias is None else bias, out, total, d, rows_x.stride(0),
             rows_delta.stride(0), eps, HAS_DELTA=delta is not None, RMS=rms, HAS_BIAS=bias is not None,
-            BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8)
+            BLOCK_D=triton.next_power_of_2(d), num_warps=4 if d <= 4096 else 8,
+            **launch.triton_options(x.device))
     return out, total
 

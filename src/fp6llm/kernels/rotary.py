@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from . import launch
 
 BLOCK_H = 4  # heads per program
 
@@ -65,10 +68,13 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: tor
 @triton.jit
 def rotary_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_cache, v_cache, slot_ptr, t, n_q, n_kv, half,
                         stride_b, stride_t, stride_h, pos_stride_b, pos_stride_t, table_stride, slot_stride_b,
-                        stride_cs, stride_ch, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                        stride_cs, stride_ch, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
     """rotary_kernel over a fused qkv projection's heads (n_q of q, n_kv of k, n_kv of v): q's heads rotated into
     q_ptr [B, T, n_q, D], k's rotated and v's as they are into slot slot_ptr[b, t] of the caches (viewed as
     [slots, n_kv, D], slot stride stride_cs): one launch for what rotary and write_kv took two."""
+    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
+        gdc_wait()
+        gdc_launch_dependents()
     token = tl.program_id(0)
     b, i = (token // t).to(tl.int64), (token % t).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -108,5 +114,5 @@ def rotary_write_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tenso
             qkv, positions, cos, sin, q, k_cache, v_cache, slot_mapping, t, n_q, n_kv, d // 2, qkv.stride(0),
             qkv.stride(1), qkv.stride(2), positions.stride(0), positions.stride(1), cos.stride(0),
             slot_mapping.stride(0), k_cache.stride(1), k_cache.stride(2), BLOCK_H=BLOCK_H,
-            BLOCK_HALF=triton.next_power_of_2(d // 2))
+            BLOCK_HALF=triton.next_power_of_2(d // 2), **launch.triton_options(qkv.device))
     return q

@@ -31,10 +31,6 @@ __device__ __forceinline__ void griddep_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }
 
-__device__ __forceinline__ void prefetch_l2(const u32* p, u32 bytes) {  // 16-byte aligned, a multiple of 16
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
-}
-
 __device__ __forceinline__ uint4 load_stream(const u32* p) {
     // Weights are read once: bypass L1, keep L1 for x.
     uint4 v;

@@ -18,8 +18,8 @@
 // [ROWS_PER_CTA x 8 N_BLOCKS_M] to ws at slab (z, split), the last CTA of (row block, z block) to arrive (an arrival counter,
 // reset by that CTA: CUDA-graph safe) sums the slabs in split order, so results do not depend on timing.
 //
-// Defined by the prepended header: N_BLOCKS_M, ROW_TILES, WARPS, IS_BF16, HAS_BIAS, PLANE_REGS, LOAD_PLANES and
-// (inserted after Tile) dequant_tile.
+// Defined by the prepended header: N_BLOCKS_M, ROW_TILES, WARPS, IS_BF16, HAS_BIAS, PLANE_REGS, LOAD_PLANES,
+// (inserted after Tile) dequant_tile, and PDL where the grid is launched with programmatic stream serialization.
 
 #define ROWS_PER_CTA (16 * ROW_TILES * WARPS)
 // Grid (z blocks, row blocks, splits): the z blocks of one row block are neighbours in launch order, so the CTAs that
@@ -142,6 +142,9 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     const int m0 = Z_BLOCK * M_PER_CTA;
     const int kt0 = SPLIT_INDEX * kps, kt1 = min(kt0 + kps, k_tiles);
 
+#ifdef PDL
+    griddep_wait();  // launched early (programmatic stream serialization): x is the previous kernel's output
+#endif
     float acc[ROW_TILES][N_BLOCKS_M][4] = {};
     __shared__ uint4 xs[2][X_BUFFER];
     if (kt0 < kt1) {  // every warp of the CTA stages x and passes the barriers, also one without rows
@@ -171,6 +174,9 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             if (rows) compute_group(odd, pw, xs[1], lane, acc);
         }
     }
+#ifdef PDL
+    griddep_launch_dependents();  // the next grid may launch while this one stores its outputs
+#endif
 
     // acc[r][b][i] (flat: e = (r N_BLOCKS_M + b) 4 + i): weight row 16 (first_tile + r) + g + 8 (i / 2), x row
     // m0 + 8 b + 2 t + i % 2.

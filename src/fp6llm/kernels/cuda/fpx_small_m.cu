@@ -26,7 +26,6 @@
 #ifndef PDL
 #define PDL 0  // 1 (sm_90): a grid that may start before the previous kernel of its stream completed (see the kernel)
 #endif
-#define PDL_PREFETCH_TILES 4  // PDL: K tiles of each warp's weights prefetched into L2 before the wait
 #if CLUSTER_SPLIT
 #define CLUSTER_DIMS __cluster_dims__(1, CLUSTER_SPLIT, 1)
 #else
@@ -113,10 +112,9 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
 
 #if PDL
     // Launched with programmatic stream serialization, this grid may run while the previous kernel (the one that
-    // writes x, or may still read memory that becomes out or ws) drains: until griddep_wait() only the weights
-    // (written by no kernel of a step) are touched, their first tiles prefetched into L2.
-    if (lane == 0 && row_tile < n_tiles && kt0 < kt1)
-        PREFETCH_PLANES((long)row_tile * k_tiles + kt0, min(kt1 - kt0, PDL_PREFETCH_TILES))
+    // writes x, or may still read memory that becomes out or ws) drains: it touches nothing before griddep_wait().
+    // (Loading the first weight tile before the wait does not survive ptxas, which sinks the loads below it; an L2
+    // prefetch of 4 tiles there measured slower end to end, 2026-12-03.)
     griddep_wait();
 #endif
     float chains[N_BLOCKS_M][CHAINS][4] = {};
@@ -139,7 +137,7 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     }
 
 #if PDL
-    griddep_launch_dependents();  // the next grid's CTAs may start (and prefetch) while this one finishes
+    griddep_launch_dependents();  // the next grid's CTAs may start while this one finishes
 #endif
     float acc[N_BLOCKS_M][4];
 #pragma unroll

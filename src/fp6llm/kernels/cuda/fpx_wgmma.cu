@@ -23,7 +23,8 @@
 // CTA of (row block, z block) to arrive sums them in split order; arrival counters reset by that CTA).
 //
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
-// WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES and (after Tile) dequant_tile.
+// WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
+// PDL where the grid is launched with programmatic stream serialization.
 
 #define WARPS (4 * WGS)
 #define THREADS (WARPS * 32)
@@ -181,6 +182,9 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     const int kt0 = SPLIT_INDEX * kps, kt1 = min(kt0 + kps, k_tiles);
     const u32 smem = (smem_address(x_smem) + 1023) & ~1023u;  // swizzle atoms start at 1024-byte boundaries
 
+#ifdef PDL
+    griddep_wait();  // launched early (programmatic stream serialization): x is the previous kernel's output
+#endif
     float d[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; ++i) d[i] = 0.f;
@@ -227,6 +231,9 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         wgmma_wait<0>();
         fence_accumulators(d);
     }
+#ifdef PDL
+    griddep_launch_dependents();  // the next grid may launch while this one stores its outputs
+#endif
 
     // d[i]: weight row 16 tile + g + 8 ((i >> 1) & 1), x row m0 + 8 (i >> 2) + 2 t + (i & 1).
     store_outputs<ACC>(d, [&](int i) { return 16 * tile + g + 8 * ((i >> 1) & 1); },
