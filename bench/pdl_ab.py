@@ -1,0 +1,60 @@
+"""Programmatic dependent launch A/B in one process: llama-2-13b (random weights) decode steps with the kernels
+launched by PDL and without, interleaved (off, on, off, on, ...) at each batch size, so that clocks and the order
+of runs weigh on both alike; ms per decode step (CUDA graphs), the median of the repetitions.
+
+    python bench/pdl_ab.py [--formats fp16,e3m2] [--batch 1,8,32,64] [--reps 3] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from fp6llm.evals.throughput import bench_batch, free_memory  # noqa: E402
+from fp6llm.kernels import launch  # noqa: E402
+from fp6llm.models.loader import build_random  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-2-13b")
+    parser.add_argument("--formats", default="fp16,e3m2")
+    parser.add_argument("--batch", default="1,8,32,64")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--gen-len", type=int, default=32)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    rows = []
+    for fmt in args.formats.split(","):
+        model = build_random(args.model, fmt, device="cuda", progress=False)
+        for batch in map(int, args.batch.split(",")):
+            times = {False: [], True: []}
+            for _ in range(args.reps):
+                for pdl in (False, True):
+                    with launch.programmatic_launch(pdl):
+                        times[pdl].append(bench_batch(model, batch, args.prompt_len, args.gen_len, True, 1.0, 1)
+                                          ["ms_per_step"])
+            off, on = statistics.median(times[False]), statistics.median(times[True])
+            rows.append({"format": fmt, "batch": batch, "off_ms": times[False], "on_ms": times[True]})
+            print(f"{fmt:5} batch {batch:3}: off {off:6.2f} ms  on {on:6.2f} ms  ({off / on:.3f}x)  "
+                  f"off {['%.2f' % t for t in times[False]]} on {['%.2f' % t for t in times[True]]}", flush=True)
+        del model
+        free_memory(torch.device("cuda"))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+                                              "args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
