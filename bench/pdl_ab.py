@@ -1,6 +1,7 @@
 """Programmatic dependent launch A/B in one process: llama-2-13b (random weights) decode steps with the kernels
-launched by PDL and without, interleaved (off, on, off, on, ...) at each batch size, so that clocks and the order
-of runs weigh on both alike; ms per decode step (CUDA graphs), the median of the repetitions.
+launched without PDL, with it, and with it and the small-M kernel's first weight tile loaded before its wait
+(early), interleaved at each batch size so that clocks and the order of runs weigh on all alike; ms per decode step
+(CUDA graphs), the median of the repetitions.
 
     python bench/pdl_ab.py [--formats fp16,e3m2] [--batch 1,8,32,64] [--reps 3] [--out FILE.json]
 """
@@ -18,7 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from fp6llm.evals.throughput import bench_batch, free_memory  # noqa: E402
-from fp6llm.kernels import launch  # noqa: E402
+from fp6llm.kernels import fpx_cuda, launch  # noqa: E402
+
+# (programmatic dependent launch, the small-M kernel's first weight tile before its wait)
+MODES = {"off": (False, False), "on": (True, False), "early": (True, True)}
 from fp6llm.models.loader import build_random  # noqa: E402
 
 
@@ -38,16 +42,19 @@ def main(argv=None) -> int:
     for fmt in args.formats.split(","):
         model = build_random(args.model, fmt, device="cuda", progress=False)
         for batch in map(int, args.batch.split(",")):
-            times = {False: [], True: []}
+            times = {mode: [] for mode in MODES}
             for _ in range(args.reps):
-                for pdl in (False, True):
+                for mode, (pdl, early) in MODES.items():
+                    fpx_cuda.EARLY_WEIGHTS = early
                     with launch.programmatic_launch(pdl):
-                        times[pdl].append(bench_batch(model, batch, args.prompt_len, args.gen_len, True, 1.0, 1)
-                                          ["ms_per_step"])
-            off, on = statistics.median(times[False]), statistics.median(times[True])
-            rows.append({"format": fmt, "batch": batch, "off_ms": times[False], "on_ms": times[True]})
-            print(f"{fmt:5} batch {batch:3}: off {off:6.2f} ms  on {on:6.2f} ms  ({off / on:.3f}x)  "
-                  f"off {['%.2f' % t for t in times[False]]} on {['%.2f' % t for t in times[True]]}", flush=True)
+                        times[mode].append(bench_batch(model, batch, args.prompt_len, args.gen_len, True, 1.0, 1)
+                                           ["ms_per_step"])
+            fpx_cuda.EARLY_WEIGHTS = True
+            median = {mode: statistics.median(t) for mode, t in times.items()}
+            rows.append({"format": fmt, "batch": batch, **{f"{mode}_ms": t for mode, t in times.items()}})
+            print(f"{fmt:5} batch {batch:3}: " + "  ".join(
+                f"{mode} {median[mode]:6.2f} ms ({median['off'] / median[mode]:.3f}x)" for mode in MODES)
+                + "  all: " + " ".join(f"{mode} {['%.2f' % t for t in times[mode]]}" for mode in MODES), flush=True)
         del model
         free_memory(torch.device("cuda"))
     if args.out:

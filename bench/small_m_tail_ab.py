@@ -6,7 +6,7 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
   partials from shared memory) instead of the workspace (partials to global memory, a fence, an arrival counter,
   the last CTA sums), at each shape's split from the GPU's table where it is 2..8;
 - programmatic dependent launch (PDL: a call's CTAs start while the previous call drains, and wait for it before
-  they touch memory).
+  they touch memory; pdl+early: they load their first weight tile before that wait, launch.static_weights).
 
     python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8]
                                     [--variants plain,cluster,...] [--out FILE.json]
@@ -18,6 +18,7 @@ an sm_90 GPU. Each variant is checked against the plain kernel (bit-identical su
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -31,11 +32,12 @@ from kernel import SHAPES, dense_calls, random_weight, rotating_calls  # noqa: E
 
 from fp6llm.evals.timing import copy_bandwidth, read_bandwidth, time_calls  # noqa: E402
 from fp6llm.formats import FPFormat  # noqa: E402
-from fp6llm.kernels import fpx_cuda  # noqa: E402
+from fp6llm.kernels import fpx_cuda, launch  # noqa: E402
 from fp6llm.kernels.dispatch import measured_small_m  # noqa: E402
 
 VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(cluster_split=True, pdl=False),
-            "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True)}
+            "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True),
+            "pdl+early": dict(cluster_split=False, pdl=True, static=True)}
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:
@@ -83,7 +85,9 @@ def main(argv=None) -> int:
                         continue
 
                     def run(x, p, s, kw=kw, split=split):
-                        return fpx_cuda.fpx_small_m(x, p, s, None, fmt, n, k, split, **kw)
+                        kw = dict(kw)
+                        with launch.static_weights() if kw.pop("static", False) else contextlib.nullcontext():
+                            return fpx_cuda.fpx_small_m(x, p, s, None, fmt, n, k, split, **kw)
                     out = run(x, qw.planes, qw.scales)
                     plain = out if plain is None else plain
                     row["equal"] = row["equal"] and bool(torch.equal(out, plain))

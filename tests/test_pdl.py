@@ -50,6 +50,12 @@ def test_programmatic_launch_is_on_by_default_and_scoped(monkeypatch):
         with launch.programmatic_launch(False):
             raise RuntimeError("inside")
     assert launch.PDL is True  # restored on an error too
+    assert not launch.weights_static()
+    with pytest.raises(RuntimeError):
+        with launch.static_weights():
+            assert launch.weights_static()
+            raise RuntimeError("inside")
+    assert not launch.weights_static()
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
@@ -210,3 +216,38 @@ def test_cuda_mid_and_wgmma_pdl_chain_reads_the_previous_output(kernel):
         x.copy_(torch.randn(m, k, generator=gen).to("cuda", torch.float16))
         graph.replay()
         assert torch.equal(out, chain(x, False, split)), split
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_small_m_early_weights_chain_reads_the_previous_output(m):
+    """The small-M kernel by PDL with its first weight tile loaded before the wait (launch.static_weights): three
+    layers in a row, eager and captured in a graph, equal bit for bit to the chain launched without PDL (splits 1,
+    3 and a cluster of 4)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90")
+    from fp6llm import quantize_weight
+    from fp6llm.kernels import fpx_cuda
+    gen = torch.Generator().manual_seed(m)
+    n = k = 1024
+    layers = [quantize_weight(torch.randn(n, k, generator=gen) * 0.03, "e3m2").to("cuda") for _ in range(3)]
+
+    def chain(x, pdl, split, cluster):
+        for qw in layers:
+            x = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, split, cluster_split=cluster,
+                                     pdl=pdl)
+        return x
+
+    for split, cluster in ((1, False), (3, False), (4, True)):
+        x0 = torch.randn(m, k, generator=gen).to("cuda", torch.float16)
+        expected = chain(x0, False, split, cluster)
+        with launch.static_weights():
+            assert torch.equal(chain(x0, True, split, cluster), expected), split
+            x = x0.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain(x, True, split, cluster)
+        x.copy_(torch.randn(m, k, generator=gen).to("cuda", torch.float16))
+        graph.replay()
+        assert torch.equal(out, chain(x, False, split, cluster)), split

@@ -163,23 +163,30 @@ def test_precompile_fills_the_disk_cache_in_parallel(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
-def test_cuda_small_m_pdl_touches_nothing_before_its_wait():
-    """The small-M kernel's PDL variant for sm_90a: in program order, nothing reads or writes memory before the
-    grid-dependency wait (ACQBULK); the trigger for the next grid (PREEXIT) comes after it; the K loop is the plain
-    kernel's (same instruction count), at M <= 8 with x prefetched and at M <= 16 without."""
+def test_cuda_small_m_pdl_touches_nothing_but_weights_before_its_wait():
+    """The small-M kernel's PDL variants for sm_90a: in program order, nothing reads or writes memory before the
+    grid-dependency wait (ACQBULK) but, with early_weights, the first weight tile's loads (one LDG per load of
+    LOAD_PLANES; ptxas keeps them there because the wait depends on their words); the trigger for the next grid
+    (PREEXIT) comes after it; the K loop is the plain kernel's (about the same instruction count), at M <= 8 with
+    x prefetched and at M <= 16 without."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
     memory = ("LDG", "STG", "LD", "ST", "LDS", "STS", "ATOM", "ATOMG", "RED", "LDGSTS", "UBLKCP", "UBLKPF")
     for n_blocks_m, prefetch_x in ((1, True), (2, False)):
-        cubins = [fpx_cuda.nvrtc_compile(fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, n_blocks_m, True,
-                                                                prefetch_x=prefetch_x, pdl=pdl),
-                                         "sm_90a", "fpx_small_m.cu") for pdl in (False, True)]
-        ops = [op for _, op, _, _ in sass.disassemble(cubins[1])]
-        wait = ops.index("ACQBULK")
-        assert ops.count("ACQBULK") == 1 and ops.index("PREEXIT") > wait
-        assert not [op for op in ops[:wait] if op in memory], ops[:wait]
-        plain, pdl = (len(sass.innermost_loop(sass.disassemble(c))) for c in cubins)
-        assert abs(plain - pdl) <= 16, (n_blocks_m, plain, pdl)
+        sources = [fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, n_blocks_m, True, prefetch_x=prefetch_x,
+                                          pdl=pdl, early_weights=early)
+                   for pdl, early in ((False, False), (True, False), (True, True))]
+        cubins = [fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_small_m.cu") for source in sources]
+        plane_loads = next(line for line in sources[2].splitlines()
+                           if line.startswith("#define LOAD_PLANES")).count("load_stream")
+        for cubin, early in ((cubins[1], False), (cubins[2], True)):
+            ops = [op for _, op, _, _ in sass.disassemble(cubin)]
+            wait = ops.index("ACQBULK")
+            assert ops.count("ACQBULK") == (2 if early else 1) and ops.index("PREEXIT") > wait
+            before = [op for op in ops[:wait] if op in memory]
+            assert before == (["LDG"] * plane_loads if early else []), (n_blocks_m, early, before)
+        plain, *pdl = (len(sass.innermost_loop(sass.disassemble(c))) for c in cubins)
+        assert all(abs(plain - p) <= 24 for p in pdl), (n_blocks_m, plain, pdl)
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")

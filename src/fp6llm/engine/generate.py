@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from ..kernels.launch import static_weights
 from ..models.attention import BLOCK_SIZE, blocks_for
 from .batcher import Batcher, Request
 from .blocks import BlockAllocator
@@ -243,20 +244,21 @@ class Engine:
         for request in plan.admitted:
             self.sampler.set(request.slot, request.sampling, request.seed)
         drawn = []  # (requests, their next tokens, the logits they were drawn from) of each forward, on the device
-        if plan.prefill:
-            synchronize(self.device)
-            start = time.perf_counter()
-            for group in self._prefill_groups(plan.prefill):
-                drawn += self._prefill(group)
-            synchronize(self.device)
-            self.stats.prefill_seconds += time.perf_counter() - start
-            self.stats.prefill_tokens += sum(c.count for c in plan.prefill)
-        if plan.decode:  # the device is idle: the last step's copy of its ids, or the prefill's end, waited for it
-            start = time.perf_counter()
-            tokens, logits = self.runner.decode(plan.decode, any(not r.sampling.greedy for r in plan.decode))
-            for request in plan.decode:
-                self.batcher.advance(request, 1)
-            drawn.append((plan.decode, tokens, logits))
+        with static_weights():  # no kernel of a step writes a weight: early-launched kernels may read them
+            if plan.prefill:
+                synchronize(self.device)
+                start = time.perf_counter()
+                for group in self._prefill_groups(plan.prefill):
+                    drawn += self._prefill(group)
+                synchronize(self.device)
+                self.stats.prefill_seconds += time.perf_counter() - start
+                self.stats.prefill_tokens += sum(c.count for c in plan.prefill)
+            if plan.decode:  # the device is idle: the last step's copy of its ids, or the prefill's end, waited for it
+                start = time.perf_counter()
+                tokens, logits = self.runner.decode(plan.decode, any(not r.sampling.greedy for r in plan.decode))
+                for request in plan.decode:
+                    self.batcher.advance(request, 1)
+                drawn.append((plan.decode, tokens, logits))
         events = self._accept(drawn)
         if plan.decode:
             self.stats.step_seconds.append(time.perf_counter() - start)  # the token ids' copy synchronized
@@ -272,7 +274,7 @@ class Engine:
     def warm_up(self) -> None:
         """On CUDA, capture the decode step's graph for every batch size now, so that the first requests do not
         wait for it (nothing to do elsewhere)."""
-        with torch.inference_mode():
+        with torch.inference_mode(), static_weights():
             self.runner.warm_up()
 
     def close(self) -> None:

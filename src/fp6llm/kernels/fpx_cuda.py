@@ -108,6 +108,10 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
         "#define POWER_PARAMS " + "".join(f", u32 pw_{r}" for r in used),
         "#define POWERS {" + ", ".join(f"pw_{r}" for r in used) + "}",
         "#define LOAD_PLANES " + " ".join(loads),
+        # the XOR of the first word of every load of LOAD_PLANES: a value that needs all of them
+        "#define TILE_WORDS_XOR(TILE) (" + " ^ ".join(
+            f"TILE.w{p}[{first}]" for p, plane in enumerate(layout)
+            for first in range(0, 2 * plane.width, words_per_group(plane.width))) + ")",
         "struct Tile;",
     ]), "\n".join(["struct Powers { " + " ".join(f"u32 p{r};" for r in used) + " };",
         "__device__ __forceinline__ void dequant_tile(const Tile& tile, const Powers& pw, u32 (&a)[32]) {",
@@ -130,20 +134,22 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False) -> str:
+                  pdl: bool = False, early_weights: bool = False) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
     .cu file; prefetch_x False: x is read when its tile is computed, not a tile ahead (fewer registers);
     cluster_split 2..8 (sm_90): a launch of exactly that split, its CTAs of a row block a cluster that sums the
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
-    touches memory, so it may be launched with programmatic stream serialization (launch_ex)."""
+    touches memory, so it may be launched with programmatic stream serialization (launch_ex); early_weights
+    (with pdl): but for its first weight tile, loaded before the wait (weights that no kernel of the stream writes:
+    launch.static_weights)."""
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
-               *(["#define PDL 1"] if pdl else [])]
+               *(["#define PDL 1", f"#define EARLY_WEIGHTS {int(early_weights)}"] if pdl else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
@@ -350,11 +356,12 @@ def _load(key: tuple, source, name: str, warps: int, device):
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
             prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False):
     """The small-M kernel for this case (see _load)."""
+    early = pdl and EARLY_WEIGHTS and launch.weights_static()
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           torch.device(device).index)
+           early, torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl), KERNEL_NAME, WARPS,
-                 device)
+                                            fma_shifts, prefetch_x, cluster_split, pdl, early), KERNEL_NAME,
+                 WARPS, device)
 
 
 def _takes(fmt: FPFormat, group_size, x: torch.Tensor, k: int, max_m: int) -> bool:
@@ -395,6 +402,9 @@ def choose_split(n: int, k: int, m: int, num_sms: int, resident: int = 6) -> int
 # unfitted 0.1: 1.021x / 1.015x, at most 1.139x / 1.093x. Only shapes without a table entry use the model.
 SUM_COST = 0.4
 
+
+
+EARLY_WEIGHTS = True  # with PDL within launch.static_weights(): the first weight tile loaded before the wait
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,

@@ -10,7 +10,8 @@ an H200 (2026-12-03, llama-2-13b e3m2, batch 1): 4.13 -> 3.78 ms per decode step
 
 On by default; FP6LLM_PDL=0 in the environment, or ``programmatic_launch(False)`` around work, turns it off.
 ``enabled(device)`` is what a launcher asks: on, a CUDA device of compute capability 9.0 or newer, and not the Triton
-interpreter.
+interpreter. Within ``static_weights()`` the small-M kernel also loads its first weight tile before it waits, so
+that the weight stream of one layer runs on into the next.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import torch
 
 PDL = os.environ.get("FP6LLM_PDL", "1") != "0"  # programmatic_launch() sets it
+STATIC_WEIGHTS = False  # static_weights() sets it
 
 
 @contextlib.contextmanager
@@ -34,6 +36,22 @@ def programmatic_launch(on: bool = True):
         yield
     finally:
         PDL = previous
+
+
+@contextlib.contextmanager
+def static_weights():
+    """Within: the caller promises that no kernel of the stream writes a layer's weights (packed planes, scales), so
+    a kernel launched early may read them before it waits for the previous one (an engine's steps)."""
+    global STATIC_WEIGHTS
+    previous, STATIC_WEIGHTS = STATIC_WEIGHTS, True
+    try:
+        yield
+    finally:
+        STATIC_WEIGHTS = previous
+
+
+def weights_static() -> bool:
+    return STATIC_WEIGHTS
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,6 +27,12 @@ __device__ __forceinline__ float load_cluster(u32 addr, u32 cta) {  // the float
 // the previous kernel of the stream drains; griddep_wait() returns once that kernel completed (at once for a grid
 // launched without it), griddep_launch_dependents() lets the next such grid start.
 __device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+// griddep_wait() once `dep` is known: a wait predicated on a value of earlier loads, which ptxas then cannot sink below
+// the wait (it sinks plain loads past griddepcontrol.wait); both branches wait.
+__device__ __forceinline__ void griddep_wait_after(u32 dep) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@p griddepcontrol.wait;\n@!p griddepcontrol.wait;\n}"
+                 :: "r"(dep) : "memory");
+}
 __device__ __forceinline__ void griddep_launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 }

@@ -26,6 +26,9 @@
 #ifndef PDL
 #define PDL 0  // 1 (sm_90): a grid that may start before the previous kernel of its stream completed (see the kernel)
 #endif
+#ifndef EARLY_WEIGHTS
+#define EARLY_WEIGHTS 0  // 1 (with PDL): the first weight tile is loaded before the wait
+#endif
 #if CLUSTER_SPLIT
 #define CLUSTER_DIMS __cluster_dims__(1, CLUSTER_SPLIT, 1)
 #else
@@ -58,10 +61,15 @@ __device__ __forceinline__ void load_x(uint4 (&x)[N_BLOCKS_M][4], const XRows& r
     }
 }
 
+__device__ __forceinline__ void load_planes(Tile& tile, const u32* __restrict__ p0, const u32* __restrict__ p1,
+                                            const u32* __restrict__ p2, long tile_index, int lane) {
+    LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
+}
+
 __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0, const u32* __restrict__ p1,
                                           const u32* __restrict__ p2, const XRows& rows, long tile_index, int kt,
                                           int lane) {
-    LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
+    load_planes(tile, p0, p1, p2, tile_index, lane);
 #if PREFETCH_X
     load_x(tile.x, rows, kt, lane);
 #endif
@@ -110,23 +118,35 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     const int n_tiles = (N + 15) / 16;
     const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
 
+    const bool work = row_tile < n_tiles && kt0 < kt1;
+    const long base = (long)row_tile * k_tiles;
+    // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
+    Tile even, odd;
 #if PDL
     // Launched with programmatic stream serialization, this grid may run while the previous kernel (the one that
-    // writes x, or may still read memory that becomes out or ws) drains: it touches nothing before griddep_wait().
-    // (Loading the first weight tile before the wait does not survive ptxas, which sinks the loads below it; an L2
-    // prefetch of 4 tiles there measured slower end to end, 2026-12-03.)
+    // writes x, or may still read memory that becomes out or ws) drains. Before the wait nothing is touched but,
+    // with EARLY_WEIGHTS (weights that no kernel of the stream writes: the caller's promise), the first weight tile:
+    // the wait is made to depend on its words, or ptxas would sink the loads below it.
+#if EARLY_WEIGHTS
+    if (work) load_planes(even, p0, p1, p2, base + kt0, lane);
+    griddep_wait_after(TILE_WORDS_XOR(even));
+#else
     griddep_wait();
 #endif
+#endif
     float chains[N_BLOCKS_M][CHAINS][4] = {};
-    if (row_tile < n_tiles && kt0 < kt1) {
+    if (work) {
         // Lanes past the last row of x read row M - 1 again (an L1 hit): the MMA columns they feed are outputs for
         // rows >= M, which are never stored, so they need no zeroing.
         const XRows rows = {reinterpret_cast<const uint4*>(x + (long)min(g, M - 1) * ldx),
                             reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx)};
-        const long base = (long)row_tile * k_tiles;
-        // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
-        Tile even, odd;
+#if PDL && EARLY_WEIGHTS
+#if PREFETCH_X
+        load_x(even.x, rows, kt0, lane);
+#endif
+#else
         load_tile(even, p0, p1, p2, rows, base + kt0, kt0, lane);
+#endif
         for (int kt = kt0; kt < kt1; kt += 2) {
             if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, rows, base + kt + 1, kt + 1, lane);
             compute_tile(even, pw, rows, kt, lane, chains);
