@@ -533,38 +533,6 @@ def test_cuda_small_m_kernel_cluster_split_equals_the_workspace_sums(gen, dtype,
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
 
 
-@gpu
-@pytest.mark.parametrize("m", [1, 16])
-def test_cuda_small_m_kernel_pdl_chain_reads_the_previous_output(gen, m):
-    """Programmatic dependent launch (sm_90): three layers in a row, each one's x the previous one's output, eager
-    and captured in a graph; each launch may start while the previous drains, so a read of x before the wait would
-    see a stale or half-written input. Equal, bit for bit, to the same chain launched without it; splits 1, 3
-    (workspace) and 4 (in a cluster)."""
-    from fp6llm.kernels import fpx_cuda
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("programmatic dependent launch needs sm_90")
-    n = k = 1024
-    layers = [quantize_weight(torch.randn(n, k, generator=gen) * 0.03, "e3m2").to("cuda") for _ in range(3)]
-    x0 = torch.randn(m, k, generator=gen).to("cuda", torch.float16)
-
-    def chain(x, pdl, split, cluster):
-        for qw in layers:
-            x = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, None, qw.fmt, n, k, split, cluster_split=cluster,
-                                     pdl=pdl)
-        return x
-
-    for split, cluster in ((1, False), (3, False), (4, True)):
-        expected = chain(x0, False, split, cluster)
-        assert torch.equal(chain(x0, True, split, cluster), expected), split
-        x = x0.clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = chain(x, True, split, cluster)
-        x.copy_(torch.randn(m, k, generator=gen).to("cuda", torch.float16))
-        graph.replay()
-        assert torch.equal(out, chain(x, False, split, cluster)), split
-
-
 def test_launch_ex_structures_match_cuda_h():
     """cuLaunchKernelEx's structures as cuda.h lays them out (CUlaunchConfig: 7 unsigned, the stream at 32, the
     attributes at 40, their count at 48, 56 bytes; CUlaunchAttribute: id, 4 bytes of padding, a 64-byte value) and

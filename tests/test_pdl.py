@@ -2,6 +2,7 @@
 the previous grid before its first memory access (machine code for sm_90a, compiled on the CPU); on a Hopper GPU, a
 decode step launched with it gives the tokens and logits of the same step launched without, bit for bit."""
 
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -14,18 +15,12 @@ import torch
 from fp6llm.formats import FPFormat
 from fp6llm.kernels import launch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_sass import nvrtc_available  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 MEMORY = ("LDG", "STG", "LD", "ST", "LDS", "STS", "ATOM", "ATOMG", "RED", "LDGSTS", "UBLKCP", "UBLKPF")
-
-
-def nvrtc_available() -> bool:
-    from fp6llm.kernels import fpx_cuda
-    try:
-        fpx_cuda._find_nvrtc()
-        return True
-    except RuntimeError:
-        return False
 
 
 def test_programmatic_launch_is_on_by_default_and_scoped(monkeypatch):
@@ -163,7 +158,6 @@ def test_cuda_decode_with_pdl_equals_without(batch):
     step's or a half-written one."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
-    sys.path.insert(0, str(ROOT / "tests"))
     from test_attention import recorded_logits
 
     from fp6llm.engine.generate import Engine
@@ -220,11 +214,13 @@ def test_cuda_mid_and_wgmma_pdl_chain_reads_the_previous_output(kernel):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("early", [False, True])
 @pytest.mark.parametrize("m", [1, 16])
-def test_cuda_small_m_early_weights_chain_reads_the_previous_output(m):
-    """The small-M kernel by PDL with its first weight tile loaded before the wait (launch.static_weights): three
-    layers in a row, eager and captured in a graph, equal bit for bit to the chain launched without PDL (splits 1,
-    3 and a cluster of 4)."""
+def test_cuda_small_m_pdl_chain_reads_the_previous_output(m, early):
+    """The small-M kernel by PDL, with and without its first weight tile loaded before the wait (early, within
+    launch.static_weights): three layers in a row, each one's x the previous one's output, eager and captured in a
+    graph; each launch may start while the previous drains, so a read of x before the wait would see a stale or
+    half-written input. Equal, bit for bit, to the chain launched without PDL (splits 1, 3 and a cluster of 4)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     from fp6llm import quantize_weight
@@ -242,7 +238,7 @@ def test_cuda_small_m_early_weights_chain_reads_the_previous_output(m):
     for split, cluster in ((1, False), (3, False), (4, True)):
         x0 = torch.randn(m, k, generator=gen).to("cuda", torch.float16)
         expected = chain(x0, False, split, cluster)
-        with launch.static_weights():
+        with launch.static_weights() if early else contextlib.nullcontext():
             assert torch.equal(chain(x0, True, split, cluster), expected), split
             x = x0.clone()
             graph = torch.cuda.CUDAGraph()
