@@ -6,7 +6,9 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
   partials from shared memory) instead of the workspace (partials to global memory, a fence, an arrival counter,
   the last CTA sums), at each shape's split from the GPU's table where it is 2..8;
 - programmatic dependent launch (PDL: a call's CTAs start while the previous call drains, and wait for it before
-  they touch memory; pdl+early: they load their first weight tile before that wait, launch.static_weights).
+  they touch memory; pdl+early: they load their first weight tile before that wait, launch.static_weights);
+- plainx: x read when its tile is computed (prefetch_x off); rt2: that, with two 16-row tiles per warp sharing
+  each load of x (row_tiles=2).
 
     python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8]
                                     [--variants plain,cluster,...] [--out FILE.json]
@@ -37,7 +39,9 @@ from fp6llm.kernels.dispatch import measured_small_m  # noqa: E402
 
 VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(cluster_split=True, pdl=False),
             "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True),
-            "pdl+early": dict(cluster_split=False, pdl=True, static=True)}
+            "pdl+early": dict(cluster_split=False, pdl=True, static=True),
+            "plainx": dict(cluster_split=False, pdl=False, prefetch_x=False),
+            "rt2": dict(cluster_split=False, pdl=False, prefetch_x=False, row_tiles=2)}
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:

@@ -505,6 +505,29 @@ def test_cuda_small_m_kernel_matches_reference(gen, fmt, dtype, m):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 9, 16])
+def test_cuda_small_m_two_row_tiles_per_warp_equal_one(gen, dtype, m):
+    """row_tiles=2 (each warp multiplies two 16-row tiles with each load of x) gives, bit for bit, the one-tile
+    kernel's sums (the same chains per row tile), near the float64 reference: 208 rows (13 tiles: a warp whose
+    second tile is past the last), splits 1, 3 (workspace) and 4 (a cluster), bias at odd M."""
+    from fp6llm.kernels import fpx_cuda
+    n, k = 208, 1024
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "e2m3").to("cuda")
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
+    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    for split, cluster in ((1, False), (3, False)) + (((4, True),) if hopper else ()):
+        one = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, prefetch_x=False,
+                                   cluster_split=cluster)
+        two = fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, prefetch_x=False,
+                                   cluster_split=cluster, row_tiles=2)
+        assert torch.equal(two, one), split
+        assert ((two.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype], split
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_cuda_small_m_kernel_cluster_split_equals_the_workspace_sums(gen, dtype, m):
     """Split-K in a cluster (sm_90: the row block's CTAs sum each other's partials in shared memory) at splits 2..8

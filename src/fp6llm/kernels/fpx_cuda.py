@@ -134,7 +134,7 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False, early_weights: bool = False) -> str:
+                  pdl: bool = False, early_weights: bool = False, row_tiles: int = 1) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
@@ -143,10 +143,14 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
     touches memory, so it may be launched with programmatic stream serialization (launch_ex); early_weights
     (with pdl): but for its first weight tile, loaded before the wait (weights that no kernel of the stream writes:
-    launch.static_weights)."""
+    launch.static_weights); row_tiles 2: each warp multiplies two 16-row tiles with each load of x (half the x
+    traffic through L1; x read at compute time, two warps per CTA)."""
+    if row_tiles not in (1, 2) or (row_tiles > 1 and prefetch_x):
+        raise ValueError(f"the small-M kernel takes 1 or 2 row tiles per warp (2 without prefetch_x), not {row_tiles}")
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
+               f"#define ROW_TILES {row_tiles}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
                *(["#define PDL 1", f"#define EARLY_WEIGHTS {int(early_weights)}"] if pdl else [])]
@@ -354,14 +358,14 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, row_tiles: int = 1):
     """The small-M kernel for this case (see _load)."""
     early = pdl and EARLY_WEIGHTS and launch.weights_static()
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           early, torch.device(device).index)
+           early, row_tiles, torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl, early), KERNEL_NAME,
-                 WARPS, device)
+                                            fma_shifts, prefetch_x, cluster_split, pdl, early, row_tiles),
+                 KERNEL_NAME, WARPS // row_tiles, device)
 
 
 def _takes(fmt: FPFormat, group_size, x: torch.Tensor, k: int, max_m: int) -> bool:
@@ -410,9 +414,11 @@ EARLY_WEIGHTS = True  # with PDL within launch.static_weights(): the first weigh
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
-                cluster_split: "bool | None" = None, pdl: "bool | None" = None) -> torch.Tensor:
+                cluster_split: "bool | None" = None, pdl: "bool | None" = None,
+                row_tiles: int = 1) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
-    cluster_split override the defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
+    cluster_split / row_tiles (2: two 16-row tiles per warp share each load of x, without prefetch_x) override the
+    defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
     this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
     cluster and sum their partials in shared memory (no workspace). pdl (sm_90; None: launch.enabled, see
@@ -437,7 +443,8 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
     pdl = (launch.enabled(x.device) if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster, pdl)
+                               prefetch_x, x.device, cluster, pdl, row_tiles)
+    threads = WARPS // row_tiles * 32
     if split is None:
         split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
     row_blocks = -(-n // ROWS_PER_CTA)
@@ -452,9 +459,9 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     args = [x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws, counts, m,
             n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps, *(_powers(fmt) if fma_shifts else ())]
     if pdl:
-        launch_ex(kernel, (row_blocks, split, 1), (WARPS * 32, 1, 1), args, pdl=True)
+        launch_ex(kernel, (row_blocks, split, 1), (threads, 1, 1), args, pdl=True)
     else:
-        kernel(grid=(row_blocks, split, 1), block=(WARPS * 32, 1, 1), args=args)
+        kernel(grid=(row_blocks, split, 1), block=(threads, 1, 1), args=args)
     return out
 
 

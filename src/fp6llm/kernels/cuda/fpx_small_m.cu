@@ -8,7 +8,8 @@
 // ks). The weight is the A operand (16 rows per warp), x^T the B operand (8 rows of x per n8 block; lane 4 g + t
 // loads row g's 32 contiguous columns 32 t .. 32 t + 31 of the tile: the k order both operands agree on).
 //
-// Grid: (ceil(N / 64), SPLIT). A CTA of 4 warps covers 64 rows (a 16-row tile per warp, sharing x through L1) and
+// Grid: (ceil(N / 64), SPLIT). A CTA of 4 / ROW_TILES warps covers 64 rows (ROW_TILES 16-row tiles per warp, each
+// load of x feeding all of them; the warps share x through L1) and
 // K tiles [blockIdx.y * kps, ...). SPLIT > 1: each CTA writes its float32 partial to ws, the last CTA of a row block
 // to arrive (an arrival counter, reset by that CTA: CUDA-graph safe) sums the partials in split order, so results do
 // not depend on timing; or (CLUSTER_SPLIT, sm_90, SPLIT <= 8) the row block's CTAs are a cluster and sum each
@@ -19,7 +20,13 @@
 // Powers / POWER_PARAMS / POWERS (the multipliers dequant_tile uses, passed as kernel parameters),
 // LOAD_PLANES(kt) and dequant_tile().
 
-#define WARPS 4
+#ifndef ROW_TILES
+#define ROW_TILES 1  // 16-row weight tiles per warp, all fed by each load of x (2: x read at compute time)
+#endif
+#define WARPS (4 / ROW_TILES)  // a CTA covers 64 rows either way
+#if ROW_TILES > 1 && PREFETCH_X
+#error "ROW_TILES > 1 reads x at compute time (PREFETCH_X 0)"
+#endif
 #ifndef CLUSTER_SPLIT
 #define CLUSTER_SPLIT 0  // > 0 (sm_90): the SPLIT = CLUSTER_SPLIT CTAs of a row block are a cluster (see the epilogue)
 #endif
@@ -77,31 +84,44 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
 
 // Independent accumulator chains per n8 block: consecutive k-steps' MMAs go to different chains, so the tensor
 // core's latency (~30 cycles per dependent mma.sync) is not paid 8 times in a row per tile.
-#define CHAINS (4 / N_BLOCKS_M)  // measured on an H200 (2026-12-01): 1 chain 1.05-1.2x slower, 2 = 4 within noise
+// measured on an H200 (2026-12-01): 1 chain 1.05-1.2x slower, 2 = 4 within noise (per row tile: the sums are the
+// same, bit for bit, at any ROW_TILES)
+#define CHAINS (4 / N_BLOCKS_M)
 
-__device__ __forceinline__ void compute_tile(const Tile& tile, const Powers& pw, const XRows& rows, int kt, int lane,
-                                             float (&acc)[N_BLOCKS_M][CHAINS][4]) {
+// A warp's ROW_TILES tiles of one K tile, all multiplied with the same registers of x.
+__device__ __forceinline__ void compute_group(const Tile (&tiles)[ROW_TILES], const Powers& pw, const XRows& rows,
+                                              int kt, int lane, float (&acc)[ROW_TILES][N_BLOCKS_M][CHAINS][4]) {
 #if PREFETCH_X
-    const uint4 (&x)[N_BLOCKS_M][4] = tile.x;
+    const uint4 (&x)[N_BLOCKS_M][4] = tiles[0].x;
 #else
     uint4 x[N_BLOCKS_M][4];
     load_x(x, rows, kt, lane);
 #endif
-    u32 a[32];
-    dequant_tile(tile, pw, a);
 #pragma unroll
-    for (int ks = 0; ks < 8; ++ks) {
-        u32 frag[4] = {a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3]};
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+        u32 a[32];
+        dequant_tile(tiles[rt], pw, a);
+#pragma unroll
+        for (int ks = 0; ks < 8; ++ks) {
+            u32 frag[4] = {a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3]};
 #if IS_BF16
 #pragma unroll
-        for (int r = 0; r < 4; ++r) frag[r] = to_bf16x2(frag[r]);
+            for (int r = 0; r < 4; ++r) frag[r] = to_bf16x2(frag[r]);
 #endif
 #pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b) {
-            const u32* xs = reinterpret_cast<const u32*>(&x[b][0]);  // 16 words = 32 columns of row g
-            mma(acc[b][ks % CHAINS], frag, xs[2 * ks], xs[2 * ks + 1]);
+            for (int b = 0; b < N_BLOCKS_M; ++b) {
+                const u32* xs = reinterpret_cast<const u32*>(&x[b][0]);  // 16 words = 32 columns of row g
+                mma(acc[rt][b][ks % CHAINS], frag, xs[2 * ks], xs[2 * ks + 1]);
+            }
         }
     }
+}
+
+__device__ __forceinline__ void load_group(Tile (&tiles)[ROW_TILES], const u32* __restrict__ p0,
+                                           const u32* __restrict__ p1, const u32* __restrict__ p2, const XRows& rows,
+                                           const long (&base)[ROW_TILES], int kt, int lane) {
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) load_tile(tiles[rt], p0, p1, p2, rows, base[rt] + kt, kt, lane);
 }
 
 extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WARPS * 32)
@@ -114,27 +134,35 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int k_tiles = (K + 127) / 128;
-    const int row_tile = blockIdx.x * WARPS + warp;  // 16-row tile of this warp
+    const int row_tile = (blockIdx.x * WARPS + warp) * ROW_TILES;  // the first 16-row tile of this warp
     const int n_tiles = (N + 15) / 16;
     const int kt0 = blockIdx.y * kps, kt1 = min(kt0 + kps, k_tiles);
 
     const bool work = row_tile < n_tiles && kt0 < kt1;
-    const long base = (long)row_tile * k_tiles;
+    long base[ROW_TILES];  // a warp's tiles past the last one read the last one again (their rows are not stored)
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt)
+        base[rt] = (long)(ROW_TILES == 1 ? row_tile : min(row_tile + rt, n_tiles - 1)) * k_tiles;
     // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
-    Tile even, odd;
+    Tile even[ROW_TILES], odd[ROW_TILES];
 #if PDL
     // Launched with programmatic stream serialization, this grid may run while the previous kernel (the one that
     // writes x, or may still read memory that becomes out or ws) drains. Before the wait nothing is touched but,
     // with EARLY_WEIGHTS (weights that no kernel of the stream writes: the caller's promise), the first weight tile:
     // the wait is made to depend on its words, or ptxas would sink the loads below it.
 #if EARLY_WEIGHTS
-    if (work) load_planes(even, p0, p1, p2, base + kt0, lane);
-    griddep_wait_after(TILE_WORDS_XOR(even));
+    u32 dep = 0;
+#pragma unroll
+    for (int rt = 0; rt < ROW_TILES; ++rt) {
+        if (work) load_planes(even[rt], p0, p1, p2, base[rt] + kt0, lane);
+        dep ^= TILE_WORDS_XOR(even[rt]);
+    }
+    griddep_wait_after(dep);
 #else
     griddep_wait();
 #endif
 #endif
-    float chains[N_BLOCKS_M][CHAINS][4] = {};
+    float chains[ROW_TILES][N_BLOCKS_M][CHAINS][4] = {};
     if (work) {
         // Lanes past the last row of x read row M - 1 again (an L1 hit): the MMA columns they feed are outputs for
         // rows >= M, which are never stored, so they need no zeroing.
@@ -142,42 +170,46 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
                             reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx)};
 #if PDL && EARLY_WEIGHTS
 #if PREFETCH_X
-        load_x(even.x, rows, kt0, lane);
+        load_x(even[0].x, rows, kt0, lane);
 #endif
 #else
-        load_tile(even, p0, p1, p2, rows, base + kt0, kt0, lane);
+        load_group(even, p0, p1, p2, rows, base, kt0, lane);
 #endif
         for (int kt = kt0; kt < kt1; kt += 2) {
-            if (kt + 1 < kt1) load_tile(odd, p0, p1, p2, rows, base + kt + 1, kt + 1, lane);
-            compute_tile(even, pw, rows, kt, lane, chains);
+            if (kt + 1 < kt1) load_group(odd, p0, p1, p2, rows, base, kt + 1, lane);
+            compute_group(even, pw, rows, kt, lane, chains);
             if (kt + 1 >= kt1) break;
-            if (kt + 2 < kt1) load_tile(even, p0, p1, p2, rows, base + kt + 2, kt + 2, lane);
-            compute_tile(odd, pw, rows, kt + 1, lane, chains);
+            if (kt + 2 < kt1) load_group(even, p0, p1, p2, rows, base, kt + 2, lane);
+            compute_group(odd, pw, rows, kt + 1, lane, chains);
         }
     }
 
 #if PDL
     griddep_launch_dependents();  // the next grid's CTAs may start while this one finishes
 #endif
-    float acc[N_BLOCKS_M][4];
+    float acc[ROW_TILES][N_BLOCKS_M][4];
 #pragma unroll
-    for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            acc[b][i] = chains[b][0][i];
-#pragma unroll
-            for (int c = 1; c < CHAINS; ++c) acc[b][i] += chains[b][c][i];
-        }
-    // acc[b][i]: weight row 16 row_tile + g + 8 (i / 2), x row 8 b + 2 t + i % 2.
-    const int n0 = row_tile * 16 + g;
-    if (gridDim.y == 1) {
+    for (int rt = 0; rt < ROW_TILES; ++rt)
 #pragma unroll
         for (int b = 0; b < N_BLOCKS_M; ++b)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
-                if (n < N && m < M) out[(long)m * ldo + n] = finish(acc[b][i], n, scales, scale_factor, bias);
+                acc[rt][b][i] = chains[rt][b][0][i];
+#pragma unroll
+                for (int c = 1; c < CHAINS; ++c) acc[rt][b][i] += chains[rt][b][c][i];
             }
+    // acc[rt][b][i]: weight row 16 (row_tile + rt) + g + 8 (i / 2), x row 8 b + 2 t + i % 2.
+    const int n0 = row_tile * 16 + g;
+    if (gridDim.y == 1) {
+#pragma unroll
+        for (int rt = 0; rt < ROW_TILES; ++rt)
+#pragma unroll
+            for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int n = n0 + 16 * rt + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+                    if (n < N && m < M) out[(long)m * ldo + n] = finish(acc[rt][b][i], n, scales, scale_factor, bias);
+                }
         return;
     }
 #if CLUSTER_SPLIT
@@ -186,10 +218,13 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     // split order (the same sums, bit for bit, as the workspace path below): no global partials, fences, counters.
     __shared__ float partial[64 * 8 * N_BLOCKS_M];
 #pragma unroll
-    for (int b = 0; b < N_BLOCKS_M; ++b)
+    for (int rt = 0; rt < ROW_TILES; ++rt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            partial[(16 * warp + g + 8 * (i / 2)) * 8 * N_BLOCKS_M + 8 * b + 2 * t + i % 2] = acc[b][i];
+        for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                partial[(16 * (warp * ROW_TILES + rt) + g + 8 * (i / 2)) * 8 * N_BLOCKS_M + 8 * b + 2 * t + i % 2] =
+                    acc[rt][b][i];
     cluster_sync();
     const int rank = blockIdx.y;  // the cluster's rank: its CTAs are (x, 0 .. SPLIT - 1)
     const int rows = (64 - rank + CLUSTER_SPLIT - 1) / CLUSTER_SPLIT;
@@ -207,12 +242,14 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     const int n_pad = gridDim.x * 64;
     float* part = ws + (long)blockIdx.y * n_pad * M;
 #pragma unroll
-    for (int b = 0; b < N_BLOCKS_M; ++b)
+    for (int rt = 0; rt < ROW_TILES; ++rt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int m = 8 * b + 2 * t + i % 2;
-            if (m < M) part[(long)(n0 + 8 * (i / 2)) * M + m] = acc[b][i];
-        }
+        for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = 8 * b + 2 * t + i % 2;
+                if (m < M) part[(long)(n0 + 16 * rt + 8 * (i / 2)) * M + m] = acc[rt][b][i];
+            }
     __threadfence();
     __syncthreads();
     __shared__ int arrived;
@@ -221,15 +258,17 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     if (arrived != gridDim.y - 1) return;
     __threadfence();
 #pragma unroll
-    for (int b = 0; b < N_BLOCKS_M; ++b)
+    for (int rt = 0; rt < ROW_TILES; ++rt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int n = n0 + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
-            if (m >= M) continue;
-            // The partials in split order (results independent of timing).
-            const float v = sum_partials(ws + (long)n * M + m, (long)n_pad * M, gridDim.y);
-            if (n < N) out[(long)m * ldo + n] = finish(v, n, scales, scale_factor, bias);
-        }
+        for (int b = 0; b < N_BLOCKS_M; ++b)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int n = n0 + 16 * rt + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+                if (m >= M) continue;
+                // The partials in split order (results independent of timing).
+                const float v = sum_partials(ws + (long)n * M + m, (long)n_pad * M, gridDim.y);
+                if (n < N) out[(long)m * ldo + n] = finish(v, n, scales, scale_factor, bias);
+            }
     if (threadIdx.x == 0) counts[blockIdx.x] = 0;  // ready for the next launch or graph replay
 #endif
 }
