@@ -190,6 +190,28 @@ def test_cuda_small_m_pdl_touches_nothing_but_weights_before_its_wait():
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_cuda_small_m_two_row_tiles_share_each_load_of_x():
+    """row_tiles=2 for sm_90a (M <= 8 and M <= 16, x at compute time): no local memory, registers for at least 6 CTAs
+    of 2 warps per SM, and per loop pass (2 K tiles) the loads of 4 weight tiles but of x only twice: LOAD_PLANES'
+    loads per tile x 4 + 4 n8-block loads of x x 2; the one-tile kernel loads x once per weight tile."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    for n_blocks_m in (1, 2):
+        source = fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, n_blocks_m, False, prefetch_x=False,
+                                        row_tiles=2)
+        cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_small_m.cu")
+        assert "LOCAL:0" in sass._cuobjdump(cubin, "--dump-resource-usage")
+        assert sass.registers(cubin) * 64 * 6 <= 65536
+        plane_loads = next(line for line in source.splitlines()
+                           if line.startswith("#define LOAD_PLANES")).count("load_stream")
+        loop = [op for _, op, _, _ in sass.innermost_loop(sass.disassemble(cubin))]
+        assert loop.count("LDG") == 4 * plane_loads + 2 * 4 * n_blocks_m, (n_blocks_m, loop.count("LDG"))
+        assert loop.count("HMMA") == 4 * 8 * n_blocks_m
+    with pytest.raises(ValueError, match="row tiles"):
+        fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, 1, False, prefetch_x=True, row_tiles=2)
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_small_m_cluster_split_compiles():
     """The small-M kernel's split-K in a cluster for sm_90a (M <= 8 at 8 CTAs per cluster, M <= 16 at 2, with
     bias): no local memory, the two cluster barriers, the loads of the other CTAs' partials, no global atomics."""

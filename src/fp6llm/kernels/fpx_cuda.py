@@ -429,7 +429,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
         measured = None
     if prefetch_x is None:
-        prefetch_x = measured.prefetch_x if measured is not None else True
+        prefetch_x = (measured.prefetch_x if measured is not None else True) and row_tiles == 1
     if cluster_split is None:
         cluster_split = measured.cluster_split if measured is not None else False
     if split is None:

@@ -119,9 +119,12 @@ __device__ __forceinline__ void compute_group(const Tile (&tiles)[ROW_TILES], co
 
 __device__ __forceinline__ void load_group(Tile (&tiles)[ROW_TILES], const u32* __restrict__ p0,
                                            const u32* __restrict__ p1, const u32* __restrict__ p2, const XRows& rows,
-                                           const long (&base)[ROW_TILES], int kt, int lane) {
+                                           const long (&base)[ROW_TILES], int kt, int ahead, int lane) {
+    // K tile kt + ahead, its index summed as base + kt + ahead: the one-tile kernel's arithmetic, instruction for
+    // instruction (base + (kt + ahead) costs it 7 more per loop pass and, at M = 16, 8 registers).
 #pragma unroll
-    for (int rt = 0; rt < ROW_TILES; ++rt) load_tile(tiles[rt], p0, p1, p2, rows, base[rt] + kt, kt, lane);
+    for (int rt = 0; rt < ROW_TILES; ++rt)
+        load_tile(tiles[rt], p0, p1, p2, rows, base[rt] + kt + ahead, kt + ahead, lane);
 }
 
 extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WARPS * 32)
@@ -173,13 +176,13 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         load_x(even[0].x, rows, kt0, lane);
 #endif
 #else
-        load_group(even, p0, p1, p2, rows, base, kt0, lane);
+        load_group(even, p0, p1, p2, rows, base, kt0, 0, lane);
 #endif
         for (int kt = kt0; kt < kt1; kt += 2) {
-            if (kt + 1 < kt1) load_group(odd, p0, p1, p2, rows, base, kt + 1, lane);
+            if (kt + 1 < kt1) load_group(odd, p0, p1, p2, rows, base, kt, 1, lane);
             compute_group(even, pw, rows, kt, lane, chains);
             if (kt + 1 >= kt1) break;
-            if (kt + 2 < kt1) load_group(even, p0, p1, p2, rows, base, kt + 2, lane);
+            if (kt + 2 < kt1) load_group(even, p0, p1, p2, rows, base, kt, 2, lane);
             compute_group(odd, pw, rows, kt + 1, lane, chains);
         }
     }
