@@ -2,7 +2,8 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed |
+#       all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -23,6 +24,8 @@
 #             e2e-mid: batch 32/64/128, prompt 128 + 32 new tokens (the wgmma kernel's batches)
 #             e2e-pdl: FP16 and e3m2 at batch 1/8/32 with programmatic dependent launch (the default) and with
 #             --no-programmatic-launch
+#   row-tiles the small-M kernel with two row tiles per warp (row_tiles=2): its GPU test, then small_m_tail_ab.py
+#             at M = 1..16 against the plain kernel and x at compute time
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
 #   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients, the server's default settings (run
 #             bench/serve_wheels.sh here first and carry .whl); serve-mixed: 8/32 clients, prompts of 64-2048 tokens
@@ -96,6 +99,14 @@ e2e-mid)
     timeout 560 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 32,64,128 \
         --prompt-len 128 --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e-mid.log" \
         | grep -E "^\||wrote|rror" | tail -12
+    ;;
+row-tiles)  # the small-M kernel with two 16-row tiles per warp sharing each load of x (built 2026-12-03, not yet
+            # timed): its GPU test (stops if it fails), then against the plain kernel and x at compute time
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py -k two_row_tiles \
+        2>&1 | tail -2) | tee "$out/row-tiles-tests.log"
+    grep -q failed "$out/row-tiles-tests.log" && { echo "row-tiles tests failed: no timing"; exit 1; }
+    gpu_only timeout 300 python3 bench/small_m_tail_ab.py --ms 1,2,4,8,16 --variants plain,plainx,rt2 \
+        --out "$out/row-tiles.json" 2>&1 | tee "$out/row-tiles.log" | tail -45
     ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
     for flag in "" --no-programmatic-launch; do

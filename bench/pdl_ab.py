@@ -58,8 +58,9 @@ def main(argv=None) -> int:
         del model
         free_memory(torch.device("cuda"))
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
-                                              "args": vars(args), "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0),
+                                              "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows},
+                                             indent=1))
     return 0
 
 

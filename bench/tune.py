@@ -105,12 +105,13 @@ def _splits(k: int, choices) -> list:
 
 
 def tune_cuda(qw, m: int, dtype) -> "dict | None":
-    """The CUDA small-M kernel's fastest launch (split x prefetch_x, and on sm_90 splits of 2..8 summed in a
-    cluster: unmeasured as of 2026-12-03) for this weight and M, as the table's "cuda" entry; None where the kernel
-    does not take the case."""
+    """The CUDA small-M kernel's fastest launch (split x prefetch_x, two row tiles per warp sharing x (unmeasured
+    as of 2026-12-03), and on sm_90 splits of 2..8 summed in a cluster) for this weight and M, as the table's "cuda"
+    entry; None where the kernel does not take the case."""
     n, k = qw.shape
     launches = [dict(split=split, prefetch_x=prefetch_x) for prefetch_x in (True, False)
                 for split in _splits(k, CUDA_SPLITS)]
+    launches += [dict(split=split, prefetch_x=False, row_tiles=2) for split in _splits(k, CUDA_SPLITS)]
     if torch.cuda.get_device_capability() >= (9, 0):
         launches += [dict(split=split, prefetch_x=True, cluster_split=True) for split in _splits(k, CUDA_SPLITS)
                      if 2 <= split <= fpx_cuda.CLUSTER_SPLIT_MAX]
@@ -118,7 +119,8 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
     if results is None:
         return None
     print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}{'' if l['prefetch_x'] else 'x'}"
-                                                f"{'c' if l.get('cluster_split') else ''}" for t, l in results),
+                                                f"{'c' if l.get('cluster_split') else ''}"
+                                                f"{'r2' if l.get('row_tiles', 1) > 1 else ''}" for t, l in results),
           flush=True)
     t, launch = results[0]
     return dict(launch, us=round(t * 1e6, 1))

@@ -191,11 +191,11 @@ def config_to_dict(config: KernelConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The CUDA kernels (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an entry "cuda": the fastest
-# measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16, and "cluster_split": true where
-# the split's CTAs summed their partials in a cluster) or of the mid-M kernel
-# ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA won) or of the
-# wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90, M >= 9) for that
-# shape. Other keys are ignored: tables written before the wgmma kernel's bulk path was taken out (2026-12-03) carry
+# measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16, "cluster_split": true where
+# the split's CTAs summed their partials in a cluster, "row_tiles": 2 where two tiles per warp shared x) or of the
+# mid-M kernel ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA
+# won) or of the wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, sm_90,
+# M >= 9) for that shape. Other keys are ignored: tables written before the wgmma kernel's bulk path was taken out (2026-12-03) carry
 # "cluster" in wgmma entries.
 
 

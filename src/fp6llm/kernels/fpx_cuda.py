@@ -415,11 +415,11 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
                 cluster_split: "bool | None" = None, pdl: "bool | None" = None,
-                row_tiles: int = 1) -> torch.Tensor:
+                row_tiles: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split / row_tiles (2: two 16-row tiles per warp share each load of x, without prefetch_x) override the
-    defaults (tests, benchmarks): the split, prefetch_x and cluster_split measured for
-    this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on and the
+    defaults (tests, benchmarks): the split, prefetch_x, cluster_split and row tiles measured for this shape on this
+    GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on, one row tile per warp and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
     cluster and sum their partials in shared memory (no workspace). pdl (sm_90; None: launch.enabled, see
     kernels/launch.py): launched with programmatic stream serialization, it may start while the previous kernel
@@ -428,6 +428,8 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
         measured = None
+    if row_tiles is None:
+        row_tiles = measured.row_tiles if measured is not None else 1
     if prefetch_x is None:
         prefetch_x = (measured.prefetch_x if measured is not None else True) and row_tiles == 1
     if cluster_split is None:

@@ -6,7 +6,8 @@ visible, so the launch latency and the ramp of the next kernel overlap the tail 
 the project that takes a PDL flag waits before it touches global memory and then lets the next grid launch
 (griddepcontrol.launch_dependents); a kernel launched without the attribute (cuBLAS, torch ops) is ordered as usual.
 The order of the stream is kept: each waiting kernel waits for its predecessor, which waited for its own. Measured on
-an H200 (2026-12-03, llama-2-13b e3m2, batch 1): 4.13 -> 3.78 ms per decode step (bench/results/device-h200-2026-12-03c).
+an H200 (2026-12-03, llama-2-13b e3m2, one process, interleaved): 4.02 -> 3.75 ms per decode step at batch 1, 4.77 ->
+4.54 at batch 8 (bench/pdl_ab.py; bench/results/device-h200-2026-12-03c/early/).
 
 On by default; FP6LLM_PDL=0 in the environment, or ``programmatic_launch(False)`` around work, turns it off.
 ``enabled(device)`` is what a launcher asks: on, a CUDA device of compute capability 9.0 or newer, and not the Triton
