@@ -127,6 +127,13 @@ __device__ __forceinline__ void load_group(Tile (&tiles)[ROW_TILES], const u32* 
         load_tile(tiles[rt], p0, p1, p2, rows, base[rt] + kt + ahead, kt + ahead, lane);
 }
 
+// Every accumulator of a thread: row tile rt, n8 block b, element i (weight row 16 (row_tile + rt) + g + 8 (i / 2),
+// x row 8 b + 2 t + i % 2), unrolled.
+#define FOR_EACH_OUTPUT(rt, b, i)                                  \
+    _Pragma("unroll") for (int rt = 0; rt < ROW_TILES; ++rt)       \
+        _Pragma("unroll") for (int b = 0; b < N_BLOCKS_M; ++b)     \
+            _Pragma("unroll") for (int i = 0; i < 4; ++i)
+
 extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WARPS * 32)
 fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
             const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
@@ -191,28 +198,17 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     griddep_launch_dependents();  // the next grid's CTAs may start while this one finishes
 #endif
     float acc[ROW_TILES][N_BLOCKS_M][4];
+    FOR_EACH_OUTPUT(rt, b, i) {
+        acc[rt][b][i] = chains[rt][b][0][i];
 #pragma unroll
-    for (int rt = 0; rt < ROW_TILES; ++rt)
-#pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                acc[rt][b][i] = chains[rt][b][0][i];
-#pragma unroll
-                for (int c = 1; c < CHAINS; ++c) acc[rt][b][i] += chains[rt][b][c][i];
-            }
-    // acc[rt][b][i]: weight row 16 (row_tile + rt) + g + 8 (i / 2), x row 8 b + 2 t + i % 2.
+        for (int c = 1; c < CHAINS; ++c) acc[rt][b][i] += chains[rt][b][c][i];
+    }
     const int n0 = row_tile * 16 + g;
     if (gridDim.y == 1) {
-#pragma unroll
-        for (int rt = 0; rt < ROW_TILES; ++rt)
-#pragma unroll
-            for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int n = n0 + 16 * rt + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
-                    if (n < N && m < M) out[(long)m * ldo + n] = finish(acc[rt][b][i], n, scales, scale_factor, bias);
-                }
+        FOR_EACH_OUTPUT(rt, b, i) {
+            const int n = n0 + 16 * rt + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+            if (n < N && m < M) out[(long)m * ldo + n] = finish(acc[rt][b][i], n, scales, scale_factor, bias);
+        }
         return;
     }
 #if CLUSTER_SPLIT
@@ -220,14 +216,9 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     // in its shared memory, and CTA r sums rows r, r + SPLIT, ... of every CTA's (distributed shared memory) in
     // split order (the same sums, bit for bit, as the workspace path below): no global partials, fences, counters.
     __shared__ float partial[64 * 8 * N_BLOCKS_M];
-#pragma unroll
-    for (int rt = 0; rt < ROW_TILES; ++rt)
-#pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-                partial[(16 * (warp * ROW_TILES + rt) + g + 8 * (i / 2)) * 8 * N_BLOCKS_M + 8 * b + 2 * t + i % 2] =
-                    acc[rt][b][i];
+    FOR_EACH_OUTPUT(rt, b, i)
+        partial[(16 * (warp * ROW_TILES + rt) + g + 8 * (i / 2)) * 8 * N_BLOCKS_M + 8 * b + 2 * t + i % 2] =
+            acc[rt][b][i];
     cluster_sync();
     const int rank = blockIdx.y;  // the cluster's rank: its CTAs are (x, 0 .. SPLIT - 1)
     const int rows = (64 - rank + CLUSTER_SPLIT - 1) / CLUSTER_SPLIT;
@@ -244,15 +235,10 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     // Split-K: publish this CTA's partial [64 rows x M], count arrivals, the last one reduces.
     const int n_pad = gridDim.x * 64;
     float* part = ws + (long)blockIdx.y * n_pad * M;
-#pragma unroll
-    for (int rt = 0; rt < ROW_TILES; ++rt)
-#pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int m = 8 * b + 2 * t + i % 2;
-                if (m < M) part[(long)(n0 + 16 * rt + 8 * (i / 2)) * M + m] = acc[rt][b][i];
-            }
+    FOR_EACH_OUTPUT(rt, b, i) {
+        const int m = 8 * b + 2 * t + i % 2;
+        if (m < M) part[(long)(n0 + 16 * rt + 8 * (i / 2)) * M + m] = acc[rt][b][i];
+    }
     __threadfence();
     __syncthreads();
     __shared__ int arrived;
@@ -260,18 +246,13 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
     __syncthreads();
     if (arrived != gridDim.y - 1) return;
     __threadfence();
-#pragma unroll
-    for (int rt = 0; rt < ROW_TILES; ++rt)
-#pragma unroll
-        for (int b = 0; b < N_BLOCKS_M; ++b)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int n = n0 + 16 * rt + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
-                if (m >= M) continue;
-                // The partials in split order (results independent of timing).
-                const float v = sum_partials(ws + (long)n * M + m, (long)n_pad * M, gridDim.y);
-                if (n < N) out[(long)m * ldo + n] = finish(v, n, scales, scale_factor, bias);
-            }
+    FOR_EACH_OUTPUT(rt, b, i) {
+        const int n = n0 + 16 * rt + 8 * (i / 2), m = 8 * b + 2 * t + i % 2;
+        if (m >= M) continue;
+        // The partials in split order (results independent of timing).
+        const float v = sum_partials(ws + (long)n * M + m, (long)n_pad * M, gridDim.y);
+        if (n < N) out[(long)m * ldo + n] = finish(v, n, scales, scale_factor, bias);
+    }
     if (threadIdx.x == 0) counts[blockIdx.x] = 0;  // ready for the next launch or graph replay
 #endif
 }
