@@ -11,18 +11,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import launch
+from .pdl import wait_for_previous
 
 BLOCK = 1024  # features per program
 
 
 @triton.jit
 def silu_mul_kernel(gate_up_ptr, out_ptr, inner, row_stride, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)  # launched early (kernels/launch.py): the previous kernel's writes first
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inner

@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from torch import Tensor
 
 from . import launch
+from .pdl import wait_for_previous
 
 NO_WINDOW = 0  # the sliding_window argument of the kernels when there is none
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -78,9 +78,7 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
     """Program (b, kv_head, split): the GROUPS query heads of kv_head over the split's share of row b's blocks.
     SPLITS > 1: writes acc [B, H, SPLITS, BLOCK_D] (unnormalized) and ml [B, H, SPLITS, 2] (running max, sum) for
     _combine_kernel; SPLITS == 1: the normalized output, out [B, H, 1, D] in its dtype."""
-    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)  # launched early (kernels/launch.py): the previous kernel's writes first
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = kv_head * GROUPS + tl.arange(0, BLOCK_G)
     head_mask = tl.arange(0, BLOCK_G) < GROUPS
@@ -119,9 +117,7 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, H, stride_ob, stride_oh, SPLITS: t
                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     """Program (b H + h): the splits' partials of row b, head h combined, out = sum_s e^(m_s - M) acc_s /
     sum_s e^(m_s - M) l_s with M = max_s m_s, stored in out's dtype (one launch where torch ops took nine)."""
-    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)  # launched early (kernels/launch.py): the previous kernel's writes first
     row = tl.program_id(0)
     b, h = row // H, row % H
     s = tl.arange(0, BLOCK_S)

@@ -11,7 +11,8 @@ an H200 (2026-12-03, llama-2-13b e3m2, one process, interleaved): 4.02 -> 3.75 m
 
 On by default; FP6LLM_PDL=0 in the environment, or ``programmatic_launch(False)`` around work, turns it off.
 ``enabled(device)`` is what a launcher asks: on, a CUDA device of compute capability 9.0 or newer, and not the Triton
-interpreter. Within ``static_weights()`` the small-M kernel also loads its first weight tile before it waits, so
+interpreter. A Triton kernel's side is ``pdl.wait_for_previous`` (kernels/pdl.py: this module needs no Triton, the
+engine imports it). Within ``static_weights()`` the small-M kernel also loads its first weight tile before it waits, so
 that the weight stream of one layer runs on into the next.
 """
 
@@ -74,3 +75,4 @@ def triton_options(device) -> dict:
     """The keyword arguments of a Triton launch of a kernel with a ``PDL`` constexpr: PDL and, where on, launch_pdl
     (Triton's option for the launch attribute)."""
     return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
+

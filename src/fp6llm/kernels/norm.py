@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import launch
+from .pdl import wait_for_previous
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -31,9 +31,7 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def add_norm_kernel(x_ptr, delta_ptr, weight_ptr, bias_ptr, out_ptr, total_ptr, d, x_stride, delta_stride, eps,
                     HAS_DELTA: tl.constexpr, RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
                     PDL: tl.constexpr):
-    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)  # launched early (kernels/launch.py): the previous kernel's writes first
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import launch
+from .pdl import wait_for_previous
 
 BLOCK_H = 4  # heads per program
 
@@ -72,9 +72,7 @@ def rotary_write_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, q_ptr, k_cache, v_cach
     """rotary_kernel over a fused qkv projection's heads (n_q of q, n_kv of k, n_kv of v): q's heads rotated into
     q_ptr [B, T, n_q, D], k's rotated and v's as they are into slot slot_ptr[b, t] of the caches (viewed as
     [slots, n_kv, D], slot stride stride_cs): one launch for what rotary and write_kv took two."""
-    if PDL:  # launched early (kernels/launch.py): wait for the previous kernel, then let the next one launch
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)  # launched early (kernels/launch.py): the previous kernel's writes first
     token = tl.program_id(0)
     b, i = (token // t).to(tl.int64), (token % t).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
