@@ -53,6 +53,22 @@ def test_programmatic_launch_is_on_by_default_and_scoped(monkeypatch):
     assert not launch.weights_static()
 
 
+def test_programmatic_launch_needs_hopper_nvidia_and_a_recent_driver(monkeypatch):
+    """enabled() on a CUDA device: capability 9.0 or newer, not ROCm, a driver of CUDA 12.3 or newer; each missing
+    piece turns it off (the device queries faked, on a CPU)."""
+    monkeypatch.setattr(launch, "PDL", True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for capability, hip, driver, expected in (((9, 0), None, 13000, True), ((10, 0), None, 12080, True),
+                                              ((8, 0), None, 13000, False), ((9, 0), "6.2", 13000, False),
+                                              ((9, 0), None, 12020, False), ((9, 0), None, 0, False)):
+        launch._supported.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        monkeypatch.setattr(torch.version, "hip", hip)
+        monkeypatch.setattr(launch, "driver_version", lambda d=driver: d)
+        assert launch.enabled(torch.device("cuda", 0)) is expected, (capability, hip, driver)
+    launch._supported.cache_clear()
+
+
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 @pytest.mark.parametrize("kernel", ["mid", "wgmma"])
 def test_cuda_mid_and_wgmma_pdl_wait_before_any_memory_access(kernel):
@@ -156,8 +172,11 @@ def test_cuda_decode_with_pdl_equals_without(batch):
     mid-M kernel) with every kernel that takes it launched by programmatic dependent launch: the same tokens and
     the same logits, bit for bit, as without. A kernel that read its input before waiting would see the previous
     step's or a half-written one."""
+    assert launch.driver_version() > 0  # readable wherever torch runs CUDA: else PDL would be off unnoticed
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
+    with launch.programmatic_launch():
+        assert launch.enabled("cuda") or launch.driver_version() < launch.MIN_DRIVER
     from test_attention import recorded_logits
 
     from fp6llm.engine.generate import Engine

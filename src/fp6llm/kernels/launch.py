@@ -10,8 +10,8 @@ an H200 (2026-12-03, llama-2-13b e3m2, one process, interleaved): 4.02 -> 3.75 m
 4.54 at batch 8 (bench/pdl_ab.py; bench/results/device-h200-2026-12-03c/early/).
 
 On by default; FP6LLM_PDL=0 in the environment, or ``programmatic_launch(False)`` around work, turns it off.
-``enabled(device)`` is what a launcher asks: on, a CUDA device of compute capability 9.0 or newer, and not the Triton
-interpreter. A Triton kernel's side is ``pdl.wait_for_previous`` (kernels/pdl.py: this module needs no Triton, the
+``enabled(device)`` is what a launcher asks: on, an NVIDIA device of compute capability 9.0 or newer with a CUDA 12.3
+or newer driver (MIN_DRIVER), and not the Triton interpreter. A Triton kernel's side is ``pdl.wait_for_previous`` (kernels/pdl.py: this module needs no Triton, the
 engine imports it). Within ``static_weights()`` the small-M kernel also loads its first weight tile before it waits, so
 that the weight stream of one layer runs on into the next.
 """
@@ -19,6 +19,7 @@ that the weight stream of one layer runs on into the next.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 
@@ -56,9 +57,26 @@ def weights_static() -> bool:
     return STATIC_WEIGHTS
 
 
+MIN_DRIVER = 12030  # CUDA 12.3: the first driver whose graph capture keeps programmatic dependencies
+
+
 @functools.lru_cache(maxsize=None)
-def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+def driver_version() -> int:
+    """The CUDA driver's version (12030 for 12.3; cuDriverGetVersion), 0 where it cannot be read."""
+    try:
+        version = ctypes.c_int(0)
+        library = torch.cuda._utils._get_gpu_runtime_library()
+        return version.value if library.cuDriverGetVersion(ctypes.byref(version)) == 0 else 0
+    except Exception:  # no driver library, or ROCm's without the call
+        return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(index: int) -> bool:
+    """Whether device ``index`` takes programmatic dependent launch: an NVIDIA GPU of compute capability 9.0 or newer
+    (not ROCm's, whose capabilities also reach 9) on a driver of at least MIN_DRIVER."""
+    return (not torch.version.hip and torch.cuda.get_device_capability(index) >= (9, 0)
+            and driver_version() >= MIN_DRIVER)
 
 
 def enabled(device) -> bool:
@@ -68,7 +86,7 @@ def enabled(device) -> bool:
     device = torch.device(device)
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    return _hopper(device.index if device.index is not None else torch.cuda.current_device())
+    return _supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def triton_options(device) -> dict:
