@@ -6,7 +6,9 @@ activation, sampling, the rest), against the step's wall time; for each format o
                                    [--steps 8] [--pdl off|on|both] [--graph-only] [--out FILE.json]
 
 A kernel's time is its own (the profiler's device time); the step's wall time minus the kernels' sum is what the
-GPU spent idle between kernels (launch gaps, host work).
+GPU spent idle between kernels (launch gaps, host work). With programmatic dependent launch (the default on Hopper,
+kernels/launch.py) a kernel's time includes the time its CTAs waited for the previous kernel, so kernels overlap,
+their sum can pass the wall time and "idle" can be negative: compare wall times there (--pdl both).
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--pdl", default="off", choices=["off", "on", "both"],
-                        help="programmatic dependent launch of the kernels that take it (kernels/launch.py)")
+    parser.add_argument("--pdl", default="on", choices=["off", "on", "both"],
+                        help="programmatic dependent launch of the kernels that take it (kernels/launch.py; default on, "
+                             "as the engine runs)")
     parser.add_argument("--graph-only", action="store_true", help="profile the CUDA graph's step only, not eager")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
                 label = f"{fmt} batch {args.batch} {'graph' if graph else 'eager'}{' pdl' if pdl else ''}"
                 results[label] = dict(run, groups={g: {"us": us, "launches": n} for g, (us, n) in groups.items()})
                 print(f"{label}: step {run['wall_us']:.0f} us, kernels {busy:.0f} us "
-                      f"({sum(n for _, n in groups.values()):.0f} launches), idle {run['wall_us'] - busy:.0f} us")
+                      f"({sum(n for _, n in groups.values()):.0f} launches), idle {run['wall_us'] - busy:.0f} us"
+                      f"{' (kernel times include their waits)' if pdl else ''}")
                 for g, (us, n) in sorted(groups.items(), key=lambda item: -item[1][0]):
                     print(f"  {g:11} {us:8.0f} us  {n:6.0f} launches  {us / max(n, 1):6.1f} us each")
                 top = sorted(run["kernels"].items(), key=lambda item: -item[1]["us"])[:12]
