@@ -168,9 +168,10 @@ def _small_llama():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("batch", [1, 12, 40])
 def test_cuda_decode_with_pdl_equals_without(batch):
-    """Greedy decoding of random prompts (CUDA graphs; batch 1 and 12 run the small-M kernel, 40 the wgmma or
-    mid-M kernel) with every kernel that takes it launched by programmatic dependent launch: the same tokens and
-    the same logits, bit for bit, as without. A kernel that read its input before waiting would see the previous
+    """Greedy decoding of random prompts (CUDA graphs; batch 1 runs the small-M kernel, 12 and 40 what the GPU's
+    table picks for the nearest measured shape: the small-M, mid-M, wgmma or Triton kernel) with every kernel that
+    takes it launched by programmatic dependent launch: the same tokens and the same logits, bit for bit, as
+    without. A kernel that read its input before waiting would see the previous
     step's or a half-written one."""
     assert launch.driver_version() > 0  # readable wherever torch runs CUDA: else PDL would be off unnoticed
     if torch.cuda.get_device_capability() < (9, 0):
