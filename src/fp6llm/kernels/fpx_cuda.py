@@ -551,7 +551,8 @@ def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     row_tiles = MID_ROW_TILES if row_tiles is None else row_tiles
     warps = MID_WARPS if warps is None else warps
     blocks = mid_blocks_m(m, MID_MAX_BLOCKS_M if blocks is None else blocks)
-    pdl = launch.enabled(x.device) if pdl is None else pdl
+    # griddepcontrol is sm_90's: an explicit pdl on an older GPU launches as usual, as fpx_small_m's does
+    pdl = (launch.enabled(x.device) if pdl is None else pdl) and torch.cuda.get_device_capability(x.device) >= (9, 0)
     kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device, pdl)
     rows_per_cta = 16 * row_tiles * warps
     if split is None:

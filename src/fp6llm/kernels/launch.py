@@ -11,9 +11,9 @@ an H200 (2026-12-03, llama-2-13b e3m2, one process, interleaved): 4.02 -> 3.75 m
 
 On by default; FP6LLM_PDL=0 in the environment, or ``programmatic_launch(False)`` around work, turns it off.
 ``enabled(device)`` is what a launcher asks: on, an NVIDIA device of compute capability 9.0 or newer with a CUDA 12.3
-or newer driver (MIN_DRIVER), and not the Triton interpreter. A Triton kernel's side is ``pdl.wait_for_previous`` (kernels/pdl.py: this module needs no Triton, the
-engine imports it). Within ``static_weights()`` the small-M kernel also loads its first weight tile before it waits, so
-that the weight stream of one layer runs on into the next.
+or newer driver (MIN_DRIVER), and not the Triton interpreter. A Triton kernel's side is ``pdl.wait_for_previous``
+(kernels/pdl.py; this module needs no Triton, the engine imports it). Within ``static_weights()`` the small-M kernel
+also loads its first weight tile before it waits, so that the weight stream of one layer runs on into the next.
 """
 
 from __future__ import annotations
