@@ -1,9 +1,11 @@
 """Programmatic dependent launch A/B in one process: llama-2-13b (random weights) decode steps with the kernels
-launched without PDL, with it, and with it and the small-M kernel's first weight tile loaded before its wait
-(early), interleaved at each batch size so that clocks and the order of runs weigh on all alike; ms per decode step
-(CUDA graphs), the median of the repetitions.
+launched without PDL, with it, with it and the small-M kernel's first weight tile loaded before its wait (early),
+and with that and its trigger of the next grid right after its wait (trigger), interleaved at each batch size so
+that clocks and the order of runs weigh on all alike; ms per decode step (CUDA graphs), the median of the
+repetitions (ratios against the first mode given).
 
-    python bench/pdl_ab.py [--formats fp16,e3m2] [--batch 1,8,32,64] [--reps 3] [--out FILE.json]
+    python bench/pdl_ab.py [--formats fp16,e3m2] [--batch 1,8,32,64] [--reps 3] [--modes off,on,early,trigger]
+                           [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from fp6llm.evals.throughput import bench_batch, free_memory  # noqa: E402
 from fp6llm.kernels import fpx_cuda, launch  # noqa: E402
 
-# (programmatic dependent launch, the small-M kernel's first weight tile before its wait)
-MODES = {"off": (False, False), "on": (True, False), "early": (True, True)}
+# (programmatic dependent launch, the small-M kernel's first weight tile before its wait, its trigger of the next
+# grid right after that wait)
+MODES = {"off": (False, False, False), "on": (True, False, False), "early": (True, True, False),
+         "trigger": (True, True, True)}
 from fp6llm.models.loader import build_random  # noqa: E402
 
 
@@ -32,29 +36,34 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default="fp16,e3m2")
     parser.add_argument("--batch", default="1,8,32,64")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES), help="a subset of " + ",".join(MODES))
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=32)
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if unknown := [mode for mode in modes if mode not in MODES]:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     rows = []
     for fmt in args.formats.split(","):
         model = build_random(args.model, fmt, device="cuda", progress=False)
         for batch in map(int, args.batch.split(",")):
-            times = {mode: [] for mode in MODES}
+            times = {mode: [] for mode in modes}
             for _ in range(args.reps):
-                for mode, (pdl, early) in MODES.items():
-                    fpx_cuda.EARLY_WEIGHTS = early
+                for mode in modes:
+                    pdl, early, trigger = MODES[mode]
+                    fpx_cuda.EARLY_WEIGHTS, fpx_cuda.EARLY_TRIGGER = early, trigger
                     with launch.programmatic_launch(pdl):
                         times[mode].append(bench_batch(model, batch, args.prompt_len, args.gen_len, True, 1.0, 1)
                                            ["ms_per_step"])
-            fpx_cuda.EARLY_WEIGHTS = True
+            fpx_cuda.EARLY_WEIGHTS, fpx_cuda.EARLY_TRIGGER = True, False
             median = {mode: statistics.median(t) for mode, t in times.items()}
             rows.append({"format": fmt, "batch": batch, **{f"{mode}_ms": t for mode, t in times.items()}})
             print(f"{fmt:5} batch {batch:3}: " + "  ".join(
-                f"{mode} {median[mode]:6.2f} ms ({median['off'] / median[mode]:.3f}x)" for mode in MODES)
-                + "  all: " + " ".join(f"{mode} {['%.2f' % t for t in times[mode]]}" for mode in MODES), flush=True)
+                f"{mode} {median[mode]:6.2f} ms ({median[modes[0]] / median[mode]:.3f}x)" for mode in modes)
+                + "  all: " + " ".join(f"{mode} {['%.2f' % t for t in times[mode]]}" for mode in modes), flush=True)
         del model
         free_memory(torch.device("cuda"))
     if args.out:
