@@ -321,11 +321,29 @@ def test_wgmma_kernel_launch_arithmetic():
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)
     assert fpx_cuda.wgmma_launch(256)["n_x"] == 128
+    from fp6llm.kernels.x_order import wgmma_x_order_reference
     x = torch.arange(3 * 256, dtype=torch.float32).view(3, 256)
-    xp = fpx_cuda.wgmma_x_order(x)
+    xp = wgmma_x_order_reference(x)
     for kt, ks, h, t, j in itertools.product(range(2), range(8), range(2), range(4), range(2)):
         assert xp[2, 128 * kt + 16 * ks + 8 * h + 2 * t + j] == x[2, 128 * kt + 32 * t + 4 * ks + 2 * h + j]
     assert sorted(xp[1].tolist()) == x[1].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wgmma_x_order_kernel_equals_the_reference(dtype):
+    """x_order_kernel (the Triton launch the wgmma path makes) against the PyTorch permutation, on fresh random x
+    with a row stride wider than K (a slice), K spanning two programs per row and a partial last one, and M = 0;
+    x it cannot take is refused with a message."""
+    from fp6llm.kernels.x_order import wgmma_x_order, wgmma_x_order_reference
+    gen = torch.Generator().manual_seed(7)
+    wide = torch.randn(6, 2304 + 64, generator=gen).to(DEVICE, dtype)
+    for x in (wide[:, 32:32 + 2304], wide[:3, :128], wide[:0, :256]):
+        out = wgmma_x_order(x)
+        assert out.is_contiguous() and torch.equal(out, wgmma_x_order_reference(x)), tuple(x.shape)
+    with pytest.raises(ValueError, match="K a multiple of 128"):
+        wgmma_x_order(wide[:, :200])
+    with pytest.raises(ValueError, match="2-byte x"):
+        wgmma_x_order(wide[:, :256].float())
 
 
 def test_mid_m_kernel_launch_arithmetic():

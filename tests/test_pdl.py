@@ -96,9 +96,11 @@ def test_cuda_mid_and_wgmma_pdl_wait_before_any_memory_access(kernel):
 
 def _triton_cases():
     """(kernel, signature, constexprs) of each Triton kernel of a decode step that takes a PDL flag."""
-    from fp6llm.kernels import activation, attention, norm, rotary
+    from fp6llm.kernels import activation, attention, norm, rotary, x_order
     i32, f16, f32 = "i32", "*fp16", "*fp32"
     return [
+        (x_order.x_order_kernel, dict(x_ptr="*i32", out_ptr="*i32", row_words=i32, k_words=i32),
+         dict(BLOCK=x_order.BLOCK_WORDS)),
         (norm.add_norm_kernel, dict(x_ptr=f16, delta_ptr=f16, weight_ptr=f16, bias_ptr=f16, out_ptr=f16, total_ptr=f16,
                                     d=i32, x_stride=i32, delta_stride=i32, eps="fp32"),
          dict(HAS_DELTA=True, RMS=True, HAS_BIAS=False, BLOCK_D=4096)),
@@ -240,7 +242,8 @@ def test_cuda_small_m_pdl_chain_reads_the_previous_output(m, early, trigger, mon
     """The small-M kernel by PDL, with and without its first weight tile loaded before the wait (early, within
     launch.static_weights), and with the next grid triggered right after the wait (fpx_cuda.EARLY_TRIGGER): three
     layers in a row, each one's x the previous one's output, eager and captured in a graph; each launch may start
-    while the previous drains, so a read of x before the wait would see a stale or half-written input. Equal, bit for bit, to the chain launched without PDL (splits 1, 3 and a cluster of 4)."""
+    while the previous drains, so a read of x before the wait would see a stale or half-written input. Equal, bit
+    for bit, to the chain launched without PDL (splits 1, 3 and a cluster of 4)."""
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs sm_90")
     from fp6llm import quantize_weight

@@ -30,6 +30,7 @@ from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, signed32, words_
 from . import launch
 from .dispatch import SMALL_M_MAX, measured_small_m, waves_split
 from .workspace import WORKSPACE
+from .x_order import wgmma_x_order
 
 SOURCE = Path(__file__).parent / "cuda" / "fpx_small_m.cu"
 MID_SOURCE = Path(__file__).parent / "cuda" / "fpx_mid_m.cu"
@@ -644,14 +645,6 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
 def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
     """Dynamic shared memory of one CTA: x_ahead + 1 K tiles of x (n_x rows x 256 bytes) and 1 KiB to align them."""
     return (x_ahead + 1) * n_x * 256 + 1024
-
-
-def wgmma_x_order(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] with each 128-column tile's columns in the wgmma kernel's k order: logical column 16 ks + 8 h + 2 t + j
-    (k-step ks of the MMA, its half h, lane t, element j) holds column 32 t + 4 ks + 2 h + j, the column layout 2
-    placed in that fragment position (see fpx_small_m.cu). A copy of x (M K 2 bytes read and written)."""
-    m, k = x.shape
-    return x.view(m, k // TILE_K, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
 
 
 def wgmma_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:

@@ -8,7 +8,7 @@
 //
 // x: the weight fragments use the small kernel's k order (logical k 8 h + 2 t + j of k-step ks is column
 // 32 t + 4 ks + 2 h + j of a 128-column tile), so the launcher passes x with each tile's columns permuted into that
-// logical order (fpx_cuda.wgmma_x_order: one copy of x, M K 4 bytes moved); a K tile of a row is then 16 chunks of 16
+// logical order (x_order.wgmma_x_order: one copy of x, M K 4 bytes moved); a K tile of a row is then 16 chunks of 16
 // bytes in wgmma's order, copied by cp.async into the canonical 128-byte-swizzled K-major layout (two atoms of 64
 // columns, N_X rows of 128 bytes each, chunk c of row n at c ^ (n & 7)): coalesced 16-byte reads, conflict-free
 // writes. Copying 4-byte words of unpermuted x instead (the first version) cost ~4 shared-memory wavefronts per
