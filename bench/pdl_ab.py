@@ -1,12 +1,11 @@
 """Programmatic dependent launch A/B in one process: llama-2-13b (random weights) decode steps with the kernels
-launched without PDL, with it, with it and the small-M kernel's first weight tile loaded before its wait (early),
-with that and its trigger of the next grid right after its wait (trigger), and early with the wgmma path's x
-permuted by a torch copy (torch-x-order, before 2026-12-04) instead of x_order_kernel, interleaved at each batch
-size so that clocks and the order of runs weigh on all alike; ms per decode step (CUDA graphs), the median of the
-repetitions (ratios against the first mode given).
+launched without PDL (off), with it (on), with it and the small-M kernel's first weight tile loaded before its wait
+(early, the default), and as early but with the wgmma path's x permuted by a torch copy instead of x_order_kernel
+(torch-x-order, as before 2026-12-04), interleaved at each batch size so that clocks and the order of runs weigh on
+all alike; ms per decode step (CUDA graphs), the median of the repetitions (ratios against the first mode given).
 
     python bench/pdl_ab.py [--formats fp16,e3m2] [--batch 1,8,32,64] [--reps 3] [--out FILE.json]
-                           [--modes off,on,early,trigger,torch-x-order]
+                           [--modes off,on,early,torch-x-order]
 """
 
 from __future__ import annotations
@@ -23,12 +22,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from fp6llm.evals.throughput import bench_batch, free_memory  # noqa: E402
 from fp6llm.kernels import fpx_cuda, launch, x_order  # noqa: E402
-
-# (programmatic dependent launch, the small-M kernel's first weight tile before its wait, its trigger of the next
-# grid right after that wait, the wgmma path's x permuted by a torch copy instead of x_order_kernel)
-MODES = {"off": (False, False, False, False), "on": (True, False, False, False), "early": (True, True, False, False),
-         "trigger": (True, True, True, False), "torch-x-order": (True, True, False, True)}
 from fp6llm.models.loader import build_random  # noqa: E402
+
+# pdl: programmatic dependent launch; early: the small-M kernel's first weight tile before its wait; torch_x_order:
+# the wgmma path's x permuted by a torch copy instead of x_order_kernel
+MODES = {"off": dict(pdl=False), "on": dict(pdl=True), "early": dict(pdl=True, early=True),
+         "torch-x-order": dict(pdl=True, early=True, torch_x_order=True)}
+
+
+def set_mode(pdl=False, early=False, torch_x_order=False):
+    fpx_cuda.EARLY_WEIGHTS = early
+    fpx_cuda.wgmma_x_order = x_order.wgmma_x_order_reference if torch_x_order else x_order.wgmma_x_order
+    return launch.programmatic_launch(pdl)
 
 
 def main(argv=None) -> int:
@@ -54,15 +59,10 @@ def main(argv=None) -> int:
             times = {mode: [] for mode in modes}
             for _ in range(args.reps):
                 for mode in modes:
-                    pdl, early, trigger, torch_x_order = MODES[mode]
-                    fpx_cuda.EARLY_WEIGHTS, fpx_cuda.EARLY_TRIGGER = early, trigger
-                    fpx_cuda.wgmma_x_order = x_order.wgmma_x_order_reference if torch_x_order else \
-                        x_order.wgmma_x_order
-                    with launch.programmatic_launch(pdl):
+                    with set_mode(**MODES[mode]):
                         times[mode].append(bench_batch(model, batch, args.prompt_len, args.gen_len, True, 1.0, 1)
                                            ["ms_per_step"])
-            fpx_cuda.EARLY_WEIGHTS, fpx_cuda.EARLY_TRIGGER = True, False
-            fpx_cuda.wgmma_x_order = x_order.wgmma_x_order
+            set_mode(**MODES["early"])  # the defaults
             median = {mode: statistics.median(t) for mode, t in times.items()}
             rows.append({"format": fmt, "batch": batch, **{f"{mode}_ms": t for mode, t in times.items()}})
             print(f"{fmt:5} batch {batch:3}: " + "  ".join(

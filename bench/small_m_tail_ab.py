@@ -6,8 +6,7 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
   partials from shared memory) instead of the workspace (partials to global memory, a fence, an arrival counter,
   the last CTA sums), at each shape's split from the GPU's table where it is 2..8;
 - programmatic dependent launch (PDL: a call's CTAs start while the previous call drains, and wait for it before
-  they touch memory; pdl+early: they load their first weight tile before that wait, launch.static_weights;
-  pdl+trigger: that, and the next call may launch once every CTA has passed its wait, not after its K loop);
+  they touch memory; pdl+early: they load their first weight tile before that wait, launch.static_weights);
 - plainx: x read when its tile is computed (prefetch_x off); rt2: that, with two 16-row tiles per warp sharing
   each load of x (row_tiles=2).
 
@@ -41,7 +40,6 @@ from fp6llm.kernels.dispatch import measured_small_m  # noqa: E402
 VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(cluster_split=True, pdl=False),
             "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True),
             "pdl+early": dict(cluster_split=False, pdl=True, static=True),
-            "pdl+trigger": dict(cluster_split=False, pdl=True, static=True, trigger=True),
             "plainx": dict(cluster_split=False, pdl=False, prefetch_x=False),
             "rt2": dict(cluster_split=False, pdl=False, prefetch_x=False, row_tiles=2)}
 
@@ -92,12 +90,8 @@ def main(argv=None) -> int:
 
                     def run(x, p, s, kw=kw, split=split):
                         kw = dict(kw)
-                        fpx_cuda.EARLY_TRIGGER = kw.pop("trigger", False)
-                        try:
-                            with launch.static_weights() if kw.pop("static", False) else contextlib.nullcontext():
-                                return fpx_cuda.fpx_small_m(x, p, s, None, fmt, n, k, split, **kw)
-                        finally:
-                            fpx_cuda.EARLY_TRIGGER = False
+                        with launch.static_weights() if kw.pop("static", False) else contextlib.nullcontext():
+                            return fpx_cuda.fpx_small_m(x, p, s, None, fmt, n, k, split, **kw)
                     out = run(x, qw.planes, qw.scales)
                     plain = out if plain is None else plain
                     row["equal"] = row["equal"] and bool(torch.equal(out, plain))

@@ -167,8 +167,8 @@ def test_cuda_small_m_pdl_touches_nothing_but_weights_before_its_wait():
     """The small-M kernel's PDL variants for sm_90a: in program order, nothing reads or writes memory before the
     grid-dependency wait (ACQBULK) but, with early_weights, the first weight tile's loads (one LDG per load of
     LOAD_PLANES; ptxas keeps them there because the wait depends on their words); the trigger for the next grid
-    (PREEXIT) comes after it, right after it with early_trigger; the K loop is the plain kernel's (about the same
-    instruction count), at M <= 8 with x prefetched and at M <= 16 without."""
+    (PREEXIT) comes after it; the K loop is the plain kernel's (about the same instruction count), at M <= 8 with
+    x prefetched and at M <= 16 without."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
     memory = ("LDG", "STG", "LD", "ST", "LDS", "STS", "ATOM", "ATOMG", "RED", "LDGSTS", "UBLKCP", "UBLKPF")
@@ -187,15 +187,6 @@ def test_cuda_small_m_pdl_touches_nothing_but_weights_before_its_wait():
             assert before == (["LDG"] * plane_loads if early else []), (n_blocks_m, early, before)
         plain, *pdl = (len(sass.innermost_loop(sass.disassemble(c))) for c in cubins)
         assert all(abs(plain - p) <= 24 for p in pdl), (n_blocks_m, plain, pdl)
-        # early_trigger: the trigger right after the wait, before any other memory access; the same K loop
-        trigger = fpx_cuda.kernel_source(FPFormat.parse("e3m2"), False, n_blocks_m, True, prefetch_x=prefetch_x,
-                                         pdl=True, early_weights=True, early_trigger=True)
-        code = sass.disassemble(fpx_cuda.nvrtc_compile(trigger, "sm_90a", "fpx_small_m.cu"))
-        ops = [op for _, op, _, _ in code]
-        last_wait = max(i for i, op in enumerate(ops) if op == "ACQBULK")
-        assert ops.count("PREEXIT") == 1 and ops.index("PREEXIT") > last_wait
-        assert [op for op in ops[:ops.index("PREEXIT")] if op in memory] == ["LDG"] * plane_loads
-        assert len(sass.innermost_loop(code)) == len(sass.innermost_loop(sass.disassemble(cubins[2])))
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")

@@ -135,8 +135,7 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False, early_weights: bool = False, row_tiles: int = 1,
-                  early_trigger: bool = False) -> str:
+                  pdl: bool = False, early_weights: bool = False, row_tiles: int = 1) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
@@ -145,9 +144,8 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     partials in shared memory; pdl (sm_90): the kernel waits for the previous grid (griddepcontrol) before it
     touches memory, so it may be launched with programmatic stream serialization (launch_ex); early_weights
     (with pdl): but for its first weight tile, loaded before the wait (weights that no kernel of the stream writes:
-    launch.static_weights); early_trigger (with pdl): the next grid may launch once every CTA of this one has
-    passed its wait, not after their K loops; row_tiles 2: each warp multiplies two 16-row tiles with each load of
-    x (half the x traffic through L1; x read at compute time, two warps per CTA)."""
+    launch.static_weights); row_tiles 2: each warp multiplies two 16-row tiles with each load of x (half the x
+    traffic through L1; x read at compute time, two warps per CTA)."""
     if row_tiles not in (1, 2) or (row_tiles > 1 and prefetch_x):
         raise ValueError(f"the small-M kernel takes 1 or 2 row tiles per warp (2 without prefetch_x), not {row_tiles}")
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
@@ -156,8 +154,7 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
                f"#define ROW_TILES {row_tiles}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
-               *(["#define PDL 1", f"#define EARLY_WEIGHTS {int(early_weights)}",
-                  f"#define EARLY_TRIGGER {int(early_trigger)}"] if pdl else [])]
+               *(["#define PDL 1", f"#define EARLY_WEIGHTS {int(early_weights)}"] if pdl else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
     if min_blocks:
         source = source.replace("__launch_bounds__(WARPS * 32)", f"__launch_bounds__(WARPS * 32, {min_blocks})", 1)
@@ -365,11 +362,10 @@ def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, 
             prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, row_tiles: int = 1):
     """The small-M kernel for this case (see _load)."""
     early = pdl and EARLY_WEIGHTS and launch.weights_static()
-    trigger = pdl and EARLY_TRIGGER
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           early, row_tiles, trigger, torch.device(device).index)
+           early, row_tiles, torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl, early, row_tiles, trigger),
+                                            fma_shifts, prefetch_x, cluster_split, pdl, early, row_tiles),
                  KERNEL_NAME, WARPS // row_tiles, device)
 
 
@@ -414,9 +410,6 @@ SUM_COST = 0.4
 
 
 EARLY_WEIGHTS = True  # with PDL within launch.static_weights(): the first weight tile loaded before the wait
-# With PDL: the next grid may launch as soon as every CTA has passed its wait (kernel_source's early_trigger), not
-# after the K loops; off until measured (bench/pdl_ab.py's "trigger" mode, bench/small_m_tail_ab.py pdl+trigger).
-EARLY_TRIGGER = False
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,

@@ -36,9 +36,6 @@
 #ifndef EARLY_WEIGHTS
 #define EARLY_WEIGHTS 0  // 1 (with PDL): the first weight tile is loaded before the wait
 #endif
-#ifndef EARLY_TRIGGER
-#define EARLY_TRIGGER 0  // 1 (with PDL): the next grid may launch right after the wait, not after the K loop
-#endif
 #if CLUSTER_SPLIT
 #define CLUSTER_DIMS __cluster_dims__(1, CLUSTER_SPLIT, 1)
 #else
@@ -174,11 +171,6 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
 #else
     griddep_wait();
 #endif
-#if EARLY_TRIGGER
-    // Every CTA of this grid has started once all have passed here: the next grid's CTAs may then take the SMs'
-    // free slots (and, with EARLY_WEIGHTS, load their first weight tile) while this grid streams its weights.
-    griddep_launch_dependents();
-#endif
 #endif
     float chains[ROW_TILES][N_BLOCKS_M][CHAINS][4] = {};
     if (work) {
@@ -202,7 +194,7 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
         }
     }
 
-#if PDL && !EARLY_TRIGGER
+#if PDL
     griddep_launch_dependents();  // the next grid's CTAs may start while this one finishes
 #endif
     float acc[ROW_TILES][N_BLOCKS_M][4];
