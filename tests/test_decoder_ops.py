@@ -170,3 +170,57 @@ def test_cuda_graphs_and_compile_of_the_fused_decode_step_generate_what_eager_do
              .generate(prompts, max_new_tokens=12)
              for options in (dict(cuda_graph=False), dict(cuda_graph=True), dict(cuda_graph=True, compile=True))]
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_ops_call_their_kernels_directly_only_in_plain_eager_mode():
+    """launch.direct: the ops skip their custom op's dispatch only for plain CUDA tensors in eager mode; a CPU
+    tensor, a tensor subclass, a torch function or dispatch mode (FakeTensorMode is one) and torch.compile's tracing
+    keep the op."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fp6llm.kernels import launch
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class PassthroughFunction(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert launch.direct(None) and not launch.direct(torch.zeros(2)) and not launch.direct(None, torch.zeros(2))
+    assert not launch.direct(torch.zeros(2).as_subclass(Subclass))
+    with Passthrough():
+        assert not launch.direct(None)
+    with PassthroughFunction():
+        assert not launch.direct(None)
+    traced = torch.compile(lambda t: t + 1 if launch.direct(None) else t - 1, backend="eager", fullgraph=True)
+    assert traced(torch.zeros(1)).item() == -1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or INTERPRETED, reason="needs a CUDA device (compiled Triton)")
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_direct_kernel_calls_equal_the_custom_ops(arch, monkeypatch):
+    """An eager prefill and decode on CUDA with the ops' kernels called directly (launch.direct) and through the
+    custom ops: the same logits, bit for bit (the same kernels run either way)."""
+    from fp6llm.kernels import launch
+    config = ModelConfig.from_name("tiny-llama") if arch == "llama" else ModelConfig(
+        arch="opt", vocab_size=512, dim=64, n_layers=2, n_heads=4, intermediate_size=128, activation="relu",
+        qkv_bias=True, o_bias=True, mlp_bias=True, position_offset=2, max_position_embeddings=64)
+    model = build_random(config, "e3m2", "cuda", dtype=torch.float16, seed=3, progress=False)
+    tokens = torch.randint(0, config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(3)).to("cuda")
+    logits = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(launch, "direct", lambda *tensors: False)
+        model.setup_caches(3, 16)
+        with torch.inference_mode():
+            prefill = model(tokens[:, :8], torch.arange(8, device="cuda").expand(3, -1))
+            step = model(tokens[:, 8:], torch.full((3, 1), 8, device="cuda"))
+        logits.append(torch.cat([prefill, step], dim=1))
+    assert torch.equal(logits[0], logits[1])

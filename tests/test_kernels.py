@@ -9,6 +9,7 @@ The dispatch tests read a measured table written to a temporary directory (the t
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -160,6 +161,7 @@ def clear_tables():
     dispatch._load_tables.cache_clear()
     dispatch.table_for.cache_clear()
     dispatch._small_m_entries.cache_clear()
+    dispatch._backend.cache_clear()
 
 
 @contextlib.contextmanager
@@ -203,10 +205,18 @@ def test_table_layout_1_blocks_are_widened_to_a_packed_tile(table):
     assert choose(9, 1024, 1024) == LAYOUT_1
 
 
+def fake_gpu_name(monkeypatch, name: str) -> None:
+    """torch reports device 0, the current one, as ``name`` (dispatch reads a device's name once: a fresh cache for
+    the test, the process's own back after it)."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(dispatch, "_device_key", functools.lru_cache(maxsize=None)(dispatch._device_key.__wrapped__))
+
+
 def test_table_without_the_bucket_or_the_device_falls_back_to_the_rules(table, monkeypatch):
     for m, n, k in [(32, 4096, 4096), (100, 57344, 8192), (5000, 4096, 4096)]:  # buckets 32, 128, 4096: none
         assert choose(m, n, k) == heuristic_config(m, n, k, 132) not in (TABLE_1, TABLE_4, TABLE_4_WIDE)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA Unmeasured GPU")
+    fake_gpu_name(monkeypatch, "NVIDIA Unmeasured GPU")
     monkeypatch.setattr(dispatch, "_num_sms", lambda device: 8)
     assert dispatch.device_key("cuda") == "unmeasured-gpu"
     assert choose(1, 4096, 4096, device="cuda") == heuristic_config(1, 4096, 4096, 8) != TABLE_1
@@ -410,7 +420,7 @@ def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
 def test_shipped_table_is_found_by_the_gpu_name(monkeypatch):
     """The H100 table is read for a device named as torch reports it: each measured shape gets its own entry (its
     time dropped; the entries of layout 1's 64-column blocks are the widening test's case)."""
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    fake_gpu_name(monkeypatch, "NVIDIA H100 80GB HBM3")
     path = dispatch.CONFIG_DIR / f"{dispatch.device_key('cuda')}.json"
     checked = 0
     for bucket, shapes in json.loads(path.read_text())["configs"].items():

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import launch
+
 try:
     from .kernels import activation, norm, rotary as rotary_kernels
 except ImportError:  # no Triton: the references serve every device
@@ -101,8 +103,11 @@ def add_norm(x: Tensor, delta: Optional[Tensor], weight: Tensor, bias: Optional[
     """(norm(x + delta), x + delta), or (norm(x), x) without delta. x, delta [..., D]; weight, bias [D].
 
     rms: RMSNorm (weight only, as Llama) or LayerNorm (weight and bias, as OPT). The sum is in x's dtype, the
-    statistics in float32 (kernels/norm.py).
+    statistics in float32 (kernels/norm.py). In eager mode on CUDA the kernel is called without the op's dispatch
+    (launch.direct).
     """
+    if norm is not None and launch.direct(x, delta, weight, bias):
+        return norm.add_norm(x, delta, weight, bias, eps, rms)  # (norm(x), x) without delta, as below
     if delta is None:
         return norm_op(x, weight, bias, eps, rms), x
     return add_norm_op(x, delta, weight, bias, eps, rms)
@@ -130,6 +135,8 @@ def rotary(x: Tensor, positions: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     Returns a new contiguous tensor. Raises ValueError for shapes or dtypes other than those.
     """
     check_rotary_args(x, positions, cos, sin)
+    if rotary_kernels is not None and launch.direct(x, positions, cos, sin):
+        return rotary_kernels.rotary(x, positions, cos, sin)
     return rotary_op(x, positions, cos, sin)
 
 
@@ -153,4 +160,6 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     """silu(gate) * up of the fused gate_up projection's output [..., 2 I] -> [..., I] (kernels/activation.py)."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up must have an even last dimension (gate | up), got {tuple(gate_up.shape)}")
+    if activation is not None and launch.direct(gate_up):
+        return activation.silu_mul(gate_up)
     return silu_mul_op(gate_up)

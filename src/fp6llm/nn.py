@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .formats import FPFormat
-from .ops import check_linear_args, dense_linear, fpx_linear
+from .kernels import launch
+from .ops import ACTIVATION_DTYPES, check_linear_args, cuda_linear, dense_linear, fpx_linear
 from .quantize import QuantizedWeight, quantize_weight
 
 DECODED_RESERVE = 0.25  # a CPU layer keeps a decoded copy only if this fraction of the memory stays available
@@ -85,7 +86,14 @@ class FPxLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        if (cuda_linear is not None and launch.direct(x, self.scales) and x.dtype in ACTIVATION_DTYPES
+                and x.dim() >= 1 and x.shape[-1] == self.in_features and x.device == self.scales.device):
+            # eager on CUDA: the kernel without the custom op's dispatch and the QuantizedWeight's checks (the
+            # buffers are the layer's own, checked when it was built); anything else goes through fpx_linear
+            planes = [getattr(self, f"plane{i}") for i in range(self.num_planes)]
+            return cuda_linear(x, planes, self.scales, bias, self.fmt.exp_bits, self.fmt.man_bits, self.out_features,
+                               self.in_features, self.group_size or 0)
         if self.scales.device.type == "cpu" and not torch.compiler.is_compiling():
             weight = self.decoded_weight()
             if weight is not None:

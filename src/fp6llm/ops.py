@@ -11,6 +11,7 @@ without running anything.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -50,30 +51,42 @@ try:
     from .kernels.fpx_gemm import fpx_gemm, kernel_supports
 except ImportError:  # no Triton: the reference serves every device
     fpx_gemm = None
-from .kernels import fpx_cuda
+from .kernels import fpx_cuda, launch
 from .kernels.dispatch import small_m_backend
 
+
+def cuda_linear(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size) -> torch.Tensor:
+    """fpx_linear_op's CUDA implementation (the kernel choice of the module docstring); fpx_linear and FPxLinear
+    call it without the op in eager mode (launch.direct)."""
+    fmt = _format(exp_bits, man_bits)
+    if not kernel_supports(fmt, group_size or None, x.dtype) or x.numel() == 0:
+        weight = _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size).dequantize(x.dtype)
+        return torch.nn.functional.linear(x, weight, bias)
+    rows = x.reshape(-1, k)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    mid = fpx_cuda.mid_supports(fmt, group_size or None, rows, n, k)  # M <= 128
+    wgmma = fpx_cuda.wgmma_supports(fmt, group_size or None, rows, n, k)  # sm_90, M <= 4096
+    if mid or wgmma:
+        backend = small_m_backend(rows.shape[0], n, k, fmt, x.dtype, x.device)  # the faster one measured
+        if backend == "cuda" and fpx_cuda.supports(fmt, group_size or None, rows, n, k):  # M <= 16
+            return fpx_cuda.fpx_small_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
+        if backend == "mid" and mid:
+            return fpx_cuda.fpx_mid_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
+        if backend == "wgmma" and wgmma:
+            return fpx_cuda.fpx_wgmma(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
+    return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(*x.shape[:-1], n)
+
+
+@functools.lru_cache(maxsize=None)
+def _format(exp_bits: int, man_bits: int) -> FPFormat:
+    return FPFormat(exp_bits, man_bits)
+
+
 if fpx_gemm is not None:
-    @fpx_linear_op.register_kernel("cuda")
-    def _(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size):
-        fmt = FPFormat(exp_bits, man_bits)
-        if not kernel_supports(fmt, group_size or None, x.dtype) or x.numel() == 0:
-            weight = _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size).dequantize(x.dtype)
-            return torch.nn.functional.linear(x, weight, bias)
-        rows = x.reshape(-1, k)
-        if rows.stride(1) != 1:
-            rows = rows.contiguous()
-        mid = fpx_cuda.mid_supports(fmt, group_size or None, rows, n, k)  # M <= 128
-        wgmma = fpx_cuda.wgmma_supports(fmt, group_size or None, rows, n, k)  # sm_90, M <= 4096
-        if mid or wgmma:
-            backend = small_m_backend(rows.shape[0], n, k, fmt, x.dtype, x.device)  # the faster one measured
-            if backend == "cuda" and fpx_cuda.supports(fmt, group_size or None, rows, n, k):  # M <= 16
-                return fpx_cuda.fpx_small_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
-            if backend == "mid" and mid:
-                return fpx_cuda.fpx_mid_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
-            if backend == "wgmma" and wgmma:
-                return fpx_cuda.fpx_wgmma(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
-        return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(*x.shape[:-1], n)
+    fpx_linear_op.register_kernel("cuda")(cuda_linear)
+else:
+    cuda_linear = None  # noqa: F811 (no Triton: the op's reference serves CUDA too)
 
 
 @fpx_linear_op.register_fake
@@ -100,5 +113,5 @@ def fpx_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor
     """y = x @ qw.dequantize().T (+ bias) for x [..., K] of float16/bfloat16/float32; y [..., N] in x's dtype."""
     check_linear_args(x, qw, bias)
     n, k = qw.shape
-    return fpx_linear_op(x, list(qw.planes), qw.scales, bias, qw.fmt.exp_bits, qw.fmt.man_bits, n, k,
-                         qw.group_size or 0)
+    linear = cuda_linear if cuda_linear is not None and launch.direct(x, qw.scales, bias) else fpx_linear_op
+    return linear(x, list(qw.planes), qw.scales, bias, qw.fmt.exp_bits, qw.fmt.man_bits, n, k, qw.group_size or 0)

@@ -53,8 +53,16 @@ def m_bucket(m: int) -> int:
 
 
 def device_key(device) -> str:
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
-    return name.lower().replace("nvidia ", "").replace(" ", "-")
+    """The name of a device's table file ("h200", "h100-80gb-hbm3"; "cpu"), read once per device (_device_key)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    return _device_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_key(index: int) -> str:
+    return torch.cuda.get_device_name(index).lower().replace("nvidia ", "").replace(" ", "-")
 
 
 def tables_in(path: Path) -> dict:
@@ -99,9 +107,15 @@ def table_for(key: str, fmt_name: str, dtype_name: str) -> tuple:
 
 
 def _num_sms(device) -> int:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 132
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def waves_split(tiles: int, k_blocks: int, num_sms: int, resident: int, partial_cost: float,
@@ -257,7 +271,13 @@ def small_m_backend(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, d
     "triton" for a case the CUDA kernels take: the fastest measured on the nearest shape (by log-distance of N and K)
     of this M bucket. Without a measurement: "cuda" at M <= 16 (it measured faster at M <= 8 on the H100 and the
     H200), "triton" above (the mid-M and wgmma kernels run only where a table measured them faster)."""
-    entries = _small_m_entries_for(m, fmt, dtype, device)
+    return _backend(device_key(device), fmt.name, str(dtype).removeprefix("torch."), m_bucket(m), n, k)
+
+
+@functools.lru_cache(maxsize=4096)
+def _backend(key: str, fmt_name: str, dtype_name: str, m: int, n: int, k: int) -> str:
+    """small_m_backend of GPU ``key``'s table at M bucket m (each case decided once per process)."""
+    entries = _small_m_entries(key, fmt_name, dtype_name, m)
     if not entries:
         return "cuda" if m <= SMALL_M_MAX else "triton"
     nearest = min(entries, key=lambda shape: log_distance(shape, n, k))

@@ -21,6 +21,7 @@ import hashlib
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -299,40 +300,92 @@ class LaunchConfig(ctypes.Structure):
 LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
 
 
+def _slot(arg):
+    """A kernel argument as torch's _CudaKernel passes it: (its ctypes type, its value) for a CUDA tensor (its data
+    pointer), an int (a C int) or a float (a C double)."""
+    if isinstance(arg, torch.Tensor):
+        return ctypes.c_void_p, arg.data_ptr()
+    if isinstance(arg, bool) or not isinstance(arg, (int, float)):
+        raise TypeError(f"a kernel argument must be a tensor, an int or a float, not {type(arg).__name__}")
+    return (ctypes.c_int, arg) if isinstance(arg, int) else (ctypes.c_double, arg)
+
+
 def kernel_arguments(args) -> tuple:
-    """(void* array, the C values it points at) of a kernel's arguments, as torch's _CudaKernel passes them:
-    a CUDA tensor as its data pointer, an int as a C int, a float as a C double."""
-    values = []
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            values.append(ctypes.c_void_p(arg.data_ptr()))
-        elif isinstance(arg, bool) or not isinstance(arg, (int, float)):
-            raise TypeError(f"a kernel argument must be a tensor, an int or a float, not {type(arg).__name__}")
-        else:
-            values.append(ctypes.c_int(arg) if isinstance(arg, int) else ctypes.c_double(arg))
-    array = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+    """(void* array, the C values it points at) of a kernel's arguments (_slot)."""
+    values = [kind(value) for kind, value in map(_slot, args)]
+    array = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
     return array, values
 
 
+class _Launcher:
+    """One kernel's launches on one grid, block, shared size and PDL flag, through cuLaunchKernelEx: the launch
+    configuration and the argument slots (ctypes objects, microseconds each to make) are built once; a call writes
+    its values into the slots and launches on the current stream (cuLaunchKernelEx copies the arguments before it
+    returns). An eager forward launches hundreds of GEMMs: the host's time per launch is the prefill's time."""
+
+    def __init__(self, kernel, grid, block, shared: int, pdl: bool, kinds: tuple):
+        self.func = kernel.func
+        self.slots = [kind() for kind in kinds]
+        self.array = (ctypes.c_void_p * len(self.slots))(*[ctypes.addressof(slot) for slot in self.slots])
+        self.attributes = (LaunchAttribute * 1)()
+        self.attributes[0].id = LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        ctypes.memmove(self.attributes[0].value, ctypes.byref(ctypes.c_int(1)), 4)
+        self.config = LaunchConfig(*grid, *block, shared, None, self.attributes, 1 if pdl else 0)
+        self.config_ref = ctypes.byref(self.config)
+        self.libcuda = torch.cuda._utils._get_gpu_runtime_library()
+        self.lock = threading.Lock()
+
+    def __call__(self, values) -> None:
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())  # what Triton's launcher reads
+        with self.lock:
+            for slot, value in zip(self.slots, values):
+                slot.value = value
+            self.config.hStream = stream
+            result = self.libcuda.cuLaunchKernelEx(self.config_ref, self.func, self.array, None)
+        if result != 0:
+            raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {result}")
+
+
+_LAUNCHERS: dict = {}
+
+
 def launch_ex(kernel, grid, block, args, shared_mem: int = 0, pdl: bool = False) -> None:
-    """Launch a loaded kernel through cuLaunchKernelEx on the current stream; pdl: with programmatic stream
-    serialization (the grid may start while the previous kernel of the stream drains: only for a kernel that
-    waits with griddepcontrol before it reads what that kernel writes, kernel_source's pdl)."""
-    array, values = kernel_arguments(args)
-    attributes = (LaunchAttribute * 1)()
-    attributes[0].id = LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-    ctypes.memmove(attributes[0].value, ctypes.byref(ctypes.c_int(1)), 4)
-    config = LaunchConfig(*grid, *block, shared_mem, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream),
-                          attributes, 1 if pdl else 0)
-    libcuda = torch.cuda._utils._get_gpu_runtime_library()
-    result = libcuda.cuLaunchKernelEx(ctypes.byref(config), kernel.func, array, None)
-    if result != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed: CUresult {result}")
-    del values  # the array pointed at them until the launch returned
+    """Launch a loaded kernel through cuLaunchKernelEx on the current stream (a _Launcher made once per kernel,
+    grid, block, shared size, PDL flag and argument types); pdl: with programmatic stream serialization (the grid
+    may start while the previous kernel of the stream drains: only for a kernel that waits with griddepcontrol
+    before it reads what that kernel writes, kernel_source's pdl)."""
+    slots = [_slot(arg) for arg in args]
+    key = (id(kernel), tuple(grid), tuple(block), shared_mem, pdl, tuple(kind for kind, _ in slots))
+    launcher = _LAUNCHERS.get(key)
+    if launcher is None:
+        launcher = _LAUNCHERS[key] = _Launcher(kernel, grid, block, shared_mem, pdl, key[-1])
+    launcher([value for _, value in slots])
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(index: int) -> tuple:
+    """((major, minor) compute capability, SM count) of CUDA device ``index``, read once per process."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def _facts(device) -> tuple:
+    device = torch.device(device)
+    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def capability(device) -> tuple:
+    """The compute capability of a CUDA device (cached: torch's query costs microseconds per call)."""
+    return _facts(device)[0]
+
+
+def sm_count(device) -> int:
+    """The SM count of a CUDA device (cached)."""
+    return _facts(device)[1]
 
 
 def _arch(device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = capability(device)
     return f"sm_{major}{minor}{'a' if major == 9 else ''}"
 
 
@@ -372,7 +425,7 @@ def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, 
 def _takes(fmt: FPFormat, group_size, x: torch.Tensor, k: int, max_m: int) -> bool:
     """Whether a CUDA kernel of up to ``max_m`` rows takes the case: sm_80+, per-channel scales, <= 4 exponent
     bits, FP16/BF16 x of unit column stride, 16-byte aligned rows, K a multiple of the packed tile."""
-    return (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0) and hasattr(torch.cuda, "_utils")
+    return (x.is_cuda and hasattr(torch.cuda, "_utils") and capability(x.device) >= (8, 0)
             and group_size is None and fmt.exp_bits <= 4 and x.dtype in (torch.float16, torch.bfloat16)
             and x.dim() == 2 and 1 <= x.shape[0] <= max_m and k % TILE_K == 0 and x.stride(1) == 1
             and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0)
@@ -438,7 +491,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     if split is None:
         split = measured.split if measured is not None else None
     k_tiles = k // TILE_K
-    hopper = torch.cuda.get_device_capability(x.device) >= (9, 0)  # clusters, programmatic launch
+    hopper = capability(x.device) >= (9, 0)  # clusters, programmatic launch
     cluster = 0
     if cluster_split and split is not None and hopper:
         kps = -(-k_tiles // split)
@@ -449,7 +502,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
                                prefetch_x, x.device, cluster, pdl, row_tiles)
     threads = WARPS // row_tiles * 32
     if split is None:
-        split = choose_split(n, k, m, torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+        split = choose_split(n, k, m, sm_count(x.device), resident)
     row_blocks = -(-n // ROWS_PER_CTA)
     kps = -(-k_tiles // split)
     split = -(-k_tiles // kps)  # no empty CTAs
@@ -461,10 +514,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     args = [x, x.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws, counts, m,
             n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps, *(_powers(fmt) if fma_shifts else ())]
-    if pdl:
-        launch_ex(kernel, (row_blocks, split, 1), (threads, 1, 1), args, pdl=True)
-    else:
-        kernel(grid=(row_blocks, split, 1), block=(threads, 1, 1), args=args)
+    launch_ex(kernel, (row_blocks, split, 1), (threads, 1, 1), args, pdl=pdl)
     return out
 
 
@@ -553,12 +603,11 @@ def fpx_mid_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     warps = MID_WARPS if warps is None else warps
     blocks = mid_blocks_m(m, MID_MAX_BLOCKS_M if blocks is None else blocks)
     # griddepcontrol is sm_90's: an explicit pdl on an older GPU launches as usual, as fpx_small_m's does
-    pdl = (launch.enabled(x.device) if pdl is None else pdl) and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    pdl = (launch.enabled(x.device) if pdl is None else pdl) and capability(x.device) >= (9, 0)
     kernel, resident = _mid_kernel(fmt, x.dtype, blocks, row_tiles, warps, bias is not None, x.device, pdl)
     rows_per_cta = 16 * row_tiles * warps
     if split is None:
-        split = choose_mid_split(n, k, m, rows_per_cta,
-                                 torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+        split = choose_mid_split(n, k, m, rows_per_cta, sm_count(x.device), resident)
     return _launch_split_k(kernel, x, x, planes, scales, bias, fmt, n, k, rows_per_cta, 8 * blocks, split,
                            warps * 32, pdl=pdl)
 
@@ -580,10 +629,7 @@ def _launch_split_k(kernel, x: torch.Tensor, x_arg: torch.Tensor, planes, scales
     padded = list(planes) + [planes[0]] * (3 - len(planes))
     args = [x_arg, x_arg.stride(0), *padded, scales, bias if bias is not None else scales, out, out.stride(0), ws,
             counts, m, n, k, float(2.0 ** (FP16_EXP_BIAS - fmt.bias)), kps]
-    if pdl:
-        launch_ex(kernel, (z, row_blocks, split), (threads, 1, 1), args, shared, pdl=True)
-    else:
-        kernel(grid=(z, row_blocks, split), block=(threads, 1, 1), shared_mem=shared, args=args)
+    launch_ex(kernel, (z, row_blocks, split), (threads, 1, 1), args, shared, pdl=pdl)
     return out
 
 
@@ -643,7 +689,7 @@ def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
 def wgmma_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
     """Whether the wgmma kernel takes the case: what the small-M kernel takes, on sm_90 (wgmma), M <= WGMMA_MAX_M."""
     return (_takes(fmt, group_size, x, k, WGMMA_MAX_M)
-            and torch.cuda.get_device_capability(x.device) == (9, 0))
+            and capability(x.device) == (9, 0))
 
 
 def _check_n_x(n_x: int) -> None:
@@ -727,7 +773,6 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
                                              min_ctas, pdl)
     if split is None:
-        split = choose_wgmma_split(n, k, m, n_x, wgs,
-                                   torch.cuda.get_device_properties(x.device).multi_processor_count, resident)
+        split = choose_wgmma_split(n, k, m, n_x, wgs, sm_count(x.device), resident)
     return _launch_split_k(kernel, x, wgmma_x_order(x), planes, scales, bias, fmt, n, k, 64 * wgs, n_x, split,
                            128 * wgs, shared, pdl)

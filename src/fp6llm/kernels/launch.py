@@ -14,6 +14,9 @@ On by default; FP6LLM_PDL=0 in the environment, or ``programmatic_launch(False)`
 or newer driver (MIN_DRIVER), and not the Triton interpreter. A Triton kernel's side is ``pdl.wait_for_previous``
 (kernels/pdl.py; this module needs no Triton, the engine imports it). Within ``static_weights()`` the small-M kernel
 also loads its first weight tile before it waits, so that the weight stream of one layer runs on into the next.
+
+``direct(*tensors)`` is the other launch policy here: whether an op of ours calls its CUDA kernel's function itself
+rather than through its torch custom op (eager mode, plain CUDA tensors).
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ import functools
 import os
 
 import torch
+from torch import nn
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # a torch without it: every call goes through the custom ops
+    def _get_current_dispatch_mode():
+        return True
 
 PDL = os.environ.get("FP6LLM_PDL", "1") != "0"  # programmatic_launch() sets it
 STATIC_WEIGHTS = False  # static_weights() sets it
@@ -94,3 +104,19 @@ def triton_options(device) -> dict:
     (Triton's option for the launch attribute)."""
     return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}
 
+
+
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def direct(*tensors) -> bool:
+    """Whether an op of ours (decoder_ops, models/attention.py, ops.fpx_linear) calls its CUDA kernel's function
+    directly instead of through its torch custom op: in eager mode with every given tensor (None skipped) a plain CUDA
+    tensor or parameter; not under torch.compile (whose graphs need the op), not inside a torch function or dispatch
+    mode (a FakeTensorMode, a FLOP counter), not for a tensor subclass. The kernel that runs is the op's CUDA
+    implementation either way; the op's dispatch costs about 33 us of host time per call on the H200 machine
+    (bench/host_overhead.py, 2026-12-04), which an eager prefill pays at every op of every layer."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or \
+            _get_current_dispatch_mode() is not None:
+        return False
+    return all(t is None or (type(t) in _PLAIN and t.is_cuda) for t in tensors)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import launch
+
 BLOCK_SIZE = 16  # positions per cache block (vLLM's default too)
 NULL_BLOCK = 0  # a scratch block nobody owns: padding tokens write here, unused block-table entries point here
 
@@ -49,6 +51,9 @@ class PagedKVCache(nn.Module):
     def write(self, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k, v [B, T, Hkv, D] at the slots slot_mapping [B, T] (models whose k is not rotated as it enters the
         cache; Llama's go through rotate_and_write)."""
+        if paged_decode is not None and launch.direct(self.k_cache, slot_mapping, k, v):
+            write_kv_kernel(self.k_cache, self.v_cache, slot_mapping, k, v)  # the op's CUDA kernel (launch.direct)
+            return
         write_kv(self.k_cache, self.v_cache, slot_mapping, k, v)
 
     def rotate_and_write(self, slot_mapping: Tensor, qkv: Tensor, n_q: int, positions: Tensor, cos: Tensor,
@@ -64,6 +69,9 @@ class PagedKVCache(nn.Module):
         check_rotary_args(qkv, positions, cos, sin)
         if slot_mapping.shape != qkv.shape[:2]:
             raise ValueError(f"slot_mapping must be {tuple(qkv.shape[:2])}, got {tuple(slot_mapping.shape)}")
+        if paged_decode is not None and launch.direct(qkv, positions, cos, sin, self.k_cache, slot_mapping):
+            from ..kernels.rotary import rotary_write_kv as kernel  # the op's CUDA kernel (launch.direct)
+            return kernel(qkv, positions, cos, sin, self.k_cache, self.v_cache, slot_mapping, n_q)
         return rotary_write_kv(qkv, positions, cos, sin, self.k_cache, self.v_cache, slot_mapping, n_q)
 
     def attend(self, q: Tensor, input_pos: Tensor, kv: KVBatch, sliding_window: Optional[int] = None) -> Tensor:
@@ -172,7 +180,11 @@ def _(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     input_pos: Tensor, sliding_window: Optional[int] = None) -> Tensor:
     """paged_attention_reference's result [B, H, T, D]; on CUDA from the Triton kernels of kernels/attention.py
-    (decode for T = 1, prefill/extend otherwise), which read only each row's valid blocks."""
+    (decode for T = 1, prefill/extend otherwise), which read only each row's valid blocks; in eager mode without
+    the op's dispatch (launch.direct)."""
+    if paged_decode is not None and launch.direct(q, k_cache, block_tables, seq_lens, input_pos):
+        kernel = paged_decode if q.shape[2] == 1 else paged_prefill
+        return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None)
     return paged_attention_op(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or 0)
 
 
