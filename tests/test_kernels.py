@@ -162,6 +162,7 @@ def clear_tables():
     dispatch.table_for.cache_clear()
     dispatch._small_m_entries.cache_clear()
     dispatch._backend.cache_clear()
+    dispatch._choose.cache_clear()
 
 
 @contextlib.contextmanager

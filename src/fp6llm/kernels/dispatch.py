@@ -186,12 +186,20 @@ def choose_config(m: int, n: int, k: int, fmt: FPFormat, dtype: torch.dtype, gro
                   device) -> KernelConfig:
     """The configuration for this case: the measured table entry when there is one (table_for says which table a
     format and dtype use), else heuristic_config."""
-    _, table = table_for(device_key(device), fmt.name, str(dtype).removeprefix("torch."))
+    return _choose(m, n, k, device_key(device), fmt.name, str(dtype).removeprefix("torch."), group_size,
+                   torch.device(device))
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(m: int, n: int, k: int, key: str, fmt_name: str, dtype_name: str, group_size: "int | None",
+            device: torch.device) -> KernelConfig:
+    """choose_config for GPU ``key`` (each case decided once per process; KernelConfig is frozen)."""
+    _, table = table_for(key, fmt_name, dtype_name)
     bucket = str(m_bucket(m))
     candidates = table.get(bucket, {})
     if candidates:
         best = min(candidates, key=lambda shape: log_distance(_shape_of(shape), n, k))
-        entry = {key: value for key, value in candidates[best].items() if key not in ("us", "cuda")}
+        entry = {name: value for name, value in candidates[best].items() if name not in ("us", "cuda")}
         entry["block_k"] = max(entry["block_k"], MIN_BLOCK_K)  # tables measured on layout 1 had 64-column blocks
         config = KernelConfig(**entry)
     else:

@@ -310,7 +310,9 @@ def _rotation_table(fmt: FPFormat, device, powers: bool = False) -> torch.Tensor
     return CONSTANTS.get(("rotations", fmt), device, lambda: _placement_consts(fmt)[3])
 
 
+@functools.lru_cache(maxsize=None)
 def _plane_kwargs(fmt: FPFormat) -> dict:
+    """The kernels' per-plane constexprs of fmt (one dict per format: callers unpack it, never change it)."""
     widths, extracts, masks, _ = _placement_consts(fmt)
     kwargs = {f"W{p}": widths[p] for p in range(MAX_PLANES)}
     kwargs.update({f"NX{p}": extracts[p] for p in range(MAX_PLANES)})
