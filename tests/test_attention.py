@@ -264,3 +264,52 @@ def test_rotary_and_cache_write_kernel_equals_rotary_then_write(gen, dtype, n_q,
         cache.rotate_and_write(slots, qkv[:, :, 1:], n_q, positions, cos, sin)
     with pytest.raises(ValueError, match="slot_mapping must be"):
         cache.rotate_and_write(slots[:, :2], qkv, n_q, positions, cos, sin)
+
+
+def test_prefill_graph_shapes():
+    """Which prefills run as a CUDA graph: rows rounded up to a power of two (at most the batch), the longest chunk
+    to a PREFILL_GRAPH_LENGTHS length, at most PREFILL_GRAPH_TOKENS padded tokens; everything else eagerly."""
+    import types
+
+    from fp6llm.engine.runner import PREFILL_GRAPH_TOKENS, Runner
+    runner = types.SimpleNamespace(prefill_graphs=True, max_batch_size=6)
+    shape = lambda count, longest: Runner.prefill_graph_shape(runner, count, longest)  # noqa: E731
+    assert shape(1, 1) == (1, 16) and shape(1, 17) == (1, 32) and shape(1, 256) == (1, 256)
+    assert shape(3, 100) == (4, 128) and shape(5, 20) == (6, 32) and shape(2, 256) == (2, 256)
+    assert shape(1, 257) is None and shape(4, 200) is None  # too long; 4 x 256 > PREFILL_GRAPH_TOKENS
+    assert all(rows * length <= PREFILL_GRAPH_TOKENS for rows, length in
+               filter(None, (shape(c, n) for c in range(1, 7) for n in range(1, 300, 7))))
+    runner.prefill_graphs = False
+    assert shape(1, 16) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_prefill_graphs_match_eager_prefill():
+    """Prefills captured as CUDA graphs (padded rows and lengths, full-width block tables, captured on first use,
+    replayed after) against the same engine prefilling eagerly: the logits each step sampled from within 1e-2
+    while the greedy tokens agree (the prefill's always), for prompts of 3-200 tokens one by one and in a batch, a prompt longer than the graphs take, a
+    prompt whose prefill is chunked (a small step budget), and the prefix cache's shared blocks."""
+    from fp6llm.models.loader import build_random
+    model = build_random("tiny-llama", "e3m2", "cuda", dtype=torch.float16, seed=5, progress=False)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (3, 17, 64, 100, 200, 300)]
+    prompts.append(prompts[3][:80] + torch.randint(3, 500, (30,), generator=gen).tolist())  # a shared prefix
+    results = []
+    for graphs in (True, False):
+        outputs = []
+        for step_tokens in (None, 48):  # 48: every prompt of more than 48 tokens prefills in chunks
+            engine = Engine(model, None, max_batch_size=4, max_seq_len=384, cuda_graph=True,
+                            max_step_tokens=step_tokens)
+            engine.runner.prefill_graphs = graphs
+            outputs.append(recorded_logits(engine, prompts[:2], 4))  # a batch of two
+            outputs += [recorded_logits(engine, [p], 4) for p in prompts]  # one by one, the same graphs again
+            if graphs and step_tokens is None:
+                assert any(key[0] == "prefill" for key in engine.runner._graphs)
+            engine.close()
+        results.append(outputs)
+    for (tokens, logits), (tokens_eager, logits_eager) in zip(*results):
+        for row_tokens, row_eager, a, b in zip(tokens, tokens_eager, logits, logits_eager):
+            agree = next((i for i, (x, y) in enumerate(zip(row_tokens, row_eager)) if x != y), len(row_tokens))
+            steps = min(agree + 1, len(a))  # teacher-forced: the steps up to and including the first disagreement
+            assert steps >= 1 and ((a[:steps] - b[:steps]).norm() / b[:steps].norm()).item() < 1e-2

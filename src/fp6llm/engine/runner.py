@@ -1,8 +1,12 @@
 """Forward passes over the paged cache: the inputs of a step's prefill chunks and decodes, and CUDA graphs.
 
 The runner turns the batcher's plan into model inputs: tokens and positions [B, T] and a KVBatch (block tables,
-sequence lengths, slot mapping; models/attention.py). Prefill chunks run eagerly, right-padded (padding tokens write
-to the scratch block). Decodes are one token per request and end with the sampling step (engine/sampling.py's
+sequence lengths, slot mapping; models/attention.py). Prefill chunks are right-padded (padding tokens write to the
+scratch block); on CUDA a prefill of up to PREFILL_GRAPH_TOKENS padded tokens runs as a CUDA graph, one per
+(rows rounded up to a power of two, longest chunk rounded up to a PREFILL_GRAPH_LENGTHS length) captured on first
+use, since an eager forward of a short prompt is bound by the host's launches (bench/profile_prefill.py: 128 tokens
+of a 13B model, 9-11 ms of kernels in 15-29 ms eager on an H200, 2026-12-04); longer prefills, a prompt's logprobs
+and torch.compile run eagerly. Decodes are one token per request and end with the sampling step (engine/sampling.py's
 DeviceSampler, each row reading its request's sampler slot): on CUDA the decode forward and sampling of B rows (B
 rounded up to a power of two) are captured once as a CUDA graph over static buffers and replayed, one graph with the
 sampling step and one with argmax only (no row samples); the block tables span a whole ``max_seq_len`` there, and
@@ -20,6 +24,10 @@ from torch import Tensor, nn
 
 from ..models.attention import NULL_BLOCK, KVBatch, PagedKVCache, blocks_for
 from .sampling import DeviceSampler
+
+PREFILL_GRAPH_LENGTHS = (16, 32, 64, 128, 256)  # padded chunk lengths of the prefill graphs
+PREFILL_GRAPH_TOKENS = 512  # rows x padded length at most: a longer prefill keeps the GPU busy eagerly
+
 
 def synchronize(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
@@ -64,6 +72,22 @@ class DecodeGraph:
         return self.outputs
 
 
+class PrefillGraph(DecodeGraph):
+    """A prefill forward of fixed rows x length captured as a CUDA graph over buffers of its own: tokens, positions
+    [R, L], block tables [R, W], sequence lengths [R], slot mapping [R, L], the logits' token index [R, 1]; called,
+    the logits [R, vocab] of each row's token at that index."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, device, pool):
+        self.buffers = [value.to(device) for value in inputs]
+        tokens, positions, tables, seq_lens, slots, last = self.buffers
+        kv = KVBatch(tables, seq_lens, slots)
+        super().__init__(lambda: model(tokens, positions, logits_at=last, kv=kv)[:, -1], pool)
+
+    def load(self, inputs: tuple, device) -> None:
+        for buffer, value in zip(self.buffers, inputs):
+            buffer.copy_(staged(value, device), non_blocking=True)
+
+
 class Runner:
     """Runs a model's prefill and decode forwards for requests that hold blocks of its paged cache; decodes sample
     with ``sampler`` (whose slots the engine sets as requests join)."""
@@ -83,8 +107,9 @@ class Runner:
         self.seq_lens = torch.ones(rows, dtype=torch.int32, device=device)
         self.slot_mapping = torch.full((rows, 1), self.padding_slot, dtype=torch.int32, device=device)
         self.sampler_slots = torch.full((rows,), sampler.padding_slot, dtype=torch.long, device=device)
-        self._graphs: dict = {}
+        self._graphs: dict = {}  # (rows, sampling): DecodeGraph; ("prefill", rows, length): PrefillGraph
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_cuda_graph else None
+        self.prefill_graphs = self.use_cuda_graph and not compile  # PREFILL_GRAPH_TOKENS and shorter
 
     def slot(self, request, position: int) -> int:
         return request.blocks[position // self.block_size] * self.block_size + position % self.block_size
@@ -93,11 +118,16 @@ class Runner:
         """Logits [len(chunks), vocab] of each chunk's last token, or with every_position [len(chunks), longest
         chunk, vocab] of each of its tokens (for a prompt's logprobs); chunks: batcher.Chunk, blocks allocated."""
         longest = max(c.count for c in chunks)
-        width = max(blocks_for(c.start + c.count, self.block_size) for c in chunks)
-        tokens = torch.zeros(len(chunks), longest, dtype=torch.long)
-        positions = torch.zeros(len(chunks), longest, dtype=torch.long)
-        slots = torch.full((len(chunks), longest), self.padding_slot, dtype=torch.int32)
-        tables = torch.full((len(chunks), width), NULL_BLOCK, dtype=torch.int32)
+        shape = None if every_position else self.prefill_graph_shape(len(chunks), longest)
+        if shape is not None:
+            rows, longest = shape
+            width = self.max_blocks
+        else:
+            rows, width = len(chunks), max(blocks_for(c.start + c.count, self.block_size) for c in chunks)
+        tokens = torch.zeros(rows, longest, dtype=torch.long)
+        positions = torch.zeros(rows, longest, dtype=torch.long)
+        slots = torch.full((rows, longest), self.padding_slot, dtype=torch.int32)
+        tables = torch.full((rows, width), NULL_BLOCK, dtype=torch.int32)
         for row, chunk in enumerate(chunks):
             request, span = chunk.request, range(chunk.start, chunk.start + chunk.count)
             tokens[row, :chunk.count] = torch.tensor([request.token(p) for p in span])
@@ -105,13 +135,46 @@ class Runner:
             slots[row, :chunk.count] = torch.tensor([self.slot(request, p) for p in span], dtype=torch.int32)
             used = request.blocks[:width]
             tables[row, :len(used)] = torch.tensor(used, dtype=torch.int32)
-        seq_lens = torch.tensor([c.start + c.count for c in chunks], dtype=torch.int32)
+        pad = rows - len(chunks)  # padding rows: one token at position 0 into the scratch block
+        seq_lens = torch.tensor([c.start + c.count for c in chunks] + [1] * pad, dtype=torch.int32)
+        last = torch.tensor([[c.count - 1] for c in chunks] + [[0]] * pad)
+        if shape is not None:
+            graph = self._prefill_graph(rows, longest, (tokens, positions, tables, seq_lens, slots, last))
+            if graph is not None:
+                return graph()[:len(chunks)].clone()  # the graph's output is overwritten by its next replay
         kv = KVBatch(*(to_device(t, self.device) for t in (tables, seq_lens, slots)))
         tokens, positions = to_device(tokens, self.device), to_device(positions, self.device)
         if every_position:
             return self.model(tokens, positions, kv=kv)
-        last = to_device(torch.tensor([[c.count - 1] for c in chunks]), self.device)
-        return self.model(tokens, positions, logits_at=last, kv=kv)[:, -1]
+        return self.model(tokens, positions, logits_at=to_device(last, self.device), kv=kv)[:, -1][:len(chunks)]
+
+    def prefill_graph_shape(self, count: int, longest: int) -> "tuple[int, int] | None":
+        """(rows, padded length) of the CUDA graph that prefills ``count`` chunks of at most ``longest`` tokens, or
+        None where that prefill runs eagerly (no graphs, too long, or more than PREFILL_GRAPH_TOKENS padded)."""
+        if not self.prefill_graphs:
+            return None
+        length = next((n for n in PREFILL_GRAPH_LENGTHS if n >= longest), None)
+        rows = min(1 << (count - 1).bit_length(), self.max_batch_size)
+        if length is None or rows < count or rows * length > PREFILL_GRAPH_TOKENS:
+            return None
+        return rows, length
+
+    def _prefill_graph(self, rows: int, length: int, inputs: tuple) -> "PrefillGraph | None":
+        """The prefill graph of this shape with ``inputs`` (host tensors) in its buffers; captured on first use (its
+        warm-up forwards then compute this prefill, writing the same keys and values as the replay)."""
+        graph = self._graphs.get(("prefill", rows, length))
+        if graph is not None:
+            graph.load(inputs, self.device)
+            return graph
+        try:
+            graph = PrefillGraph(self.model, inputs, self.device, self._graph_pool)
+        except RuntimeError as err:  # out of memory (a graph keeps its activations), or an op that cannot be captured
+            warnings.warn(f"capturing a prefill as a CUDA graph failed, prefilling eagerly from now on: {err}")
+            self.prefill_graphs = False
+            torch.cuda.empty_cache()
+            return None
+        self._graphs[("prefill", rows, length)] = graph
+        return graph
 
     def decode(self, requests: list, sampling: bool) -> tuple:
         """One decode step: each request's last token at its last position, then its next token drawn in its
