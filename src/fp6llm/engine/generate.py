@@ -8,7 +8,8 @@ The step-level API is what ``generate`` / ``stream`` and the server (server/sche
 
 Which requests run, and how many of their tokens, is the batcher's (engine/batcher.py): admission by free blocks,
 chunked prefill under a token budget per step, preemption of the newest request when blocks run out. The runner
-(engine/runner.py) turns a step into forwards, the decode one (sampling included) captured as a CUDA graph on CUDA.
+(engine/runner.py) turns a step into forwards, captured as CUDA graphs on CUDA: the decode one (sampling included),
+and prefills of up to 512 padded tokens.
 This module gives each admitted request's sampler slot its settings, samples after prefill, reads each step's new
 token ids to the host once, applies stop ids, max_new_tokens and stop strings there, turns tokens into text, and
 reports logprobs to the requests that ask for them (SamplingParams.logprobs / prompt_logprobs).
