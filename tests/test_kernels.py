@@ -600,12 +600,10 @@ def test_launch_ex_structures_match_cuda_h():
     assert (config.hStream.offset, config.attrs.offset, config.numAttrs.offset, ctypes.sizeof(config)) == \
         (32, 40, 48, 56)
     t = torch.zeros(3)
-    array, _ = fpx_cuda.kernel_arguments([t, 7, -2.5])
-    assert ctypes.cast(array[0], ctypes.POINTER(ctypes.c_void_p))[0] == t.data_ptr()
-    assert ctypes.cast(array[1], ctypes.POINTER(ctypes.c_int))[0] == 7
-    assert ctypes.cast(array[2], ctypes.POINTER(ctypes.c_double))[0] == -2.5
+    assert [fpx_cuda._slot(arg) for arg in (t, 7, -2.5)] == \
+        [(ctypes.c_void_p, t.data_ptr()), (ctypes.c_int, 7), (ctypes.c_double, -2.5)]
     with pytest.raises(TypeError, match="not bool"):
-        fpx_cuda.kernel_arguments([True])
+        fpx_cuda._slot(True)
 
 
 def test_cuda_small_m_cluster_split_launch():

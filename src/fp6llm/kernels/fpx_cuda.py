@@ -310,13 +310,6 @@ def _slot(arg):
     return (ctypes.c_int, arg) if isinstance(arg, int) else (ctypes.c_double, arg)
 
 
-def kernel_arguments(args) -> tuple:
-    """(void* array, the C values it points at) of a kernel's arguments (_slot)."""
-    values = [kind(value) for kind, value in map(_slot, args)]
-    array = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
-    return array, values
-
-
 class _Launcher:
     """One kernel's launches on one grid, block, shared size and PDL flag, through cuLaunchKernelEx: the launch
     configuration and the argument slots (ctypes objects, microseconds each to make) are built once; a call writes
@@ -324,7 +317,7 @@ class _Launcher:
     returns). An eager forward launches hundreds of GEMMs: the host's time per launch is the prefill's time."""
 
     def __init__(self, kernel, grid, block, shared: int, pdl: bool, kinds: tuple):
-        self.func = kernel.func
+        self.kernel, self.func = kernel, kernel.func  # held: _LAUNCHERS keys on the kernel's id
         self.slots = [kind() for kind in kinds]
         self.array = (ctypes.c_void_p * len(self.slots))(*[ctypes.addressof(slot) for slot in self.slots])
         self.attributes = (LaunchAttribute * 1)()
@@ -347,6 +340,7 @@ class _Launcher:
 
 
 _LAUNCHERS: dict = {}
+_MAX_LAUNCHERS = 4096  # eager forwards of many prompt lengths make many grids: start over past this many
 
 
 def launch_ex(kernel, grid, block, args, shared_mem: int = 0, pdl: bool = False) -> None:
@@ -358,6 +352,8 @@ def launch_ex(kernel, grid, block, args, shared_mem: int = 0, pdl: bool = False)
     key = (id(kernel), tuple(grid), tuple(block), shared_mem, pdl, tuple(kind for kind, _ in slots))
     launcher = _LAUNCHERS.get(key)
     if launcher is None:
+        if len(_LAUNCHERS) >= _MAX_LAUNCHERS:
+            _LAUNCHERS.clear()
         launcher = _LAUNCHERS[key] = _Launcher(kernel, grid, block, shared_mem, pdl, key[-1])
     launcher([value for _, value in slots])
 
