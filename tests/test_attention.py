@@ -267,15 +267,16 @@ def test_rotary_and_cache_write_kernel_equals_rotary_then_write(gen, dtype, n_q,
 
 
 def test_prefill_graph_shapes():
-    """Which prefills run as a CUDA graph: rows rounded up to a power of two (at most the batch), the longest chunk
-    to a PREFILL_GRAPH_LENGTHS length, at most PREFILL_GRAPH_TOKENS padded tokens; everything else eagerly."""
+    """Which prefills run as a CUDA graph: a power of two of chunks, the longest rounded up to a
+    PREFILL_GRAPH_LENGTHS length, at most PREFILL_GRAPH_TOKENS padded tokens; everything else eagerly (other counts
+    would need padding rows, not yet run on a GPU)."""
     import types
 
     from fp6llm.engine.runner import PREFILL_GRAPH_TOKENS, Runner
     runner = types.SimpleNamespace(prefill_graphs=True, max_batch_size=6)
     shape = lambda count, longest: Runner.prefill_graph_shape(runner, count, longest)  # noqa: E731
     assert shape(1, 1) == (1, 16) and shape(1, 17) == (1, 32) and shape(1, 256) == (1, 256)
-    assert shape(3, 100) == (4, 128) and shape(5, 20) == (6, 32) and shape(2, 256) == (2, 256)
+    assert shape(4, 100) == (4, 128) and shape(2, 256) == (2, 256) and shape(3, 100) is None and shape(5, 20) is None
     assert shape(1, 257) is None and shape(4, 200) is None  # too long; 4 x 256 > PREFILL_GRAPH_TOKENS
     assert all(rows * length <= PREFILL_GRAPH_TOKENS for rows, length in
                filter(None, (shape(c, n) for c in range(1, 7) for n in range(1, 300, 7))))

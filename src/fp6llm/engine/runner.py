@@ -2,9 +2,8 @@
 
 The runner turns the batcher's plan into model inputs: tokens and positions [B, T] and a KVBatch (block tables,
 sequence lengths, slot mapping; models/attention.py). Prefill chunks are right-padded (padding tokens write to the
-scratch block); on CUDA a prefill of up to PREFILL_GRAPH_TOKENS padded tokens runs as a CUDA graph, one per
-(rows rounded up to a power of two, longest chunk rounded up to a PREFILL_GRAPH_LENGTHS length) captured on first
-use, since an eager forward of a short prompt is bound by the host's launches (bench/profile_prefill.py: 128 tokens
+scratch block); on CUDA a prefill of a power of two of chunks and up to PREFILL_GRAPH_TOKENS padded tokens runs as
+a CUDA graph, one per (rows, longest chunk rounded up to a PREFILL_GRAPH_LENGTHS length) captured on first use, since an eager forward of a short prompt is bound by the host's launches (bench/profile_prefill.py: 128 tokens
 of a 13B model, 9-11 ms of kernels in 15-29 ms eager on an H200, 2026-12-04); longer prefills, a prompt's logprobs
 and torch.compile run eagerly. Decodes are one token per request and end with the sampling step (engine/sampling.py's
 DeviceSampler, each row reading its request's sampler slot): on CUDA the decode forward and sampling of B rows (B
@@ -153,11 +152,12 @@ class Runner:
         None where that prefill runs eagerly (no graphs, too long, or more than PREFILL_GRAPH_TOKENS padded)."""
         if not self.prefill_graphs:
             return None
+        # Only a power of two of chunks: padding rows in a prefill (no tokens of their own) have not yet run on a
+        # GPU, so other counts prefill eagerly.
         length = next((n for n in PREFILL_GRAPH_LENGTHS if n >= longest), None)
-        rows = min(1 << (count - 1).bit_length(), self.max_batch_size)
-        if length is None or rows < count or rows * length > PREFILL_GRAPH_TOKENS:
+        if length is None or count & (count - 1) or count * length > PREFILL_GRAPH_TOKENS:
             return None
-        return rows, length
+        return count, length
 
     def _prefill_graph(self, rows: int, length: int, inputs: tuple) -> "PrefillGraph | None":
         """The prefill graph of this shape with ``inputs`` (host tensors) in its buffers; captured on first use (its
