@@ -287,10 +287,11 @@ def test_prefill_graph_shapes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_prefill_graphs_match_eager_prefill():
-    """Prefills captured as CUDA graphs (padded rows and lengths, full-width block tables, captured on first use,
-    replayed after) against the same engine prefilling eagerly: the logits each step sampled from within 1e-2
-    while the greedy tokens agree (the prefill's always), for prompts of 3-200 tokens one by one and in a batch, a prompt longer than the graphs take, a
-    prompt whose prefill is chunked (a small step budget), and the prefix cache's shared blocks."""
+    """Prefills captured as CUDA graphs (padded lengths, full-width block tables, captured on first use, replayed
+    after) against the same engine prefilling eagerly: the logits each step sampled from within 1e-2 while the
+    greedy tokens agree (the prefill's always), for prompts of 3-200 tokens one by one and two in a batch, a prompt
+    longer than the graphs take, a prompt whose prefill is chunked (a small step budget), and the prefix cache's
+    shared blocks."""
     from fp6llm.models.loader import build_random
     model = build_random("tiny-llama", "e3m2", "cuda", dtype=torch.float16, seed=5, progress=False)
     gen = torch.Generator().manual_seed(5)

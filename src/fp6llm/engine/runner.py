@@ -6,12 +6,13 @@ scratch block); on CUDA a prefill of a power of two of chunks and up to PREFILL_
 a CUDA graph, one per (rows, longest chunk rounded up to a PREFILL_GRAPH_LENGTHS length) captured on first use,
 since an eager forward of a short prompt is bound by the host's launches (bench/profile_prefill.py: 128 tokens of a
 13B model, 9-11 ms of kernels in 15-29 ms eager on an H200, 2026-12-04); longer prefills, other counts of chunks, a
-prompt's logprobs and torch.compile run eagerly. Decodes are one token per request and end with the sampling step (engine/sampling.py's
-DeviceSampler, each row reading its request's sampler slot): on CUDA the decode forward and sampling of B rows (B
-rounded up to a power of two) are captured once as a CUDA graph over static buffers and replayed, one graph with the
-sampling step and one with argmax only (no row samples); the block tables span a whole ``max_seq_len`` there, and
-padding rows decode token 0 at position 0 into the scratch block, greedily in the sampler's padding slot. Eager
-decodes (CPU, or no graphs) run the same ops and gather only as many block-table columns as the longest row needs.
+prompt's logprobs and torch.compile run eagerly. Decodes are one token per request and end with the sampling step
+(engine/sampling.py's DeviceSampler, each row reading its request's sampler slot): on CUDA the decode forward and
+sampling of B rows (B rounded up to a power of two) are captured once as a CUDA graph over static buffers and
+replayed, one graph with the sampling step and one with argmax only (no row samples); the block tables span a whole
+``max_seq_len`` there, and padding rows decode token 0 at position 0 into the scratch block, greedily in the
+sampler's padding slot. Eager decodes (CPU, or no graphs) run the same ops and gather only as many block-table
+columns as the longest row needs.
 """
 
 from __future__ import annotations
