@@ -174,8 +174,8 @@ def test_cuda_graphs_and_compile_of_the_fused_decode_step_generate_what_eager_do
 
 def test_ops_call_their_kernels_directly_only_in_plain_eager_mode():
     """launch.direct: the ops skip their custom op's dispatch only for plain CUDA tensors in eager mode; a CPU
-    tensor, a tensor subclass, a torch function or dispatch mode (FakeTensorMode is one) and torch.compile's tracing
-    keep the op."""
+    tensor, a tensor subclass, a torch function or dispatch mode (FakeTensorMode is one), torch.compile's tracing and
+    (on CUDA) a tensor that requires grad while autograd records keep the op."""
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -193,6 +193,7 @@ def test_ops_call_their_kernels_directly_only_in_plain_eager_mode():
         pass
 
     assert launch.direct(None) and not launch.direct(torch.zeros(2)) and not launch.direct(None, torch.zeros(2))
+    assert not launch.direct(torch.nn.Parameter(torch.zeros(2)))  # a CPU parameter (the CUDA test covers the rest)
     assert not launch.direct(torch.zeros(2).as_subclass(Subclass))
     with Passthrough():
         assert not launch.direct(None)
@@ -214,6 +215,10 @@ def test_direct_kernel_calls_equal_the_custom_ops(arch, monkeypatch):
         qkv_bias=True, o_bias=True, mlp_bias=True, position_offset=2, max_position_embeddings=64)
     model = build_random(config, "e3m2", "cuda", dtype=torch.float16, seed=3, progress=False)
     tokens = torch.randint(0, config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(3)).to("cuda")
+    weight = torch.nn.Parameter(torch.ones(4, device="cuda"))
+    assert launch.direct(tokens) and not launch.direct(tokens, weight)  # autograd records a parameter: the op
+    with torch.no_grad():
+        assert launch.direct(tokens, weight)
     logits = []
     for direct in (True, False):
         if not direct:

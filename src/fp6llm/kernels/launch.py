@@ -113,10 +113,15 @@ def direct(*tensors) -> bool:
     """Whether an op of ours (decoder_ops, models/attention.py, ops.fpx_linear) calls its CUDA kernel's function
     directly instead of through its torch custom op: in eager mode with every given tensor (None skipped) a plain CUDA
     tensor or parameter; not under torch.compile (whose graphs need the op), not inside a torch function or dispatch
-    mode (a FakeTensorMode, a FLOP counter), not for a tensor subclass. The kernel that runs is the op's CUDA
+    mode (a FakeTensorMode, a FLOP counter), not for a tensor subclass, not while autograd records a tensor that
+    requires grad. The kernel that runs is the op's CUDA
     implementation either way; the op's dispatch costs about 33 us of host time per call on the H200 machine
     (bench/host_overhead.py, 2026-12-04), which an eager prefill pays at every op of every layer."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled() or \
             _get_current_dispatch_mode() is not None:
         return False
-    return all(t is None or (type(t) in _PLAIN and t.is_cuda) for t in tensors)
+    if not all(t is None or (type(t) in _PLAIN and t.is_cuda) for t in tensors):
+        return False
+    # with autograd recording, the op (whose backward raises: none is registered) rather than outputs that would
+    # silently carry no gradient
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
