@@ -2,7 +2,7 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed |
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed |
 #       all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -26,6 +26,9 @@
 #             --no-programmatic-launch
 #   row-tiles the small-M kernel with two row tiles per warp (row_tiles=2): its GPU test, then small_m_tail_ab.py
 #             at M = 1..16 against the plain kernel and x at compute time
+#   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
+#             1 x 128 tokens: wall time against the kernels' time, cProfile) and bench/host_overhead.py (per call);
+#             then bench/read_floor.py (a plain read of each shape's bytes against the floor and the small-M kernel)
 #   e2e70     fp6llm bench, llama-2-70b e3m2 and FP16 on one GPU, batch 1/8/32
 #   serve     bench/serve.py, llama-2-13b FP16 vs e3m2, 1/8/32/64 clients, the server's default settings (run
 #             bench/serve_wheels.sh here first and carry .whl); serve-mixed: 8/32 clients, prompts of 64-2048 tokens
@@ -119,6 +122,13 @@ e2e)
     timeout 560 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" "${e2e_shape[@]}" "${device[@]}" \
         --out "$out" 2>&1 | tee "$out/e2e.log" | grep -E "^\||wrote|rror" | tail -12
     ;;
+host)
+    gpu_only timeout 150 python3 bench/profile_prefill.py --model "$model13" --formats "$fp16,e3m2" --batch 1 \
+        --prompt-len 128 --reps 5 --top 25 --out "$out/prefill.json" 2>&1 | tee "$out/prefill.log" | grep -E "prefill"
+    gpu_only timeout 100 python3 bench/host_overhead.py --out "$out/host-overhead.json" 2>&1 \
+        | tee "$out/host-overhead.log" | grep -v "PDL off"
+    gpu_only timeout 200 python3 bench/read_floor.py --out "$out/read-floor.json" 2>&1 | tee "$out/read-floor.log"
+    ;;
 e2e70)
     timeout 560 python3 -m fp6llm bench --random "$model70" --formats "e3m2,$fp16" --batch 1,8,32 --prompt-len 128 \
         --gen-len 32 "${device[@]}" --out "$out" 2>&1 | tee "$out/e2e70.log" | grep -E "^\||wrote|rror" | tail -10
@@ -145,7 +155,7 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | e2e | e2e-mid | e2e-pdl | e2e70 | serve | serve-mixed | all-quick)" >&2
+         "wgmma-bf16 | row-tiles | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;
 esac
