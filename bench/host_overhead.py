@@ -12,7 +12,6 @@ The prefill profile (bench/profile_prefill.py) showed the eager 13b prefill at b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import write_record  # noqa: E402
 import fp6llm.ops  # noqa: E402,F401  (registers fp6llm::fpx_linear)
 from fp6llm import decoder_ops, quantize_weight  # noqa: E402
 from fp6llm.nn import FPxLinear  # noqa: E402
@@ -109,9 +110,7 @@ def main(argv=None) -> int:
                 rows[f"{name}, pdl {'on' if pdl else 'off'}"] = us
                 print(f"{name:40} PDL {'on ' if pdl else 'off'}: {us:7.1f} us per call", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0),
-                                              "date": time.strftime("%Y-%m-%d"), "calls": args.calls,
-                                              "us_per_call": rows}, indent=1))
+        write_record(args.out, calls=args.calls, us_per_call=rows)
     return 0
 
 

@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,20 @@ SHAPES = {  # name: (N out, K in)
 }
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def shape_names(parser: argparse.ArgumentParser, choice: str) -> list:
+    """The SHAPES names a --shapes argument asks for ("all" or comma-separated); parser.error for an unknown one."""
+    names = list(SHAPES) if choice == "all" else choice.split(",")
+    if unknown := [name for name in names if name not in SHAPES]:
+        parser.error(f"unknown shape(s) {', '.join(unknown)}: choose from {', '.join(SHAPES)}")
+    return names
+
+
+def write_record(path, **fields) -> None:
+    """A run's JSON record at ``path``: the GPU's name, today's date, then ``fields``."""
+    Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+                                      **fields}, indent=1))
 
 
 def random_weight(n: int, k: int, fmt: FPFormat, device) -> QuantizedWeight:

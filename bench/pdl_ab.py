@@ -11,15 +11,15 @@ all alike; ms per decode step (CUDA graphs), the median of the repetitions (rati
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import write_record  # noqa: E402
 from fp6llm.evals.throughput import bench_batch, free_memory  # noqa: E402
 from fp6llm.kernels import fpx_cuda, launch, x_order  # noqa: E402
 from fp6llm.models.loader import build_random  # noqa: E402
@@ -71,9 +71,7 @@ def main(argv=None) -> int:
         del model
         free_memory(torch.device("cuda"))
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0),
-                                              "date": time.strftime("%Y-%m-%d"), "args": vars(args), "rows": rows},
-                                             indent=1))
+        write_record(args.out, args=vars(args), rows=rows)
     return 0
 
 

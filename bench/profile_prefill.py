@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel import write_record  # noqa: E402
 from fp6llm.engine.generate import Engine, Request  # noqa: E402
 from fp6llm.engine.sampling import SamplingParams  # noqa: E402
 from fp6llm.evals.throughput import free_memory  # noqa: E402
@@ -87,9 +87,7 @@ def main(argv=None) -> int:
         del model, engine
         free_memory(torch.device("cuda"))
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0),
-                                              "date": time.strftime("%Y-%m-%d"), "args": vars(args),
-                                              "results": results}, indent=1))
+        write_record(args.out, args=vars(args), results=results)
     return 0
 
 

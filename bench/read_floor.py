@@ -17,9 +17,7 @@ warps; the fastest per size is reported. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import SHAPES, dense_calls, random_weight, rotating_calls  # noqa: E402
+from kernel import SHAPES, dense_calls, random_weight, rotating_calls, shape_names, write_record  # noqa: E402
 
 from fp6llm.evals.timing import copies_needed, read_bandwidth, time_calls  # noqa: E402
 from fp6llm.formats import FPFormat  # noqa: E402
@@ -88,9 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--format", default="e3m2")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
-    if unknown := [name for name in shapes if name not in SHAPES]:
-        parser.error(f"unknown shape(s) {', '.join(unknown)}: choose from {', '.join(SHAPES)}")
+    shapes = shape_names(parser, args.shapes)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     check_read_kernel()
@@ -123,9 +119,7 @@ def main(argv=None) -> int:
               f"{read16:6.1f} us ({floor16 / read16:4.0%}), cuBLAS {t_dense:6.1f} us ({floor16 / t_dense:4.0%}; "
               f"{read16 / t_dense:4.0%} of the read)", flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0),
-                                              "date": time.strftime("%Y-%m-%d"), "bandwidth": bandwidth,
-                                              "rows": rows}, indent=1))
+        write_record(args.out, bandwidth=bandwidth, rows=rows)
     return 0
 
 

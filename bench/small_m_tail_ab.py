@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import SHAPES, dense_calls, random_weight, rotating_calls  # noqa: E402
+from kernel import SHAPES, dense_calls, random_weight, rotating_calls, shape_names, write_record  # noqa: E402
 
 from fp6llm.evals.timing import copy_bandwidth, read_bandwidth, time_calls  # noqa: E402
 from fp6llm.formats import FPFormat  # noqa: E402
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
         parser.error("needs an sm_90 GPU (thread block clusters, programmatic dependent launch)")
     fmt = FPFormat.parse("e3m2")
     bandwidth = max(copy_bandwidth("cuda"), read_bandwidth("cuda"))
-    shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+    shapes = shape_names(parser, args.shapes)
     rows, started = [], time.time()
     for name in shapes:
         n, k = SHAPES[name]
@@ -114,9 +113,7 @@ def main(argv=None) -> int:
             print(f"{variant} over {base}: geo-mean {geo:.3f}x over {len(ratios)} cases "
                   f"({min(ratios):.3f}-{max(ratios):.3f}x)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(0),
-                                              "date": time.strftime("%Y-%m-%d"), "bandwidth": bandwidth,
-                                              "rows": rows, "seconds": time.time() - started}, indent=1))
+        write_record(args.out, bandwidth=bandwidth, rows=rows, seconds=time.time() - started)
     return 0 if all(r["equal"] for r in rows) else 1
 
 

@@ -11,7 +11,6 @@ at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs ov
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel import SHAPES, dense_calls, random_weight, rotating_calls  # noqa: E402
+from kernel import SHAPES, dense_calls, random_weight, rotating_calls, shape_names, write_record  # noqa: E402
 from tune import compile_wgmma  # noqa: E402
 
 from fp6llm.evals.timing import time_calls  # noqa: E402
@@ -127,12 +126,9 @@ def main(argv=None) -> int:
         return 1
     if args.check_only:
         return 0
-    shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
-    rows = timing([int(m) for m in args.ms.split(",")], shapes, args.sweep)
-    result = {"device": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "checks": checks,
-              "rows": rows, "seconds": time.time() - started}
+    rows = timing([int(m) for m in args.ms.split(",")], shape_names(parser, args.shapes), args.sweep)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_record(args.out, checks=checks, rows=rows, seconds=time.time() - started)
     return 0
 
 
