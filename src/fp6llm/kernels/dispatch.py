@@ -52,12 +52,17 @@ def m_bucket(m: int) -> int:
     return next((b for b in M_BUCKETS if m <= b), M_BUCKETS[-1])
 
 
+def _index(device: torch.device) -> int:
+    """A CUDA device's index (the current device for a bare "cuda")."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_key(device) -> str:
     """The name of a device's table file ("h200", "h100-80gb-hbm3"; "cpu"), read once per device (_device_key)."""
     device = torch.device(device)
     if device.type != "cuda":
         return "cpu"
-    return _device_key(device.index if device.index is not None else torch.cuda.current_device())
+    return _device_key(_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,15 +112,24 @@ def table_for(key: str, fmt_name: str, dtype_name: str) -> tuple:
 
 
 def _num_sms(device) -> int:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 132
+    return sm_count(device) if torch.device(device).type == "cuda" else 132
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _device_facts(index: int) -> tuple:
+    """((major, minor) compute capability, SM count) of CUDA device ``index``, read once per process."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def capability(device) -> tuple:
+    """The compute capability of a CUDA device (cached: torch's query costs microseconds per call)."""
+    return _device_facts(_index(torch.device(device)))[0]
+
+
+def sm_count(device) -> int:
+    """The SM count of a CUDA device (cached)."""
+    return _device_facts(_index(torch.device(device)))[1]
 
 
 def waves_split(tiles: int, k_blocks: int, num_sms: int, resident: int, partial_cost: float,

@@ -29,7 +29,7 @@ import torch
 from ..formats import FPFormat
 from ..packing import LANES, PAIRS_PER_LANE, TILE_K, placement, signed32, words_per_group
 from . import launch
-from .dispatch import SMALL_M_MAX, measured_small_m, waves_split
+from .dispatch import SMALL_M_MAX, capability, measured_small_m, sm_count, waves_split
 from .workspace import WORKSPACE
 from .x_order import wgmma_x_order
 
@@ -356,28 +356,6 @@ def launch_ex(kernel, grid, block, args, shared_mem: int = 0, pdl: bool = False)
             _LAUNCHERS.clear()
         launcher = _LAUNCHERS[key] = _Launcher(kernel, grid, block, shared_mem, pdl, key[-1])
     launcher([value for _, value in slots])
-
-
-@functools.lru_cache(maxsize=None)
-def _device_facts(index: int) -> tuple:
-    """((major, minor) compute capability, SM count) of CUDA device ``index``, read once per process."""
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.multi_processor_count
-
-
-def _facts(device) -> tuple:
-    device = torch.device(device)
-    return _device_facts(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def capability(device) -> tuple:
-    """The compute capability of a CUDA device (cached: torch's query costs microseconds per call)."""
-    return _facts(device)[0]
-
-
-def sm_count(device) -> int:
-    """The SM count of a CUDA device (cached)."""
-    return _facts(device)[1]
 
 
 def _arch(device) -> str:
