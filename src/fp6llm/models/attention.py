@@ -51,10 +51,8 @@ class PagedKVCache(nn.Module):
     def write(self, slot_mapping: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k, v [B, T, Hkv, D] at the slots slot_mapping [B, T] (models whose k is not rotated as it enters the
         cache; Llama's go through rotate_and_write)."""
-        if paged_decode is not None and launch.direct(self.k_cache, slot_mapping, k, v):
-            write_kv_kernel(self.k_cache, self.v_cache, slot_mapping, k, v)  # the op's CUDA kernel (launch.direct)
-            return
-        write_kv(self.k_cache, self.v_cache, slot_mapping, k, v)
+        direct = paged_decode is not None and launch.direct(self.k_cache, slot_mapping, k, v)
+        (_write_kv_cuda if direct else write_kv)(self.k_cache, self.v_cache, slot_mapping, k, v)
 
     def rotate_and_write(self, slot_mapping: Tensor, qkv: Tensor, n_q: int, positions: Tensor, cos: Tensor,
                          sin: Tensor) -> Tensor:
@@ -69,10 +67,9 @@ class PagedKVCache(nn.Module):
         check_rotary_args(qkv, positions, cos, sin)
         if slot_mapping.shape != qkv.shape[:2]:
             raise ValueError(f"slot_mapping must be {tuple(qkv.shape[:2])}, got {tuple(slot_mapping.shape)}")
-        if paged_decode is not None and launch.direct(qkv, positions, cos, sin, self.k_cache, slot_mapping):
-            from ..kernels.rotary import rotary_write_kv as kernel  # the op's CUDA kernel (launch.direct)
-            return kernel(qkv, positions, cos, sin, self.k_cache, self.v_cache, slot_mapping, n_q)
-        return rotary_write_kv(qkv, positions, cos, sin, self.k_cache, self.v_cache, slot_mapping, n_q)
+        direct = paged_decode is not None and launch.direct(qkv, positions, cos, sin, self.k_cache, slot_mapping)
+        op = _rotary_write_kv_cuda if direct else rotary_write_kv
+        return op(qkv, positions, cos, sin, self.k_cache, self.v_cache, slot_mapping, n_q)
 
     def attend(self, q: Tensor, input_pos: Tensor, kv: KVBatch, sliding_window: Optional[int] = None) -> Tensor:
         """q [B, H, T, D] over the cached keys/values of each row -> [B, T, H * D]."""
@@ -152,17 +149,18 @@ except ImportError:  # no Triton: the reference serves every device
     paged_decode = None
 
 if paged_decode is not None:
+    # The ops' CUDA implementations, which the callers above also call directly in eager mode (launch.direct).
     @write_kv.register_kernel("cuda")
-    def _(k_cache, v_cache, slot_mapping, k, v):
+    def _write_kv_cuda(k_cache, v_cache, slot_mapping, k, v):
         write_kv_kernel(k_cache, v_cache, slot_mapping, k, v)
 
     @rotary_write_kv.register_kernel("cuda")
-    def _(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_q):
+    def _rotary_write_kv_cuda(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_q):
         from ..kernels.rotary import rotary_write_kv as kernel
         return kernel(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_q)
 
     @paged_attention_op.register_kernel("cuda")
-    def _(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
+    def _paged_attention_cuda(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
         kernel = paged_decode if q.shape[2] == 1 else paged_prefill
         return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None)
 
@@ -182,10 +180,9 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     """paged_attention_reference's result [B, H, T, D]; on CUDA from the Triton kernels of kernels/attention.py
     (decode for T = 1, prefill/extend otherwise), which read only each row's valid blocks; in eager mode without
     the op's dispatch (launch.direct)."""
-    if paged_decode is not None and launch.direct(q, k_cache, block_tables, seq_lens, input_pos):
-        kernel = paged_decode if q.shape[2] == 1 else paged_prefill
-        return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None)
-    return paged_attention_op(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or 0)
+    direct = paged_decode is not None and launch.direct(q, k_cache, block_tables, seq_lens, input_pos)
+    op = _paged_attention_cuda if direct else paged_attention_op
+    return op(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or 0)
 
 
 def blocks_for(positions: int, block_size: int = BLOCK_SIZE) -> int:
