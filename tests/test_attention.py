@@ -273,15 +273,15 @@ def test_prefill_graph_shapes():
     import types
 
     from fp6llm.engine.runner import PREFILL_GRAPH_TOKENS, Runner
-    runner = types.SimpleNamespace(prefill_graphs=True, max_batch_size=6)
-    shape = lambda count, longest: Runner.prefill_graph_shape(runner, count, longest)  # noqa: E731
-    assert shape(1, 1) == (1, 16) and shape(1, 17) == (1, 32) and shape(1, 256) == (1, 256)
-    assert shape(4, 100) == (4, 128) and shape(2, 256) == (2, 256) and shape(3, 100) is None and shape(5, 20) is None
-    assert shape(1, 257) is None and shape(4, 200) is None  # too long; 4 x 256 > PREFILL_GRAPH_TOKENS
-    assert all(rows * length <= PREFILL_GRAPH_TOKENS for rows, length in
-               filter(None, (shape(c, n) for c in range(1, 7) for n in range(1, 300, 7))))
+    runner = types.SimpleNamespace(prefill_graphs=True)
+    length = lambda count, longest: Runner.prefill_graph_length(runner, count, longest)  # noqa: E731
+    assert length(1, 1) == 16 and length(1, 17) == 32 and length(1, 256) == 256
+    assert length(4, 100) == 128 and length(2, 256) == 256 and length(3, 100) is None and length(5, 20) is None
+    assert length(1, 257) is None and length(4, 200) is None  # too long; 4 x 256 > PREFILL_GRAPH_TOKENS
+    assert all(length(c, n) * c <= PREFILL_GRAPH_TOKENS and length(c, n) >= n
+               for c in range(1, 7) for n in range(1, 300, 7) if length(c, n) is not None)
     runner.prefill_graphs = False
-    assert shape(1, 16) is None
+    assert length(1, 16) is None
 
 
 @pytest.mark.gpu

@@ -118,13 +118,12 @@ class Runner:
     def prefill(self, chunks: list, every_position: bool = False) -> Tensor:
         """Logits [len(chunks), vocab] of each chunk's last token, or with every_position [len(chunks), longest
         chunk, vocab] of each of its tokens (for a prompt's logprobs); chunks: batcher.Chunk, blocks allocated."""
-        longest = max(c.count for c in chunks)
-        shape = None if every_position else self.prefill_graph_shape(len(chunks), longest)
-        if shape is not None:
-            rows, longest = shape
-            width = self.max_blocks
+        rows, longest = len(chunks), max(c.count for c in chunks)
+        padded = None if every_position else self.prefill_graph_length(rows, longest)
+        if padded is not None:  # a graph's shapes: the padded length, full-width block tables
+            longest, width = padded, self.max_blocks
         else:
-            rows, width = len(chunks), max(blocks_for(c.start + c.count, self.block_size) for c in chunks)
+            width = max(blocks_for(c.start + c.count, self.block_size) for c in chunks)
         tokens = torch.zeros(rows, longest, dtype=torch.long)
         positions = torch.zeros(rows, longest, dtype=torch.long)
         slots = torch.full((rows, longest), self.padding_slot, dtype=torch.int32)
@@ -136,30 +135,28 @@ class Runner:
             slots[row, :chunk.count] = torch.tensor([self.slot(request, p) for p in span], dtype=torch.int32)
             used = request.blocks[:width]
             tables[row, :len(used)] = torch.tensor(used, dtype=torch.int32)
-        pad = rows - len(chunks)  # padding rows: one token at position 0 into the scratch block
-        seq_lens = torch.tensor([c.start + c.count for c in chunks] + [1] * pad, dtype=torch.int32)
-        last = torch.tensor([[c.count - 1] for c in chunks] + [[0]] * pad)
-        if shape is not None:
+        seq_lens = torch.tensor([c.start + c.count for c in chunks], dtype=torch.int32)
+        last = torch.tensor([[c.count - 1] for c in chunks])
+        if padded is not None:
             graph = self._prefill_graph(rows, longest, (tokens, positions, tables, seq_lens, slots, last))
             if graph is not None:
-                return graph()[:len(chunks)].clone()  # the graph's output is overwritten by its next replay
+                return graph().clone()  # the graph's output is overwritten by its next replay
         kv = KVBatch(*(to_device(t, self.device) for t in (tables, seq_lens, slots)))
         tokens, positions = to_device(tokens, self.device), to_device(positions, self.device)
         if every_position:
             return self.model(tokens, positions, kv=kv)
-        return self.model(tokens, positions, logits_at=to_device(last, self.device), kv=kv)[:, -1][:len(chunks)]
+        return self.model(tokens, positions, logits_at=to_device(last, self.device), kv=kv)[:, -1]
 
-    def prefill_graph_shape(self, count: int, longest: int) -> "tuple[int, int] | None":
-        """(rows, padded length) of the CUDA graph that prefills ``count`` chunks of at most ``longest`` tokens, or
-        None where that prefill runs eagerly (no graphs, too long, or more than PREFILL_GRAPH_TOKENS padded)."""
+    def prefill_graph_length(self, count: int, longest: int) -> "int | None":
+        """The padded length of the CUDA graph that prefills ``count`` chunks of at most ``longest`` tokens, or None
+        where that prefill runs eagerly (no graphs, too long, more than PREFILL_GRAPH_TOKENS padded, or a count of
+        chunks that is not a power of two: padding rows, with no tokens of their own, have not yet run on a GPU)."""
         if not self.prefill_graphs:
             return None
-        # Only a power of two of chunks: padding rows in a prefill (no tokens of their own) have not yet run on a
-        # GPU, so other counts prefill eagerly.
         length = next((n for n in PREFILL_GRAPH_LENGTHS if n >= longest), None)
         if length is None or count & (count - 1) or count * length > PREFILL_GRAPH_TOKENS:
             return None
-        return count, length
+        return length
 
     def _prefill_graph(self, rows: int, length: int, inputs: tuple) -> "PrefillGraph | None":
         """The prefill graph of this shape with ``inputs`` (host tensors) in its buffers; captured on first use (its
