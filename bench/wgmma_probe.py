@@ -6,6 +6,9 @@ at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs ov
                                 [--out FILE.json]
 
 --sweep wide: up to 256 rows of x per CTA (one or two warpgroups) against the 128-row launches, at M >= 256.
+--sweep producer: the warp-specialized kernel (a producer warpgroup, two consumer warpgroups, x ring of 3-6
+stages, with and without de-quantization overlapped with the wgmma) against the table's launch and the 128-row
+one-warpgroup launches.
 """
 
 from __future__ import annotations
@@ -32,34 +35,52 @@ def check(quick: bool) -> list:
     """(case, relative error) of the wgmma kernel against x.double() @ W.T on fresh random inputs."""
     gen = torch.Generator().manual_seed(0)
     results = []
-    cases = [("e3m2", torch.float16, 64, 64, 1, 2), ("e3m2", torch.float16, 17, 24, 1, 2),
-             ("e3m2", torch.float16, 100, 104, 3, 2), ("e3m2", torch.float16, 300, 128, 2, 2),
-             ("e3m2", torch.bfloat16, 64, 64, 2, 1), ("e2m1", torch.float16, 33, 40, 1, 1),
-             ("e4m3", torch.bfloat16, 200, 192, 3, 2), ("e2m3", torch.float16, 128, 128, 1, 2)]
+    cases = [("e3m2", torch.float16, 64, 64, 1, 2, {}), ("e3m2", torch.float16, 17, 24, 1, 2, {}),
+             ("e3m2", torch.float16, 100, 104, 3, 2, {}), ("e3m2", torch.float16, 300, 128, 2, 2, {}),
+             ("e3m2", torch.bfloat16, 64, 64, 2, 1, {}), ("e2m1", torch.float16, 33, 40, 1, 1, {}),
+             ("e4m3", torch.bfloat16, 200, 192, 3, 2, {}), ("e2m3", torch.float16, 128, 128, 1, 2, {})]
+    # the warp-specialized kernel: rings shorter and longer than the K tiles, split-K, partial x blocks, overlap
+    cases += [("e3m2", torch.float16, 128, 128, 1, 2, dict(producer=True, x_ahead=2)),
+              ("e3m2", torch.float16, 300, 128, 2, 2, dict(producer=True, x_ahead=3, overlap=True)),
+              ("e3m2", torch.bfloat16, 77, 64, 3, 2, dict(producer=True, x_ahead=5)),
+              ("e2m3", torch.float16, 40, 40, 1, 1, dict(producer=True, x_ahead=1, overlap=True)),
+              ("e4m3", torch.bfloat16, 256, 128, 1, 2, dict(producer=True, x_ahead=4, overlap=True))]
     cases = cases[:3] if quick else cases
     sources = []
-    for fmt, dtype, m, n_x, split, wgs in cases:  # the kernels the checks launch, compiled at once
-        launch = fpx_cuda.wgmma_resolve(m, n_x, wgs)
+    for fmt, dtype, m, n_x, split, wgs, extra in cases:  # the kernels the checks launch, compiled at once
+        launch = fpx_cuda.wgmma_resolve(m, n_x, wgs, extra.get("x_ahead"), None, extra.get("producer", False),
+                                        extra.get("overlap", False))
         sources.append(fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), dtype == torch.bfloat16, n_x, m % 2 == 1,
-                                                    wgs, launch["x_ahead"], launch["min_ctas"]))
+                                                    wgs, launch["x_ahead"], launch["min_ctas"], False,
+                                                    launch["producer"], launch["overlap"]))
     fpx_cuda.precompile(sources, fpx_cuda._arch("cuda"), fpx_cuda.WGMMA_KERNEL_NAME)
-    for fmt, dtype, m, n_x, split, wgs in cases:
-        n, k = 200, 768
+    for fmt, dtype, m, n_x, split, wgs, extra in cases:
+        n, k = 200, 768 if not extra else 1536
         qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
         x = torch.randn(m, k, generator=gen).to("cuda", dtype)
         bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
         ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
-        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
+        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, **extra)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        results.append({"fmt": fmt, "dtype": str(dtype), "m": m, "n_x": n_x, "split": split, "wgs": wgs,
-                        "err": err, "ok": err < 2e-2})
-        print(f"check {fmt} {dtype} M={m} n_x={n_x} split={split} wgs={wgs}: rel err {err:.2e}", flush=True)
+        same = True
+        if extra:  # the plain kernel at the same split sums in the same order: bit-identical
+            plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
+            same = torch.equal(plain, out)
+        results.append({"fmt": fmt, "dtype": str(dtype), "m": m, "n_x": n_x, "split": split, "wgs": wgs, **extra,
+                        "err": err, "same_as_plain": same, "ok": err < 2e-2 and same})
+        print(f"check {fmt} {dtype} M={m} n_x={n_x} split={split} wgs={wgs} {extra}: rel err {err:.2e}"
+              + ("" if same else " DIFFERS from the plain kernel"), flush=True)
     return results
 
 
 def launches_for(m: int, sweep: str) -> list:
-    """(n_x, split, wgs, x_ahead, min_ctas) to time at M."""
+    """(n_x, split, wgs, x_ahead, min_ctas[, producer, overlap]) to time at M."""
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
+    if sweep == "producer":
+        narrow = fpx_cuda.wgmma_n_x(m, 128)
+        return ([(narrow, split, 1, xa, mc) for split in (1, 2) for xa, mc in ((1, 3), (2, 1))]
+                + [(n_x, split, 2, xa, 1, True, overlap) for n_x in n_xs for split in (1, 2, 4) for xa in (2, 4)
+                   for overlap in (False, True) if fpx_cuda.wgmma_shared_bytes(n_x, xa) < 200 * 1024])
     if sweep == "wide":  # up to 256 rows of x per CTA (a 128 x 256 tile at two warpgroups) against the 128-row winners
         wide = fpx_cuda.wgmma_n_x(m, 256)
         narrow = fpx_cuda.wgmma_n_x(m, 128)
@@ -74,7 +95,7 @@ def launches_for(m: int, sweep: str) -> list:
 
 def timing(ms, shapes, sweep: str) -> list:
     rows = []
-    compile_wgmma(("e3m2", False, l[0], l[2], l[3], l[4]) for m in ms for l in launches_for(m, sweep))
+    compile_wgmma(("e3m2", False, l[0], *l[2:]) for m in ms for l in launches_for(m, sweep))
     for name in shapes:
         n, k = SHAPES[name]
         qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")
@@ -91,7 +112,7 @@ def timing(ms, shapes, sweep: str) -> list:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ qw.dequantize(torch.float32).T
             for launch in launches_for(m, sweep):
-                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas"), launch))
+                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas", "producer", "overlap"), launch))
                 out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, **kw)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, kw=kw:
@@ -103,7 +124,8 @@ def timing(ms, shapes, sweep: str) -> list:
             row["best"] = best
             print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
                   f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, {best}) all: "
-                  + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}:{r['us']:.0f}"
+                  + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}"
+                             f"{'P' if r.get('producer') else ''}{'o' if r.get('overlap') else ''}:{r['us']:.0f}"
                              for r in row["wgmma"]), flush=True)
             rows.append(row)
         del qw
@@ -117,7 +139,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="all")
     parser.add_argument("--out")
     parser.add_argument("--check-only", action="store_true")
-    parser.add_argument("--sweep", default="split", choices=["split", "pipeline", "wide"])
+    parser.add_argument("--sweep", default="split", choices=["split", "pipeline", "wide", "producer"])
     args = parser.parse_args(argv)
     started = time.time()
     checks = check(False)

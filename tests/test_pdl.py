@@ -70,10 +70,11 @@ def test_programmatic_launch_needs_hopper_nvidia_and_a_recent_driver(monkeypatch
 
 
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
-@pytest.mark.parametrize("kernel", ["mid", "wgmma"])
+@pytest.mark.parametrize("kernel", ["mid", "wgmma", "wgmma-producer"])
 def test_cuda_mid_and_wgmma_pdl_wait_before_any_memory_access(kernel):
-    """The mid-M and wgmma kernels' PDL variants for sm_90a: one grid-dependency wait (ACQBULK) before every load
-    and store, one trigger for the next grid (PREEXIT) after it; without PDL neither instruction."""
+    """The mid-M and wgmma kernels' PDL variants for sm_90a (the wgmma kernel also warp-specialized: its mbarriers
+    are set up before the wait, in shared memory alone): one grid-dependency wait (ACQBULK) before every load and
+    store, one trigger for the next grid (PREEXIT) after it; without PDL neither instruction."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
     from fp6llm.kernels import fpx_cuda
@@ -82,9 +83,12 @@ def test_cuda_mid_and_wgmma_pdl_wait_before_any_memory_access(kernel):
         if kernel == "mid":
             cubin = fpx_cuda.nvrtc_compile(fpx_cuda.mid_kernel_source(fmt, False, 2, 2, 8, True, pdl), "sm_90a",
                                            "fpx_mid_m.cu")
-        else:
+        elif kernel == "wgmma":
             cubin = fpx_cuda.nvrtc_compile(fpx_cuda.wgmma_kernel_source(fmt, False, 64, True, 1, 1, 4, pdl),
                                            "sm_90a", "fpx_wgmma.cu")
+        else:
+            cubin = fpx_cuda.nvrtc_compile(fpx_cuda.wgmma_kernel_source(fmt, False, 128, True, 2, 3, 1, pdl, True,
+                                                                        True), "sm_90a", "fpx_wgmma.cu")
         ops = [op for _, op, _, _ in sass.disassemble(cubin)]
         if not pdl:
             assert "ACQBULK" not in ops and "PREEXIT" not in ops

@@ -231,19 +231,24 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     """The wgmma kernel for sm_90a at the default launches of 64 and 128 rows of x (FP16, BF16), a 24-row,
     two-warpgroup, biased e2m1 launch and a four-warpgroup one: no local memory, within the registers of its CTAs
     per SM, 16 HGMMA per loop pass (8 k-steps x 2 K tiles), and ptxas did not serialize the wgmma (C7513: an input
-    register of a wgmma written inside its pipeline stage)."""
+    register of a wgmma written inside its pipeline stage; C7519: a wgmma in a path it thinks divergent); also the
+    warp-specialized variants (a producer warpgroup: its threads count against the registers)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
-    cases = [("e3m2", False, 64, 1, 1, 4, False), ("e3m2", True, 128, 1, 1, 3, False),
-             ("e2m1", False, 24, 2, 2, 1, True), ("e3m2", False, 64, 4, 1, 1, False)]
-    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias in cases:
-        source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas)
+    cases = [("e3m2", False, 64, 1, 1, 4, False, False, False), ("e3m2", True, 128, 1, 1, 3, False, False, False),
+             ("e2m1", False, 24, 2, 2, 1, True, False, False), ("e3m2", False, 64, 4, 1, 1, False, False, False),
+             # the warp-specialized kernel (a producer warpgroup beside two consumers), with and without overlap
+             ("e3m2", False, 128, 2, 3, 1, False, True, False), ("e3m2", True, 128, 2, 4, 1, True, True, True),
+             ("e2m3", False, 64, 2, 5, 1, False, True, True)]
+    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, overlap in cases:
+        source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
+                                              producer, overlap)
         log = []
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
-        assert "C7513" not in log[0] and "serialized" not in log[0], log[0]
+        assert "C75" not in log[0] and "serialized" not in log[0], log[0]  # C7513, C7519 (a divergent path)
         usage = sass._cuobjdump(cubin, "--dump-resource-usage")
         assert "LOCAL:0" in usage, usage
-        assert sass.registers(cubin) * 128 * wgs * min_ctas <= 65536
+        assert sass.registers(cubin) * 128 * (wgs + producer) * min_ctas <= 65536
         loop = sass.innermost_loop(sass.disassemble(cubin))
         assert sum(op == "HGMMA" for _, op, _, _ in loop) == 16
 

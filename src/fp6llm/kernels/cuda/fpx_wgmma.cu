@@ -22,12 +22,25 @@
 // Grid: (ceil(M / N_X), ceil(N / ROWS_PER_CTA), SPLIT), split-K as in fpx_mid_m.cu (slabs per (z, split), the last
 // CTA of (row block, z block) to arrive sums them in split order; arrival counters reset by that CTA).
 //
+// PRODUCER 1 (warp specialization): a fifth warpgroup copies x into a ring of X_STAGES buffers guarded by mbarriers
+// (full: the tile landed; empty: every consumer's wgmma on it completed), and the WGS consumer warpgroups
+// de-quantize and multiply without a CTA barrier, so one warpgroup's de-quantization can run beside the other's
+// wgmma and WGS x 64 weight rows share each copy of x. OVERLAP 1 (with PRODUCER): the next tile is de-quantized
+// into spare registers while this tile's wgmma run, and moved into A after the wait.
+//
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
 // WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
 // PDL where the grid is launched with programmatic stream serialization.
 
-#define WARPS (4 * WGS)
-#define THREADS (WARPS * 32)
+#ifndef PRODUCER
+#define PRODUCER 0
+#endif
+#ifndef OVERLAP
+#define OVERLAP 0
+#endif
+#define WARPS (4 * WGS)                        // the consumer warps: 16 weight rows each
+#define THREADS (WARPS * 32 + 128 * PRODUCER)  // and the producer warpgroup, last
+#define COPY_THREADS (PRODUCER ? 128 : THREADS)
 #define ROWS_PER_CTA (64 * WGS)
 #define Z_BLOCK blockIdx.x
 #define ROW_BLOCK blockIdx.y
@@ -45,8 +58,8 @@
 #endif
 #define ATOM_BYTES (N_X * 128)           // 64 columns of the CTA's x rows, 128-byte swizzled
 #define X_STAGE_BYTES (2 * ATOM_BYTES)   // one K tile of x
-#define X_COPIES ((N_X * 16 + THREADS - 1) / THREADS)  // 16-byte chunks per thread per K tile (rows past N_X: none)
-#define X_ROWS_STEP (THREADS / 16)       // a thread copies chunk tid % 16 of rows tid / 16 + X_ROWS_STEP j
+#define X_COPIES ((N_X * 16 + COPY_THREADS - 1) / COPY_THREADS)  // 16-byte chunks per copier per K tile
+#define X_ROWS_STEP (COPY_THREADS / 16)  // copier c copies chunk c % 16 of rows c / 16 + X_ROWS_STEP j
 
 __device__ __forceinline__ void cp_async16(u32 smem, const void* global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem), "l"(global) : "memory");
@@ -62,6 +75,21 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+
+// mbarriers (PRODUCER): init with the arrivals a phase takes; wait until the phase of the given parity completed.
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}" :: "r"(bar), "r"(parity) : "memory");
+}
 
 // Keeps the compiler from moving reads or writes of the accumulators across the asynchronous MMAs.
 __device__ __forceinline__ void fence_accumulators(float (&d)[ACC]) {
@@ -102,8 +130,8 @@ struct XCopy {
     int rows;          // x rows from the thread's first to the CTA's last: copy j while X_ROWS_STEP j < rows
 };
 
-__device__ __forceinline__ XCopy x_copy(const uint4* __restrict__ xq, int ldx_q, int m0, int M) {
-    const int n = threadIdx.x / 16, c = threadIdx.x % 16;
+__device__ __forceinline__ XCopy x_copy(const uint4* __restrict__ xq, int ldx_q, int m0, int M, int copier) {
+    const int n = copier / 16, c = copier % 16;
     return {xq + (long)(m0 + n) * ldx_q + c, (u32)(X_ROWS_STEP * ldx_q),
             (u32)((c / 8) * ATOM_BYTES + n * 128 + (((c % 8) ^ (n % 8)) * 16)), min(M - m0, N_X) - n};
 }
@@ -165,6 +193,76 @@ __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 
 #endif
 }
 
+#if PRODUCER
+// The producer warpgroup: K tile i of x into stage i % X_STAGES once every consumer released the stage's previous
+// tile; tile i - 1 is announced (full) once this thread's copies of it landed, made visible to the async proxy
+// that wgmma reads through (the fence by the writing thread, as in the plain loop).
+__device__ __forceinline__ void produce_x(const XCopy& copy, u32 smem, u32 full, u32 empty, int kt0, int n_k) {
+    for (int i = 0; i < n_k; ++i) {
+        const int s = i % X_STAGES;
+        if (i >= X_STAGES) mbar_wait(empty + 8 * s, ((i / X_STAGES) - 1) & 1);
+        stage_x(smem + s * X_STAGE_BYTES, copy, kt0 + i);
+        cp_async_commit();
+        if (i >= 1) {
+            cp_async_wait<1>();
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            mbar_arrive(full + 8 * ((i - 1) % X_STAGES));
+        }
+    }
+    cp_async_wait<0>();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    mbar_arrive(full + 8 * ((n_k - 1) % X_STAGES));
+}
+
+// A consumer warp: its 16 weight rows' tiles de-quantized from registers (weights W_AHEAD tiles ahead), each tile's
+// 8 wgmma issued once its x landed, the stage released once they completed.
+__device__ __forceinline__ void consume(float (&d)[ACC], const u32* __restrict__ p0, const u32* __restrict__ p1,
+                                        const u32* __restrict__ p2, long base, int lane, const Powers& pw, u32 smem,
+                                        u32 full, u32 empty, int kt0, int kt1) {
+    Tile w[W_AHEAD];
+    u32 a[32];
+#pragma unroll
+    for (int i = 0; i < W_AHEAD; ++i)
+        if (kt0 + i < kt1) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
+#if OVERLAP
+    u32 b[32];
+    dequant(w[0], pw, a);
+    if (kt0 + W_AHEAD < kt1) load_tile(w[0], p0, p1, p2, base + kt0 + W_AHEAD, lane);
+#endif
+#define STEP(KT, TILE, NEXT)                                                                 \
+    {                                                                                        \
+        const int kt_ = (KT), i_ = kt_ - kt0, s_ = i_ % X_STAGES;                            \
+        if (!OVERLAP) {                                                                      \
+            dequant(TILE, pw, a);                                                            \
+            if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
+        }                                                                                    \
+        mbar_wait(full + 8 * s_, (i_ / X_STAGES) & 1);                                       \
+        mma_tile(d, a, smem + s_ * X_STAGE_BYTES);                                           \
+        if (OVERLAP && kt_ + 1 < kt1) {                                                      \
+            dequant(NEXT, pw, OVERLAP_B);                                                    \
+            if (kt_ + 1 + W_AHEAD < kt1) load_tile(NEXT, p0, p1, p2, base + kt_ + 1 + W_AHEAD, lane); \
+        }                                                                                    \
+        wgmma_wait<0>();                                                                     \
+        mbar_arrive(empty + 8 * s_);                                                         \
+        if (OVERLAP) {                                                                       \
+            _Pragma("unroll") for (int r = 0; r < 32; ++r) a[r] = OVERLAP_B[r];              \
+        }                                                                                    \
+    }
+#if OVERLAP
+#define OVERLAP_B b
+#else
+#define OVERLAP_B a
+#endif
+    for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
+        STEP(kt, w[0], w[1])
+        if (kt + 1 >= kt1) break;
+        STEP(kt + 1, w[1], w[0])
+    }
+#undef STEP
+#undef OVERLAP_B
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, MIN_CTAS)
 fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const u32* __restrict__ p1,
           const u32* __restrict__ p2, const float* __restrict__ scales, const u16* __restrict__ bias,
@@ -182,17 +280,42 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     const int kt0 = SPLIT_INDEX * kps, kt1 = min(kt0 + kps, k_tiles);
     const u32 smem = (smem_address(x_smem) + 1023) & ~1023u;  // swizzle atoms start at 1024-byte boundaries
 
+#if PRODUCER
+    __shared__ __align__(8) unsigned long long bars[2 * X_STAGES];  // full[X_STAGES], then empty[X_STAGES]
+    const u32 full = smem_address(bars), empty = full + 8 * X_STAGES;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < X_STAGES; ++s) {
+            mbar_init(full + 8 * s, COPY_THREADS);
+            mbar_init(empty + 8 * s, WARPS * 32);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+#endif
 #ifdef PDL
     griddep_wait();  // launched early (programmatic stream serialization): x is the previous kernel's output
 #endif
     float d[ACC];
 #pragma unroll
     for (int i = 0; i < ACC; ++i) d[i] = 0.f;
+#if PRODUCER
+    if (kt0 < kt1) {
+        // the warpgroup's role from lane 0 (warp-uniform for the compiler: a wgmma in a path it thinks divergent is
+        // serialized, C7519)
+        if (__shfl_sync(0xFFFFFFFFu, (int)threadIdx.x / 128, 0) >= WGS)
+            produce_x(x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M, threadIdx.x - WARPS * 32), smem,
+                      full, empty, kt0, kt1 - kt0);
+        else
+            consume(d, p0, p1, p2, (long)min(tile, n_tiles - 1) * k_tiles, lane, pw, smem, full, empty, kt0, kt1);
+        wgmma_wait<0>();
+        fence_accumulators(d);
+    }
+#else
     if (kt0 < kt1) {
         // Warps past the last tile de-quantize the last tile again (a warpgroup's wgmma needs all four; their
         // outputs are never stored); x rows past M are not copied and feed only outputs for rows >= M.
         const long base = (long)min(tile, n_tiles - 1) * k_tiles;
-        const XCopy copy = x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M);
+        const XCopy copy = x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M, threadIdx.x);
 #pragma unroll
         for (int i = 0; i < X_AHEAD; ++i) {  // one commit group per K tile, empty ones too: uniform counts
             if (kt0 + i < kt1) stage_x(smem + i * X_STAGE_BYTES, copy, kt0 + i);
@@ -231,12 +354,15 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         wgmma_wait<0>();
         fence_accumulators(d);
     }
+#endif
 #ifdef PDL
     griddep_launch_dependents();  // the next grid may launch while this one stores its outputs
 #endif
 
-    // d[i]: weight row 16 tile + g + 8 ((i >> 1) & 1), x row m0 + 8 (i >> 2) + 2 t + (i & 1).
+    // d[i]: weight row 16 tile + g + 8 ((i >> 1) & 1), x row m0 + 8 (i >> 2) + 2 t + (i & 1). The producer's
+    // threads store nothing (their x row is past any M) but take part in split-K's barriers.
+    const bool stores = warp < WARPS;
     store_outputs<ACC>(d, [&](int i) { return 16 * tile + g + 8 * ((i >> 1) & 1); },
-                       [&](int i) { return 8 * (i >> 2) + 2 * t + (i & 1); }, m0, N_X, ROWS_PER_CTA, M, N, out, ldo,
+                       [&](int i) { return stores ? 8 * (i >> 2) + 2 * t + (i & 1) : 1 << 20; }, m0, N_X, ROWS_PER_CTA, M, N, out, ldo,
                        ws, counts, scales, scale_factor, bias);
 }
