@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Where a wgmma-kernel launch spends its time (ncu on the device): stall reasons, pipes, shared-memory wavefronts,
-# the top stall sites of the SASS.   bash bench/ncu_wgmma.sh N K M N_X [SPLIT [WGS [X_AHEAD [MIN_CTAS]]]]
+# the top stall sites of the SASS.   bash bench/ncu_wgmma.sh N K M N_X [SPLIT [WGS [X_AHEAD [MIN_CTAS [PRODUCER]]]]]
+# (PRODUCER 1: the warp-specialized variant)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-n=$1; k=$2; m=$3; n_x=$4; split=${5:-1}; wgs=${6:-2}; x_ahead=${7:-2}; min_ctas=${8:-1}
+n=$1; k=$2; m=$3; n_x=$4; split=${5:-1}; wgs=${6:-2}; x_ahead=${7:-2}; min_ctas=${8:-1}; producer=${9:-0}
 run="python bench/profile_cuda_small_m.py --wgmma --n $n --k $k --m $m --n-x $n_x --split $split --wgs $wgs --x-ahead $x_ahead --min-ctas $min_ctas"
+[ "$producer" = 1 ] && run+=" --producer"
 s=smsp__average_warps_issue_stalled_
 metrics="gpu__time_duration.sum,sm__cycles_active.avg,sm__warps_active.avg.pct_of_peak_sustained_active"
 metrics+=",dram__throughput.avg.pct_of_peak_sustained_elapsed,smsp__inst_executed.sum,launch__grid_size"
@@ -19,7 +21,7 @@ for reason in long_scoreboard barrier wait short_scoreboard mio_throttle lg_thro
               not_selected selected dispatch_stall no_instruction sleeping branch_resolving drain tex_throttle; do
     metrics+=",${s}${reason}_per_issue_active.ratio"
 done
-echo "=== ${n}x${k} M=$m n_x=$n_x split=$split wgs=$wgs x_ahead=$x_ahead min_ctas=$min_ctas"
+echo "=== ${n}x${k} M=$m n_x=$n_x split=$split wgs=$wgs x_ahead=$x_ahead min_ctas=$min_ctas producer=$producer"
 ncu --clock-control none --kernel-name fpx_wgmma --launch-skip 3 --launch-count 1 --metrics "$metrics" \
     $run 2>&1 | grep -E "^\s+(gpu__|sm__|gpc__|dram__|smsp__|launch__|l1tex__)" \
     | sed "s/${s}//; s/_per_issue_active.ratio//" | awk '{print $1, $(NF)}'

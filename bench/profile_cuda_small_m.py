@@ -30,6 +30,7 @@ parser.add_argument("--n-x", type=int, default=None, help="the wgmma kernel's x 
 parser.add_argument("--wgs", type=int, default=2, help="the wgmma kernel's warpgroups per CTA")
 parser.add_argument("--x-ahead", type=int, default=2, help="the wgmma kernel's x tiles in flight")
 parser.add_argument("--min-ctas", type=int, default=1, help="the wgmma kernel's CTAs per SM by registers")
+parser.add_argument("--producer", action="store_true", help="the wgmma kernel's warp-specialized variant")
 parser.add_argument("--row-tiles", type=int, default=1)
 parser.add_argument("--warps", type=int, default=4)
 parser.add_argument("--no-prefetch-x", action="store_true", help="the small-M kernel reads x at compute time")
@@ -39,7 +40,7 @@ x = torch.randn(args.m, args.k, device="cuda", dtype=torch.float16)
 for _ in range(6):
     if args.wgmma:
         fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split, args.n_x, args.wgs,
-                           x_ahead=args.x_ahead, min_ctas=args.min_ctas)
+                           x_ahead=args.x_ahead, min_ctas=args.min_ctas, producer=args.producer)
     elif args.mid:
         fpx_cuda.fpx_mid_m(x, qw.planes, qw.scales, None, qw.fmt, args.n, args.k, args.split, args.row_tiles,
                            args.warps)

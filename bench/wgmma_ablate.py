@@ -1,7 +1,8 @@
 """Where the wgmma kernel's time goes: the same launch with the de-quantization skipped (ABLATE 1: raw plane words
 as A) and with the wgmma skipped (ABLATE 2), against the full kernel; if full ~ (1) + (2), the two do not overlap.
 
-    python bench/wgmma_ablate.py   (on the device; results are timings only, the ablated outputs are garbage)
+    python bench/wgmma_ablate.py [--producer]   (on the device; timings only, the ablated outputs are garbage;
+                                                 --producer: the warp-specialized cases alone)
 """
 import sys
 from pathlib import Path
@@ -18,7 +19,12 @@ from fp6llm.kernels import fpx_cuda  # noqa: E402
 CASES = [("70b-up", 128, dict(n_x=128, wgs=1, x_ahead=1, min_ctas=3, split=1)),
          ("70b-up", 64, dict(n_x=64, wgs=1, x_ahead=1, min_ctas=4, split=1)),
          ("70b-o", 256, dict(n_x=128, wgs=1, x_ahead=1, min_ctas=3, split=1)),
-         ("70b-up", 128, dict(n_x=128, wgs=2, x_ahead=1, min_ctas=1, split=1))]
+         ("70b-up", 128, dict(n_x=128, wgs=2, x_ahead=1, min_ctas=1, split=1)),
+         # the warp-specialized variant (a producer warpgroup copies x; two consumer warpgroups)
+         ("70b-o", 256, dict(n_x=128, wgs=2, x_ahead=2, min_ctas=1, split=1, producer=True)),
+         ("70b-up", 256, dict(n_x=128, wgs=2, x_ahead=2, min_ctas=1, split=1, producer=True))]
+if len(sys.argv) > 1 and sys.argv[1] == "--producer":
+    CASES = [case for case in CASES if case[2].get("producer")]
 for name, m, launch in CASES:
     n, k = SHAPES[name]
     qw = random_weight(n, k, FPFormat.parse("e3m2"), "cuda")

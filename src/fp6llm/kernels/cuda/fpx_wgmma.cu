@@ -25,8 +25,8 @@
 // PRODUCER 1 (warp specialization): a fifth warpgroup copies x into a ring of X_STAGES buffers guarded by mbarriers
 // (full: the tile landed; empty: every consumer's wgmma on it completed), and the WGS consumer warpgroups
 // de-quantize and multiply without a CTA barrier, so one warpgroup's de-quantization can run beside the other's
-// wgmma and WGS x 64 weight rows share each copy of x. OVERLAP 1 (with PRODUCER): the next tile is de-quantized
-// into spare registers while this tile's wgmma run, and moved into A after the wait.
+// wgmma and WGS x 64 weight rows share each copy of x. (De-quantizing the next tile into spare registers while this
+// tile's wgmma run, moved into A after the wait, compiled without C7513 but gave NaNs on the H200, 2026-12-04.)
 //
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
 // WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
@@ -34,9 +34,6 @@
 
 #ifndef PRODUCER
 #define PRODUCER 0
-#endif
-#ifndef OVERLAP
-#define OVERLAP 0
 #endif
 #define WARPS (4 * WGS)                        // the consumer warps: 16 weight rows each
 #define THREADS (WARPS * 32 + 128 * PRODUCER)  // and the producer warpgroup, last
@@ -224,42 +221,22 @@ __device__ __forceinline__ void consume(float (&d)[ACC], const u32* __restrict__
 #pragma unroll
     for (int i = 0; i < W_AHEAD; ++i)
         if (kt0 + i < kt1) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
-#if OVERLAP
-    u32 b[32];
-    dequant(w[0], pw, a);
-    if (kt0 + W_AHEAD < kt1) load_tile(w[0], p0, p1, p2, base + kt0 + W_AHEAD, lane);
-#endif
-#define STEP(KT, TILE, NEXT)                                                                 \
-    {                                                                                        \
-        const int kt_ = (KT), i_ = kt_ - kt0, s_ = i_ % X_STAGES;                            \
-        if (!OVERLAP) {                                                                      \
-            dequant(TILE, pw, a);                                                            \
-            if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
-        }                                                                                    \
-        mbar_wait(full + 8 * s_, (i_ / X_STAGES) & 1);                                       \
-        mma_tile(d, a, smem + s_ * X_STAGE_BYTES);                                           \
-        if (OVERLAP && kt_ + 1 < kt1) {                                                      \
-            dequant(NEXT, pw, OVERLAP_B);                                                    \
-            if (kt_ + 1 + W_AHEAD < kt1) load_tile(NEXT, p0, p1, p2, base + kt_ + 1 + W_AHEAD, lane); \
-        }                                                                                    \
-        wgmma_wait<0>();                                                                     \
-        mbar_arrive(empty + 8 * s_);                                                         \
-        if (OVERLAP) {                                                                       \
-            _Pragma("unroll") for (int r = 0; r < 32; ++r) a[r] = OVERLAP_B[r];              \
-        }                                                                                    \
+#define STEP(KT, TILE)                                                                   \
+    {                                                                                    \
+        const int kt_ = (KT), i_ = kt_ - kt0, s_ = i_ % X_STAGES;                        \
+        dequant(TILE, pw, a);                                                            \
+        if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
+        mbar_wait(full + 8 * s_, (i_ / X_STAGES) & 1);                                   \
+        mma_tile(d, a, smem + s_ * X_STAGE_BYTES);                                       \
+        wgmma_wait<0>();                                                                 \
+        mbar_arrive(empty + 8 * s_);                                                     \
     }
-#if OVERLAP
-#define OVERLAP_B b
-#else
-#define OVERLAP_B a
-#endif
     for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
-        STEP(kt, w[0], w[1])
+        STEP(kt, w[0])
         if (kt + 1 >= kt1) break;
-        STEP(kt + 1, w[1], w[0])
+        STEP(kt + 1, w[1])
     }
 #undef STEP
-#undef OVERLAP_B
 }
 #endif
 
