@@ -65,6 +65,35 @@ def disassemble(cubin: bytes) -> list[tuple[int, str, str, str]]:
     return [(int(a, 16), op, mods, args) for a, op, mods, args in LINE.findall(_cuobjdump(cubin, "-sass"))]
 
 
+def _written(op: str, mods: str, args: str) -> range:
+    """The registers an instruction writes: its first operand when that is a register, widened by .WIDE / .64 /
+    .128 (a store's first operand is an address, and writes none)."""
+    found = re.match(r"R(\d+)\b", args)
+    if found is None or op.startswith("ST") or op in ("RED", "HGMMA"):
+        return range(0)
+    width = 4 if ".128" in mods else 2 if (".64" in mods or ".WIDE" in mods) else 1
+    return range(int(found.group(1)), int(found.group(1)) + width)
+
+
+def wgmma_register_hazards(instructions) -> list:
+    """Instructions that write an A register of an HGMMA batch still in flight: after the batch's last HGMMA and
+    before the WARPGROUP.DEPBAR that waits for it (the tensor cores read A until then; ptxas does not always keep
+    those registers, 2026-12-04). In program order, which the wgmma kernel's straight-line K loop body follows."""
+    hazards, in_flight = [], set()
+    for address, op, mods, args in instructions:
+        if op == "HGMMA":
+            found = re.match(r"R\d+, R(\d+),", args)
+            if found:
+                in_flight.update(range(int(found.group(1)), int(found.group(1)) + 4))
+            continue
+        if op == "WARPGROUP" and ".DEPBAR" in mods:
+            in_flight.clear()
+            continue
+        if in_flight and set(_written(op, mods, args)) & in_flight:
+            hazards.append((address, op + mods, args))
+    return hazards
+
+
 def registers(cubin: bytes) -> int:
     """Registers per thread of the cubin's (first) kernel."""
     return int(re.search(r"REG:(\d+)", _cuobjdump(cubin, "--dump-resource-usage")).group(1))

@@ -180,7 +180,8 @@ def wgmma_launches(m: int) -> list:
 
 
 def compile_wgmma(specs) -> None:
-    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
+    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer,
+    overlap]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
     fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas,
                                                       False, *rest)
                          for name, bf16, n_x, wgs, x_ahead, min_ctas, *rest in set(specs)],
@@ -190,7 +191,7 @@ def compile_wgmma(specs) -> None:
 def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     """Compile every wgmma launch the tuning will time (compile_wgmma)."""
     compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"],
-                   l.get("producer", False))
+                   l.get("producer", False), l.get("overlap", False))
                   for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
 
 

@@ -232,25 +232,44 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     two-warpgroup, biased e2m1 launch and a four-warpgroup one: no local memory, within the registers of its CTAs
     per SM, 16 HGMMA per loop pass (8 k-steps x 2 K tiles), and ptxas did not serialize the wgmma (C7513: an input
     register of a wgmma written inside its pipeline stage; C7519: a wgmma in a path it thinks divergent); also the
-    warp-specialized variants (a producer warpgroup: its threads count against the registers)."""
+    warp-specialized variants (a producer warpgroup: its threads count against the registers); and no instruction
+    writes an A register of a wgmma batch before the wait for it (sass.wgmma_register_hazards: with the next tile
+    de-quantized beside the wgmma, ptxas once put it into the in-flight registers)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
-    cases = [("e3m2", False, 64, 1, 1, 4, False, False), ("e3m2", True, 128, 1, 1, 3, False, False),
-             ("e2m1", False, 24, 2, 2, 1, True, False), ("e3m2", False, 64, 4, 1, 1, False, False),
-             # the warp-specialized kernel (a producer warpgroup beside one or two consumers)
-             ("e3m2", False, 128, 2, 3, 1, False, True), ("e3m2", True, 128, 2, 4, 1, True, True),
-             ("e2m3", False, 64, 1, 5, 1, False, True)]
-    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer in cases:
+    cases = [("e3m2", False, 64, 1, 1, 4, False, False, False), ("e3m2", True, 128, 1, 1, 3, False, False, False),
+             ("e2m1", False, 24, 2, 2, 1, True, False, False), ("e3m2", False, 64, 4, 1, 1, False, False, False),
+             # the warp-specialized kernel (a producer warpgroup beside two consumers), with and without overlap
+             ("e3m2", False, 128, 2, 3, 1, False, True, False), ("e3m2", True, 128, 2, 4, 1, True, True, True),
+             ("e2m3", False, 64, 2, 5, 1, False, True, True)]
+    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, overlap in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
-                                              producer)
+                                              producer, overlap)
         log = []
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
         assert "C75" not in log[0] and "serialized" not in log[0], log[0]  # C7513, C7519 (a divergent path)
         usage = sass._cuobjdump(cubin, "--dump-resource-usage")
         assert "LOCAL:0" in usage, usage
         assert sass.registers(cubin) * 128 * (wgs + producer) * min_ctas <= 65536
+        assert sass.wgmma_register_hazards(sass.disassemble(cubin)) == []
         loop = sass.innermost_loop(sass.disassemble(cubin))
         assert sum(op == "HGMMA" for _, op, _, _ in loop) == 16
+
+
+def test_wgmma_register_hazards_finds_a_write_to_in_flight_a_registers():
+    """The checker on hand-made instruction lists: a write to an in-flight batch's A register (also through the
+    upper half of a 64-bit write) is found; after the wait, to other registers, or by a store it is not."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    batch = [(0, "HGMMA", ".64x40x16.F32", "R24, R44, gdesc[UR8], R24 "),
+             (16, "HGMMA", ".64x40x16.F32", "R24, R48, gdesc[UR12], R24, gsb0 ")]
+    wait = [(64, "WARPGROUP", ".DEPBAR.LE", "gsb0, 0x0 ")]
+    assert sass.wgmma_register_hazards(batch + [(32, "LOP3", ".LUT", "R46, R1, R2, RZ, 0xc0, !PT ")] + wait) \
+        == [(32, "LOP3.LUT", "R46, R1, R2, RZ, 0xc0, !PT ")]
+    assert len(sass.wgmma_register_hazards(batch + [(32, "IMAD", ".WIDE.U32", "R43, R13, 0x1000, RZ ")])) == 1
+    assert sass.wgmma_register_hazards(batch + [(32, "IMAD", ".WIDE.U32", "R52, R13, 0x1000, RZ "),
+                                                (40, "STS", ".128", "[R44], R4 ")] + wait
+                                       + [(80, "LOP3", ".LUT", "R46, R1, R2, RZ, 0xc0, !PT ")]) == []
 
 
 def test_cuda_kernel_refuses_what_it_does_not_handle():
