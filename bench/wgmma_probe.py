@@ -78,7 +78,7 @@ def launches_for(m: int, sweep: str) -> list:
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
     if sweep == "producer":
         narrow = fpx_cuda.wgmma_n_x(m, 128)
-        return ([(narrow, split, 1, xa, mc) for split in (1, 2) for xa, mc in ((1, 3), (2, 1))]
+        return ([(narrow, split, 1, xa, mc) for split in (1, 2) for xa, mc in ((1, 3), (2, 1))] + [(narrow, 1, 2, 1, 1)]
                 + [(n_x, split, 2, xa, 1, True, overlap) for n_x in n_xs for split in (1, 2) for xa in (2, 4)
                    for overlap in (False, True) if fpx_cuda.wgmma_shared_bytes(n_x, xa) < 200 * 1024])
     if sweep == "wide":  # up to 256 rows of x per CTA (a 128 x 256 tile at two warpgroups) against the 128-row winners
