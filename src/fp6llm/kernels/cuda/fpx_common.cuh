@@ -145,6 +145,32 @@ __device__ __forceinline__ float sum_partials(const float* p, long step, int spl
     return v;
 }
 
+// The last CTA's sums of its E outputs over the split partials, in split order (results independent of timing):
+// partial 0 + partial 1 + ... at float offset offset(e) of each slab, handed to store(e, sum) where valid(e) (the
+// others are not loaded). The outputs go in chunks of 8-16 whose loads of one split are all in flight: summing output
+// by output (sum_partials per e) made E dependent round trips to L2, ~25-50 us per launch of the wgmma kernel
+// (E = 64; H200, 2026-12-04). (Its own partial is read back too: taken from registers, it spilled at E = 128.)
+template <int E, class Offset, class Valid, class Store>
+__device__ __forceinline__ void sum_splits(const float* first, long slab, int splits, Offset offset, Valid valid,
+                                           Store store) {
+    constexpr int CHUNK = E < 16 ? E : E > 64 ? 8 : 16;  // 16 spilled at E = 128 (ptxas, 2026-12-04)
+#pragma unroll
+    for (int c = 0; c < E; c += CHUNK) {
+        float sum[CHUNK];
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j) sum[j] = 0.f;
+        for (int s = 0; s < splits; ++s) {
+            const float* p = first + s * slab;
+#pragma unroll
+            for (int j = 0; j < CHUNK; ++j)
+                if (c + j < E) sum[j] += valid(c + j) ? __ldcg(p + offset(c + j)) : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < CHUNK; ++j)
+            if (c + j < E && valid(c + j)) store(c + j, sum[j]);
+    }
+}
+
 // An output: the float32 sum times the row's scale and the format's 2^(15 - bias), plus the bias, in x's dtype.
 __device__ __forceinline__ u16 finish(float v, int n, const float* __restrict__ scales, float scale_factor,
                                       const u16* __restrict__ bias) {
@@ -188,13 +214,11 @@ __device__ __forceinline__ void store_outputs(const float* v, RowOf row_of, ColO
     __syncthreads();
     if (arrived != gridDim.z - 1) return;
     __threadfence();
-    const float* first = ws + (long)blockIdx.x * gridDim.z * slab;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-        const int n = row_of(e), mm = col_of(e);
-        if (m0 + mm < M && n < N)
-            out[(long)(m0 + mm) * ldo + n] =
-                finish(sum_partials(first + (long)n * m_per_cta + mm, slab, gridDim.z), n, scales, scale_factor, bias);
-    }
+    sum_splits<E>(ws + (long)blockIdx.x * gridDim.z * slab, slab, gridDim.z,
+                  [&](int e) { return (long)row_of(e) * m_per_cta + col_of(e); },
+                  [&](int e) { return m0 + col_of(e) < M && row_of(e) < N; },
+                  [&](int e, float sum) {
+                      out[(long)(m0 + col_of(e)) * ldo + row_of(e)] = finish(sum, row_of(e), scales, scale_factor, bias);
+                  });
     if (threadIdx.x == 0) *count = 0;
 }

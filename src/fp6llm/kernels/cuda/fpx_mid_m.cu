@@ -207,14 +207,13 @@ fpx_mid_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     __syncthreads();
     if (arrived != SPLITS - 1) return;
     __threadfence();
-    const float* first = ws + (long)Z_BLOCK * SPLITS * slab;
-#pragma unroll
-    for (int e = 0; e < ROW_TILES * N_BLOCKS_M * 4; ++e) {
-        const int n = ROW_OF(e), mm = X_ROW_OF(e);
-        if (m0 + mm < M && n < N)  // the partials in split order: results independent of timing
-            out[(long)(m0 + mm) * ldo + n] =
-                finish(sum_partials(first + (long)n * M_PER_CTA + mm, slab, SPLITS), n, scales, scale_factor, bias);
-    }
+    sum_splits<ROW_TILES * N_BLOCKS_M * 4>(  // the partials in split order: results independent of timing
+        ws + (long)Z_BLOCK * SPLITS * slab, slab, SPLITS,
+        [&](int e) { return (long)ROW_OF(e) * M_PER_CTA + X_ROW_OF(e); },
+        [&](int e) { return m0 + X_ROW_OF(e) < M && ROW_OF(e) < N; },
+        [&](int e, float sum) {
+            out[(long)(m0 + X_ROW_OF(e)) * ldo + ROW_OF(e)] = finish(sum, ROW_OF(e), scales, scale_factor, bias);
+        });
 #undef ROW_OF
 #undef X_ROW_OF
     if (threadIdx.x == 0) *count = 0;  // ready for the next launch or graph replay
