@@ -176,12 +176,14 @@ def wgmma_launches(m: int) -> list:
     if m > 128:  # 128 weight rows x up to 256 rows of x per CTA (bench/wgmma_probe.py --sweep wide, 2026-12-03)
         wide = fpx_cuda.wgmma_n_x(m, 256)
         shapes += [dict(n_x=wide, wgs=2, x_ahead=1, min_ctas=1), dict(n_x=wide, wgs=2, x_ahead=2, min_ctas=1)]
+        # a producer warpgroup copying x for two consumer warpgroups (wgmma_probe.py --sweep producer, 2026-12-04:
+        # 1-3 % faster than the plain launches at M = 256 on 5 of 5 shapes)
+        shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=2, x_ahead=2, min_ctas=1, producer=True)]
     return shapes
 
 
 def compile_wgmma(specs) -> None:
-    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer,
-    overlap]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
+    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
     fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas,
                                                       False, *rest)
                          for name, bf16, n_x, wgs, x_ahead, min_ctas, *rest in set(specs)],
@@ -191,7 +193,7 @@ def compile_wgmma(specs) -> None:
 def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     """Compile every wgmma launch the tuning will time (compile_wgmma)."""
     compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"],
-                   l.get("producer", False), l.get("overlap", False))
+                   l.get("producer", False))
                   for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
 
 

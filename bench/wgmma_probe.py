@@ -6,9 +6,8 @@ at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs ov
                                 [--out FILE.json]
 
 --sweep wide: up to 256 rows of x per CTA (one or two warpgroups) against the 128-row launches, at M >= 256.
---sweep producer: the warp-specialized kernel (a producer warpgroup, two consumer warpgroups, x ring of 3-6
-stages, with and without de-quantization overlapped with the wgmma) against the table's launch and the 128-row
-one-warpgroup launches.
+--sweep producer: the warp-specialized kernel (a producer warpgroup, two consumer warpgroups, x ring of 3 or 5
+stages) against the table's launch and the 128-row one- and two-warpgroup launches.
 """
 
 from __future__ import annotations
@@ -39,20 +38,19 @@ def check(quick: bool) -> list:
              ("e3m2", torch.float16, 100, 104, 3, 2, {}), ("e3m2", torch.float16, 300, 128, 2, 2, {}),
              ("e3m2", torch.bfloat16, 64, 64, 2, 1, {}), ("e2m1", torch.float16, 33, 40, 1, 1, {}),
              ("e4m3", torch.bfloat16, 200, 192, 3, 2, {}), ("e2m3", torch.float16, 128, 128, 1, 2, {})]
-    # the warp-specialized kernel: rings shorter and longer than the K tiles, split-K, partial x blocks, overlap
+    # the warp-specialized kernel: rings of 2 to 6 stages against 12 K tiles, split-K, partial x blocks
     cases += [("e3m2", torch.float16, 128, 128, 1, 2, dict(producer=True, x_ahead=2)),
-              ("e3m2", torch.float16, 300, 128, 2, 2, dict(producer=True, x_ahead=3, overlap=True)),
+              ("e3m2", torch.float16, 300, 128, 2, 2, dict(producer=True, x_ahead=3)),
               ("e3m2", torch.bfloat16, 77, 64, 3, 2, dict(producer=True, x_ahead=5)),
-              ("e2m3", torch.float16, 40, 40, 1, 1, dict(producer=True, x_ahead=1, overlap=True)),
-              ("e4m3", torch.bfloat16, 256, 128, 1, 2, dict(producer=True, x_ahead=4, overlap=True))]
+              ("e2m3", torch.float16, 40, 40, 1, 1, dict(producer=True, x_ahead=1)),
+              ("e4m3", torch.bfloat16, 256, 128, 1, 2, dict(producer=True, x_ahead=4))]
     cases = cases[:3] if quick else cases
     sources = []
     for fmt, dtype, m, n_x, split, wgs, extra in cases:  # the kernels the checks launch, compiled at once
-        launch = fpx_cuda.wgmma_resolve(m, n_x, wgs, extra.get("x_ahead"), None, extra.get("producer", False),
-                                        extra.get("overlap", False))
+        launch = fpx_cuda.wgmma_resolve(m, n_x, wgs, extra.get("x_ahead"), None, extra.get("producer", False))
         sources.append(fpx_cuda.wgmma_kernel_source(FPFormat.parse(fmt), dtype == torch.bfloat16, n_x, m % 2 == 1,
                                                     wgs, launch["x_ahead"], launch["min_ctas"], False,
-                                                    launch["producer"], launch["overlap"]))
+                                                    launch["producer"]))
     fpx_cuda.precompile(sources, fpx_cuda._arch("cuda"), fpx_cuda.WGMMA_KERNEL_NAME)
     for fmt, dtype, m, n_x, split, wgs, extra in cases:
         n, k = 200, 768 if not extra else 1536
@@ -74,13 +72,12 @@ def check(quick: bool) -> list:
 
 
 def launches_for(m: int, sweep: str) -> list:
-    """(n_x, split, wgs, x_ahead, min_ctas[, producer, overlap]) to time at M."""
+    """(n_x, split, wgs, x_ahead, min_ctas[, producer]) to time at M."""
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
     if sweep == "producer":
         narrow = fpx_cuda.wgmma_n_x(m, 128)
         return ([(narrow, split, 1, xa, mc) for split in (1, 2) for xa, mc in ((1, 3), (2, 1))] + [(narrow, 1, 2, 1, 1)]
-                + [(n_x, split, 2, xa, 1, True, overlap) for n_x in n_xs for split in (1, 2) for xa in (2, 4)
-                   for overlap in (False, True) if fpx_cuda.wgmma_shared_bytes(n_x, xa) < 200 * 1024])
+                + [(n_x, split, 2, xa, 1, True) for n_x in n_xs for split in (1, 2) for xa in (2, 4)])
     if sweep == "wide":  # up to 256 rows of x per CTA (a 128 x 256 tile at two warpgroups) against the 128-row winners
         wide = fpx_cuda.wgmma_n_x(m, 256)
         narrow = fpx_cuda.wgmma_n_x(m, 128)
@@ -112,7 +109,7 @@ def timing(ms, shapes, sweep: str) -> list:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ qw.dequantize(torch.float32).T
             for launch in launches_for(m, sweep):
-                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas", "producer", "overlap"), launch))
+                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas", "producer"), launch))
                 out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, **kw)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, kw=kw:
@@ -125,7 +122,7 @@ def timing(ms, shapes, sweep: str) -> list:
             print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
                   f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, {best}) all: "
                   + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}"
-                             f"{'P' if r.get('producer') else ''}{'o' if r.get('overlap') else ''}:{r['us']:.0f}"
+                             f"{'P' if r.get('producer') else ''}:{r['us']:.0f}"
                              for r in row["wgmma"]), flush=True)
             rows.append(row)
         del qw

@@ -411,7 +411,7 @@ def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
             m = int(bucket)
             assert 8 < m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
             fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch.n_x, True, launch.wgs, launch.x_ahead,
-                                         launch.min_ctas)  # raises for a launch it cannot build
+                                         launch.min_ctas, False, launch.producer)  # raises for one it cannot build
             cap = fpx_cuda.grid_split_cap(n, m, k, 64 * launch.wgs, launch.n_x)
             assert 1 <= launch.split <= cap, (bucket, shape, launch)
             checked += 1
@@ -671,8 +671,8 @@ def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
 def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
     """The warp-specialized wgmma kernel (a producer warpgroup copying x into an mbarrier ring) sums each output in
     the plain kernel's order: equal bit for bit, at rings of 2 to 6 stages against 12 K tiles (each stage reused),
-    split-K (slabs and counters shared with the plain path), partial z blocks, with and without bias, with and without
-    the next tile de-quantized beside the wgmma; and near the float64 reference."""
+    split-K (slabs and counters shared with the plain path), partial z blocks, with and without bias, one and two
+    consumer warpgroups; and near the float64 reference."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
     qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
@@ -680,13 +680,13 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
     bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
     ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
     n_x = 128 if m >= 128 else 64 if m > 40 else 40
-    for split, wgs, x_ahead, overlap in ((1, 2, 1, False), (3, 2, 2, True), (2, 1, 5, False), (1, 2, 3, True)):
+    for split, wgs, x_ahead in ((1, 2, 1), (3, 2, 2), (2, 1, 5), (1, 2, 3)):
         plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
         out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
-                                 producer=True, overlap=overlap)
-        assert torch.equal(out, plain), (split, wgs, x_ahead, overlap)
+                                 producer=True)
+        assert torch.equal(out, plain), (split, wgs, x_ahead)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err < TOLERANCE[dtype], (split, wgs, x_ahead, overlap, err)
+        assert err < TOLERANCE[dtype], (split, wgs, x_ahead, err)
 
 
 @gpu

@@ -87,8 +87,8 @@ def test_cuda_mid_and_wgmma_pdl_wait_before_any_memory_access(kernel):
             cubin = fpx_cuda.nvrtc_compile(fpx_cuda.wgmma_kernel_source(fmt, False, 64, True, 1, 1, 4, pdl),
                                            "sm_90a", "fpx_wgmma.cu")
         else:
-            cubin = fpx_cuda.nvrtc_compile(fpx_cuda.wgmma_kernel_source(fmt, False, 128, True, 2, 3, 1, pdl, True,
-                                                                        True), "sm_90a", "fpx_wgmma.cu")
+            cubin = fpx_cuda.nvrtc_compile(fpx_cuda.wgmma_kernel_source(fmt, False, 128, True, 2, 3, 1, pdl, True),
+                                           "sm_90a", "fpx_wgmma.cu")
         ops = [op for _, op, _, _ in sass.disassemble(cubin)]
         if not pdl:
             assert "ACQBULK" not in ops and "PREEXIT" not in ops

@@ -233,18 +233,18 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     per SM, 16 HGMMA per loop pass (8 k-steps x 2 K tiles), and ptxas did not serialize the wgmma (C7513: an input
     register of a wgmma written inside its pipeline stage; C7519: a wgmma in a path it thinks divergent); also the
     warp-specialized variants (a producer warpgroup: its threads count against the registers); and no instruction
-    writes an A register of a wgmma batch before the wait for it (sass.wgmma_register_hazards: with the next tile
-    de-quantized beside the wgmma, ptxas once put it into the in-flight registers)."""
+    writes an A register of a wgmma batch before the wait for it (sass.wgmma_register_hazards: a variant that
+    de-quantized the next tile beside the wgmma, since taken out, had ptxas put it into the in-flight registers)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
-    cases = [("e3m2", False, 64, 1, 1, 4, False, False, False), ("e3m2", True, 128, 1, 1, 3, False, False, False),
-             ("e2m1", False, 24, 2, 2, 1, True, False, False), ("e3m2", False, 64, 4, 1, 1, False, False, False),
-             # the warp-specialized kernel (a producer warpgroup beside two consumers), with and without overlap
-             ("e3m2", False, 128, 2, 3, 1, False, True, False), ("e3m2", True, 128, 2, 4, 1, True, True, True),
-             ("e2m3", False, 64, 2, 5, 1, False, True, True)]
-    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, overlap in cases:
+    cases = [("e3m2", False, 64, 1, 1, 4, False, False), ("e3m2", True, 128, 1, 1, 3, False, False),
+             ("e2m1", False, 24, 2, 2, 1, True, False), ("e3m2", False, 64, 4, 1, 1, False, False),
+             # the warp-specialized kernel (a producer warpgroup beside one or two consumers)
+             ("e3m2", False, 128, 2, 3, 1, False, True), ("e3m2", True, 128, 2, 4, 1, True, True),
+             ("e2m3", False, 64, 1, 5, 1, False, True)]
+    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
-                                              producer, overlap)
+                                              producer)
         log = []
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
         assert "C75" not in log[0] and "serialized" not in log[0], log[0]  # C7513, C7519 (a divergent path)

@@ -250,7 +250,6 @@ class SmallM:
     min_ctas: int = 1  # wgmma: resident CTAs per SM the registers must allow
     cluster_split: bool = False  # small: the split's CTAs of a row block a cluster summing in shared memory
     producer: bool = False  # wgmma: a producer warpgroup copies x into an mbarrier ring (warp specialization)
-    overlap: bool = False  # wgmma with producer: the next tile de-quantized while this tile's wgmma run
 
 
 def _launch(cuda: dict) -> SmallM:
@@ -262,7 +261,7 @@ def _launch(cuda: dict) -> SmallM:
                   int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)),
                   int(cuda.get("n_x", 0)), int(cuda.get("wgs", 1)), int(cuda.get("x_ahead", 1)),
                   int(cuda.get("min_ctas", 1)), bool(cuda.get("cluster_split", False)),
-                  bool(cuda.get("producer", False)), bool(cuda.get("overlap", False)))
+                  bool(cuda.get("producer", False)))
 
 
 @functools.lru_cache(maxsize=4096)

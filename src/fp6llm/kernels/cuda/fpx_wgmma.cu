@@ -25,12 +25,10 @@
 // PRODUCER 1 (warp specialization): a fifth warpgroup copies x into a ring of X_STAGES buffers guarded by mbarriers
 // (full: the tile landed; empty: every consumer's wgmma on it completed), and the WGS consumer warpgroups
 // de-quantize and multiply without a CTA barrier, so one warpgroup's de-quantization can run beside the other's
-// wgmma and WGS x 64 weight rows share each copy of x. OVERLAP 1 (with PRODUCER): the next tile is de-quantized
-// into spare registers while this tile's wgmma run, and moved into A after the wait. ptxas takes a wgmma's A
-// registers for free once the wgmma is issued, though the tensor cores read them until the wait: without a use of
-// A after the wait it put the next tile's values into them (NaNs on the H200, 2026-12-04; the SASS showed the next
-// tile de-quantized into the in-flight registers). So A is folded into a sink after each wait, and the sink is
-// stored where no launch ever reaches (kps < 0).
+// wgmma and WGS x 64 weight rows share each copy of x. (Also de-quantizing the next tile into spare registers while
+// this tile's wgmma run, moved into A after the wait, was measured 3-16 % slower on every case, H200, 2026-12-04, and
+// taken out. ptxas had first put the next tile into the in-flight A registers, which the tensor cores read until the
+// wait: NaNs; a use of A after the wait kept them. tests/test_sass.py checks every variant for such writes.)
 //
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
 // WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
@@ -38,9 +36,6 @@
 
 #ifndef PRODUCER
 #define PRODUCER 0
-#endif
-#ifndef OVERLAP
-#define OVERLAP 0
 #endif
 #define WARPS (4 * WGS)                        // the consumer warps: 16 weight rows each
 #define THREADS (WARPS * 32 + 128 * PRODUCER)  // and the producer warpgroup, last
@@ -220,7 +215,7 @@ __device__ __forceinline__ void produce_x(const XCopy& copy, u32 smem, u32 full,
 
 // A consumer warp: its 16 weight rows' tiles de-quantized from registers (weights W_AHEAD tiles ahead), each tile's
 // 8 wgmma issued once its x landed, the stage released once they completed.
-__device__ __forceinline__ u32 consume(float (&d)[ACC], const u32* __restrict__ p0, const u32* __restrict__ p1,
+__device__ __forceinline__ void consume(float (&d)[ACC], const u32* __restrict__ p0, const u32* __restrict__ p1,
                                         const u32* __restrict__ p2, long base, int lane, const Powers& pw, u32 smem,
                                         u32 full, u32 empty, int kt0, int kt1) {
     Tile w[W_AHEAD];
@@ -228,54 +223,22 @@ __device__ __forceinline__ u32 consume(float (&d)[ACC], const u32* __restrict__ 
 #pragma unroll
     for (int i = 0; i < W_AHEAD; ++i)
         if (kt0 + i < kt1) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
-#if OVERLAP
-    u32 b[32];
-    dequant(w[0], pw, a);
-    u32 sink = 0;
-    if (kt0 + W_AHEAD < kt1) load_tile(w[0], p0, p1, p2, base + kt0 + W_AHEAD, lane);
-#endif
-#define STEP(KT, TILE, NEXT)                                                                 \
-    {                                                                                        \
-        const int kt_ = (KT), i_ = kt_ - kt0, s_ = i_ % X_STAGES;                            \
-        if (!OVERLAP) {                                                                      \
-            dequant(TILE, pw, a);                                                            \
-            if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
-        }                                                                                    \
-        mbar_wait(full + 8 * s_, (i_ / X_STAGES) & 1);                                       \
-        mma_tile(d, a, smem + s_ * X_STAGE_BYTES);                                           \
-        if (OVERLAP && kt_ + 1 < kt1) {                                                      \
-            dequant(NEXT, pw, OVERLAP_B);                                                    \
-            if (kt_ + 1 + W_AHEAD < kt1) load_tile(NEXT, p0, p1, p2, base + kt_ + 1 + W_AHEAD, lane); \
-        }                                                                                    \
-        wgmma_wait<0>();                                                                     \
-        mbar_arrive(empty + 8 * s_);                                                         \
-        if (OVERLAP) {                                                                       \
-            OVERLAP_SINK                                                                     \
-            _Pragma("unroll") for (int r = 0; r < 32; ++r) a[r] = OVERLAP_B[r];              \
-        }                                                                                    \
+#define STEP(KT, TILE)                                                                   \
+    {                                                                                    \
+        const int kt_ = (KT), i_ = kt_ - kt0, s_ = i_ % X_STAGES;                        \
+        dequant(TILE, pw, a);                                                            \
+        if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
+        mbar_wait(full + 8 * s_, (i_ / X_STAGES) & 1);                                   \
+        mma_tile(d, a, smem + s_ * X_STAGE_BYTES);                                       \
+        wgmma_wait<0>();                                                                 \
+        mbar_arrive(empty + 8 * s_);                                                     \
     }
-#if OVERLAP
-#define OVERLAP_B b
-#define OVERLAP_SINK                                                                              \
-    _Pragma("unroll") for (int r = 0; r < 32; ++r) asm volatile("" : "+r"(a[r]));  /* after the wait */ \
-    _Pragma("unroll") for (int r = 0; r < 32; r += 2) sink ^= a[r] ^ a[r + 1];
-#else
-#define OVERLAP_B a
-#define OVERLAP_SINK
-#endif
     for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
-        STEP(kt, w[0], w[1])
+        STEP(kt, w[0])
         if (kt + 1 >= kt1) break;
-        STEP(kt + 1, w[1], w[0])
+        STEP(kt + 1, w[1])
     }
 #undef STEP
-#undef OVERLAP_B
-#undef OVERLAP_SINK
-#if OVERLAP
-    return sink;
-#else
-    return 0;
-#endif
 }
 #endif
 
@@ -321,11 +284,8 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         if (__shfl_sync(0xFFFFFFFFu, (int)threadIdx.x / 128, 0) >= WGS)
             produce_x(x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M, threadIdx.x - WARPS * 32), smem,
                       full, empty, kt0, kt1 - kt0);
-        else {
-            const u32 sink = consume(d, p0, p1, p2, (long)min(tile, n_tiles - 1) * k_tiles, lane, pw, smem, full,
-                                     empty, kt0, kt1);
-            if (OVERLAP && kps < 0) ws[threadIdx.x] = __uint_as_float(sink);  // never: keeps A live past the wait
-        }
+        else
+            consume(d, p0, p1, p2, (long)min(tile, n_tiles - 1) * k_tiles, lane, pw, smem, full, empty, kt0, kt1);
         wgmma_wait<0>();
         fence_accumulators(d);
     }
