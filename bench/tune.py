@@ -109,12 +109,14 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
     as of 2026-12-03), and on sm_90 splits of 2..8 summed in a cluster) for this weight and M, as the table's "cuda"
     entry; None where the kernel does not take the case."""
     n, k = qw.shape
-    launches = [dict(split=split, prefetch_x=prefetch_x) for prefetch_x in (True, False)
-                for split in _splits(k, CUDA_SPLITS)]
-    launches += [dict(split=split, prefetch_x=False, row_tiles=2) for split in _splits(k, CUDA_SPLITS)]
+    # every field given: the table's entry for this case must not fill one in (its row tiles beside prefetch_x)
+    launches = [dict(split=split, prefetch_x=prefetch_x, row_tiles=1, cluster_split=False)
+                for prefetch_x in (True, False) for split in _splits(k, CUDA_SPLITS)]
+    launches += [dict(split=split, prefetch_x=False, row_tiles=2, cluster_split=False)
+                 for split in _splits(k, CUDA_SPLITS)]
     if torch.cuda.get_device_capability() >= (9, 0):
-        launches += [dict(split=split, prefetch_x=True, cluster_split=True) for split in _splits(k, CUDA_SPLITS)
-                     if 2 <= split <= fpx_cuda.CLUSTER_SPLIT_MAX]
+        launches += [dict(split=split, prefetch_x=True, row_tiles=1, cluster_split=True)
+                     for split in _splits(k, CUDA_SPLITS) if 2 <= split <= fpx_cuda.CLUSTER_SPLIT_MAX]
     results = time_launches(qw, m, dtype, "fpx_small_m", launches)
     if results is None:
         return None
@@ -154,8 +156,8 @@ def tune_mid(qw, m: int, dtype) -> "dict | None":
 
 WGMMA_SPLITS = (1, 2, 3, 4)
 WGMMA_TUNE_MAX_M = 512  # the largest M bucket the CUDA kernels are timed at (the wgmma kernel's)
-WGMMA_TUNE_MIN_M = 9  # the wgmma kernel is timed from M = 9 (16 rows of x per CTA: untried against the small-M and
-# mid-M kernels there as of 2026-12-02)
+WGMMA_TUNE_MIN_M = 8  # the wgmma kernel is timed from M = 8 (8 rows of x per CTA; from M = 9 until 2026-12-04, when
+# its split-K launches won every shape at M = 16)
 
 
 def wgmma_launches(m: int) -> list:

@@ -456,8 +456,8 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
         measured = None
-    if row_tiles is None:
-        row_tiles = measured.row_tiles if measured is not None else 1
+    if row_tiles is None:  # the table's row tiles, unless the caller asked for x a tile ahead (one row tile only)
+        row_tiles = measured.row_tiles if measured is not None and prefetch_x is not True else 1
     if prefetch_x is None:
         prefetch_x = (measured.prefetch_x if measured is not None else True) and row_tiles == 1
     if cluster_split is None:
