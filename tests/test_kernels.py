@@ -396,7 +396,7 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
-    """Every "wgmma" launch in the H200 file (M = 9..512) is one the kernel builds (x rows per CTA a multiple of 8,
+    """Every "wgmma" launch in the H200 file (M = 8..512) is one the kernel builds (x rows per CTA a multiple of 8,
     at most WGMMA_MAX_N_X; registers for its CTAs per SM), covers its bucket's rows in a grid z, and splits K within
     the reserved partials."""
     from fp6llm.kernels import fpx_cuda
@@ -409,7 +409,7 @@ def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
                 continue
             n, k = map(int, shape.split("x"))
             m = int(bucket)
-            assert 8 < m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
+            assert 8 <= m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
             fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch.n_x, True, launch.wgs, launch.x_ahead,
                                          launch.min_ctas, False, launch.producer)  # raises for one it cannot build
             cap = fpx_cuda.grid_split_cap(n, m, k, 64 * launch.wgs, launch.n_x)
