@@ -310,6 +310,19 @@ def test_wgmma_kernel_runs_only_where_a_table_measured_it_fastest(tmp_path, monk
             dispatch.SmallM(2, True, 50.0, "wgmma", n_x=128, wgs=1, x_ahead=2, min_ctas=3)
 
 
+def test_small_m_launch_takes_given_fields_then_the_table_then_defaults():
+    """A small-M launch: the caller's fields win, the table fills the others (not with a wgmma entry), and an explicit
+    prefetch_x=True keeps one row tile even where the table measured two (the tuner's launches, 2026-12-04)."""
+    from fp6llm.kernels import fpx_cuda
+    two = dispatch.SmallM(4, False, 10.0, "small", row_tiles=2, cluster_split=True)
+    assert fpx_cuda.small_m_launch(two, None, None, None, None) == (4, False, True, 2)
+    assert fpx_cuda.small_m_launch(two, 3, True, False, None) == (3, True, False, 1)
+    assert fpx_cuda.small_m_launch(two, None, False, None, 1) == (4, False, True, 1)
+    wgmma = dispatch.SmallM(2, True, 10.0, "wgmma", n_x=16)
+    assert fpx_cuda.small_m_launch(wgmma, None, None, None, None) == (None, True, False, 1)
+    assert fpx_cuda.small_m_launch(None, None, None, None, None) == (None, True, False, 1)
+
+
 def test_wgmma_kernel_launch_arithmetic():
     """x rows per CTA (multiples of 8, as even as the grid z allows), the instruction's operands, the shared memory
     of a launch, the default launch, and x's column order: logical column 16 ks + 8 h + 2 t + j of a tile holds

@@ -439,6 +439,25 @@ SUM_COST = 0.4
 EARLY_WEIGHTS = True  # with PDL within launch.static_weights(): the first weight tile loaded before the wait
 
 
+def small_m_launch(measured, split: "int | None", prefetch_x: "bool | None", cluster_split: "bool | None",
+                   row_tiles: "int | None") -> tuple:
+    """(split, prefetch_x, cluster_split, row_tiles) of a small-M launch: the caller's where given, else the table's
+    (``measured``, ignored where it measured another kernel), else the defaults (the split model: None; x a tile
+    ahead; the workspace's sums; one row tile). The table's two row tiles are not taken beside an explicit
+    prefetch_x=True, which only one row tile allows (bench/tune.py's launches hit that, 2026-12-04)."""
+    if measured is not None and measured.kernel != "small":  # the table measured the mid-M or wgmma kernel faster
+        measured = None
+    if row_tiles is None:
+        row_tiles = measured.row_tiles if measured is not None and prefetch_x is not True else 1
+    if prefetch_x is None:
+        prefetch_x = (measured.prefetch_x if measured is not None else True) and row_tiles == 1
+    if cluster_split is None:
+        cluster_split = measured.cluster_split if measured is not None else False
+    if split is None:
+        split = measured.split if measured is not None else None
+    return split, prefetch_x, cluster_split, row_tiles
+
+
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
@@ -453,17 +472,8 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
     kernels/launch.py): launched with programmatic stream serialization, it may start while the previous kernel
     drains, and waits for it before it touches memory."""
     m = x.shape[0]
-    measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
-    if measured is not None and measured.kernel != "small":  # the table measured the mid-M kernel faster here
-        measured = None
-    if row_tiles is None:  # the table's row tiles, unless the caller asked for x a tile ahead (one row tile only)
-        row_tiles = measured.row_tiles if measured is not None and prefetch_x is not True else 1
-    if prefetch_x is None:
-        prefetch_x = (measured.prefetch_x if measured is not None else True) and row_tiles == 1
-    if cluster_split is None:
-        cluster_split = measured.cluster_split if measured is not None else False
-    if split is None:
-        split = measured.split if measured is not None else None
+    split, prefetch_x, cluster_split, row_tiles = small_m_launch(
+        measured_small_m(m, n, k, fmt, x.dtype, x.device), split, prefetch_x, cluster_split, row_tiles)
     k_tiles = k // TILE_K
     hopper = capability(x.device) >= (9, 0)  # clusters, programmatic launch
     cluster = 0
