@@ -185,7 +185,8 @@ def wgmma_launches(m: int) -> list:
 
 
 def compile_wgmma(specs) -> None:
-    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
+    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer]), ...) in
+    parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
     fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas,
                                                       False, *rest)
                          for name, bf16, n_x, wgs, x_ahead, min_ctas, *rest in set(specs)],

@@ -218,7 +218,8 @@ __device__ __forceinline__ void store_outputs(const float* v, RowOf row_of, ColO
                   [&](int e) { return (long)row_of(e) * m_per_cta + col_of(e); },
                   [&](int e) { return m0 + col_of(e) < M && row_of(e) < N; },
                   [&](int e, float sum) {
-                      out[(long)(m0 + col_of(e)) * ldo + row_of(e)] = finish(sum, row_of(e), scales, scale_factor, bias);
+                      out[(long)(m0 + col_of(e)) * ldo + row_of(e)] =
+                          finish(sum, row_of(e), scales, scale_factor, bias);
                   });
     if (threadIdx.x == 0) *count = 0;
 }

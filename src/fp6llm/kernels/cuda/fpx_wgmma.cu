@@ -342,6 +342,6 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     // threads store nothing (their x row is past any M) but take part in split-K's barriers.
     const bool stores = warp < WARPS;
     store_outputs<ACC>(d, [&](int i) { return 16 * tile + g + 8 * ((i >> 1) & 1); },
-                       [&](int i) { return stores ? 8 * (i >> 2) + 2 * t + (i & 1) : 1 << 20; }, m0, N_X, ROWS_PER_CTA, M, N, out, ldo,
-                       ws, counts, scales, scale_factor, bias);
+                       [&](int i) { return stores ? 8 * (i >> 2) + 2 * t + (i & 1) : 1 << 20; }, m0, N_X,
+                       ROWS_PER_CTA, M, N, out, ldo, ws, counts, scales, scale_factor, bias);
 }
