@@ -323,6 +323,32 @@ def test_small_m_launch_takes_given_fields_then_the_table_then_defaults():
     assert fpx_cuda.small_m_launch(None, None, None, None, None) == (None, True, False, 1)
 
 
+def test_wgmma_direct_x_transpose_fills_shared_memory_as_the_permuted_copy():
+    """fpx_wgmma.cu's X_DIRECT path, its indexing replayed in PyTorch: work item i (row i % N_X, group i / N_X) loads
+    the row's chunks 4 t + q of a K tile and stores permuted chunk 4 q + w (word t = loaded chunk t's word w) at the
+    swizzled offset; the shared-memory image equals the cp.async path's (permuted chunk c of row n at atom c / 8,
+    slot (c % 8) ^ (n % 8)) from wgmma_x_order_reference, for every row and K tile."""
+    from fp6llm.kernels.x_order import wgmma_x_order_reference
+    n_x, k = 24, 384
+    x = torch.randint(-2 ** 15, 2 ** 15, (n_x, k), generator=torch.Generator().manual_seed(3), dtype=torch.int16)
+    words = x.view(torch.int32).view(n_x, k // 128, 64)  # a K tile of a row: 64 words, 16 chunks of 4
+    permuted = wgmma_x_order_reference(x).view(torch.int32).view(n_x, k // 128, 16, 4)
+    atom = n_x * 128 // 16  # in 16-byte slots
+    for kt in range(k // 128):
+        expected = torch.zeros(2 * atom, 4, dtype=torch.int32)
+        direct = torch.zeros(2 * atom, 4, dtype=torch.int32)
+        for n in range(n_x):
+            for c in range(16):
+                expected[(c // 8) * atom + n * 8 + ((c % 8) ^ (n % 8))] = permuted[n, kt, c]
+        for item in range(4 * n_x):
+            n, q = item % n_x, item // n_x
+            loaded = [words[n, kt, 4 * (4 * t + q):4 * (4 * t + q) + 4] for t in range(4)]
+            for w in range(4):
+                c = 4 * q + w
+                direct[(c // 8) * atom + n * 8 + ((c % 8) ^ (n % 8))] = torch.stack([loaded[t][w] for t in range(4)])
+        assert torch.equal(direct, expected), kt
+
+
 def test_wgmma_kernel_launch_arithmetic():
     """x rows per CTA (multiples of 8, as even as the grid z allows), the instruction's operands, the shared memory
     of a launch, the default launch, and x's column order: logical column 16 ks + 8 h + 2 t + j of a tile holds
@@ -344,6 +370,10 @@ def test_wgmma_kernel_launch_arithmetic():
     assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3}
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)
+    with pytest.raises(ValueError, match="reads x unpermuted only without a producer and at <= 32 rows"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 1, x_direct=True)
+    with pytest.raises(ValueError, match="with a producer"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 32, False, 2, 2, producer=True, x_direct=True)
     assert fpx_cuda.wgmma_launch(256)["n_x"] == 128
     from fp6llm.kernels.x_order import wgmma_x_order_reference
     x = torch.arange(3 * 256, dtype=torch.float32).view(3, 256)
@@ -700,6 +730,36 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
         assert torch.equal(out, plain), (split, wgs, x_ahead)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < TOLERANCE[dtype], (split, wgs, x_ahead, err)
+
+
+@hopper
+@pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 16), ("e3m2", torch.bfloat16, 5),
+                                           ("e2m3", torch.float16, 32), ("e4m3", torch.bfloat16, 27)])
+def test_cuda_wgmma_direct_x_equals_the_permuted_copy(gen, fmt, dtype, m):
+    """The wgmma kernel reading x unpermuted (x_direct: the permutation as a transpose of registers) sums exactly
+    what it sums from wgmma_x_order's copy: equal bit for bit at 8-32 rows of x per CTA, one, two and four
+    warpgroups, x one and two K tiles ahead, split-K, partial z blocks, with and without bias; and a view of x whose
+    rows are not 16-byte aligned takes the copy instead, still right."""
+    from fp6llm.kernels import fpx_cuda
+    n, k = 200, 1536
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
+    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    for n_x, split, wgs, x_ahead, min_ctas in ((8, 1, 1, 1, 4), (16, 3, 1, 2, 3), (32, 2, 2, 1, 1), (8, 2, 4, 2, 1)):
+        plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead, min_ctas,
+                                   x_direct=False)
+        direct = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead, min_ctas,
+                                    x_direct=True)
+        assert torch.equal(direct, plain), (n_x, split, wgs, x_ahead)
+        err = ((direct.double() - ref).norm() / ref.norm()).item()
+        assert err < TOLERANCE[dtype], (n_x, split, wgs, x_ahead, err)
+    wide = torch.randn(m, k + 4, generator=gen).to("cuda", dtype)
+    view = wide[:, 4:]  # rows 8 bytes past a 16-byte boundary
+    assert view.data_ptr() % 16 != 0
+    ref = view.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    out = fpx_cuda.fpx_wgmma(view, qw.planes, qw.scales, bias, qw.fmt, n, k, 1, 16, 1, x_direct=True)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
 
 
 @gpu

@@ -30,12 +30,20 @@
 // taken out. ptxas had first put the next tile into the in-flight A registers, which the tensor cores read until the
 // wait: NaNs; a use of A after the wait kept them. tests/test_sass.py checks every variant for such writes.)
 //
+// X_DIRECT 1 (the plain loop only): x is read as it is, not permuted by the launcher: each thread loads a row's
+// 16-byte chunks 4 t + q (t = 0..3) of a K tile into registers one step ahead and stores permuted chunks 4 q + w,
+// whose word t is loaded chunk t's word w (wgmma_x_order's permutation is a 4 x 4 transpose of such a group), into
+// the swizzled layout after the barrier. No copy of x and no launch for it; registers for it grow with N_X.
+//
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
 // WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
 // PDL where the grid is launched with programmatic stream serialization.
 
 #ifndef PRODUCER
 #define PRODUCER 0
+#endif
+#ifndef X_DIRECT
+#define X_DIRECT 0
 #endif
 #define WARPS (4 * WGS)                        // the consumer warps: 16 weight rows each
 #define THREADS (WARPS * 32 + 128 * PRODUCER)  // and the producer warpgroup, last
@@ -147,6 +155,49 @@ __device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
             if (X_ROWS_STEP * j < copy.rows) cp_async16(dst + j * X_ROWS_STEP * 128, p);
     }
 }
+
+#if X_DIRECT
+// Work item i of a K tile (i < 4 N_X): group q = i / N_X of row n = i % N_X (consecutive lanes on consecutive rows:
+// their 16-byte stores of one chunk land in 8 different swizzle slots, conflict-free).
+#define X_ITEMS ((4 * N_X + THREADS - 1) / THREADS)  // work items per thread per K tile
+
+struct XDirect {
+    uint4 v[X_ITEMS][4];  // item j: the row's chunks 4 t + q, t = 0..3
+};
+
+__device__ __forceinline__ void x_direct_load(XDirect& r, const u16* __restrict__ x, int ldx, int m0, int M, int kt) {
+#pragma unroll
+    for (int j = 0; j < X_ITEMS; ++j) {
+        const int item = threadIdx.x + j * THREADS, n = item % N_X, q = item / N_X;
+        if (item < 4 * N_X && m0 + n < M) {
+            const uint4* row = reinterpret_cast<const uint4*>(x + (long)(m0 + n) * ldx + kt * 128);
+#pragma unroll
+            for (int t = 0; t < 4; ++t) r.v[j][t] = __ldcg(row + 4 * t + q);
+        }
+    }
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int w) {  // w a constant once unrolled
+    return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ void x_direct_store(const XDirect& r, u32 buffer, int m0, int M) {
+#pragma unroll
+    for (int j = 0; j < X_ITEMS; ++j) {
+        const int item = threadIdx.x + j * THREADS, n = item % N_X, q = item / N_X;
+        if (item < 4 * N_X && m0 + n < M) {
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                const int c = 4 * q + w;  // the permuted chunk: atom c / 8, swizzle slot (c % 8) ^ (n % 8)
+                const u32 dst = buffer + (c / 8) * ATOM_BYTES + n * 128 + (((c % 8) ^ (n % 8)) * 16);
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" :: "r"(dst), "r"(word_of(r.v[j][0], w)),
+                             "r"(word_of(r.v[j][1], w)), "r"(word_of(r.v[j][2], w)), "r"(word_of(r.v[j][3], w))
+                             : "memory");
+            }
+        }
+    }
+}
+#endif
 
 __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u32 buffer) {
 #if ABLATE == 2
@@ -294,12 +345,23 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // Warps past the last tile de-quantize the last tile again (a warpgroup's wgmma needs all four; their
         // outputs are never stored); x rows past M are not copied and feed only outputs for rows >= M.
         const long base = (long)min(tile, n_tiles - 1) * k_tiles;
+#if X_DIRECT
+#pragma unroll
+        for (int i = 0; i < X_AHEAD; ++i) {  // the first tiles stored at once (the first step's fence and barrier)
+            XDirect first;
+            if (kt0 + i < kt1) {
+                x_direct_load(first, x, ldx, m0, M, kt0 + i);
+                x_direct_store(first, smem + i * X_STAGE_BYTES, m0, M);
+            }
+        }
+#else
         const XCopy copy = x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M, threadIdx.x);
 #pragma unroll
         for (int i = 0; i < X_AHEAD; ++i) {  // one commit group per K tile, empty ones too: uniform counts
             if (kt0 + i < kt1) stage_x(smem + i * X_STAGE_BYTES, copy, kt0 + i);
             cp_async_commit();
         }
+#endif
         Tile w[W_AHEAD];
         u32 a[2][32];
 #pragma unroll
@@ -308,17 +370,34 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // One K tile: de-quantize it, load the weights W_AHEAD tiles ahead into the freed registers, wait for x,
         // stage x X_AHEAD tiles ahead into the buffer of the previous tile (every warpgroup has waited for its
         // wgmma: the barrier), issue this tile's 8 wgmma and wait for them.
+#if X_DIRECT
+        // x X_AHEAD tiles ahead loaded into registers before the de-quantization and stored after the barrier
+        // (the generic-proxy stores are fenced for wgmma by the next step's fence, before its barrier).
+#define STAGE_X_LOAD(KT)                                                                   \
+            XDirect ahead_;                                                                \
+            if ((KT) + X_AHEAD < kt1) x_direct_load(ahead_, x, ldx, m0, M, (KT) + X_AHEAD);
+#define STAGE_X_WAIT
+#define STAGE_X_ISSUE(KT)                                                                  \
+            if ((KT) + X_AHEAD < kt1)                                                      \
+                x_direct_store(ahead_, smem + (((KT) - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, m0, M);
+#else
+#define STAGE_X_LOAD(KT)
+#define STAGE_X_WAIT cp_async_wait<X_AHEAD - 1>();
+#define STAGE_X_ISSUE(KT)                                                                  \
+            if ((KT) + X_AHEAD < kt1)                                                      \
+                stage_x(smem + (((KT) - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, (KT) + X_AHEAD); \
+            cp_async_commit();
+#endif
 #define STEP(KT, TILE, A)                                                                  \
         {                                                                                  \
             const int kt_ = (KT);                                                          \
+            STAGE_X_LOAD(kt_)                                                              \
             dequant(TILE, pw, A);                                                          \
             if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
-            cp_async_wait<X_AHEAD - 1>();                                                  \
+            STAGE_X_WAIT                                                                   \
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                   \
             __syncthreads();                                                               \
-            if (kt_ + X_AHEAD < kt1)                                                       \
-                stage_x(smem + ((kt_ - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD); \
-            cp_async_commit();                                                             \
+            STAGE_X_ISSUE(kt_)                                                             \
             mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);              \
             wgmma_wait<0>();                                                               \
         }
@@ -330,6 +409,9 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             }
         }
 #undef STEP
+#undef STAGE_X_LOAD
+#undef STAGE_X_WAIT
+#undef STAGE_X_ISSUE
         wgmma_wait<0>();
         fence_accumulators(d);
     }
