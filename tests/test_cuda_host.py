@@ -15,10 +15,11 @@ CXX = shutil.which("g++") or shutil.which("clang++")
 
 HARNESS = r"""
 #include <cstdio>
+#define SUM_LOADS @LOADS@
 #define __device__
 #define __forceinline__ inline
 static float __ldcg(const float* p) { return *p; }
-%s
+SOURCE
 int main() {
     int rows, splits;
     if (std::fread(&rows, 4, 1, stdin) != 1 || std::fread(&splits, 4, 1, stdin) != 1) return 2;
@@ -38,10 +39,10 @@ SPLITS_HARNESS = r"""
 #define __device__
 #define __forceinline__ inline
 static float __ldcg(const float* p) { return *p; }
-%s
+SOURCE
 template <int E>
-static void run(const float* ws, int slab, int splits, float* out) {  // outputs e < E, e %% 3 != 2 valid
-    sum_splits<E>(ws, slab, splits, [&](int e) { return (long)e * 2 + 1; }, [&](int e) { return e %% 3 != 2; },
+static void run(const float* ws, int slab, int splits, float* out) {  // outputs e < E, e % 3 != 2 valid
+    sum_splits<E>(ws, slab, splits, [&](int e) { return (long)e * 2 + 1; }, [&](int e) { return e % 3 != 2; },
                   [&](int e, float v) { out[e] = v; });
 }
 int main() {
@@ -83,11 +84,13 @@ def _values(gen, *shape) -> torch.Tensor:
 
 
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
-def test_sum_partials_adds_the_splits_in_order(tmp_path):
+@pytest.mark.parametrize("loads", [8, 4, 0])
+def test_sum_partials_adds_the_splits_in_order(tmp_path, loads):
     """sum_partials (the small-M kernel's split-K sum) equals float32 additions in split order, bit for bit, for
-    every split 1..40 (eight loads at a time, predicated; splits that are not multiples of 8 included), on values of
+    every split 1..40 (8 or 4 loads at a time, predicated, or the loop before 2026-12-04: SUM_LOADS 0), on values of
     mixed signs and magnitudes with negative zeros among them: the sums must not depend on how the loads are grouped."""
-    binary = _compile(tmp_path, "sum_partials", HARNESS % _function("sum_partials"))
+    binary = _compile(tmp_path, "sum_partials",
+                      HARNESS.replace("@LOADS@", str(loads)).replace("SOURCE", _function("sum_partials")))
     gen = torch.Generator().manual_seed(0)
     rows = 64
     for splits in range(1, 41):
@@ -106,7 +109,7 @@ def test_sum_splits_adds_the_splits_in_order_and_stores_only_valid_outputs(tmp_p
     """sum_splits (the wgmma and mid-M kernels' split-K sum, in chunks of 8 or 16 outputs) hands store(e, sum) the
     float32 additions of output e's partials in split order, bit for bit, for E = 128 and 40 (a partial last chunk)
     and splits 1..12, and leaves the outputs valid() refuses untouched."""
-    binary = _compile(tmp_path, "sum_splits", SPLITS_HARNESS % _function("sum_splits", "void"))
+    binary = _compile(tmp_path, "sum_splits", SPLITS_HARNESS.replace("SOURCE", _function("sum_splits", "void")))
     gen = torch.Generator().manual_seed(1)
     for splits in range(1, 13):
         ws = _values(gen, splits, 300)
