@@ -3,8 +3,7 @@
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
 #       wgmma | wgmma-more | wgmma-bf16 | row-tiles | sum-direct | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve |
-#       serve-mixed |
-#       all-quick
+#       serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
