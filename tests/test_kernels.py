@@ -438,6 +438,28 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
     assert checked >= 5 * 8 and clustered >= 2 and two_tiles >= 1, (checked, clustered, two_tiles)
 
 
+def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
+    """Every wgmma launch bench/tune.py times (M = 8..512, with the producer and x_direct variants) is one the kernel
+    builds for both dtypes (wgmma_kernel_source raises for one it cannot): a launch it refuses would stop a tuning
+    run on the device; x_direct appears at <= 32 rows of x and never beside a producer."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+    import tune
+    from fp6llm.kernels import fpx_cuda
+    direct = 0
+    for m in (8, 16, 32, 64, 128, 256, 512):
+        for launch in tune.wgmma_launches(m):
+            for bf16 in (False, True):
+                fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), bf16, launch["n_x"], False, launch["wgs"],
+                                             launch["x_ahead"], launch["min_ctas"], True,
+                                             launch.get("producer", False), launch.get("x_direct", False))
+            if launch.get("x_direct"):
+                direct += 1
+                assert launch["n_x"] <= fpx_cuda.WGMMA_DIRECT_MAX_N_X and not launch.get("producer")
+    assert direct >= 12
+
+
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
     """Every "wgmma" launch in the H200 file (M = 8..512) is one the kernel builds (x rows per CTA a multiple of 8,
     at most WGMMA_MAX_N_X; registers for its CTAs per SM), covers its bucket's rows in a grid z, and splits K within
