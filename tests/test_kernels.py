@@ -370,8 +370,9 @@ def test_wgmma_kernel_launch_arithmetic():
     assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3}
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)
-    with pytest.raises(ValueError, match="reads x unpermuted only without a producer and at <= 32 rows"):
-        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 1, x_direct=True)
+    with pytest.raises(ValueError, match="reads x unpermuted only without a producer and where its registers"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 1, min_ctas=4, x_direct=True)
+    assert fpx_cuda.wgmma_direct_fits(64, 1, 3) and not fpx_cuda.wgmma_direct_fits(64, 1, 4)
     with pytest.raises(ValueError, match="with a producer"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 32, False, 2, 2, producer=True, x_direct=True)
     assert fpx_cuda.wgmma_launch(256)["n_x"] == 128
@@ -441,7 +442,7 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     """Every wgmma launch bench/tune.py times (M = 8..512, with the producer and x_direct variants) is one the kernel
     builds for both dtypes (wgmma_kernel_source raises for one it cannot): a launch it refuses would stop a tuning
-    run on the device; x_direct appears at <= 32 rows of x and never beside a producer."""
+    run on the device; x_direct appears where wgmma_direct_fits and never beside a producer."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
@@ -456,7 +457,8 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
                                              launch.get("producer", False), launch.get("x_direct", False))
             if launch.get("x_direct"):
                 direct += 1
-                assert launch["n_x"] <= fpx_cuda.WGMMA_DIRECT_MAX_N_X and not launch.get("producer")
+                assert fpx_cuda.wgmma_direct_fits(launch["n_x"], launch["wgs"], launch["min_ctas"])
+                assert not launch.get("producer")
     assert direct >= 12
 
 

@@ -632,7 +632,6 @@ WGMMA_MAX_N_X = 256  # x rows per CTA: 128 accumulators per thread (238 register
 WGMMA_MAX_SHARED = 227 * 1024  # an sm_90 CTA's most dynamic shared memory
 WGMMA_MAX_M = 4096
 WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
-WGMMA_DIRECT_MAX_N_X = 32  # x_direct: x a K tile ahead in 16 registers per thread (64 rows spilled at 128 regs)
 
 
 def wgmma_asm(n_x: int, bf16: bool) -> list:
@@ -655,11 +654,11 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); pdl
     (sm_90): it waits for the previous grid before its first memory access (launch_ex's pdl). producer: a
     warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization); x_direct
-    (without a producer, up to WGMMA_DIRECT_MAX_N_X rows): x read as it is, permuted in registers (no
-    wgmma_x_order copy)."""
-    if x_direct and (producer or n_x > WGMMA_DIRECT_MAX_N_X):
-        raise ValueError(f"the wgmma kernel reads x unpermuted only without a producer and at <= "
-                         f"{WGMMA_DIRECT_MAX_N_X} rows of x per CTA (registers), not {n_x}"
+    (without a producer, where wgmma_direct_fits): x read as it is, permuted in registers (no wgmma_x_order
+    copy)."""
+    if x_direct and not wgmma_direct_fits(n_x, wgs, min_ctas, producer):
+        raise ValueError(f"the wgmma kernel reads x unpermuted only without a producer and where its registers hold "
+                         f"x a tile ahead, not at {n_x} rows of x, {wgs} warpgroups, {min_ctas} CTAs per SM"
                          + (" with a producer" if producer else ""))
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
@@ -678,6 +677,14 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                f"#define PRODUCER {int(producer)}", f"#define X_DIRECT {int(x_direct)}",
                *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
+
+
+def wgmma_direct_fits(n_x: int, wgs: int, min_ctas: int, producer: bool = False) -> bool:
+    """Whether the wgmma kernel can read x unpermuted (x_direct) at this launch: no producer, and registers for x a
+    K tile ahead beside the rest, 32 per work item of 4 chunks a thread holds (sm_90a, 2026-12-04: the launches this
+    refuses at 64 rows of x spilled; those it takes, 8-128 rows, did not)."""
+    items = -(-4 * n_x // (128 * wgs))
+    return not producer and 65536 // (128 * wgs * min_ctas) >= n_x // 2 + 70 + 32 * items
 
 
 def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:

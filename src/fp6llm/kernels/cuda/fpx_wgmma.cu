@@ -33,7 +33,8 @@
 // X_DIRECT 1 (the plain loop only): x is read as it is, not permuted by the launcher: each thread loads a row's
 // 16-byte chunks 4 t + q (t = 0..3) of a K tile into registers one step ahead and stores permuted chunks 4 q + w,
 // whose word t is loaded chunk t's word w (wgmma_x_order's permutation is a 4 x 4 transpose of such a group), into
-// the swizzled layout after the barrier. No copy of x and no launch for it; registers for it grow with N_X.
+// the swizzled layout after the barrier. No copy of x and no launch for it; its registers grow with N_X
+// (fpx_cuda.wgmma_direct_fits).
 //
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
 // WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
