@@ -27,7 +27,7 @@
 #   row-tiles the small-M kernel with two row tiles per warp (row_tiles=2): its GPU test, then small_m_tail_ab.py
 #             at M = 1..16 against the plain kernel and x at compute time
 #   sum-direct the tenth session's untimed changes (2026-12-04): small-M and wgmma GPU tests, the small-M split-K
-#             sum against its old loop (small_m_tail_ab.py), the tuner at M = 8/16/32 with x_direct launches
+#             sum against its old loop (small_m_tail_ab.py), the tuner at M = 8..64 with x_direct launches
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
 #             1 x 128 tokens: wall time against the kernels' time, cProfile) and bench/host_overhead.py (per call);
 #             then bench/read_floor.py (a plain read of each shape's bytes against the floor and the small-M kernel)
@@ -115,14 +115,14 @@ row-tiles)  # the small-M kernel with two 16-row tiles per warp sharing each loa
     ;;
 sum-direct)  # what the tenth session built after its device time (2026-12-04): the GPU tests of the small-M and
             # wgmma kernels (stops if they fail), the small-M split-K sum against its old loop and four loads, then
-            # the tuner at M = 8/16/32 with the wgmma kernel reading x unpermuted among its launches (into
+            # the tuner at M = 8/16/32/64 with the wgmma kernel reading x unpermuted among its launches (into
             # OUT_DIR/<gpu>.json: copy the table in first)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q -x test_kernels.py \
         -k "small_m or wgmma or replay" 2>&1 | tail -2) | tee "$out/sum-direct-tests.log"
     grep -q failed "$out/sum-direct-tests.log" && { echo "tests failed: no timing"; exit 1; }
     gpu_only timeout 150 python3 bench/small_m_tail_ab.py --ms 1,4,8 --variants plain,sum-old,sum4 \
         --out "$out/sum.json" 2>&1 | tee "$out/sum.log" | tail -20
-    gpu_only timeout 200 python3 bench/tune.py --cuda-only --ms 8,16,32 --out "$out" 2>&1 | tee "$out/tune-direct.log" \
+    gpu_only timeout 240 python3 bench/tune.py --cuda-only --ms 8,16,32,64 --out "$out" 2>&1 | tee "$out/tune-direct.log" \
         | grep -v "^  " | tail -30
     ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
