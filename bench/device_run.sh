@@ -122,8 +122,8 @@ sum-direct)  # what the tenth session built after its device time (2026-12-04): 
     grep -q failed "$out/sum-direct-tests.log" && { echo "tests failed: no timing"; exit 1; }
     gpu_only timeout 150 python3 bench/small_m_tail_ab.py --ms 1,4,8 --variants plain,sum-old,sum4 \
         --out "$out/sum.json" 2>&1 | tee "$out/sum.log" | tail -20
-    gpu_only timeout 240 python3 bench/tune.py --cuda-only --ms 8,16,32,64 --out "$out" 2>&1 | tee "$out/tune-direct.log" \
-        | grep -v "^  " | tail -30
+    gpu_only timeout 240 python3 bench/tune.py --cuda-only --ms 8,16,32,64 --out "$out" 2>&1 \
+        | tee "$out/tune-direct.log" | grep -v "^  " | tail -40
     ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
     for flag in "" --no-programmatic-launch; do
