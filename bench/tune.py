@@ -183,7 +183,8 @@ def wgmma_launches(m: int) -> list:
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=2, x_ahead=2, min_ctas=1, producer=True)]
     # x read unpermuted (no copy of x, no launch for it) where its registers fit (not yet timed, 2026-12-04)
     shapes += [dict(shape, x_direct=True) for shape in shapes
-               if fpx_cuda.wgmma_direct_fits(shape["n_x"], shape["wgs"], shape["min_ctas"], shape.get("producer"))]
+               if fpx_cuda.wgmma_direct_fits(shape["n_x"], shape["wgs"], shape["min_ctas"],
+                                             shape.get("producer", False))]
     return shapes
 
 

@@ -370,11 +370,12 @@ def test_wgmma_kernel_launch_arithmetic():
     assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3}
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)
-    with pytest.raises(ValueError, match="reads x unpermuted only without a producer and where its registers"):
+    with pytest.raises(ValueError, match="reads x unpermuted only where its registers hold x a tile ahead, not at 64"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 1, min_ctas=4, x_direct=True)
     assert fpx_cuda.wgmma_direct_fits(64, 1, 3) and not fpx_cuda.wgmma_direct_fits(64, 1, 4)
-    with pytest.raises(ValueError, match="with a producer"):
-        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 32, False, 2, 2, producer=True, x_direct=True)
+    with pytest.raises(ValueError, match="256 rows of x, 2 warpgroups, 1 CTAs per SM with a producer"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 256, False, 2, 1, producer=True, x_direct=True)
+    assert fpx_cuda.wgmma_direct_fits(128, 2, 1, producer=True)
     assert fpx_cuda.wgmma_launch(256)["n_x"] == 128
     from fp6llm.kernels.x_order import wgmma_x_order_reference
     x = torch.arange(3 * 256, dtype=torch.float32).view(3, 256)
@@ -442,7 +443,7 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     """Every wgmma launch bench/tune.py times (M = 8..512, with the producer and x_direct variants) is one the kernel
     builds for both dtypes (wgmma_kernel_source raises for one it cannot): a launch it refuses would stop a tuning
-    run on the device; x_direct appears where wgmma_direct_fits and never beside a producer."""
+    run on the device; x_direct appears where wgmma_direct_fits, also beside a producer."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
@@ -457,9 +458,10 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
                                              launch.get("producer", False), launch.get("x_direct", False))
             if launch.get("x_direct"):
                 direct += 1
-                assert fpx_cuda.wgmma_direct_fits(launch["n_x"], launch["wgs"], launch["min_ctas"])
-                assert not launch.get("producer")
+                assert fpx_cuda.wgmma_direct_fits(launch["n_x"], launch["wgs"], launch["min_ctas"],
+                                                  launch.get("producer", False))
     assert direct >= 12
+    assert any(launch.get("x_direct") and launch.get("producer") for launch in tune.wgmma_launches(256))
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
@@ -739,7 +741,7 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
     """The warp-specialized wgmma kernel (a producer warpgroup copying x into an mbarrier ring) sums each output in
     the plain kernel's order: equal bit for bit, at rings of 2 to 6 stages against 12 K tiles (each stage reused),
     split-K (slabs and counters shared with the plain path), partial z blocks, with and without bias, one and two
-    consumer warpgroups; and near the float64 reference."""
+    consumer warpgroups, x copied from the permuted copy or read unpermuted; and near the float64 reference."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
     qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
@@ -752,6 +754,9 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
         out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
                                  producer=True)
         assert torch.equal(out, plain), (split, wgs, x_ahead)
+        direct = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
+                                    producer=True, x_direct=True)  # the producer reading x unpermuted
+        assert torch.equal(direct, plain), (split, wgs, x_ahead, "x_direct")
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < TOLERANCE[dtype], (split, wgs, x_ahead, err)
 

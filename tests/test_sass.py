@@ -245,7 +245,8 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     # x read unpermuted (a transpose of registers, no copy of x) at the rows and launches the tuner times
     cases = [case + (False,) for case in cases] + [("e3m2", False, 16, 1, 2, 3, False, False, True),
                                                    ("e3m2", True, 8, 1, 1, 4, True, False, True),
-                                                   ("e2m1", False, 32, 4, 2, 1, False, False, True)]
+                                                   ("e2m1", False, 32, 4, 2, 1, False, False, True),
+                                                   ("e3m2", True, 128, 2, 2, 1, False, True, True)]
     for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, x_direct in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
                                               producer, x_direct)

@@ -30,11 +30,11 @@
 // taken out. ptxas had first put the next tile into the in-flight A registers, which the tensor cores read until the
 // wait: NaNs; a use of A after the wait kept them. tests/test_sass.py checks every variant for such writes.)
 //
-// X_DIRECT 1 (the plain loop only): x is read as it is, not permuted by the launcher: each thread loads a row's
+// X_DIRECT 1: x is read as it is, not permuted by the launcher: each thread loads a row's
 // 16-byte chunks 4 t + q (t = 0..3) of a K tile into registers one step ahead and stores permuted chunks 4 q + w,
 // whose word t is loaded chunk t's word w (wgmma_x_order's permutation is a 4 x 4 transpose of such a group), into
-// the swizzled layout after the barrier. No copy of x and no launch for it; its registers grow with N_X
-// (fpx_cuda.wgmma_direct_fits).
+// the swizzled layout after the barrier (with PRODUCER, the producer warpgroup does so, a tile ahead of the stage
+// it waits for). No copy of x and no launch for it; its registers grow with N_X (fpx_cuda.wgmma_direct_fits).
 //
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
 // WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
@@ -160,16 +160,17 @@ __device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
 #if X_DIRECT
 // Work item i of a K tile (i < 4 N_X): group q = i / N_X of row n = i % N_X (consecutive lanes on consecutive rows:
 // their 16-byte stores of one chunk land in 8 different swizzle slots, conflict-free).
-#define X_ITEMS ((4 * N_X + THREADS - 1) / THREADS)  // work items per thread per K tile
+#define X_ITEMS ((4 * N_X + COPY_THREADS - 1) / COPY_THREADS)  // work items per copier per K tile
 
 struct XDirect {
     uint4 v[X_ITEMS][4];  // item j: the row's chunks 4 t + q, t = 0..3
 };
 
-__device__ __forceinline__ void x_direct_load(XDirect& r, const u16* __restrict__ x, int ldx, int m0, int M, int kt) {
+__device__ __forceinline__ void x_direct_load(XDirect& r, const u16* __restrict__ x, int ldx, int m0, int M, int kt,
+                                              int copier) {
 #pragma unroll
     for (int j = 0; j < X_ITEMS; ++j) {
-        const int item = threadIdx.x + j * THREADS, n = item % N_X, q = item / N_X;
+        const int item = copier + j * COPY_THREADS, n = item % N_X, q = item / N_X;
         if (item < 4 * N_X && m0 + n < M) {
             const uint4* row = reinterpret_cast<const uint4*>(x + (long)(m0 + n) * ldx + kt * 128);
 #pragma unroll
@@ -182,10 +183,10 @@ __device__ __forceinline__ u32 word_of(const uint4& v, int w) {  // w a constant
     return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
 }
 
-__device__ __forceinline__ void x_direct_store(const XDirect& r, u32 buffer, int m0, int M) {
+__device__ __forceinline__ void x_direct_store(const XDirect& r, u32 buffer, int m0, int M, int copier) {
 #pragma unroll
     for (int j = 0; j < X_ITEMS; ++j) {
-        const int item = threadIdx.x + j * THREADS, n = item % N_X, q = item / N_X;
+        const int item = copier + j * COPY_THREADS, n = item % N_X, q = item / N_X;
         if (item < 4 * N_X && m0 + n < M) {
 #pragma unroll
             for (int w = 0; w < 4; ++w) {
@@ -248,6 +249,24 @@ __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 
 // The producer warpgroup: K tile i of x into stage i % X_STAGES once every consumer released the stage's previous
 // tile; tile i - 1 is announced (full) once this thread's copies of it landed, made visible to the async proxy
 // that wgmma reads through (the fence by the writing thread, as in the plain loop).
+#if X_DIRECT
+// The producer warpgroup reading x as it is: tile i + 1 loaded into registers while it waits for the stage of tile
+// i, then stored (the 4 x 4 transpose), fenced for the async proxy and announced (full) at once.
+__device__ __forceinline__ void produce_x_direct(const u16* __restrict__ x, int ldx, int m0, int M, int copier,
+                                                 u32 smem, u32 full, u32 empty, int kt0, int n_k) {
+    XDirect tile;
+    x_direct_load(tile, x, ldx, m0, M, kt0, copier);
+    for (int i = 0; i < n_k; ++i) {
+        const int s = i % X_STAGES;
+        if (i >= X_STAGES) mbar_wait(empty + 8 * s, ((i / X_STAGES) - 1) & 1);
+        x_direct_store(tile, smem + s * X_STAGE_BYTES, m0, M, copier);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        mbar_arrive(full + 8 * s);
+        if (i + 1 < n_k) x_direct_load(tile, x, ldx, m0, M, kt0 + i + 1, copier);
+    }
+}
+#endif
+
 __device__ __forceinline__ void produce_x(const XCopy& copy, u32 smem, u32 full, u32 empty, int kt0, int n_k) {
     for (int i = 0; i < n_k; ++i) {
         const int s = i % X_STAGES;
@@ -334,8 +353,12 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // the warpgroup's role from lane 0 (warp-uniform for the compiler: a wgmma in a path it thinks divergent is
         // serialized, C7519)
         if (__shfl_sync(0xFFFFFFFFu, (int)threadIdx.x / 128, 0) >= WGS)
+#if X_DIRECT
+            produce_x_direct(x, ldx, m0, M, threadIdx.x - WARPS * 32, smem, full, empty, kt0, kt1 - kt0);
+#else
             produce_x(x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M, threadIdx.x - WARPS * 32), smem,
                       full, empty, kt0, kt1 - kt0);
+#endif
         else
             consume(d, p0, p1, p2, (long)min(tile, n_tiles - 1) * k_tiles, lane, pw, smem, full, empty, kt0, kt1);
         wgmma_wait<0>();
@@ -351,8 +374,8 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         for (int i = 0; i < X_AHEAD; ++i) {  // the first tiles stored at once (the first step's fence and barrier)
             XDirect first;
             if (kt0 + i < kt1) {
-                x_direct_load(first, x, ldx, m0, M, kt0 + i);
-                x_direct_store(first, smem + i * X_STAGE_BYTES, m0, M);
+                x_direct_load(first, x, ldx, m0, M, kt0 + i, threadIdx.x);
+                x_direct_store(first, smem + i * X_STAGE_BYTES, m0, M, threadIdx.x);
             }
         }
 #else
@@ -376,11 +399,12 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // (the generic-proxy stores are fenced for wgmma by the next step's fence, before its barrier).
 #define STAGE_X_LOAD(KT)                                                                   \
             XDirect ahead_;                                                                \
-            if ((KT) + X_AHEAD < kt1) x_direct_load(ahead_, x, ldx, m0, M, (KT) + X_AHEAD);
+            if ((KT) + X_AHEAD < kt1) x_direct_load(ahead_, x, ldx, m0, M, (KT) + X_AHEAD, threadIdx.x);
 #define STAGE_X_WAIT
 #define STAGE_X_ISSUE(KT)                                                                  \
             if ((KT) + X_AHEAD < kt1)                                                      \
-                x_direct_store(ahead_, smem + (((KT) - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, m0, M);
+                x_direct_store(ahead_, smem + (((KT) - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, m0, M, \
+                               threadIdx.x);
 #else
 #define STAGE_X_LOAD(KT)
 #define STAGE_X_WAIT cp_async_wait<X_AHEAD - 1>();
