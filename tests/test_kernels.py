@@ -707,6 +707,14 @@ def test_cuda_mid_m_kernel_matches_reference(gen, fmt, dtype, m):
             assert err < TOLERANCE[dtype], (row_tiles, warps, split, blocks)
 
 
+def _wgmma_case(gen, fmt, dtype, m: int, n: int, k: int) -> tuple:
+    """(weight, x, bias or None (biased at odd M), the float64 reference) of fresh random inputs on the GPU."""
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
+    return qw, x, bias, x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+
+
 hopper = pytest.mark.skipif(not CUDA or INTERPRETED or torch.cuda.get_device_capability() != (9, 0),
                             reason="needs an sm_90 GPU (wgmma)")
 
@@ -722,10 +730,7 @@ def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
     The formats differ only in dequant_tile, which the other CUDA kernels share and test for every format."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 768
-    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
-    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
-    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
     launches = [(1, None, 2), (3, None, 2), (2, None, 1)] + {17: [(2, 8, 2)], 64: [(2, 64, 4)],
                                                              300: [(1, 192, 2), (3, 64, 4)]}.get(m, [])
     for split, n_x, wgs in launches:
@@ -744,10 +749,7 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
     consumer warpgroups, x copied from the permuted copy or read unpermuted; and near the float64 reference."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
-    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
-    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
-    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
     n_x = 128 if m >= 128 else 64 if m > 40 else 40
     for split, wgs, x_ahead in ((1, 2, 1), (3, 2, 2), (2, 1, 5), (1, 2, 3)):
         plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
@@ -771,10 +773,7 @@ def test_cuda_wgmma_direct_x_equals_the_permuted_copy(gen, fmt, dtype, m):
     rows are not 16-byte aligned takes the copy instead, still right."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
-    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, fmt).to("cuda")
-    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
-    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
-    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
     for n_x, split, wgs, x_ahead, min_ctas in ((8, 1, 1, 1, 4), (16, 3, 1, 2, 3), (32, 2, 2, 1, 1), (8, 2, 4, 2, 1)):
         plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead, min_ctas,
                                    x_direct=False)
