@@ -246,9 +246,6 @@ __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 
 }
 
 #if PRODUCER
-// The producer warpgroup: K tile i of x into stage i % X_STAGES once every consumer released the stage's previous
-// tile; tile i - 1 is announced (full) once this thread's copies of it landed, made visible to the async proxy
-// that wgmma reads through (the fence by the writing thread, as in the plain loop).
 #if X_DIRECT
 // The producer warpgroup reading x as it is: tile i + 1 loaded into registers while it waits for the stage of tile
 // i, then stored (the 4 x 4 transpose), fenced for the async proxy and announced (full) at once.
@@ -267,6 +264,9 @@ __device__ __forceinline__ void produce_x_direct(const u16* __restrict__ x, int 
 }
 #endif
 
+// The producer warpgroup: K tile i of x into stage i % X_STAGES once every consumer released the stage's previous
+// tile; tile i - 1 is announced (full) once this thread's copies of it landed, made visible to the async proxy
+// that wgmma reads through (the fence by the writing thread, as in the plain loop).
 __device__ __forceinline__ void produce_x(const XCopy& copy, u32 smem, u32 full, u32 empty, int kt0, int n_k) {
     for (int i = 0; i < n_k; ++i) {
         const int s = i % X_STAGES;
