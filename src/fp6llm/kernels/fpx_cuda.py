@@ -134,10 +134,13 @@ def _translation_unit(kernel_file: Path, fmt: FPFormat, defines: list, fma_shift
 CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes at most 8 CTAs per row block
 
 
+SUM_LOADS = 8  # the small-M kernel's split-K partial loads in flight (fpx_common.cuh's SUM_LOADS; A/B until timed)
+
+
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
                   pdl: bool = False, early_weights: bool = False, row_tiles: int = 1,
-                  sum_loads: int = 8) -> str:
+                  sum_loads: int = SUM_LOADS) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
@@ -389,7 +392,7 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
             prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, row_tiles: int = 1,
-            sum_loads: int = 8):
+            sum_loads: int = SUM_LOADS):
     """The small-M kernel for this case (see _load)."""
     early = pdl and EARLY_WEIGHTS and launch.weights_static()
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
@@ -466,7 +469,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
                 cluster_split: "bool | None" = None, pdl: "bool | None" = None,
-                row_tiles: "int | None" = None, sum_loads: int = 8) -> torch.Tensor:
+                row_tiles: "int | None" = None, sum_loads: int = SUM_LOADS) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
     cluster_split / row_tiles (2: two 16-row tiles per warp share each load of x, without prefetch_x) / sum_loads
     (kernel_source's) override the
