@@ -121,7 +121,7 @@ sum-direct)  # what the tenth session built after its device time (2026-12-04): 
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 160 python3 -m pytest -q -x test_kernels.py \
         -k "small_m or wgmma or replay" 2>&1 | tail -2) | tee "$out/sum-direct-tests.log"
     grep -q failed "$out/sum-direct-tests.log" && { echo "tests failed: no timing"; exit 1; }
-    gpu_only timeout 100 python3 bench/small_m_tail_ab.py --ms 1,8 --variants plain,sum-old,sum4 \
+    gpu_only timeout 100 python3 bench/small_m_tail_ab.py --ms 1,8 --variants plain \
         --out "$out/sum.json" 2>&1 | tee "$out/sum.log" | tail -20
     gpu_only timeout 320 python3 bench/tune.py --cuda-only --ms 8,16,32,64 --out "$out" 2>&1 \
         | tee "$out/tune-direct.log" | grep -v "^  " | tail -40

@@ -40,10 +40,7 @@ VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(clust
             "pdl": dict(cluster_split=False, pdl=True), "cluster+pdl": dict(cluster_split=True, pdl=True),
             "pdl+early": dict(cluster_split=False, pdl=True, static=True),
             "plainx": dict(cluster_split=False, pdl=False, prefetch_x=False),
-            "rt2": dict(cluster_split=False, pdl=False, prefetch_x=False, row_tiles=2),
-            # the split-K sum's loop before 2026-12-04 (four loads in flight, then one at a time) and four predicated
-            "sum-old": dict(cluster_split=False, pdl=False, sum_loads=0),
-            "sum4": dict(cluster_split=False, pdl=False, sum_loads=4)}
+            "rt2": dict(cluster_split=False, pdl=False, prefetch_x=False, row_tiles=2)}
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:

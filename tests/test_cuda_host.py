@@ -15,7 +15,6 @@ CXX = shutil.which("g++") or shutil.which("clang++")
 
 HARNESS = r"""
 #include <cstdio>
-#define SUM_LOADS @LOADS@
 #define __device__
 #define __forceinline__ inline
 static float __ldcg(const float* p) { return *p; }
@@ -84,13 +83,11 @@ def _values(gen, *shape) -> torch.Tensor:
 
 
 @pytest.mark.skipif(CXX is None, reason="no host C++ compiler")
-@pytest.mark.parametrize("loads", [8, 4, 0])
-def test_sum_partials_adds_the_splits_in_order(tmp_path, loads):
+def test_sum_partials_adds_the_splits_in_order(tmp_path):
     """sum_partials (the small-M kernel's split-K sum) equals float32 additions in split order, bit for bit, for
-    every split 1..40 (8 or 4 loads at a time, predicated, or the loop before 2026-12-04: SUM_LOADS 0), on values of
-    mixed signs and magnitudes with negative zeros among them: the sums must not depend on how the loads are grouped."""
-    binary = _compile(tmp_path, "sum_partials",
-                      HARNESS.replace("@LOADS@", str(loads)).replace("SOURCE", _function("sum_partials")))
+    every split 1..40 (eight loads at a time, predicated), on values of mixed signs and magnitudes with negative
+    zeros among them: the sums must not depend on how the loads are grouped."""
+    binary = _compile(tmp_path, "sum_partials", HARNESS.replace("SOURCE", _function("sum_partials")))
     gen = torch.Generator().manual_seed(0)
     rows = 64
     for splits in range(1, 41):

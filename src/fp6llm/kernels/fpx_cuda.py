@@ -134,13 +134,9 @@ def _translation_unit(kernel_file: Path, fmt: FPFormat, defines: list, fma_shift
 CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes at most 8 CTAs per row block
 
 
-SUM_LOADS = 8  # the small-M kernel's split-K partial loads in flight (fpx_common.cuh's SUM_LOADS; A/B until timed)
-
-
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False, early_weights: bool = False, row_tiles: int = 1,
-                  sum_loads: int = SUM_LOADS) -> str:
+                  pdl: bool = False, early_weights: bool = False, row_tiles: int = 1) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
@@ -150,14 +146,13 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     touches memory, so it may be launched with programmatic stream serialization (launch_ex); early_weights
     (with pdl): but for its first weight tile, loaded before the wait (weights that no kernel of the stream writes:
     launch.static_weights); row_tiles 2: each warp multiplies two 16-row tiles with each load of x (half the x
-    traffic through L1; x read at compute time, two warps per CTA); sum_loads: split-K partial loads in flight in
-    the last CTA's sum (0: the loop before 2026-12-04; an A/B switch until a GPU times it)."""
+    traffic through L1; x read at compute time, two warps per CTA)."""
     if row_tiles not in (1, 2) or (row_tiles > 1 and prefetch_x):
         raise ValueError(f"the small-M kernel takes 1 or 2 row tiles per warp (2 without prefetch_x), not {row_tiles}")
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
         raise ValueError(f"split-K in a cluster takes 2 to {CLUSTER_SPLIT_MAX} CTAs per row block, not {cluster_split}")
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
-               f"#define ROW_TILES {row_tiles}", f"#define SUM_LOADS {sum_loads}",
+               f"#define ROW_TILES {row_tiles}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
                *(["#define PDL 1", f"#define EARLY_WEIGHTS {int(early_weights)}"] if pdl else [])]
@@ -391,15 +386,13 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, row_tiles: int = 1,
-            sum_loads: int = SUM_LOADS):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, row_tiles: int = 1):
     """The small-M kernel for this case (see _load)."""
     early = pdl and EARLY_WEIGHTS and launch.weights_static()
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           early, row_tiles, sum_loads, torch.device(device).index)
+           early, row_tiles, torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl, early, row_tiles,
-                                            sum_loads),
+                                            fma_shifts, prefetch_x, cluster_split, pdl, early, row_tiles),
                  KERNEL_NAME, WARPS // row_tiles, device)
 
 
@@ -469,10 +462,9 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
                 cluster_split: "bool | None" = None, pdl: "bool | None" = None,
-                row_tiles: "int | None" = None, sum_loads: int = SUM_LOADS) -> torch.Tensor:
+                row_tiles: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
-    cluster_split / row_tiles (2: two 16-row tiles per warp share each load of x, without prefetch_x) / sum_loads
-    (kernel_source's) override the
+    cluster_split / row_tiles (2: two 16-row tiles per warp share each load of x, without prefetch_x) override the
     defaults (tests, benchmarks): the split, prefetch_x, cluster_split and row tiles measured for this shape on this
     GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on, one row tile per warp and the
     partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
@@ -491,7 +483,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
     pdl = (launch.enabled(x.device) if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster, pdl, row_tiles, sum_loads)
+                               prefetch_x, x.device, cluster, pdl, row_tiles)
     threads = WARPS // row_tiles * 32
     if split is None:
         split = choose_split(n, k, m, sm_count(x.device), resident)

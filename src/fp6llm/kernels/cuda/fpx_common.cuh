@@ -130,35 +130,20 @@ __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u3
 // The split-K partials p[0], p[step], ... p[(splits - 1) step] summed in split order (results independent of
 // timing), eight L2 loads in flight at a time (predicated, so a split that is not a multiple of 8 costs no extra
 // round trips): a loop of dependent round trips cost ~0.3 K tiles per split (M = 1, 8192 x 28672 at split 56, H200,
-// 2026-12-02); four at a time plus one by one for the rest made a split of 7 four round trips.
-// SUM_LOADS (the loads in flight; 0: the loop before 2026-12-04, four and then one at a time) is an A/B switch
-// until a GPU has timed the change (bench/small_m_tail_ab.py --variants plain,sum-old).
-#ifndef SUM_LOADS
-#define SUM_LOADS 8
-#endif
+// 2026-12-02). Against the loop before it (four loads in flight, then one at a time) and four predicated loads, the
+// same time (geo-means 1.00x over 16 cases of M = 1 / 8 at the table's splits 1-8, H200, 2026-12-04; the splits
+// were too small for the round trips to show), but ptxas made the M <= 16 K loop 361 -> 334 instructions.
 __device__ __forceinline__ float sum_partials(const float* p, long step, int splits) {
+    constexpr int LOADS = 8;
     float v = 0.f;
-#if SUM_LOADS == 0
-    int s = 0;
-    for (; s + 4 <= splits; s += 4) {
-        const float a0 = __ldcg(p + s * step), a1 = __ldcg(p + (s + 1) * step), a2 = __ldcg(p + (s + 2) * step),
-                    a3 = __ldcg(p + (s + 3) * step);
-        v += a0;
-        v += a1;
-        v += a2;
-        v += a3;
-    }
-    for (; s < splits; ++s) v += __ldcg(p + s * step);
-#else
-    for (int s = 0; s < splits; s += SUM_LOADS) {
-        float a[SUM_LOADS];
+    for (int s = 0; s < splits; s += LOADS) {
+        float a[LOADS];
 #pragma unroll
-        for (int j = 0; j < SUM_LOADS; ++j) a[j] = s + j < splits ? __ldcg(p + (s + j) * step) : 0.f;
+        for (int j = 0; j < LOADS; ++j) a[j] = s + j < splits ? __ldcg(p + (s + j) * step) : 0.f;
 #pragma unroll
-        for (int j = 0; j < SUM_LOADS; ++j)
+        for (int j = 0; j < LOADS; ++j)
             if (s + j < splits) v += a[j];
     }
-#endif
     return v;
 }
 
