@@ -181,10 +181,10 @@ def wgmma_launches(m: int) -> list:
         # a producer warpgroup copying x for two consumer warpgroups (wgmma_probe.py --sweep producer, 2026-12-04:
         # 1-3 % faster than the plain launches at M = 256 on 5 of 5 shapes)
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=2, x_ahead=2, min_ctas=1, producer=True)]
-    # x read unpermuted (no copy of x, no launch for it) where its registers fit (not yet timed, 2026-12-04)
-    shapes += [dict(shape, x_direct=True) for shape in shapes
-               if fpx_cuda.wgmma_direct_fits(shape["n_x"], shape["wgs"], shape["min_ctas"],
-                                             shape.get("producer", False))]
+    # every field given (a table entry for the case must not fill in its producer beside these warpgroups), and
+    # each launch also with x copied as it is (no copy of x, no launch for it)
+    shapes = [dict(shape, producer=shape.get("producer", False), x_direct=False) for shape in shapes]
+    shapes += [dict(shape, x_direct=True) for shape in shapes]
     return shapes
 
 

@@ -323,30 +323,40 @@ def test_small_m_launch_takes_given_fields_then_the_table_then_defaults():
     assert fpx_cuda.small_m_launch(None, None, None, None, None) == (None, True, False, 1)
 
 
-def test_wgmma_direct_x_transpose_fills_shared_memory_as_the_permuted_copy():
-    """fpx_wgmma.cu's X_DIRECT path, its indexing replayed in PyTorch: work item i (row i % N_X, group i / N_X) loads
-    the row's chunks 4 t + q of a K tile and stores permuted chunk 4 q + w (word t = loaded chunk t's word w) at the
-    swizzled offset; the shared-memory image equals the cp.async path's (permuted chunk c of row n at atom c / 8,
-    slot (c % 8) ^ (n % 8)) from wgmma_x_order_reference, for every row and K tile."""
+def test_wgmma_direct_x_copy_fills_shared_memory_as_the_permuted_copy():
+    """fpx_wgmma.cu's X_DIRECT copy, its indexing replayed in PyTorch: copier c (s0 = c % 8) copies words
+    s0 + 8 i (i = 0..7) of rows c // 8 + X_ROWS_STEP j of a K tile of x as it is, word i to byte offset
+    (i % 2) ATOM + n 128 + (s0 ^ (n % 8)) 16 + (i // 2) 4; the shared-memory image equals the 16-byte copy of
+    wgmma_x_order_reference's permuted x (permuted chunk c of row n at atom c / 8, slot (c % 8) ^ (n % 8)), for every
+    row and K tile, at 128 and 256 copiers, and every byte is written once."""
     from fp6llm.kernels.x_order import wgmma_x_order_reference
     n_x, k = 24, 384
     x = torch.randint(-2 ** 15, 2 ** 15, (n_x, k), generator=torch.Generator().manual_seed(3), dtype=torch.int16)
     words = x.view(torch.int32).view(n_x, k // 128, 64)  # a K tile of a row: 64 words, 16 chunks of 4
     permuted = wgmma_x_order_reference(x).view(torch.int32).view(n_x, k // 128, 16, 4)
-    atom = n_x * 128 // 16  # in 16-byte slots
-    for kt in range(k // 128):
-        expected = torch.zeros(2 * atom, 4, dtype=torch.int32)
-        direct = torch.zeros(2 * atom, 4, dtype=torch.int32)
-        for n in range(n_x):
-            for c in range(16):
-                expected[(c // 8) * atom + n * 8 + ((c % 8) ^ (n % 8))] = permuted[n, kt, c]
-        for item in range(4 * n_x):
-            n, q = item % n_x, item // n_x
-            loaded = [words[n, kt, 4 * (4 * t + q):4 * (4 * t + q) + 4] for t in range(4)]
-            for w in range(4):
-                c = 4 * q + w
-                direct[(c // 8) * atom + n * 8 + ((c % 8) ^ (n % 8))] = torch.stack([loaded[t][w] for t in range(4)])
-        assert torch.equal(direct, expected), kt
+    atom = n_x * 128 // 4  # in words
+    for copiers in (128, 256):
+        step, copies = copiers // 8, -(-n_x * 8 // copiers)
+        for kt in range(k // 128):
+            expected = torch.zeros(2 * atom, dtype=torch.int32)
+            for n in range(n_x):
+                for c in range(16):
+                    slot = (c // 8) * atom + n * 32 + ((c % 8) ^ (n % 8)) * 4
+                    expected[slot:slot + 4] = permuted[n, kt, c]
+            direct = torch.zeros(2 * atom, dtype=torch.int32)
+            written = torch.zeros(2 * atom, dtype=torch.int32)
+            for copier in range(copiers):
+                n0, s0 = copier // 8, copier % 8
+                for j in range(copies):
+                    n = n0 + step * j
+                    if n >= n_x:
+                        continue
+                    for i in range(8):
+                        at = (i % 2) * atom + n * 32 + (s0 ^ (n % 8)) * 4 + i // 2
+                        direct[at] = words[n, kt, s0 + 8 * i]
+                        written[at] += 1
+            assert torch.equal(written, torch.ones_like(written)), (copiers, kt)
+            assert torch.equal(direct, expected), (copiers, kt)
 
 
 def test_wgmma_kernel_launch_arithmetic():
@@ -370,12 +380,6 @@ def test_wgmma_kernel_launch_arithmetic():
     assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3}
     with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)
-    with pytest.raises(ValueError, match="reads x unpermuted only where its registers hold x a tile ahead, not at 64"):
-        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 1, min_ctas=4, x_direct=True)
-    assert fpx_cuda.wgmma_direct_fits(64, 1, 3) and not fpx_cuda.wgmma_direct_fits(64, 1, 4)
-    with pytest.raises(ValueError, match="256 rows of x, 2 warpgroups, 1 CTAs per SM with a producer"):
-        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 256, False, 2, 1, producer=True, x_direct=True)
-    assert fpx_cuda.wgmma_direct_fits(128, 2, 1, producer=True)
     assert fpx_cuda.wgmma_launch(256)["n_x"] == 128
     from fp6llm.kernels.x_order import wgmma_x_order_reference
     x = torch.arange(3 * 256, dtype=torch.float32).view(3, 256)
@@ -443,25 +447,24 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     """Every wgmma launch bench/tune.py times (M = 8..512, with the producer and x_direct variants) is one the kernel
     builds for both dtypes (wgmma_kernel_source raises for one it cannot): a launch it refuses would stop a tuning
-    run on the device; x_direct appears where wgmma_direct_fits, also beside a producer."""
+    run on the device. Each gives every field (a table entry's producer filled in beside an explicit launch made one
+    the kernel refuses, M = 256, 2026-12-04), and each comes with x copied as it is and as the permuted copy."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
     import tune
     from fp6llm.kernels import fpx_cuda
-    direct = 0
     for m in (8, 16, 32, 64, 128, 256, 512):
-        for launch in tune.wgmma_launches(m):
+        launches = tune.wgmma_launches(m)
+        for launch in launches:
+            assert set(launch) == {"n_x", "wgs", "x_ahead", "min_ctas", "producer", "x_direct"}, launch
             for bf16 in (False, True):
                 fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), bf16, launch["n_x"], False, launch["wgs"],
-                                             launch["x_ahead"], launch["min_ctas"], True,
-                                             launch.get("producer", False), launch.get("x_direct", False))
-            if launch.get("x_direct"):
-                direct += 1
-                assert fpx_cuda.wgmma_direct_fits(launch["n_x"], launch["wgs"], launch["min_ctas"],
-                                                  launch.get("producer", False))
-    assert direct >= 12
-    assert any(launch.get("x_direct") and launch.get("producer") for launch in tune.wgmma_launches(256))
+                                             launch["x_ahead"], launch["min_ctas"], True, launch["producer"],
+                                             launch["x_direct"])
+        plain = [dict(launch, x_direct=False) for launch in launches if launch["x_direct"]]
+        assert plain == [launch for launch in launches if not launch["x_direct"]], m
+    assert any(launch["x_direct"] and launch["producer"] for launch in tune.wgmma_launches(256))
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
@@ -757,7 +760,7 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
                                  producer=True)
         assert torch.equal(out, plain), (split, wgs, x_ahead)
         direct = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
-                                    producer=True, x_direct=True)  # the producer reading x unpermuted
+                                    producer=True, x_direct=True)  # the producer copying x as it is
         assert torch.equal(direct, plain), (split, wgs, x_ahead, "x_direct")
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < TOLERANCE[dtype], (split, wgs, x_ahead, err)
@@ -767,14 +770,14 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
 @pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 16), ("e3m2", torch.bfloat16, 5),
                                            ("e2m3", torch.float16, 32), ("e4m3", torch.bfloat16, 27)])
 def test_cuda_wgmma_direct_x_equals_the_permuted_copy(gen, fmt, dtype, m):
-    """The wgmma kernel reading x unpermuted (x_direct: the permutation as a transpose of registers) sums exactly
-    what it sums from wgmma_x_order's copy: equal bit for bit at 8-32 rows of x per CTA, one, two and four
-    warpgroups, x one and two K tiles ahead, split-K, partial z blocks, with and without bias; and a view of x whose
+    """The wgmma kernel copying x as it is (x_direct: each 4-byte word to its permuted place) sums exactly what it
+    sums from wgmma_x_order's copy: equal bit for bit at 8-64 rows of x per CTA, one, two and four warpgroups, x one and two K tiles ahead, split-K, partial z blocks, with and without bias; and a view of x whose
     rows are not 16-byte aligned takes the copy instead, still right."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
     qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
-    for n_x, split, wgs, x_ahead, min_ctas in ((8, 1, 1, 1, 4), (16, 3, 1, 2, 3), (32, 2, 2, 1, 1), (8, 2, 4, 2, 1)):
+    for n_x, split, wgs, x_ahead, min_ctas in ((8, 1, 1, 1, 4), (16, 3, 1, 2, 3), (32, 2, 2, 1, 1), (8, 2, 4, 2, 1),
+                                               (64, 2, 2, 2, 1)):
         plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead, min_ctas,
                                    x_direct=False)
         direct = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead, min_ctas,

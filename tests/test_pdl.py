@@ -89,7 +89,7 @@ def test_cuda_mid_and_wgmma_pdl_wait_before_any_memory_access(kernel):
         elif kernel == "wgmma-producer":
             cubin = fpx_cuda.nvrtc_compile(fpx_cuda.wgmma_kernel_source(fmt, False, 128, True, 2, 3, 1, pdl, True),
                                            "sm_90a", "fpx_wgmma.cu")
-        else:  # x read unpermuted: its loads of x come after the wait too
+        else:  # x copied as it is: its copies of x come after the wait too
             cubin = fpx_cuda.nvrtc_compile(fpx_cuda.wgmma_kernel_source(fmt, False, 16, True, 1, 2, 3, pdl,
                                                                         x_direct=True), "sm_90a", "fpx_wgmma.cu")
         ops = [op for _, op, _, _ in sass.disassemble(cubin)]

@@ -242,7 +242,7 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
              # the warp-specialized kernel (a producer warpgroup beside one or two consumers)
              ("e3m2", False, 128, 2, 3, 1, False, True), ("e3m2", True, 128, 2, 4, 1, True, True),
              ("e2m3", False, 64, 1, 5, 1, False, True)]
-    # x read unpermuted (a transpose of registers, no copy of x) at the rows and launches the tuner times
+    # x copied as it is (4-byte copies to permuted places, no copy of x) at rows and launches the tuner times
     cases = [case + (False,) for case in cases] + [("e3m2", False, 16, 1, 2, 3, False, False, True),
                                                    ("e3m2", True, 8, 1, 1, 4, True, False, True),
                                                    ("e2m1", False, 32, 4, 2, 1, False, False, True),

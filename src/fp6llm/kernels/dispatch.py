@@ -251,7 +251,7 @@ class SmallM:
     min_ctas: int = 1  # wgmma: resident CTAs per SM the registers must allow
     cluster_split: bool = False  # small: the split's CTAs of a row block a cluster summing in shared memory
     producer: bool = False  # wgmma: a producer warpgroup copies x into an mbarrier ring (warp specialization)
-    x_direct: bool = False  # wgmma: x read unpermuted, permuted in registers (no copy of x)
+    x_direct: bool = False  # wgmma: x copied as it is, word by word to its permuted place (no copy of x)
 
 
 def _launch(cuda: dict) -> SmallM:

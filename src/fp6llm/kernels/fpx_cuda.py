@@ -648,12 +648,9 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
     rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); pdl
     (sm_90): it waits for the previous grid before its first memory access (launch_ex's pdl). producer: a
-    warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization); x_direct
-    (where wgmma_direct_fits): x read as it is, permuted in registers (no wgmma_x_order copy)."""
-    if x_direct and not wgmma_direct_fits(n_x, wgs, min_ctas, producer):
-        raise ValueError(f"the wgmma kernel reads x unpermuted only where its registers hold x a tile ahead, not at "
-                         f"{n_x} rows of x, {wgs} warpgroups, {min_ctas} CTAs per SM"
-                         + (" with a producer" if producer else ""))
+    warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization); x_direct:
+    x copied as it is, each 4-byte word to its permuted place (no wgmma_x_order copy and launch; x's rows must be
+    16-byte aligned)."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
     threads = 128 * (wgs + producer)
@@ -671,17 +668,6 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                f"#define PRODUCER {int(producer)}", f"#define X_DIRECT {int(x_direct)}",
                *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
-
-
-def wgmma_direct_fits(n_x: int, wgs: int, min_ctas: int, producer: bool = False) -> bool:
-    """Whether the wgmma kernel can read x unpermuted (x_direct) at this launch: registers for x a K tile ahead, 32
-    per work item of 4 chunks a thread holds beside the consumers' own (sm_90a, 2026-12-04: the launches this refuses
-    at 64 rows of x spilled; those it takes, 8-128 rows, did not); with a producer its warpgroup holds them, 16 per
-    item beside ~48 of its own."""
-    if producer:
-        return 65536 // (128 * (wgs + 1) * min_ctas) >= 16 * -(-4 * n_x // 128) + 48
-    items = -(-4 * n_x // (128 * wgs))
-    return 65536 // (128 * wgs * min_ctas) >= n_x // 2 + 70 + 32 * items
 
 
 def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:

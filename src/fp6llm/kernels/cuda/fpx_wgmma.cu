@@ -30,11 +30,12 @@
 // taken out. ptxas had first put the next tile into the in-flight A registers, which the tensor cores read until the
 // wait: NaNs; a use of A after the wait kept them. tests/test_sass.py checks every variant for such writes.)
 //
-// X_DIRECT 1: x is read as it is, not permuted by the launcher: each thread loads a row's
-// 16-byte chunks 4 t + q (t = 0..3) of a K tile into registers one step ahead and stores permuted chunks 4 q + w,
-// whose word t is loaded chunk t's word w (wgmma_x_order's permutation is a 4 x 4 transpose of such a group), into
-// the swizzled layout after the barrier (with PRODUCER, the producer warpgroup does so, a tile ahead of the stage
-// it waits for). No copy of x and no launch for it; its registers grow with N_X (fpx_cuda.wgmma_direct_fits).
+// X_DIRECT 1: x is read as it is, not permuted by the launcher (no wgmma_x_order launch): wgmma_x_order's
+// permutation moves 4-byte words (permuted chunk 4 q + w of a row's K tile holds word w of chunks 4 t + q, t = 0..3),
+// so the copy is one 4-byte cp.async per word of x, each to its permuted, swizzled place (x_copy, stage_x), instead
+// of one 16-byte cp.async per chunk: four times the copy instructions, the same pipeline. (The first version loaded
+// 16-byte chunks into registers and stored them transposed; ptxas issued those loads after the de-quantization, at
+// the barrier, for want of registers, and it was 6-19 % slower than the copy and its launch, H200, 2026-12-04.)
 //
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
 // WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
@@ -66,8 +67,6 @@
 #endif
 #define ATOM_BYTES (N_X * 128)           // 64 columns of the CTA's x rows, 128-byte swizzled
 #define X_STAGE_BYTES (2 * ATOM_BYTES)   // one K tile of x
-#define X_COPIES ((N_X * 16 + COPY_THREADS - 1) / COPY_THREADS)  // 16-byte chunks per copier per K tile
-#define X_ROWS_STEP (COPY_THREADS / 16)  // copier c copies chunk c % 16 of rows c / 16 + X_ROWS_STEP j
 
 __device__ __forceinline__ void cp_async16(u32 smem, const void* global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem), "l"(global) : "memory");
@@ -128,6 +127,48 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
     LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
 }
 
+#if X_DIRECT
+// The thread's share of one K tile's copy, word by word from x as it is: words s = s0 + 8 i (s0 = copier % 8,
+// i = 0..7) of rows n = copier / 8 + X_ROWS_STEP j. Word s is word w = s % 4 of chunk 4 t + q (t = s / 16 = i / 2,
+// q = s / 4 % 4); it lands as word t of permuted chunk c = 4 q + w = s0 + 8 (i % 2): atom i % 2, swizzle slot
+// s0 ^ (n % 8), the same for every row of the thread (X_ROWS_STEP is a multiple of 8), so the offsets are immediates.
+// Eight lanes read 32 contiguous bytes of a row.
+#define X_COPIES ((N_X * 8 + COPY_THREADS - 1) / COPY_THREADS)  // rows per copier per K tile
+#define X_ROWS_STEP (COPY_THREADS / 8)
+
+__device__ __forceinline__ void cp_async4(u32 smem, const void* global) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(smem), "l"(global) : "memory");
+}
+
+struct XCopy {
+    const u32* src;  // x row m0 + n, word s0 of K tile 0
+    u32 step;        // X_ROWS_STEP rows of x, in words
+    u32 dst;         // shared offset of the thread's first word in a buffer
+    int rows;        // x rows from the thread's first to the CTA's last: copy j while X_ROWS_STEP j < rows
+};
+
+__device__ __forceinline__ XCopy x_copy(const uint4* __restrict__ xq, int ldx_q, int m0, int M, int copier) {
+    const int n = copier / 8, s0 = copier % 8;
+    return {reinterpret_cast<const u32*>(xq) + (long)(m0 + n) * ldx_q * 4 + s0, (u32)(X_ROWS_STEP * ldx_q * 4),
+            (u32)(n * 128 + ((s0 ^ (n % 8)) * 16)), min(M - m0, N_X) - n};
+}
+
+__device__ __forceinline__ void stage_row(u32 dst, const u32* p) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) cp_async4(dst + (i % 2) * ATOM_BYTES + (i / 2) * 4, p + 8 * i);
+}
+
+__device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
+    const u32* p = copy.src + kt * 64;
+    const u32 dst = buffer + copy.dst;
+#pragma unroll
+    for (int j = 0; j < X_COPIES; ++j, p += copy.step)
+        if (X_ROWS_STEP * j < copy.rows) stage_row(dst + j * X_ROWS_STEP * 128, p);
+}
+#else
+#define X_COPIES ((N_X * 16 + COPY_THREADS - 1) / COPY_THREADS)  // 16-byte chunks per copier per K tile
+#define X_ROWS_STEP (COPY_THREADS / 16)  // copier c copies chunk c % 16 of rows c / 16 + X_ROWS_STEP j
+
 // The thread's share of one K tile's copy: chunk c = tid % 16 (atom c / 8, chunk c % 8) of rows n = tid / 16 +
 // X_ROWS_STEP j, to atom offset n 128 + ((c % 8) ^ (n % 8)) 16; X_ROWS_STEP is a multiple of 8, so every row of
 // the thread has the same swizzle and the offsets are immediates.
@@ -157,48 +198,6 @@ __device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
     }
 }
 
-#if X_DIRECT
-// Work item i of a K tile (i < 4 N_X): group q = i / N_X of row n = i % N_X (consecutive lanes on consecutive rows:
-// their 16-byte stores of one chunk land in 8 different swizzle slots, conflict-free).
-#define X_ITEMS ((4 * N_X + COPY_THREADS - 1) / COPY_THREADS)  // work items per copier per K tile
-
-struct XDirect {
-    uint4 v[X_ITEMS][4];  // item j: the row's chunks 4 t + q, t = 0..3
-};
-
-__device__ __forceinline__ void x_direct_load(XDirect& r, const u16* __restrict__ x, int ldx, int m0, int M, int kt,
-                                              int copier) {
-#pragma unroll
-    for (int j = 0; j < X_ITEMS; ++j) {
-        const int item = copier + j * COPY_THREADS, n = item % N_X, q = item / N_X;
-        if (item < 4 * N_X && m0 + n < M) {
-            const uint4* row = reinterpret_cast<const uint4*>(x + (long)(m0 + n) * ldx + kt * 128);
-#pragma unroll
-            for (int t = 0; t < 4; ++t) r.v[j][t] = __ldcg(row + 4 * t + q);
-        }
-    }
-}
-
-__device__ __forceinline__ u32 word_of(const uint4& v, int w) {  // w a constant once unrolled
-    return w == 0 ? v.x : w == 1 ? v.y : w == 2 ? v.z : v.w;
-}
-
-__device__ __forceinline__ void x_direct_store(const XDirect& r, u32 buffer, int m0, int M, int copier) {
-#pragma unroll
-    for (int j = 0; j < X_ITEMS; ++j) {
-        const int item = copier + j * COPY_THREADS, n = item % N_X, q = item / N_X;
-        if (item < 4 * N_X && m0 + n < M) {
-#pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                const int c = 4 * q + w;  // the permuted chunk: atom c / 8, swizzle slot (c % 8) ^ (n % 8)
-                const u32 dst = buffer + (c / 8) * ATOM_BYTES + n * 128 + (((c % 8) ^ (n % 8)) * 16);
-                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" :: "r"(dst), "r"(word_of(r.v[j][0], w)),
-                             "r"(word_of(r.v[j][1], w)), "r"(word_of(r.v[j][2], w)), "r"(word_of(r.v[j][3], w))
-                             : "memory");
-            }
-        }
-    }
-}
 #endif
 
 __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u32 buffer) {
@@ -246,24 +245,6 @@ __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 
 }
 
 #if PRODUCER
-#if X_DIRECT
-// The producer warpgroup reading x as it is: tile i + 1 loaded into registers while it waits for the stage of tile
-// i, then stored (the 4 x 4 transpose), fenced for the async proxy and announced (full) at once.
-__device__ __forceinline__ void produce_x_direct(const u16* __restrict__ x, int ldx, int m0, int M, int copier,
-                                                 u32 smem, u32 full, u32 empty, int kt0, int n_k) {
-    XDirect tile;
-    x_direct_load(tile, x, ldx, m0, M, kt0, copier);
-    for (int i = 0; i < n_k; ++i) {
-        const int s = i % X_STAGES;
-        if (i >= X_STAGES) mbar_wait(empty + 8 * s, ((i / X_STAGES) - 1) & 1);
-        x_direct_store(tile, smem + s * X_STAGE_BYTES, m0, M, copier);
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-        mbar_arrive(full + 8 * s);
-        if (i + 1 < n_k) x_direct_load(tile, x, ldx, m0, M, kt0 + i + 1, copier);
-    }
-}
-#endif
-
 // The producer warpgroup: K tile i of x into stage i % X_STAGES once every consumer released the stage's previous
 // tile; tile i - 1 is announced (full) once this thread's copies of it landed, made visible to the async proxy
 // that wgmma reads through (the fence by the writing thread, as in the plain loop).
@@ -353,12 +334,8 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // the warpgroup's role from lane 0 (warp-uniform for the compiler: a wgmma in a path it thinks divergent is
         // serialized, C7519)
         if (__shfl_sync(0xFFFFFFFFu, (int)threadIdx.x / 128, 0) >= WGS)
-#if X_DIRECT
-            produce_x_direct(x, ldx, m0, M, threadIdx.x - WARPS * 32, smem, full, empty, kt0, kt1 - kt0);
-#else
             produce_x(x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M, threadIdx.x - WARPS * 32), smem,
                       full, empty, kt0, kt1 - kt0);
-#endif
         else
             consume(d, p0, p1, p2, (long)min(tile, n_tiles - 1) * k_tiles, lane, pw, smem, full, empty, kt0, kt1);
         wgmma_wait<0>();
@@ -369,23 +346,12 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // Warps past the last tile de-quantize the last tile again (a warpgroup's wgmma needs all four; their
         // outputs are never stored); x rows past M are not copied and feed only outputs for rows >= M.
         const long base = (long)min(tile, n_tiles - 1) * k_tiles;
-#if X_DIRECT
-#pragma unroll
-        for (int i = 0; i < X_AHEAD; ++i) {  // the first tiles stored at once (the first step's fence and barrier)
-            XDirect first;
-            if (kt0 + i < kt1) {
-                x_direct_load(first, x, ldx, m0, M, kt0 + i, threadIdx.x);
-                x_direct_store(first, smem + i * X_STAGE_BYTES, m0, M, threadIdx.x);
-            }
-        }
-#else
         const XCopy copy = x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M, threadIdx.x);
 #pragma unroll
         for (int i = 0; i < X_AHEAD; ++i) {  // one commit group per K tile, empty ones too: uniform counts
             if (kt0 + i < kt1) stage_x(smem + i * X_STAGE_BYTES, copy, kt0 + i);
             cp_async_commit();
         }
-#endif
         Tile w[W_AHEAD];
         u32 a[2][32];
 #pragma unroll
@@ -394,35 +360,17 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
         // One K tile: de-quantize it, load the weights W_AHEAD tiles ahead into the freed registers, wait for x,
         // stage x X_AHEAD tiles ahead into the buffer of the previous tile (every warpgroup has waited for its
         // wgmma: the barrier), issue this tile's 8 wgmma and wait for them.
-#if X_DIRECT
-        // x X_AHEAD tiles ahead loaded into registers before the de-quantization and stored after the barrier
-        // (the generic-proxy stores are fenced for wgmma by the next step's fence, before its barrier).
-#define STAGE_X_LOAD(KT)                                                                   \
-            XDirect ahead_;                                                                \
-            if ((KT) + X_AHEAD < kt1) x_direct_load(ahead_, x, ldx, m0, M, (KT) + X_AHEAD, threadIdx.x);
-#define STAGE_X_WAIT
-#define STAGE_X_ISSUE(KT)                                                                  \
-            if ((KT) + X_AHEAD < kt1)                                                      \
-                x_direct_store(ahead_, smem + (((KT) - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, m0, M, \
-                               threadIdx.x);
-#else
-#define STAGE_X_LOAD(KT)
-#define STAGE_X_WAIT cp_async_wait<X_AHEAD - 1>();
-#define STAGE_X_ISSUE(KT)                                                                  \
-            if ((KT) + X_AHEAD < kt1)                                                      \
-                stage_x(smem + (((KT) - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, (KT) + X_AHEAD); \
-            cp_async_commit();
-#endif
 #define STEP(KT, TILE, A)                                                                  \
         {                                                                                  \
             const int kt_ = (KT);                                                          \
-            STAGE_X_LOAD(kt_)                                                              \
             dequant(TILE, pw, A);                                                          \
             if (kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
-            STAGE_X_WAIT                                                                   \
+            cp_async_wait<X_AHEAD - 1>();                                                  \
             asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                   \
             __syncthreads();                                                               \
-            STAGE_X_ISSUE(kt_)                                                             \
+            if (kt_ + X_AHEAD < kt1)                                                       \
+                stage_x(smem + ((kt_ - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD); \
+            cp_async_commit();                                                             \
             mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);              \
             wgmma_wait<0>();                                                               \
         }
@@ -434,9 +382,6 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             }
         }
 #undef STEP
-#undef STAGE_X_LOAD
-#undef STAGE_X_WAIT
-#undef STAGE_X_ISSUE
         wgmma_wait<0>();
         fence_accumulators(d);
     }
