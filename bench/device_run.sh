@@ -2,7 +2,7 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | sum-direct | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve |
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve |
 #       serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -26,8 +26,6 @@
 #             --no-programmatic-launch
 #   row-tiles the small-M kernel with two row tiles per warp (row_tiles=2): its GPU test, then small_m_tail_ab.py
 #             at M = 1..16 against the plain kernel and x at compute time
-#   sum-direct the tenth session's untimed changes (2026-12-04): small-M and wgmma GPU tests, the small-M split-K
-#             sum against its old loop (small_m_tail_ab.py), the tuner at M = 8..64 with x_direct launches
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
 #             1 x 128 tokens: wall time against the kernels' time, cProfile) and bench/host_overhead.py (per call);
 #             then bench/read_floor.py (a plain read of each shape's bytes against the floor and the small-M kernel)
@@ -113,19 +111,6 @@ row-tiles)  # the small-M kernel with two 16-row tiles per warp sharing each loa
     gpu_only timeout 300 python3 bench/small_m_tail_ab.py --ms 1,2,4,8,16 --variants plain,plainx,rt2 \
         --out "$out/row-tiles.json" 2>&1 | tee "$out/row-tiles.log" | tail -45
     ;;
-sum-direct)  # what the tenth session built after its device time (2026-12-04): the GPU tests of the small-M and
-            # wgmma kernels (stops if they fail), the small-M split-K sum against its old loop and four loads, then
-            # the tuner at M = 8/16/32/64 with the wgmma kernel reading x unpermuted among its launches (into
-            # OUT_DIR/<gpu>.json: copy the table in first)
-    # within the tool's 10 minutes: tests ~90 s, the A/B ~60 s, the tuner ~60 s per M (it saves after every shape)
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 160 python3 -m pytest -q -x test_kernels.py \
-        -k "small_m or wgmma or replay" 2>&1 | tail -2) | tee "$out/sum-direct-tests.log"
-    grep -q failed "$out/sum-direct-tests.log" && { echo "tests failed: no timing"; exit 1; }
-    gpu_only timeout 100 python3 bench/small_m_tail_ab.py --ms 1,8 --variants plain \
-        --out "$out/sum.json" 2>&1 | tee "$out/sum.log" | tail -20
-    gpu_only timeout 320 python3 bench/tune.py --cuda-only --ms 8,16,32,64 --out "$out" 2>&1 \
-        | tee "$out/tune-direct.log" | grep -v "^  " | tail -40
-    ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
     for flag in "" --no-programmatic-launch; do
         timeout 270 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \
@@ -170,7 +155,7 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | row-tiles | sum-direct | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed |" \
+         "wgmma-bf16 | row-tiles | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed |" \
          "all-quick)" >&2
     exit 2
     ;;

@@ -181,16 +181,13 @@ def wgmma_launches(m: int) -> list:
         # a producer warpgroup copying x for two consumer warpgroups (wgmma_probe.py --sweep producer, 2026-12-04:
         # 1-3 % faster than the plain launches at M = 256 on 5 of 5 shapes)
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=2, x_ahead=2, min_ctas=1, producer=True)]
-    # every field given (a table entry for the case must not fill in its producer beside these warpgroups), and
-    # each launch also with x copied as it is (no copy of x, no launch for it)
-    shapes = [dict(shape, producer=shape.get("producer", False), x_direct=False) for shape in shapes]
-    shapes += [dict(shape, x_direct=True) for shape in shapes]
-    return shapes
+    # every field given: a table entry for the case must not fill in its producer beside these warpgroups
+    return [dict(shape, producer=shape.get("producer", False)) for shape in shapes]
 
 
 def compile_wgmma(specs) -> None:
-    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer[,
-    x_direct]]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
+    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer]),
+    ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
     fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas,
                                                       False, *rest)
                          for name, bf16, n_x, wgs, x_ahead, min_ctas, *rest in set(specs)],
@@ -200,7 +197,7 @@ def compile_wgmma(specs) -> None:
 def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     """Compile every wgmma launch the tuning will time (compile_wgmma)."""
     compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"],
-                   l.get("producer", False), l.get("x_direct", False))
+                   l.get("producer", False))
                   for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
 
 
@@ -216,7 +213,7 @@ def tune_wgmma(qw, m: int, dtype) -> "dict | None":
         return None
     print(f"  wgmma M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}n{l['n_x']}g{l['wgs']}"
                                                  f"x{l['x_ahead']}c{l['min_ctas']}{'P' if l.get('producer') else ''}"
-                                                 f"{'D' if l.get('x_direct') else ''}" for t, l in results[:8]),
+                                                 for t, l in results[:8]),
           flush=True)
     t, launch = results[0]
     return {"kernel": "wgmma", **launch, "us": round(t * 1e6, 1)}

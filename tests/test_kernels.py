@@ -323,42 +323,6 @@ def test_small_m_launch_takes_given_fields_then_the_table_then_defaults():
     assert fpx_cuda.small_m_launch(None, None, None, None, None) == (None, True, False, 1)
 
 
-def test_wgmma_direct_x_copy_fills_shared_memory_as_the_permuted_copy():
-    """fpx_wgmma.cu's X_DIRECT copy, its indexing replayed in PyTorch: copier c (s0 = c % 8) copies words
-    s0 + 8 i (i = 0..7) of rows c // 8 + X_ROWS_STEP j of a K tile of x as it is, word i to byte offset
-    (i % 2) ATOM + n 128 + (s0 ^ (n % 8)) 16 + (i // 2) 4; the shared-memory image equals the 16-byte copy of
-    wgmma_x_order_reference's permuted x (permuted chunk c of row n at atom c / 8, slot (c % 8) ^ (n % 8)), for every
-    row and K tile, at 128 and 256 copiers, and every byte is written once."""
-    from fp6llm.kernels.x_order import wgmma_x_order_reference
-    n_x, k = 24, 384
-    x = torch.randint(-2 ** 15, 2 ** 15, (n_x, k), generator=torch.Generator().manual_seed(3), dtype=torch.int16)
-    words = x.view(torch.int32).view(n_x, k // 128, 64)  # a K tile of a row: 64 words, 16 chunks of 4
-    permuted = wgmma_x_order_reference(x).view(torch.int32).view(n_x, k // 128, 16, 4)
-    atom = n_x * 128 // 4  # in words
-    for copiers in (128, 256):
-        step, copies = copiers // 8, -(-n_x * 8 // copiers)
-        for kt in range(k // 128):
-            expected = torch.zeros(2 * atom, dtype=torch.int32)
-            for n in range(n_x):
-                for c in range(16):
-                    slot = (c // 8) * atom + n * 32 + ((c % 8) ^ (n % 8)) * 4
-                    expected[slot:slot + 4] = permuted[n, kt, c]
-            direct = torch.zeros(2 * atom, dtype=torch.int32)
-            written = torch.zeros(2 * atom, dtype=torch.int32)
-            for copier in range(copiers):
-                n0, s0 = copier // 8, copier % 8
-                for j in range(copies):
-                    n = n0 + step * j
-                    if n >= n_x:
-                        continue
-                    for i in range(8):
-                        at = (i % 2) * atom + n * 32 + (s0 ^ (n % 8)) * 4 + i // 2
-                        direct[at] = words[n, kt, s0 + 8 * i]
-                        written[at] += 1
-            assert torch.equal(written, torch.ones_like(written)), (copiers, kt)
-            assert torch.equal(direct, expected), (copiers, kt)
-
-
 def test_wgmma_kernel_launch_arithmetic():
     """x rows per CTA (multiples of 8, as even as the grid z allows), the instruction's operands, the shared memory
     of a launch, the default launch, and x's column order: logical column 16 ks + 8 h + 2 t + j of a tile holds
@@ -445,26 +409,22 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 
 
 def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
-    """Every wgmma launch bench/tune.py times (M = 8..512, with the producer and x_direct variants) is one the kernel
-    builds for both dtypes (wgmma_kernel_source raises for one it cannot): a launch it refuses would stop a tuning
-    run on the device. Each gives every field (a table entry's producer filled in beside an explicit launch made one
-    the kernel refuses, M = 256, 2026-12-04), and each comes with x copied as it is and as the permuted copy."""
+    """Every wgmma launch bench/tune.py times (M = 8..512, with the producer variants) is one the kernel builds for
+    both dtypes (wgmma_kernel_source raises for one it cannot): a launch it refuses would stop a tuning run on the
+    device. Each gives every field: a table entry's producer filled in beside an explicit launch made one the kernel
+    refuses (M = 256, 2026-12-04)."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
     import tune
     from fp6llm.kernels import fpx_cuda
     for m in (8, 16, 32, 64, 128, 256, 512):
-        launches = tune.wgmma_launches(m)
-        for launch in launches:
-            assert set(launch) == {"n_x", "wgs", "x_ahead", "min_ctas", "producer", "x_direct"}, launch
+        for launch in tune.wgmma_launches(m):
+            assert set(launch) == {"n_x", "wgs", "x_ahead", "min_ctas", "producer"}, launch
             for bf16 in (False, True):
                 fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), bf16, launch["n_x"], False, launch["wgs"],
-                                             launch["x_ahead"], launch["min_ctas"], True, launch["producer"],
-                                             launch["x_direct"])
-        plain = [dict(launch, x_direct=False) for launch in launches if launch["x_direct"]]
-        assert plain == [launch for launch in launches if not launch["x_direct"]], m
-    assert any(launch["x_direct"] and launch["producer"] for launch in tune.wgmma_launches(256))
+                                             launch["x_ahead"], launch["min_ctas"], True, launch["producer"])
+    assert any(launch["producer"] for launch in tune.wgmma_launches(256))
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
@@ -749,7 +709,7 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
     """The warp-specialized wgmma kernel (a producer warpgroup copying x into an mbarrier ring) sums each output in
     the plain kernel's order: equal bit for bit, at rings of 2 to 6 stages against 12 K tiles (each stage reused),
     split-K (slabs and counters shared with the plain path), partial z blocks, with and without bias, one and two
-    consumer warpgroups, x copied from the permuted copy or read unpermuted; and near the float64 reference."""
+    consumer warpgroups; and near the float64 reference."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
     qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
@@ -759,38 +719,8 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
         out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
                                  producer=True)
         assert torch.equal(out, plain), (split, wgs, x_ahead)
-        direct = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
-                                    producer=True, x_direct=True)  # the producer copying x as it is
-        assert torch.equal(direct, plain), (split, wgs, x_ahead, "x_direct")
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < TOLERANCE[dtype], (split, wgs, x_ahead, err)
-
-
-@hopper
-@pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 16), ("e3m2", torch.bfloat16, 5),
-                                           ("e2m3", torch.float16, 32), ("e4m3", torch.bfloat16, 27)])
-def test_cuda_wgmma_direct_x_equals_the_permuted_copy(gen, fmt, dtype, m):
-    """The wgmma kernel copying x as it is (x_direct: each 4-byte word to its permuted place) sums exactly what it
-    sums from wgmma_x_order's copy: equal bit for bit at 8-64 rows of x per CTA, one, two and four warpgroups, x one and two K tiles ahead, split-K, partial z blocks, with and without bias; and a view of x whose
-    rows are not 16-byte aligned takes the copy instead, still right."""
-    from fp6llm.kernels import fpx_cuda
-    n, k = 200, 1536
-    qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
-    for n_x, split, wgs, x_ahead, min_ctas in ((8, 1, 1, 1, 4), (16, 3, 1, 2, 3), (32, 2, 2, 1, 1), (8, 2, 4, 2, 1),
-                                               (64, 2, 2, 2, 1)):
-        plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead, min_ctas,
-                                   x_direct=False)
-        direct = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead, min_ctas,
-                                    x_direct=True)
-        assert torch.equal(direct, plain), (n_x, split, wgs, x_ahead)
-        err = ((direct.double() - ref).norm() / ref.norm()).item()
-        assert err < TOLERANCE[dtype], (n_x, split, wgs, x_ahead, err)
-    wide = torch.randn(m, k + 4, generator=gen).to("cuda", dtype)
-    view = wide[:, 4:]  # rows 8 bytes past a 16-byte boundary
-    assert view.data_ptr() % 16 != 0
-    ref = view.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
-    out = fpx_cuda.fpx_wgmma(view, qw.planes, qw.scales, bias, qw.fmt, n, k, 1, 16, 1, x_direct=True)
-    assert ((out.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype]
 
 
 @gpu

@@ -242,14 +242,9 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
              # the warp-specialized kernel (a producer warpgroup beside one or two consumers)
              ("e3m2", False, 128, 2, 3, 1, False, True), ("e3m2", True, 128, 2, 4, 1, True, True),
              ("e2m3", False, 64, 1, 5, 1, False, True)]
-    # x copied as it is (4-byte copies to permuted places, no copy of x) at rows and launches the tuner times
-    cases = [case + (False,) for case in cases] + [("e3m2", False, 16, 1, 2, 3, False, False, True),
-                                                   ("e3m2", True, 8, 1, 1, 4, True, False, True),
-                                                   ("e2m1", False, 32, 4, 2, 1, False, False, True),
-                                                   ("e3m2", True, 128, 2, 2, 1, False, True, True)]
-    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, x_direct in cases:
+    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
-                                              producer, x_direct)
+                                              producer)
         log = []
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
         assert "C75" not in log[0] and "serialized" not in log[0], log[0]  # C7513, C7519 (a divergent path)

@@ -644,13 +644,12 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
-                        min_ctas: int = 1, pdl: bool = False, producer: bool = False, x_direct: bool = False) -> str:
+                        min_ctas: int = 1, pdl: bool = False, producer: bool = False) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
     rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); pdl
     (sm_90): it waits for the previous grid before its first memory access (launch_ex's pdl). producer: a
-    warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization); x_direct:
-    x copied as it is, each 4-byte word to its permuted place (no wgmma_x_order copy and launch; x's rows must be
-    16-byte aligned)."""
+    warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization). x comes
+    permuted (wgmma_x_order)."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
     threads = 128 * (wgs + producer)
@@ -665,7 +664,7 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"{WGMMA_MAX_SHARED}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
-               f"#define PRODUCER {int(producer)}", f"#define X_DIRECT {int(x_direct)}",
+               f"#define PRODUCER {int(producer)}",
                *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
@@ -695,12 +694,12 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
-                  min_ctas: int = 1, pdl: bool = False, producer: bool = False, x_direct: bool = False):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, pdl, producer, x_direct,
+                  min_ctas: int = 1, pdl: bool = False, producer: bool = False):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, pdl, producer,
            tuple(WGMMA_EXTRA_DEFINES), torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              x_ahead, min_ctas, pdl, producer, x_direct),
+                                                              x_ahead, min_ctas, pdl, producer),
                              WGMMA_KERNEL_NAME, 4 * (wgs + producer), device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
@@ -723,7 +722,7 @@ def wgmma_launch(m: int) -> dict:
 
 
 def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_ahead: "int | None" = None,
-                  min_ctas: "int | None" = None, producer: bool = False, x_direct: bool = False) -> dict:
+                  min_ctas: "int | None" = None, producer: bool = False) -> dict:
     """A wgmma launch with wgmma_launch(m)'s values where none is given; its CTAs per SM only with its own rows of x
     and warpgroups (other ones get 1: the default's registers may not hold their accumulators, nor do they beside a
     producer warpgroup)."""
@@ -732,7 +731,7 @@ def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_
         min_ctas = default["min_ctas"] if wgs in (None, default["wgs"]) and not producer else 1
     resolved = {"n_x": default["n_x"], "wgs": default["wgs"] if wgs is None else wgs,
                 "x_ahead": default["x_ahead"] if x_ahead is None else x_ahead, "min_ctas": min_ctas,
-                "producer": bool(producer), "x_direct": bool(x_direct)}
+                "producer": bool(producer)}
     _check_n_x(resolved["n_x"])
     return resolved
 
@@ -745,13 +744,11 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
               x_ahead: "int | None" = None, min_ctas: "int | None" = None,
-              pdl: "bool | None" = None, producer: "bool | None" = None,
-              x_direct: "bool | None" = None) -> torch.Tensor:
+              pdl: "bool | None" = None, producer: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
     this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model; pdl (None:
-    launch.enabled) as fpx_small_m's; producer: the warp-specialized variant, x_direct: x read unpermuted
-    (wgmma_kernel_source; where x's rows are not 16-byte aligned, the permuted copy is made instead)."""
+    launch.enabled) as fpx_small_m's; producer: the warp-specialized variant (wgmma_kernel_source)."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "wgmma":
@@ -761,16 +758,13 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         x_ahead = measured.x_ahead if x_ahead is None else x_ahead
         min_ctas = measured.min_ctas if min_ctas is None else min_ctas
         producer = measured.producer if producer is None else producer
-        x_direct = measured.x_direct if x_direct is None else x_direct
-    # x read as it is needs 16-byte rows (a view of a wider tensor may not have them)
-    x_direct = bool(x_direct) and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
-    resolved = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, bool(producer), x_direct)
+    resolved = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, bool(producer))
     n_x, wgs, x_ahead, min_ctas = resolved["n_x"], resolved["wgs"], resolved["x_ahead"], resolved["min_ctas"]
-    producer, x_direct = resolved["producer"], resolved["x_direct"]
+    producer = resolved["producer"]
     pdl = launch.enabled(x.device) if pdl is None else pdl
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
-                                             min_ctas, pdl, producer, x_direct)
+                                             min_ctas, pdl, producer)
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs, sm_count(x.device), resident)
-    return _launch_split_k(kernel, x, x if x_direct else wgmma_x_order(x), planes, scales, bias, fmt, n, k, 64 * wgs,
+    return _launch_split_k(kernel, x, wgmma_x_order(x), planes, scales, bias, fmt, n, k, 64 * wgs,
                            n_x, split, 128 * (wgs + producer), shared, pdl)

@@ -30,12 +30,10 @@
 // taken out. ptxas had first put the next tile into the in-flight A registers, which the tensor cores read until the
 // wait: NaNs; a use of A after the wait kept them. tests/test_sass.py checks every variant for such writes.)
 //
-// X_DIRECT 1: x is read as it is, not permuted by the launcher (no wgmma_x_order launch): wgmma_x_order's
-// permutation moves 4-byte words (permuted chunk 4 q + w of a row's K tile holds word w of chunks 4 t + q, t = 0..3),
-// so the copy is one 4-byte cp.async per word of x, each to its permuted, swizzled place (x_copy, stage_x), instead
-// of one 16-byte cp.async per chunk: four times the copy instructions, the same pipeline. (The first version loaded
-// 16-byte chunks into registers and stored them transposed; ptxas issued those loads after the de-quantization, at
-// the barrier, for want of registers, and it was 6-19 % slower than the copy and its launch, H200, 2026-12-04.)
+// x arrives permuted (fpx_cuda.wgmma_x_order, a launch of its own). Copying it as it is instead was measured twice
+// and taken out (H200, 2026-12-04): 16-byte chunks loaded into registers and stored transposed were 6-19 % slower
+// than the copy plus its launch (ptxas issued the loads after the de-quantization, at the barrier, for want of
+// registers); one 4-byte cp.async per word to its permuted place was 3-15 % slower at 16-64 rows of x and even at 8.
 //
 // Defined by the prepended header: N_X (8..256, a multiple of 8), WGS (warpgroups per CTA), IS_BF16, HAS_BIAS,
 // WGMMA_ASM / WGMMA_OUTS (the wgmma instruction for N_X), PLANE_REGS, LOAD_PLANES, (after Tile) dequant_tile, and
@@ -43,9 +41,6 @@
 
 #ifndef PRODUCER
 #define PRODUCER 0
-#endif
-#ifndef X_DIRECT
-#define X_DIRECT 0
 #endif
 #define WARPS (4 * WGS)                        // the consumer warps: 16 weight rows each
 #define THREADS (WARPS * 32 + 128 * PRODUCER)  // and the producer warpgroup, last
@@ -67,6 +62,8 @@
 #endif
 #define ATOM_BYTES (N_X * 128)           // 64 columns of the CTA's x rows, 128-byte swizzled
 #define X_STAGE_BYTES (2 * ATOM_BYTES)   // one K tile of x
+#define X_COPIES ((N_X * 16 + COPY_THREADS - 1) / COPY_THREADS)  // 16-byte chunks per copier per K tile
+#define X_ROWS_STEP (COPY_THREADS / 16)  // copier c copies chunk c % 16 of rows c / 16 + X_ROWS_STEP j
 
 __device__ __forceinline__ void cp_async16(u32 smem, const void* global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem), "l"(global) : "memory");
@@ -127,48 +124,6 @@ __device__ __forceinline__ void load_tile(Tile& tile, const u32* __restrict__ p0
     LOAD_PLANES  // fills tile.w0 ... from plane tile `tile_index`
 }
 
-#if X_DIRECT
-// The thread's share of one K tile's copy, word by word from x as it is: words s = s0 + 8 i (s0 = copier % 8,
-// i = 0..7) of rows n = copier / 8 + X_ROWS_STEP j. Word s is word w = s % 4 of chunk 4 t + q (t = s / 16 = i / 2,
-// q = s / 4 % 4); it lands as word t of permuted chunk c = 4 q + w = s0 + 8 (i % 2): atom i % 2, swizzle slot
-// s0 ^ (n % 8), the same for every row of the thread (X_ROWS_STEP is a multiple of 8), so the offsets are immediates.
-// Eight lanes read 32 contiguous bytes of a row.
-#define X_COPIES ((N_X * 8 + COPY_THREADS - 1) / COPY_THREADS)  // rows per copier per K tile
-#define X_ROWS_STEP (COPY_THREADS / 8)
-
-__device__ __forceinline__ void cp_async4(u32 smem, const void* global) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(smem), "l"(global) : "memory");
-}
-
-struct XCopy {
-    const u32* src;  // x row m0 + n, word s0 of K tile 0
-    u32 step;        // X_ROWS_STEP rows of x, in words
-    u32 dst;         // shared offset of the thread's first word in a buffer
-    int rows;        // x rows from the thread's first to the CTA's last: copy j while X_ROWS_STEP j < rows
-};
-
-__device__ __forceinline__ XCopy x_copy(const uint4* __restrict__ xq, int ldx_q, int m0, int M, int copier) {
-    const int n = copier / 8, s0 = copier % 8;
-    return {reinterpret_cast<const u32*>(xq) + (long)(m0 + n) * ldx_q * 4 + s0, (u32)(X_ROWS_STEP * ldx_q * 4),
-            (u32)(n * 128 + ((s0 ^ (n % 8)) * 16)), min(M - m0, N_X) - n};
-}
-
-__device__ __forceinline__ void stage_row(u32 dst, const u32* p) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) cp_async4(dst + (i % 2) * ATOM_BYTES + (i / 2) * 4, p + 8 * i);
-}
-
-__device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
-    const u32* p = copy.src + kt * 64;
-    const u32 dst = buffer + copy.dst;
-#pragma unroll
-    for (int j = 0; j < X_COPIES; ++j, p += copy.step)
-        if (X_ROWS_STEP * j < copy.rows) stage_row(dst + j * X_ROWS_STEP * 128, p);
-}
-#else
-#define X_COPIES ((N_X * 16 + COPY_THREADS - 1) / COPY_THREADS)  // 16-byte chunks per copier per K tile
-#define X_ROWS_STEP (COPY_THREADS / 16)  // copier c copies chunk c % 16 of rows c / 16 + X_ROWS_STEP j
-
 // The thread's share of one K tile's copy: chunk c = tid % 16 (atom c / 8, chunk c % 8) of rows n = tid / 16 +
 // X_ROWS_STEP j, to atom offset n 128 + ((c % 8) ^ (n % 8)) 16; X_ROWS_STEP is a multiple of 8, so every row of
 // the thread has the same swizzle and the offsets are immediates.
@@ -197,8 +152,6 @@ __device__ __forceinline__ void stage_x(u32 buffer, const XCopy& copy, int kt) {
             if (X_ROWS_STEP * j < copy.rows) cp_async16(dst + j * X_ROWS_STEP * 128, p);
     }
 }
-
-#endif
 
 __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u32 buffer) {
 #if ABLATE == 2
