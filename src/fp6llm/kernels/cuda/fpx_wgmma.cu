@@ -52,7 +52,9 @@
 #define SPLIT_INDEX blockIdx.z
 #define SPLITS gridDim.z
 #define ACC (N_X / 2)
-#define W_AHEAD 2                        // K tiles of weights in flight (register buffers; even)
+#ifndef W_AHEAD
+#define W_AHEAD 2                        // K tiles of weights in flight (register buffers)
+#endif
 #ifndef X_AHEAD
 #define X_AHEAD 2                        // K tiles of x in flight
 #endif
@@ -239,9 +241,11 @@ __device__ __forceinline__ void consume(float (&d)[ACC], const u32* __restrict__
         mbar_arrive(empty + 8 * s_);                                                     \
     }
     for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
-        STEP(kt, w[0])
-        if (kt + 1 >= kt1) break;
-        STEP(kt + 1, w[1])
+#pragma unroll
+        for (int i = 0; i < W_AHEAD; ++i) {
+            if (kt + i >= kt1) break;
+            STEP(kt + i, w[i])
+        }
     }
 #undef STEP
 }
