@@ -2,7 +2,7 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve |
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | w-ahead | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve |
 #       serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -26,6 +26,10 @@
 #             --no-programmatic-launch
 #   row-tiles the small-M kernel with two row tiles per warp (row_tiles=2): its GPU test, then small_m_tail_ab.py
 #             at M = 1..16 against the plain kernel and x at compute time
+#   w-ahead   the wgmma kernel with 3-4 weight tiles in flight per warp (w_ahead; built 2026-12-04, not yet timed):
+#             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
+#             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
+#             table in first)
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
 #             1 x 128 tokens: wall time against the kernels' time, cProfile) and bench/host_overhead.py (per call);
 #             then bench/read_floor.py (a plain read of each shape's bytes against the floor and the small-M kernel)
@@ -111,6 +115,15 @@ row-tiles)  # the small-M kernel with two 16-row tiles per warp sharing each loa
     gpu_only timeout 300 python3 bench/small_m_tail_ab.py --ms 1,2,4,8,16 --variants plain,plainx,rt2 \
         --out "$out/row-tiles.json" 2>&1 | tee "$out/row-tiles.log" | tail -45
     ;;
+w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner ~80 s per M (saved after each shape)
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \
+        -k "weight_tiles or producer" 2>&1 | tail -2) | tee "$out/w-ahead-tests.log"
+    grep -q failed "$out/w-ahead-tests.log" && { echo "w-ahead tests failed: no timing"; exit 1; }
+    gpu_only timeout 200 python3 bench/wgmma_w_ahead.py --ms 16,8,32 --out "$out/w-ahead.json" 2>&1 \
+        | tee "$out/w-ahead.log" | tail -28
+    gpu_only timeout 220 python3 bench/tune.py --cuda-only --ms 16,8,32,64 --out "$out" 2>&1 \
+        | tee "$out/tune-w-ahead.log" | grep -v "^  " | tail -34
+    ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
     for flag in "" --no-programmatic-launch; do
         timeout 270 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \
@@ -155,7 +168,7 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | row-tiles | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed |" \
+         "wgmma-bf16 | row-tiles | w-ahead | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed |" \
          "all-quick)" >&2
     exit 2
     ;;

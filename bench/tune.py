@@ -27,6 +27,7 @@ from fp6llm.formats import FPFormat  # noqa: E402
 from fp6llm.kernels import fpx_cuda  # noqa: E402
 from fp6llm.kernels import fpx_gemm as gemm_module  # noqa: E402
 from fp6llm.kernels.dispatch import CONFIG_DIR, KernelConfig, device_key, m_bucket, tables_in  # noqa: E402
+from fp6llm.kernels.launch import enabled as pdl_enabled  # noqa: E402
 
 
 def candidates(m: int):
@@ -181,15 +182,23 @@ def wgmma_launches(m: int) -> list:
         # a producer warpgroup copying x for two consumer warpgroups (wgmma_probe.py --sweep producer, 2026-12-04:
         # 1-3 % faster than the plain launches at M = 256 on 5 of 5 shapes)
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=2, x_ahead=2, min_ctas=1, producer=True)]
-    # every field given: a table entry for the case must not fill in its producer beside these warpgroups
-    return [dict(shape, producer=shape.get("producer", False)) for shape in shapes]
+    # up to 64 rows of x, the one-warpgroup launches also with four weight tiles in flight per warp (not yet timed,
+    # 2026-12-04: at M = 16 the kernel took 93 us on 57344 x 8192 with its de-quantization skipped, where reading
+    # the weights takes ~82 us; no spills at these launches)
+    shapes += [dict(shape, w_ahead=4) for shape in shapes if shape["n_x"] <= 64 and shape["wgs"] == 1
+               and not shape.get("producer")]
+    # every field given: a table entry for the case must not fill in its producer or weight tiles beside these
+    return [dict(shape, producer=shape.get("producer", False), w_ahead=shape.get("w_ahead", 2)) for shape in shapes]
 
 
 def compile_wgmma(specs) -> None:
-    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer]),
-    ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from."""
+    """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer[,
+    w_ahead]]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from: with
+    programmatic dependent launch where the launches take it (compiled without it, they would all compile again,
+    one at a time, as they run)."""
+    pdl = pdl_enabled("cuda")
     fpx_cuda.precompile([fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, False, wgs, x_ahead, min_ctas,
-                                                      False, *rest)
+                                                      pdl, *rest)
                          for name, bf16, n_x, wgs, x_ahead, min_ctas, *rest in set(specs)],
                         "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
 
@@ -197,7 +206,7 @@ def compile_wgmma(specs) -> None:
 def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     """Compile every wgmma launch the tuning will time (compile_wgmma)."""
     compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"],
-                   l.get("producer", False))
+                   l.get("producer", False), l.get("w_ahead", 2))
                   for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
 
 
@@ -213,6 +222,7 @@ def tune_wgmma(qw, m: int, dtype) -> "dict | None":
         return None
     print(f"  wgmma M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}n{l['n_x']}g{l['wgs']}"
                                                  f"x{l['x_ahead']}c{l['min_ctas']}{'P' if l.get('producer') else ''}"
+                                                 f"{'' if l.get('w_ahead', 2) == 2 else 'w' + str(l['w_ahead'])}"
                                                  for t, l in results[:8]),
           flush=True)
     t, launch = results[0]

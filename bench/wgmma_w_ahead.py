@@ -1,4 +1,4 @@
-"""The wgmma kernel with more K tiles of weights in flight (W_AHEAD, register buffers: 2 in the shipped kernel)
+"""The wgmma kernel with more K tiles of weights in flight (w_ahead, register buffers: 2 by default)
 at the H200 table's launches, against cuBLAS FP16, in one run. An ablation at M = 16 (bench/wgmma_ablate.py
 --small, 2026-12-04) had the kernel at 93 us on 57344 x 8192 with its de-quantization skipped, where reading the
 weights takes ~82 us: it has too few bytes in flight (12 warps per SM, two 1.5 KB tiles each).
@@ -47,11 +47,8 @@ def main(argv=None) -> int:
     launches = {(m, name): table_launch(m, *SHAPES[name], fmt) for m in ms for name in names}
     sources = []
     for depth in depths:  # every kernel compiled first, in parallel
-        fpx_cuda.WGMMA_EXTRA_DEFINES[:] = [f"#define W_AHEAD {depth}"]
-        sources += [fpx_cuda.wgmma_kernel_source(fmt, False, l["n_x"], False, l["wgs"],
-                                                 l["x_ahead"], l["min_ctas"], True, l["producer"])
-                    for l in launches.values()]
-    fpx_cuda.WGMMA_EXTRA_DEFINES[:] = []
+        sources += [fpx_cuda.wgmma_kernel_source(fmt, False, l["n_x"], False, l["wgs"], l["x_ahead"], l["min_ctas"],
+                                                 True, l["producer"], depth) for l in launches.values()]
     fpx_cuda.precompile(sources, "sm_90a", fpx_cuda.WGMMA_KERNEL_NAME)
     rows, gains = [], {d: [] for d in depths}
     for m in ms:
@@ -63,16 +60,14 @@ def main(argv=None) -> int:
             ref = x.float() @ qw.dequantize(torch.float32).T
             times = {}
             for depth in depths:
-                fpx_cuda.WGMMA_EXTRA_DEFINES[:] = [f"#define W_AHEAD {depth}"]
-                out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, fmt, n, k, **launch)
+                out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, fmt, n, k, **launch, w_ahead=depth)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 if not err < 1e-2:
                     raise AssertionError(f"W_AHEAD {depth} wrong: {name} M={m} {launch}: rel err {err:.3e}")
                 calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s: fpx_cuda.fpx_wgmma(
-                    x, p, s, None, fmt, n, k, **launch))
+                    x, p, s, None, fmt, n, k, **launch, w_ahead=depth))
                 times[depth] = time_calls(calls, replays=5) * 1e6
                 del calls
-            fpx_cuda.WGMMA_EXTRA_DEFINES[:] = []
             dense, _ = dense_calls(n, k, m, torch.float16, "cuda")
             cublas = time_calls(dense, replays=5) * 1e6
             del dense

@@ -409,10 +409,10 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 
 
 def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
-    """Every wgmma launch bench/tune.py times (M = 8..512, with the producer variants) is one the kernel builds for
-    both dtypes (wgmma_kernel_source raises for one it cannot): a launch it refuses would stop a tuning run on the
-    device. Each gives every field: a table entry's producer filled in beside an explicit launch made one the kernel
-    refuses (M = 256, 2026-12-04)."""
+    """Every wgmma launch bench/tune.py times (M = 8..512, with the producer variants and, up to 64 rows of x, four
+    weight tiles in flight) is one the kernel builds for both dtypes (wgmma_kernel_source raises for one it cannot):
+    a launch it refuses would stop a tuning run on the device. Each gives every field: a table entry's producer
+    filled in beside an explicit launch made one the kernel refuses (M = 256, 2026-12-04)."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
@@ -420,11 +420,16 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     from fp6llm.kernels import fpx_cuda
     for m in (8, 16, 32, 64, 128, 256, 512):
         for launch in tune.wgmma_launches(m):
-            assert set(launch) == {"n_x", "wgs", "x_ahead", "min_ctas", "producer"}, launch
+            assert set(launch) == {"n_x", "wgs", "x_ahead", "min_ctas", "producer", "w_ahead"}, launch
             for bf16 in (False, True):
                 fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), bf16, launch["n_x"], False, launch["wgs"],
-                                             launch["x_ahead"], launch["min_ctas"], True, launch["producer"])
+                                             launch["x_ahead"], launch["min_ctas"], True, launch["producer"],
+                                             launch["w_ahead"])
+        deep = [launch for launch in tune.wgmma_launches(m) if launch["w_ahead"] == 4]
+        assert all(launch["n_x"] <= 64 for launch in deep) and (m > 64 or deep), m
     assert any(launch["producer"] for launch in tune.wgmma_launches(256))
+    with pytest.raises(ValueError, match="2-4 K tiles of weights in flight, not 5"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 16, False, w_ahead=5)
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
@@ -443,7 +448,7 @@ def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
             m = int(bucket)
             assert 8 <= m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
             fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch.n_x, True, launch.wgs, launch.x_ahead,
-                                         launch.min_ctas, False, launch.producer)  # raises for one it cannot build
+                                         launch.min_ctas, False, launch.producer, launch.w_ahead)  # raises if it cannot
             cap = fpx_cuda.grid_split_cap(n, m, k, 64 * launch.wgs, launch.n_x)
             assert 1 <= launch.split <= cap, (bucket, shape, launch)
             checked += 1
@@ -700,6 +705,27 @@ def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
         out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < TOLERANCE[dtype], (split, n_x, wgs, err)
+
+
+@hopper
+@pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 16), ("e3m2", torch.bfloat16, 9),
+                                           ("e2m3", torch.float16, 64), ("e4m3", torch.bfloat16, 33)])
+def test_cuda_wgmma_weight_tiles_in_flight_keep_the_sums(gen, fmt, dtype, m):
+    """Three or four weight tiles in flight per warp (w_ahead) sum each output in the same order as two: equal bit
+    for bit, at 7 K tiles per CTA (not a multiple of 3 or 4) and split-K (2 to 4 tiles per CTA), one and two
+    warpgroups, with and without a producer warpgroup, with and without bias; and near the float64 reference."""
+    from fp6llm.kernels import fpx_cuda
+    n, k = 200, 896
+    qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
+    for split, wgs, producer in ((1, 1, False), (2, 1, False), (3, 2, False), (1, 2, True), (2, 1, True)):
+        two = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, None, wgs, producer=producer,
+                                 w_ahead=2)
+        for w_ahead in (3, 4):
+            out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, None, wgs,
+                                     producer=producer, w_ahead=w_ahead)
+            assert torch.equal(out, two), (split, wgs, producer, w_ahead)
+        err = ((two.double() - ref).norm() / ref.norm()).item()
+        assert err < TOLERANCE[dtype], (split, wgs, producer, err)
 
 
 @hopper

@@ -230,7 +230,8 @@ def test_cuda_small_m_cluster_split_compiles():
 def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
     """The wgmma kernel for sm_90a at the default launches of 64 and 128 rows of x (FP16, BF16), a 24-row,
     two-warpgroup, biased e2m1 launch and a four-warpgroup one: no local memory, within the registers of its CTAs
-    per SM, 16 HGMMA per loop pass (8 k-steps x 2 K tiles), and ptxas did not serialize the wgmma (C7513: an input
+    per SM, 8 HGMMA per K tile of a loop pass (as many K tiles as weight tiles in flight: 2, and 3 or 4 where
+    asked), and ptxas did not serialize the wgmma (C7513: an input
     register of a wgmma written inside its pipeline stage; C7519: a wgmma in a path it thinks divergent); also the
     warp-specialized variants (a producer warpgroup: its threads count against the registers); and no instruction
     writes an A register of a wgmma batch before the wait for it (sass.wgmma_register_hazards: a variant that
@@ -242,9 +243,14 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
              # the warp-specialized kernel (a producer warpgroup beside one or two consumers)
              ("e3m2", False, 128, 2, 3, 1, False, True), ("e3m2", True, 128, 2, 4, 1, True, True),
              ("e2m3", False, 64, 1, 5, 1, False, True)]
-    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer in cases:
+    # four and three weight tiles in flight per warp, at the launches the tuner times them
+    cases = [case + (2,) for case in cases] + [("e3m2", False, 16, 1, 2, 3, False, False, 4),
+                                               ("e3m2", True, 64, 1, 1, 4, True, False, 4),
+                                               ("e2m1", False, 32, 1, 2, 3, False, False, 3),
+                                               ("e3m2", False, 40, 2, 3, 1, False, True, 4)]
+    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, w_ahead in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
-                                              producer)
+                                              producer, w_ahead)
         log = []
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
         assert "C75" not in log[0] and "serialized" not in log[0], log[0]  # C7513, C7519 (a divergent path)
@@ -253,7 +259,7 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
         assert sass.registers(cubin) * 128 * (wgs + producer) * min_ctas <= 65536
         assert sass.wgmma_register_hazards(sass.disassemble(cubin)) == []
         loop = sass.innermost_loop(sass.disassemble(cubin))
-        assert sum(op == "HGMMA" for _, op, _, _ in loop) == 16
+        assert sum(op == "HGMMA" for _, op, _, _ in loop) == 8 * w_ahead
 
 
 def test_wgmma_register_hazards_finds_a_write_to_in_flight_a_registers():

@@ -644,16 +644,18 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
-                        min_ctas: int = 1, pdl: bool = False, producer: bool = False) -> str:
+                        min_ctas: int = 1, pdl: bool = False, producer: bool = False, w_ahead: int = 2) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
     rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); pdl
     (sm_90): it waits for the previous grid before its first memory access (launch_ex's pdl). producer: a
-    warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization). x comes
-    permuted (wgmma_x_order)."""
+    warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization); w_ahead: K
+    tiles of weights in flight per warp (register buffers, 2-4). x comes permuted (wgmma_x_order)."""
     if wgs not in (1, 2, 4):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
+    if w_ahead not in (2, 3, 4):
+        raise ValueError(f"the wgmma kernel keeps 2-4 K tiles of weights in flight, not {w_ahead}")
     threads = 128 * (wgs + producer)
-    if 65536 // (threads * min_ctas) < n_x // 2 + 70:  # accumulators, A, two raw tiles, addresses
+    if 65536 // (threads * min_ctas) < n_x // 2 + 46 + 12 * w_ahead:  # accumulators, A, the raw tiles, addresses
         raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators per thread at {min_ctas} CTAs of "
                          f"{wgs + producer} warpgroups per SM ({65536 // (threads * min_ctas)} registers per thread)")
     if x_ahead not in ((1, 2, 3, 4, 5, 6) if producer else (1, 2, 3, 4)):
@@ -664,7 +666,7 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"{WGMMA_MAX_SHARED}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
-               f"#define PRODUCER {int(producer)}",
+               f"#define PRODUCER {int(producer)}", f"#define W_AHEAD {w_ahead}",
                *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
@@ -694,12 +696,12 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
-                  min_ctas: int = 1, pdl: bool = False, producer: bool = False):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, pdl, producer,
+                  min_ctas: int = 1, pdl: bool = False, producer: bool = False, w_ahead: int = 2):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, pdl, producer, w_ahead,
            tuple(WGMMA_EXTRA_DEFINES), torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              x_ahead, min_ctas, pdl, producer),
+                                                              x_ahead, min_ctas, pdl, producer, w_ahead),
                              WGMMA_KERNEL_NAME, 4 * (wgs + producer), device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh:
@@ -722,7 +724,7 @@ def wgmma_launch(m: int) -> dict:
 
 
 def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_ahead: "int | None" = None,
-                  min_ctas: "int | None" = None, producer: bool = False) -> dict:
+                  min_ctas: "int | None" = None, producer: bool = False, w_ahead: "int | None" = None) -> dict:
     """A wgmma launch with wgmma_launch(m)'s values where none is given; its CTAs per SM only with its own rows of x
     and warpgroups (other ones get 1: the default's registers may not hold their accumulators, nor do they beside a
     producer warpgroup)."""
@@ -731,7 +733,7 @@ def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_
         min_ctas = default["min_ctas"] if wgs in (None, default["wgs"]) and not producer else 1
     resolved = {"n_x": default["n_x"], "wgs": default["wgs"] if wgs is None else wgs,
                 "x_ahead": default["x_ahead"] if x_ahead is None else x_ahead, "min_ctas": min_ctas,
-                "producer": bool(producer)}
+                "producer": bool(producer), "w_ahead": 2 if w_ahead is None else w_ahead}
     _check_n_x(resolved["n_x"])
     return resolved
 
@@ -744,11 +746,12 @@ def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int,
 def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
               x_ahead: "int | None" = None, min_ctas: "int | None" = None,
-              pdl: "bool | None" = None, producer: "bool | None" = None) -> torch.Tensor:
+              pdl: "bool | None" = None, producer: "bool | None" = None,
+              w_ahead: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
     this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model; pdl (None:
-    launch.enabled) as fpx_small_m's; producer: the warp-specialized variant (wgmma_kernel_source)."""
+    launch.enabled) as fpx_small_m's; producer (the warp-specialized variant) / w_ahead: wgmma_kernel_source's."""
     m = x.shape[0]
     measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
     if measured is not None and measured.kernel == "wgmma":
@@ -758,12 +761,13 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
         x_ahead = measured.x_ahead if x_ahead is None else x_ahead
         min_ctas = measured.min_ctas if min_ctas is None else min_ctas
         producer = measured.producer if producer is None else producer
-    resolved = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, bool(producer))
+        w_ahead = measured.w_ahead if w_ahead is None else w_ahead
+    resolved = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, bool(producer), w_ahead)
     n_x, wgs, x_ahead, min_ctas = resolved["n_x"], resolved["wgs"], resolved["x_ahead"], resolved["min_ctas"]
-    producer = resolved["producer"]
+    producer, w_ahead = resolved["producer"], resolved["w_ahead"]
     pdl = launch.enabled(x.device) if pdl is None else pdl
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
-                                             min_ctas, pdl, producer)
+                                             min_ctas, pdl, producer, w_ahead)
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs, sm_count(x.device), resident)
     return _launch_split_k(kernel, x, wgmma_x_order(x), planes, scales, bias, fmt, n, k, 64 * wgs,
