@@ -2,8 +2,8 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | w-ahead | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve |
-#       serve-mixed | all-quick
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | w-ahead | wgmma3 | e2e | e2e-mid | e2e-pdl | host | e2e70 |
+#       serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -30,6 +30,8 @@
 #             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
 #             table in first)
+#   wgmma3    three consumer warpgroups beside the producer (setmaxnreg; built 2026-12-04, not yet run): after the
+#             w-ahead step's tests, the tuner at M = 256/512 (--wgmma-only: the faster of it and the table's entry)
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
 #             1 x 128 tokens: wall time against the kernels' time, cProfile) and bench/host_overhead.py (per call);
 #             then bench/read_floor.py (a plain read of each shape's bytes against the floor and the small-M kernel)
@@ -124,6 +126,10 @@ w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner
     gpu_only timeout 220 python3 bench/tune.py --cuda-only --ms 16,8,32,64 --out "$out" 2>&1 \
         | tee "$out/tune-w-ahead.log" | grep -v "^  " | tail -34
     ;;
+wgmma3)  # the tests that cover it are the w-ahead step's (producer): run that step first
+    gpu_only timeout 500 python3 bench/tune.py --wgmma-only --ms 256,512 --out "$out" 2>&1 \
+        | tee "$out/tune-wgmma3.log" | grep -v "^  cuda\|^  mid" | tail -34
+    ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
     for flag in "" --no-programmatic-launch; do
         timeout 270 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \
@@ -168,7 +174,7 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | row-tiles | w-ahead | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed |" \
+         "wgmma-bf16 | row-tiles | w-ahead | wgmma3 | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed |" \
          "all-quick)" >&2
     exit 2
     ;;

@@ -182,11 +182,16 @@ def wgmma_launches(m: int) -> list:
         # a producer warpgroup copying x for two consumer warpgroups (wgmma_probe.py --sweep producer, 2026-12-04:
         # 1-3 % faster than the plain launches at M = 256 on 5 of 5 shapes)
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=2, x_ahead=2, min_ctas=1, producer=True)]
+        # three consumers beside it, the producer's registers handed to them (setmaxnreg; not yet timed,
+        # 2026-12-04: at M = 256 the kernel is bound by its MMAs, at most two consumers fitted an SM before)
+        shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=3, x_ahead=x_ahead, min_ctas=1, producer=True)
+                   for x_ahead in (2, 4)]
     # up to 64 rows of x, the one-warpgroup launches also with four weight tiles in flight per warp (not yet timed,
     # 2026-12-04: at M = 16 the kernel took 93 us on 57344 x 8192 with its de-quantization skipped, where reading
     # the weights takes ~82 us; no spills at these launches)
     shapes += [dict(shape, w_ahead=4) for shape in shapes if shape["n_x"] <= 64 and shape["wgs"] == 1
-               and not shape.get("producer")]
+               and not shape.get("producer") and fpx_cuda.wgmma_registers_fit(shape["n_x"], 1, shape["min_ctas"],
+                                                                              w_ahead=4)]
     # every field given: a table entry for the case must not fill in its producer or weight tiles beside these
     return [dict(shape, producer=shape.get("producer", False), w_ahead=shape.get("w_ahead", 2)) for shape in shapes]
 

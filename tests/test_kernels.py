@@ -342,7 +342,8 @@ def test_wgmma_kernel_launch_arithmetic():
     assert fpx_cuda.wgmma_shared_bytes(128, 1) == 2 * 128 * 256 + 1024  # this tile and the next
     assert fpx_cuda.wgmma_shared_bytes(64, 2) == 3 * 64 * 256 + 1024
     assert fpx_cuda.wgmma_launch(64) == {"n_x": 64, "wgs": 1, "x_ahead": 2, "min_ctas": 3}
-    with pytest.raises(ValueError, match="cannot keep 32 accumulators per thread at 4 CTAs of 4 warpgroups"):
+    with pytest.raises(ValueError, match="cannot keep 32 accumulators and 2 weight tiles per thread at 4 CTAs of 4 "
+                                         "warpgroups"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 4, min_ctas=4)
     assert fpx_cuda.wgmma_launch(256)["n_x"] == 128
     from fp6llm.kernels.x_order import wgmma_x_order_reference
@@ -430,6 +431,15 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     assert any(launch["producer"] for launch in tune.wgmma_launches(256))
     with pytest.raises(ValueError, match="2-4 K tiles of weights in flight, not 5"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 16, False, w_ahead=5)
+    # four weight tiles at 64 rows of x and 4 CTAs per SM spilled in the loop: refused, and not timed
+    assert fpx_cuda.wgmma_registers_fit(64, 1, 3, w_ahead=4) and not fpx_cuda.wgmma_registers_fit(64, 1, 4, w_ahead=4)
+    with pytest.raises(ValueError, match="4 weight tiles per thread at 4 CTAs of 1 warpgroups"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 64, False, 1, 1, 4, w_ahead=4)
+    # three consumer warpgroups only beside a producer, at one CTA per SM
+    fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 3, 2, 1, producer=True)
+    with pytest.raises(ValueError, match="3 beside a producer, one CTA per SM"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 3, 2, 1)
+    assert any(launch["wgs"] == 3 and launch["producer"] for launch in tune.wgmma_launches(256))
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
@@ -734,13 +744,14 @@ def test_cuda_wgmma_weight_tiles_in_flight_keep_the_sums(gen, fmt, dtype, m):
 def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
     """The warp-specialized wgmma kernel (a producer warpgroup copying x into an mbarrier ring) sums each output in
     the plain kernel's order: equal bit for bit, at rings of 2 to 6 stages against 12 K tiles (each stage reused),
-    split-K (slabs and counters shared with the plain path), partial z blocks, with and without bias, one and two
-    consumer warpgroups; and near the float64 reference."""
+    split-K (slabs and counters shared with the plain path), partial z blocks, with and without bias, one, two and
+    three consumer warpgroups (three: 192 weight rows per CTA, the producer's registers handed to them); and near
+    the float64 reference."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
     qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
     n_x = 128 if m >= 128 else 64 if m > 40 else 40
-    for split, wgs, x_ahead in ((1, 2, 1), (3, 2, 2), (2, 1, 5), (1, 2, 3)):
+    for split, wgs, x_ahead in ((1, 2, 1), (3, 2, 2), (2, 1, 5), (1, 2, 3), (1, 3, 2), (2, 3, 4)):
         plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
         out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
                                  producer=True)

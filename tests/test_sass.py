@@ -245,9 +245,12 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
              ("e2m3", False, 64, 1, 5, 1, False, True)]
     # four and three weight tiles in flight per warp, at the launches the tuner times them
     cases = [case + (2,) for case in cases] + [("e3m2", False, 16, 1, 2, 3, False, False, 4),
-                                               ("e3m2", True, 64, 1, 1, 4, True, False, 4),
+                                               ("e3m2", True, 64, 1, 2, 3, True, False, 4),
                                                ("e2m1", False, 32, 1, 2, 3, False, False, 3),
-                                               ("e3m2", False, 40, 2, 3, 1, False, True, 4)]
+                                               ("e3m2", False, 40, 2, 3, 1, False, True, 4),
+                                               # three consumers, the producer's registers handed over (setmaxnreg)
+                                               ("e3m2", False, 128, 3, 2, 1, False, True, 2),
+                                               ("e3m2", True, 128, 3, 4, 1, True, True, 2)]
     for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, w_ahead in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
                                               producer, w_ahead)
@@ -260,6 +263,11 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
         assert sass.wgmma_register_hazards(sass.disassemble(cubin)) == []
         loop = sass.innermost_loop(sass.disassemble(cubin))
         assert sum(op == "HGMMA" for _, op, _, _ in loop) == 8 * w_ahead
+        assert not any(op in ("STL", "LDL") for _, op, _, _ in loop), (n_x, wgs, producer)  # no spills in the loop
+        if wgs == 3:  # the setmaxnreg hand-off: launched at exactly 128 registers, 32 for the producer, 160 after
+            assert sass.registers(cubin) == 128
+            hands = [int(args.split(",")[-1], 16) for _, op, _, args in sass.disassemble(cubin) if op == "USETMAXREG"]
+            assert sorted(hands) == [32, 128, 128, 160], hands
 
 
 def test_wgmma_register_hazards_finds_a_write_to_in_flight_a_registers():

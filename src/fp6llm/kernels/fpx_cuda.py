@@ -627,6 +627,10 @@ WGMMA_MAX_N_X = 256  # x rows per CTA: 128 accumulators per thread (238 register
 WGMMA_MAX_SHARED = 227 * 1024  # an sm_90 CTA's most dynamic shared memory
 WGMMA_MAX_M = 4096
 WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
+# Three consumer warpgroups beside a producer (512 threads, 128 registers each at launch): the producer keeps 32
+# for its copies, the consumers 160 (32 x 128 + 160 x 384 = 65536; sm_90a, 2026-12-04: no spills in the loop at
+# 128 rows of x, ~100 bytes in the epilogue, which runs at 128)
+WGMMA_PRODUCER_REGS, WGMMA_CONSUMER_REGS = 32, 160
 
 
 def wgmma_asm(n_x: int, bf16: bool) -> list:
@@ -648,16 +652,22 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
     rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); pdl
     (sm_90): it waits for the previous grid before its first memory access (launch_ex's pdl). producer: a
-    warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization); w_ahead: K
-    tiles of weights in flight per warp (register buffers, 2-4). x comes permuted (wgmma_x_order)."""
-    if wgs not in (1, 2, 4):
-        raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA, not {wgs}")
+    warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization), beside one,
+    two or three consumer warpgroups (three: one CTA per SM, the producer's registers handed to them for the loop,
+    setmaxnreg); w_ahead: K tiles of weights in flight per warp (register buffers, 2-4). x comes permuted
+    (wgmma_x_order)."""
+    if wgs not in (1, 2, 4) and not (wgs == 3 and producer and min_ctas == 1):
+        raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA (3 beside a producer, one CTA per SM), "
+                         f"not {wgs}" + (" beside a producer" if producer else "") + f" at {min_ctas} CTAs per SM")
     if w_ahead not in (2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 2-4 K tiles of weights in flight, not {w_ahead}")
     threads = 128 * (wgs + producer)
-    if 65536 // (threads * min_ctas) < n_x // 2 + 46 + 12 * w_ahead:  # accumulators, A, the raw tiles, addresses
-        raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators per thread at {min_ctas} CTAs of "
-                         f"{wgs + producer} warpgroups per SM ({65536 // (threads * min_ctas)} registers per thread)")
+    handed = wgs == 3  # setmaxnreg: the consumers' registers for the loop
+    if not wgmma_registers_fit(n_x, wgs, min_ctas, producer, w_ahead):
+        regs = WGMMA_CONSUMER_REGS if handed else 65536 // (threads * min_ctas)
+        raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators and {w_ahead} weight tiles per "
+                         f"thread at {min_ctas} CTAs of {wgs + producer} warpgroups per SM ({regs} registers per "
+                         f"thread)")
     if x_ahead not in ((1, 2, 3, 4, 5, 6) if producer else (1, 2, 3, 4)):
         raise ValueError(f"the wgmma kernel keeps 1-4 K tiles of x in flight (1-6 with a producer), not {x_ahead}")
     if wgmma_shared_bytes(n_x, x_ahead) > WGMMA_MAX_SHARED - 256:  # the mbarriers and split-K's counter: static
@@ -667,8 +677,18 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
                f"#define PRODUCER {int(producer)}", f"#define W_AHEAD {w_ahead}",
+               *([f"#define LAUNCH_REGS {65536 // threads}", f"#define PRODUCER_REGS {WGMMA_PRODUCER_REGS}",
+                  f"#define CONSUMER_REGS {WGMMA_CONSUMER_REGS}"] if handed else []),
                *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
+
+
+def wgmma_registers_fit(n_x: int, wgs: int, min_ctas: int, producer: bool = False, w_ahead: int = 2) -> bool:
+    """Whether a consumer thread's registers hold its n_x / 2 accumulators, A (32), w_ahead raw weight tiles (12
+    each) and addresses (~38; 8 more beyond two tiles: four tiles at 64 rows of x and 128 registers spilled in the
+    loop, sm_90a, 2026-12-04) at this launch."""
+    regs = WGMMA_CONSUMER_REGS if wgs == 3 else 65536 // (128 * (wgs + producer) * min_ctas)
+    return regs >= n_x // 2 + 46 + 12 * w_ahead + (8 if w_ahead > 2 else 0)
 
 
 def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
@@ -704,6 +724,11 @@ def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bia
                                                               x_ahead, min_ctas, pdl, producer, w_ahead),
                              WGMMA_KERNEL_NAME, 4 * (wgs + producer), device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
+    if fresh and wgs == 3 and _registers(kernel) != 65536 // (128 * 4):
+        # setmaxnreg hands exactly what the launch gave: registers short of it would leave the consumers waiting
+        del _KERNELS[key]
+        raise RuntimeError(f"ptxas gave the three-consumer wgmma kernel {_registers(kernel)} registers per thread, "
+                           f"not {65536 // (128 * 4)}: its setmaxnreg hand-off would not add up")
     if fresh:
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8): above 48 KiB a kernel must ask for it
         libcuda = torch.cuda._utils._get_gpu_runtime_library()

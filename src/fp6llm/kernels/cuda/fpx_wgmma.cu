@@ -30,6 +30,11 @@
 // taken out. ptxas had first put the next tile into the in-flight A registers, which the tensor cores read until the
 // wait: NaNs; a use of A after the wait kept them. tests/test_sass.py checks every variant for such writes.)
 //
+// CONSUMER_REGS (with PRODUCER, three consumers: 512 threads, 128 registers each at launch, LAUNCH_REGS): the
+// producer warpgroup gives registers back for the loop (setmaxnreg.dec to PRODUCER_REGS) and the consumers take
+// them (setmaxnreg.inc to CONSUMER_REGS: their 64 accumulators, A and the weight tiles do not fit in 128); both
+// return to LAUNCH_REGS for the split-K epilogue, which every thread takes part in.
+//
 // x arrives permuted (fpx_cuda.wgmma_x_order, a launch of its own). Copying it as it is instead was measured twice
 // and taken out (H200, 2026-12-04): 16-byte chunks loaded into registers and stored transposed were 6-19 % slower
 // than the copy plus its launch (ptxas issued the loads after the de-quantization, at the barrier, for want of
@@ -290,11 +295,27 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
     if (kt0 < kt1) {
         // the warpgroup's role from lane 0 (warp-uniform for the compiler: a wgmma in a path it thinks divergent is
         // serialized, C7519)
-        if (__shfl_sync(0xFFFFFFFFu, (int)threadIdx.x / 128, 0) >= WGS)
+        if (__shfl_sync(0xFFFFFFFFu, (int)threadIdx.x / 128, 0) >= WGS) {
+#ifdef CONSUMER_REGS
+            // the producer's registers handed to the consumers for the loop (setmaxnreg, per warpgroup), back after
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(PRODUCER_REGS));
+#endif
             produce_x(x_copy(reinterpret_cast<const uint4*>(x), ldx / 8, m0, M, threadIdx.x - WARPS * 32), smem,
                       full, empty, kt0, kt1 - kt0);
-        else
+#ifdef CONSUMER_REGS
+            asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(LAUNCH_REGS));
+#endif
+        } else {
+#ifdef CONSUMER_REGS
+            asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(CONSUMER_REGS));
+#endif
             consume(d, p0, p1, p2, (long)min(tile, n_tiles - 1) * k_tiles, lane, pw, smem, full, empty, kt0, kt1);
+            wgmma_wait<0>();
+#ifdef CONSUMER_REGS
+            fence_accumulators(d);
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(LAUNCH_REGS));
+#endif
+        }
         wgmma_wait<0>();
         fence_accumulators(d);
     }
