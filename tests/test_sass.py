@@ -322,3 +322,24 @@ def test_cuda_sources_are_package_data():
     shipped = {path for pattern in data for path in package.glob(pattern)}
     for source in (fpx_cuda.SOURCE, fpx_cuda.MID_SOURCE, fpx_cuda.WGMMA_SOURCE, fpx_cuda.COMMON):
         assert source in shipped, source
+
+
+@pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
+def test_wgmma_ablations_skip_only_what_they_say():
+    """bench/wgmma_ablate.py's variants for sm_90a: ABLATE 1 (no de-quantization) keeps the weight loads and the
+    wgmma; ABLATE 2 (no wgmma) keeps the weight loads and the de-quantization (an empty asm sink of A had let ptxas
+    drop both, so its timings measured neither)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sass
+    counts = {}
+    try:
+        for ablate in (1, 2):
+            fpx_cuda.WGMMA_EXTRA_DEFINES[:] = [f"#define ABLATE {ablate}"]
+            source = fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 16, False, 1, 2, 3, True)
+            loop = [op for _, op, _, _ in sass.innermost_loop(sass.disassemble(
+                fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu")))]
+            counts[ablate] = {op: loop.count(op) for op in ("LDG", "LOP3", "HGMMA")}
+    finally:
+        fpx_cuda.WGMMA_EXTRA_DEFINES[:] = []
+    assert counts[1]["LDG"] > 0 and counts[1]["LOP3"] == 0 and counts[1]["HGMMA"] == 16, counts
+    assert counts[2]["LDG"] > 0 and counts[2]["LOP3"] >= 128 and counts[2]["HGMMA"] == 0, counts
