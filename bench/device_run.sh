@@ -31,7 +31,7 @@
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
 #             table in first)
 #   wgmma3    three consumer warpgroups beside the producer (setmaxnreg; built 2026-12-04, not yet run): after the
-#             w-ahead step's tests, the tuner at M = 256/512 (--wgmma-only: the faster of it and the table's entry)
+#             w-ahead step's tests, the tuner at M = 128/256/512 (--wgmma-only: the faster of it and the table's entry)
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
 #             1 x 128 tokens: wall time against the kernels' time, cProfile) and bench/host_overhead.py (per call);
 #             then bench/read_floor.py (a plain read of each shape's bytes against the floor and the small-M kernel)
@@ -127,7 +127,7 @@ w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner
         | tee "$out/tune-w-ahead.log" | grep -v "^  " | tail -34
     ;;
 wgmma3)  # the tests that cover it are the w-ahead step's (producer): run that step first
-    gpu_only timeout 500 python3 bench/tune.py --wgmma-only --ms 256,512 --out "$out" 2>&1 \
+    gpu_only timeout 500 python3 bench/tune.py --wgmma-only --ms 128,256,512 --out "$out" 2>&1 \
         | tee "$out/tune-wgmma3.log" | grep -v "^  cuda\|^  mid" | tail -34
     ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call

@@ -182,8 +182,8 @@ def wgmma_launches(m: int) -> list:
         # a producer warpgroup copying x for two consumer warpgroups (wgmma_probe.py --sweep producer, 2026-12-04:
         # 1-3 % faster than the plain launches at M = 256 on 5 of 5 shapes)
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=2, x_ahead=2, min_ctas=1, producer=True)]
-        # three consumers beside it, the producer's registers handed to them (setmaxnreg; not yet timed,
-        # 2026-12-04: at M = 256 the kernel is bound by its MMAs, at most two consumers fitted an SM before)
+    if m >= 128:  # three consumers beside a producer, its registers handed to them (setmaxnreg; not yet timed,
+        # 2026-12-04: from M = 128 the kernel is bound by its MMAs, and at most two consumers fitted an SM before)
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=3, x_ahead=x_ahead, min_ctas=1, producer=True)
                    for x_ahead in (2, 4)]
     # up to 64 rows of x, the one-warpgroup launches also with four weight tiles in flight per warp (not yet timed,

@@ -323,6 +323,29 @@ def test_small_m_launch_takes_given_fields_then_the_table_then_defaults():
     assert fpx_cuda.small_m_launch(None, None, None, None, None) == (None, True, False, 1)
 
 
+def test_wgmma_table_launch_is_the_tables_whole_or_none_of_it():
+    """fpx_wgmma's launch: the table's entry whole where the caller gives no shape field (its split overridable),
+    else the caller's fields and the defaults, never the table's producer or weight tiles beside the caller's
+    warpgroups (a tuner launch of one warpgroup at 4 CTAs per SM took the table's producer: a launch the kernel
+    refuses, 2026-12-04); an entry of another kernel is ignored."""
+    from fp6llm.kernels import fpx_cuda
+    entry = dispatch.SmallM(3, True, 50.0, "wgmma", n_x=128, wgs=2, x_ahead=2, min_ctas=1, producer=True, w_ahead=3)
+    split, launch = fpx_cuda.wgmma_table_launch(entry, 256, None, None, None, None, None, None, None)
+    assert split == 3 and launch == {"n_x": 128, "wgs": 2, "x_ahead": 2, "min_ctas": 1, "producer": True,
+                                     "w_ahead": 3}
+    assert fpx_cuda.wgmma_table_launch(entry, 256, 1, None, None, None, None, None, None) == (1, launch)
+    split, launch = fpx_cuda.wgmma_table_launch(entry, 256, 2, 64, 1, 1, 4, None, None)
+    assert split == 2 and launch == {"n_x": 64, "wgs": 1, "x_ahead": 1, "min_ctas": 4, "producer": False,
+                                     "w_ahead": 2}
+    fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch["n_x"], False, launch["wgs"],
+                                 launch["x_ahead"], launch["min_ctas"], True, launch["producer"], launch["w_ahead"])
+    split, launch = fpx_cuda.wgmma_table_launch(entry, 256, None, None, None, None, None, None, 4)
+    assert split is None and launch == dict(fpx_cuda.wgmma_resolve(256), w_ahead=4)
+    small = dispatch.SmallM(4, True, 20.0, "small")
+    assert fpx_cuda.wgmma_table_launch(small, 16, None, None, None, None, None, None, None) == \
+        (None, fpx_cuda.wgmma_resolve(16))
+
+
 def test_wgmma_kernel_launch_arithmetic():
     """x rows per CTA (multiples of 8, as even as the grid z allows), the instruction's operands, the shared memory
     of a launch, the default launch, and x's column order: logical column 16 ks + 8 h + 2 t + j of a tile holds

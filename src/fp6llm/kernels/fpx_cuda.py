@@ -763,6 +763,22 @@ def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_
     return resolved
 
 
+def wgmma_table_launch(measured, m: int, split: "int | None", n_x: "int | None", wgs: "int | None",
+                       x_ahead: "int | None", min_ctas: "int | None", producer: "bool | None",
+                       w_ahead: "int | None") -> tuple:
+    """(split, wgmma_resolve's launch) of a wgmma launch: the table's (``measured``, ignored where it measured another
+    kernel) whole where the caller gives none of its shape (n_x, wgs, x_ahead, min_ctas, producer, w_ahead), else the
+    caller's fields and the defaults for the rest, never a mix of the table's and the caller's (its producer beside
+    a caller's one warpgroup at 4 CTAs per SM made a launch the kernel refuses, bench/tune.py, 2026-12-04). The
+    caller's split goes with either."""
+    shape = (n_x, wgs, x_ahead, min_ctas, producer, w_ahead)
+    if measured is not None and measured.kernel == "wgmma" and all(field is None for field in shape):
+        return (measured.split if split is None else split,
+                wgmma_resolve(m, measured.n_x or None, measured.wgs, measured.x_ahead, measured.min_ctas,
+                              measured.producer, measured.w_ahead))
+    return split, wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, bool(producer), w_ahead)
+
+
 def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int, resident: int) -> int:
     """The wgmma kernel's split-K (_grid_waves_split over 64 wgs weight rows and n_x rows of x per CTA)."""
     return _grid_waves_split(n, k, m, 64 * wgs, n_x, num_sms, resident)
@@ -774,20 +790,13 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
               pdl: "bool | None" = None, producer: "bool | None" = None,
               w_ahead: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
-    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas override the launch measured for this shape on
-    this GPU (dispatch.measured_small_m), else the defaults (wgmma_launch) and the split model; pdl (None:
-    launch.enabled) as fpx_small_m's; producer (the warp-specialized variant) / w_ahead: wgmma_kernel_source's."""
+    multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas / producer (the warp-specialized variant) /
+    w_ahead (wgmma_kernel_source's) override the launch measured for this shape on this GPU
+    (dispatch.measured_small_m; wgmma_table_launch), else the defaults (wgmma_launch) and the split model; pdl
+    (None: launch.enabled) as fpx_small_m's."""
     m = x.shape[0]
-    measured = measured_small_m(m, n, k, fmt, x.dtype, x.device)
-    if measured is not None and measured.kernel == "wgmma":
-        split = measured.split if split is None else split
-        n_x = (measured.n_x or None) if n_x is None else n_x
-        wgs = measured.wgs if wgs is None else wgs
-        x_ahead = measured.x_ahead if x_ahead is None else x_ahead
-        min_ctas = measured.min_ctas if min_ctas is None else min_ctas
-        producer = measured.producer if producer is None else producer
-        w_ahead = measured.w_ahead if w_ahead is None else w_ahead
-    resolved = wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, bool(producer), w_ahead)
+    split, resolved = wgmma_table_launch(measured_small_m(m, n, k, fmt, x.dtype, x.device), m, split, n_x, wgs,
+                                         x_ahead, min_ctas, producer, w_ahead)
     n_x, wgs, x_ahead, min_ctas = resolved["n_x"], resolved["wgs"], resolved["x_ahead"], resolved["min_ctas"]
     producer, w_ahead = resolved["producer"], resolved["w_ahead"]
     pdl = launch.enabled(x.device) if pdl is None else pdl
