@@ -229,3 +229,46 @@ def test_direct_kernel_calls_equal_the_custom_ops(arch, monkeypatch):
             step = model(tokens[:, 8:], torch.full((3, 1), 8, device="cuda"))
         logits.append(torch.cat([prefill, step], dim=1))
     assert torch.equal(logits[0], logits[1])
+
+
+@runs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_write_x_in_the_wgmma_order(dtype, gen):
+    """add_norm's and silu_mul's kernels with order=True write what wgmma_x_order_reference makes of their plain
+    output, bit for bit (D = 384 and I = 1152: three and nine 128-column tiles, with the norm's padding to 512 and
+    silu_mul's program blocks of 1024 columns); total stays in column order; a width not a multiple of 128 is
+    refused."""
+    from fp6llm.kernels.wgmma_order import wgmma_x_order_reference, wgmma_x_unorder
+    x, delta = (torch.randn(3, 2, 384, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    weight = torch.randn(384, generator=gen).to(DEVICE)
+    for d in (delta, None):
+        plain, total = add_norm(x, d, weight, None, 1e-6, True)
+        ordered, total_ordered = add_norm(x, d, weight, None, 1e-6, True, order=True)
+        assert torch.equal(ordered, wgmma_x_order_reference(plain)) and torch.equal(total_ordered, total)
+        assert torch.equal(wgmma_x_unorder(ordered), plain)
+    gate_up = torch.randn(5, 2 * 1152, generator=gen).to(DEVICE, dtype)
+    assert torch.equal(silu_mul(gate_up, order=True), wgmma_x_order_reference(silu_mul(gate_up)))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        add_norm(x[..., :320], None, weight[:320], None, 1e-6, True, order=True)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        silu_mul(gate_up[:, :2 * 64], order=True)
+
+
+def test_ops_write_x_in_the_wgmma_order_on_every_path(gen):
+    """decoder_ops.add_norm / silu_mul with order=True on the reference path (CPU) give the ordered reference; the
+    inverse restores column order for any leading shape; widths not a multiple of 128 are refused there too."""
+    from fp6llm.kernels.wgmma_order import wgmma_x_order_reference, wgmma_x_unorder
+    x, delta = torch.randn(2, 3, 256, generator=gen), torch.randn(2, 3, 256, generator=gen)
+    weight = torch.randn(256, generator=gen)
+    out, total = decoder_ops.add_norm(x, delta, weight, None, 1e-6, True, order=True)
+    expected = add_norm_reference(x, delta, weight, None, 1e-6, True)
+    assert torch.equal(out, wgmma_x_order_reference(expected[0])) and torch.equal(total, expected[1])
+    assert out.shape == x.shape and torch.equal(wgmma_x_unorder(out), expected[0])
+    gate_up = torch.randn(4, 2, 512, generator=gen)
+    assert torch.equal(decoder_ops.silu_mul(gate_up, order=True), wgmma_x_order_reference(silu_mul_reference(gate_up)))
+    columns = torch.arange(128.0).expand(1, 128)  # column 32 t + 4 ks + 2 h + j at 16 ks + 8 h + 2 t + j
+    assert wgmma_x_order_reference(columns)[0, 16 * 3 + 8 * 1 + 2 * 2 + 1].item() == 32 * 2 + 4 * 3 + 2 * 1 + 1
+    with pytest.raises(ValueError, match="multiple of 128"):
+        decoder_ops.add_norm(x[..., :64], None, weight[:64], None, 1e-6, True, order=True)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        decoder_ops.silu_mul(gate_up[..., :128], order=True)

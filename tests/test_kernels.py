@@ -741,6 +741,31 @@ def test_cuda_wgmma_kernel_matches_reference(gen, fmt, dtype, m):
 
 
 @hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_layers_take_x_in_the_wgmma_order(gen, dtype):
+    """x handed in the wgmma kernel's k order (a norm or silu_mul wrote it so): the wgmma kernel reads it without its
+    x_order launch and sums the same bits as from its own copy; cuda_linear and FPxLinear give the plain result bit
+    for bit at every M, whichever kernel runs (the small-M, mid-M or Triton ones take x back in column order first);
+    takes_ordered_x says yes exactly where ops.cuda_path chose the wgmma kernel."""
+    from fp6llm import ops
+    from fp6llm.kernels import fpx_cuda
+    from fp6llm.kernels.x_order import wgmma_x_order
+    from fp6llm.nn import FPxLinear
+    n, k = 200, 768
+    qw, x, bias, ref = _wgmma_case(gen, "e3m2", dtype, 48, n, k)
+    assert torch.equal(fpx_cuda.fpx_wgmma(wgmma_x_order(x), qw.planes, qw.scales, bias, qw.fmt, n, k, 2, 48, 1,
+                                          x_ordered=True),
+                       fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, 2, 48, 1))
+    layer = FPxLinear(qw, bias)
+    for m in (1, 16, 48, 200):
+        x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+        plain = layer(x)
+        assert torch.equal(layer(wgmma_x_order(x), x_ordered=True), plain), m
+        path = ops.cuda_path(qw.fmt, 0, x, n, k)
+        assert layer.takes_ordered_x(x) == (path == "wgmma"), (m, path)
+
+
+@hopper
 @pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 16), ("e3m2", torch.bfloat16, 9),
                                            ("e2m3", torch.float16, 64), ("e4m3", torch.bfloat16, 33)])
 def test_cuda_wgmma_weight_tiles_in_flight_keep_the_sums(gen, fmt, dtype, m):

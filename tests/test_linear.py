@@ -224,3 +224,20 @@ def test_quantized_llama_logits_close_to_float(gen):
     assert errors["e3m2"] < 0.1
     assert agreement >= 0.75
     assert errors["e2m1"] > 1.3 * errors["e3m2"]
+
+
+def test_fpx_linear_takes_x_in_the_wgmma_order(gen, monkeypatch):
+    """FPxLinear(x, x_ordered=True) on x in the wgmma kernel's k order equals FPxLinear(x) bit for bit on the CPU,
+    on its decoded-weight path and on fpx_linear's (decoded copy refused); takes_ordered_x says no on the CPU (only
+    the CUDA wgmma path takes ordered x) and nn.ordered_for says no for a plain nn.Linear."""
+    from fp6llm.kernels.wgmma_order import wgmma_x_order_reference
+    from fp6llm.nn import ordered_for
+    layer = FPxLinear(quantize_weight(torch.randn(48, 256, generator=gen) * 0.05, "e3m2"),
+                      torch.randn(48, generator=gen))
+    x = torch.randn(2, 3, 256, generator=gen)
+    plain = layer(x)
+    assert torch.equal(layer(wgmma_x_order_reference(x), x_ordered=True), plain)
+    monkeypatch.setattr("fp6llm.nn.available_memory", lambda: None)  # no decoded copy: the op's reference path
+    layer._decoded = None
+    assert torch.equal(layer(wgmma_x_order_reference(x), x_ordered=True), layer(x))
+    assert not layer.takes_ordered_x(x) and not ordered_for(layer, x) and not ordered_for(nn.Linear(256, 4), x)

@@ -185,3 +185,24 @@ def test_compiled_decode_matches_eager(gen):
     model(tokens, pos)
     compiled = torch.compile(model, fullgraph=True)(step_tokens, step_pos)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_norms_hand_fp6_layers_x_in_the_wgmma_order_without_changing_logits(gen, monkeypatch):
+    """Where an FP6 layer takes x in the wgmma kernel's k order (takes_ordered_x forced on for all of them here, as
+    on an H200 where the wgmma kernel runs), a llama block's norms and silu_mul write it so and the layers take it:
+    the logits equal the plain run's bit for bit (dim 128, intermediate 256: whole 128-column tiles), and every
+    FP6 layer was asked."""
+    config = ModelConfig(arch="llama", vocab_size=VOCAB, dim=128, n_layers=2, n_heads=2, n_kv_heads=1,
+                         intermediate_size=256, max_position_embeddings=64)
+    model = build_random(config, "e3m2", "cpu", seed=seed_of(gen), progress=False)
+    tokens = torch.randint(0, VOCAB, (2, 5), generator=gen)
+    plain = run(model, tokens)
+    asked, ordered = [], []
+    forward = FPxLinear.forward
+    monkeypatch.setattr(FPxLinear, "takes_ordered_x", lambda self, x: asked.append(self) or True)
+    monkeypatch.setattr(FPxLinear, "forward", lambda self, x, x_ordered=False: ordered.append(x_ordered)
+                        or forward(self, x, x_ordered))
+    assert torch.equal(run(model, tokens), plain)
+    assert len(asked) == 3 * config.n_layers  # qkv, gate_up, down: o_proj's x comes from attention
+    assert ordered.count(True) == 3 * config.n_layers and ordered.count(False) == config.n_layers

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .kernels import launch
+from .kernels.wgmma_order import wgmma_x_order_reference
 
 try:
     from .kernels import activation, norm, rotary as rotary_kernels
@@ -98,19 +99,24 @@ def _(x, weight, bias, eps, rms):
     return torch.empty_like(x)
 
 
-def add_norm(x: Tensor, delta: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float, rms: bool
-             ) -> tuple[Tensor, Tensor]:
+def add_norm(x: Tensor, delta: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], eps: float, rms: bool,
+             order: bool = False) -> tuple[Tensor, Tensor]:
     """(norm(x + delta), x + delta), or (norm(x), x) without delta. x, delta [..., D]; weight, bias [D].
 
     rms: RMSNorm (weight only, as Llama) or LayerNorm (weight and bias, as OPT). The sum is in x's dtype, the
-    statistics in float32 (kernels/norm.py). In eager mode on CUDA the kernel is called without the op's dispatch
-    (launch.direct).
+    statistics in float32 (kernels/norm.py). order: the norm's columns in the wgmma kernel's k order
+    (kernels/wgmma_order.py; D a multiple of 128), for an FP6 layer that takes x so (nn.FPxLinear.takes_ordered_x).
+    In eager mode on CUDA the kernel is called without the op's dispatch (launch.direct), and writes that order.
     """
+    if order and x.shape[-1] % 128:
+        raise ValueError(f"the norm in the wgmma kernel's k order needs D a multiple of 128, got {x.shape[-1]}")
     if norm is not None and launch.direct(x, delta, weight, bias):
-        return norm.add_norm(x, delta, weight, bias, eps, rms)  # (norm(x), x) without delta, as below
+        return norm.add_norm(x, delta, weight, bias, eps, rms, order)  # (norm(x), x) without delta, as below
     if delta is None:
-        return norm_op(x, weight, bias, eps, rms), x
-    return add_norm_op(x, delta, weight, bias, eps, rms)
+        out, total = norm_op(x, weight, bias, eps, rms), x
+    else:
+        out, total = add_norm_op(x, delta, weight, bias, eps, rms)
+    return (wgmma_x_order_reference(out) if order else out), total
 
 
 @torch.library.custom_op("fp6llm::rotary", mutates_args=())
@@ -156,10 +162,15 @@ def _(gate_up):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
-def silu_mul(gate_up: Tensor) -> Tensor:
-    """silu(gate) * up of the fused gate_up projection's output [..., 2 I] -> [..., I] (kernels/activation.py)."""
+def silu_mul(gate_up: Tensor, order: bool = False) -> Tensor:
+    """silu(gate) * up of the fused gate_up projection's output [..., 2 I] -> [..., I] (kernels/activation.py);
+    order: in the wgmma kernel's k order (I a multiple of 128), as add_norm's."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up must have an even last dimension (gate | up), got {tuple(gate_up.shape)}")
+    if order and gate_up.shape[-1] // 2 % 128:
+        raise ValueError(f"silu_mul in the wgmma kernel's k order needs I a multiple of 128, got "
+                         f"{gate_up.shape[-1] // 2}")
     if activation is not None and launch.direct(gate_up):
-        return activation.silu_mul(gate_up)
-    return silu_mul_op(gate_up)
+        return activation.silu_mul(gate_up, order)
+    out = silu_mul_op(gate_up)
+    return wgmma_x_order_reference(out) if order else out

@@ -11,6 +11,7 @@ On CUDA nothing is kept: the kernel de-quantizes in registers.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Iterable, Optional
 
 import torch
@@ -19,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .formats import FPFormat
 from .kernels import launch
-from .ops import ACTIVATION_DTYPES, check_linear_args, cuda_linear, dense_linear, fpx_linear
+from .kernels.wgmma_order import wgmma_x_unorder
+from .ops import ACTIVATION_DTYPES, check_linear_args, cuda_linear, cuda_path, dense_linear, fpx_linear
 from .quantize import QuantizedWeight, quantize_weight
 
 DECODED_RESERVE = 0.25  # a CPU layer keeps a decoded copy only if this fraction of the memory stays available
@@ -34,6 +36,19 @@ def available_memory() -> "tuple[int, int] | None":
         return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_like(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [1, k] tensor that, expanded to [M, k], stands for an activation of M rows in the kernel choice (ops.cuda_path:
+    dtype, device, rows, unit column stride, aligned rows), as a norm's fresh output would."""
+    return torch.empty(1, k, dtype=dtype, device=device)
+
+
+def ordered_for(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer`` (any module: only an FPxLinear says yes) takes its input for the rows of x in the wgmma
+    kernel's k order (FPxLinear.takes_ordered_x)."""
+    return isinstance(layer, FPxLinear) and layer.takes_ordered_x(x)
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -85,7 +100,10 @@ class FPxLinear(nn.Module):
             self.scales = scales.to(self.scales.device)  # the original values, not a round trip through fn's dtype
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_ordered: bool = False) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]. x_ordered: x's columns come in the wgmma kernel's k order
+        (kernels/wgmma_order.py), as decoder_ops.add_norm / silu_mul write them with order=True where
+        takes_ordered_x said so; any path but the wgmma kernel's puts them back first."""
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if (cuda_linear is not None and launch.direct(x, self.scales) and x.dtype in ACTIVATION_DTYPES
                 and x.dim() >= 1 and x.shape[-1] == self.in_features and x.device == self.scales.device):
@@ -93,13 +111,26 @@ class FPxLinear(nn.Module):
             # buffers are the layer's own, checked when it was built); anything else goes through fpx_linear
             planes = [getattr(self, f"plane{i}") for i in range(self.num_planes)]
             return cuda_linear(x, planes, self.scales, bias, self.fmt.exp_bits, self.fmt.man_bits, self.out_features,
-                               self.in_features, self.group_size or 0)
+                               self.in_features, self.group_size or 0, x_ordered)
+        if x_ordered:
+            x = wgmma_x_unorder(x)
         if self.scales.device.type == "cpu" and not torch.compiler.is_compiling():
             weight = self.decoded_weight()
             if weight is not None:
                 check_linear_args(x, self.weight, bias)
                 return dense_linear(x, weight, bias)
         return fpx_linear(x, self.weight, bias)
+
+    def takes_ordered_x(self, x: torch.Tensor) -> bool:
+        """Whether forward would run the wgmma kernel for the rows of x (an activation of this layer's batch: its
+        leading shape, dtype and device; any last dimension), so that whoever writes its input may write it in that
+        kernel's k order (forward's x_ordered) and spare the kernel its x_order launch: eager on CUDA, in_features a
+        multiple of 128, and ops.cuda_path's choice. A wrong answer costs time, not results: forward puts x back."""
+        if cuda_linear is None or self.in_features % 128 or not launch.direct(x, self.scales) \
+                or x.dtype not in ACTIVATION_DTYPES or x.dim() < 1 or x.device != self.scales.device:
+            return False
+        rows = _rows_like(self.in_features, x.dtype, x.device).expand(x.numel() // max(1, x.shape[-1]), -1)
+        return cuda_path(self.fmt, self.group_size or 0, rows, self.out_features, self.in_features) == "wgmma"
 
     def decoded_weight(self) -> "torch.Tensor | None":
         """The float32 weight [N, K] that a CPU layer keeps (see the module's docstring), decoded on first use;

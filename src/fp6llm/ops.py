@@ -53,29 +53,51 @@ except ImportError:  # no Triton: the reference serves every device
     fpx_gemm = None
 from .kernels import fpx_cuda, launch
 from .kernels.dispatch import small_m_backend
+from .kernels.wgmma_order import wgmma_x_unorder
 
 
-def cuda_linear(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size) -> torch.Tensor:
-    """fpx_linear_op's CUDA implementation (the kernel choice of the module docstring); fpx_linear and FPxLinear
-    call it without the op in eager mode (launch.direct)."""
-    fmt = _format(exp_bits, man_bits)
-    if not kernel_supports(fmt, group_size or None, x.dtype) or x.numel() == 0:
-        weight = _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size).dequantize(x.dtype)
-        return torch.nn.functional.linear(x, weight, bias)
-    rows = x.reshape(-1, k)
-    if rows.stride(1) != 1:
-        rows = rows.contiguous()
+def cuda_path(fmt: FPFormat, group_size: int, rows: torch.Tensor, n: int, k: int) -> str:
+    """The kernel cuda_linear runs for rows [M, K] (the module docstring's choice): "dense" (de-quantize and
+    cuBLAS), "small", "mid" or "wgmma" (fpx_cuda's) or "triton" (fpx_gemm)."""
+    if not kernel_supports(fmt, group_size or None, rows.dtype) or rows.numel() == 0:
+        return "dense"
     mid = fpx_cuda.mid_supports(fmt, group_size or None, rows, n, k)  # M <= 128
     wgmma = fpx_cuda.wgmma_supports(fmt, group_size or None, rows, n, k)  # sm_90, M <= 4096
     if mid or wgmma:
-        backend = small_m_backend(rows.shape[0], n, k, fmt, x.dtype, x.device)  # the faster one measured
+        backend = small_m_backend(rows.shape[0], n, k, fmt, rows.dtype, rows.device)  # the faster one measured
         if backend == "cuda" and fpx_cuda.supports(fmt, group_size or None, rows, n, k):  # M <= 16
-            return fpx_cuda.fpx_small_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
+            return "small"
         if backend == "mid" and mid:
-            return fpx_cuda.fpx_mid_m(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
+            return "mid"
         if backend == "wgmma" and wgmma:
-            return fpx_cuda.fpx_wgmma(rows, planes, scales, bias, fmt, n, k).view(*x.shape[:-1], n)
-    return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(*x.shape[:-1], n)
+            return "wgmma"
+    return "triton"
+
+
+def cuda_linear(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size, x_ordered: bool = False
+                ) -> torch.Tensor:
+    """fpx_linear_op's CUDA implementation (the kernel choice of the module docstring: cuda_path); fpx_linear and
+    FPxLinear call it without the op in eager mode (launch.direct). x_ordered: x's columns come in the wgmma kernel's
+    k order (kernels/wgmma_order.py: a norm or silu_mul wrote them so for this layer, nn.FPxLinear.takes_ordered_x),
+    so the wgmma kernel needs no x_order launch; any other kernel gets x back in column order first."""
+    fmt = _format(exp_bits, man_bits)
+    rows = x.reshape(-1, k)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    path = cuda_path(fmt, group_size, rows, n, k)
+    if x_ordered and path != "wgmma":
+        rows = wgmma_x_unorder(rows)
+    shape = (*x.shape[:-1], n)
+    if path == "dense":
+        weight = _as_weight(planes, scales, exp_bits, man_bits, n, k, group_size).dequantize(x.dtype)
+        return torch.nn.functional.linear(rows, weight, bias).view(shape)
+    if path == "small":
+        return fpx_cuda.fpx_small_m(rows, planes, scales, bias, fmt, n, k).view(shape)
+    if path == "mid":
+        return fpx_cuda.fpx_mid_m(rows, planes, scales, bias, fmt, n, k).view(shape)
+    if path == "wgmma":
+        return fpx_cuda.fpx_wgmma(rows, planes, scales, bias, fmt, n, k, x_ordered=x_ordered).view(shape)
+    return fpx_gemm(rows, planes, scales, bias, fmt, n, k, group_size or None).view(shape)
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,7 +106,9 @@ def _format(exp_bits: int, man_bits: int) -> FPFormat:
 
 
 if fpx_gemm is not None:
-    fpx_linear_op.register_kernel("cuda")(cuda_linear)
+    @fpx_linear_op.register_kernel("cuda")
+    def _(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size):
+        return cuda_linear(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size)
 else:
     cuda_linear = None  # noqa: F811 (no Triton: the op's reference serves CUDA too)
 

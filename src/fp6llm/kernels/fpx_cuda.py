@@ -788,12 +788,13 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
               x_ahead: "int | None" = None, min_ctas: "int | None" = None,
               pdl: "bool | None" = None, producer: "bool | None" = None,
-              w_ahead: "int | None" = None) -> torch.Tensor:
+              w_ahead: "int | None" = None, x_ordered: bool = False) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas / producer (the warp-specialized variant) /
     w_ahead (wgmma_kernel_source's) override the launch measured for this shape on this GPU
     (dispatch.measured_small_m; wgmma_table_launch), else the defaults (wgmma_launch) and the split model; pdl
-    (None: launch.enabled) as fpx_small_m's."""
+    (None: launch.enabled) as fpx_small_m's. x_ordered: x's columns already in the kernel's k order
+    (wgmma_x_order_reference: a norm or silu_mul wrote them so), else one wgmma_x_order launch makes that copy."""
     m = x.shape[0]
     split, resolved = wgmma_table_launch(measured_small_m(m, n, k, fmt, x.dtype, x.device), m, split, n_x, wgs,
                                          x_ahead, min_ctas, producer, w_ahead)
@@ -804,5 +805,5 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
                                              min_ctas, pdl, producer, w_ahead)
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs, sm_count(x.device), resident)
-    return _launch_split_k(kernel, x, wgmma_x_order(x), planes, scales, bias, fmt, n, k, 64 * wgs,
-                           n_x, split, 128 * (wgs + producer), shared, pdl)
+    return _launch_split_k(kernel, x, x if x_ordered else wgmma_x_order(x), planes, scales, bias, fmt, n, k,
+                           64 * wgs, n_x, split, 128 * (wgs + producer), shared, pdl)

@@ -16,14 +16,18 @@ import triton.language as tl
 
 from . import launch
 from .pdl import wait_for_previous
+from .wgmma_order import wgmma_x_order_reference, wgmma_x_unorder  # noqa: F401 (the references, re-exported)
 
 BLOCK_WORDS = 1024  # column pairs per program (a multiple of a tile's 64)
 
 
-def wgmma_x_order_reference(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (K a multiple of 128) with each 128-column tile's columns in the wgmma kernel's k order; a copy."""
-    m, k = x.shape
-    return x.view(m, k // 128, 4, 8, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)
+@triton.jit
+def wgmma_column(cols):
+    """Where column ``cols`` of a row (in column order) goes in the wgmma kernel's k order (wgmma_x_order_reference):
+    the column pair s = cols // 2 within its 128-column tile, 16 t + 2 ks + h, moves to pair 8 ks + 4 h + t. For the
+    kernels that write x for a wgmma GEMM (norm.py, activation.py), so that it needs no x_order launch of its own."""
+    s = cols // 2
+    return cols - cols % 128 + 2 * (8 * ((s % 16) // 2) + 4 * (s % 2) + (s % 64) // 16) + cols % 2
 
 
 @triton.jit

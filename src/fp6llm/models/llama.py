@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..decoder_ops import silu_mul
+from ..nn import ordered_for
 from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
 from .norm import Norm
@@ -113,9 +114,14 @@ class Block(nn.Module):
                 kv: KVBatch) -> tuple[Tensor, Tensor]:
         """The residual stream is x + delta (x alone for delta None); returns the next block's (x, delta): each
         residual add is fused into the norm after it (models/norm.py)."""
-        h, x = self.input_layernorm(x, delta)
-        h, x = self.post_attention_layernorm(x, self.self_attn(h, input_pos, rope, kv))
-        return x, self.mlp(h)
+        # each norm writes its output in the wgmma kernel's k order where the FP6 layer it feeds runs that kernel
+        # (nn.ordered_for): it then needs no x_order launch of its own
+        order = ordered_for(self.self_attn.qkv_proj, x)
+        h, x = self.input_layernorm(x, delta, order)
+        delta = self.self_attn(h, input_pos, rope, kv, order)
+        order = ordered_for(self.mlp.gate_up_proj, x)
+        h, x = self.post_attention_layernorm(x, delta, order)
+        return x, self.mlp(h, order)
 
 
 class Attention(nn.Module):
@@ -129,10 +135,12 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_window
         self.kv_cache: Optional[PagedKVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, rope: tuple[Tensor, Tensor], kv: KVBatch) -> Tensor:
-        """x [B, T, dim]; rope: the model's tables cos, sin [max_seq_len, head_dim / 2]; kv: the rows' cache blocks."""
+    def forward(self, x: Tensor, input_pos: Tensor, rope: tuple[Tensor, Tensor], kv: KVBatch,
+                x_ordered: bool = False) -> Tensor:
+        """x [B, T, dim] (x_ordered: in the wgmma kernel's k order, for qkv_proj); rope: the model's tables cos, sin
+        [max_seq_len, head_dim / 2]; kv: the rows' cache blocks."""
         b, t, _ = x.shape
-        qkv = self.qkv_proj(x).view(b, t, -1, self.head_dim)
+        qkv = (self.qkv_proj(x, x_ordered=True) if x_ordered else self.qkv_proj(x)).view(b, t, -1, self.head_dim)
         # q's and k's heads turn and k, v enter the cache in one launch
         q = self.kv_cache.rotate_and_write(kv.slot_mapping, qkv, self.n_heads, input_pos, *rope)
         return self.o_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, self.sliding_window))
@@ -145,8 +153,12 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.dim, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # silu(gate) * up in one kernel
+    def forward(self, x: Tensor, x_ordered: bool = False) -> Tensor:
+        """x [..., dim] (x_ordered: in the wgmma kernel's k order, for gate_up_proj)."""
+        gate_up = self.gate_up_proj(x, x_ordered=True) if x_ordered else self.gate_up_proj(x)
+        if ordered_for(self.down_proj, gate_up):  # silu(gate) * up in one kernel, in down_proj's order if it takes it
+            return self.down_proj(silu_mul(gate_up, order=True), x_ordered=True)
+        return self.down_proj(silu_mul(gate_up))
 
 
 def rope_table(config: ModelConfig, positions: int, device=None) -> tuple[Tensor, Tensor]:

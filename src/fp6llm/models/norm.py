@@ -24,9 +24,10 @@ class Norm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = None if rms else nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor, delta: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """(norm(x + delta), x + delta) for x, delta [..., dim]; delta None: (norm(x), x)."""
-        return add_norm(x, delta, self.weight, self.bias, self.eps, self.rms)
+    def forward(self, x: Tensor, delta: Optional[Tensor] = None, order: bool = False) -> tuple[Tensor, Tensor]:
+        """(norm(x + delta), x + delta) for x, delta [..., dim]; delta None: (norm(x), x); order: the norm in the
+        wgmma kernel's k order, for an FP6 layer that takes it (nn.ordered_for)."""
+        return add_norm(x, delta, self.weight, self.bias, self.eps, self.rms, order)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, {'RMSNorm' if self.rms else 'LayerNorm'}"
