@@ -2,8 +2,8 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | w-ahead | wgmma3 | e2e | e2e-mid | e2e-pdl | host | e2e70 |
-#       serve | serve-mixed | all-quick
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | w-ahead | wgmma3 | e2e | e2e-order | e2e-mid | e2e-pdl | host |
+#       e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -32,6 +32,8 @@
 #             table in first)
 #   wgmma3    three consumer warpgroups beside the producer (setmaxnreg; built 2026-12-04, not yet run): after the
 #             w-ahead step's tests, the tuner at M = 128/256/512 (--wgmma-only: the faster of it and the table's entry)
+#   e2e-order fp6llm bench, llama-2-13b e3m2 at batch 1/16/32/64 with x written in the wgmma kernel's order by the
+#             norms and silu_mul (the default; built 2026-12-04, not yet timed) and with FP6LLM_ORDER_X=0
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
 #             1 x 128 tokens: wall time against the kernels' time, cProfile) and bench/host_overhead.py (per call);
 #             then bench/read_floor.py (a plain read of each shape's bytes against the floor and the small-M kernel)
@@ -130,6 +132,13 @@ wgmma3)  # the tests that cover it are the w-ahead step's (producer): run that s
     gpu_only timeout 500 python3 bench/tune.py --wgmma-only --ms 128,256,512 --out "$out" 2>&1 \
         | tee "$out/tune-wgmma3.log" | grep -v "^  cuda\|^  mid" | tail -34
     ;;
+e2e-order)  # the decode step with x written in the wgmma kernel's order (the default) and without (FP6LLM_ORDER_X=0)
+    for order in 1 0; do
+        FP6LLM_ORDER_X=$order timeout 270 python3 -m fp6llm bench --random "$model13" --formats e3m2 \
+            --batch 1,16,32,64 --prompt-len 128 --gen-len 32 "${device[@]}" --out "$out" 2>&1 \
+            | tee -a "$out/e2e-order.log" | grep -E "^\||wrote|rror" | tail -6
+    done
+    ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
     for flag in "" --no-programmatic-launch; do
         timeout 270 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \
@@ -174,8 +183,8 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | row-tiles | w-ahead | wgmma3 | e2e | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed |" \
-         "all-quick)" >&2
+         "wgmma-bf16 | row-tiles | w-ahead | wgmma3 | e2e | e2e-order | e2e-mid | e2e-pdl | host | e2e70 | serve |" \
+         "serve-mixed | all-quick)" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -25,6 +26,9 @@ from .ops import ACTIVATION_DTYPES, check_linear_args, cuda_linear, cuda_path, d
 from .quantize import QuantizedWeight, quantize_weight
 
 DECODED_RESERVE = 0.25  # a CPU layer keeps a decoded copy only if this fraction of the memory stays available
+# x written in the wgmma kernel's k order for the layers that run it (takes_ordered_x); FP6LLM_ORDER_X=0 turns it
+# off: an A/B switch until the device has timed it end to end (built 2026-12-04)
+ORDER_X = os.environ.get("FP6LLM_ORDER_X", "1") != "0"
 MEMINFO = "/proc/meminfo"
 
 
@@ -126,7 +130,7 @@ class FPxLinear(nn.Module):
         leading shape, dtype and device; any last dimension), so that whoever writes its input may write it in that
         kernel's k order (forward's x_ordered) and spare the kernel its x_order launch: eager on CUDA, in_features a
         multiple of 128, and ops.cuda_path's choice. A wrong answer costs time, not results: forward puts x back."""
-        if cuda_linear is None or self.in_features % 128 or not launch.direct(x, self.scales) \
+        if not ORDER_X or cuda_linear is None or self.in_features % 128 or not launch.direct(x, self.scales) \
                 or x.dtype not in ACTIVATION_DTYPES or x.dim() < 1 or x.device != self.scales.device:
             return False
         rows = _rows_like(self.in_features, x.dtype, x.device).expand(x.numel() // max(1, x.shape[-1]), -1)
