@@ -80,6 +80,7 @@ class FPxLinear(nn.Module):
         self.register_buffer("scales", qw.scales)
         self.register_buffer("bias", bias)
         self._decoded = None  # (key of the planes and scales it was decoded from, float32 weight) on a CPU
+        self._takes_ordered: dict = {}  # takes_ordered_x's answers by (rows, dtype, device)
 
     @property
     def weight(self) -> QuantizedWeight:
@@ -133,8 +134,13 @@ class FPxLinear(nn.Module):
         if not ORDER_X or cuda_linear is None or self.in_features % 128 or not launch.direct(x, self.scales) \
                 or x.dtype not in ACTIVATION_DTYPES or x.dim() < 1 or x.device != self.scales.device:
             return False
-        rows = _rows_like(self.in_features, x.dtype, x.device).expand(x.numel() // max(1, x.shape[-1]), -1)
-        return cuda_path(self.fmt, self.group_size or 0, rows, self.out_features, self.in_features) == "wgmma"
+        key = (x.numel() // max(1, x.shape[-1]), x.dtype, x.device)
+        answers = self.__dict__.setdefault("_takes_ordered", {})  # (a layer unpickled from before it had them)
+        if key not in answers:  # once per batch shape: an eager prefill would pay the choice at every call
+            rows = _rows_like(self.in_features, x.dtype, x.device).expand(key[0], -1)
+            answers[key] = cuda_path(self.fmt, self.group_size or 0, rows, self.out_features,
+                                     self.in_features) == "wgmma"
+        return answers[key]
 
     def decoded_weight(self) -> "torch.Tensor | None":
         """The float32 weight [N, K] that a CPU layer keeps (see the module's docstring), decoded on first use;
