@@ -133,6 +133,31 @@ def test_prefill_kernel_matches_the_reference(gen, dtype, groups, window, head_d
     assert relative_error(out.cpu(), dense_attention(q, dk, dv, pos, window)) < TOL[dtype]
 
 
+@runs_kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_attention_kernels_write_heads_in_the_wgmma_order(gen, dtype):
+    """With order=True the decode kernel (one split, and split-KV through the combine kernel) and the prefill kernel
+    store each head's 128 values in the wgmma kernel's k order: wgmma_x_order_reference of the plain output, bit
+    for bit; so does paged_attention on the op's path; a head size not a multiple of 128 is refused."""
+    from fp6llm.kernels.attention import paged_decode, paged_prefill
+    from fp6llm.kernels.wgmma_order import wgmma_x_order_reference
+    from fp6llm.models.attention import paged_attention
+    to = dict(device=DEVICE)
+    case = [t.to(**to) for t in paged_case(gen, [5, 40], 1, 2, 128, dtype)[:6]]
+    for splits in (1, 3):
+        plain = paged_decode(*case, splits=splits, keys=16)
+        assert torch.equal(paged_decode(*case, splits=splits, keys=16, order=True), wgmma_x_order_reference(plain))
+    chunk = [t.to(**to) for t in paged_case(gen, [20, 33], 1, 2, 128, dtype, new_tokens=20)[:6]]
+    assert torch.equal(paged_prefill(*chunk, order=True), wgmma_x_order_reference(paged_prefill(*chunk)))
+    cpu = [t.cpu().nan_to_num() for t in case]  # the reference gathers the unowned (NaN) blocks too
+    assert torch.equal(paged_attention(*cpu, order=True), wgmma_x_order_reference(paged_attention(*cpu)))
+    small = [t.to(**to) for t in paged_case(gen, [5], 1, 2, 64, dtype)[:6]]
+    with pytest.raises(ValueError, match="multiple of 128"):
+        paged_decode(*small, order=True)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        paged_attention(*[t.cpu() for t in small], order=True)
+
+
 def test_attention_work_follows_the_valid_tokens(monkeypatch, gen):
     """One sequence in a cache of 2048 positions: a decode step at length 10 gathers 1 block of K/V per layer, at
     length 2000 125 blocks (the static cache read all 2048 positions in both). Counted at the attention call: the

@@ -766,6 +766,33 @@ def test_cuda_layers_take_x_in_the_wgmma_order(gen, dtype):
 
 
 @hopper
+def test_cuda_model_logits_with_x_in_the_wgmma_order(gen, monkeypatch):
+    """A llama model on the GPU (heads of 128, whole 128-column tiles) at 16 rows, where the H200 table sends its
+    GEMMs to the wgmma kernel: with the norms, silu_mul and attention writing x in that kernel's order (the
+    default) its logits equal those with the order off (FP6LLM_ORDER_X=0's nn.ORDER_X) bit for bit, and some layers
+    did take ordered x."""
+    from fp6llm import nn as fnn
+    from fp6llm.models import ModelConfig, build_random
+    config = ModelConfig(arch="llama", vocab_size=512, dim=256, n_layers=2, n_heads=2, n_kv_heads=1,
+                         intermediate_size=512, max_position_embeddings=64)
+    model = build_random(config, "e3m2", "cuda", dtype=torch.float16, seed=3, progress=False)
+    tokens = torch.randint(0, 512, (16, 1), generator=gen).cuda()
+    positions = torch.full((16, 1), 7, device="cuda")
+    taken = []
+    takes = fnn.FPxLinear.takes_ordered_x
+    monkeypatch.setattr(fnn.FPxLinear, "takes_ordered_x", lambda self, x: taken.append(takes(self, x)) or taken[-1])
+    logits = []
+    for order in (True, False):
+        monkeypatch.setattr(fnn, "ORDER_X", order)
+        with torch.no_grad():
+            model.setup_caches(16, 32)
+            model(torch.randint(0, 512, (16, 7), generator=torch.Generator().manual_seed(0)).cuda(),
+                  torch.arange(7, device="cuda").expand(16, 7))
+            logits.append(model(tokens, positions))
+    assert any(taken) and torch.equal(logits[0], logits[1])
+
+
+@hopper
 @pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 16), ("e3m2", torch.bfloat16, 9),
                                            ("e2m3", torch.float16, 64), ("e4m3", torch.bfloat16, 33)])
 def test_cuda_wgmma_weight_tiles_in_flight_keep_the_sums(gen, fmt, dtype, m):

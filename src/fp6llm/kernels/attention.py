@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import launch
 from .pdl import wait_for_previous
+from .x_order import wgmma_column
 
 NO_WINDOW = 0  # the sliding_window argument of the kernels when there is none
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -74,10 +75,11 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
                    window, stride_qb, stride_qh, stride_tb, stride_cb, stride_cs, stride_ch, stride_pb, stride_ob,
                    stride_oh, GROUPS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                   BLOCK_N: tl.constexpr, ORDER: tl.constexpr, PDL: tl.constexpr):
     """Program (b, kv_head, split): the GROUPS query heads of kv_head over the split's share of row b's blocks.
     SPLITS > 1: writes acc [B, H, SPLITS, BLOCK_D] (unnormalized) and ml [B, H, SPLITS, 2] (running max, sum) for
-    _combine_kernel; SPLITS == 1: the normalized output, out [B, H, 1, D] in its dtype."""
+    _combine_kernel; SPLITS == 1: the normalized output, out [B, H, 1, D] in its dtype (ORDER: each head's D in
+    the wgmma kernel's k order, D a multiple of 128, for an o_proj that runs it)."""
     wait_for_previous(PDL)  # launched early (kernels/launch.py): the previous kernel's writes first
     b, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = kv_head * GROUPS + tl.arange(0, BLOCK_G)
@@ -103,8 +105,9 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
                                       stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32, BLOCK_N)
     if SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=head_mask[:, None] & (dims[None, :] < HEAD_DIM))
+        columns = wgmma_column(dims) if ORDER else dims
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + columns[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & (dims[None, :] < HEAD_DIM))
     else:
         row = (b * GROUPS * tl.num_programs(1) + heads) * SPLITS + split  # [B, H, SPLITS] flattened
         tl.store(acc_ptr + row[:, None] * BLOCK_D + dims[None, :], acc, mask=head_mask[:, None])
@@ -114,7 +117,8 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
 
 @triton.jit
 def _combine_kernel(acc_ptr, ml_ptr, out_ptr, H, stride_ob, stride_oh, SPLITS: tl.constexpr,
-                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, ORDER: tl.constexpr,
+                    PDL: tl.constexpr):
     """Program (b H + h): the splits' partials of row b, head h combined, out = sum_s e^(m_s - M) acc_s /
     sum_s e^(m_s - M) l_s with M = max_s m_s, stored in out's dtype (one launch where torch ops took nine)."""
     wait_for_previous(PDL)  # launched early (kernels/launch.py): the previous kernel's writes first
@@ -128,7 +132,8 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, H, stride_ob, stride_oh, SPLITS: t
     dims = tl.arange(0, BLOCK_D)
     acc = tl.load(acc_ptr + (row * SPLITS + s)[:, None] * BLOCK_D + dims[None, :], mask=valid[:, None], other=0.0)
     out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * l_s, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + (wgmma_column(dims) if ORDER else dims),
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 @triton.jit
@@ -136,7 +141,7 @@ def _prefill_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, 
                     stride_qb, stride_qh, stride_qt, stride_tb, stride_cb, stride_cs, stride_ch, stride_pb,
                     stride_ob, stride_oh, stride_ot, GROUPS: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    DOT_FP32: tl.constexpr):
+                    DOT_FP32: tl.constexpr, ORDER: tl.constexpr):
     """Program (b, kv_head, tile): query tokens tile * BLOCK_T .. + BLOCK_T of the GROUPS heads of kv_head, as
     BLOCK_T * BLOCK_G rows (token-major), over row b's blocks up to the tile's last query position."""
     b, kv_head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -163,8 +168,15 @@ def _prefill_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, 
                                       seq_len, window, m_i, l_i, acc, sm_scale, stride_tb, stride_cb, stride_cs,
                                       stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32, BLOCK_SIZE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + tokens[:, None] * stride_ot + dims[None, :],
+    columns = wgmma_column(dims) if ORDER else dims
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + tokens[:, None] * stride_ot + columns[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
+
+
+def _check_order(order: bool, d: int) -> None:
+    if order and d % 128:
+        raise ValueError(f"attention's output in the wgmma kernel's k order needs a head size that is a multiple of "
+                         f"128, got {d}")
 
 
 def _dot_fp32(q: Tensor) -> bool:
@@ -212,13 +224,15 @@ def decode_launch(table_width: int, block_size: int, batch_kv_heads: int, keys: 
 
 def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                  input_pos: Tensor, sliding_window: Optional[int] = None, splits: Optional[int] = None,
-                 keys: Optional[int] = None) -> Tensor:
+                 keys: Optional[int] = None, order: bool = False) -> Tensor:
     """Decode attention: q [B, H, 1, D] -> [B, H, 1, D] in q's dtype; reads ceil(seq_len / BLOCK_SIZE) blocks of
-    each row (from the window's first block with a sliding window), ``keys`` per loop step (default decode_keys).
-    Raises ValueError for mismatched shapes."""
+    each row (from the window's first block with a sliding window), ``keys`` per loop step (default decode_keys);
+    order: each head's D in the wgmma kernel's k order (D a multiple of 128). Raises ValueError for mismatched
+    shapes."""
     b, h, t, d = q.shape
     if t != 1:
         raise ValueError(f"paged_decode takes one query token per row, got {t}")
+    _check_order(order, d)
     groups, block_g, block_d = _check(q, k_cache, block_tables)
     n_kv, block_size = k_cache.shape[2], k_cache.shape[1]
     keys, splits = decode_launch(block_tables.shape[1], block_size, b * n_kv, keys, splits)
@@ -232,20 +246,23 @@ def paged_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tens
         q, k_cache, v_cache, block_tables, seq_lens, input_pos, acc, ml, out, d ** -0.5, sliding_window or NO_WINDOW,
         q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         input_pos.stride(0), out.stride(0), out.stride(1), GROUPS=groups, SPLITS=splits, BLOCK_G=block_g,
-        BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q), BLOCK_N=keys,
+        BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q), BLOCK_N=keys, ORDER=order,
         **launch.triton_options(q.device))
     if splits > 1:
         _combine_kernel[(b * h,)](acc, ml, out, h, out.stride(0), out.stride(1), SPLITS=splits,
                                   BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, HEAD_DIM=d,
-                                  **launch.triton_options(q.device))
+                                  ORDER=order, **launch.triton_options(q.device))
     return out
 
 
 def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                  input_pos: Tensor, sliding_window: Optional[int] = None, block_t: int = 16) -> Tensor:
+                  input_pos: Tensor, sliding_window: Optional[int] = None, block_t: int = 16,
+                  order: bool = False) -> Tensor:
     """Prefill/extend attention: q [B, H, T, D] at positions input_pos [B, T] -> [B, H, T, D] in q's dtype; each
-    tile of block_t tokens reads the blocks up to its last position. Raises ValueError for mismatched shapes."""
+    tile of block_t tokens reads the blocks up to its last position; order as paged_decode's. Raises ValueError for
+    mismatched shapes."""
     b, h, t, d = q.shape
+    _check_order(order, d)
     groups, block_g, block_d = _check(q, k_cache, block_tables)
     block_g = triton.next_power_of_2(groups)  # rows are BLOCK_T * BLOCK_G: >= 16 through BLOCK_T
     block_t = max(block_t, 16 // block_g)
@@ -255,7 +272,8 @@ def paged_prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Ten
         q, k_cache, v_cache, block_tables, seq_lens, input_pos, out, d ** -0.5, sliding_window or NO_WINDOW, t,
         q.stride(0), q.stride(1), q.stride(2), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), input_pos.stride(0), out.stride(0), out.stride(1), out.stride(2), GROUPS=groups,
-        BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q))
+        BLOCK_T=block_t, BLOCK_G=block_g, BLOCK_SIZE=block_size, BLOCK_D=block_d, HEAD_DIM=d, DOT_FP32=_dot_fp32(q),
+        ORDER=order)
     return out
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..kernels import launch
+from ..kernels.wgmma_order import wgmma_x_order_reference
 
 BLOCK_SIZE = 16  # positions per cache block (vLLM's default too)
 NULL_BLOCK = 0  # a scratch block nobody owns: padding tokens write here, unused block-table entries point here
@@ -71,10 +72,13 @@ class PagedKVCache(nn.Module):
         op = _rotary_write_kv_cuda if direct else rotary_write_kv
         return op(qkv, positions, cos, sin, self.k_cache, self.v_cache, slot_mapping, n_q)
 
-    def attend(self, q: Tensor, input_pos: Tensor, kv: KVBatch, sliding_window: Optional[int] = None) -> Tensor:
-        """q [B, H, T, D] over the cached keys/values of each row -> [B, T, H * D]."""
+    def attend(self, q: Tensor, input_pos: Tensor, kv: KVBatch, sliding_window: Optional[int] = None,
+               order: bool = False) -> Tensor:
+        """q [B, H, T, D] over the cached keys/values of each row -> [B, T, H * D]; order: each head's D in the wgmma
+        kernel's k order (D a multiple of 128), for an o_proj that takes it (nn.ordered_for)."""
         b, h, t, d = q.shape
-        out = paged_attention(q, self.k_cache, self.v_cache, kv.block_tables, kv.seq_lens, input_pos, sliding_window)
+        out = paged_attention(q, self.k_cache, self.v_cache, kv.block_tables, kv.seq_lens, input_pos, sliding_window,
+                              order)
         return out.transpose(1, 2).reshape(b, t, h * d)
 
 
@@ -176,13 +180,19 @@ def _(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
-                    input_pos: Tensor, sliding_window: Optional[int] = None) -> Tensor:
+                    input_pos: Tensor, sliding_window: Optional[int] = None, order: bool = False) -> Tensor:
     """paged_attention_reference's result [B, H, T, D]; on CUDA from the Triton kernels of kernels/attention.py
     (decode for T = 1, prefill/extend otherwise), which read only each row's valid blocks; in eager mode without
-    the op's dispatch (launch.direct)."""
-    direct = paged_decode is not None and launch.direct(q, k_cache, block_tables, seq_lens, input_pos)
-    op = _paged_attention_cuda if direct else paged_attention_op
-    return op(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or 0)
+    the op's dispatch (launch.direct). order: each head's D in the wgmma kernel's k order (D a multiple of 128;
+    kernels/wgmma_order.py), written so by the kernels in eager mode."""
+    if order and q.shape[-1] % 128:
+        raise ValueError(f"attention's output in the wgmma kernel's k order needs a head size that is a multiple of "
+                         f"128, got {q.shape[-1]}")
+    if paged_decode is not None and launch.direct(q, k_cache, block_tables, seq_lens, input_pos):
+        kernel = paged_decode if q.shape[2] == 1 else paged_prefill
+        return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None, order=order)
+    out = paged_attention_op(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or 0)
+    return wgmma_x_order_reference(out) if order else out
 
 
 def blocks_for(positions: int, block_size: int = BLOCK_SIZE) -> int:

@@ -143,7 +143,10 @@ class Attention(nn.Module):
         qkv = (self.qkv_proj(x, x_ordered=True) if x_ordered else self.qkv_proj(x)).view(b, t, -1, self.head_dim)
         # q's and k's heads turn and k, v enter the cache in one launch
         q = self.kv_cache.rotate_and_write(kv.slot_mapping, qkv, self.n_heads, input_pos, *rope)
-        return self.o_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, self.sliding_window))
+        # attention writes each head in o_proj's wgmma order where o_proj runs that kernel (heads of 128 or more)
+        order = self.head_dim % 128 == 0 and ordered_for(self.o_proj, x)
+        attended = self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, self.sliding_window, order)
+        return self.o_proj(attended, x_ordered=True) if order else self.o_proj(attended)
 
 
 class MLP(nn.Module):
