@@ -272,3 +272,5 @@ def test_ops_write_x_in_the_wgmma_order_on_every_path(gen):
         decoder_ops.add_norm(x[..., :64], None, weight[:64], None, 1e-6, True, order=True)
     with pytest.raises(ValueError, match="multiple of 128"):
         decoder_ops.silu_mul(gate_up[..., :128], order=True)
+    with pytest.raises(ValueError, match=r"multiple of 128, got shape \(2, 100\)"):
+        wgmma_x_unorder(torch.zeros(2, 100))
