@@ -16,7 +16,7 @@ import triton.language as tl
 
 from . import launch
 from .pdl import wait_for_previous
-from .x_order import wgmma_column
+from .x_order import wgmma_ordered
 
 BLOCK = 1024  # features per program
 
@@ -32,8 +32,10 @@ def silu_mul_kernel(gate_up_ptr, out_ptr, inner, row_stride, BLOCK: tl.constexpr
     up = tl.load(gate_up_ptr + row * row_stride + inner + cols, mask=mask, other=0.0)
     g32 = gate.to(tl.float32)
     silu = (g32 / (1.0 + tl.exp(-g32))).to(gate.dtype)
-    tl.store(out_ptr + row * inner + (wgmma_column(cols) if ORDER else cols),
-             (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    out = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+    if ORDER:
+        out = tl.reshape(wgmma_ordered(tl.reshape(out, (1, BLOCK)), 1, BLOCK), (BLOCK,))
+    tl.store(out_ptr + row * inner + cols, out, mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor, order: bool = False) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import launch
 from .pdl import wait_for_previous
-from .x_order import wgmma_column
+from .x_order import wgmma_ordered
 
 NO_WINDOW = 0  # the sliding_window argument of the kernels when there is none
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -105,9 +105,11 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, a
                                       stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32, BLOCK_N)
     if SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        columns = wgmma_column(dims) if ORDER else dims
-        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + columns[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None] & (dims[None, :] < HEAD_DIM))
+        out = out.to(out_ptr.dtype.element_ty)
+        if ORDER:
+            out = wgmma_ordered(out, BLOCK_G, BLOCK_D)
+        tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + dims[None, :], out,
+                 mask=head_mask[:, None] & (dims[None, :] < HEAD_DIM))
     else:
         row = (b * GROUPS * tl.num_programs(1) + heads) * SPLITS + split  # [B, H, SPLITS] flattened
         tl.store(acc_ptr + row[:, None] * BLOCK_D + dims[None, :], acc, mask=head_mask[:, None])
@@ -132,8 +134,10 @@ def _combine_kernel(acc_ptr, ml_ptr, out_ptr, H, stride_ob, stride_oh, SPLITS: t
     dims = tl.arange(0, BLOCK_D)
     acc = tl.load(acc_ptr + (row * SPLITS + s)[:, None] * BLOCK_D + dims[None, :], mask=valid[:, None], other=0.0)
     out = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * l_s, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + (wgmma_column(dims) if ORDER else dims),
-             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+    out = out.to(out_ptr.dtype.element_ty)
+    if ORDER:
+        out = tl.reshape(wgmma_ordered(tl.reshape(out, (1, BLOCK_D)), 1, BLOCK_D), (BLOCK_D,))
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + dims, out, mask=dims < HEAD_DIM)
 
 
 @triton.jit
@@ -168,9 +172,11 @@ def _prefill_kernel(q_ptr, k_cache, v_cache, block_tables, seq_lens, input_pos, 
                                       seq_len, window, m_i, l_i, acc, sm_scale, stride_tb, stride_cb, stride_cs,
                                       stride_ch, BLOCK_SIZE, BLOCK_D, HEAD_DIM, DOT_FP32, BLOCK_SIZE)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    columns = wgmma_column(dims) if ORDER else dims
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + tokens[:, None] * stride_ot + columns[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask)
+    out = out.to(out_ptr.dtype.element_ty)
+    if ORDER:
+        out = wgmma_ordered(out, BLOCK_T * BLOCK_G, BLOCK_D)
+    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + tokens[:, None] * stride_ot + dims[None, :],
+             out, mask=row_mask[:, None] & dim_mask)
 
 
 def _check_order(order: bool, d: int) -> None:

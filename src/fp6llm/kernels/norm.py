@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import launch
 from .pdl import wait_for_previous
-from .x_order import wgmma_column
+from .x_order import wgmma_ordered
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -56,7 +56,10 @@ def add_norm_kernel(x_ptr, delta_ptr, weight_ptr, bias_ptr, out_ptr, total_ptr, 
         out = centered * rstd * weight
         if HAS_BIAS:
             out += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * d + (wgmma_column(cols) if ORDER else cols), out.to(x.dtype), mask=mask)
+    out = out.to(x.dtype)
+    if ORDER:
+        out = tl.reshape(wgmma_ordered(tl.reshape(out, (1, BLOCK_D)), 1, BLOCK_D), (BLOCK_D,))
+    tl.store(out_ptr + row * d + cols, out, mask=mask)
 
 
 def add_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],

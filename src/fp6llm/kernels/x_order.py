@@ -22,12 +22,12 @@ BLOCK_WORDS = 1024  # column pairs per program (a multiple of a tile's 64)
 
 
 @triton.jit
-def wgmma_column(cols):
-    """Where column ``cols`` of a row (in column order) goes in the wgmma kernel's k order (wgmma_x_order_reference):
-    the column pair s = cols // 2 within its 128-column tile, 16 t + 2 ks + h, moves to pair 8 ks + 4 h + t. For the
-    kernels that write x for a wgmma GEMM (norm.py, activation.py), so that it needs no x_order launch of its own."""
-    s = cols // 2
-    return cols - cols % 128 + 2 * (8 * ((s % 16) // 2) + 4 * (s % 2) + (s % 64) // 16) + cols % 2
+def wgmma_ordered(values, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """values [ROWS, COLS] (COLS whole 128-column tiles) with each row's columns in the wgmma kernel's k order
+    (wgmma_x_order_reference's view and permute, in registers: ptxas makes it shared-memory matrix loads), for a
+    kernel that writes x for a wgmma GEMM (norm.py, activation.py, attention.py) and stores it contiguously."""
+    ordered = tl.permute(tl.reshape(values, (ROWS, COLS // 128, 4, 8, 2, 2)), (0, 1, 3, 4, 2, 5))
+    return tl.reshape(ordered, (ROWS, COLS))
 
 
 @triton.jit
