@@ -2,8 +2,8 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | w-ahead | wgmma3 | e2e | e2e-order | e2e-mid | e2e-pdl | host |
-#       e2e70 | serve | serve-mixed | all-quick
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | wgmma3 | e2e | e2e-order | e2e-mid |
+#       e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -26,6 +26,9 @@
 #             --no-programmatic-launch
 #   row-tiles the small-M kernel with two row tiles per warp (row_tiles=2): its GPU test, then small_m_tail_ab.py
 #             at M = 1..16 against the plain kernel and x at compute time
+#   check-new the GPU tests of what the eleventh session built after its device time (2026-12-04): w_ahead, three
+#             consumers, x in the wgmma order (layers, a model's logits, the norm / silu_mul / attention kernels
+#             compiled); run it first, on a cold compile cache it takes minutes
 #   w-ahead   the wgmma kernel with 3-4 weight tiles in flight per warp (w_ahead; built 2026-12-04, not yet timed):
 #             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
@@ -119,6 +122,11 @@ row-tiles)  # the small-M kernel with two 16-row tiles per warp sharing each loa
     gpu_only timeout 300 python3 bench/small_m_tail_ab.py --ms 1,2,4,8,16 --variants plain,plainx,rt2 \
         --out "$out/row-tiles.json" 2>&1 | tee "$out/row-tiles.log" | tail -45
     ;;
+check-new)
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 540 python3 -m pytest -q test_kernels.py test_attention.py \
+        test_decoder_ops.py -k "weight_tiles or producer or wgmma_order or table_launch" 2>&1 | tail -4) \
+        | tee "$out/check-new.log"
+    ;;
 w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner ~80 s per M (saved after each shape)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \
         -k "weight_tiles or producer" 2>&1 | tail -2) | tee "$out/w-ahead-tests.log"
@@ -183,8 +191,8 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | row-tiles | w-ahead | wgmma3 | e2e | e2e-order | e2e-mid | e2e-pdl | host | e2e70 | serve |" \
-         "serve-mixed | all-quick)" >&2
+         "wgmma-bf16 | row-tiles | check-new | w-ahead | wgmma3 | e2e | e2e-order | e2e-mid | e2e-pdl | host |" \
+         "e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;
 esac
