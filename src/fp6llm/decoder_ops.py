@@ -3,7 +3,8 @@
 Each op has a PyTorch reference (any device; what runs on the CPU) and, on CUDA, one Triton kernel launch
 (kernels/norm.py, kernels/rotary.py, kernels/activation.py), plus a fake implementation for torch.compile, as
 ops.py does for fpx_linear. At decode a Llama block then launches: add + norm, qkv GEMM, rotary (q and k), the
-cache write and attention, o GEMM, add + norm, gate_up GEMM, silu_mul, down GEMM.
+cache write and attention, o GEMM, add + norm, gate_up GEMM, silu_mul, down GEMM. add_norm and silu_mul take
+order=True to write their output in the wgmma kernel's k order for an FP6 layer that runs it (models/llama.py).
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 16 ks + 8 h + 2 t + j (k-step ks of the MMA, its half h, lane t, element j) holds column 32 t + 4 ks + 2 h + j, the
 column that layout 2 places in that fragment position (see fpx_small_m.cu). Columns move in pairs (4 bytes).
 
-wgmma_x_order_reference is the PyTorch definition (a view, a permute and a copy); wgmma_x_order is one launch of
-x_order_kernel (on the CPU under the Triton interpreter), which takes the PDL flag (kernels/launch.py), so the
-programmatic chain of a decode step is not broken before each wgmma GEMM by a torch copy (a plain launch waits for
-its predecessor to complete, and the GEMM then waits for it).
+wgmma_x_order_reference is the PyTorch definition (a view, a permute and a copy; kernels/wgmma_order.py, with its
+inverse); wgmma_x_order is one launch of x_order_kernel (on the CPU under the Triton interpreter), which takes the
+PDL flag (kernels/launch.py), so the programmatic chain of a decode step is not broken before each wgmma GEMM by a
+torch copy (a plain launch waits for its predecessor to complete, and the GEMM then waits for it). Where the kernel
+that produces x knows its GEMM runs the wgmma kernel (nn.FPxLinear.takes_ordered_x), it writes x in this order
+itself (wgmma_ordered, in norm.py, activation.py, attention.py) and no copy is launched at all.
 """
 
 from __future__ import annotations
