@@ -188,13 +188,16 @@ def test_compiled_decode_matches_eager(gen):
 
 
 @torch.no_grad()
-def test_norms_hand_fp6_layers_x_in_the_wgmma_order_without_changing_logits(gen, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_norms_hand_fp6_layers_x_in_the_wgmma_order_without_changing_logits(gen, monkeypatch, arch):
     """Where an FP6 layer takes x in the wgmma kernel's k order (takes_ordered_x forced on for all of them here, as
-    on an H200 where the wgmma kernel runs), a llama block's norms and silu_mul write it so and the layers take it:
-    the logits equal the plain run's bit for bit (dim 256, heads of 128, intermediate 256: whole 128-column tiles),
-    and every FP6 layer was asked: attention writes o_proj's x so, too."""
-    config = ModelConfig(arch="llama", vocab_size=VOCAB, dim=256, n_layers=2, n_heads=2, n_kv_heads=1,
-                         intermediate_size=256, max_position_embeddings=64)
+    on an H200 where the wgmma kernel runs), a block's norms, silu_mul (llama) and attention write it so and the
+    layers take it: the logits equal the plain run's bit for bit (dim 256, heads of 128, intermediate 256: whole
+    128-column tiles). Llama: all four layers of a block take it; OPT (pre-LN): qkv, out_proj and fc1 (fc2's x
+    comes from a torch relu), the others are not asked."""
+    base = dict(NAMED_CONFIGS["tiny-opt"]) if arch == "opt" else dict(arch="llama", n_kv_heads=1)
+    config = ModelConfig(**dict(base, vocab_size=VOCAB, dim=256, n_layers=2, n_heads=2, intermediate_size=256,
+                                max_position_embeddings=64))
     model = build_random(config, "e3m2", "cpu", seed=seed_of(gen), progress=False)
     tokens = torch.randint(0, VOCAB, (2, 5), generator=gen)
     plain = run(model, tokens)
@@ -204,4 +207,6 @@ def test_norms_hand_fp6_layers_x_in_the_wgmma_order_without_changing_logits(gen,
     monkeypatch.setattr(FPxLinear, "forward", lambda self, x, x_ordered=False: ordered.append(x_ordered)
                         or forward(self, x, x_ordered))
     assert torch.equal(run(model, tokens), plain)
-    assert len(asked) == 4 * config.n_layers and ordered == [True] * 4 * config.n_layers
+    took = 4 if arch == "llama" else 3
+    assert len(asked) == took * config.n_layers and ordered.count(True) == took * config.n_layers
+    assert ordered.count(False) == (4 - took) * config.n_layers

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nn import ordered_for
 from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
 from .config import ModelConfig
 from .norm import Norm
@@ -108,17 +109,21 @@ class Block(nn.Module):
         Pre-LN, x + f(norm(x)): each residual add is fused into the norm after it (models/norm.py). Post-LN,
         norm(x + f(x)): the add and the norm are one kernel too, and the stream is the norm's output (delta None).
         """
-        if self.pre_norm:
-            h, x = self.self_attn_layer_norm(x, delta)
-            h, x = self.final_layer_norm(x, self.self_attn(h, input_pos, kv))
-            return x, self.mlp(h)
+        if self.pre_norm:  # each norm in the wgmma order where the FP6 layer it feeds runs that kernel (llama.py)
+            order = ordered_for(self.self_attn.qkv_proj, x)
+            h, x = self.self_attn_layer_norm(x, delta, order)
+            delta = self.self_attn(h, input_pos, kv, order)
+            order = ordered_for(self.fc1, x)
+            h, x = self.final_layer_norm(x, delta, order)
+            return x, self.mlp(h, order)
         x = x if delta is None else x + delta
         x, _ = self.self_attn_layer_norm(x, self.self_attn(x, input_pos, kv))
         x, _ = self.final_layer_norm(x, self.mlp(x))
         return x, None
 
-    def mlp(self, x: Tensor) -> Tensor:
-        return self.fc2(self.activation(self.fc1(x)))
+    def mlp(self, x: Tensor, x_ordered: bool = False) -> Tensor:
+        """fc2(activation(fc1(x))); x_ordered: x in the wgmma kernel's k order, for fc1."""
+        return self.fc2(self.activation(self.fc1(x, x_ordered=True) if x_ordered else self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -130,8 +135,12 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(inner, config.dim, bias=config.o_bias)
         self.kv_cache: Optional[PagedKVCache] = None
 
-    def forward(self, x: Tensor, input_pos: Tensor, kv: KVBatch) -> Tensor:
+    def forward(self, x: Tensor, input_pos: Tensor, kv: KVBatch, x_ordered: bool = False) -> Tensor:
+        """x [B, T, dim] (x_ordered: in the wgmma kernel's k order, for qkv_proj)."""
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).view(b, t, 3 * self.n_heads, self.head_dim).chunk(3, dim=2)
+        qkv = self.qkv_proj(x, x_ordered=True) if x_ordered else self.qkv_proj(x)
+        q, k, v = qkv.view(b, t, 3 * self.n_heads, self.head_dim).chunk(3, dim=2)
         self.kv_cache.write(kv.slot_mapping, k, v)
-        return self.out_proj(self.kv_cache.attend(q.transpose(1, 2), input_pos, kv))
+        order = self.head_dim % 128 == 0 and ordered_for(self.out_proj, x)  # attention writes out_proj's order
+        attended = self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, None, order)
+        return self.out_proj(attended, x_ordered=True) if order else self.out_proj(attended)
