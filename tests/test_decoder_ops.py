@@ -274,3 +274,5 @@ def test_ops_write_x_in_the_wgmma_order_on_every_path(gen):
         decoder_ops.silu_mul(gate_up[..., :128], order=True)
     with pytest.raises(ValueError, match=r"multiple of 128, got shape \(2, 100\)"):
         wgmma_x_unorder(torch.zeros(2, 100))
+    assert wgmma_x_order_reference(torch.zeros(0, 3, 256)).shape == (0, 3, 256)  # an empty batch keeps its shape
+    assert wgmma_x_unorder(torch.zeros(2, 0, 128)).shape == (2, 0, 128)
