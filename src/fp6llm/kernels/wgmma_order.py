@@ -24,6 +24,6 @@ def wgmma_x_unorder(x: torch.Tensor) -> torch.Tensor:
 
 def _width(x: torch.Tensor) -> torch.Size:
     if x.dim() < 1 or x.shape[-1] % 128 or not x.shape[-1]:
-        raise ValueError(f"x in the wgmma kernel's k order has whole 128-column tiles: its last dimension must be a positive "
-                         f"multiple of 128, got shape {tuple(x.shape)}")
+        raise ValueError(f"x in the wgmma kernel's k order has whole 128-column tiles: its last dimension must be a "
+                         f"positive multiple of 128, got shape {tuple(x.shape)}")
     return x.shape
