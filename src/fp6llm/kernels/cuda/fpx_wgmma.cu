@@ -314,8 +314,8 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(CONSUMER_REGS));
 #endif
             consume(d, p0, p1, p2, (long)min(tile, n_tiles - 1) * k_tiles, lane, pw, smem, full, empty, kt0, kt1);
-            wgmma_wait<0>();
 #ifdef CONSUMER_REGS
+            wgmma_wait<0>();  // the accumulators complete before the registers go back
             fence_accumulators(d);
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(LAUNCH_REGS));
 #endif
