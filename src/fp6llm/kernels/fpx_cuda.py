@@ -630,7 +630,7 @@ WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
 # Three consumer warpgroups beside a producer (512 threads, 128 registers each at launch): the producer keeps 32
 # for its copies, the consumers 160 (32 x 128 + 160 x 384 = 65536; sm_90a, 2026-12-04: no spills in the loop at
 # 128 rows of x, ~100 bytes in the epilogue, which runs at 128)
-WGMMA_PRODUCER_REGS, WGMMA_CONSUMER_REGS = 32, 160
+WGMMA_LAUNCH_REGS, WGMMA_PRODUCER_REGS, WGMMA_CONSUMER_REGS = 65536 // 512, 32, 160
 
 
 def wgmma_asm(n_x: int, bf16: bool) -> list:
@@ -661,13 +661,10 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"not {wgs}" + (" beside a producer" if producer else "") + f" at {min_ctas} CTAs per SM")
     if w_ahead not in (2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 2-4 K tiles of weights in flight, not {w_ahead}")
-    threads = 128 * (wgs + producer)
-    handed = wgs == 3  # setmaxnreg: the consumers' registers for the loop
     if not wgmma_registers_fit(n_x, wgs, min_ctas, producer, w_ahead):
-        regs = WGMMA_CONSUMER_REGS if handed else 65536 // (threads * min_ctas)
         raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators and {w_ahead} weight tiles per "
-                         f"thread at {min_ctas} CTAs of {wgs + producer} warpgroups per SM ({regs} registers per "
-                         f"thread)")
+                         f"thread at {min_ctas} CTAs of {wgs + producer} warpgroups per SM "
+                         f"({_consumer_registers(wgs, min_ctas, producer)} registers per thread)")
     if x_ahead not in ((1, 2, 3, 4, 5, 6) if producer else (1, 2, 3, 4)):
         raise ValueError(f"the wgmma kernel keeps 1-4 K tiles of x in flight (1-6 with a producer), not {x_ahead}")
     if wgmma_shared_bytes(n_x, x_ahead) > WGMMA_MAX_SHARED - 256:  # the mbarriers and split-K's counter: static
@@ -677,8 +674,8 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
                f"#define PRODUCER {int(producer)}", f"#define W_AHEAD {w_ahead}",
-               *([f"#define LAUNCH_REGS {65536 // threads}", f"#define PRODUCER_REGS {WGMMA_PRODUCER_REGS}",
-                  f"#define CONSUMER_REGS {WGMMA_CONSUMER_REGS}"] if handed else []),
+               *([f"#define LAUNCH_REGS {WGMMA_LAUNCH_REGS}", f"#define PRODUCER_REGS {WGMMA_PRODUCER_REGS}",
+                  f"#define CONSUMER_REGS {WGMMA_CONSUMER_REGS}"] if wgs == 3 else []),  # setmaxnreg's hand-off
                *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
@@ -687,8 +684,13 @@ def wgmma_registers_fit(n_x: int, wgs: int, min_ctas: int, producer: bool = Fals
     """Whether a consumer thread's registers hold its n_x / 2 accumulators, A (32), w_ahead raw weight tiles (12
     each) and addresses (~38; 8 more beyond two tiles: four tiles at 64 rows of x and 128 registers spilled in the
     loop, sm_90a, 2026-12-04) at this launch."""
-    regs = WGMMA_CONSUMER_REGS if wgs == 3 else 65536 // (128 * (wgs + producer) * min_ctas)
-    return regs >= n_x // 2 + 46 + 12 * w_ahead + (8 if w_ahead > 2 else 0)
+    return _consumer_registers(wgs, min_ctas, producer) >= n_x // 2 + 46 + 12 * w_ahead + (8 if w_ahead > 2 else 0)
+
+
+def _consumer_registers(wgs: int, min_ctas: int, producer: bool) -> int:
+    """A consumer thread's registers in the loop: its share of an SM's 65536 at this launch, or what setmaxnreg
+    hands three consumers beside a producer."""
+    return WGMMA_CONSUMER_REGS if wgs == 3 else 65536 // (128 * (wgs + producer) * min_ctas)
 
 
 def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
@@ -724,11 +726,11 @@ def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bia
                                                               x_ahead, min_ctas, pdl, producer, w_ahead),
                              WGMMA_KERNEL_NAME, 4 * (wgs + producer), device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
-    if fresh and wgs == 3 and _registers(kernel) != 65536 // (128 * 4):
+    if fresh and wgs == 3 and _registers(kernel) != WGMMA_LAUNCH_REGS:
         # setmaxnreg hands exactly what the launch gave: registers short of it would leave the consumers waiting
         del _KERNELS[key]
         raise RuntimeError(f"ptxas gave the three-consumer wgmma kernel {_registers(kernel)} registers per thread, "
-                           f"not {65536 // (128 * 4)}: its setmaxnreg hand-off would not add up")
+                           f"not {WGMMA_LAUNCH_REGS}: its setmaxnreg hand-off would not add up")
     if fresh:
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8): above 48 KiB a kernel must ask for it
         libcuda = torch.cuda._utils._get_gpu_runtime_library()
