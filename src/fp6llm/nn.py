@@ -11,7 +11,6 @@ On CUDA nothing is kept: the kernel de-quantizes in registers.
 from __future__ import annotations
 
 import fnmatch
-import functools
 import os
 from typing import Iterable, Optional
 
@@ -40,13 +39,6 @@ def available_memory() -> "tuple[int, int] | None":
         return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
-
-
-@functools.lru_cache(maxsize=64)
-def _rows_like(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [1, k] tensor that, expanded to [M, k], stands for an activation of M rows in the kernel choice (ops.cuda_path:
-    dtype, device, rows, unit column stride, aligned rows), as a norm's fresh output would."""
-    return torch.empty(1, k, dtype=dtype, device=device)
 
 
 def ordered_for(layer: nn.Module, x: torch.Tensor) -> bool:
@@ -137,7 +129,9 @@ class FPxLinear(nn.Module):
         key = (x.numel() // max(1, x.shape[-1]), x.dtype, x.device)
         answers = self.__dict__.setdefault("_takes_ordered", {})  # (a layer unpickled from before it had them)
         if key not in answers:  # once per batch shape: an eager prefill would pay the choice at every call
-            rows = _rows_like(self.in_features, x.dtype, x.device).expand(key[0], -1)
+            # [M, in_features] rows with a fresh tensor's dtype, device, unit column stride and alignment, as the
+            # norm's output will have (what ops.cuda_path reads of them), without M rows of memory
+            rows = x.new_empty(1, self.in_features).expand(key[0], -1)
             answers[key] = cuda_path(self.fmt, self.group_size or 0, rows, self.out_features,
                                      self.in_features) == "wgmma"
         return answers[key]
