@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..kernels import launch
 from ..kernels.wgmma_order import wgmma_x_order_reference
+from ..nn import ordered_for
 
 BLOCK_SIZE = 16  # positions per cache block (vLLM's default too)
 NULL_BLOCK = 0  # a scratch block nobody owns: padding tokens write here, unused block-table entries point here
@@ -75,7 +76,7 @@ class PagedKVCache(nn.Module):
     def attend(self, q: Tensor, input_pos: Tensor, kv: KVBatch, sliding_window: Optional[int] = None,
                order: bool = False) -> Tensor:
         """q [B, H, T, D] over the cached keys/values of each row -> [B, T, H * D]; order: each head's D in the wgmma
-        kernel's k order (D a multiple of 128), for an o_proj that takes it (nn.ordered_for)."""
+        kernel's k order (D a multiple of 128), for an o_proj that takes it (ordered_heads_for)."""
         b, h, t, d = q.shape
         out = paged_attention(q, self.k_cache, self.v_cache, kv.block_tables, kv.seq_lens, input_pos, sliding_window,
                               order)
@@ -163,10 +164,13 @@ if paged_decode is not None:
         from ..kernels.rotary import rotary_write_kv as kernel
         return kernel(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, n_q)
 
-    @paged_attention_op.register_kernel("cuda")
-    def _paged_attention_cuda(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
+    def _paged_attention_cuda(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window, order=False):
         kernel = paged_decode if q.shape[2] == 1 else paged_prefill
-        return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None)
+        return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None, order=order)
+
+    @paged_attention_op.register_kernel("cuda")
+    def _(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window):
+        return _paged_attention_cuda(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window)
 
 
 @write_kv.register_fake
@@ -189,10 +193,15 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         raise ValueError(f"attention's output in the wgmma kernel's k order needs a head size that is a multiple of "
                          f"128, got {q.shape[-1]}")
     if paged_decode is not None and launch.direct(q, k_cache, block_tables, seq_lens, input_pos):
-        kernel = paged_decode if q.shape[2] == 1 else paged_prefill
-        return kernel(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or None, order=order)
+        return _paged_attention_cuda(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window, order)
     out = paged_attention_op(q, k_cache, v_cache, block_tables, seq_lens, input_pos, sliding_window or 0)
     return wgmma_x_order_reference(out) if order else out
+
+
+def ordered_heads_for(o_proj: nn.Module, head_dim: int, x: Tensor) -> bool:
+    """Whether attention writes its heads in the wgmma kernel's k order for ``o_proj`` (nn.ordered_for, for the
+    rows of x): only heads of a multiple of 128, whose values then fill whole 128-column tiles of o_proj's x."""
+    return head_dim % 128 == 0 and ordered_for(o_proj, x)
 
 
 def blocks_for(positions: int, block_size: int = BLOCK_SIZE) -> int:

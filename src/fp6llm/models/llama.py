@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ..decoder_ops import silu_mul
 from ..nn import ordered_for
-from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
+from .attention import (BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, ordered_heads_for, select_tokens,
+                        setup_kv_caches)
 from .config import ModelConfig
 from .norm import Norm
 from .parallel import INPUT, OUTPUT
@@ -144,7 +145,7 @@ class Attention(nn.Module):
         # q's and k's heads turn and k, v enter the cache in one launch
         q = self.kv_cache.rotate_and_write(kv.slot_mapping, qkv, self.n_heads, input_pos, *rope)
         # attention writes each head in o_proj's wgmma order where o_proj runs that kernel (heads of 128 or more)
-        order = self.head_dim % 128 == 0 and ordered_for(self.o_proj, x)
+        order = ordered_heads_for(self.o_proj, self.head_dim, x)
         attended = self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, self.sliding_window, order)
         return self.o_proj(attended, x_ordered=True) if order else self.o_proj(attended)
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import ordered_for
-from .attention import BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, select_tokens, setup_kv_caches
+from .attention import (BLOCK_SIZE, KVBatch, PagedKVCache, contiguous_kv_batch, ordered_heads_for, select_tokens,
+                        setup_kv_caches)
 from .config import ModelConfig
 from .norm import Norm
 from .parallel import INPUT, OUTPUT
@@ -141,6 +142,6 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x, x_ordered=True) if x_ordered else self.qkv_proj(x)
         q, k, v = qkv.view(b, t, 3 * self.n_heads, self.head_dim).chunk(3, dim=2)
         self.kv_cache.write(kv.slot_mapping, k, v)
-        order = self.head_dim % 128 == 0 and ordered_for(self.out_proj, x)  # attention writes out_proj's order
+        order = ordered_heads_for(self.out_proj, self.head_dim, x)  # attention writes out_proj's order
         attended = self.kv_cache.attend(q.transpose(1, 2), input_pos, kv, None, order)
         return self.out_proj(attended, x_ordered=True) if order else self.out_proj(attended)
