@@ -99,8 +99,8 @@ class FPxLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, x_ordered: bool = False) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]. x_ordered: x's columns come in the wgmma kernel's k order
-        (kernels/wgmma_order.py), as decoder_ops.add_norm / silu_mul write them with order=True where
-        takes_ordered_x said so; any path but the wgmma kernel's puts them back first."""
+        (kernels/wgmma_order.py), as decoder_ops.add_norm / silu_mul and attention write them with order=True
+        where takes_ordered_x said so; any path but the wgmma kernel's puts them back first."""
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
         if (cuda_linear is not None and launch.direct(x, self.scales) and x.dtype in ACTIVATION_DTYPES
                 and x.dim() >= 1 and x.shape[-1] == self.in_features and x.device == self.scales.device):

@@ -78,8 +78,9 @@ def cuda_linear(x, planes, scales, bias, exp_bits, man_bits, n, k, group_size, x
                 ) -> torch.Tensor:
     """fpx_linear_op's CUDA implementation (the kernel choice of the module docstring: cuda_path); fpx_linear and
     FPxLinear call it without the op in eager mode (launch.direct). x_ordered: x's columns come in the wgmma kernel's
-    k order (kernels/wgmma_order.py: a norm or silu_mul wrote them so for this layer, nn.FPxLinear.takes_ordered_x),
-    so the wgmma kernel needs no x_order launch; any other kernel gets x back in column order first."""
+    k order (kernels/wgmma_order.py: a norm, silu_mul or attention wrote them so for this layer,
+    nn.FPxLinear.takes_ordered_x), so the wgmma kernel needs no x_order launch; any other kernel gets x back in
+    column order first."""
     fmt = _format(exp_bits, man_bits)
     rows = x.reshape(-1, k)
     if rows.stride(1) != 1:

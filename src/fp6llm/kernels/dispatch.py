@@ -231,9 +231,9 @@ def config_to_dict(config: KernelConfig) -> dict:
 # the split's CTAs summed their partials in a cluster, "row_tiles": 2 where two tiles per warp shared x) or of the
 # mid-M kernel ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA
 # won) or of the wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, and
-# "producer": true where a warpgroup of its own copied x, "w_ahead" where other than 2 weight tiles were in flight, sm_90,
-# M >= 8) for that shape. Other keys are ignored: tables written before the wgmma kernel's bulk path was taken out (2026-12-03) carry
-# "cluster" in wgmma entries.
+# "producer": true where a warpgroup of its own copied x, "w_ahead" where other than 2 weight tiles were in
+# flight, sm_90, M >= 8) for that shape. Other keys are ignored: tables written before the wgmma kernel's bulk path
+# was taken out (2026-12-03) carry "cluster" in wgmma entries.
 
 
 @dataclass(frozen=True)

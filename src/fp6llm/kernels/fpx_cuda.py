@@ -796,7 +796,8 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
     w_ahead (wgmma_kernel_source's) override the launch measured for this shape on this GPU
     (dispatch.measured_small_m; wgmma_table_launch), else the defaults (wgmma_launch) and the split model; pdl
     (None: launch.enabled) as fpx_small_m's. x_ordered: x's columns already in the kernel's k order
-    (wgmma_x_order_reference: a norm or silu_mul wrote them so), else one wgmma_x_order launch makes that copy."""
+    (wgmma_x_order_reference: a norm, silu_mul or attention wrote them so), else one wgmma_x_order launch makes
+    that copy."""
     m = x.shape[0]
     split, resolved = wgmma_table_launch(measured_small_m(m, n, k, fmt, x.dtype, x.device), m, split, n_x, wgs,
                                          x_ahead, min_ctas, producer, w_ahead)
