@@ -76,19 +76,25 @@ def _written(op: str, mods: str, args: str) -> range:
 
 
 def wgmma_register_hazards(instructions) -> list:
-    """Instructions that write an A register of an HGMMA batch still in flight: after the batch's last HGMMA and
-    before the WARPGROUP.DEPBAR that waits for it (the tensor cores read A until then; ptxas does not always keep
-    those registers, 2026-12-04). In program order, which the wgmma kernel's straight-line K loop body follows."""
-    hazards, in_flight = [], set()
+    """Instructions that write an A register of an HGMMA still in flight (the tensor cores read A until a wait
+    retires its group; ptxas does not always keep those registers, 2026-12-04). An HGMMA marked gsb0 closes a
+    group (one commit); WARPGROUP.DEPBAR.LE gsb0, N retires all but the newest N groups. In program order, which
+    the wgmma kernel's straight-line K loop body follows; pass a loop body twice to check across its back edge."""
+    hazards, groups, current = [], [], set()
     for address, op, mods, args in instructions:
         if op == "HGMMA":
             found = re.match(r"R\d+, R(\d+),", args)
             if found:
-                in_flight.update(range(int(found.group(1)), int(found.group(1)) + 4))
+                current.update(range(int(found.group(1)), int(found.group(1)) + 4))
+            if "gsb0" in args:
+                groups.append(current)
+                current = set()
             continue
         if op == "WARPGROUP" and ".DEPBAR" in mods:
-            in_flight.clear()
+            keep = int(re.search(r"gsb0, (0x[0-9a-f]+|\d+)", args).group(1), 0)
+            groups = groups[len(groups) - keep:] if keep else []
             continue
+        in_flight = set().union(current, *groups)
         if in_flight and set(_written(op, mods, args)) & in_flight:
             hazards.append((address, op + mods, args))
     return hazards

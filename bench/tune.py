@@ -192,13 +192,21 @@ def wgmma_launches(m: int) -> list:
     shapes += [dict(shape, w_ahead=4) for shape in shapes if shape["n_x"] <= 64 and shape["wgs"] == 1
                and not shape.get("producer") and fpx_cuda.wgmma_registers_fit(shape["n_x"], 1, shape["min_ctas"],
                                                                               w_ahead=4)]
+    # the producer launches also with each k-step de-quantized beside the wgmma of the ones before it, and at M = 128
+    # two consumers so (not yet timed, 2026-12-04: each consumer waited for its tile's 8 wgmma before de-quantizing
+    # the next, so the tensor cores drained every tile; the producer kernel took 57.5 us on 70b-o at M = 256 with
+    # no de-quantization at all, cuBLAS 52)
+    shapes += [dict(shape, interleave=True) for shape in shapes if shape.get("producer") and shape["x_ahead"] >= 2]
+    if m == 128:
+        shapes += [dict(n_x=128, wgs=2, x_ahead=2, min_ctas=1, producer=True, interleave=True)]
     # every field given: a table entry for the case must not fill in its producer or weight tiles beside these
-    return [dict(shape, producer=shape.get("producer", False), w_ahead=shape.get("w_ahead", 2)) for shape in shapes]
+    return [dict(shape, producer=shape.get("producer", False), w_ahead=shape.get("w_ahead", 2),
+                 interleave=shape.get("interleave", False)) for shape in shapes]
 
 
 def compile_wgmma(specs) -> None:
     """Compile the wgmma kernels of ``specs`` ((format name, bf16, n_x, wgs, x_ahead, min_ctas[, producer[,
-    w_ahead]]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from: with
+    w_ahead[, interleave]]]), ...) in parallel (fpx_cuda.precompile) into the disk cache the launches then load from: with
     programmatic dependent launch where the launches take it (compiled without it, they would all compile again,
     one at a time, as they run)."""
     pdl = pdl_enabled("cuda")
@@ -211,7 +219,7 @@ def compile_wgmma(specs) -> None:
 def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     """Compile every wgmma launch the tuning will time (compile_wgmma)."""
     compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"],
-                   l.get("producer", False), l.get("w_ahead", 2))
+                   l.get("producer", False), l.get("w_ahead", 2), l.get("interleave", False))
                   for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
 
 
@@ -228,6 +236,7 @@ def tune_wgmma(qw, m: int, dtype) -> "dict | None":
     print(f"  wgmma M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}n{l['n_x']}g{l['wgs']}"
                                                  f"x{l['x_ahead']}c{l['min_ctas']}{'P' if l.get('producer') else ''}"
                                                  f"{'' if l.get('w_ahead', 2) == 2 else 'w' + str(l['w_ahead'])}"
+                                                 f"{'I' if l.get('interleave') else ''}"
                                                  for t, l in results[:8]),
           flush=True)
     t, launch = results[0]

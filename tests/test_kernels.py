@@ -329,14 +329,15 @@ def test_wgmma_table_launch_is_the_tables_whole_or_none_of_it():
     warpgroups (a tuner launch of one warpgroup at 4 CTAs per SM took the table's producer: a launch the kernel
     refuses, 2026-12-04); an entry of another kernel is ignored."""
     from fp6llm.kernels import fpx_cuda
-    entry = dispatch.SmallM(3, True, 50.0, "wgmma", n_x=128, wgs=2, x_ahead=2, min_ctas=1, producer=True, w_ahead=3)
+    entry = dispatch.SmallM(3, True, 50.0, "wgmma", n_x=128, wgs=2, x_ahead=2, min_ctas=1, producer=True, w_ahead=3,
+                            interleave=True)
     split, launch = fpx_cuda.wgmma_table_launch(entry, 256, None, None, None, None, None, None, None)
     assert split == 3 and launch == {"n_x": 128, "wgs": 2, "x_ahead": 2, "min_ctas": 1, "producer": True,
-                                     "w_ahead": 3}
+                                     "w_ahead": 3, "interleave": True}
     assert fpx_cuda.wgmma_table_launch(entry, 256, 1, None, None, None, None, None, None) == (1, launch)
     split, launch = fpx_cuda.wgmma_table_launch(entry, 256, 2, 64, 1, 1, 4, None, None)
     assert split == 2 and launch == {"n_x": 64, "wgs": 1, "x_ahead": 1, "min_ctas": 4, "producer": False,
-                                     "w_ahead": 2}
+                                     "w_ahead": 2, "interleave": False}
     fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch["n_x"], False, launch["wgs"],
                                  launch["x_ahead"], launch["min_ctas"], True, launch["producer"], launch["w_ahead"])
     split, launch = fpx_cuda.wgmma_table_launch(entry, 256, None, None, None, None, None, None, 4)
@@ -444,11 +445,11 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     from fp6llm.kernels import fpx_cuda
     for m in (8, 16, 32, 64, 128, 256, 512):
         for launch in tune.wgmma_launches(m):
-            assert set(launch) == {"n_x", "wgs", "x_ahead", "min_ctas", "producer", "w_ahead"}, launch
+            assert set(launch) == {"n_x", "wgs", "x_ahead", "min_ctas", "producer", "w_ahead", "interleave"}, launch
             for bf16 in (False, True):
                 fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), bf16, launch["n_x"], False, launch["wgs"],
                                              launch["x_ahead"], launch["min_ctas"], True, launch["producer"],
-                                             launch["w_ahead"])
+                                             launch["w_ahead"], launch["interleave"])
         deep = [launch for launch in tune.wgmma_launches(m) if launch["w_ahead"] == 4]
         assert all(launch["n_x"] <= 64 for launch in deep) and (m > 64 or deep), m
     assert any(launch["producer"] for launch in tune.wgmma_launches(256))
@@ -463,6 +464,14 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     with pytest.raises(ValueError, match="3 beside a producer, one CTA per SM"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 3, 2, 1)
     assert any(launch["wgs"] == 3 and launch["producer"] for launch in tune.wgmma_launches(256))
+    # the interleaved consumers: beside a producer with x two or more tiles ahead (a stage is released a tile later)
+    assert all(any(launch["interleave"] for launch in tune.wgmma_launches(m)) for m in (128, 256, 512))
+    assert not any(launch["interleave"] for m in (8, 16, 32, 64) for launch in tune.wgmma_launches(m))
+    with pytest.raises(ValueError, match=r"only beside a producer warpgroup, with x 2 or more tiles ahead \(here: no producer\)"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 2, 2, 1, interleave=True)
+    with pytest.raises(ValueError, match=r"\(here: x 1 tile ahead\)"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 2, 1, 1, producer=True,
+                                     interleave=True)
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
@@ -481,7 +490,8 @@ def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
             m = int(bucket)
             assert 8 <= m <= fpx_cuda.WGMMA_MAX_M and launch.n_x % 8 == 0 and launch.n_x <= fpx_cuda.WGMMA_MAX_N_X
             fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, launch.n_x, True, launch.wgs, launch.x_ahead,
-                                         launch.min_ctas, False, launch.producer, launch.w_ahead)  # raises if it cannot
+                                         launch.min_ctas, False, launch.producer, launch.w_ahead,
+                                         launch.interleave)  # raises if it cannot
             cap = fpx_cuda.grid_split_cap(n, m, k, 64 * launch.wgs, launch.n_x)
             assert 1 <= launch.split <= cap, (bucket, shape, launch)
             checked += 1
@@ -820,19 +830,22 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
     """The warp-specialized wgmma kernel (a producer warpgroup copying x into an mbarrier ring) sums each output in
     the plain kernel's order: equal bit for bit, at rings of 2 to 6 stages against 12 K tiles (each stage reused),
     split-K (slabs and counters shared with the plain path), partial z blocks, with and without bias, one, two and
-    three consumer warpgroups (three: 192 weight rows per CTA, the producer's registers handed to them); and near
-    the float64 reference."""
+    three consumer warpgroups (three: 192 weight rows per CTA, the producer's registers handed to them), each
+    k-step de-quantized beside the wgmma before it (interleave: 8 commit groups a tile, a stage released a tile
+    later) or not; and near the float64 reference."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
     qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
     n_x = 128 if m >= 128 else 64 if m > 40 else 40
-    for split, wgs, x_ahead in ((1, 2, 1), (3, 2, 2), (2, 1, 5), (1, 2, 3), (1, 3, 2), (2, 3, 4)):
+    for split, wgs, x_ahead, interleave in ((1, 2, 1, False), (3, 2, 2, False), (2, 1, 5, False), (1, 2, 3, False),
+                                            (1, 3, 2, False), (2, 3, 4, False), (1, 2, 2, True), (3, 2, 3, True),
+                                            (2, 1, 6, True), (1, 3, 2, True), (2, 3, 4, True)):
         plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs)
         out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
-                                 producer=True)
-        assert torch.equal(out, plain), (split, wgs, x_ahead)
+                                 producer=True, interleave=interleave)
+        assert torch.equal(out, plain), (split, wgs, x_ahead, interleave)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        assert err < TOLERANCE[dtype], (split, wgs, x_ahead, err)
+        assert err < TOLERANCE[dtype], (split, wgs, x_ahead, interleave, err)
 
 
 @gpu

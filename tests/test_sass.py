@@ -253,9 +253,15 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
                                                # three consumers, the producer's registers handed over (setmaxnreg)
                                                ("e3m2", False, 128, 3, 2, 1, False, True, 2),
                                                ("e3m2", True, 128, 3, 4, 1, True, True, 2)]
-    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, w_ahead in cases:
+    # the interleaved consumers (a k-step's de-quantization beside the wgmma of the k-steps before it)
+    cases = [case + (False,) for case in cases] + [("e3m2", False, 128, 2, 2, 1, False, True, 2, True),
+                                                   ("e3m2", True, 128, 2, 3, 1, True, True, 2, True),
+                                                   ("e3m2", False, 128, 3, 2, 1, False, True, 2, True),
+                                                   ("e2m1", False, 256, 1, 2, 1, False, True, 2, True),
+                                                   ("e2m3", False, 64, 2, 5, 1, False, True, 3, True)]
+    for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, w_ahead, interleave in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
-                                              producer, w_ahead)
+                                              producer, w_ahead, interleave)
         log = []
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
         assert "C75" not in log[0] and "serialized" not in log[0], log[0]  # C7513, C7519 (a divergent path)
@@ -265,7 +271,11 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
         assert sass.registers(cubin) * 128 * (wgs + producer) * min_ctas <= 65536
         assert sass.wgmma_register_hazards(sass.disassemble(cubin)) == []
         loop = sass.innermost_loop(sass.disassemble(cubin))
+        assert sass.wgmma_register_hazards(loop + loop) == []  # across the back edge too
         assert sum(op == "HGMMA" for _, op, _, _ in loop) == 8 * w_ahead
+        # one wait a tile (for all 8), or, interleaved, one before each k-step's de-quantization (7 left in flight)
+        waits = [args.strip() for _, op, mods, args in loop if op == "WARPGROUP" and ".DEPBAR" in mods]
+        assert waits == (["gsb0, 0x7"] * 8 * w_ahead if interleave else ["gsb0, 0x0"] * w_ahead), (n_x, waits)
         assert not any(op in ("STL", "LDL") for _, op, _, _ in loop), (n_x, wgs, producer)  # no spills in the loop
         if wgs == 3:  # the setmaxnreg hand-off: launched at exactly 128 registers, 32 for the producer, 160 after
             assert sass.registers(cubin) == 128
@@ -275,7 +285,8 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
 
 def test_wgmma_register_hazards_finds_a_write_to_in_flight_a_registers():
     """The checker on hand-made instruction lists: a write to an in-flight batch's A register (also through the
-    upper half of a 64-bit write) is found; after the wait, to other registers, or by a store it is not."""
+    upper half of a 64-bit write) is found; after the wait, to other registers, or by a store it is not; a partial
+    wait (DEPBAR.LE gsb0, N) frees the registers of all but the newest N commit groups."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
     batch = [(0, "HGMMA", ".64x40x16.F32", "R24, R44, gdesc[UR8], R24 "),
@@ -287,6 +298,14 @@ def test_wgmma_register_hazards_finds_a_write_to_in_flight_a_registers():
     assert sass.wgmma_register_hazards(batch + [(32, "IMAD", ".WIDE.U32", "R52, R13, 0x1000, RZ "),
                                                 (40, "STS", ".128", "[R44], R4 ")] + wait
                                        + [(80, "LOP3", ".LUT", "R46, R1, R2, RZ, 0xc0, !PT ")]) == []
+    # commit groups, one k-step each (the interleaved loop): a wait that leaves one group in flight frees the older
+    # group's registers only
+    steps = [(0, "HGMMA", ".64x128x16.F32", "R24, R88, gdesc[UR12], R24, gsb0 "),
+             (16, "HGMMA", ".64x128x16.F32", "R24, R92, gdesc[UR16], R24, gsb0 "),
+             (32, "WARPGROUP", ".DEPBAR.LE", "gsb0, 0x1 ")]
+    assert sass.wgmma_register_hazards(steps + [(48, "LOP3", ".LUT", "R89, R1, R2, RZ, 0xc0, !PT ")]) == []
+    assert sass.wgmma_register_hazards(steps + [(48, "LOP3", ".LUT", "R93, R1, R2, RZ, 0xc0, !PT ")]) \
+        == [(48, "LOP3.LUT", "R93, R1, R2, RZ, 0xc0, !PT ")]
 
 
 def test_cuda_kernel_refuses_what_it_does_not_handle():

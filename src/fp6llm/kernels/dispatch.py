@@ -232,7 +232,7 @@ def config_to_dict(config: KernelConfig) -> dict:
 # mid-M kernel ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA
 # won) or of the wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, and
 # "producer": true where a warpgroup of its own copied x, "w_ahead" where other than 2 weight tiles were in
-# flight, sm_90, M >= 8) for that shape. Other keys are ignored: tables written before the wgmma kernel's bulk path
+# flight, "interleave": true where its consumers de-quantized each k-step beside the wgmma before it, sm_90, M >= 8) for that shape. Other keys are ignored: tables written before the wgmma kernel's bulk path
 # was taken out (2026-12-03) carry "cluster" in wgmma entries.
 
 
@@ -252,6 +252,7 @@ class SmallM:
     cluster_split: bool = False  # small: the split's CTAs of a row block a cluster summing in shared memory
     producer: bool = False  # wgmma: a producer warpgroup copies x into an mbarrier ring (warp specialization)
     w_ahead: int = 2  # wgmma: K tiles of weights in flight (register buffers)
+    interleave: bool = False  # wgmma (producer): each k-step de-quantized beside the wgmma of the ones before it
 
 
 def _launch(cuda: dict) -> SmallM:
@@ -263,7 +264,8 @@ def _launch(cuda: dict) -> SmallM:
                   int(cuda.get("row_tiles", 1)), int(cuda.get("warps", 4)), int(cuda.get("blocks", 0)),
                   int(cuda.get("n_x", 0)), int(cuda.get("wgs", 1)), int(cuda.get("x_ahead", 1)),
                   int(cuda.get("min_ctas", 1)), bool(cuda.get("cluster_split", False)),
-                  bool(cuda.get("producer", False)), int(cuda.get("w_ahead", 2)))
+                  bool(cuda.get("producer", False)), int(cuda.get("w_ahead", 2)),
+                  bool(cuda.get("interleave", False)))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -117,7 +117,11 @@ def dequant_source(fmt: FPFormat, fma_shifts: bool = False) -> tuple:
         "struct Tile;",
     ]), "\n".join(["struct Powers { " + " ".join(f"u32 p{r};" for r in used) + " };",
         "__device__ __forceinline__ void dequant_tile(const Tile& tile, const Powers& pw, u32 (&a)[32]) {",
-        *lines, "}"])
+        *lines, "}",
+        # one k-step's four pairs (q = 4 ks .. 4 ks + 3; ks a constant once unrolled): the wgmma kernel's
+        # interleaved consumer de-quantizes a k-step beside the wgmma of the ones before it
+        "__device__ __forceinline__ void dequant_k16(const Tile& tile, const Powers& pw, u32 (&a)[32], int ks) {",
+        *(f"    if (ks == {q // 4}) {line.strip()}" for q, line in enumerate(lines)), "}"])
 
 
 def _translation_unit(kernel_file: Path, fmt: FPFormat, defines: list, fma_shifts: bool = False) -> str:
@@ -648,19 +652,27 @@ def wgmma_asm(n_x: int, bf16: bool) -> list:
 
 
 def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs: int = 1, x_ahead: int = 1,
-                        min_ctas: int = 1, pdl: bool = False, producer: bool = False, w_ahead: int = 2) -> str:
+                        min_ctas: int = 1, pdl: bool = False, producer: bool = False, w_ahead: int = 2,
+                        interleave: bool = False) -> str:
     """The wgmma kernel's translation unit: n_x rows of x per CTA (grid z covers more), wgs warpgroups (64 weight
     rows each) per CTA, x x_ahead K tiles in flight, registers for min_ctas CTAs per SM (__launch_bounds__); pdl
     (sm_90): it waits for the previous grid before its first memory access (launch_ex's pdl). producer: a
     warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization), beside one,
     two or three consumer warpgroups (three: one CTA per SM, the producer's registers handed to them for the loop,
-    setmaxnreg); w_ahead: K tiles of weights in flight per warp (register buffers, 2-4). x comes permuted
-    (wgmma_x_order)."""
+    setmaxnreg); w_ahead: K tiles of weights in flight per warp (register buffers, 2-4); interleave (with a
+    producer, x >= 2 tiles ahead): each consumer de-quantizes k-step by k-step beside the wgmma of the k-steps
+    before it (up to 7 in flight) instead of waiting for each tile's. x comes permuted (wgmma_x_order)."""
     if wgs not in (1, 2, 4) and not (wgs == 3 and producer and min_ctas == 1):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA (3 beside a producer, one CTA per SM), "
                          f"not {wgs}" + (" beside a producer" if producer else "") + f" at {min_ctas} CTAs per SM")
     if w_ahead not in (2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 2-4 K tiles of weights in flight, not {w_ahead}")
+    if interleave and not (producer and x_ahead >= 2):
+        # its consumers release a stage of x one tile later: with one tile ahead the producer would wait for the
+        # stage a consumer releases only after the tile it waits for
+        raise ValueError("the wgmma kernel interleaves its de-quantization with the wgmma only beside a producer "
+                         "warpgroup, with x 2 or more tiles ahead (here: " + ("no producer" if not producer
+                                                                           else f"x {x_ahead} tile ahead") + ")")
     if not wgmma_registers_fit(n_x, wgs, min_ctas, producer, w_ahead):
         raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators and {w_ahead} weight tiles per "
                          f"thread at {min_ctas} CTAs of {wgs + producer} warpgroups per SM "
@@ -674,6 +686,7 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
                f"#define PRODUCER {int(producer)}", f"#define W_AHEAD {w_ahead}",
+               *(["#define INTERLEAVE 1"] if interleave else []),
                *([f"#define LAUNCH_REGS {WGMMA_LAUNCH_REGS}", f"#define PRODUCER_REGS {WGMMA_PRODUCER_REGS}",
                   f"#define CONSUMER_REGS {WGMMA_CONSUMER_REGS}"] if wgs == 3 else []),  # setmaxnreg's hand-off
                *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
@@ -718,12 +731,14 @@ def wgmma_n_x(m: int, most: int = 128) -> int:
 
 
 def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bias: bool, device, x_ahead: int = 1,
-                  min_ctas: int = 1, pdl: bool = False, producer: bool = False, w_ahead: int = 2):
-    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, pdl, producer, w_ahead,
+                  min_ctas: int = 1, pdl: bool = False, producer: bool = False, w_ahead: int = 2,
+                  interleave: bool = False):
+    key = (WGMMA_KERNEL_NAME, fmt, dtype, n_x, wgs, has_bias, x_ahead, min_ctas, pdl, producer, w_ahead, interleave,
            tuple(WGMMA_EXTRA_DEFINES), torch.device(device).index)
     fresh = key not in _KERNELS
     kernel, resident = _load(key, lambda: wgmma_kernel_source(fmt, dtype == torch.bfloat16, n_x, has_bias, wgs,
-                                                              x_ahead, min_ctas, pdl, producer, w_ahead),
+                                                              x_ahead, min_ctas, pdl, producer, w_ahead,
+                                                              interleave),
                              WGMMA_KERNEL_NAME, 4 * (wgs + producer), device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
     if fresh and wgs == 3 and _registers(kernel) != WGMMA_LAUNCH_REGS:
@@ -751,7 +766,8 @@ def wgmma_launch(m: int) -> dict:
 
 
 def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_ahead: "int | None" = None,
-                  min_ctas: "int | None" = None, producer: bool = False, w_ahead: "int | None" = None) -> dict:
+                  min_ctas: "int | None" = None, producer: bool = False, w_ahead: "int | None" = None,
+                  interleave: bool = False) -> dict:
     """A wgmma launch with wgmma_launch(m)'s values where none is given; its CTAs per SM only with its own rows of x
     and warpgroups (other ones get 1: the default's registers may not hold their accumulators, nor do they beside a
     producer warpgroup)."""
@@ -760,25 +776,27 @@ def wgmma_resolve(m: int, n_x: "int | None" = None, wgs: "int | None" = None, x_
         min_ctas = default["min_ctas"] if wgs in (None, default["wgs"]) and not producer else 1
     resolved = {"n_x": default["n_x"], "wgs": default["wgs"] if wgs is None else wgs,
                 "x_ahead": default["x_ahead"] if x_ahead is None else x_ahead, "min_ctas": min_ctas,
-                "producer": bool(producer), "w_ahead": 2 if w_ahead is None else w_ahead}
+                "producer": bool(producer), "w_ahead": 2 if w_ahead is None else w_ahead,
+                "interleave": bool(interleave)}
     _check_n_x(resolved["n_x"])
     return resolved
 
 
 def wgmma_table_launch(measured, m: int, split: "int | None", n_x: "int | None", wgs: "int | None",
                        x_ahead: "int | None", min_ctas: "int | None", producer: "bool | None",
-                       w_ahead: "int | None") -> tuple:
+                       w_ahead: "int | None", interleave: "bool | None" = None) -> tuple:
     """(split, wgmma_resolve's launch) of a wgmma launch: the table's (``measured``, ignored where it measured another
-    kernel) whole where the caller gives none of its shape (n_x, wgs, x_ahead, min_ctas, producer, w_ahead), else the
+    kernel) whole where the caller gives none of its shape (n_x, wgs, x_ahead, min_ctas, producer, w_ahead,
+    interleave), else the
     caller's fields and the defaults for the rest, never a mix of the table's and the caller's (its producer beside
     a caller's one warpgroup at 4 CTAs per SM made a launch the kernel refuses, bench/tune.py, 2026-12-04). The
     caller's split goes with either."""
-    shape = (n_x, wgs, x_ahead, min_ctas, producer, w_ahead)
+    shape = (n_x, wgs, x_ahead, min_ctas, producer, w_ahead, interleave)
     if measured is not None and measured.kernel == "wgmma" and all(field is None for field in shape):
         return (measured.split if split is None else split,
                 wgmma_resolve(m, measured.n_x or None, measured.wgs, measured.x_ahead, measured.min_ctas,
-                              measured.producer, measured.w_ahead))
-    return split, wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, bool(producer), w_ahead)
+                              measured.producer, measured.w_ahead, measured.interleave))
+    return split, wgmma_resolve(m, n_x, wgs, x_ahead, min_ctas, bool(producer), w_ahead, bool(interleave))
 
 
 def choose_wgmma_split(n: int, k: int, m: int, n_x: int, wgs: int, num_sms: int, resident: int) -> int:
@@ -790,22 +808,23 @@ def fpx_wgmma(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat
               split: "int | None" = None, n_x: "int | None" = None, wgs: "int | None" = None,
               x_ahead: "int | None" = None, min_ctas: "int | None" = None,
               pdl: "bool | None" = None, producer: "bool | None" = None,
-              w_ahead: "int | None" = None, x_ordered: bool = False) -> torch.Tensor:
+              w_ahead: "int | None" = None, x_ordered: bool = False,
+              interleave: "bool | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= WGMMA_MAX_M, K] (see wgmma_supports). split / n_x (x rows per CTA, a
     multiple of 8 up to WGMMA_MAX_N_X) / wgs / x_ahead / min_ctas / producer (the warp-specialized variant) /
-    w_ahead (wgmma_kernel_source's) override the launch measured for this shape on this GPU
+    w_ahead / interleave (wgmma_kernel_source's) override the launch measured for this shape on this GPU
     (dispatch.measured_small_m; wgmma_table_launch), else the defaults (wgmma_launch) and the split model; pdl
     (None: launch.enabled) as fpx_small_m's. x_ordered: x's columns already in the kernel's k order
     (wgmma_x_order_reference: a norm, silu_mul or attention wrote them so), else one wgmma_x_order launch makes
     that copy."""
     m = x.shape[0]
     split, resolved = wgmma_table_launch(measured_small_m(m, n, k, fmt, x.dtype, x.device), m, split, n_x, wgs,
-                                         x_ahead, min_ctas, producer, w_ahead)
+                                         x_ahead, min_ctas, producer, w_ahead, interleave)
     n_x, wgs, x_ahead, min_ctas = resolved["n_x"], resolved["wgs"], resolved["x_ahead"], resolved["min_ctas"]
-    producer, w_ahead = resolved["producer"], resolved["w_ahead"]
+    producer, w_ahead, interleave = resolved["producer"], resolved["w_ahead"], resolved["interleave"]
     pdl = launch.enabled(x.device) if pdl is None else pdl
     kernel, resident, shared = _wgmma_kernel(fmt, x.dtype, n_x, wgs, bias is not None, x.device, x_ahead,
-                                             min_ctas, pdl, producer, w_ahead)
+                                             min_ctas, pdl, producer, w_ahead, interleave)
     if split is None:
         split = choose_wgmma_split(n, k, m, n_x, wgs, sm_count(x.device), resident)
     return _launch_split_k(kernel, x, x if x_ordered else wgmma_x_order(x), planes, scales, bias, fmt, n, k,

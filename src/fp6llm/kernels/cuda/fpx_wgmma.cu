@@ -63,6 +63,9 @@
 #ifndef X_AHEAD
 #define X_AHEAD 2                        // K tiles of x in flight
 #endif
+#ifndef INTERLEAVE
+#define INTERLEAVE 0                     // (PRODUCER) each k-step de-quantized beside the wgmma of the ones before it
+#endif
 #define X_STAGES (X_AHEAD + 1)           // the tiles in flight and this one
 #ifndef MIN_CTAS
 #define MIN_CTAS 1                       // __launch_bounds__: resident CTAs per SM ptxas must allow by registers
@@ -190,6 +193,18 @@ __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u3
     wgmma_commit();
 }
 
+#if INTERLEAVE
+// k-step ks of a K tile: one wgmma of its four A registers, its own commit group.
+__device__ __forceinline__ void mma_k16(float (&d)[ACC], const u32 (&a)[32], u32 buffer, int ks) {
+    u32 lo = (u32)x_descriptor(buffer) + (((ks / 4) * ATOM_BYTES + (ks % 4) * 32) >> 4);
+    asm volatile("" : "+r"(lo));  // made before the fence (C7513), as in mma_tile
+    wgmma_fence();
+    wgmma_k16(d, a[4 * ks], a[4 * ks + 1], a[4 * ks + 2], a[4 * ks + 3],
+              (x_descriptor(0) & 0xFFFFFFFF00000000ull) | lo);
+    wgmma_commit();
+}
+#endif
+
 #ifndef ABLATE
 #define ABLATE 0  // bench only: 1 skips the de-quantization (A = raw plane words), 2 skips the wgmma
 #endif
@@ -207,6 +222,16 @@ __device__ __forceinline__ void dequant(const Tile& tile, const Powers& pw, u32 
     for (int i = 0; i < 32; ++i) a[i] = to_bf16x2(a[i]);
 #endif
 }
+
+#if INTERLEAVE
+__device__ __forceinline__ void dequant_step(const Tile& tile, const Powers& pw, u32 (&a)[32], int ks) {
+    dequant_k16(tile, pw, a, ks);
+#if IS_BF16
+#pragma unroll
+    for (int i = 4 * ks; i < 4 * ks + 4; ++i) a[i] = to_bf16x2(a[i]);
+#endif
+}
+#endif
 
 #if PRODUCER
 // The producer warpgroup: K tile i of x into stage i % X_STAGES once every consumer released the stage's previous
@@ -235,7 +260,7 @@ __device__ __forceinline__ void consume(float (&d)[ACC], const u32* __restrict__
                                         const u32* __restrict__ p2, long base, int lane, const Powers& pw, u32 smem,
                                         u32 full, u32 empty, int kt0, int kt1) {
     Tile w[W_AHEAD];
-    u32 a[32];
+    u32 a[32] = {};  // (zeros: the interleaved loop's empty asm reads them before the first tile)
 #pragma unroll
     for (int i = 0; i < W_AHEAD; ++i)
         if (kt0 + i < kt1) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
@@ -249,6 +274,28 @@ __device__ __forceinline__ void consume(float (&d)[ACC], const u32* __restrict__
         wgmma_wait<0>();                                                                 \
         mbar_arrive(empty + 8 * s_);                                                     \
     }
+#if INTERLEAVE
+    // k-step ks of tile i: wait until at most 7 k-steps are in flight (tile i - 1's k-step ks done, so its four A
+    // registers are free), de-quantize k-step ks into them and issue its wgmma: the tensor cores keep 7 k-steps
+    // queued while the warp de-quantizes. The empty asm after the wait keeps the old values live up to it: without
+    // a use after the wait ptxas may put other values into registers the tensor cores still read (the tenth
+    // session's NaNs). Tile i - 1's stage is released once its last k-step is done (before k-step 7 of tile i).
+#undef STEP
+#define STEP(KT, TILE)                                                                           \
+    {                                                                                            \
+        const int kt_ = (KT), i_ = kt_ - kt0, s_ = i_ % X_STAGES;                                \
+        _Pragma("unroll") for (int ks = 0; ks < 8; ++ks) {                                       \
+            wgmma_wait<7>();                                                                     \
+            asm volatile("" : "+r"(a[4 * ks]), "+r"(a[4 * ks + 1]), "+r"(a[4 * ks + 2]),         \
+                         "+r"(a[4 * ks + 3]));                                                   \
+            if (ks == 7 && i_ > 0) mbar_arrive(empty + 8 * ((i_ - 1) % X_STAGES));               \
+            dequant_step(TILE, pw, a, ks);                                                       \
+            if (ks == 7 && kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
+            if (ks == 0) mbar_wait(full + 8 * s_, (i_ / X_STAGES) & 1);                          \
+            mma_k16(d, a, smem + s_ * X_STAGE_BYTES, ks);                                        \
+        }                                                                                        \
+    }
+#endif
     for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
 #pragma unroll
         for (int i = 0; i < W_AHEAD; ++i) {
@@ -257,6 +304,10 @@ __device__ __forceinline__ void consume(float (&d)[ACC], const u32* __restrict__
         }
     }
 #undef STEP
+#if INTERLEAVE
+    wgmma_wait<0>();  // the last tile's stage: released for the producer's count (it waits for no more)
+    mbar_arrive(empty + 8 * ((kt1 - kt0 - 1) % X_STAGES));
+#endif
 }
 #endif
 
