@@ -2,7 +2,7 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | wgmma3 | e2e | e2e-order | e2e-mid |
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | interleave | wgmma3 | e2e | e2e-order | e2e-mid |
 #       e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -33,8 +33,12 @@
 #             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
 #             table in first)
-#   wgmma3    three consumer warpgroups beside the producer (setmaxnreg; built 2026-12-04, not yet run): after the
-#             w-ahead step's tests, the tuner at M = 128/256/512 (--wgmma-only: the faster of it and the table's entry)
+#   interleave the producer kernel's consumers de-quantizing k-step by k-step beside the wgmma of the k-steps before
+#             (built in the twelfth session, 2026-12-04, not yet run): its GPU tests (the producer test, stops if they
+#             fail), then bench/wgmma_probe.py --sweep interleave at M = 256/128/512 on four shapes (the A/B)
+#   wgmma3    three consumer warpgroups beside the producer (setmaxnreg; built 2026-12-04, not yet run) and the
+#             interleaved consumers: after the interleave step's tests, the tuner at M = 128/256/512 (--wgmma-only:
+#             the faster of the launches and the table's entry)
 #   e2e-order fp6llm bench, llama-2-13b e3m2 at batch 1/16/32/64 with x written in the wgmma kernel's order by the
 #             norms and silu_mul (the default; built 2026-12-04, not yet timed) and with FP6LLM_ORDER_X=0
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
@@ -136,7 +140,15 @@ w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner
     gpu_only timeout 220 python3 bench/tune.py --cuda-only --ms 16,8,32,64 --out "$out" 2>&1 \
         | tee "$out/tune-w-ahead.log" | grep -v "^  " | tail -34
     ;;
-wgmma3)  # the tests that cover it are the w-ahead step's (producer): run that step first
+interleave)  # within the tool's 10 minutes: tests ~60 s, compiles ~60 s, 12 cases x 16 launches ~300 s
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py -k "producer" \
+        2>&1 | tail -2) | tee "$out/interleave-tests.log"
+    grep -q failed "$out/interleave-tests.log" && { echo "interleave tests failed: no timing"; exit 1; }
+    gpu_only timeout 400 python3 bench/wgmma_probe.py --sweep interleave --ms 256,128,512 \
+        --shapes 70b-o,13b-down,70b-up,13b-qkv --out "$out/interleave.json" 2>&1 | tee "$out/interleave.log" \
+        | grep -E "M=|WRONG|rror" | cut -c1-400
+    ;;
+wgmma3)  # the tests that cover it are the interleave step's (producer): run that step first
     gpu_only timeout 500 python3 bench/tune.py --wgmma-only --ms 128,256,512 --out "$out" 2>&1 \
         | tee "$out/tune-wgmma3.log" | grep -v "^  cuda\|^  mid" | tail -34
     ;;
@@ -191,7 +203,7 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | row-tiles | check-new | w-ahead | wgmma3 | e2e | e2e-order | e2e-mid | e2e-pdl | host |" \
+         "wgmma-bf16 | row-tiles | check-new | w-ahead | interleave | wgmma3 | e2e | e2e-order | e2e-mid | e2e-pdl | host |" \
          "e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;

@@ -2,12 +2,14 @@
 reference, then timings against cuBLAS FP16 and the dispatched path (fpx_linear: Triton / de-quantize + cuBLAS)
 at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs over rotating operand copies).
 
-    python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|70b-o,...] [--sweep split|pipeline]
+    python bench/wgmma_probe.py [--ms 32,64,128,256,512] [--shapes all|70b-o,...] [--sweep split|pipeline|wide|producer|interleave]
                                 [--out FILE.json]
 
 --sweep wide: up to 256 rows of x per CTA (one or two warpgroups) against the 128-row launches, at M >= 256.
 --sweep producer: the warp-specialized kernel (a producer warpgroup, two consumer warpgroups, x ring of 3 or 5
 stages) against the table's launch and the 128-row one- and two-warpgroup launches.
+--sweep interleave: the producer kernel's consumers de-quantizing k-step by k-step beside the wgmma before it
+(interleave) against waiting for each tile's wgmma, two and three consumers, x 2 and 4 tiles ahead, at M >= 128.
 """
 
 from __future__ import annotations
@@ -72,12 +74,16 @@ def check(quick: bool) -> list:
 
 
 def launches_for(m: int, sweep: str) -> list:
-    """(n_x, split, wgs, x_ahead, min_ctas[, producer]) to time at M."""
+    """(n_x, split, wgs, x_ahead, min_ctas[, producer[, w_ahead, interleave]]) to time at M."""
     n_xs = sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))})
     if sweep == "producer":
         narrow = fpx_cuda.wgmma_n_x(m, 128)
         return ([(narrow, split, 1, xa, mc) for split in (1, 2) for xa, mc in ((1, 3), (2, 1))] + [(narrow, 1, 2, 1, 1)]
                 + [(n_x, split, 2, xa, 1, True) for n_x in n_xs for split in (1, 2) for xa in (2, 4)])
+    if sweep == "interleave":  # the same producer launches with and without the interleaved consumers
+        narrow = fpx_cuda.wgmma_n_x(m, 128)
+        return [(narrow, split, wgs, xa, 1, True, 2, interleave) for split in (1, 2) for wgs in (2, 3)
+                for xa in (2, 4) for interleave in (False, True)]
     if sweep == "wide":  # up to 256 rows of x per CTA (a 128 x 256 tile at two warpgroups) against the 128-row winners
         wide = fpx_cuda.wgmma_n_x(m, 256)
         narrow = fpx_cuda.wgmma_n_x(m, 128)
@@ -109,7 +115,8 @@ def timing(ms, shapes, sweep: str) -> list:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ qw.dequantize(torch.float32).T
             for launch in launches_for(m, sweep):
-                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas", "producer"), launch))
+                kw = dict(zip(("n_x", "split", "wgs", "x_ahead", "min_ctas", "producer", "w_ahead", "interleave"),
+                              launch))
                 out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, None, qw.fmt, n, k, **kw)
                 err = ((out.float() - ref).norm() / ref.norm()).item()
                 calls, _ = rotating_calls(qw, m, torch.float16, lambda x, p, s, kw=kw:
@@ -122,7 +129,7 @@ def timing(ms, shapes, sweep: str) -> list:
             print(f"{name:9} M={m:<4} cuBLAS {t_dense:7.1f}  dispatch {t_disp:7.1f} ({t_dense / t_disp:.2f}x)  "
                   f"wgmma best {best['us']:7.1f} ({t_dense / best['us']:.2f}x, {best}) all: "
                   + " ".join(f"{r['n_x']}/{r['split']}/g{r['wgs']}x{r['x_ahead']}c{r['min_ctas']}"
-                             f"{'P' if r.get('producer') else ''}:{r['us']:.0f}"
+                             f"{'P' if r.get('producer') else ''}{'I' if r.get('interleave') else ''}:{r['us']:.0f}"
                              for r in row["wgmma"]), flush=True)
             rows.append(row)
         del qw
@@ -136,7 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="all")
     parser.add_argument("--out")
     parser.add_argument("--check-only", action="store_true")
-    parser.add_argument("--sweep", default="split", choices=["split", "pipeline", "wide", "producer"])
+    parser.add_argument("--sweep", default="split", choices=["split", "pipeline", "wide", "producer",
+                                                                          "interleave"])
     args = parser.parse_args(argv)
     started = time.time()
     checks = check(False)
