@@ -2,8 +2,8 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | interleave | wgmma3 | e2e | e2e-order | e2e-mid |
-#       e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | interleave | wgmma3 | wgmma-large |
+#       e2e | e2e-order | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -39,6 +39,9 @@
 #   wgmma3    three consumer warpgroups beside the producer (setmaxnreg; built 2026-12-04, not yet run) and the
 #             interleaved consumers: after the interleave step's tests, the tuner at M = 128/256/512 (--wgmma-only:
 #             the faster of the launches and the table's entry)
+#   wgmma-large the tuner at M = 1024 / 4096 (--wgmma-only: the 256-row and producer launches, interleaved or not,
+#             against the table's de-quantize + cuBLAS entries; copy the table in first; built 2026-12-04, not
+#             yet run)
 #   e2e-order fp6llm bench, llama-2-13b e3m2 at batch 1/16/32/64 with x written in the wgmma kernel's order by the
 #             norms and silu_mul (the default; built 2026-12-04, not yet timed) and with FP6LLM_ORDER_X=0
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
@@ -152,6 +155,10 @@ wgmma3)  # the tests that cover it are the interleave step's (producer): run tha
     gpu_only timeout 500 python3 bench/tune.py --wgmma-only --ms 128,256,512 --out "$out" 2>&1 \
         | tee "$out/tune-wgmma3.log" | grep -v "^  cuda\|^  mid" | tail -34
     ;;
+wgmma-large)
+    gpu_only timeout 540 python3 bench/tune.py --cuda-only --wgmma-only --ms 1024,4096 --out "$out" 2>&1 \
+        | tee "$out/tune-wgmma-large.log" | grep -v "^  " | tail -20
+    ;;
 e2e-order)  # the decode step with x written in the wgmma kernel's order (the default) and without (FP6LLM_ORDER_X=0)
     for order in 1 0; do
         FP6LLM_ORDER_X=$order timeout 270 python3 -m fp6llm bench --random "$model13" --formats e3m2 \
@@ -203,7 +210,7 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | row-tiles | check-new | w-ahead | interleave | wgmma3 | e2e | e2e-order | e2e-mid | e2e-pdl | host |" \
+         "wgmma-bf16 | row-tiles | check-new | w-ahead | interleave | wgmma3 | wgmma-large | e2e | e2e-order | e2e-mid | e2e-pdl | host |" \
          "e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;

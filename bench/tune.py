@@ -167,7 +167,15 @@ def wgmma_launches(m: int) -> list:
     tiles ahead (more shared memory, fewer CTAs), or two warpgroups; at <= 64 rows also four warpgroups (256 weight
     rows share each copy of x: a quarter of one warpgroup's x traffic, which bound it at M = 128) or two
     warpgroups with registers for two CTAs; above 128 rows also two warpgroups on up to 256 rows of x (a 128 x 256
-    tile: each copy of x serves 128 weight rows, each weight 256 rows of x)."""
+    tile: each copy of x serves 128 weight rows, each weight 256 rows of x). Above WGMMA_TUNE_MAX_M (prefill; only
+    where asked, --wgmma-only) the two-warpgroup 256-row launches and the producer ones: what the kernel could win
+    with there, against de-quantizing into cuBLAS."""
+    if m > WGMMA_TUNE_MAX_M:
+        wide, narrow = fpx_cuda.wgmma_n_x(m, 256), fpx_cuda.wgmma_n_x(m, 128)
+        return [dict(n_x=wide, wgs=2, x_ahead=x_ahead, min_ctas=1, producer=False, w_ahead=2, interleave=False)
+                for x_ahead in (1, 2)] + [
+            dict(n_x=narrow, wgs=wgs, x_ahead=x_ahead, min_ctas=1, producer=True, w_ahead=2, interleave=interleave)
+            for wgs in (2, 3) for x_ahead in (2, 4) for interleave in (False, True)]
     shapes = []
     for n_x in sorted({fpx_cuda.wgmma_n_x(m, most) for most in ((64, 128) if m > 64 else (64,))}):
         shapes += [dict(n_x=n_x, wgs=1, x_ahead=1, min_ctas=4 if n_x <= 64 else 3),
@@ -220,7 +228,7 @@ def prewarm_wgmma(fmt: FPFormat, dtype, ms) -> None:
     """Compile every wgmma launch the tuning will time (compile_wgmma)."""
     compile_wgmma((fmt.name, dtype == torch.bfloat16, l["n_x"], l["wgs"], l["x_ahead"], l["min_ctas"],
                    l.get("producer", False), l.get("w_ahead", 2), l.get("interleave", False))
-                  for m in ms if WGMMA_TUNE_MIN_M <= m <= WGMMA_TUNE_MAX_M for l in wgmma_launches(m))
+                  for m in ms if WGMMA_TUNE_MIN_M <= m <= fpx_cuda.WGMMA_MAX_M for l in wgmma_launches(m))
 
 
 def tune_wgmma(qw, m: int, dtype) -> "dict | None":

@@ -443,7 +443,7 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
     import tune
     from fp6llm.kernels import fpx_cuda
-    for m in (8, 16, 32, 64, 128, 256, 512):
+    for m in (8, 16, 32, 64, 128, 256, 512, 1024, 4096):
         for launch in tune.wgmma_launches(m):
             assert set(launch) == {"n_x", "wgs", "x_ahead", "min_ctas", "producer", "w_ahead", "interleave"}, launch
             for bf16 in (False, True):
@@ -465,7 +465,7 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 3, 2, 1)
     assert any(launch["wgs"] == 3 and launch["producer"] for launch in tune.wgmma_launches(256))
     # the interleaved consumers: beside a producer with x two or more tiles ahead (a stage is released a tile later)
-    assert all(any(launch["interleave"] for launch in tune.wgmma_launches(m)) for m in (128, 256, 512))
+    assert all(any(launch["interleave"] for launch in tune.wgmma_launches(m)) for m in (128, 256, 512, 1024, 4096))
     assert not any(launch["interleave"] for m in (8, 16, 32, 64) for launch in tune.wgmma_launches(m))
     with pytest.raises(ValueError, match=r"only beside a producer warpgroup, with x 2 or more tiles ahead \(here: no producer\)"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 2, 2, 1, interleave=True)
