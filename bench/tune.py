@@ -174,6 +174,8 @@ def wgmma_launches(m: int) -> list:
         wide, narrow = fpx_cuda.wgmma_n_x(m, 256), fpx_cuda.wgmma_n_x(m, 128)
         return [dict(n_x=wide, wgs=2, x_ahead=x_ahead, min_ctas=1, producer=False, w_ahead=2, interleave=False)
                 for x_ahead in (1, 2)] + [
+            dict(n_x=wide, wgs=2, x_ahead=2, min_ctas=1, producer=True, w_ahead=2, interleave=interleave)
+            for interleave in (False, True)] + [
             dict(n_x=narrow, wgs=wgs, x_ahead=x_ahead, min_ctas=1, producer=True, w_ahead=2, interleave=interleave)
             for wgs in (2, 3) for x_ahead in (2, 4) for interleave in (False, True)]
     shapes = []
@@ -190,6 +192,9 @@ def wgmma_launches(m: int) -> list:
         # a producer warpgroup copying x for two consumer warpgroups (wgmma_probe.py --sweep producer, 2026-12-04:
         # 1-3 % faster than the plain launches at M = 256 on 5 of 5 shapes)
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=2, x_ahead=2, min_ctas=1, producer=True)]
+        # ... and for two consumers on up to 256 rows of x, the producer's registers handed to them (setmaxnreg,
+        # 168 -> 40 / 232: 128 accumulators each; not yet timed, 2026-12-04)
+        shapes += [dict(n_x=wide, wgs=2, x_ahead=2, min_ctas=1, producer=True)]
     if m >= 128:  # three consumers beside a producer, its registers handed to them (setmaxnreg; not yet timed,
         # 2026-12-04: from M = 128 the kernel is bound by its MMAs, and at most two consumers fitted an SM before)
         shapes += [dict(n_x=fpx_cuda.wgmma_n_x(m, 128), wgs=3, x_ahead=x_ahead, min_ctas=1, producer=True)

@@ -832,7 +832,8 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
     split-K (slabs and counters shared with the plain path), partial z blocks, with and without bias, one, two and
     three consumer warpgroups (three: 192 weight rows per CTA, the producer's registers handed to them), each
     k-step de-quantized beside the wgmma before it (interleave: 8 commit groups a tile, a stage released a tile
-    later) or not; and near the float64 reference."""
+    later) or not; above 128 rows also two consumers on 256 rows of x (setmaxnreg 168 -> 40 / 232); and near the
+    float64 reference."""
     from fp6llm.kernels import fpx_cuda
     n, k = 200, 1536
     qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
@@ -846,6 +847,12 @@ def test_cuda_wgmma_producer_kernel_equals_the_plain_one(gen, fmt, dtype, m):
         assert torch.equal(out, plain), (split, wgs, x_ahead, interleave)
         err = ((out.double() - ref).norm() / ref.norm()).item()
         assert err < TOLERANCE[dtype], (split, wgs, x_ahead, interleave, err)
+    if m > 128:  # 256 rows of x per CTA (300 rows: one full z block and one of 44)
+        plain = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, 2, 256, 2)
+        for interleave in (False, True):
+            out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, 2, 256, 2, 2, producer=True,
+                                     interleave=interleave)
+            assert torch.equal(out, plain), interleave
 
 
 @gpu

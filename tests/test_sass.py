@@ -258,7 +258,10 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
                                                    ("e3m2", True, 128, 2, 3, 1, True, True, 2, True),
                                                    ("e3m2", False, 128, 3, 2, 1, False, True, 2, True),
                                                    ("e2m1", False, 256, 1, 2, 1, False, True, 2, True),
-                                                   ("e2m3", False, 64, 2, 5, 1, False, True, 3, True)]
+                                                   ("e2m3", False, 64, 2, 5, 1, False, True, 3, True),
+                                                   # two consumers on 256 rows of x (setmaxnreg: 168 -> 40 / 232)
+                                                   ("e3m2", False, 256, 2, 2, 1, False, True, 2, False),
+                                                   ("e3m2", True, 256, 2, 2, 1, True, True, 2, True)]
     for name, bf16, n_x, wgs, x_ahead, min_ctas, bias, producer, w_ahead, interleave in cases:
         source = fpx_cuda.wgmma_kernel_source(FPFormat.parse(name), bf16, n_x, bias, wgs, x_ahead, min_ctas, False,
                                               producer, w_ahead, interleave)
@@ -266,8 +269,9 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_wgmma.cu", log, ("--ptxas-options=-v",))
         assert "C75" not in log[0] and "serialized" not in log[0], log[0]  # C7513, C7519 (a divergent path)
         usage = sass._cuobjdump(cubin, "--dump-resource-usage")
-        # no local arrays; no spills (STACK), but for three consumers' epilogue, which runs at the launch's 128
-        assert "LOCAL:0" in usage and ("STACK:0" in usage or wgs == 3), usage
+        hand_off = fpx_cuda.wgmma_hand_off(n_x, wgs, producer)
+        # no local arrays; no spills (STACK), but for a hand-off's epilogue, which runs at the launch's registers
+        assert "LOCAL:0" in usage and ("STACK:0" in usage or hand_off), usage
         assert sass.registers(cubin) * 128 * (wgs + producer) * min_ctas <= 65536
         assert sass.wgmma_register_hazards(sass.disassemble(cubin)) == []
         loop = sass.innermost_loop(sass.disassemble(cubin))
@@ -277,10 +281,12 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
         waits = [args.strip() for _, op, mods, args in loop if op == "WARPGROUP" and ".DEPBAR" in mods]
         assert waits == (["gsb0, 0x7"] * 8 * w_ahead if interleave else ["gsb0, 0x0"] * w_ahead), (n_x, waits)
         assert not any(op in ("STL", "LDL") for _, op, _, _ in loop), (n_x, wgs, producer)  # no spills in the loop
-        if wgs == 3:  # the setmaxnreg hand-off: launched at exactly 128 registers, 32 for the producer, 160 after
-            assert sass.registers(cubin) == 128
+        if hand_off:  # the setmaxnreg hand-off: launched at exactly its registers (three consumers: 128; 32 for the
+            # producer, 160 for the consumers, 128 again for all)
+            launch_regs, producer_regs, consumer_regs = hand_off
+            assert sass.registers(cubin) == launch_regs
             hands = [int(args.split(",")[-1], 16) for _, op, _, args in sass.disassemble(cubin) if op == "USETMAXREG"]
-            assert sorted(hands) == [32, 128, 128, 160], hands
+            assert sorted(hands) == sorted([producer_regs, launch_regs, launch_regs, consumer_regs]), hands
 
 
 def test_wgmma_register_hazards_finds_a_write_to_in_flight_a_registers():

@@ -631,10 +631,21 @@ WGMMA_MAX_N_X = 256  # x rows per CTA: 128 accumulators per thread (238 register
 WGMMA_MAX_SHARED = 227 * 1024  # an sm_90 CTA's most dynamic shared memory
 WGMMA_MAX_M = 4096
 WGMMA_EXTRA_DEFINES: list = []  # experiments (bench/wgmma_probe.py)
-# Three consumer warpgroups beside a producer (512 threads, 128 registers each at launch): the producer keeps 32
-# for its copies, the consumers 160 (32 x 128 + 160 x 384 = 65536; sm_90a, 2026-12-04: no spills in the loop at
-# 128 rows of x, ~100 bytes in the epilogue, which runs at 128)
-WGMMA_LAUNCH_REGS, WGMMA_PRODUCER_REGS, WGMMA_CONSUMER_REGS = 65536 // 512, 32, 160
+# setmaxnreg's hand-offs beside a producer, (launch, producer, consumer) registers per thread: the producer keeps
+# what its copies need, the consumers take the rest for the loop, and all return to the launch's for the epilogue.
+# Three consumers (512 threads, 128 each at launch): 32 x 128 + 160 x 384 = 65536 (sm_90a, 2026-12-04: no spills
+# in the loop at 128 rows of x, ~100 bytes in the epilogue, which runs at 128). Two consumers on more than 128
+# rows of x (384 threads, 168 at launch; up to 128 accumulators each): 40 x 128 + 232 x 256 = 168 x 384.
+WGMMA_HAND_OFFS = {3: (65536 // 512, 32, 160), 2: (168, 40, 232)}
+
+
+def wgmma_hand_off(n_x: int, wgs: int, producer: bool) -> "tuple | None":
+    """(launch, producer, consumer) registers of the launch's setmaxnreg hand-off (WGMMA_HAND_OFFS), or None
+    where the launch's own share holds the consumers: three consumers beside a producer, or two on more than 128
+    rows of x."""
+    if producer and (wgs == 3 or (wgs == 2 and n_x > 128)):
+        return WGMMA_HAND_OFFS[wgs]
+    return None
 
 
 def wgmma_asm(n_x: int, bf16: bool) -> list:
@@ -662,6 +673,10 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     setmaxnreg); w_ahead: K tiles of weights in flight per warp (register buffers, 2-4); interleave (with a
     producer, x >= 2 tiles ahead): each consumer de-quantizes k-step by k-step beside the wgmma of the k-steps
     before it (up to 7 in flight) instead of waiting for each tile's. x comes permuted (wgmma_x_order)."""
+    hand_off = wgmma_hand_off(n_x, wgs, producer)
+    if hand_off is not None and min_ctas != 1:
+        raise ValueError(f"the wgmma kernel hands the producer's registers to its {wgs} consumers (setmaxnreg) "
+                         f"at one CTA per SM, not {min_ctas}")
     if wgs not in (1, 2, 4) and not (wgs == 3 and producer and min_ctas == 1):
         raise ValueError(f"the wgmma kernel runs 1, 2 or 4 warpgroups per CTA (3 beside a producer, one CTA per SM), "
                          f"not {wgs}" + (" beside a producer" if producer else "") + f" at {min_ctas} CTAs per SM")
@@ -676,7 +691,7 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     if not wgmma_registers_fit(n_x, wgs, min_ctas, producer, w_ahead):
         raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators and {w_ahead} weight tiles per "
                          f"thread at {min_ctas} CTAs of {wgs + producer} warpgroups per SM "
-                         f"({_consumer_registers(wgs, min_ctas, producer)} registers per thread)")
+                         f"({_consumer_registers(n_x, wgs, min_ctas, producer)} registers per thread)")
     if x_ahead not in ((1, 2, 3, 4, 5, 6) if producer else (1, 2, 3, 4)):
         raise ValueError(f"the wgmma kernel keeps 1-4 K tiles of x in flight (1-6 with a producer), not {x_ahead}")
     if wgmma_shared_bytes(n_x, x_ahead) > WGMMA_MAX_SHARED - 256:  # the mbarriers and split-K's counter: static
@@ -687,8 +702,8 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
                f"#define PRODUCER {int(producer)}", f"#define W_AHEAD {w_ahead}",
                *(["#define INTERLEAVE 1"] if interleave else []),
-               *([f"#define LAUNCH_REGS {WGMMA_LAUNCH_REGS}", f"#define PRODUCER_REGS {WGMMA_PRODUCER_REGS}",
-                  f"#define CONSUMER_REGS {WGMMA_CONSUMER_REGS}"] if wgs == 3 else []),  # setmaxnreg's hand-off
+               *([f"#define LAUNCH_REGS {hand_off[0]}", f"#define PRODUCER_REGS {hand_off[1]}",
+                  f"#define CONSUMER_REGS {hand_off[2]}"] if hand_off else []),  # setmaxnreg's hand-off
                *(["#define PDL 1"] if pdl else []), *wgmma_asm(n_x, bf16), *WGMMA_EXTRA_DEFINES]
     return _translation_unit(WGMMA_SOURCE, fmt, defines)
 
@@ -697,13 +712,15 @@ def wgmma_registers_fit(n_x: int, wgs: int, min_ctas: int, producer: bool = Fals
     """Whether a consumer thread's registers hold its n_x / 2 accumulators, A (32), w_ahead raw weight tiles (12
     each) and addresses (~38; 8 more beyond two tiles: four tiles at 64 rows of x and 128 registers spilled in the
     loop, sm_90a, 2026-12-04) at this launch."""
-    return _consumer_registers(wgs, min_ctas, producer) >= n_x // 2 + 46 + 12 * w_ahead + (8 if w_ahead > 2 else 0)
+    needed = n_x // 2 + 46 + 12 * w_ahead + (8 if w_ahead > 2 else 0)
+    return _consumer_registers(n_x, wgs, min_ctas, producer) >= needed
 
 
-def _consumer_registers(wgs: int, min_ctas: int, producer: bool) -> int:
+def _consumer_registers(n_x: int, wgs: int, min_ctas: int, producer: bool) -> int:
     """A consumer thread's registers in the loop: its share of an SM's 65536 at this launch, or what setmaxnreg
-    hands three consumers beside a producer."""
-    return WGMMA_CONSUMER_REGS if wgs == 3 else 65536 // (128 * (wgs + producer) * min_ctas)
+    hands it (wgmma_hand_off)."""
+    hand_off = wgmma_hand_off(n_x, wgs, producer)
+    return hand_off[2] if hand_off else 65536 // (128 * (wgs + producer) * min_ctas)
 
 
 def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
@@ -741,11 +758,12 @@ def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bia
                                                               interleave),
                              WGMMA_KERNEL_NAME, 4 * (wgs + producer), device)
     shared = wgmma_shared_bytes(n_x, x_ahead)
-    if fresh and wgs == 3 and _registers(kernel) != WGMMA_LAUNCH_REGS:
+    hand_off = wgmma_hand_off(n_x, wgs, producer)
+    if fresh and hand_off and _registers(kernel) != hand_off[0]:
         # setmaxnreg hands exactly what the launch gave: registers short of it would leave the consumers waiting
         del _KERNELS[key]
-        raise RuntimeError(f"ptxas gave the three-consumer wgmma kernel {_registers(kernel)} registers per thread, "
-                           f"not {WGMMA_LAUNCH_REGS}: its setmaxnreg hand-off would not add up")
+        raise RuntimeError(f"ptxas gave the {wgs}-consumer wgmma kernel {_registers(kernel)} registers per thread, "
+                           f"not {hand_off[0]}: its setmaxnreg hand-off would not add up")
     if fresh:
         # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (8): above 48 KiB a kernel must ask for it
         libcuda = torch.cuda._utils._get_gpu_runtime_library()

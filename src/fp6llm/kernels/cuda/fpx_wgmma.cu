@@ -30,10 +30,11 @@
 // taken out. ptxas had first put the next tile into the in-flight A registers, which the tensor cores read until the
 // wait: NaNs; a use of A after the wait kept them. tests/test_sass.py checks every variant for such writes.)
 //
-// CONSUMER_REGS (with PRODUCER, three consumers: 512 threads, 128 registers each at launch, LAUNCH_REGS): the
-// producer warpgroup gives registers back for the loop (setmaxnreg.dec to PRODUCER_REGS) and the consumers take
-// them (setmaxnreg.inc to CONSUMER_REGS: their 64 accumulators, A and the weight tiles do not fit in 128); both
-// return to LAUNCH_REGS for the split-K epilogue, which every thread takes part in.
+// CONSUMER_REGS (with PRODUCER: three consumers, 512 threads at 128 registers each at launch, LAUNCH_REGS; or two
+// on more than 128 rows of x, 384 threads at 168): the producer warpgroup gives registers back for the loop
+// (setmaxnreg.dec to PRODUCER_REGS) and the consumers take them (setmaxnreg.inc to CONSUMER_REGS: their
+// accumulators, A and the weight tiles do not fit in the launch's share); both return to LAUNCH_REGS for the
+// split-K epilogue, which every thread takes part in.
 //
 // x arrives permuted (fpx_cuda.wgmma_x_order, a launch of its own). Copying it as it is instead was measured twice
 // and taken out (H200, 2026-12-04): 16-byte chunks loaded into registers and stored transposed were 6-19 % slower
