@@ -33,9 +33,9 @@
 #             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
 #             table in first)
-#   interleave the producer kernel's consumers de-quantizing k-step by k-step beside the wgmma of the k-steps before
-#             (built in the twelfth session, 2026-12-04, not yet run): its GPU tests (the producer test, stops if they
-#             fail), then bench/wgmma_probe.py --sweep interleave at M = 256/128/512 on four shapes (the A/B)
+#   interleave each warpgroup of the wgmma kernel de-quantizing k-step by k-step beside the wgmma of the k-steps
+#             before (built in the twelfth session, 2026-12-04, not yet run): its GPU tests (stops if they fail),
+#             then bench/wgmma_probe.py --sweep interleave at M = 256/64/128 on three shapes (the A/B)
 #   wgmma3    three consumer warpgroups beside the producer (setmaxnreg; built 2026-12-04, not yet run) and the
 #             interleaved consumers: after the interleave step's tests, the tuner at M = 128/256/512 (--wgmma-only:
 #             the faster of the launches and the table's entry)
@@ -144,11 +144,12 @@ w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner
         | tee "$out/tune-w-ahead.log" | grep -v "^  " | tail -34
     ;;
 interleave)  # within the tool's 10 minutes: tests ~60 s, compiles ~60 s, 12 cases x 16 launches ~300 s
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py -k "producer" \
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \
+        -k "producer or interleave" \
         2>&1 | tail -2) | tee "$out/interleave-tests.log"
     grep -q failed "$out/interleave-tests.log" && { echo "interleave tests failed: no timing"; exit 1; }
-    gpu_only timeout 400 python3 bench/wgmma_probe.py --sweep interleave --ms 256,128,512 \
-        --shapes 70b-o,13b-down,70b-up,13b-qkv --out "$out/interleave.json" 2>&1 | tee "$out/interleave.log" \
+    gpu_only timeout 400 python3 bench/wgmma_probe.py --sweep interleave --ms 256,64,128 \
+        --shapes 70b-o,13b-down,70b-up --out "$out/interleave.json" 2>&1 | tee "$out/interleave.log" \
         | grep -E "M=|WRONG|rror" | cut -c1-400
     ;;
 wgmma3)  # the tests that cover it are the interleave step's (producer): run that step first

@@ -8,8 +8,9 @@ at mid M on the LLaMA shapes, in one run (fp6llm/evals/timing.py: CUDA graphs ov
 --sweep wide: up to 256 rows of x per CTA (one or two warpgroups) against the 128-row launches, at M >= 256.
 --sweep producer: the warp-specialized kernel (a producer warpgroup, two consumer warpgroups, x ring of 3 or 5
 stages) against the table's launch and the 128-row one- and two-warpgroup launches.
---sweep interleave: the producer kernel's consumers de-quantizing k-step by k-step beside the wgmma before it
-(interleave) against waiting for each tile's wgmma, two and three consumers, x 2 and 4 tiles ahead, at M >= 128.
+--sweep interleave: each warpgroup de-quantizing k-step by k-step beside the wgmma before it (interleave) against
+waiting for each tile's wgmma: the one-warpgroup plain launches, and at M >= 128 the producer kernel with two and
+three consumers, x 2 and 4 tiles ahead.
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ def launches_for(m: int, sweep: str) -> list:
         narrow = fpx_cuda.wgmma_n_x(m, 128)
         return ([(narrow, split, 1, xa, mc) for split in (1, 2) for xa, mc in ((1, 3), (2, 1))] + [(narrow, 1, 2, 1, 1)]
                 + [(n_x, split, 2, xa, 1, True) for n_x in n_xs for split in (1, 2) for xa in (2, 4)])
-    if sweep == "interleave":  # the same producer launches with and without the interleaved consumers
+    if sweep == "interleave":  # the same launches with and without the interleaved warpgroups
         narrow = fpx_cuda.wgmma_n_x(m, 128)
-        return [(narrow, split, wgs, xa, 1, True, 2, interleave) for split in (1, 2) for wgs in (2, 3)
-                for xa in (2, 4) for interleave in (False, True)]
+        plain = [(n_x, split, 1, xa, mc, False, 2, interleave) for n_x in n_xs for split in (1, 2)
+                 for xa, mc in ((1, 3), (2, 3 if n_x <= 64 else 1)) for interleave in (False, True)]
+        return plain + [(narrow, split, wgs, xa, 1, True, 2, interleave) for split in (1, 2) for wgs in (2, 3)
+                        for xa in (2, 4) for interleave in (False, True) if m >= 128]
     if sweep == "wide":  # up to 256 rows of x per CTA (a 128 x 256 tile at two warpgroups) against the 128-row winners
         wide = fpx_cuda.wgmma_n_x(m, 256)
         narrow = fpx_cuda.wgmma_n_x(m, 128)

@@ -464,14 +464,19 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     with pytest.raises(ValueError, match="3 beside a producer, one CTA per SM"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 3, 2, 1)
     assert any(launch["wgs"] == 3 and launch["producer"] for launch in tune.wgmma_launches(256))
-    # the interleaved consumers: beside a producer with x two or more tiles ahead (a stage is released a tile later)
-    assert all(any(launch["interleave"] for launch in tune.wgmma_launches(m)) for m in (128, 256, 512, 1024, 4096))
-    assert not any(launch["interleave"] for m in (8, 16, 32, 64) for launch in tune.wgmma_launches(m))
-    with pytest.raises(ValueError, match=r"only beside a producer warpgroup, with x 2 or more tiles ahead \(here: no producer\)"):
-        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 2, 2, 1, interleave=True)
-    with pytest.raises(ValueError, match=r"\(here: x 1 tile ahead\)"):
+    # the interleaved warpgroups: from 64 rows of x (the plain launches, where one more tile of x fits) and beside a
+    # producer with x two or more tiles ahead (a stage is released a tile later)
+    assert all(any(launch["interleave"] for launch in tune.wgmma_launches(m)) for m in (64, 128, 256, 512, 1024, 4096))
+    assert not any(launch["interleave"] for m in (8, 16, 32) for launch in tune.wgmma_launches(m))
+    assert all(launch["x_ahead"] >= 2 for m in (128, 256, 1024) for launch in tune.wgmma_launches(m)
+               if launch["interleave"] and launch["producer"])
+    with pytest.raises(ValueError, match="beside a producer warpgroup with x 2 or more tiles ahead, not 1"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 2, 1, 1, producer=True,
                                      interleave=True)
+    # without a producer it keeps the previous tile of x too: one stage more than waiting does
+    assert fpx_cuda.wgmma_shared_bytes(128, 2, True) == fpx_cuda.wgmma_shared_bytes(128, 3)
+    with pytest.raises(ValueError, match="256 rows 2 tiles ahead take 263168 bytes"):
+        fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 256, False, 2, 2, 1, interleave=True)
 
 
 def test_shipped_h200_table_wgmma_launches_are_ones_the_kernel_takes():
@@ -821,6 +826,28 @@ def test_cuda_wgmma_weight_tiles_in_flight_keep_the_sums(gen, fmt, dtype, m):
             assert torch.equal(out, two), (split, wgs, producer, w_ahead)
         err = ((two.double() - ref).norm() / ref.norm()).item()
         assert err < TOLERANCE[dtype], (split, wgs, producer, err)
+
+
+@hopper
+@pytest.mark.parametrize("fmt, dtype, m", [("e3m2", torch.float16, 64), ("e3m2", torch.bfloat16, 131),
+                                           ("e2m1", torch.float16, 24), ("e4m3", torch.bfloat16, 201)])
+def test_cuda_wgmma_interleaved_warpgroups_keep_the_sums(gen, fmt, dtype, m):
+    """The plain wgmma kernel with each k-step de-quantized beside the wgmma of the k-steps before it (interleave:
+    8 commit groups a tile, up to 7 in flight, one more tile of x in shared memory) sums each output in the same
+    order as waiting for each tile: equal bit for bit, at x 1 to 3 tiles ahead against 12 K tiles, split-K, one,
+    two and four warpgroups, partial z blocks, with and without bias (the case's); and near the float64
+    reference."""
+    from fp6llm.kernels import fpx_cuda
+    n, k = 200, 1536
+    qw, x, bias, ref = _wgmma_case(gen, fmt, dtype, m, n, k)
+    for n_x, split, wgs, x_ahead in ((64, 1, 1, 1), (64, 3, 1, 2), (128, 2, 2, 1), (32, 1, 4, 3), (40, 2, 1, 1)):
+        waited = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
+                                    producer=False, interleave=False)
+        out = fpx_cuda.fpx_wgmma(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split, n_x, wgs, x_ahead,
+                                 producer=False, interleave=True)
+        assert torch.equal(out, waited), (n_x, split, wgs, x_ahead)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < TOLERANCE[dtype], (n_x, split, wgs, x_ahead, err)
 
 
 @hopper

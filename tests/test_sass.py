@@ -253,8 +253,11 @@ def test_cuda_wgmma_kernel_compiles_without_serialized_wgmma():
                                                # three consumers, the producer's registers handed over (setmaxnreg)
                                                ("e3m2", False, 128, 3, 2, 1, False, True, 2),
                                                ("e3m2", True, 128, 3, 4, 1, True, True, 2)]
-    # the interleaved consumers (a k-step's de-quantization beside the wgmma of the k-steps before it)
-    cases = [case + (False,) for case in cases] + [("e3m2", False, 128, 2, 2, 1, False, True, 2, True),
+    # interleaved (a k-step's de-quantization beside the wgmma of the k-steps before it): plain and beside a producer
+    cases = [case + (False,) for case in cases] + [("e3m2", False, 64, 1, 2, 3, False, False, 2, True),
+                                                   ("e3m2", True, 128, 2, 1, 1, True, False, 2, True),
+                                                   ("e2m1", False, 32, 4, 1, 1, False, False, 2, True),
+                                                   ("e3m2", False, 128, 2, 2, 1, False, True, 2, True),
                                                    ("e3m2", True, 128, 2, 3, 1, True, True, 2, True),
                                                    ("e3m2", False, 128, 3, 2, 1, False, True, 2, True),
                                                    ("e2m1", False, 256, 1, 2, 1, False, True, 2, True),

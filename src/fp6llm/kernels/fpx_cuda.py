@@ -670,9 +670,10 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
     (sm_90): it waits for the previous grid before its first memory access (launch_ex's pdl). producer: a
     warpgroup of its own copies x into an mbarrier ring of x_ahead + 1 stages (warp specialization), beside one,
     two or three consumer warpgroups (three: one CTA per SM, the producer's registers handed to them for the loop,
-    setmaxnreg); w_ahead: K tiles of weights in flight per warp (register buffers, 2-4); interleave (with a
-    producer, x >= 2 tiles ahead): each consumer de-quantizes k-step by k-step beside the wgmma of the k-steps
-    before it (up to 7 in flight) instead of waiting for each tile's. x comes permuted (wgmma_x_order)."""
+    setmaxnreg); w_ahead: K tiles of weights in flight per warp (register buffers, 2-4); interleave: each
+    warpgroup de-quantizes k-step by k-step beside the wgmma of the k-steps before it (up to 7 in flight) instead
+    of waiting for each tile's (beside a producer with x >= 2 tiles ahead; without one, one more tile of x in
+    shared memory). x comes permuted (wgmma_x_order)."""
     hand_off = wgmma_hand_off(n_x, wgs, producer)
     if hand_off is not None and min_ctas != 1:
         raise ValueError(f"the wgmma kernel hands the producer's registers to its {wgs} consumers (setmaxnreg) "
@@ -682,21 +683,21 @@ def wgmma_kernel_source(fmt: FPFormat, bf16: bool, n_x: int, has_bias: bool, wgs
                          f"not {wgs}" + (" beside a producer" if producer else "") + f" at {min_ctas} CTAs per SM")
     if w_ahead not in (2, 3, 4):
         raise ValueError(f"the wgmma kernel keeps 2-4 K tiles of weights in flight, not {w_ahead}")
-    if interleave and not (producer and x_ahead >= 2):
+    if interleave and producer and x_ahead < 2:
         # its consumers release a stage of x one tile later: with one tile ahead the producer would wait for the
         # stage a consumer releases only after the tile it waits for
-        raise ValueError("the wgmma kernel interleaves its de-quantization with the wgmma only beside a producer "
-                         "warpgroup, with x 2 or more tiles ahead (here: " + ("no producer" if not producer
-                                                                           else f"x {x_ahead} tile ahead") + ")")
+        raise ValueError("the wgmma kernel interleaves its de-quantization with the wgmma beside a producer "
+                         f"warpgroup with x 2 or more tiles ahead, not {x_ahead}")
     if not wgmma_registers_fit(n_x, wgs, min_ctas, producer, w_ahead):
         raise ValueError(f"the wgmma kernel cannot keep {n_x // 2} accumulators and {w_ahead} weight tiles per "
                          f"thread at {min_ctas} CTAs of {wgs + producer} warpgroups per SM "
                          f"({_consumer_registers(n_x, wgs, min_ctas, producer)} registers per thread)")
     if x_ahead not in ((1, 2, 3, 4, 5, 6) if producer else (1, 2, 3, 4)):
         raise ValueError(f"the wgmma kernel keeps 1-4 K tiles of x in flight (1-6 with a producer), not {x_ahead}")
-    if wgmma_shared_bytes(n_x, x_ahead) > WGMMA_MAX_SHARED - 256:  # the mbarriers and split-K's counter: static
+    shared = wgmma_shared_bytes(n_x, x_ahead, interleave and not producer)
+    if shared > WGMMA_MAX_SHARED - 256:  # the mbarriers and split-K's counter: static
         raise ValueError(f"the wgmma kernel's x buffers for {n_x} rows {x_ahead} tiles ahead take "
-                         f"{wgmma_shared_bytes(n_x, x_ahead)} bytes of shared memory, more than a CTA's "
+                         f"{shared} bytes of shared memory, more than a CTA's "
                          f"{WGMMA_MAX_SHARED}")
     defines = [f"#define N_X {n_x}", f"#define WGS {wgs}", f"#define IS_BF16 {int(bf16)}",
                f"#define HAS_BIAS {int(has_bias)}", f"#define X_AHEAD {x_ahead}", f"#define MIN_CTAS {min_ctas}",
@@ -723,9 +724,10 @@ def _consumer_registers(n_x: int, wgs: int, min_ctas: int, producer: bool) -> in
     return hand_off[2] if hand_off else 65536 // (128 * (wgs + producer) * min_ctas)
 
 
-def wgmma_shared_bytes(n_x: int, x_ahead: int = 1) -> int:
-    """Dynamic shared memory of one CTA: x_ahead + 1 K tiles of x (n_x rows x 256 bytes) and 1 KiB to align them."""
-    return (x_ahead + 1) * n_x * 256 + 1024
+def wgmma_shared_bytes(n_x: int, x_ahead: int = 1, previous: bool = False) -> int:
+    """Dynamic shared memory of one CTA: x_ahead + 1 K tiles of x (n_x rows x 256 bytes; one more with
+    ``previous``: the interleaved kernel without a producer keeps the previous tile's) and 1 KiB to align them."""
+    return (x_ahead + 1 + previous) * n_x * 256 + 1024
 
 
 def wgmma_supports(fmt: FPFormat, group_size, x: torch.Tensor, n: int, k: int) -> bool:
@@ -757,7 +759,7 @@ def _wgmma_kernel(fmt: FPFormat, dtype: torch.dtype, n_x: int, wgs: int, has_bia
                                                               x_ahead, min_ctas, pdl, producer, w_ahead,
                                                               interleave),
                              WGMMA_KERNEL_NAME, 4 * (wgs + producer), device)
-    shared = wgmma_shared_bytes(n_x, x_ahead)
+    shared = wgmma_shared_bytes(n_x, x_ahead, interleave and not producer)
     hand_off = wgmma_hand_off(n_x, wgs, producer)
     if fresh and hand_off and _registers(kernel) != hand_off[0]:
         # setmaxnreg hands exactly what the launch gave: registers short of it would leave the consumers waiting

@@ -65,9 +65,11 @@
 #define X_AHEAD 2                        // K tiles of x in flight
 #endif
 #ifndef INTERLEAVE
-#define INTERLEAVE 0                     // (PRODUCER) each k-step de-quantized beside the wgmma of the ones before it
+#define INTERLEAVE 0                     // each k-step de-quantized beside the wgmma of the ones before it
 #endif
-#define X_STAGES (X_AHEAD + 1)           // the tiles in flight and this one
+// the tiles in flight and this one; interleaved without a producer also the previous one, whose last wgmma may
+// still run when the next copy is staged
+#define X_STAGES (X_AHEAD + 1 + (INTERLEAVE && !PRODUCER))
 #ifndef MIN_CTAS
 #define MIN_CTAS 1                       // __launch_bounds__: resident CTAs per SM ptxas must allow by registers
 #endif
@@ -387,7 +389,11 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             cp_async_commit();
         }
         Tile w[W_AHEAD];
+#if INTERLEAVE
+        u32 a[1][32] = {};  // one set (zeros: the empty asm reads them before the first tile)
+#else
         u32 a[2][32];
+#endif
 #pragma unroll
         for (int i = 0; i < W_AHEAD; ++i)
             if (kt0 + i < kt1) load_tile(w[i], p0, p1, p2, base + kt0 + i, lane);
@@ -408,11 +414,38 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             mma_tile(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES);              \
             wgmma_wait<0>();                                                               \
         }
+#if INTERLEAVE
+        // k-step by k-step as the interleaved consumer (consume): wait until at most 7 k-steps are in flight, keep
+        // the old A live up to the wait, de-quantize the k-step, issue its wgmma; x is waited for, the barrier
+        // passed and the copy X_AHEAD tiles ahead staged at k-step 0, into the buffer of tile kt - 2, which every
+        // warpgroup finished before its k-step 7 of tile kt - 1 (X_STAGES = X_AHEAD + 2).
+#undef STEP
+#define STEP(KT, TILE, A)                                                                              \
+        {                                                                                              \
+            const int kt_ = (KT);                                                                      \
+            _Pragma("unroll") for (int ks = 0; ks < 8; ++ks) {                                         \
+                wgmma_wait<7>();                                                                       \
+                asm volatile("" : "+r"(A[4 * ks]), "+r"(A[4 * ks + 1]), "+r"(A[4 * ks + 2]),           \
+                             "+r"(A[4 * ks + 3]));                                                     \
+                dequant_step(TILE, pw, A, ks);                                                         \
+                if (ks == 7 && kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
+                if (ks == 0) {                                                                         \
+                    cp_async_wait<X_AHEAD - 1>();                                                      \
+                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                       \
+                    __syncthreads();                                                                   \
+                    if (kt_ + X_AHEAD < kt1)                                                           \
+                        stage_x(smem + ((kt_ - kt0 + X_AHEAD) % X_STAGES) * X_STAGE_BYTES, copy, kt_ + X_AHEAD); \
+                    cp_async_commit();                                                                 \
+                }                                                                                      \
+                mma_k16(d, A, smem + ((kt_ - kt0) % X_STAGES) * X_STAGE_BYTES, ks);                    \
+            }                                                                                          \
+        }
+#endif
         for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
 #pragma unroll
             for (int i = 0; i < W_AHEAD; ++i) {
                 if (kt + i >= kt1) break;
-                STEP(kt + i, w[i], a[i % 2])
+                STEP(kt + i, w[i], a[INTERLEAVE ? 0 : i % 2])
             }
         }
 #undef STEP
