@@ -22,11 +22,18 @@ row-splitting conversion in this quantizer. The other way, fp6llm.load needs its
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
+import transformers
 from torch import nn
-from transformers.core_model_loading import ConversionOps
+
+try:  # transformers 5's
+    from transformers.core_model_loading import ConversionOps
+except ImportError as error:
+    raise ImportError(f"fp6llm.integrations.hf needs transformers 5 or newer (its conversion ops); this is "
+                      f"transformers {transformers.__version__}: pip install 'transformers>=5'") from error
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
                                           register_quantization_config, register_quantizer)
@@ -55,6 +62,14 @@ class FPxConfig(QuantizationConfigMixin):
     def __init__(self, format: str = "e3m2", group_size: Optional[int] = None,
                  modules_to_not_convert: Optional[Sequence[str]] = None, layout_version: int = LAYOUT_VERSION,
                  **kwargs):
+        # config.json's own key comes back through from_dict; anything else is a misspelt argument, refused rather
+        # than ignored (FPxConfig("e3m2", groupsize=64) must not quantize per channel in silence)
+        unknown = sorted(set(kwargs) - {"quant_method"})
+        if unknown:
+            raise TypeError(f"FPxConfig got unknown arguments {unknown}; it takes format, group_size, "
+                            f"modules_to_not_convert and layout_version")
+        if kwargs.get("quant_method", QUANT_METHOD) != QUANT_METHOD:
+            raise ValueError(f"FPxConfig is quant_method {QUANT_METHOD!r}, got {kwargs['quant_method']!r}")
         self.quant_method = QUANT_METHOD
         self.format = FPFormat.parse(format).name
         if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
@@ -85,13 +100,33 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _meta_fpx_linear(linear: nn.Linear, config: FPxConfig) -> FPxLinear:
-    """An FPxLinear of ``linear``'s shape on the meta device: the placeholders that a packed checkpoint fills."""
+_SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def _stored_dtypes(checkpoint_files, suffix: str) -> dict:
+    """{tensor name: torch dtype} of the float tensors whose names end in ``suffix`` in the safetensors files among
+    ``checkpoint_files``, read from their headers (no tensor is read)."""
+    from safetensors import safe_open
+    dtypes = {}
+    for path in checkpoint_files or ():
+        if str(path).endswith(".safetensors"):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith(suffix):
+                        stored = _SAFETENSORS_FLOATS.get(f.get_slice(key).get_dtype())
+                        if stored is not None:
+                            dtypes[key] = stored
+    return dtypes
+
+
+def _meta_fpx_linear(linear: nn.Linear, config: FPxConfig, scales_dtype: torch.dtype = torch.float32) -> FPxLinear:
+    """An FPxLinear of ``linear``'s shape on the meta device: the placeholders that a packed checkpoint fills.
+    ``scales_dtype``: the checkpoint's (float16 group scales stay float16: transformers 5.17 casts a stored tensor
+    to its placeholder's dtype; 5.25 keeps the stored one through get_new_dtype)."""
     n, k = linear.out_features, linear.in_features
     planes = tuple(torch.empty(plane_shape(n, k, width), dtype=torch.int32, device="meta")
                    for width in plane_widths(config.fmt.bits))
-    # float32 placeholders (the model is built under its own default dtype); loading keeps the stored dtype
-    scales = torch.empty((n,) if config.group_size is None else (n, k // config.group_size), dtype=torch.float32,
+    scales = torch.empty((n,) if config.group_size is None else (n, k // config.group_size), dtype=scales_dtype,
                          device="meta")
     bias = None if linear.bias is None else torch.empty(n, dtype=linear.bias.dtype, device="meta")
     return FPxLinear(QuantizedWeight(planes, scales, config.fmt, (n, k), config.group_size), bias)
@@ -143,6 +178,21 @@ class FPxHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError("fp6llm's FPxLinear layers cannot be offloaded to disk: map them to GPUs or the CPU")
 
+    def param_element_size(self, model, param_name: str, param: torch.Tensor) -> float:
+        """Bytes per element that a weight quantized on load ends up costing (its padded planes and
+        scales), others' own. transformers sizes its allocator warm-up with this (one empty tensor of the
+        model's bytes per GPU before loading). transformers 5.17 (the device's) counts a weight at its float16 size
+        unless the quantizer says otherwise here (5.25 also reads quantized_element_size), so loading reserved, and
+        peaked at, the whole float16 model's memory however small the quantized model."""
+        if not self.param_needs_quantization(model, param_name):
+            return param.element_size()
+        config = self.quantization_config
+        n, k = param.shape
+        planes = sum(math.prod(plane_shape(n, k, width)) * 4 for width in plane_widths(config.fmt.bits))
+        # float32 per row; per group float16 where every scale fits (nearly always), else float32
+        scales = n * 4 if config.group_size is None else n * (k // config.group_size) * 2
+        return (planes + scales) / (n * k)
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         name, _, tensor = param_name.rpartition(".")
         return not self.pre_quantized and tensor == "weight" and name in self.targets
@@ -166,8 +216,10 @@ class FPxHfQuantizer(HfQuantizer):
             if config.group_size is not None and k % config.group_size:
                 raise ValueError(f"group_size {config.group_size} does not divide in_features {k} of layer {name}")
         if self.pre_quantized:
+            stored = _stored_dtypes(kwargs.get("checkpoint_files"), ".scales")
             for name in sorted(self.targets):
-                _replace(model, name, _meta_fpx_linear(model.get_submodule(name), config))
+                _replace(model, name, _meta_fpx_linear(model.get_submodule(name), config,
+                                                       stored.get(f"{name}.scales", torch.float32)))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
