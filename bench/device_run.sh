@@ -2,7 +2,8 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | interleave | wgmma3 | wgmma-large |
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | small-w-ahead | interleave | wgmma3 |
+#       wgmma-large |
 #       e2e | e2e-order | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -33,6 +34,10 @@
 #             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
 #             table in first)
+#   small-w-ahead the small-M kernel with 3 or 4 weight tiles in registers per warp (a ring, w_ahead; built
+#             2026-12-05, not yet run): its GPU test (stops if it fails), bench/small_m_tail_ab.py at M = 1 / 8
+#             (w2 / w3 / w4, x ahead or not: PDL launches at each shape's table split), then the tuner at M = 1 / 8
+#             with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the table in first)
 #   interleave each warpgroup of the wgmma kernel de-quantizing k-step by k-step beside the wgmma of the k-steps
 #             before (built in the twelfth session, 2026-12-04, not yet run): its GPU tests (stops if they fail),
 #             then bench/wgmma_probe.py --sweep interleave at M = 256/64/128 on three shapes (the A/B)
@@ -142,6 +147,15 @@ w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner
         | tee "$out/w-ahead.log" | tail -28
     gpu_only timeout 220 python3 bench/tune.py --cuda-only --ms 16,8,32,64 --out "$out" 2>&1 \
         | tee "$out/tune-w-ahead.log" | grep -v "^  " | tail -34
+    ;;
+small-w-ahead)  # within the tool's 10 minutes: tests ~120 s (cold compiles), the A/B ~200 s, the tuner ~200 s
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q -x test_kernels.py \
+        -k "deeper_weight_rings" 2>&1 | tail -2) | tee "$out/small-w-ahead-tests.log"
+    grep -q failed "$out/small-w-ahead-tests.log" && { echo "small-w-ahead tests failed: no timing"; exit 1; }
+    gpu_only timeout 200 python3 bench/small_m_tail_ab.py --ms 1,8 --variants w2,w3,w4,w2x,w3x,w4x \
+        --out "$out/small-w-ahead.json" 2>&1 | tee "$out/small-w-ahead.log" | tail -24
+    gpu_only timeout 180 python3 bench/tune.py --cuda-only --ms 1,8 --out "$out" 2>&1 \
+        | tee "$out/tune-small-w-ahead.log" | grep -v "^  " | tail -20
     ;;
 interleave)  # within the tool's 10 minutes: tests ~60 s, compiles ~60 s, 12 cases x 16 launches ~300 s
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \

@@ -8,7 +8,9 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
 - programmatic dependent launch (PDL: a call's CTAs start while the previous call drains, and wait for it before
   they touch memory; pdl+early: they load their first weight tile before that wait, launch.static_weights);
 - plainx: x read when its tile is computed (prefetch_x off); rt2: that, with two 16-row tiles per warp sharing
-  each load of x (row_tiles=2).
+  each load of x (row_tiles=2);
+- w2 / w3 / w4 (and w3x ...: x at compute time): 2, 3 or 4 weight tiles in registers per warp, 1-3 in flight while
+  one is computed (w_ahead), launched with PDL and the first weight tile before the wait, as a decode step does.
 
     python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8]
                                     [--variants plain,cluster,...] [--out FILE.json]
@@ -41,6 +43,11 @@ VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(clust
             "pdl+early": dict(cluster_split=False, pdl=True, static=True),
             "plainx": dict(cluster_split=False, pdl=False, prefetch_x=False),
             "rt2": dict(cluster_split=False, pdl=False, prefetch_x=False, row_tiles=2)}
+# w_ahead: 2 (the measured ping-pong), 3 or 4 weight tiles in registers per warp (built 2026-12-05), x a tile ahead or
+# (x) at compute time; launched as a decode step launches them (PDL, the first weight tile before the wait)
+VARIANTS.update({f"w{w}{'x' if not px else ''}": dict(cluster_split=False, pdl=True, static=True, prefetch_x=px,
+                                                       row_tiles=1, w_ahead=w)
+                 for w in (2, 3, 4) for px in (True, False)})
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:

@@ -106,27 +106,37 @@ def _splits(k: int, choices) -> list:
 
 
 def tune_cuda(qw, m: int, dtype) -> "dict | None":
-    """The CUDA small-M kernel's fastest launch (split x prefetch_x, two row tiles per warp sharing x (unmeasured
-    as of 2026-12-03), and on sm_90 splits of 2..8 summed in a cluster) for this weight and M, as the table's "cuda"
-    entry; None where the kernel does not take the case."""
+    """The CUDA small-M kernel's fastest launch (split x prefetch_x, two row tiles per warp sharing x, on sm_90
+    splits of 2..8 summed in a cluster, then 3-4 weight tiles in registers per warp at the three fastest splits)
+    for this weight and M, as the table's "cuda" entry; None where the kernel does not take the case."""
     n, k = qw.shape
     # every field given: the table's entry for this case must not fill one in (its row tiles beside prefetch_x)
-    launches = [dict(split=split, prefetch_x=prefetch_x, row_tiles=1, cluster_split=False)
+    launches = [dict(split=split, prefetch_x=prefetch_x, row_tiles=1, cluster_split=False, w_ahead=2)
                 for prefetch_x in (True, False) for split in _splits(k, CUDA_SPLITS)]
-    launches += [dict(split=split, prefetch_x=False, row_tiles=2, cluster_split=False)
+    launches += [dict(split=split, prefetch_x=False, row_tiles=2, cluster_split=False, w_ahead=2)
                  for split in _splits(k, CUDA_SPLITS)]
     if torch.cuda.get_device_capability() >= (9, 0):
-        launches += [dict(split=split, prefetch_x=True, row_tiles=1, cluster_split=True)
+        launches += [dict(split=split, prefetch_x=True, row_tiles=1, cluster_split=True, w_ahead=2)
                      for split in _splits(k, CUDA_SPLITS) if 2 <= split <= fpx_cuda.CLUSTER_SPLIT_MAX]
     results = time_launches(qw, m, dtype, "fpx_small_m", launches)
     if results is None:
         return None
+    # then 3 and 4 weight tiles in registers per warp (built 2026-12-05, not yet timed), x a tile ahead or not, at
+    # the three fastest splits so far (more bytes in flight per warp may want fewer splits: those are among them)
+    best = list(dict.fromkeys(launch["split"] for _, launch in results))[:3]
+    results = sorted(results + time_launches(qw, m, dtype, "fpx_small_m", [
+        dict(split=split, prefetch_x=prefetch_x, row_tiles=1, cluster_split=False, w_ahead=w_ahead)
+        for w_ahead in SMALL_W_AHEADS for prefetch_x in (True, False) for split in best]), key=lambda r: r[0])
     print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}{'' if l['prefetch_x'] else 'x'}"
                                                 f"{'c' if l.get('cluster_split') else ''}"
-                                                f"{'r2' if l.get('row_tiles', 1) > 1 else ''}" for t, l in results),
-          flush=True)
+                                                f"{'r2' if l.get('row_tiles', 1) > 1 else ''}"
+                                                f"{'w%d' % l['w_ahead'] if l['w_ahead'] != 2 else ''}"
+                                                for t, l in results), flush=True)
     t, launch = results[0]
     return dict(launch, us=round(t * 1e6, 1))
+
+
+SMALL_W_AHEADS = (3, 4)  # the small-M kernel's deeper weight rings the tuner times (fpx_cuda.SMALL_W_AHEADS)
 
 
 # The mid-M kernel's launches worth timing: (row_tiles, warps); registers (sm_90a, e3m2, FP16, compiled on a CPU,

@@ -314,13 +314,13 @@ def test_small_m_launch_takes_given_fields_then_the_table_then_defaults():
     """A small-M launch: the caller's fields win, the table fills the others (not with a wgmma entry), and an explicit
     prefetch_x=True keeps one row tile even where the table measured two (the tuner's launches, 2026-12-04)."""
     from fp6llm.kernels import fpx_cuda
-    two = dispatch.SmallM(4, False, 10.0, "small", row_tiles=2, cluster_split=True)
-    assert fpx_cuda.small_m_launch(two, None, None, None, None) == (4, False, True, 2)
-    assert fpx_cuda.small_m_launch(two, 3, True, False, None) == (3, True, False, 1)
-    assert fpx_cuda.small_m_launch(two, None, False, None, 1) == (4, False, True, 1)
-    wgmma = dispatch.SmallM(2, True, 10.0, "wgmma", n_x=16)
-    assert fpx_cuda.small_m_launch(wgmma, None, None, None, None) == (None, True, False, 1)
-    assert fpx_cuda.small_m_launch(None, None, None, None, None) == (None, True, False, 1)
+    two = dispatch.SmallM(4, False, 10.0, "small", row_tiles=2, cluster_split=True, w_ahead=3)
+    assert fpx_cuda.small_m_launch(two, None, None, None, None) == (4, False, True, 2, 3)
+    assert fpx_cuda.small_m_launch(two, 3, True, False, None, 2) == (3, True, False, 1, 2)
+    assert fpx_cuda.small_m_launch(two, None, False, None, 1, 4) == (4, False, True, 1, 4)
+    wgmma = dispatch.SmallM(2, True, 10.0, "wgmma", n_x=16, w_ahead=4)  # the wgmma entry's weight tiles: not taken
+    assert fpx_cuda.small_m_launch(wgmma, None, None, None, None) == (None, True, False, 1, 2)
+    assert fpx_cuda.small_m_launch(None, None, None, None, None) == (None, True, False, 1, 2)
 
 
 def test_wgmma_table_launch_is_the_tables_whole_or_none_of_it():
@@ -642,6 +642,37 @@ def test_cuda_small_m_two_row_tiles_per_warp_equal_one(gen, dtype, m):
                                    cluster_split=cluster, row_tiles=2)
         assert torch.equal(two, one), split
         assert ((two.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype], split
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 9, 16])
+def test_cuda_small_m_deeper_weight_rings_equal_the_ping_pong(gen, dtype, m):
+    """w_ahead 3 / 4 (weight tiles in registers per warp, a ring) gives, bit for bit, the ping-pong's sums (the same
+    tiles into the same chains in the same order). 9 K tiles: 9 per CTA at split 1 (whole ring passes at 3, a
+    partial one at 4), 3 at split 3 (less than one pass of 4), 2, 2, 2, 2, 1 at split 5, 3 per CTA of a cluster at
+    split 4 (sm_90); x a tile ahead or not, two row tiles per warp, with and without programmatic launch and its
+    early first tile; 208 rows (a partial row block), bias at odd M."""
+    from fp6llm.kernels import fpx_cuda, launch
+    n, k = 208, 9 * 128
+    qw = quantize_weight(torch.randn(n, k, generator=gen) * 0.05, "e3m2").to("cuda")
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype) if m % 2 else None
+    ref = x.double() @ qw.dequantize(torch.float64).T + (0 if bias is None else bias.double())
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    cases = [(1, False, True, 1), (3, False, False, 1), (1, False, False, 2), (5, False, True, 1)]
+    cases += [(4, True, True, 1)] if hopper else []
+    for split, cluster, prefetch_x, row_tiles in cases:
+        for pdl, static in ((False, False),) + (((True, True),) if hopper else ()):
+            with launch.static_weights() if static else contextlib.nullcontext():
+                def run(w_ahead):
+                    return fpx_cuda.fpx_small_m(x, qw.planes, qw.scales, bias, qw.fmt, n, k, split,
+                                                prefetch_x=prefetch_x, cluster_split=cluster, pdl=pdl,
+                                                row_tiles=row_tiles, w_ahead=w_ahead)
+                two = run(2)
+                for w_ahead in (3, 4):
+                    assert torch.equal(run(w_ahead), two), (split, cluster, prefetch_x, row_tiles, pdl, w_ahead)
+            assert ((two.double() - ref).norm() / ref.norm()).item() < TOLERANCE[dtype], split
 
 
 @gpu

@@ -228,7 +228,8 @@ def config_to_dict(config: KernelConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # The CUDA kernels (kernels/fpx_cuda.py) in the same tables: bench/tune.py adds to an entry "cuda": the fastest
 # measured launch of the small-M kernel ({"split", "prefetch_x", "us"}, M <= 16, "cluster_split": true where
-# the split's CTAs summed their partials in a cluster, "row_tiles": 2 where two tiles per warp shared x) or of the
+# the split's CTAs summed their partials in a cluster, "row_tiles": 2 where two tiles per warp shared x, "w_ahead"
+# where other than 2 weight tiles were held in registers per warp) or of the
 # mid-M kernel ({"kernel": "mid", "split", "row_tiles", "warps", "us"}, and "blocks" where fewer rows of x per CTA
 # won) or of the wgmma kernel ({"kernel": "wgmma", "split", "n_x", "wgs", "x_ahead", "min_ctas", "us"}, and
 # "producer": true where a warpgroup of its own copied x, "w_ahead" where other than 2 weight tiles were in
@@ -251,7 +252,7 @@ class SmallM:
     min_ctas: int = 1  # wgmma: resident CTAs per SM the registers must allow
     cluster_split: bool = False  # small: the split's CTAs of a row block a cluster summing in shared memory
     producer: bool = False  # wgmma: a producer warpgroup copies x into an mbarrier ring (warp specialization)
-    w_ahead: int = 2  # wgmma: K tiles of weights in flight (register buffers)
+    w_ahead: int = 2  # small, wgmma: K tiles of weights in register buffers per warp
     interleave: bool = False  # wgmma (producer): each k-step de-quantized beside the wgmma of the ones before it
 
 

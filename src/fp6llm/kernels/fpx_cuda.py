@@ -140,7 +140,7 @@ CLUSTER_SPLIT_MAX = 8  # the portable cluster size: split-K in a cluster takes a
 
 def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, min_blocks: int = 0,
                   fma_shifts: bool = False, prefetch_x: bool = True, cluster_split: int = 0,
-                  pdl: bool = False, early_weights: bool = False, row_tiles: int = 1) -> str:
+                  pdl: bool = False, early_weights: bool = False, row_tiles: int = 1, w_ahead: int = 2) -> str:
     """The small-M kernel's translation unit for one (format, activation dtype, M blocks of 8, bias) case.
     min_blocks > 0 asks ptxas for that many resident CTAs per SM (__launch_bounds__: registers capped at 65536 /
     (128 x min_blocks)); fma_shifts: left shifts by multipliers passed as kernel parameters (``powers``), see the
@@ -150,7 +150,10 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     touches memory, so it may be launched with programmatic stream serialization (launch_ex); early_weights
     (with pdl): but for its first weight tile, loaded before the wait (weights that no kernel of the stream writes:
     launch.static_weights); row_tiles 2: each warp multiplies two 16-row tiles with each load of x (half the x
-    traffic through L1; x read at compute time, two warps per CTA)."""
+    traffic through L1; x read at compute time, two warps per CTA); w_ahead: K tiles of weights in register
+    buffers per warp, w_ahead - 1 of them in flight while one is computed (2: the ping-pong; 3-4: a ring)."""
+    if w_ahead not in SMALL_W_AHEADS:
+        raise ValueError(f"the small-M kernel keeps 2 to {SMALL_W_AHEADS[-1]} weight tiles in registers, not {w_ahead}")
     if row_tiles not in (1, 2) or (row_tiles > 1 and prefetch_x):
         raise ValueError(f"the small-M kernel takes 1 or 2 row tiles per warp (2 without prefetch_x), not {row_tiles}")
     if cluster_split and not 2 <= cluster_split <= CLUSTER_SPLIT_MAX:
@@ -158,6 +161,7 @@ def kernel_source(fmt: FPFormat, bf16: bool, n_blocks_m: int, has_bias: bool, mi
     defines = [f"#define N_BLOCKS_M {n_blocks_m}", f"#define PREFETCH_X {int(prefetch_x)}",
                f"#define ROW_TILES {row_tiles}",
                f"#define IS_BF16 {int(bf16)}", f"#define HAS_BIAS {int(has_bias)}",
+               *([f"#define W_AHEAD {w_ahead}"] if w_ahead != 2 else []),
                *([f"#define CLUSTER_SPLIT {cluster_split}"] if cluster_split else []),
                *(["#define PDL 1", f"#define EARLY_WEIGHTS {int(early_weights)}"] if pdl else [])]
     source = _translation_unit(SOURCE, fmt, defines, fma_shifts)
@@ -390,13 +394,14 @@ def _load(key: tuple, source, name: str, warps: int, device):
 
 
 def _kernel(fmt: FPFormat, dtype: torch.dtype, n_blocks_m: int, has_bias: bool, min_blocks: int, fma_shifts: bool,
-            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, row_tiles: int = 1):
+            prefetch_x: bool, device, cluster_split: int = 0, pdl: bool = False, row_tiles: int = 1,
+            w_ahead: int = 2):
     """The small-M kernel for this case (see _load)."""
     early = pdl and EARLY_WEIGHTS and launch.weights_static()
     key = (KERNEL_NAME, fmt, dtype, n_blocks_m, has_bias, min_blocks, fma_shifts, prefetch_x, cluster_split, pdl,
-           early, row_tiles, torch.device(device).index)
+           early, row_tiles, w_ahead, torch.device(device).index)
     return _load(key, lambda: kernel_source(fmt, dtype == torch.bfloat16, n_blocks_m, has_bias, min_blocks,
-                                            fma_shifts, prefetch_x, cluster_split, pdl, early, row_tiles),
+                                            fma_shifts, prefetch_x, cluster_split, pdl, early, row_tiles, w_ahead),
                  KERNEL_NAME, WARPS // row_tiles, device)
 
 
@@ -441,14 +446,16 @@ SUM_COST = 0.4
 
 
 EARLY_WEIGHTS = True  # with PDL within launch.static_weights(): the first weight tile loaded before the wait
+SMALL_W_AHEADS = (2, 3, 4)  # the small-M kernel's weight tiles in registers per warp (kernel_source's w_ahead)
 
 
 def small_m_launch(measured, split: "int | None", prefetch_x: "bool | None", cluster_split: "bool | None",
-                   row_tiles: "int | None") -> tuple:
-    """(split, prefetch_x, cluster_split, row_tiles) of a small-M launch: the caller's where given, else the table's
-    (``measured``, ignored where it measured another kernel), else the defaults (the split model: None; x a tile
-    ahead; the workspace's sums; one row tile). The table's two row tiles are not taken beside an explicit
-    prefetch_x=True, which only one row tile allows (bench/tune.py's launches hit that, 2026-12-04)."""
+                   row_tiles: "int | None", w_ahead: "int | None" = None) -> tuple:
+    """(split, prefetch_x, cluster_split, row_tiles, w_ahead) of a small-M launch: the caller's where given, else
+    the table's (``measured``, ignored where it measured another kernel), else the defaults (the split model: None;
+    x a tile ahead; the workspace's sums; one row tile; two weight tiles in registers). The table's two row tiles
+    are not taken beside an explicit prefetch_x=True, which only one row tile allows (bench/tune.py's launches hit
+    that, 2026-12-04)."""
     if measured is not None and measured.kernel != "small":  # the table measured the mid-M or wgmma kernel faster
         measured = None
     if row_tiles is None:
@@ -459,25 +466,27 @@ def small_m_launch(measured, split: "int | None", prefetch_x: "bool | None", clu
         cluster_split = measured.cluster_split if measured is not None else False
     if split is None:
         split = measured.split if measured is not None else None
-    return split, prefetch_x, cluster_split, row_tiles
+    if w_ahead is None:
+        w_ahead = measured.w_ahead if measured is not None else 2
+    return split, prefetch_x, cluster_split, row_tiles, w_ahead
 
 
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
                 cluster_split: "bool | None" = None, pdl: "bool | None" = None,
-                row_tiles: "int | None" = None) -> torch.Tensor:
+                row_tiles: "int | None" = None, w_ahead: "int | None" = None) -> torch.Tensor:
     """out [M, N] in x's dtype for x [M <= 16, K] (see supports); split / min_blocks / fma_shifts / prefetch_x /
-    cluster_split / row_tiles (2: two 16-row tiles per warp share each load of x, without prefetch_x) override the
-    defaults (tests, benchmarks): the split, prefetch_x, cluster_split and row tiles measured for this shape on this
-    GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on, one row tile per warp and the
-    partials summed through the workspace. cluster_split: on sm_90 at a split of 2..8, the row block's CTAs form a
-    cluster and sum their partials in shared memory (no workspace). pdl (sm_90; None: launch.enabled, see
+    cluster_split / row_tiles (2: two 16-row tiles per warp share each load of x, without prefetch_x) / w_ahead
+    (weight tiles in registers per warp, 2-4) override the defaults (tests, benchmarks): the launch measured for
+    this shape on this GPU (dispatch.measured_small_m), else choose_split's model with prefetch_x on, one row tile
+    and two weight tiles per warp and the partials summed through the workspace. cluster_split: on sm_90 at a
+    split of 2..8, the row block's CTAs form a cluster and sum their partials in shared memory (no workspace). pdl (sm_90; None: launch.enabled, see
     kernels/launch.py): launched with programmatic stream serialization, it may start while the previous kernel
     drains, and waits for it before it touches memory."""
     m = x.shape[0]
-    split, prefetch_x, cluster_split, row_tiles = small_m_launch(
-        measured_small_m(m, n, k, fmt, x.dtype, x.device), split, prefetch_x, cluster_split, row_tiles)
+    split, prefetch_x, cluster_split, row_tiles, w_ahead = small_m_launch(
+        measured_small_m(m, n, k, fmt, x.dtype, x.device), split, prefetch_x, cluster_split, row_tiles, w_ahead)
     k_tiles = k // TILE_K
     hopper = capability(x.device) >= (9, 0)  # clusters, programmatic launch
     cluster = 0
@@ -487,7 +496,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
     pdl = (launch.enabled(x.device) if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
-                               prefetch_x, x.device, cluster, pdl, row_tiles)
+                               prefetch_x, x.device, cluster, pdl, row_tiles, w_ahead)
     threads = WARPS // row_tiles * 32
     if split is None:
         split = choose_split(n, k, m, sm_count(x.device), resident)

@@ -27,6 +27,12 @@
 #if ROW_TILES > 1 && PREFETCH_X
 #error "ROW_TILES > 1 reads x at compute time (PREFETCH_X 0)"
 #endif
+#ifndef W_AHEAD
+#define W_AHEAD 2  // K tiles of weights in register buffers: W_AHEAD - 1 in flight while one is computed
+#endif
+#if W_AHEAD < 2 || W_AHEAD > 4
+#error "W_AHEAD is 2, 3 or 4"
+#endif
 #ifndef CLUSTER_SPLIT
 #define CLUSTER_SPLIT 0  // > 0 (sm_90): the SPLIT = CLUSTER_SPLIT CTAs of a row block are a cluster (see the epilogue)
 #endif
@@ -153,20 +159,29 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
 #pragma unroll
     for (int rt = 0; rt < ROW_TILES; ++rt)
         base[rt] = (long)(ROW_TILES == 1 ? row_tile : min(row_tile + rt, n_tiles - 1)) * k_tiles;
-    // Two register buffers in ping-pong: the next tile's loads are in flight while this one is computed.
-    Tile even[ROW_TILES], odd[ROW_TILES];
+    // W_AHEAD register buffers in a ring: the next W_AHEAD - 1 tiles' loads are in flight while one is computed
+    // (2: the ping-pong of the measured kernel, instruction for instruction).
+    Tile tiles[W_AHEAD][ROW_TILES];
 #if PDL
     // Launched with programmatic stream serialization, this grid may run while the previous kernel (the one that
     // writes x, or may still read memory that becomes out or ws) drains. Before the wait nothing is touched but,
-    // with EARLY_WEIGHTS (weights that no kernel of the stream writes: the caller's promise), the first weight tile:
-    // the wait is made to depend on its words, or ptxas would sink the loads below it.
+    // with EARLY_WEIGHTS (weights that no kernel of the stream writes: the caller's promise), the first weight tile
+    // (a ring's first W_AHEAD - 1): the wait is made to depend on their words, or ptxas would sink the loads below it.
 #if EARLY_WEIGHTS
     u32 dep = 0;
 #pragma unroll
     for (int rt = 0; rt < ROW_TILES; ++rt) {
-        if (work) load_planes(even[rt], p0, p1, p2, base[rt] + kt0, lane);
-        dep ^= TILE_WORDS_XOR(even[rt]);
+        if (work) load_planes(tiles[0][rt], p0, p1, p2, base[rt] + kt0, lane);
+        dep ^= TILE_WORDS_XOR(tiles[0][rt]);
     }
+#pragma unroll
+    for (int i = 1; i < W_AHEAD - 1; ++i)  // a ring's other early tiles too (none in the ping-pong)
+#pragma unroll
+        for (int rt = 0; rt < ROW_TILES; ++rt)
+            if (work && kt0 + i < kt1) {
+                load_planes(tiles[i][rt], p0, p1, p2, base[rt] + kt0 + i, lane);
+                dep ^= TILE_WORDS_XOR(tiles[i][rt]);
+            }
     griddep_wait_after(dep);
 #else
     griddep_wait();
@@ -180,18 +195,44 @@ fpx_small_m(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, cons
                             reinterpret_cast<const uint4*>(x + (long)min(g + 8, M - 1) * ldx)};
 #if PDL && EARLY_WEIGHTS
 #if PREFETCH_X
-        load_x(even[0].x, rows, kt0, lane);
+        load_x(tiles[0][0].x, rows, kt0, lane);
 #endif
 #else
-        load_group(even, p0, p1, p2, rows, base, kt0, 0, lane);
+        load_group(tiles[0], p0, p1, p2, rows, base, kt0, 0, lane);
 #endif
+#if W_AHEAD == 2
+        // (the measured ping-pong, as written then: the ring's loop below compiles 4-6 instructions longer)
         for (int kt = kt0; kt < kt1; kt += 2) {
-            if (kt + 1 < kt1) load_group(odd, p0, p1, p2, rows, base, kt, 1, lane);
-            compute_group(even, pw, rows, kt, lane, chains);
+            if (kt + 1 < kt1) load_group(tiles[1], p0, p1, p2, rows, base, kt, 1, lane);
+            compute_group(tiles[0], pw, rows, kt, lane, chains);
             if (kt + 1 >= kt1) break;
-            if (kt + 2 < kt1) load_group(even, p0, p1, p2, rows, base, kt, 2, lane);
-            compute_group(odd, pw, rows, kt + 1, lane, chains);
+            if (kt + 2 < kt1) load_group(tiles[0], p0, p1, p2, rows, base, kt, 2, lane);
+            compute_group(tiles[1], pw, rows, kt + 1, lane, chains);
         }
+#else
+#pragma unroll
+        for (int i = 1; i < W_AHEAD - 1; ++i)
+            if (kt0 + i < kt1) {
+#if PDL && EARLY_WEIGHTS
+#if PREFETCH_X
+                load_x(tiles[i][0].x, rows, kt0 + i, lane);  // its weights were loaded before the wait
+#endif
+#else
+                load_group(tiles[i], p0, p1, p2, rows, base, kt0, i, lane);
+#endif
+            }
+        // Unrolled over the ring, so that each buffer is named at compile time: tile kt + i is computed from
+        // buffer i, after the loads of tile kt + i + W_AHEAD - 1 into the buffer computed just before it.
+        for (int kt = kt0; kt < kt1; kt += W_AHEAD) {
+#pragma unroll
+            for (int i = 0; i < W_AHEAD; ++i) {
+                if (kt + i >= kt1) break;
+                if (kt + i + W_AHEAD - 1 < kt1)
+                    load_group(tiles[(i + W_AHEAD - 1) % W_AHEAD], p0, p1, p2, rows, base, kt, i + W_AHEAD - 1, lane);
+                compute_group(tiles[i], pw, rows, kt + i, lane, chains);
+            }
+        }
+#endif
     }
 
 #if PDL
