@@ -220,9 +220,10 @@ def wgmma_launches(m: int) -> list:
     # the next, so the tensor cores drained every tile; the producer kernel took 57.5 us on 70b-o at M = 256 with
     # no de-quantization at all, cuBLAS 52)
     shapes += [dict(shape, interleave=True) for shape in shapes if shape.get("producer") and shape["x_ahead"] >= 2]
-    # ... and from 64 rows of x the plain launches so (one more tile of x in shared memory: where it fits)
+    # ... and from M = 16 the plain launches so (one more tile of x in shared memory: where it fits; at 16-32 rows of
+    # x each tile's wait for its wgmma is ~a fifth of the tile, exposed where the SM's other CTAs do not cover it)
     shapes += [dict(shape, interleave=True) for shape in shapes
-               if not shape.get("producer") and not shape.get("interleave") and shape["n_x"] >= 64
+               if not shape.get("producer") and not shape.get("interleave") and m >= 16
                and shape.get("w_ahead", 2) == 2
                and fpx_cuda.wgmma_shared_bytes(shape["n_x"], shape["x_ahead"], True) <= fpx_cuda.WGMMA_MAX_SHARED - 256]
     if m == 128:

@@ -464,10 +464,11 @@ def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     with pytest.raises(ValueError, match="3 beside a producer, one CTA per SM"):
         fpx_cuda.wgmma_kernel_source(FPFormat.parse("e3m2"), False, 128, False, 3, 2, 1)
     assert any(launch["wgs"] == 3 and launch["producer"] for launch in tune.wgmma_launches(256))
-    # the interleaved warpgroups: from 64 rows of x (the plain launches, where one more tile of x fits) and beside a
+    # the interleaved warpgroups: from M = 16 (the plain launches, where one more tile of x fits) and beside a
     # producer with x two or more tiles ahead (a stage is released a tile later)
-    assert all(any(launch["interleave"] for launch in tune.wgmma_launches(m)) for m in (64, 128, 256, 512, 1024, 4096))
-    assert not any(launch["interleave"] for m in (8, 16, 32) for launch in tune.wgmma_launches(m))
+    assert all(any(launch["interleave"] for launch in tune.wgmma_launches(m))
+               for m in (16, 32, 64, 128, 256, 512, 1024, 4096))
+    assert not any(launch["interleave"] for launch in tune.wgmma_launches(8))
     assert all(launch["x_ahead"] >= 2 for m in (128, 256, 1024) for launch in tune.wgmma_launches(m)
                if launch["interleave"] and launch["producer"])
     with pytest.raises(ValueError, match="beside a producer warpgroup with x 2 or more tiles ahead, not 1"):
