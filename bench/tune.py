@@ -122,8 +122,9 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
     if results is None:
         return None
     # then 3 and 4 weight tiles in registers per warp (built 2026-12-05, not yet timed), x a tile ahead or not, at
-    # the three fastest splits so far (more bytes in flight per warp may want fewer splits: those are among them)
+    # the three fastest splits so far and half the fastest (more bytes in flight per warp may want fewer splits)
     best = list(dict.fromkeys(launch["split"] for _, launch in results))[:3]
+    best += [half for half in _splits(k, CUDA_SPLITS) if half == max(1, best[0] // 2) and half not in best]
     results = sorted(results + time_launches(qw, m, dtype, "fpx_small_m", [
         dict(split=split, prefetch_x=prefetch_x, row_tiles=1, cluster_split=False, w_ahead=w_ahead)
         for w_ahead in SMALL_W_AHEADS for prefetch_x in (True, False) for split in best]), key=lambda r: r[0])
