@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 import os
+import types
 
 import pytest
 import torch
@@ -431,6 +432,34 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
                 two_tiles += 1
             checked += 1
     assert checked >= 5 * 8 and clustered >= 2 and two_tiles >= 1, (checked, clustered, two_tiles)
+
+
+def test_tuner_small_m_times_the_weight_rings_at_its_fastest_splits(monkeypatch):
+    """bench/tune.py's small-M tuning, its timings faked on the CPU: every launch states every field (w_ahead 2 in
+    the first round), then 3 and 4 weight tiles, x ahead or not, at the three fastest splits and half the fastest;
+    the fastest of all is the entry, with its w_ahead."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+    import tune
+    timed = []
+
+    def fake(qw, m, dtype, kernel, launches):  # split 6 fastest, then 8, 5; a ring of 4 at split 3 fastest of all
+        timed.append(list(launches))
+        def seconds(l):
+            return ({6: 1.0, 8: 1.1, 5: 1.2}.get(l["split"], 2.0) - (1.5 if (l["w_ahead"], l["split"]) == (4, 3)
+                                                                       else 0)) * 1e-5
+        return sorted(((seconds(l), l) for l in launches), key=lambda r: r[0])
+
+    monkeypatch.setattr(tune, "time_launches", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    qw = types.SimpleNamespace(shape=(8192, 8192))
+    entry = tune.tune_cuda(qw, 1, torch.float16)
+    first, rings = timed
+    assert all(set(l) == {"split", "prefetch_x", "row_tiles", "cluster_split", "w_ahead"} for l in first + rings)
+    assert {l["w_ahead"] for l in first} == {2} and {l["w_ahead"] for l in rings} == {3, 4}
+    assert {l["split"] for l in rings} == {6, 8, 5, 3} and len(rings) == 2 * 2 * 4
+    assert entry == dict(split=3, prefetch_x=True, row_tiles=1, cluster_split=False, w_ahead=4, us=5.0)
 
 
 def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
