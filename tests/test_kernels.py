@@ -436,8 +436,8 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 
 def test_tuner_small_m_times_the_weight_rings_at_its_fastest_splits(monkeypatch):
     """bench/tune.py's small-M tuning, its timings faked on the CPU: every launch states every field (w_ahead 2 in
-    the first round), then 3 and 4 weight tiles, x ahead or not, at the three fastest splits and half the fastest;
-    the fastest of all is the entry, with its w_ahead."""
+    the first round), then 3 and 4 weight tiles at the three fastest splits and half the fastest, x ahead or not at
+    M <= 8 (only at compute time above); the fastest of all is the entry, with its w_ahead."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
@@ -460,6 +460,9 @@ def test_tuner_small_m_times_the_weight_rings_at_its_fastest_splits(monkeypatch)
     assert {l["w_ahead"] for l in first} == {2} and {l["w_ahead"] for l in rings} == {3, 4}
     assert {l["split"] for l in rings} == {6, 8, 5, 3} and len(rings) == 2 * 2 * 4
     assert entry == dict(split=3, prefetch_x=True, row_tiles=1, cluster_split=False, w_ahead=4, us=5.0)
+    timed.clear()
+    tune.tune_cuda(qw, 16, torch.float16)  # above 8 rows the rings read x at compute time only
+    assert {l["prefetch_x"] for l in timed[1]} == {False} and len(timed[1]) == 2 * 4
 
 
 def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
