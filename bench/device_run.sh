@@ -27,9 +27,12 @@
 #             --no-programmatic-launch
 #   row-tiles the small-M kernel with two row tiles per warp (row_tiles=2): its GPU test, then small_m_tail_ab.py
 #             at M = 1..16 against the plain kernel and x at compute time
-#   check-new the GPU tests of what the eleventh session built after its device time (2026-12-04): w_ahead, three
-#             consumers, x in the wgmma order (layers, a model's logits, the norm / silu_mul / attention kernels
-#             compiled); run it first, on a cold compile cache it takes minutes
+#   check-new the GPU tests of what was built without a device (2026-12-04/05): the wgmma kernel's w_ahead, three
+#             consumers, interleaved warpgroups, x in the wgmma order (layers, a model's logits, the norm /
+#             silu_mul / attention kernels compiled), the small-M weight rings, and quantizing while loading
+#             through transformers at the quantized size; run it first, on a cold compile cache it takes minutes.
+#             Then, most telling first: small-w-ahead (M = 1 / 8), interleave, wgmma3, e2e-order, w-ahead,
+#             wgmma-large (about 600 s each; the tool lends ~1800 s a session)
 #   w-ahead   the wgmma kernel with 3-4 weight tiles in flight per warp (w_ahead; built 2026-12-04, not yet timed):
 #             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
@@ -136,8 +139,8 @@ row-tiles)  # the small-M kernel with two 16-row tiles per warp sharing each loa
     ;;
 check-new)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 540 python3 -m pytest -q test_kernels.py test_attention.py \
-        test_decoder_ops.py -k "weight_tiles or producer or wgmma_order or table_launch" 2>&1 | tail -4) \
-        | tee "$out/check-new.log"
+        test_decoder_ops.py test_integrations.py -k "weight_tiles or producer or wgmma_order or table_launch or \
+        interleave or deeper_weight_rings or peaks_near_the_quantized" 2>&1 | tail -6) | tee "$out/check-new.log"
     ;;
 w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner ~80 s per M (saved after each shape)
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \
