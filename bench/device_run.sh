@@ -2,8 +2,8 @@
 # The device run (issue 20), one device call per step, each bounded to end inside the tool's 10-minute limit:
 #
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
-#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | small-w-ahead | interleave | wgmma3 |
-#       wgmma-large |
+#       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | small-w-ahead | tune-small |
+#       interleave | wgmma3 | wgmma-large |
 #       e2e | e2e-order | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
@@ -31,16 +31,16 @@
 #             consumers, interleaved warpgroups, x in the wgmma order (layers, a model's logits, the norm /
 #             silu_mul / attention kernels compiled), the small-M weight rings, and quantizing while loading
 #             through transformers at the quantized size; run it first, on a cold compile cache it takes minutes.
-#             Then, most telling first: small-w-ahead (M = 1 / 8), interleave, wgmma3, e2e-order, w-ahead,
-#             wgmma-large (about 600 s each; the tool lends ~1800 s a session)
+#             Then, most telling first: small-w-ahead (M = 1 / 8), interleave, tune-small, wgmma3, e2e-order,
+#             w-ahead, wgmma-large (about 600 s each; the tool lends ~1800 s a session)
 #   w-ahead   the wgmma kernel with 3-4 weight tiles in flight per warp (w_ahead; built 2026-12-04, not yet timed):
 #             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
 #             table in first)
 #   small-w-ahead the small-M kernel with 3 or 4 weight tiles in registers per warp (a ring, w_ahead; built
-#             2026-12-05, not yet run): its GPU test (stops if it fails), bench/small_m_tail_ab.py at M = 1 / 8
-#             (w2 / w3 / w4, x ahead or not: PDL launches at each shape's table split), then the tuner at M = 1 / 8
-#             with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the table in first)
+#             2026-12-05, not yet run): its GPU test (stops if it fails), then bench/small_m_tail_ab.py at M = 1 / 8
+#             (w2 / w3 / w4, x ahead or not: PDL launches at each shape's table split); tune-small: the tuner at
+#             M = 1 / 8 / 16 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the table in)
 #   interleave each warpgroup of the wgmma kernel de-quantizing k-step by k-step beside the wgmma of the k-steps
 #             before (built in the twelfth session, 2026-12-04, not yet run): its GPU tests (stops if they fail),
 #             then bench/wgmma_probe.py --sweep interleave at M = 256/64/128 on three shapes (the A/B)
@@ -151,14 +151,16 @@ w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner
     gpu_only timeout 220 python3 bench/tune.py --cuda-only --ms 16,8,32,64 --out "$out" 2>&1 \
         | tee "$out/tune-w-ahead.log" | grep -v "^  " | tail -34
     ;;
-small-w-ahead)  # within the tool's 10 minutes: tests ~120 s (cold compiles), the A/B ~200 s, the tuner ~200 s
+small-w-ahead)  # within the tool's 10 minutes: tests ~120 s (cold compiles), the A/B (16 cases x 6) ~300 s
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q -x test_kernels.py \
         -k "deeper_weight_rings" 2>&1 | tail -2) | tee "$out/small-w-ahead-tests.log"
     grep -q failed "$out/small-w-ahead-tests.log" && { echo "small-w-ahead tests failed: no timing"; exit 1; }
-    gpu_only timeout 200 python3 bench/small_m_tail_ab.py --ms 1,8 --variants w2,w3,w4,w2x,w3x,w4x \
+    gpu_only timeout 360 python3 bench/small_m_tail_ab.py --ms 1,8 --variants w2,w3,w4,w2x,w3x,w4x \
         --out "$out/small-w-ahead.json" 2>&1 | tee "$out/small-w-ahead.log" | tail -24
-    gpu_only timeout 180 python3 bench/tune.py --cuda-only --ms 1,8 --out "$out" 2>&1 \
-        | tee "$out/tune-small-w-ahead.log" | grep -v "^  " | tail -20
+    ;;
+tune-small)  # the small-M launches with the rings among them, M = 1 / 8 / 16 (~12 s a case; saved after each shape)
+    gpu_only timeout 560 python3 bench/tune.py --cuda-only --ms 1,8,16 --out "$out" 2>&1 \
+        | tee "$out/tune-small.log" | grep -v "^  " | tail -30
     ;;
 interleave)  # within the tool's 10 minutes: tests ~60 s, compiles ~60 s, 12 cases x 16 launches ~300 s
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \
