@@ -76,10 +76,15 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 CUDA_SPLITS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24)
 
 
+WRONG: list = []  # (kernel, format, M, N, K, dtype, launch, relative error) of launches that gave wrong sums
+
+
 def time_launches(qw, m: int, dtype, kernel, launches) -> "list | None":
-    """[(seconds, launch), ...] fastest first, of fpx_cuda's ``kernel`` ("fpx_small_m" or "fpx_mid_m") at each
-    launch (keyword arguments), each checked against the float32 reference before it is timed; None where the
-    kernel does not take the case."""
+    """[(seconds, launch), ...] fastest first, of fpx_cuda's ``kernel`` ("fpx_small_m", "fpx_mid_m" or
+    "fpx_wgmma") at each launch (keyword arguments), each checked against the float32 reference before it is
+    timed; None where the kernel does not take the case or no launch gave the right sums. A launch with wrong sums
+    is printed (WRONG), kept out of the results and recorded in WRONG, and the run goes on: main exits 1 at the
+    end (the launches built without a device were first tuned so, 2026-12-05)."""
     n, k = qw.shape
     x = torch.randn(m, k, device=qw.device, dtype=dtype)
     takes = {"fpx_small_m": fpx_cuda.supports, "fpx_mid_m": fpx_cuda.mid_supports,
@@ -94,10 +99,12 @@ def time_launches(qw, m: int, dtype, kernel, launches) -> "list | None":
     for launch in launches:
         err = rel_err(run(x, qw.planes, qw.scales, None, qw.fmt, n, k, **launch), ref)
         if not err < 1e-2:
-            raise AssertionError(f"{kernel} wrong: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: "
-                                 f"rel err {err:.3e}")
+            print(f"WRONG {kernel}: {qw.fmt.name} M={m} N={n} K={k} {dtype} {launch}: rel err {err:.3e} "
+                  f"(not timed, not in the table)", flush=True)
+            WRONG.append((kernel, qw.fmt.name, m, n, k, str(dtype), dict(launch), err))
+            continue
         results.append((time_calls(calls, replays=5), launch))
-    return sorted(results, key=lambda r: r[0])
+    return sorted(results, key=lambda r: r[0]) or None
 
 
 def _splits(k: int, choices) -> list:
@@ -126,10 +133,10 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
     # 8 rows, above only at compute time (x ahead there: 190-234 registers, 2 CTAs per SM)
     best = list(dict.fromkeys(launch["split"] for _, launch in results))[:3]
     best += [half for half in _splits(k, CUDA_SPLITS) if half == max(1, best[0] // 2) and half not in best]
-    results = sorted(results + time_launches(qw, m, dtype, "fpx_small_m", [
+    results = sorted(results + (time_launches(qw, m, dtype, "fpx_small_m", [
         dict(split=split, prefetch_x=prefetch_x, row_tiles=1, cluster_split=False, w_ahead=w_ahead)
         for w_ahead in SMALL_W_AHEADS for prefetch_x in ((True, False) if m <= 8 else (False,))
-        for split in best]), key=lambda r: r[0])
+        for split in best]) or []), key=lambda r: r[0])
     print(f"  cuda M={m} {n}x{k}: " + ", ".join(f"{t * 1e6:.1f}us s{l['split']}{'' if l['prefetch_x'] else 'x'}"
                                                 f"{'c' if l.get('cluster_split') else ''}"
                                                 f"{'r2' if l.get('row_tiles', 1) > 1 else ''}"
@@ -389,7 +396,13 @@ def main(argv=None):
     save()
     print(f"wrote {path}")
     print("\n".join(compiled_report()))
+    if WRONG:
+        print(f"{len(WRONG)} launches gave wrong sums (kept out of the table):")
+        for wrong in WRONG:
+            print("  WRONG", *wrong)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -465,6 +465,32 @@ def test_tuner_small_m_times_the_weight_rings_at_its_fastest_splits(monkeypatch)
     assert {l["prefetch_x"] for l in timed[1]} == {False} and len(timed[1]) == 2 * 4
 
 
+def test_tuner_keeps_wrong_launches_out_and_goes_on(monkeypatch, gen):
+    """bench/tune.py's time_launches, the kernel and its timing faked on the CPU: a launch whose sums are wrong is
+    printed, recorded and left out, the others are timed; with none right it gives None (as for a case the kernel
+    does not take)."""
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+    import tune
+    from fp6llm.kernels import fpx_cuda
+    qw = quantize_weight(torch.randn(64, 256, generator=gen), "e3m2")
+
+    def kernel(x, planes, scales, bias, fmt, n, k, split, **launch):  # right but at split 2
+        out = x.float() @ qw.dequantize(torch.float32).T
+        return out + 1.0 if split == 2 else out
+
+    monkeypatch.setattr(fpx_cuda, "supports", lambda *args: True)
+    monkeypatch.setattr(fpx_cuda, "fpx_small_m", kernel)
+    monkeypatch.setattr(tune, "rotating_calls", lambda *args: (None, 0))
+    monkeypatch.setattr(tune, "time_calls", lambda calls, replays: 1e-5)
+    monkeypatch.setattr(tune, "WRONG", [])
+    results = tune.time_launches(qw, 4, torch.float32, "fpx_small_m", [dict(split=s) for s in (1, 2, 3)])
+    assert [launch["split"] for _, launch in results] == [1, 3]
+    assert [(wrong[0], wrong[2], wrong[6]) for wrong in tune.WRONG] == [("fpx_small_m", 4, dict(split=2))]
+    assert tune.time_launches(qw, 4, torch.float32, "fpx_small_m", [dict(split=2)]) is None
+
+
 def test_tuner_wgmma_launches_are_ones_the_kernel_builds():
     """Every wgmma launch bench/tune.py times (M = 8..512, with the producer variants and, up to 64 rows of x, four
     weight tiles in flight) is one the kernel builds for both dtypes (wgmma_kernel_source raises for one it cannot):
