@@ -458,11 +458,13 @@ def test_tuner_small_m_times_the_weight_rings_at_its_fastest_splits(monkeypatch)
     first, rings = timed
     assert all(set(l) == {"split", "prefetch_x", "row_tiles", "cluster_split", "w_ahead"} for l in first + rings)
     assert {l["w_ahead"] for l in first} == {2} and {l["w_ahead"] for l in rings} == {3, 4}
-    assert {l["split"] for l in rings} == {6, 8, 5, 3} and len(rings) == 2 * 2 * 4
+    assert {l["split"] for l in rings} == {6, 8, 5, 3} and len(rings) == 2 * 2 * 4 + 2 * 4  # and in a cluster
+    assert {(l["prefetch_x"], l["split"]) for l in rings if l["cluster_split"]} == {(True, s) for s in (6, 8, 5, 3)}
     assert entry == dict(split=3, prefetch_x=True, row_tiles=1, cluster_split=False, w_ahead=4, us=5.0)
     timed.clear()
     tune.tune_cuda(qw, 16, torch.float16)  # above 8 rows the rings read x at compute time only
     assert {l["prefetch_x"] for l in timed[1]} == {False} and len(timed[1]) == 2 * 4
+    assert not any(l["cluster_split"] for l in timed[1])
 
 
 def test_tuner_keeps_wrong_launches_out_and_goes_on(monkeypatch, gen):
