@@ -39,7 +39,8 @@
 #             table in first)
 #   small-w-ahead the small-M kernel with 3 or 4 weight tiles in registers per warp (a ring, w_ahead; built
 #             2026-12-05, not yet run): its GPU test (stops if it fails), then bench/small_m_tail_ab.py at M = 1 / 8
-#             (w2 / w3 / w4, x ahead or not: PDL launches at each shape's table split); tune-small: the tuner at
+#             (w2 / w3 / w4, x ahead or not: PDL launches at each shape's table split) and at M = 16 (x at compute
+#             time, one or two row tiles per warp); tune-small: the tuner at
 #             M = 1 / 8 / 16 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the table in)
 #   interleave each warpgroup of the wgmma kernel de-quantizing k-step by k-step beside the wgmma of the k-steps
 #             before (built in the twelfth session, 2026-12-04, not yet run): its GPU tests (stops if they fail),
@@ -155,8 +156,10 @@ small-w-ahead)  # within the tool's 10 minutes: tests ~120 s (cold compiles), th
     (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q -x test_kernels.py \
         -k "deeper_weight_rings" 2>&1 | tail -2) | tee "$out/small-w-ahead-tests.log"
     grep -q failed "$out/small-w-ahead-tests.log" && { echo "small-w-ahead tests failed: no timing"; exit 1; }
-    gpu_only timeout 360 python3 bench/small_m_tail_ab.py --ms 1,8 --variants w2,w3,w4,w2x,w3x,w4x \
+    gpu_only timeout 250 python3 bench/small_m_tail_ab.py --ms 1,8 --variants w2,w3,w4,w2x,w3x,w4x \
         --out "$out/small-w-ahead.json" 2>&1 | tee "$out/small-w-ahead.log" | tail -24
+    gpu_only timeout 120 python3 bench/small_m_tail_ab.py --ms 16 --variants w2x,w3x,w4x,w2r2,w3r2,w4r2 \
+        --out "$out/small-w-ahead-16.json" 2>&1 | tee "$out/small-w-ahead-16.log" | tail -16
     ;;
 tune-small)  # the small-M launches with the rings among them, M = 1 / 8 / 16 (~12 s a case; saved after each shape)
     gpu_only timeout 560 python3 bench/tune.py --cuda-only --ms 1,8,16 --out "$out" 2>&1 \

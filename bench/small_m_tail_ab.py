@@ -9,8 +9,9 @@ fp6llm/evals/timing.py, so each call follows another call of the same kernel, as
   they touch memory; pdl+early: they load their first weight tile before that wait, launch.static_weights);
 - plainx: x read when its tile is computed (prefetch_x off); rt2: that, with two 16-row tiles per warp sharing
   each load of x (row_tiles=2);
-- w2 / w3 / w4 (and w3x ...: x at compute time): 2, 3 or 4 weight tiles in registers per warp, 1-3 in flight while
-  one is computed (w_ahead), launched with PDL and the first weight tile before the wait, as a decode step does.
+- w2 / w3 / w4 (and w3x ...: x at compute time; w3r2 ...: two row tiles per warp): 2, 3 or 4 weight tiles in
+  registers per warp, 1-3 in flight while one is computed (w_ahead), launched with PDL and the first weight tiles
+  before the wait, as a decode step does.
 
     python bench/small_m_tail_ab.py [--ms 1,8,16] [--shapes all|13b-o,...] [--splits table|2,4,8]
                                     [--variants plain,cluster,...] [--out FILE.json]
@@ -48,6 +49,8 @@ VARIANTS = {"plain": dict(cluster_split=False, pdl=False), "cluster": dict(clust
 VARIANTS.update({f"w{w}{'x' if not px else ''}": dict(cluster_split=False, pdl=True, static=True, prefetch_x=px,
                                                        row_tiles=1, w_ahead=w)
                  for w in (2, 3, 4) for px in (True, False)})
+VARIANTS.update({f"w{w}r2": dict(cluster_split=False, pdl=True, static=True, prefetch_x=False, row_tiles=2,
+                                 w_ahead=w) for w in (2, 3, 4)})  # and two row tiles per warp sharing x
 
 
 def splits_for(m: int, n: int, k: int, fmt: FPFormat, choice: str) -> list:

@@ -130,11 +130,15 @@ def tune_cuda(qw, m: int, dtype) -> "dict | None":
         return None
     # then 3 and 4 weight tiles in registers per warp (built 2026-12-05, not yet timed), at the three fastest splits
     # so far and half the fastest (more bytes in flight per warp may want fewer splits); x a tile ahead or not up to
-    # 8 rows (and summed in a cluster), above only at compute time (x ahead there: 190-234 registers, 2 CTAs per SM)
+    # 8 rows (and summed in a cluster), above only at compute time (x ahead there: 190-234 registers, 2 CTAs per SM),
+    # one or two row tiles per warp
     best = list(dict.fromkeys(launch["split"] for _, launch in results))[:3]
     best += [half for half in _splits(k, CUDA_SPLITS) if half == max(1, best[0] // 2) and half not in best]
     rings = [dict(split=split, prefetch_x=prefetch_x, row_tiles=1, cluster_split=False, w_ahead=w_ahead)
              for w_ahead in SMALL_W_AHEADS for prefetch_x in ((True, False) if m <= 8 else (False,)) for split in best]
+    if m > 8:  # ... two row tiles per warp sharing x (M = 16: rt2 nb2 w_ahead 3 keeps 6 CTAs of 2 warps, 168 registers)
+        rings += [dict(split=split, prefetch_x=False, row_tiles=2, cluster_split=False, w_ahead=w_ahead)
+                  for w_ahead in SMALL_W_AHEADS for split in best]
     if torch.cuda.get_device_capability() >= (9, 0):  # ... and summed in a cluster (x ahead, as in the first round)
         rings += [dict(split=split, prefetch_x=True, row_tiles=1, cluster_split=True, w_ahead=w_ahead)
                   for w_ahead in SMALL_W_AHEADS for split in best if 2 <= split <= fpx_cuda.CLUSTER_SPLIT_MAX

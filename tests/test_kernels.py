@@ -437,7 +437,8 @@ def test_shipped_h200_table_measured_both_small_m_kernels():
 def test_tuner_small_m_times_the_weight_rings_at_its_fastest_splits(monkeypatch):
     """bench/tune.py's small-M tuning, its timings faked on the CPU: every launch states every field (w_ahead 2 in
     the first round), then 3 and 4 weight tiles at the three fastest splits and half the fastest, x ahead or not at
-    M <= 8 (only at compute time above); the fastest of all is the entry, with its w_ahead."""
+    M <= 8 (only at compute time above, with one or two row tiles); the fastest of all is the entry, with its
+    w_ahead."""
     import pathlib
     import sys
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
@@ -463,8 +464,8 @@ def test_tuner_small_m_times_the_weight_rings_at_its_fastest_splits(monkeypatch)
     assert entry == dict(split=3, prefetch_x=True, row_tiles=1, cluster_split=False, w_ahead=4, us=5.0)
     timed.clear()
     tune.tune_cuda(qw, 16, torch.float16)  # above 8 rows the rings read x at compute time only
-    assert {l["prefetch_x"] for l in timed[1]} == {False} and len(timed[1]) == 2 * 4
-    assert not any(l["cluster_split"] for l in timed[1])
+    assert {l["prefetch_x"] for l in timed[1]} == {False} and len(timed[1]) == 2 * 4 * 2  # one and two row tiles
+    assert not any(l["cluster_split"] for l in timed[1]) and {l["row_tiles"] for l in timed[1]} == {1, 2}
 
 
 def test_tuner_keeps_wrong_launches_out_and_goes_on(monkeypatch, gen):

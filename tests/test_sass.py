@@ -215,32 +215,36 @@ def test_cuda_small_m_two_row_tiles_share_each_load_of_x():
 @pytest.mark.skipif(not nvrtc_available(), reason="NVRTC not installed (the test extra installs nvidia-cuda-nvrtc)")
 def test_cuda_small_m_weight_rings_compile_without_spills():
     """w_ahead 3 and 4 (a ring of weight tiles in registers) for sm_90a, as the tuner times them (PDL with the early
-    first tile, M <= 8 and M <= 16, x a tile ahead or not, summed in a cluster; FP16, and BF16 at M <= 16 with x
-    ahead, the most registers): no local memory or spills; a loop pass is w_ahead K tiles, each tile's plane loads and 8 k-steps
-    of MMAs per n8 block, x loaded once per tile; before the grid-dependency wait the loads of the first w_ahead - 1
-    weight tiles and nothing else; w_ahead 2 is the ping-pong's source, unchanged."""
+    first tile, M <= 8 and M <= 16, x a tile ahead or not, summed in a cluster, two row tiles per warp; FP16, and
+    BF16 at M <= 16 with x ahead, the most registers): no local memory or spills; a loop pass is w_ahead K tiles,
+    each tile's plane loads and 8 k-steps of MMAs per n8 block and row tile, x loaded once per tile; before the
+    grid-dependency wait the loads of the first w_ahead - 1 weight tiles and nothing else; w_ahead 2 is the
+    ping-pong's source, unchanged."""
     sys.path.insert(0, str(ROOT / "bench"))
     import sass
     e3m2 = FPFormat.parse("e3m2")
-    cases = [(w, n_blocks_m, prefetch_x, False, 0) for w in (3, 4) for n_blocks_m in (1, 2)
+    cases = [(w, n_blocks_m, prefetch_x, False, 0, 1) for w in (3, 4) for n_blocks_m in (1, 2)
              for prefetch_x in (True, False)]
-    cases += [(4, 2, True, True, 0), (3, 1, True, False, 8), (4, 1, True, False, 4)]  # BF16; summed in a cluster
+    # BF16; summed in a cluster; two row tiles per warp
+    cases += [(4, 2, True, True, 0, 1), (3, 1, True, False, 8, 1), (4, 1, True, False, 4, 1),
+              (3, 2, False, False, 0, 2), (4, 2, False, False, 0, 2)]
     sources = [fpx_cuda.kernel_source(e3m2, bf16, n_blocks_m, False, prefetch_x=prefetch_x, pdl=True,
-                                      early_weights=True, w_ahead=w, cluster_split=cluster)
-               for w, n_blocks_m, prefetch_x, bf16, cluster in cases]
+                                      early_weights=True, w_ahead=w, cluster_split=cluster, row_tiles=row_tiles)
+               for w, n_blocks_m, prefetch_x, bf16, cluster, row_tiles in cases]
     plane_loads = next(line for line in sources[0].splitlines()
                        if line.startswith("#define LOAD_PLANES")).count("load_stream")
-    for (w, n_blocks_m, prefetch_x, bf16, _), source in zip(cases, sources):
+    for (w, n_blocks_m, prefetch_x, bf16, _, row_tiles), source in zip(cases, sources):
         cubin = fpx_cuda.nvrtc_compile(source, "sm_90a", "fpx_small_m.cu")
         usage = sass._cuobjdump(cubin, "--dump-resource-usage")
         assert "LOCAL:0" in usage and "STACK:0" in usage, (w, n_blocks_m, prefetch_x, bf16, usage)
         instructions = sass.disassemble(cubin)
         loop = [op for _, op, _, _ in sass.innermost_loop(instructions)]
-        assert loop.count("HMMA") == w * 8 * n_blocks_m, (w, n_blocks_m, prefetch_x, loop.count("HMMA"))
-        assert loop.count("LDG") == w * (plane_loads + 4 * n_blocks_m), (w, n_blocks_m, prefetch_x, loop.count("LDG"))
+        assert loop.count("HMMA") == w * row_tiles * 8 * n_blocks_m, (w, n_blocks_m, prefetch_x, loop.count("HMMA"))
+        assert loop.count("LDG") == w * (row_tiles * plane_loads + 4 * n_blocks_m), (w, n_blocks_m, prefetch_x,
+                                                                                     row_tiles, loop.count("LDG"))
         ops = [op for _, op, _, _ in instructions]  # the first w - 1 tiles' weights, and nothing else, before the wait
         before = [op for op in ops[:ops.index("ACQBULK")] if op in ("LDG", "STG", "LD", "ST", "LDS", "STS", "ATOMG")]
-        assert before == ["LDG"] * (w - 1) * plane_loads, (w, n_blocks_m, prefetch_x, before)
+        assert before == ["LDG"] * (w - 1) * row_tiles * plane_loads, (w, n_blocks_m, prefetch_x, before)
     assert fpx_cuda.kernel_source(e3m2, False, 1, False, w_ahead=2) == fpx_cuda.kernel_source(e3m2, False, 1, False)
     assert "W_AHEAD" not in fpx_cuda.kernel_source(e3m2, False, 1, False).split("// TC-FPx small-M")[0]
     with pytest.raises(ValueError, match="2 to 4 weight tiles"):
