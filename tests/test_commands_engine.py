@@ -38,6 +38,16 @@ def test_cli_bench_writes_results(capsys, tmp_path):
     assert "| e3m2 | 3 |" in md.read_text()
 
 
+def test_cli_bench_times_an_lm_head_format_beside_the_float_head(capsys, tmp_path):
+    """--formats e3m2,e3m2+head=e2m5: a row each; with lm_head untied (tiny-llama) the model holds fewer bytes."""
+    assert main(["bench", "--random", "tiny-llama", "--formats", "e3m2,e3m2+head=e2m5", "--batch", "2",
+                 "--prompt-len", "8", "--gen-len", "3", "--out", str(tmp_path)]) == 0
+    assert "| e3m2+head=e2m5 | 2 |" in capsys.readouterr().out
+    (js,) = tmp_path.glob("e2e-cpu-*.json")
+    rows = {r["format"]: r for r in json.loads(js.read_text())["rows"]}
+    assert rows["e3m2+head=e2m5"]["weight_gb"] < rows["e3m2"]["weight_gb"]
+
+
 def test_cli_bench_programmatic_launch_is_scoped_and_recorded(capsys, tmp_path, monkeypatch):
     """Programmatic dependent launch is on by default (launch.PDL) and --no-programmatic-launch turns it off for the
     run only; the results say whether the run used it (never on a CPU, which has none)."""

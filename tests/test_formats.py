@@ -341,6 +341,26 @@ def test_encode_matches_nearest_value_hypothesis(fmt, data, scale_exponent):
 
 # ---- WeightFormat: the weights' storage, parsed once ----------------------------------------------------------------
 
+def test_weight_format_spells_an_lm_head_format_of_its_own():
+    """"BODY+head=FORMAT": lm_head in an FPx format of its own (per-channel), the body as BODY says; the name comes
+    back in one spelling, body_name without the head; a bad head names what is wrong."""
+    fmt = WeightFormat.parse(" FP6 + Head = e2m5 ", device="cpu", group_size=64)
+    assert (fmt.quantized, fmt.head, fmt.group_size, fmt.dtype) == (FPFormat(3, 2), FPFormat(2, 5), 64, torch.float32)
+    assert (fmt.name, fmt.body_name, str(fmt)) == ("e3m2+head=e2m5", "e3m2", "e3m2+head=e2m5")
+    assert WeightFormat.parse(fmt.name, device="cpu", group_size=64) == fmt
+    half = WeightFormat.parse("fp16+head=e4m3")
+    assert (half.quantized, half.head, half.dtype, half.name) == (None, FPFormat(4, 3), torch.float16, "fp16+head=e4m3")
+    assert WeightFormat.parse("e3m2", device="cpu").head is None
+    with pytest.raises(ValueError, match=r"'e3m2\+e2m5': after '\+' comes head=FORMAT .* not 'e2m5'"):
+        WeightFormat.parse("e3m2+e2m5")
+    with pytest.raises(ValueError, match=r"'e3m2\+head=': after"):
+        WeightFormat.parse("e3m2+head=")
+    with pytest.raises(ValueError, match=r"'e3m2\+head=e9m9': lm_head format: unsupported format e9m9"):
+        WeightFormat.parse("e3m2+head=e9m9")
+    with pytest.raises(ValueError, match="unknown format 'fp7'"):
+        WeightFormat.parse("fp7+head=e2m5")
+
+
 def test_weight_format_parses_names_once_and_passes_its_value_through():
     fp6 = WeightFormat.parse("FP6", device="cpu", group_size=64)
     assert (fp6.quantized, fp6.dtype, fp6.group_size, fp6.name) == (FPFormat(3, 2), torch.float32, 64, "e3m2")

@@ -12,7 +12,7 @@ import torch
 import fp6llm
 from fp6llm.engine import ByteTokenizer, Engine
 from fp6llm.engine.load import DoesNotFit, ModelSource, kv_cache_bytes, require_memory, weight_bytes
-from fp6llm.evals.throughput import model_bytes
+from fp6llm.evals.throughput import model_bytes, streamed_weight_bytes
 from fp6llm.models import ModelConfig, build_random
 from fp6llm.models.checkpoint import quantize_checkpoint, save_packed
 from helpers import TINY_VOCAB as VOCAB
@@ -100,7 +100,44 @@ def test_packed_random_model_loads_with_the_byte_tokenizer(tiny_models, tmp_path
     assert isinstance(engine.tokenizer, ByteTokenizer) and engine.generate("abc", 8) == expected
 
 
-@pytest.mark.parametrize("fmt, group_size", [("e3m2", None), ("e2m1", 32), ("fp32", None)])
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-gemma3"])  # lm_head untied, tied, tied
+def test_lm_head_in_a_format_of_its_own(name, tmp_path):
+    """"e3m2+head=e2m5": lm_head becomes an FPxLinear of e2m5 (per-channel) and nothing else changes: a tied
+    embedding keeps its float table (a decode step reads fewer bytes; a tied model holds more), and the logits are
+    those of the float-head model with lm_head's weight set to the de-quantized e2m5 one (to float32 rounding:
+    1e-5 of the largest logit). A packed checkpoint keeps lm_head
+    float and takes the head format at load; quantize refuses to write one."""
+    from fp6llm.models import load_hf
+    from fp6llm.nn import FPxLinear
+    plain = build_random(name, "e3m2", "cpu", progress=False)
+    headed = build_random(name, "e3m2+head=e2m5", "cpu", progress=False)
+    assert isinstance(headed.lm_head, FPxLinear) and headed.lm_head.fmt.name == "e2m5"
+    assert headed.lm_head.group_size is None and type(plain.lm_head) is torch.nn.Linear
+    assert torch.equal(headed.embed_tokens.weight, plain.embed_tokens.weight)
+    # a decode step reads less (the float lm_head's bytes replaced by e2m5's); a tied one holds more (its planes)
+    assert streamed_weight_bytes(headed) < streamed_weight_bytes(plain)
+    assert (model_bytes(headed) > model_bytes(plain)) == plain.config.tie_word_embeddings
+    expected = headed.lm_head.weight.dequantize(torch.float32)
+    plain.lm_head = torch.nn.Linear(expected.shape[1], expected.shape[0], bias=False)
+    plain.lm_head.weight.copy_(expected)
+    tokens = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    positions = torch.arange(7).expand(2, 7)
+    logits = []
+    for model in (plain, headed):
+        model.setup_caches(2, 16)
+        logits.append(model(tokens, positions))
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[0].abs().max()
+    save_packed(build_random(name, "e3m2", "cpu", progress=False), tmp_path / "packed")
+    loaded = load_hf(tmp_path / "packed", "e3m2+head=e2m5", device="cpu", progress=False)
+    assert isinstance(loaded.lm_head, FPxLinear) and torch.equal(loaded.lm_head.plane0, headed.lm_head.plane0)
+    with pytest.raises(ValueError, match="packed as e3m2, not the requested e2m3"):
+        load_hf(tmp_path / "packed", "e2m3+head=e2m5", device="cpu", progress=False)
+    with pytest.raises(ValueError, match=r"a packed checkpoint keeps lm_head in float.*--format e3m2\+head=e2m5"):
+        quantize_checkpoint(tmp_path / "packed", tmp_path / "out", "e3m2+head=e2m5")
+
+
+@pytest.mark.parametrize("fmt, group_size", [("e3m2", None), ("e2m1", 32), ("fp32", None), ("e3m2+head=e2m5", None)])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_weight_estimate_matches_the_built_model(name, fmt, group_size):
     built = model_bytes(build_random(name, fmt, "cpu", group_size=group_size, progress=False))

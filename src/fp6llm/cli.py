@@ -104,10 +104,12 @@ def model_arguments(parser: argparse.ArgumentParser, formats: "str | bool" = Fal
     source.add_argument("--random", metavar="NAME", help="random weights of a named shape (llama-2-7b, tiny-llama, "
                                                          "...); a byte tokenizer, no downloads")
     if formats:
-        parser.add_argument("--formats", default=formats, help=f"comma-separated formats (default {formats})")
+        parser.add_argument("--formats", default=formats, help=f"comma-separated formats (default {formats}; "
+                                                               f"e3m2+head=e2m5: lm_head in e2m5 too)")
     else:
         parser.add_argument("--format", default=None, help="weight format: e3m2 (FP6), any eXmY, or fp16 / bf16 / "
-                                                           "fp32 (default e3m2; a packed checkpoint's own)")
+                                                           "fp32 (default e3m2; a packed checkpoint's own); "
+                                                           "+head=FORMAT quantizes lm_head too, e.g. e3m2+head=e2m5")
     parser.add_argument("--group-size", type=int, default=None, help="one scale per this many input columns "
                                                                      "(default: one per output channel)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

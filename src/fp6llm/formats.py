@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -115,25 +115,41 @@ class WeightFormat:
 
     quantized: the FPFormat of every Linear but lm_head, or None for plain float weights. dtype: of the activations
     and of what stays unquantized (norms, embeddings, lm_head); of every weight when quantized is None. group_size:
-    one scale per that many input columns, None for one per output channel (always None for float weights).
+    one scale per that many input columns, None for one per output channel (always None for float weights). head:
+    lm_head's own FPFormat (per-channel scales), None to keep it float: spelt "e3m2+head=e2m5". lm_head is a large
+    share of the bytes of a decode step where the vocabulary is (Llama-3's 128256 x 4096: 1.05 GB in float16
+    beside ~5.2 GB of FP6 blocks), and an 8-bit e2m5 head cost +0.02 % perplexity on SmolLM2 (docs/quality.md).
     """
 
     quantized: "FPFormat | None"
     dtype: torch.dtype
     group_size: "int | None" = None
+    head: "FPFormat | None" = None
 
     @classmethod
     def parse(cls, name: "str | FPFormat | WeightFormat | None" = None, dtype: "torch.dtype | None" = None,
               device=None, group_size: "int | None" = None) -> "WeightFormat":
         """name: an FPFormat or its name ("e3m2", "fp6", ...; default e3m2), or "fp16" / "bf16" / "fp32" for float
-        weights of that dtype (dtype, if given, must agree). dtype default: float16 on CUDA (``device``, default
-        CUDA when available), float32 elsewhere. A WeightFormat comes back as it is. Raises ValueError naming the
+        weights of that dtype (dtype, if given, must agree); either followed by "+head=FORMAT" for an lm_head in
+        that FPx format ("e3m2+head=e2m5"). dtype default: float16 on CUDA (``device``, default CUDA when
+        available), float32 elsewhere. A WeightFormat comes back as it is. Raises ValueError naming the
         format for an unknown name, a dtype that contradicts it, or a group size without quantization."""
         if isinstance(name, WeightFormat):
             if dtype not in (None, name.dtype) or group_size not in (None, name.group_size):
                 raise ValueError(f"{name.name} weights are {name.dtype} with group_size={name.group_size}, not "
                                  f"dtype={dtype}, group_size={group_size}")
             return name
+        if isinstance(name, str) and "+" in name:
+            body, _, head = name.partition("+")
+            key, equals, value = head.partition("=")
+            if key.strip().lower() != "head" or not equals or not value.strip():
+                raise ValueError(f"format {name!r}: after '+' comes head=FORMAT (an lm_head format, e.g. "
+                                 f"e3m2+head=e2m5), not {head!r}")
+            try:
+                head_format = FPFormat.parse(value.strip())
+            except ValueError as err:
+                raise ValueError(f"format {name!r}: lm_head format: {err}") from None
+            return replace(cls.parse(body, dtype, device, group_size), head=head_format)
         key = name.strip().lower() if isinstance(name, str) else None
         if key in UNQUANTIZED:
             if dtype is not None and dtype != UNQUANTIZED[key]:
@@ -172,7 +188,13 @@ class WeightFormat:
 
     @property
     def name(self) -> str:
-        """The format's one spelling: "e3m2" (also for "fp6"), or "fp16" / "bf16" / "fp32" for float weights."""
+        """The format's one spelling: "e3m2" (also for "fp6"), or "fp16" / "bf16" / "fp32" for float weights, then
+        "+head=e2m5" where lm_head has a format of its own."""
+        return self.body_name + ("" if self.head is None else f"+head={self.head.name}")
+
+    @property
+    def body_name(self) -> str:
+        """The spelling of the format of every Linear but lm_head ("e3m2", "fp16", ...)."""
         if self.quantized is not None:
             return self.quantized.name
         return {value: key for key, value in UNQUANTIZED.items()}[self.dtype]

@@ -124,14 +124,24 @@ def weight_bytes(config: ModelConfig, fmt: Union[str, WeightFormat], dtype: Opti
         apply_tensor_parallel(model, tp.rank, tp.world_size)
     quantized_weights = set() if quantized is None else {
         id(module.weight) for name, module in model.named_modules() if isinstance(module, nn.Linear) and name != SKIP}
+
+    def packed(param, fmt, group_size) -> int:
+        n, k = param.shape
+        groups = 1 if group_size is None else k // group_size
+        return padded_n(n) * padded_k(k) * fmt.bits // 8 + n * groups * SCALE_BYTES
+
+    head = model.lm_head.weight
+    tied = any(param is head for name, param in model.named_parameters() if not name.startswith("lm_head."))
     total = 0
     for param in model.parameters():  # a tied weight appears once
         if id(param) in quantized_weights:
-            n, k = param.shape
-            groups = 1 if group_size is None else k // group_size
-            total += padded_n(n) * padded_k(k) * quantized.bits // 8 + n * groups * SCALE_BYTES
+            total += packed(param, quantized, group_size)
+        elif param is head and weight_format.head is not None and not tied:
+            total += packed(param, weight_format.head, None)
         else:
             total += param.numel() * dtype.itemsize
+    if weight_format.head is not None and tied:  # planes of its own beside the float embedding
+        total += packed(head, weight_format.head, None)
     return total
 
 

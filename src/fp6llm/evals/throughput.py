@@ -26,6 +26,7 @@ from ..engine.runner import drop_caches
 from ..engine.sampling import SamplingParams
 from ..formats import WeightFormat, resolve_device
 from ..fused import linear_of
+from ..models.loader import quantize_head
 from ..models.parallel import TensorParallel
 from ..nn import FPxLinear
 from ..quantize import quantize_weight
@@ -55,7 +56,7 @@ def load_as(source: ModelSource, fmt, group_size: Optional[int] = None, device=N
     device = resolve_device(device)
     weight_format = WeightFormat.parse(fmt, dtype, device, group_size)
     meta = source.packed_meta()
-    if meta is None or (weight_format.name == meta["format"]
+    if meta is None or (weight_format.body_name == meta["format"]
                         and weight_format.group_size in (None, meta.get("group_size"))):
         return source.load_model(weight_format, device, progress=progress, tp=tp), ""
     if tp is not None and tp.world_size > 1:
@@ -73,6 +74,8 @@ def load_as(source: ModelSource, fmt, group_size: Optional[int] = None, device=N
             derived = FPxLinear(quantize_weight(weight, quantized, group_size), layer.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, derived)
+    if weight_format.head is not None:
+        quantize_head(model, weight_format.head)
     return model, f"from {meta['format']}"
 
 

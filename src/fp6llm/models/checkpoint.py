@@ -151,12 +151,16 @@ def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path],
     """
     start = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
+    weight_format = WeightFormat.parse(fmt, None, device, group_size)
+    if weight_format.head is not None:
+        raise ValueError(f"{weight_format}: a packed checkpoint keeps lm_head in float; give the lm_head format "
+                         f"when loading it (--format {weight_format.body_name}+head={weight_format.head.name} to "
+                         f"generate / bench / serve), and quantize with --format {weight_format.body_name}")
     if (src_dir / PACKED_META).is_file():
         raise ValueError(f"{src_dir} is already an fp6llm packed checkpoint")
     if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
         raise ValueError(f"the output directory must differ from the source ({src_dir})")
     config = read_hf_config(src_dir)
-    weight_format = WeightFormat.parse(fmt, None, device, group_size)
     if weight_format.quantized is None:  # unquantized ("fp16" etc.): the format is the dtype
         dtype = weight_format.dtype
     elif dtype is None:

@@ -7,6 +7,7 @@ holds more than the quantized model plus one weight in its checkpoint dtype.
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -130,6 +131,7 @@ class Source:
 
     def __init__(self, weight_format: WeightFormat, device: torch.device, shards: Optional[dict] = None):
         self.fmt, self.group_size = weight_format.quantized, weight_format.group_size
+        self.head = weight_format.head  # lm_head's own format (materialize quantizes it last), None: float
         self.dtype, self.device = weight_format.dtype, device
         self.shards = shards or {}
         self.fused: dict = {}
@@ -396,9 +398,24 @@ def materialize(model: nn.Module, source: Source, progress: bool = True, desc: s
         setattr(model.get_submodule(parent) if parent else model, child, real)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    if source.head is not None:
+        quantize_head(model, source.head)
     if parallel:
         parallelize(model, tp)
     return model.eval()
+
+
+def quantize_head(model: nn.Module, fmt: FPFormat) -> None:
+    """model.lm_head (float) as an FPxLinear of ``fmt`` with per-channel scales, in place. A tied lm_head gets
+    planes of its own: the embedding keeps its float table (a step reads one row of it per token, and all of
+    lm_head). Raises ValueError if lm_head is quantized already."""
+    head = model.lm_head
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"lm_head is {type(head).__name__}, not a float nn.Linear: it cannot be quantized to "
+                         f"{fmt.name} (is it quantized already?)")
+    weight = head.weight.detach()
+    weight = weight if weight.dtype in FLOAT_DTYPES else weight.float()
+    model.lm_head = FPxLinear(quantize_weight(weight, fmt), None if head.bias is None else head.bias.detach())
 
 
 def read_hf_config(model_dir: Union[str, Path]) -> ModelConfig:
@@ -482,14 +499,15 @@ def packed_format(meta: dict, model_dir: Union[str, Path], fmt: Union[str, FPFor
     """The WeightFormat of the packed checkpoint in model_dir (``meta``: its fp6llm.json), activations in dtype
     (default as WeightFormat.parse). fmt / group_size, if given, must be the checkpoint's: ValueError otherwise,
     naming both."""
+    head = None
     if fmt is not None:
         requested = WeightFormat.parse(fmt, dtype, device, group_size)
-        if requested.name != meta["format"]:
-            raise ValueError(f"{model_dir} is packed as {meta['format']}, not the requested {requested.name}")
-        dtype, group_size = requested.dtype, requested.group_size
+        if requested.body_name != meta["format"]:
+            raise ValueError(f"{model_dir} is packed as {meta['format']}, not the requested {requested.body_name}")
+        dtype, group_size, head = requested.dtype, requested.group_size, requested.head  # lm_head: quantized at load
     if group_size is not None and group_size != meta.get("group_size"):
         raise ValueError(f"{model_dir} is packed with group_size={meta.get('group_size')}, not {group_size}")
-    return WeightFormat.parse(meta["format"], dtype, device, meta.get("group_size"))
+    return replace(WeightFormat.parse(meta["format"], dtype, device, meta.get("group_size")), head=head)
 
 
 def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, WeightFormat, None] = None,
