@@ -4,7 +4,7 @@
 #   bash bench/device_run.sh STEP OUT_DIR     STEP: check | kernel | tune | tune-mid | tune-more | tail |
 #       wgmma | wgmma-more | wgmma-bf16 | row-tiles | check-new | w-ahead | small-w-ahead | tune-small |
 #       interleave | wgmma3 | wgmma-large |
-#       e2e | e2e-order | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick
+#       e2e | e2e-order | e2e-head | e2e-mid | e2e-pdl | host | e2e70 | serve | serve-mixed | all-quick
 #   DRY_RUN=1 bash bench/device_run.sh STEP OUT_DIR     the same commands at tiny shapes on a CPU (what can run there)
 #
 #   check     GPU correctness: the gpu-marked tests (kernels, paged attention, fused decode ops, graphs), then the
@@ -32,7 +32,7 @@
 #             silu_mul / attention kernels compiled), the small-M weight rings, and quantizing while loading
 #             through transformers at the quantized size; run it first, on a cold compile cache it takes minutes.
 #             Then, most telling first: small-w-ahead (M = 1 / 8), interleave, tune-small, wgmma3, e2e-order,
-#             w-ahead, wgmma-large (about 600 s each; the tool lends ~1800 s a session)
+#             e2e-head, w-ahead, wgmma-large (about 600 s each; the tool lends ~1800 s a session)
 #   w-ahead   the wgmma kernel with 3-4 weight tiles in flight per warp (w_ahead; built 2026-12-04, not yet timed):
 #             its GPU tests (stops if they fail), bench/wgmma_w_ahead.py at M = 16/8/32 (the table's launches), then
 #             the tuner at M = 8..64 with those launches among the timed ones (into OUT_DIR/<gpu>.json: copy the
@@ -51,6 +51,8 @@
 #   wgmma-large the tuner at M = 1024 / 4096 (--wgmma-only: the 256-row and producer launches, interleaved or not,
 #             against the table's de-quantize + cuBLAS entries; copy the table in first; built 2026-12-04, not
 #             yet run)
+#   e2e-head  fp6llm bench, llama-3-8b (vocabulary 128256) FP16, e3m2 and e3m2 with lm_head in e2m5
+#             (e3m2+head=e2m5, built 2026-12-05), batch 1/8/32
 #   e2e-order fp6llm bench, llama-2-13b e3m2 at batch 1/16/32/64 with x written in the wgmma kernel's order by the
 #             norms and silu_mul (the default; built 2026-12-04, not yet timed) and with FP6LLM_ORDER_X=0
 #   host      where an eager prefill's host time goes (2026-12-04): bench/profile_prefill.py (13b, FP16 and e3m2, batch
@@ -67,12 +69,12 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src
 dry=${DRY_RUN:-0}
 if [[ $dry == 1 ]]; then
-    model13=tiny-llama model70=tiny-llama fp16=fp32 device=(--device cpu)
+    model13=tiny-llama model70=tiny-llama model8=tiny-llama fp16=fp32 device=(--device cpu)
     e2e_shape=(--batch 1,4 --prompt-len 32 --gen-len 8) serve_shape=(--clients 1,4 --requests 2 --prompt-len 16
                                                                      --gen-len 8)
     mixed_shape=(--clients 1,4 --requests 2 --prompt-len 8-200 --gen-len 8)
 else
-    model13=llama-2-13b model70=llama-2-70b fp16=fp16 device=()
+    model13=llama-2-13b model70=llama-2-70b model8=llama-3-8b fp16=fp16 device=()
     e2e_shape=(--batch 1,8,32,128 --prompt-len 512 --gen-len 128) serve_shape=()
     mixed_shape=(--clients 8,32 --requests 2 --prompt-len 64-2048 --gen-len 128)
 fi
@@ -189,6 +191,11 @@ e2e-order)  # the decode step with x written in the wgmma kernel's order (the de
             | tee -a "$out/e2e-order.log" | grep -E "^\||wrote|rror" | tail -6
     done
     ;;
+e2e-head)  # lm_head in e2m5 (built 2026-12-05, not yet timed) against a float lm_head, on a large vocabulary
+    timeout 540 python3 -m fp6llm bench --random "$model8" --formats "$fp16,e3m2,e3m2+head=e2m5" \
+        --batch 1,8,32 --prompt-len 128 --gen-len 32 "${device[@]}" --out "$out" 2>&1 \
+        | tee "$out/e2e-head.log" | grep -E "^\||wrote|rror" | tail -12
+    ;;
 e2e-pdl)  # the decode step with and without programmatic dependent launch of its kernels, one call
     for flag in "" --no-programmatic-launch; do
         timeout 270 python3 -m fp6llm bench --random "$model13" --formats "$fp16,e3m2" --batch 1,8,32 --prompt-len 128 \
@@ -233,7 +240,8 @@ all-quick)
     ;;
 *)
     echo "unknown step $step (check | kernel | tune | tune-mid | tune-more | tail | wgmma | wgmma-more |" \
-         "wgmma-bf16 | row-tiles | check-new | w-ahead | interleave | wgmma3 | wgmma-large | e2e | e2e-order | e2e-mid | e2e-pdl | host |" \
+         "wgmma-bf16 | row-tiles | check-new | w-ahead | small-w-ahead | tune-small | interleave | wgmma3 |" \
+         "wgmma-large | e2e | e2e-order | e2e-head | e2e-mid | e2e-pdl | host |" \
          "e2e70 | serve | serve-mixed | all-quick)" >&2
     exit 2
     ;;
