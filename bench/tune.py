@@ -305,6 +305,39 @@ def best_cuda(qw, m: int, dtype) -> "dict | None":
     return min(found, key=lambda r: r["us"]) if found else None
 
 
+def small_m_specs(ms, hopper: bool) -> set:
+    """(n8 blocks of x rows, prefetch_x, row_tiles, cluster split, w_ahead) of every small-M kernel tune_cuda's
+    launches load at ``ms``: both rounds, every cluster split one may run as on sm_90 (fpx_cuda.cluster_of)."""
+    clusters = range(2, fpx_cuda.CLUSTER_SPLIT_MAX + 1) if hopper else ()
+    specs = set()
+    for blocks in sorted({1 if m <= 8 else 2 for m in ms if m <= fpx_cuda.MAX_M}):
+        specs |= {(blocks, prefetch_x, 1, 0, 2) for prefetch_x in (True, False)} | {(blocks, False, 2, 0, 2)}
+        specs |= {(blocks, True, 1, cluster, 2) for cluster in clusters}
+        if blocks == 1:  # the rings: x ahead or not, and in a cluster
+            specs |= {(blocks, prefetch_x, 1, 0, w) for prefetch_x in (True, False) for w in SMALL_W_AHEADS}
+            specs |= {(blocks, True, 1, cluster, w) for cluster in clusters for w in SMALL_W_AHEADS}
+        else:  # x at compute time, one or two row tiles
+            specs |= {(blocks, False, row_tiles, 0, w) for row_tiles in (1, 2) for w in SMALL_W_AHEADS}
+    return specs
+
+
+def small_m_sources(fmt: FPFormat, dtype, ms, hopper: bool, pdl: bool) -> list:
+    """small_m_specs' kernel sources as fpx_small_m builds them (no bias, the default registers and shifts; its
+    early weights only inside launch.static_weights, which the tuner does not enter)."""
+    early = pdl and fpx_cuda.EARLY_WEIGHTS and fpx_cuda.launch.weights_static()
+    return [fpx_cuda.kernel_source(fmt, dtype == torch.bfloat16, blocks, False, fpx_cuda.MIN_BLOCKS, False,
+                                   prefetch_x, cluster, pdl, early, row_tiles, w)
+            for blocks, prefetch_x, row_tiles, cluster, w in sorted(small_m_specs(ms, hopper))]
+
+
+def prewarm_small(fmt: FPFormat, dtype, ms) -> None:
+    """Compile the small-M kernels the tuning will time, in parallel, into the disk cache (NVRTC: 2-30 s a kernel,
+    one core each; the launches then only load them)."""
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    fpx_cuda.precompile(small_m_sources(fmt, dtype, ms, hopper, pdl_enabled("cuda") and hopper),
+                        fpx_cuda._arch("cuda"), fpx_cuda.KERNEL_NAME)
+
+
 def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, cuda_too: bool = True,
                cuda_only: bool = False, wgmma_only: bool = False, saved=None) -> dict:
     """The fastest candidate per M bucket and shape for one format and dtype, merged into ``table``; up to M =
@@ -313,6 +346,8 @@ def tune_table(fmt: FPFormat, dtype: torch.dtype, ms, shapes: str, table: dict, 
     cuda_only: keep ``table``'s Triton entries (they must be there) and time the CUDA kernels alone; wgmma_only:
     time the wgmma kernel alone and keep the faster of it and the entry's "cuda" launch. saved(): called after
     each shape's entry is in ``table`` (main writes the file: a run cut short keeps what it measured)."""
+    if cuda_too and not wgmma_only:
+        prewarm_small(fmt, dtype, ms)
     if cuda_too and torch.cuda.get_device_capability() == (9, 0):
         prewarm_wgmma(fmt, dtype, ms)
     for m in ms:

@@ -462,10 +462,20 @@ def test_tuner_small_m_times_the_weight_rings_at_its_fastest_splits(monkeypatch)
     assert {l["split"] for l in rings} == {6, 8, 5, 3} and len(rings) == 2 * 2 * 4 + 2 * 4  # and in a cluster
     assert {(l["prefetch_x"], l["split"]) for l in rings if l["cluster_split"]} == {(True, s) for s in (6, 8, 5, 3)}
     assert entry == dict(split=3, prefetch_x=True, row_tiles=1, cluster_split=False, w_ahead=4, us=5.0)
+    # every kernel these launches load is among those the tuner compiles first, in parallel (for K = 8192 here)
+    from fp6llm.kernels import fpx_cuda
+    specs = tune.small_m_specs([1], hopper=True)
+    assert all((1, l["prefetch_x"], l["row_tiles"], fpx_cuda.cluster_of(64, l["split"], l["cluster_split"]),
+                l["w_ahead"]) in specs for l in first + rings)
     timed.clear()
     tune.tune_cuda(qw, 16, torch.float16)  # above 8 rows the rings read x at compute time only
     assert {l["prefetch_x"] for l in timed[1]} == {False} and len(timed[1]) == 2 * 4 * 2  # one and two row tiles
     assert not any(l["cluster_split"] for l in timed[1]) and {l["row_tiles"] for l in timed[1]} == {1, 2}
+    specs = tune.small_m_specs([16], hopper=True)
+    assert all((2, l["prefetch_x"], l["row_tiles"], fpx_cuda.cluster_of(64, l["split"], l["cluster_split"]),
+                l["w_ahead"]) in specs for l in timed[0] + timed[1])
+    assert len(tune.small_m_sources(FPFormat.parse("e3m2"), torch.float16, [1, 8, 16], True, True)) == len(
+        tune.small_m_specs([1, 8, 16], True))
 
 
 def test_tuner_keeps_wrong_launches_out_and_goes_on(monkeypatch, gen):

@@ -471,6 +471,16 @@ def small_m_launch(measured, split: "int | None", prefetch_x: "bool | None", clu
     return split, prefetch_x, cluster_split, row_tiles, w_ahead
 
 
+def cluster_of(k_tiles: int, split: "int | None", cluster_split: bool) -> int:
+    """The cluster size a small-M launch of ``split`` over k_tiles runs its split-K in (the split it runs, with no
+    empty CTAs, where that is 2..CLUSTER_SPLIT_MAX); 0: summed through the workspace."""
+    if not cluster_split or split is None:
+        return 0
+    kps = -(-k_tiles // split)
+    cluster = -(-k_tiles // kps)
+    return cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
+
+
 def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPFormat, n: int, k: int,
                 split: "int | None" = None, min_blocks: int = MIN_BLOCKS,
                 fma_shifts: bool = FMA_SHIFTS, prefetch_x: "bool | None" = None,
@@ -489,11 +499,7 @@ def fpx_small_m(x: torch.Tensor, planes, scales: torch.Tensor, bias, fmt: FPForm
         measured_small_m(m, n, k, fmt, x.dtype, x.device), split, prefetch_x, cluster_split, row_tiles, w_ahead)
     k_tiles = k // TILE_K
     hopper = capability(x.device) >= (9, 0)  # clusters, programmatic launch
-    cluster = 0
-    if cluster_split and split is not None and hopper:
-        kps = -(-k_tiles // split)
-        cluster = -(-k_tiles // kps)  # the split it runs (no empty CTAs)
-        cluster = cluster if 2 <= cluster <= CLUSTER_SPLIT_MAX else 0
+    cluster = cluster_of(k_tiles, split, cluster_split and hopper)
     pdl = (launch.enabled(x.device) if pdl is None else pdl) and hopper
     kernel, resident = _kernel(fmt, x.dtype, 1 if m <= 8 else 2, bias is not None, min_blocks, fma_shifts,
                                prefetch_x, x.device, cluster, pdl, row_tiles, w_ahead)
