@@ -312,6 +312,11 @@ def tp_worker(rank: int, port: int, out_dir: str) -> None:
         reference = engine_tokens(build_random("tiny-llama", "e3m2", "cpu", progress=False), prompts, 8)
         model = build_random("tiny-llama", "e3m2", "cpu", progress=False, tp=TensorParallel(rank, DEGREE))
         results["tiny-llama/e3m2/per-rank"] = dict(same_engine_tokens=engine_tokens(model, prompts, 8) == reference)
+        # ... and with lm_head in a format of its own (replicated: each rank quantizes the whole head)
+        log.write("tiny-llama/e3m2+head=e2m5\n")
+        reference = engine_tokens(build_random("tiny-llama", "e3m2+head=e2m5", "cpu", progress=False), prompts, 8)
+        model = build_random("tiny-llama", "e3m2+head=e2m5", "cpu", progress=False, tp=TensorParallel(rank, DEGREE))
+        results["tiny-llama/head/per-rank"] = dict(same_engine_tokens=engine_tokens(model, prompts, 8) == reference)
     finally:
         log.write("destroy_process_group\n")
         dist.destroy_process_group()
@@ -351,6 +356,7 @@ def test_two_ranks_match_one(two_ranks, case, fmt, how):
 @pytest.mark.slow
 def test_two_ranks_of_tiny_llama_quantized_per_rank(two_ranks):
     assert all(results["tiny-llama/e3m2/per-rank"]["same_engine_tokens"] for results in two_ranks)
+    assert all(results["tiny-llama/head/per-rank"]["same_engine_tokens"] for results in two_ranks)
 
 
 @pytest.mark.slow
