@@ -78,6 +78,10 @@ else
     e2e_shape=(--batch 1,8,32,128 --prompt-len 512 --gen-len 128) serve_shape=()
     mixed_shape=(--clients 8,32 --requests 2 --prompt-len 64-2048 --gen-len 128)
 fi
+# GPU tests in 8 processes where pytest-xdist is installed (the device image has it): the kernels they compile on a
+# cold cache (NVRTC, 2-30 s each) then compile 8 at a time
+parallel=()
+if [[ $dry != 1 ]] && python3 -c "import xdist" 2>/dev/null; then parallel=(-n 8); fi
 gpu_only() {  # a step that needs CUDA: said, not run, on a dry run
     if [[ $dry == 1 ]]; then echo "dry run: skipped (needs CUDA): $*"; return 0; fi
     "$@"
@@ -141,12 +145,13 @@ row-tiles)  # the small-M kernel with two 16-row tiles per warp sharing each loa
         --out "$out/row-tiles.json" 2>&1 | tee "$out/row-tiles.log" | tail -45
     ;;
 check-new)
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 540 python3 -m pytest -q test_kernels.py test_attention.py \
-        test_decoder_ops.py test_integrations.py -k "weight_tiles or producer or wgmma_order or table_launch or \
-        interleave or deeper_weight_rings or peaks_near_the_quantized" 2>&1 | tail -6) | tee "$out/check-new.log"
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 540 python3 -m pytest -q "${parallel[@]}" test_kernels.py \
+        test_attention.py test_decoder_ops.py test_integrations.py -k "weight_tiles or producer or wgmma_order or \
+        table_launch or interleave or deeper_weight_rings or peaks_near_the_quantized" 2>&1 | tail -6) \
+        | tee "$out/check-new.log"
     ;;
 w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner ~80 s per M (saved after each shape)
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x "${parallel[@]}" test_kernels.py \
         -k "weight_tiles or producer" 2>&1 | tail -2) | tee "$out/w-ahead-tests.log"
     grep -q failed "$out/w-ahead-tests.log" && { echo "w-ahead tests failed: no timing"; exit 1; }
     gpu_only timeout 200 python3 bench/wgmma_w_ahead.py --ms 16,8,32 --out "$out/w-ahead.json" 2>&1 \
@@ -155,7 +160,7 @@ w-ahead)  # within the tool's 10 minutes: tests ~60 s, the A/B ~150 s, the tuner
         | tee "$out/tune-w-ahead.log" | grep -v "^  " | tail -34
     ;;
 small-w-ahead)  # within the tool's 10 minutes: tests ~120 s (cold compiles), the A/B (16 cases x 6) ~300 s
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q -x test_kernels.py \
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 200 python3 -m pytest -q -x "${parallel[@]}" test_kernels.py \
         -k "deeper_weight_rings" 2>&1 | tail -2) | tee "$out/small-w-ahead-tests.log"
     grep -q failed "$out/small-w-ahead-tests.log" && { echo "small-w-ahead tests failed: no timing"; exit 1; }
     gpu_only timeout 250 python3 bench/small_m_tail_ab.py --ms 1,8 --variants w2,w3,w4,w2x,w3x,w4x \
@@ -168,7 +173,7 @@ tune-small)  # the small-M launches with the rings among them, M = 1 / 8 / 16 (~
         | tee "$out/tune-small.log" | grep -v "^  " | tail -30
     ;;
 interleave)  # within the tool's 10 minutes: tests ~60 s, compiles ~60 s, 12 cases x 16 launches ~300 s
-    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x test_kernels.py \
+    (cd tests && TRITON_INTERPRET=0 gpu_only timeout 150 python3 -m pytest -q -x "${parallel[@]}" test_kernels.py \
         -k "producer or interleave" \
         2>&1 | tail -2) | tee "$out/interleave-tests.log"
     grep -q failed "$out/interleave-tests.log" && { echo "interleave tests failed: no timing"; exit 1; }
