@@ -197,6 +197,15 @@ __device__ __forceinline__ void mma_tile(float (&d)[ACC], const u32 (&a)[32], u3
 }
 
 #if INTERLEAVE
+// Before k-step ks is de-quantized: wait until at most 7 k-steps are in flight (the previous tile's k-step ks has
+// completed, so its four A registers are free), and keep their old values live up to the wait (an empty asm that
+// reads and writes them): without a use after the wait ptxas may put other values into registers the tensor cores
+// still read (the tenth session's NaNs).
+__device__ __forceinline__ void await_k16(u32 (&a)[32], int ks) {
+    wgmma_wait<7>();
+    asm volatile("" : "+r"(a[4 * ks]), "+r"(a[4 * ks + 1]), "+r"(a[4 * ks + 2]), "+r"(a[4 * ks + 3]));
+}
+
 // k-step ks of a K tile: one wgmma of its four A registers, its own commit group.
 __device__ __forceinline__ void mma_k16(float (&d)[ACC], const u32 (&a)[32], u32 buffer, int ks) {
     u32 lo = (u32)x_descriptor(buffer) + (((ks / 4) * ATOM_BYTES + (ks % 4) * 32) >> 4);
@@ -278,19 +287,15 @@ __device__ __forceinline__ void consume(float (&d)[ACC], const u32* __restrict__
         mbar_arrive(empty + 8 * s_);                                                     \
     }
 #if INTERLEAVE
-    // k-step ks of tile i: wait until at most 7 k-steps are in flight (tile i - 1's k-step ks done, so its four A
-    // registers are free), de-quantize k-step ks into them and issue its wgmma: the tensor cores keep 7 k-steps
-    // queued while the warp de-quantizes. The empty asm after the wait keeps the old values live up to it: without
-    // a use after the wait ptxas may put other values into registers the tensor cores still read (the tenth
-    // session's NaNs). Tile i - 1's stage is released once its last k-step is done (before k-step 7 of tile i).
+    // k-step ks of tile i: wait until tile i - 1's k-step ks is done (await_k16), de-quantize k-step ks into its
+    // four A registers and issue its wgmma: the tensor cores keep 7 k-steps queued while the warp de-quantizes.
+    // Tile i - 1's stage is released once its last k-step is done (before k-step 7 of tile i).
 #undef STEP
 #define STEP(KT, TILE)                                                                           \
     {                                                                                            \
         const int kt_ = (KT), i_ = kt_ - kt0, s_ = i_ % X_STAGES;                                \
         _Pragma("unroll") for (int ks = 0; ks < 8; ++ks) {                                       \
-            wgmma_wait<7>();                                                                     \
-            asm volatile("" : "+r"(a[4 * ks]), "+r"(a[4 * ks + 1]), "+r"(a[4 * ks + 2]),         \
-                         "+r"(a[4 * ks + 3]));                                                   \
+            await_k16(a, ks);                                                                    \
             if (ks == 7 && i_ > 0) mbar_arrive(empty + 8 * ((i_ - 1) % X_STAGES));               \
             dequant_step(TILE, pw, a, ks);                                                       \
             if (ks == 7 && kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
@@ -415,18 +420,16 @@ fpx_wgmma(const u16* __restrict__ x, int ldx, const u32* __restrict__ p0, const 
             wgmma_wait<0>();                                                               \
         }
 #if INTERLEAVE
-        // k-step by k-step as the interleaved consumer (consume): wait until at most 7 k-steps are in flight, keep
-        // the old A live up to the wait, de-quantize the k-step, issue its wgmma; x is waited for, the barrier
-        // passed and the copy X_AHEAD tiles ahead staged at k-step 0, into the buffer of tile kt - 2, which every
-        // warpgroup finished before its k-step 7 of tile kt - 1 (X_STAGES = X_AHEAD + 2).
+        // k-step by k-step as the interleaved consumer (consume): await_k16, de-quantize the k-step, issue its
+        // wgmma; x is waited for, the barrier passed and the copy X_AHEAD tiles ahead staged at k-step 0, into the
+        // buffer of tile kt - 2, which every warpgroup finished before its k-step 7 of tile kt - 1
+        // (X_STAGES = X_AHEAD + 2).
 #undef STEP
 #define STEP(KT, TILE, A)                                                                              \
         {                                                                                              \
             const int kt_ = (KT);                                                                      \
             _Pragma("unroll") for (int ks = 0; ks < 8; ++ks) {                                         \
-                wgmma_wait<7>();                                                                       \
-                asm volatile("" : "+r"(A[4 * ks]), "+r"(A[4 * ks + 1]), "+r"(A[4 * ks + 2]),           \
-                             "+r"(A[4 * ks + 3]));                                                     \
+                await_k16(A, ks);                                                                      \
                 dequant_step(TILE, pw, A, ks);                                                         \
                 if (ks == 7 && kt_ + W_AHEAD < kt1) load_tile(TILE, p0, p1, p2, base + kt_ + W_AHEAD, lane); \
                 if (ks == 0) {                                                                         \
