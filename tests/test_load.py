@@ -135,6 +135,10 @@ def test_lm_head_in_a_format_of_its_own(name, tmp_path):
         load_hf(tmp_path / "packed", "e2m3+head=e2m5", device="cpu", progress=False)
     with pytest.raises(ValueError, match=r"a packed checkpoint keeps lm_head in float.*--format e3m2\+head=e2m5"):
         quantize_checkpoint(tmp_path / "packed", tmp_path / "out", "e3m2+head=e2m5")
+    for head in ("e2m5", "e3m2"):  # a head in another format or in the body's: either would not load back
+        with pytest.raises(ValueError, match=f"keeps lm_head in float, and this model's is {head}"):
+            save_packed(build_random(name, f"e3m2+head={head}", "cpu", progress=False), tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
 
 
 @pytest.mark.parametrize("fmt, group_size", [("e3m2", None), ("e2m1", 32), ("fp32", None), ("e3m2+head=e2m5", None)])

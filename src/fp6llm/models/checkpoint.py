@@ -111,9 +111,13 @@ def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, 
     """Write a model (from load_hf or build_random) as a packed checkpoint in out_dir.
 
     source: the directory it came from, recorded in fp6llm.json and whose tokenizer files are copied. Returns a
-    summary dict (tensors, bytes_out, shards). Raises ValueError for a model that mixes formats.
+    summary dict (tensors, bytes_out, shards). Raises ValueError for a model that mixes formats or whose lm_head is
+    quantized (a "+head=" format: packed checkpoints keep lm_head float).
     """
     out_dir = Path(out_dir)
+    if isinstance(getattr(model, "lm_head", None), FPxLinear):
+        raise ValueError(f"a packed checkpoint keeps lm_head in float, and this model's is {model.lm_head.fmt.name}: "
+                         f"save the model loaded without the +head= format, and give that format when loading it")
     out_dir.mkdir(parents=True, exist_ok=True)
     format_name, group_size = _model_format(model)
     writer = ShardWriter(out_dir, max_shard_bytes)
