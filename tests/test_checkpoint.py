@@ -111,6 +111,37 @@ def test_quantize_checkpoint_streams_the_same_weights(hf_dir, tmp_path):
     assert_same_model(direct, packed)
 
 
+@pytest.mark.parametrize("case", ["llama3", "llama-bias-tied"])  # lm_head untied, tied to the embedding
+def test_quantize_checkpoint_stores_an_lm_head_format(case, tmp_path, gen):
+    """--format e3m2+head=e2m5: lm_head's planes and scales stored (a tied one's quantized from the embedding,
+    which stays float), fp6llm.json says head e2m5 and format e3m2; it loads back as the same bits as quantizing at
+    load gives (both from float16), and its fp6llm.json is checked like the rest: a bad head, a head in the format
+    field, lm_head planes of another width are each refused, naming what is wrong."""
+    save_hf_model(case, tmp_path / "hf", seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+    summary = quantize_checkpoint(tmp_path / "hf", tmp_path / "out", "e3m2+head=e2m5", progress=False)
+    assert summary["format"] == "e3m2+head=e2m5"
+    meta = json.loads((tmp_path / "out" / "fp6llm.json").read_text())
+    assert (meta["format"], meta["head"]) == ("e3m2", "e2m5")
+    keys = set(load_file(tmp_path / "out" / "model.safetensors").keys())
+    assert {"lm_head.plane0", "lm_head.scales", "embed_tokens.weight"} <= keys  # 8 bits: one plane
+    assert "lm_head.weight" not in keys and "lm_head.plane1" not in keys
+    packed = load_hf(tmp_path / "out", device="cpu", progress=False)
+    direct = load_hf(tmp_path / "hf", "e3m2+head=e2m5", device="cpu", dtype=torch.float16, progress=False)
+    assert isinstance(packed.lm_head, FPxLinear) and packed.lm_head.fmt.name == "e2m5"
+    assert all(torch.equal(a, b) for a, b in zip(packed.lm_head.state_dict().values(),
+                                                 direct.lm_head.state_dict().values()))
+    with pytest.raises(ValueError, match="of fp16 weights keeps lm_head float"):
+        quantize_checkpoint(tmp_path / "hf", tmp_path / "float", "fp16+head=e2m5", progress=False)
+    for change, message in (({"head": 5}, "head=5 is not null or a format name"),
+                            ({"head": "e9m9"}, "unsupported format e9m9"),
+                            ({"format": "e3m2+head=e2m5"}, "names an lm_head format: that is the head field's"),
+                            ({"head": "e2m4"}, r"declares e2m4 \(planes of widths \(4, 2, 1\)\), but lm_head has "
+                                               r"planes 0")):
+        (tmp_path / "out" / "fp6llm.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=message):
+            load_hf(tmp_path / "out", device="cpu", progress=False)
+
+
 def test_packed_random_model_round_trips(tmp_path):
     model = build_random("tiny-opt", fmt="e2m3", device="cpu", seed=5, progress=False)
     save_packed(model, tmp_path)

@@ -106,8 +106,8 @@ def test_lm_head_in_a_format_of_its_own(name, tmp_path):
     """"e3m2+head=e2m5": lm_head becomes an FPxLinear of e2m5 (per-channel) and nothing else changes: a tied
     embedding keeps its float table (a decode step reads fewer bytes; a tied model holds more), and the logits are
     those of the float-head model with lm_head's weight set to the de-quantized e2m5 one (to float32 rounding:
-    1e-5 of the largest logit). A packed checkpoint keeps lm_head
-    float and takes the head format at load; quantize refuses to write one."""
+    1e-5 of the largest logit). A packed checkpoint of a float head takes the head format at load; one saved with
+    its head keeps it."""
     from fp6llm.models import load_hf
     from fp6llm.nn import FPxLinear
     plain = build_random(name, "e3m2", "cpu", progress=False)
@@ -128,17 +128,38 @@ def test_lm_head_in_a_format_of_its_own(name, tmp_path):
         model.setup_caches(2, 16)
         logits.append(model(tokens, positions))
     assert (logits[0] - logits[1]).abs().max() <= 1e-5 * logits[0].abs().max()
+    # a packed checkpoint of a float head takes the head format at load
     save_packed(build_random(name, "e3m2", "cpu", progress=False), tmp_path / "packed")
     loaded = load_hf(tmp_path / "packed", "e3m2+head=e2m5", device="cpu", progress=False)
     assert isinstance(loaded.lm_head, FPxLinear) and torch.equal(loaded.lm_head.plane0, headed.lm_head.plane0)
     with pytest.raises(ValueError, match="packed as e3m2, not the requested e2m3"):
         load_hf(tmp_path / "packed", "e2m3+head=e2m5", device="cpu", progress=False)
-    with pytest.raises(ValueError, match=r"a packed checkpoint keeps lm_head in float.*--format e3m2\+head=e2m5"):
-        quantize_checkpoint(tmp_path / "packed", tmp_path / "out", "e3m2+head=e2m5")
-    for head in ("e2m5", "e3m2"):  # a head in another format or in the body's: either would not load back
-        with pytest.raises(ValueError, match=f"keeps lm_head in float, and this model's is {head}"):
-            save_packed(build_random(name, f"e3m2+head={head}", "cpu", progress=False), tmp_path / "saved")
-    assert not (tmp_path / "saved").exists()
+    # ... and one saved with its quantized head keeps it (fp6llm.json "head"; a tied one: planes of its own), the
+    # same bits back, the same logits
+    for head in ("e2m5", "e3m2"):  # another format than the body's, and the body's
+        model = build_random(name, f"e3m2+head={head}", "cpu", progress=False)
+        save_packed(model, tmp_path / head)
+        assert json.loads((tmp_path / head / "fp6llm.json").read_text())["head"] == head
+        back = load_hf(tmp_path / head, device="cpu", progress=False)
+        assert isinstance(back.lm_head, FPxLinear) and back.lm_head.fmt.name == head
+        assert all(torch.equal(a, b) for a, b in zip(back.lm_head.state_dict().values(),
+                                                     model.lm_head.state_dict().values()))
+        assert torch.equal(back.embed_tokens.weight, model.embed_tokens.weight)
+        for m in (model, back):
+            m.setup_caches(2, 16)
+        assert torch.equal(model(tokens, positions), back(tokens, positions))
+    with pytest.raises(ValueError, match="packed with lm_head in e2m5, not the requested e2m4"):
+        load_hf(tmp_path / "e2m5", "e3m2+head=e2m4", device="cpu", progress=False)
+    # bench / eval derive other formats from a packed checkpoint's weights: the body only, the head as asked
+    from fp6llm.engine.load import ModelSource
+    from fp6llm.evals.throughput import load_as
+    derived, note = load_as(ModelSource.parse(tmp_path / "e2m5"), "e2m3", device="cpu", progress=False)
+    assert note == "from e3m2" and derived.lm_head.fmt.name == "e2m5"
+    assert {m.fmt.name for n, m in derived.named_modules() if isinstance(m, FPxLinear) and n != "lm_head"} == {"e2m3"}
+    derived, _ = load_as(ModelSource.parse(tmp_path / "e2m5"), "e2m3+head=e2m4", device="cpu", progress=False)
+    assert derived.lm_head.fmt.name == "e2m4"
+    with pytest.raises(ValueError, match="of fp32 weights keeps lm_head float, not e2m5"):
+        save_packed(build_random(name, "fp32+head=e2m5", "cpu", progress=False), tmp_path / "float")
 
 
 @pytest.mark.parametrize("fmt, group_size", [("e3m2", None), ("e2m1", 32), ("fp32", None), ("e3m2+head=e2m5", None)])

@@ -64,7 +64,8 @@ def load_as(source: ModelSource, fmt, group_size: Optional[int] = None, device=N
                          f"weights, which needs --tp 1")
     quantized, dtype, group_size = weight_format.quantized, weight_format.dtype, weight_format.group_size
     model = source.load_model(source.weight_format(dtype=dtype, device=device), device, progress=progress)
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, FPxLinear)]
+    layers = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, FPxLinear) and name != "lm_head"]  # a stored quantized head: below
     for name, layer in tqdm(layers, desc=f"derive {weight_format}", unit="layer", disable=not progress):
         weight = layer.weight.dequantize(torch.float32)
         if quantized is None:
@@ -74,7 +75,11 @@ def load_as(source: ModelSource, fmt, group_size: Optional[int] = None, device=N
             derived = FPxLinear(quantize_weight(weight, quantized, group_size), layer.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, derived)
-    if weight_format.head is not None:
+    stored = model.lm_head.fmt if isinstance(model.lm_head, FPxLinear) else None
+    if weight_format.head is not None and weight_format.head != stored:
+        if stored is not None:  # the stored head's weights, re-quantized
+            weight = model.lm_head.weight.dequantize(torch.float32)
+            model.lm_head = linear_of(weight.to(dtype), None)
         quantize_head(model, weight_format.head)
     return model, f"from {meta['format']}"
 

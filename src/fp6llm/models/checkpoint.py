@@ -1,7 +1,8 @@
 """fp6llm packed checkpoints: safetensors shards of FPxLinear buffers ("<module>.plane0", "<module>.plane1",
 "<module>.scales", "<module>.bias") and the unquantized tensors (norms, embeddings, lm_head) under our module names,
-plus fp6llm.json (format, group size, layout version, source, fp6llm version, the ModelConfig) and the source's
-tokenizer files. load_hf / load_packed read them back with no re-quantization.
+plus fp6llm.json (format, group size, layout version, source, fp6llm version, the ModelConfig; "head": lm_head's
+format where it is stored quantized, per-channel, as "lm_head.planeI" / ".scales") and the source's tokenizer
+files. load_hf / load_packed read them back with no re-quantization.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .. import package_version
 from ..formats import FPFormat, WeightFormat, resolve_device
 from ..nn import FPxLinear
 from ..packing import LAYOUT_VERSION
+from ..quantize import quantize_weight
 from .config import ModelConfig
 from .loader import (INDEX_FILE, PACKED_META, SINGLE_FILE, HFSource, SafetensorsCheckpoint, build_model,
                      read_hf_config, stream_modules)
@@ -87,23 +89,27 @@ def copy_tokenizer_files(src_dir: Union[str, Path], out_dir: Union[str, Path]) -
 
 
 def _write_meta(out_dir: Path, format_name: str, group_size: Optional[int], config: ModelConfig, source,
-                plan: Optional[dict] = None) -> None:
+                plan: Optional[dict] = None, head: Optional[FPFormat] = None) -> None:
     meta = {"format": format_name, "group_size": group_size, "layout_version": LAYOUT_VERSION,
             "source": None if source is None else str(source), "fp6llm_version": package_version(),
             "config": config.to_dict()}  # fp6llm_version null from a source tree never installed, not a guess
+    if head is not None:  # lm_head's own format (per-channel): its planes are stored as lm_head.planeI / .scales
+        meta["head"] = head.name
     if plan:  # per-layer formats (fp6llm.evals.plan); format / group_size are then the other layers' (none)
         meta["plan"] = plan
     (out_dir / PACKED_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def _model_format(model: nn.Module) -> tuple[str, Optional[int]]:
-    """(format name, group size) of a model's FPxLinear layers, or its weight dtype's name if none is quantized."""
-    kinds = {(m.fmt.name, m.group_size) for m in model.modules() if isinstance(m, FPxLinear)}
+    """(format name, group size) of a model's FPxLinear layers but lm_head, or its weight dtype's name if none is
+    quantized."""
+    kinds = {(m.fmt.name, m.group_size) for name, m in model.named_modules()
+             if isinstance(m, FPxLinear) and name != "lm_head"}
     if len(kinds) > 1:
         raise ValueError(f"a packed checkpoint holds one format and group size; the model mixes {sorted(kinds)}")
     if kinds:
         return kinds.pop()
-    return WeightFormat.float_weights(model.lm_head.weight.dtype).name, None
+    return WeightFormat.float_weights(model.embed_tokens.weight.dtype).name, None
 
 
 def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, Path, None] = None,
@@ -115,11 +121,9 @@ def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, 
     quantized (a "+head=" format: packed checkpoints keep lm_head float).
     """
     out_dir = Path(out_dir)
-    if isinstance(getattr(model, "lm_head", None), FPxLinear):
-        raise ValueError(f"a packed checkpoint keeps lm_head in float, and this model's is {model.lm_head.fmt.name}: "
-                         f"save the model loaded without the +head= format, and give that format when loading it")
-    out_dir.mkdir(parents=True, exist_ok=True)
     format_name, group_size = _model_format(model)
+    head = _head_format(model.lm_head, format_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, max_shard_bytes)
     for name, tensor in model.state_dict().items():
         if not (model.config.tie_word_embeddings and name == "lm_head.weight"):
@@ -127,8 +131,21 @@ def save_packed(model: nn.Module, out_dir: Union[str, Path], source: Union[str, 
     tensors, bytes_out, shards = writer.close()
     if source is not None:
         copy_tokenizer_files(source, out_dir)
-    _write_meta(out_dir, format_name, group_size, model.config, source)
+    _write_meta(out_dir, format_name, group_size, model.config, source, head=head)
     return {"tensors": tensors, "bytes_out": bytes_out, "shards": shards}
+
+
+def _head_format(lm_head: nn.Module, body: str) -> Optional[FPFormat]:
+    """The FPFormat of a quantized lm_head (None for a float one); ValueError for one a packed checkpoint cannot
+    hold: beside float weights, or with group scales."""
+    if not isinstance(lm_head, FPxLinear):
+        return None
+    if WeightFormat.is_float(body):
+        raise ValueError(f"a packed checkpoint of {body} weights keeps lm_head float, not {lm_head.fmt.name}")
+    if lm_head.group_size is not None:
+        raise ValueError(f"a packed checkpoint stores lm_head with per-channel scales, not group_size="
+                         f"{lm_head.group_size}")
+    return lm_head.fmt
 
 
 def _source_dtype(src_dir: Path) -> Optional[str]:
@@ -156,10 +173,10 @@ def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path],
     start = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     weight_format = WeightFormat.parse(fmt, None, device, group_size)
-    if weight_format.head is not None:
-        raise ValueError(f"{weight_format}: a packed checkpoint keeps lm_head in float; give the lm_head format "
-                         f"when loading it (--format {weight_format.body_name}+head={weight_format.head.name} to "
-                         f"generate / bench / serve), and quantize with --format {weight_format.body_name}")
+    head = weight_format.head
+    if head is not None and weight_format.quantized is None:
+        raise ValueError(f"{weight_format}: a packed checkpoint of {weight_format.body_name} weights keeps lm_head "
+                         f"float (quantize the body too, e.g. --format e3m2+head={head.name})")
     if (src_dir / PACKED_META).is_file():
         raise ValueError(f"{src_dir} is already an fp6llm packed checkpoint")
     if out_dir.exists() and out_dir.resolve() == src_dir.resolve():
@@ -175,14 +192,24 @@ def quantize_checkpoint(src_dir: Union[str, Path], out_dir: Union[str, Path],
     try:
         source = HFSource(checkpoint, config.arch, replace(weight_format, dtype=dtype), resolve_device(device))
         source.layer_plan = plan or {}
+        source.head = None  # lm_head is quantized here, as it streams (or from the embedding it is tied to)
+        embedding = None
         for name, module in stream_modules(build_model(config, "meta"), source, progress, "quantize"):
+            if name == "embed_tokens":
+                embedding = module.weight.detach()
+            if name == "lm_head" and head is not None:
+                module = FPxLinear(quantize_weight(module.weight.detach(), head),
+                                   None if module.bias is None else module.bias.detach())
             for key, tensor in module.state_dict(prefix=f"{name}.").items():
+                writer.add(key, tensor)
+        if head is not None and config.tie_word_embeddings:  # planes of its own: the embedding stays float
+            for key, tensor in FPxLinear(quantize_weight(embedding, head), None).state_dict(prefix="lm_head.").items():
                 writer.add(key, tensor)
     finally:
         checkpoint.close()
     tensors, bytes_out, shards = writer.close()
     copy_tokenizer_files(src_dir, out_dir)
-    _write_meta(out_dir, weight_format.name, weight_format.group_size, config, src_dir.resolve(), plan)
+    _write_meta(out_dir, weight_format.body_name, weight_format.group_size, config, src_dir.resolve(), plan, head)
     return {"tensors": tensors, "bytes_in": checkpoint.bytes_read, "bytes_out": bytes_out, "shards": shards,
             "seconds": time.perf_counter() - start, "format": weight_format.name,
             "group_size": weight_format.group_size}

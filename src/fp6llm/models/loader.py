@@ -163,8 +163,8 @@ class Source:
             finally:
                 self.fmt, self.group_size = saved
         split = self.shards.get(name)
-        if isinstance(module, nn.Linear) and self.fmt is not None and name != SKIP:
-            return self.linear(name, module)
+        if isinstance(module, nn.Linear) and self.fmt is not None and (name != SKIP or name in self.layer_plan):
+            return self.linear(name, module)  # lm_head too where the plan names it: a packed checkpoint's own head
         real = module
         if split is not None:  # a Linear of the slice's shape, whose tensors come next
             n, k = split.shape(module.out_features, module.in_features)
@@ -367,9 +367,10 @@ class RandomSource(Source):
         return value if index is None else value[index].clone()
 
 
-def _tensor_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The modules that own parameters, in order; a tied lm_head is left out (it shares embed_tokens')."""
-    tied = model.config.tie_word_embeddings
+def _tensor_modules(model: nn.Module, own_head: bool = False) -> list[tuple[str, nn.Module]]:
+    """The modules that own parameters, in order; a tied lm_head is left out (it shares embed_tokens') unless
+    ``own_head`` (a packed checkpoint's quantized lm_head: planes of its own)."""
+    tied = model.config.tie_word_embeddings and not own_head
     return [(name, module) for name, module in model.named_modules()
             if next(module.parameters(recurse=False), None) is not None and not (tied and name == SKIP)]
 
@@ -378,7 +379,8 @@ def stream_modules(model: nn.Module, source: Source, progress: bool = True, desc
                    ) -> Iterator[tuple[str, nn.Module]]:
     """(name, real module) for each module of a meta ``model`` that owns parameters, made one at a time."""
     source.fused = fused.layout(model)
-    for name, module in tqdm(_tensor_modules(model), desc=desc, unit="module", disable=not progress):
+    modules = _tensor_modules(model, own_head=SKIP in source.layer_plan)
+    for name, module in tqdm(modules, desc=desc, unit="module", disable=not progress):
         yield name, source.module(name, module)
 
 
@@ -396,9 +398,10 @@ def materialize(model: nn.Module, source: Source, progress: bool = True, desc: s
     for name, real in stream_modules(model, source, progress, desc):
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, real)
-    if model.config.tie_word_embeddings:
+    stored_head = isinstance(model.lm_head, FPxLinear)  # read from a packed checkpoint's planes
+    if model.config.tie_word_embeddings and not stored_head:
         model.lm_head.weight = model.embed_tokens.weight
-    if source.head is not None:
+    if source.head is not None and not stored_head:
         quantize_head(model, source.head)
     if parallel:
         parallelize(model, tp)
@@ -436,13 +439,18 @@ def read_hf_config(model_dir: Union[str, Path]) -> ModelConfig:
 
 
 def _check_tensors(model_dir: Path, config: ModelConfig, prefixes: tuple, where: str, field_names=None,
-                   fmt: Union[FPFormat, None, bool] = False) -> None:
-    """The config (and fmt's planes, unless False) against the checkpoint's tensors: see fp6llm.models.trust."""
+                   fmt: Union[FPFormat, None, bool] = False, head: Optional[FPFormat] = None) -> None:
+    """The config (and fmt's planes, unless False; lm_head's with ``head``'s, where the checkpoint stores lm_head
+    quantized) against the checkpoint's tensors: see fp6llm.models.trust."""
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:
         check_config_tensors(config, checkpoint.weight_map, checkpoint.shape, prefixes, where, field_names)
+        if head is not None:
+            check_planes(head, [n for n in checkpoint.weight_map if n.startswith(f"{SKIP}.")], checkpoint.shape,
+                         where)
         if fmt is not False:
-            check_planes(fmt, checkpoint.weight_map, checkpoint.shape, where)
+            body = [n for n in checkpoint.weight_map if head is None or not n.startswith(f"{SKIP}.")]
+            check_planes(fmt, body, checkpoint.shape, where)
     finally:
         checkpoint.close()
 
@@ -486,11 +494,15 @@ def read_packed_meta(model_dir: Union[str, Path]) -> dict:
                          f"quantize on the source model")
     config = ModelConfig.from_dict(meta["config"], f"{where}: config")
     try:
-        fmt = WeightFormat.parse(meta["format"]).quantized
+        parsed = WeightFormat.parse(meta["format"])
+        head = None if meta.get("head") is None else FPFormat.parse(meta["head"])
     except ValueError as err:
         raise ValueError(f"{where}: format: {err}") from None
+    if parsed.head is not None:
+        raise ValueError(f"{where}: format {meta['format']!r} names an lm_head format: that is the head field's")
     # a per-layer plan mixes plane widths: each layer's planes are then checked by shape as they are read
-    _check_tensors(Path(model_dir), config, ("",), str(where), fmt=False if meta.get("plan") else fmt)
+    _check_tensors(Path(model_dir), config, ("",), str(where), fmt=False if meta.get("plan") else parsed.quantized,
+                   head=head)
     return meta
 
 
@@ -499,12 +511,17 @@ def packed_format(meta: dict, model_dir: Union[str, Path], fmt: Union[str, FPFor
     """The WeightFormat of the packed checkpoint in model_dir (``meta``: its fp6llm.json), activations in dtype
     (default as WeightFormat.parse). fmt / group_size, if given, must be the checkpoint's: ValueError otherwise,
     naming both."""
-    head = None
+    stored = None if meta.get("head") is None else FPFormat.parse(meta["head"])
+    head = stored
     if fmt is not None:
         requested = WeightFormat.parse(fmt, dtype, device, group_size)
         if requested.body_name != meta["format"]:
             raise ValueError(f"{model_dir} is packed as {meta['format']}, not the requested {requested.body_name}")
-        dtype, group_size, head = requested.dtype, requested.group_size, requested.head  # lm_head: quantized at load
+        if stored is not None and requested.head not in (None, stored):
+            raise ValueError(f"{model_dir} is packed with lm_head in {stored.name}, not the requested "
+                             f"{requested.head.name}")
+        dtype, group_size = requested.dtype, requested.group_size
+        head = stored or requested.head  # a float lm_head is quantized at load
     if group_size is not None and group_size != meta.get("group_size"):
         raise ValueError(f"{model_dir} is packed with group_size={meta.get('group_size')}, not {group_size}")
     return replace(WeightFormat.parse(meta["format"], dtype, device, meta.get("group_size")), head=head)
@@ -522,7 +539,9 @@ def load_packed(model_dir: Union[str, Path], fmt: Union[str, FPFormat, WeightFor
     checkpoint = SafetensorsCheckpoint(model_dir)
     try:
         source = PackedSource(checkpoint, weight_format, resolve_device(device), layout_version=meta["layout_version"])
-        source.layer_plan = meta.get("plan") or {}
+        source.layer_plan = dict(meta.get("plan") or {})
+        if meta.get("head") is not None:  # lm_head's planes, read as a Linear of its own format
+            source.layer_plan[SKIP] = {"format": meta["head"], "group_size": None}
         return materialize(build_model(config, "meta"), source, progress, f"load packed {weight_format}", tp)
     finally:
         checkpoint.close()

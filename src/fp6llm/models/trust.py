@@ -65,6 +65,9 @@ def check_packed_meta(meta, where: str) -> None:
     group_size = meta.get("group_size")
     if group_size is not None and not (type(group_size) is int and group_size > 0):
         raise ValueError(f"{where}: group_size={group_size!r} is not null or an integer > 0")
+    head = meta.get("head")
+    if head is not None and not isinstance(head, str):
+        raise ValueError(f"{where}: head={head!r} is not null or a format name")
 
 
 def check_planes(fmt: Optional[FPFormat], names: Iterable[str], shape: Callable[[str], tuple], where: str) -> None:
